@@ -1,0 +1,32 @@
+"""fastssl: fused kernels for self-supervised-learning losses, as autograd-aware torch ops.
+
+Swap ``from lightly.loss import NTXentLoss`` for ``from fastssl.nn import NTXentLoss`` and get the
+same values and gradients with O(N·D) memory. The math of every loss is in DESIGN.md.
+"""
+
+__version__ = "0.1.0"
+
+from fastssl.backends import available_backends
+from fastssl.functional import (
+    alignment,
+    clip_loss,
+    dcl_loss,
+    moco_loss,
+    nt_xent_loss,
+    uniformity,
+)
+from fastssl import autograd, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "alignment",
+    "clip_loss",
+    "dcl_loss",
+    "moco_loss",
+    "nt_xent_loss",
+    "uniformity",
+    "autograd",
+    "nn",
+    "reference",
+]

@@ -1,0 +1,9 @@
+"""The public autograd Functions, one per kernel family, for users who compose at that level.
+
+`PairwiseLSE.apply(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives, backend)`
+returns the per-row (lse, pos); see fastssl/ops/pairwise_lse.py for the exact definition.
+"""
+
+from fastssl.ops.pairwise_lse import PairwiseLSE
+
+__all__ = ["PairwiseLSE"]

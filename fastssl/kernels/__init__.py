@@ -1,0 +1,1 @@
+"""Kernels, one file per family and backend. Nothing here imports from fastssl.ops."""

@@ -1,0 +1,246 @@
+"""`nn.Module` losses with lightly 1.6's names, constructor arguments, defaults and state.
+
+``from lightly.loss import NTXentLoss`` -> ``from fastssl.nn import NTXentLoss`` is the whole
+migration: the same values and gradients, and memory that grows as O(N·D). Every module also
+takes a keyword-only `backend` ("auto", "triton", "torch", "reference"). The math lives in
+fastssl.functional; these are thin wrappers that hold hyper-parameters and state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastssl import functional
+from fastssl._validation import check_positive
+from fastssl.backends import BACKENDS, resolve_backend
+
+__all__ = ["MemoryBankModule", "NTXentLoss", "DCLLoss", "DCLWLoss", "CLIPLoss"]
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _no_distributed(gather_distributed: bool, cls: str) -> None:
+    if gather_distributed:
+        raise NotImplementedError(
+            f"{cls}(gather_distributed=True) is not implemented yet in fastssl; "
+            "use gather_distributed=False (single process) for now"
+        )
+
+
+class MemoryBankModule(nn.Module):
+    """A FIFO queue of past embeddings, with lightly 1.6's `MemoryBankModule` semantics.
+
+    `size` is 0 (no bank) or (K, D). The bank buffer is (K, D), initialised with L2-normalised
+    Gaussian rows (the same draw as lightly's, so a seeded run gives the same bank). `forward`
+    returns a detached copy of the bank *before* the update, in (K, D) layout, and then, when
+    `update`, enqueues the batch; like lightly, a batch that reaches the end of the queue fills it up
+    and the rest of that batch is dropped (the pointer restarts at 0).
+    """
+
+    def __init__(self, size: Union[int, Sequence[int]] = 0):
+        super().__init__()
+        size_tuple = (size,) if isinstance(size, int) else tuple(size)
+        if any(s < 0 for s in size_tuple):
+            raise ValueError(f"memory_bank_size must be non-negative, got {size}")
+        if isinstance(size, int) and size > 0:
+            raise ValueError(
+                f"memory_bank_size={size} does not give the embedding dimension: pass "
+                f"memory_bank_size=({size}, D), or 0 to disable the memory bank (as in lightly 1.6)"
+            )
+        if size_tuple != (0,) and len(size_tuple) != 2:
+            raise ValueError(f"memory_bank_size must be 0 or a (K, D) tuple, got {size}")
+        self.size = size_tuple
+        self.register_buffer("bank", torch.empty(size_tuple, dtype=torch.float), persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+        if len(size_tuple) == 2:
+            with torch.no_grad():
+                self.bank = F.normalize(torch.randn(size_tuple), dim=-1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.size[0] > 0
+
+    def forward(self, batch: Tensor, update: bool = False) -> Optional[Tensor]:
+        """The bank (K, D) before this batch, or None when disabled; enqueue `batch` if `update`."""
+        if not self.enabled:
+            return None
+        bank = self.bank.clone().detach()
+        if update:
+            self._enqueue(batch)
+        return bank
+
+    @torch.no_grad()
+    def _enqueue(self, batch: Tensor) -> None:
+        k, n = self.size[0], batch.shape[0]
+        # The pointer is a buffer (state_dict/device move like lightly); reading it syncs, as in lightly.
+        ptr = int(self.bank_ptr)
+        if ptr + n >= k:
+            self.bank[ptr:] = batch[: k - ptr].detach().to(self.bank.dtype)
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr : ptr + n] = batch.detach().to(self.bank.dtype)
+            self.bank_ptr[0] = ptr + n
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent (SimCLR) loss; with `memory_bank_size=(K, D)`, MoCo-style negatives from a memory bank.
+
+    Without a bank: `fastssl.nt_xent_loss` (2N anchors, in-batch negatives). With a bank: anchors
+    n(out0), positives n(out1), negatives the K bank rows (`fastssl.moco_loss`); after the loss the
+    batch n(out1) is enqueued when out0 requires grad (training), exactly as lightly does.
+
+    Args:
+        temperature: τ > 0 (default 0.5).
+        memory_bank_size: 0 or (K, D).
+        gather_distributed: not implemented yet (raises NotImplementedError when True).
+        backend: keyword-only, see `fastssl.available_backends()`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: Union[int, Sequence[int]] = 0,
+        gather_distributed: bool = False,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and abs(temperature) < 1e-8:
+            raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
+        check_positive("temperature", temperature)
+        _no_distributed(gather_distributed, "NTXentLoss")
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+        self.backend = _check_backend(backend)
+        self.memory_bank = MemoryBankModule(size=memory_bank_size)
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """out0, out1: (N, D) projections of two views. Returns the mean loss (0-dim)."""
+        if not self.memory_bank.enabled:
+            return functional.nt_xent_loss(out0, out1, self.temperature, backend=self.backend)
+        bank = self.memory_bank(out1, update=False)
+        loss = functional.moco_loss(
+            out0, out1, bank.to(device=out0.device, dtype=out0.dtype), self.temperature, backend=self.backend
+        )
+        if out0.requires_grad:
+            self.memory_bank(F.normalize(out1.detach(), dim=1), update=True)
+        return loss
+
+    def extra_repr(self) -> str:
+        bank = f", memory_bank_size={self.memory_bank.size}" if self.memory_bank.enabled else ""
+        return f"temperature={self.temperature}{bank}, backend={self.backend!r}"
+
+
+class DCLLoss(nn.Module):
+    """Decoupled contrastive learning loss (positive removed from the denominator), as lightly's.
+
+    Args:
+        temperature: τ > 0 (default 0.1).
+        weight_fn: optional `w(out0, out1) -> (N,)` weights of the positive term, called on the
+            L2-normalised views (and with the views swapped for the second half), as in lightly.
+        gather_distributed: not implemented yet (raises NotImplementedError when True).
+        backend: keyword-only.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        gather_distributed: bool = False,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_positive("temperature", temperature)
+        _no_distributed(gather_distributed, type(self).__name__)
+        self.temperature = temperature
+        self.weight_fn = weight_fn
+        self.sigma: Optional[float] = None  # set by DCLWLoss, whose weights the reference knows
+        self.gather_distributed = gather_distributed
+        self.backend = _check_backend(backend)
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """out0, out1: (N, D). Returns ½(loss(out0, out1) + loss(out1, out0)) (0-dim)."""
+        functional._check_pair(out0, out1, ("out0", "out1"))
+        check_positive("temperature", self.temperature)
+        backend = resolve_backend(self.backend, out0)
+        if backend != "reference":
+            return functional._dcl(out0, out1, self.temperature, self.weight_fn, backend)
+        if self.weight_fn is not None and self.sigma is None:
+            raise ValueError("backend='reference' supports no custom weight_fn (DCLWLoss's sigma weights only)")
+        return functional.dcl_loss(out0, out1, self.temperature, sigma=self.sigma, backend="reference")
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}"
+
+
+class DCLWLoss(DCLLoss):
+    """Weighted DCL: the positive term weighted by w = 2 − N·softmax(n(out0)·n(out1)/σ), no gradient.
+
+    Args: temperature τ (default 0.1), sigma σ (default 0.5), gather_distributed, backend (keyword).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        sigma: float = 0.5,
+        gather_distributed: bool = False,
+        *,
+        backend: str = "auto",
+    ):
+        check_positive("sigma", sigma)
+        super().__init__(
+            temperature=temperature,
+            weight_fn=functional._mises_fisher_weights(sigma),
+            gather_distributed=gather_distributed,
+            backend=backend,
+        )
+        self.sigma = sigma
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, sigma={self.sigma}, backend={self.backend!r}"
+
+
+class CLIPLoss(nn.Module):
+    """CLIP-style symmetric InfoNCE between two towers (`fastssl.clip_loss`).
+
+    With `learnable_temperature=True` the module owns CLIP's `logit_scale` = log(1/τ) parameter
+    (initialised from `temperature`, clamped to at most log(100) as in CLIP) and τ = exp(−logit_scale)
+    receives gradients through the fused kernel.
+    """
+
+    def __init__(self, temperature: float = 0.07, learnable_temperature: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        check_positive("temperature", temperature)
+        self.learnable_temperature = learnable_temperature
+        self.backend = _check_backend(backend)
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        else:
+            self.temperature = temperature
+
+    def current_temperature(self) -> Union[float, Tensor]:
+        """τ now: a float, or a 0-dim tensor that carries the gradient to `logit_scale`."""
+        if self.learnable_temperature:
+            return torch.exp(-self.logit_scale.clamp(max=math.log(100.0)))
+        return self.temperature
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """out0, out1: (N, D) embeddings of matching pairs. Returns the mean loss (0-dim)."""
+        return functional.clip_loss(out0, out1, self.current_temperature(), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        tau = "learnable" if self.learnable_temperature else self.temperature
+        return f"temperature={tau}, backend={self.backend!r}"

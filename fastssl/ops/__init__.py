@@ -1,0 +1,5 @@
+"""Kernel-family ops: validation of kernel preconditions, backend dispatch, custom ops, autograd."""
+
+from fastssl.ops.pairwise_lse import PairwiseLSE, pairwise_lse
+
+__all__ = ["PairwiseLSE", "pairwise_lse"]

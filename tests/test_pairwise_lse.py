@@ -1,0 +1,175 @@
+"""The pairwise-LSE op (DESIGN.md family 1) on every CPU-testable backend against a dense float64 oracle.
+
+The oracle below materialises the logits and masks them with boolean matrices, a different route
+from the kernels (which mask by index arithmetic inside tiles and never build the matrix).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastssl.kernels.torch.pairwise_lse as torch_kernels
+from fastssl.ops.pairwise_lse import PairwiseLSE, pairwise_lse
+from tests.utils import CPU_BACKENDS, assert_close
+
+# name -> (pos_offset as a function of M, exclude_self, include_pos, y_negatives, same x/y, bank rows)
+MODES = {
+    "simclr": (lambda m: m // 2, True, True, True, True, 0),
+    "clip": (lambda m: 0, False, True, True, False, 0),
+    "dcl": (lambda m: m // 2, True, False, True, True, 0),
+    "moco": (lambda m: 0, False, True, False, False, 5),
+    "bank+batch": (lambda m: 1, False, True, True, False, 3),
+    "uniformity": (lambda m: 0, True, False, True, False, 0),
+}
+
+
+def dense_oracle(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives):
+    """(lse, pos) from the full logit matrix, in float64, differentiable."""
+    x, y, scale = x.double(), y.double(), scale.double()
+    m, n_y = x.shape[0], y.shape[0]
+    s = scale * x @ y.T
+    rows = torch.arange(m)[:, None]
+    cols = torch.arange(n_y)[None, :]
+    is_pos = cols == (rows + pos_offset) % n_y
+    keep = torch.zeros(m, n_y, dtype=torch.bool)
+    if y_negatives:
+        keep = ~is_pos
+        if exclude_self:
+            keep &= cols != rows
+    if include_pos:
+        keep |= is_pos
+    logits = s.masked_fill(~keep, float("-inf"))
+    if bank is not None:
+        logits = torch.cat([logits, scale * x @ bank.double().T], dim=1)
+    return torch.logsumexp(logits, dim=1), s[is_pos]
+
+
+def make_case(mode, m, d, dtype, temperature=0.5, strided=False):
+    offset_fn, exclude_self, include_pos, y_negatives, same, k = MODES[mode]
+    x = torch.nn.functional.normalize(torch.randn(m, d), dim=1)
+    if strided:  # a transposed view: read in place through strides
+        x = x.T.contiguous().T
+    x = x.to(dtype)
+    y = x if same else torch.nn.functional.normalize(torch.randn(m, d), dim=1).to(dtype)
+    bank = torch.nn.functional.normalize(torch.randn(k, d), dim=1).to(dtype) if k else None
+    scale = torch.tensor(1.0 / temperature, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    options = dict(
+        pos_offset=offset_fn(m), exclude_self=exclude_self, include_pos=include_pos, y_negatives=y_negatives
+    )
+    return x, y, bank, scale, options
+
+
+def run_both(backend, x, y, bank, scale, options, seed=1):
+    """Values and gradients (x, y, scale) of the op and the oracle under one random cotangent."""
+    gen = torch.Generator().manual_seed(seed)
+    m = x.shape[0]
+    g_lse = torch.randn(m, generator=gen, dtype=torch.float64)
+    g_pos = torch.randn(m, generator=gen, dtype=torch.float64)
+    same = x is y
+
+    def grads(fn, cast):
+        xr = x.detach().clone().requires_grad_()
+        yr = xr if same else y.detach().clone().requires_grad_()
+        sr = scale.detach().clone().requires_grad_()
+        lse, pos = fn(xr, yr, sr)
+        ((lse * cast(g_lse)).sum() + (pos * cast(g_pos)).sum()).backward()
+        dy = None if same else yr.grad
+        return lse, pos, xr.grad, dy, sr.grad
+
+    got = grads(lambda a, b, s: pairwise_lse(a, b, bank, s, backend=backend, **options), lambda g: g.to(scale.dtype))
+    want = grads(lambda a, b, s: dense_oracle(a, b, bank, s, **options), lambda g: g)
+    return got, want
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("m,d", [(2, 1), (6, 3), (37, 70), (130, 257)])
+def test_matches_oracle_fp32(backend, mode, m, d):
+    if backend == "triton" and m * d > 37 * 70:
+        pytest.skip("the Triton interpreter is slow; larger shapes run in the cuda tests")
+    if mode == "dcl" and m == 2:
+        pytest.skip("DCL over one pair has no negatives (the public API requires N >= 2 pairs)")
+    x, y, bank, scale, options = make_case(mode, m, d, torch.float32)
+    got, want = run_both(backend, x, y, bank, scale, options)
+    for name, a, b in zip(("lse", "pos", "dx", "dy", "dscale"), got, want):
+        if b is not None:
+            assert_close(a, b, torch.float32, what=f"{backend}/{mode} {name} at M={m}, D={d}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["simclr", "clip", "moco"])
+def test_half_precision(backend, dtype, mode):
+    x, y, bank, scale, options = make_case(mode, 33, 40, dtype)
+    got, want = run_both(backend, x, y, bank, scale, options)
+    assert got[0].dtype == torch.float32 and got[2].dtype == dtype
+    for name, a, b in zip(("lse", "pos", "dx", "dy", "dscale"), got, want):
+        if b is not None:
+            assert_close(a, b, dtype, what=f"{backend}/{mode} {name}", scale=10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("temperature", [0.01, 0.1, 2.0])
+def test_temperatures_and_strided_inputs(backend, temperature):
+    x, y, bank, scale, options = make_case("clip", 24, 19, torch.float32, temperature=temperature, strided=True)
+    assert not x.is_contiguous()
+    got, want = run_both(backend, x, y, bank, scale, options)
+    for name, a, b in zip(("lse", "pos", "dx", "dy", "dscale"), got, want):
+        assert_close(a, b, torch.float32, what=f"{name} at τ={temperature}", scale=1 / temperature)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inputs_unmodified_and_outputs_fresh(backend):
+    x, y, bank, scale, options = make_case("moco", 9, 5, torch.float32)
+    copies = [t.clone() for t in (x, y, bank, scale)]
+    x.requires_grad_()
+    lse, pos = pairwise_lse(x, y, bank, scale, backend=backend, **options)
+    (lse.sum() + pos.sum()).backward()
+    for before, after in zip(copies, (x.detach(), y, bank, scale)):
+        assert torch.equal(before, after)
+
+
+def test_torch_backend_chunks_agree(monkeypatch):
+    """Many small row chunks give the same numbers as one chunk (the chunk loop has no seams)."""
+    x, y, bank, scale, options = make_case("simclr", 50, 7, torch.float64)
+    monkeypatch.setattr(torch_kernels, "_CHUNK_BYTES", 8 * 100 * 3)  # 3 rows of 100 logits
+    small = run_both("torch", x, y, bank, scale, options)[0]
+    monkeypatch.setattr(torch_kernels, "_CHUNK_BYTES", 2**30)
+    whole = run_both("torch", x, y, bank, scale, options)[0]
+    for a, b in zip(small, whole):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gradcheck_fp64_torch_backend(mode):
+    x, y, bank, scale, options = make_case(mode, 7, 4, torch.float64)
+    x.requires_grad_()
+    scale.requires_grad_()
+    if x is not y:
+        y.requires_grad_()
+
+    def fn(a, b, s):
+        return PairwiseLSE.apply(a, b, bank, s, options["pos_offset"], options["exclude_self"],
+                                 options["include_pos"], options["y_negatives"], "torch")
+
+    torch.autograd.gradcheck(fn, (x, y, scale))
+
+
+def test_opcheck_custom_ops():
+    """torch.library.opcheck: schema, fake (meta) kernels and autograd registration are consistent."""
+    x, y, bank, scale, options = make_case("moco", 6, 5, torch.float32)
+    args = (x, y, bank, scale, options["pos_offset"], options["exclude_self"], options["include_pos"],
+            options["y_negatives"], "torch")
+    torch.library.opcheck(torch.ops.fastssl.pairwise_lse_fwd.default, args)
+    lse, _ = torch.ops.fastssl.pairwise_lse_fwd(*args)
+    g = torch.randn(6)
+    bwd_args = (x, y, bank, scale, lse, g, g) + args[4:]
+    torch.library.opcheck(torch.ops.fastssl.pairwise_lse_bwd.default, bwd_args)
+
+
+def test_needs_a_column():
+    x = torch.randn(3, 2)
+    with pytest.raises(ValueError, match="at least one column"):
+        pairwise_lse(x, x, None, torch.tensor(1.0), include_pos=False, y_negatives=False, backend="torch")
