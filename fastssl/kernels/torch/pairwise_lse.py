@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 #: Upper bound on the bytes of one chunk of logits (the backward holds about three such buffers).
-_CHUNK_BYTES = int(os.environ.get("FASTSSL_TORCH_CHUNK_BYTES", str(32 * 2**20)))
+_CHUNK_BYTES = int(os.environ.get("FASTSSL_TORCH_CHUNK_BYTES", str(64 * 2**20)))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -34,35 +34,45 @@ def _chunk_logits(
     xc: Tensor,
     y: Tensor,
     bank: Optional[Tensor],
-    scale: Tensor,
     rows: Tensor,
     pos_offset: int,
     exclude_self: bool,
     include_pos: bool,
     y_negatives: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits of one row chunk with excluded columns set to -inf.
+    """Logits of one row chunk (x already scaled), excluded entries set to -inf.
 
-    Returns (logits (C, Ny [+ K]), positive column index (C,), positive logit (C,)).
+    Returns (logits (C, Ny + K) or, without y negatives, (C, 1 + K) with the positive first;
+    positive column index (C,); positive logit (C,)). The at most two excluded entries per row are
+    written by index, so masking costs O(C), not O(C·Ny).
     """
     n_y = y.shape[0]
     pos_col = (rows + pos_offset) % n_y
-    s_y = (xc @ y.T) * scale
-    pos = s_y.gather(1, pos_col[:, None]).squeeze(1)
-    cols = torch.arange(n_y, device=xc.device)
-    is_pos = cols[None, :] == pos_col[:, None]
+    pos = (xc * y[pos_col]).sum(1)
+    parts = []
     if y_negatives:
-        keep = torch.ones_like(is_pos)
+        s_y = xc @ y.T
+        local = torch.arange(rows.shape[0], device=xc.device)
         if exclude_self:
-            keep &= cols[None, :] != rows[:, None]
-        # The positive is in or out of the denominator as asked, whatever the self mask says.
-        keep = keep | is_pos if include_pos else keep & ~is_pos
-    else:
-        keep = is_pos if include_pos else torch.zeros_like(is_pos)
-    s_y = s_y.masked_fill(~keep, float("-inf"))
+            self_in_range = rows < n_y
+            s_y[local[self_in_range], rows[self_in_range]] = float("-inf")
+        # The positive is in or out of the denominator as asked, whatever the self mask said.
+        s_y[local, pos_col] = pos if include_pos else float("-inf")
+        parts.append(s_y)
+    elif include_pos:
+        parts.append(pos[:, None])
     if bank is not None and bank.shape[0] > 0:
-        s_y = torch.cat([s_y, (xc @ bank.T) * scale], dim=1)
-    return s_y, pos_col, pos
+        parts.append(xc @ bank.T)
+    logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return logits, pos_col, pos
+
+
+def _prepare(x: Tensor, y: Tensor, bank: Optional[Tensor], scale: Tensor):
+    dt = _compute_dtype(x)
+    yc = y.to(dt)
+    bc = None if bank is None or bank.shape[0] == 0 else bank.to(dt)
+    n_cols = y.shape[0] + (0 if bc is None else bc.shape[0])
+    return dt, yc, bc, scale.to(dt), _chunk_rows(n_cols, torch.finfo(dt).bits // 8)
 
 
 def pairwise_lse_forward(
@@ -76,19 +86,14 @@ def pairwise_lse_forward(
     y_negatives: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row LSE and positive logit, in fp32 (fp64 for fp64 inputs). Shapes (M,), (M,)."""
-    dt = _compute_dtype(x)
+    dt, yc, bc, sc, step = _prepare(x, y, bank, scale)
     m = x.shape[0]
-    n_cols = y.shape[0] + (0 if bank is None else bank.shape[0])
-    yc = y.to(dt)
-    bc = None if bank is None else bank.to(dt)
-    sc = scale.to(dt)
     lse = torch.empty(m, dtype=dt, device=x.device)
     pos = torch.empty(m, dtype=dt, device=x.device)
-    step = _chunk_rows(n_cols, torch.finfo(dt).bits // 8)
     for start in range(0, m, step):
         stop = min(m, start + step)
         rows = torch.arange(start, stop, device=x.device)
-        s, _, p = _chunk_logits(x[start:stop].to(dt), yc, bc, sc, rows, pos_offset, exclude_self, include_pos, y_negatives)
+        s, _, p = _chunk_logits(x[start:stop].to(dt) * sc, yc, bc, rows, pos_offset, exclude_self, include_pos, y_negatives)
         lse[start:stop] = torch.logsumexp(s, dim=1)
         pos[start:stop] = p
     return lse, pos
@@ -111,28 +116,33 @@ def pairwise_lse_backward(
 
     With P_ij = exp(s_ij − lse_i) on the included columns and G_ij = grad_lse_i·P_ij + grad_pos_i·[j = p(i)]:
     dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k), dy_j = scale·Σ_i G_ij x_i.
+    grad_lse scales rows, so it is applied to the (C, D) operands, never to the (C, Ny) chunk.
     """
-    dt = _compute_dtype(x)
+    dt, yc, bc, sc, step = _prepare(x, y, bank, scale)
     m, n_y = x.shape[0], y.shape[0]
-    n_cols = n_y + (0 if bank is None else bank.shape[0])
-    yc = y.to(dt)
-    bc = None if bank is None else bank.to(dt)
-    sc = scale.to(dt)
     dx = torch.empty(x.shape, dtype=dt, device=x.device)
     dy = torch.zeros(y.shape, dtype=dt, device=x.device)
-    step = _chunk_rows(n_cols, torch.finfo(dt).bits // 8)
     for start in range(0, m, step):
         stop = min(m, start + step)
         rows = torch.arange(start, stop, device=x.device)
         xc = x[start:stop].to(dt)
-        s, pos_col, _ = _chunk_logits(xc, yc, bc, sc, rows, pos_offset, exclude_self, include_pos, y_negatives)
-        # G overwrites the logits in place: the chunk is the only large buffer we hold.
-        g = s.sub_(lse[start:stop, None].to(dt)).exp_().mul_(grad_lse[start:stop, None].to(dt))
-        g_y = g[:, :n_y]
-        g_y.scatter_add_(1, pos_col[:, None], grad_pos[start:stop, None].to(dt))
-        dxc = g_y @ yc
-        if bc is not None and n_cols > n_y:
-            dxc += g[:, n_y:] @ bc
+        s, pos_col, _ = _chunk_logits(xc * sc, yc, bc, rows, pos_offset, exclude_self, include_pos, y_negatives)
+        # P overwrites the logits in place: the chunk is the only large buffer we hold.
+        p = s.sub_(lse[start:stop, None].to(dt)).exp_()
+        g_lse = grad_lse[start:stop, None].to(dt)
+        g_pos = grad_pos[start:stop, None].to(dt)
+        n_y_cols = n_y if y_negatives else int(include_pos)
+        p_y, p_bank = p[:, :n_y_cols], p[:, n_y_cols:]
+        if y_negatives:
+            dxc = g_lse * (p_y @ yc) + g_pos * yc[pos_col]
+            dy.addmm_(p_y.T, g_lse * xc)
+            dy.index_add_(0, pos_col, g_pos * xc)
+        else:
+            # The only y column of row i is its positive: G_i,p(i) = grad_pos_i (+ grad_lse_i·P_i,p(i)).
+            coef = g_pos + g_lse * p_y if include_pos else g_pos
+            dxc = coef * yc[pos_col]
+            dy.index_add_(0, pos_col, coef * xc)
+        if p_bank.shape[1] > 0:
+            dxc += g_lse * (p_bank @ bc)
         dx[start:stop] = dxc * sc
-        dy.addmm_(g_y.T, xc)
     return dx.to(x.dtype), (dy * sc).to(y.dtype)

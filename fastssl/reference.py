@@ -1,0 +1,427 @@
+"""The reference (spec) implementation of every fastssl loss and metric.
+
+Plain, materialising PyTorch: each function builds the full N x N similarity / Gram matrix or the
+D x D covariance matrix and applies the formula of DESIGN.md ("The losses (the spec)") literally.
+It is the specification, the test oracle for every backend, and the benchmark baseline; it is never
+picked by ``backend="auto"``. Where lightly 1.6 has the loss, the value matches ``lightly.loss``
+(tests/test_lightly_reference.py checks values and gradients). The math comes from the seed
+documents: ArCL and alignment / class-centre divergence (seeds 000, 003), spectral contrastive loss
+(001), VICReg-exp / VICReg-ctr (002).
+
+Conventions shared by every function:
+
+* ``z1``, ``z2`` are (N, D) embeddings of two views of the same N samples; ``n(z)`` is row L2
+  normalisation (``F.normalize``, eps 1e-12, so zero rows stay zero); LSE is ``torch.logsumexp``.
+* Dtypes: fp64 inputs are computed in fp64 and give an fp64 loss (so ``gradcheck`` works);
+  fp32 / bf16 / fp16 inputs are upcast to fp32 and give an fp32 loss. Every result is 0-dim.
+  Autograd flows through the upcast, so gradients come back in the input dtype.
+* Inputs are never modified. Nothing is validated here beyond what the math needs: the public API
+  (``fastssl.functional``) checks shapes, dtypes and hyperparameters before calling in.
+* A temperature may be a Python number or a 1-element tensor (the gradient flows to it).
+
+This module depends on torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "nt_xent_loss",
+    "moco_loss",
+    "dcl_loss",
+    "clip_loss",
+    "barlow_twins_loss",
+    "vicreg_loss",
+    "vicreg_exp_loss",
+    "vicreg_ctr_loss",
+    "spectral_contrastive_loss",
+    "arcl_loss",
+    "alignment",
+    "uniformity",
+    "class_center_divergence",
+]
+
+Temperature = Union[float, Tensor]
+
+# Default temperature of VICReg-exp and VICReg-ctr; the reasons are in vicreg_exp_loss's docstring.
+VICREG_EXP_TEMPERATURE = 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _up(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """x in the compute dtype (out of place; a no-op when it already is)."""
+    return x.to(_compute_dtype(x) if dtype is None else dtype)
+
+
+def _temp(temperature: Temperature, dtype: torch.dtype) -> Union[float, Tensor]:
+    if isinstance(temperature, Tensor):
+        return temperature.reshape(()).to(dtype)
+    return float(temperature)
+
+
+def _eye(n: int, device: torch.device) -> Tensor:
+    return torch.eye(n, dtype=torch.bool, device=device)
+
+
+def _off_diagonal_sq_sum(c: Tensor) -> Tensor:
+    """Σ_{i≠j} c_ij² of a square matrix."""
+    return c.pow(2).masked_fill(_eye(c.shape[0], c.device), 0.0).sum()
+
+
+def _covariance(x: Tensor) -> Tensor:
+    """(x − x̄)ᵀ(x − x̄)/(N − 1) for x (N, D): the unbiased D x D covariance over the rows."""
+    xc = x - x.mean(dim=0)
+    return xc.T @ xc / (x.shape[0] - 1)
+
+
+def _variance_term(x: Tensor, eps: float) -> Tensor:
+    """VICReg v(x) = mean_d relu(1 − sqrt(Var_d(x) + eps)), Var unbiased over the N rows."""
+    std = torch.sqrt(x.var(dim=0, unbiased=True) + eps)
+    return F.relu(1.0 - std).mean()
+
+
+def _cov_lse_term(x: Tensor, temperature: Temperature) -> Tensor:
+    """c_exp(x) = (1/D) Σ_i LSE_{j≠i} Cov(x)_ij/τ for x (N, D)."""
+    logits = _covariance(x) / _temp(temperature, x.dtype)
+    logits = logits.masked_fill(_eye(logits.shape[0], logits.device), float("-inf"))
+    return torch.logsumexp(logits, dim=1).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# sample-contrastive losses (pairwise LSE family)
+# --------------------------------------------------------------------------------------------------
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.5) -> Tensor:
+    """NT-Xent / SimCLR loss; equals ``lightly.loss.NTXentLoss(temperature)`` (no memory bank).
+
+    Z = [n(z1); n(z2)] (2N, D), s_ab = Z_a·Z_b/τ, positive of anchor a is p(a) = (a + N) mod 2N::
+
+        loss = 1/(2N) Σ_a [ LSE_{b≠a} s_ab − s_a,p(a) ]
+
+    Args: z1, z2 (N, D); temperature τ > 0. Returns a 0-dim loss.
+    """
+    dtype = _compute_dtype(z1)
+    n = z1.shape[0]
+    z = torch.cat([F.normalize(_up(z1, dtype), dim=1), F.normalize(_up(z2, dtype), dim=1)])
+    logits = z @ z.T / _temp(temperature, dtype)
+    rows = torch.arange(2 * n, device=z.device)
+    pos = logits[rows, (rows + n) % (2 * n)]
+    logits = logits.masked_fill(_eye(2 * n, z.device), float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - pos).mean()
+
+
+def moco_loss(query: Tensor, key: Tensor, bank: Tensor, temperature: Temperature = 0.5) -> Tensor:
+    """MoCo: NT-Xent against a memory bank; equals ``NTXentLoss(temperature, memory_bank_size=(K, D))``.
+
+    q = n(query), k = n(key) (N, D); bank (K, D) is used as given (lightly stores normalised rows),
+    without gradient. With s_i⁺ = q_i·k_i/τ and s_ik = q_i·bank_k/τ::
+
+        loss = 1/N Σ_i [ LSE({s_i⁺} ∪ {s_ik : k}) − s_i⁺ ]
+
+    Note lightly hands its bank around as (D, K); ours is (K, D) (lightly's ``memory_bank.bank``).
+    """
+    dtype = _compute_dtype(query)
+    q = F.normalize(_up(query, dtype), dim=1)
+    k = F.normalize(_up(key, dtype), dim=1)
+    tau = _temp(temperature, dtype)
+    pos = (q * k).sum(dim=1) / tau
+    neg = q @ _up(bank.detach(), dtype).T / tau
+    logits = torch.cat([pos[:, None], neg], dim=1)
+    return (torch.logsumexp(logits, dim=1) - pos).mean()
+
+
+def _dcl_one_side(a: Tensor, b: Tensor, tau: Union[float, Tensor], weight: Optional[Tensor]) -> Tensor:
+    n = a.shape[0]
+    eye = _eye(n, a.device)
+    s_aa = a @ a.T / tau
+    s_ab = a @ b.T / tau
+    pos = s_ab.diagonal()
+    if weight is not None:
+        pos = pos * weight
+    # One LSE over the union of both negative sets {a_i·a_j, a_i·b_j : j ≠ i} (the positive is out).
+    negs = torch.cat([s_aa.masked_fill(eye, float("-inf")), s_ab.masked_fill(eye, float("-inf"))], dim=1)
+    return (torch.logsumexp(negs, dim=1) - pos).mean()
+
+
+def dcl_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, sigma: Optional[float] = None) -> Tensor:
+    """Decoupled contrastive loss; equals ``lightly.loss.DCLLoss`` (sigma=None) / ``DCLWLoss(sigma)``.
+
+    a = n(z1), b = n(z2) (N, D), s(x, y) = x·y/τ::
+
+        L(a, b) = 1/N Σ_i [ −w_i s(a_i, b_i) + LSE_{j≠i}( {s(a_i, a_j)} ∪ {s(a_i, b_j)} ) ]
+        loss    = ½ [ L(a, b) + L(b, a) ]
+
+    w_i = 1 without sigma; with sigma, the negative von Mises-Fisher weights
+    w = 2 − N·softmax_i(a_i·b_i/σ) over the batch, computed without gradient (DCLW).
+    """
+    dtype = _compute_dtype(z1)
+    a = F.normalize(_up(z1, dtype), dim=1)
+    b = F.normalize(_up(z2, dtype), dim=1)
+    tau = _temp(temperature, dtype)
+    weight = None
+    if sigma is not None:
+        with torch.no_grad():
+            weight = 2.0 - a.shape[0] * torch.softmax((a * b).sum(dim=1) / sigma, dim=0)
+    return 0.5 * (_dcl_one_side(a, b, tau, weight) + _dcl_one_side(b, a, tau, weight))
+
+
+def clip_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.07) -> Tensor:
+    """CLIP / two-tower InfoNCE (symmetric cross-entropy over an N x N similarity matrix).
+
+    S = n(z1) n(z2)ᵀ/τ (N, N)::
+
+        loss = ½ [ 1/N Σ_i (LSE_j S_ij − S_ii) + 1/N Σ_j (LSE_i S_ij − S_jj) ]
+
+    ``temperature`` may be a float or a 0-dim tensor requiring grad (a learnable τ: its gradient is
+    returned). z1 and z2 may come from different towers but share N and D.
+    """
+    dtype = _compute_dtype(z1)
+    s = F.normalize(_up(z1, dtype), dim=1) @ F.normalize(_up(z2, dtype), dim=1).T / _temp(temperature, dtype)
+    diag = s.diagonal()
+    return 0.5 * ((torch.logsumexp(s, dim=1) - diag).mean() + (torch.logsumexp(s, dim=0) - diag).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# dimension-contrastive / covariance losses (off-diagonal Frobenius family)
+# --------------------------------------------------------------------------------------------------
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambda_param: float = 5e-3) -> Tensor:
+    """Barlow Twins; equals ``lightly.loss.BarlowTwinsLoss(lambda_param)``.
+
+    A, B (N, D) are the per-dimension batch norms of z1, z2 (mean over N, *biased* variance,
+    eps 1e-5, no affine: ``F.batch_norm(training=True)``); C = AᵀB/N (D, D)::
+
+        loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²
+    """
+    dtype = _compute_dtype(z1)
+
+    def batch_norm(z: Tensor) -> Tensor:
+        z = _up(z, dtype)
+        zc = z - z.mean(dim=0)
+        return zc / torch.sqrt(zc.pow(2).mean(dim=0) + 1e-5)
+
+    a, b = batch_norm(z1), batch_norm(z2)
+    c = a.T @ b / a.shape[0]
+    return (1.0 - c.diagonal()).pow(2).sum() + lambda_param * _off_diagonal_sq_sum(c)
+
+
+def vicreg_loss(
+    z1: Tensor,
+    z2: Tensor,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    eps: float = 1e-4,
+) -> Tensor:
+    """VICReg; equals ``lightly.loss.VICRegLoss(lambda_param, mu_param, nu_param, eps=eps)``.
+
+    For z1, z2 (N, D)::
+
+        inv  = 1/(N·D) Σ_{i,d} (z1_id − z2_id)²                        (F.mse_loss, mean over all)
+        v(z) = 1/D Σ_d relu(1 − sqrt(Var_d(z) + eps))                  (Var unbiased, over N)
+        c(z) = 1/D Σ_{d≠e} Cov(z)_de²,  Cov = (z − z̄)ᵀ(z − z̄)/(N − 1)  (D, D)
+        loss = λ·inv + μ·½[v(z1) + v(z2)] + ν·[c(z1) + c(z2)]
+    """
+    dtype = _compute_dtype(z1)
+    a, b = _up(z1, dtype), _up(z2, dtype)
+    inv = (a - b).pow(2).mean()
+    var = 0.5 * (_variance_term(a, eps) + _variance_term(b, eps))
+    d = a.shape[1]
+    cov = _off_diagonal_sq_sum(_covariance(a)) / d + _off_diagonal_sq_sum(_covariance(b)) / d
+    return lambda_param * inv + mu_param * var + nu_param * cov
+
+
+def vicreg_exp_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = VICREG_EXP_TEMPERATURE,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    eps: float = 1e-4,
+) -> Tensor:
+    """VICReg-exp (seed 002): VICReg whose covariance penalty is a LogSumExp (dimension-contrastive).
+
+    Same invariance and variance terms as :func:`vicreg_loss`; the covariance term c(z) becomes::
+
+        c_exp(z) = 1/D Σ_d LSE_{e≠d} Cov(z)_de/τ,   Cov = (z − z̄)ᵀ(z − z̄)/(N − 1)  (D, D)
+        loss     = λ·inv + μ·½[v(z1) + v(z2)] + ν·[c_exp(z1) + c_exp(z2)]
+
+    i.e. each dimension d is an anchor contrasted against the other D − 1 dimensions, with no
+    positive term (like DCL's negative LSE). Cov is used as is (not squared), as in seed 002.
+    Needs D ≥ 2.
+
+    Default τ = 0.1 (no official code exists). Why: the variance hinge holds every std near 1, so
+    Cov entries are correlation-sized, |Cov_de| ≲ 1 — the same range as the cosine similarities of
+    SimCLR / DCL. c_exp has exactly the shape of DCL's decoupled negative LSE, whose default
+    (lightly ``DCLLoss``) is τ = 0.1; at that τ the LSE concentrates on the most correlated pairs
+    of dimensions, much as VICReg's squared penalty does. VICReg-ctr uses the same default so
+    that the two differ only by the transpose (the duality the seed studies).
+    """
+    dtype = _compute_dtype(z1)
+    a, b = _up(z1, dtype), _up(z2, dtype)
+    inv = (a - b).pow(2).mean()
+    var = 0.5 * (_variance_term(a, eps) + _variance_term(b, eps))
+    cov = _cov_lse_term(a, temperature) + _cov_lse_term(b, temperature)
+    return lambda_param * inv + mu_param * var + nu_param * cov
+
+
+def vicreg_ctr_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = VICREG_EXP_TEMPERATURE,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    eps: float = 1e-4,
+) -> Tensor:
+    """VICReg-ctr (seed 002): VICReg-exp with the variance and c_exp terms applied to zᵀ (sample-contrastive).
+
+    Exactly VICReg-exp with the roles of N and D swapped, so that
+    ``vicreg_ctr_loss(z1, z2) == vicreg_exp_loss(z1.T, z2.T)``. For z1, z2 (N, D)::
+
+        inv       = 1/(N·D) Σ_{i,d} (z1_id − z2_id)²                 (unchanged; symmetric in N, D)
+        v_ctr(z)  = 1/N Σ_i relu(1 − sqrt(Var_i(z) + eps))         Var_i: unbiased (1/(D − 1))
+                                                                     variance of sample i's D coordinates
+        G(z)      = (z − z̄_row)(z − z̄_row)ᵀ/(D − 1)  (N, N)        z̄_row: each row's mean over its D
+                                                                     coordinates (row-centring)
+        c_ctr(z)  = 1/N Σ_i LSE_{j≠i} G(z)_ij/τ                     (1/N in front of the N row LSEs)
+        loss      = λ·inv + μ·½[v_ctr(z1) + v_ctr(z2)] + ν·[c_ctr(z1) + c_ctr(z2)]
+
+    Each sample is an anchor contrasted against the other N − 1 samples of its own view through
+    the (centred, scaled) Gram matrix: the InfoNCE-like side of the duality. Default τ = 0.1, the
+    same as VICReg-exp (reasons there). Needs N ≥ 2 and D ≥ 2.
+    """
+    dtype = _compute_dtype(z1)
+    a, b = _up(z1, dtype).T, _up(z2, dtype).T  # (D, N): dimensions play the role of samples
+    inv = (a - b).pow(2).mean()
+    var = 0.5 * (_variance_term(a, eps) + _variance_term(b, eps))
+    cov = _cov_lse_term(a, temperature) + _cov_lse_term(b, temperature)
+    return lambda_param * inv + mu_param * var + nu_param * cov
+
+
+def spectral_contrastive_loss(z1: Tensor, z2: Tensor, mu: float = 1.0) -> Tensor:
+    """Spectral contrastive loss (HaoChen et al. 2021, seed 001), as the authors' code computes it.
+
+    Rows with ‖z‖ ≥ √μ are scaled back to radius √μ (z ← √μ·n(z)); rows inside are kept. Then::
+
+        part1 = −(2/N) Σ_i z1_i·z2_i
+        part2 = 1/(N(N − 1)) Σ_{i≠j} (z1_i·z2_j)²      (cross-view pairs only)
+        loss  = (part1 + part2)/μ
+    """
+    dtype = _compute_dtype(z1)
+    radius = math.sqrt(mu)
+
+    def clip_norm(z: Tensor) -> Tensor:
+        z = _up(z, dtype)
+        inside = z.detach().norm(dim=1, keepdim=True) < radius
+        return torch.where(inside, z, F.normalize(z, dim=1) * radius)
+
+    a, b = clip_norm(z1), clip_norm(z2)
+    n = a.shape[0]
+    part1 = -2.0 * (a * b).sum() / n
+    part2 = _off_diagonal_sq_sum(a @ b.T) / (n * (n - 1))
+    return (part1 + part2) / mu
+
+
+def arcl_loss(views: Union[Tensor, Sequence[Tensor]], temperature: Temperature = 0.5) -> Tensor:
+    """ArCL on top of SimCLR (seeds 000/003, Algorithm 1): NT-Xent with the worst positive pair.
+
+    views: (N, m, D), or a list of m tensors (N, D); m ≥ 2. Rows are normalised: z_ij = n(view j of
+    sample i). Worst positive (the pair of views farthest apart)::
+
+        s_i⁺ = min_{j<k} z_ij·z_ik
+
+    Anchors are views 0 and 1 of every sample: Z = [z_·0; z_·1] (2N, D), s_ab = Z_a·Z_b, anchor a
+    belongs to sample i = a mod N and its partner is p(a) = (a + N) mod 2N::
+
+        ℓ_a  = −s_i⁺/τ + log( exp(s_i⁺/τ) + Σ_{b ∉ {a, p(a)}} exp(s_ab/τ) )
+        loss = 1/(2N) Σ_a ℓ_a
+
+    With m = 2, s_i⁺ = z_i0·z_i1 and this is :func:`nt_xent_loss`. The gradient of s_i⁺ flows
+    through the selected pair only; on ties the first pair in (j, k) lexicographic order wins
+    (``torch.argmin`` returns the first minimum).
+    """
+    if not isinstance(views, Tensor):
+        views = torch.stack(list(views), dim=1)
+    dtype = _compute_dtype(views)
+    v = F.normalize(_up(views, dtype), dim=-1)  # (N, m, D)
+    n, m = v.shape[0], v.shape[1]
+    tau = _temp(temperature, dtype)
+
+    j, k = torch.triu_indices(m, m, offset=1, device=v.device)  # pairs j<k, lexicographic
+    pair_sims = (v @ v.transpose(1, 2))[:, j, k]  # (N, m(m−1)/2)
+    worst = pair_sims.detach().argmin(dim=1, keepdim=True)
+    s_pos = pair_sims.gather(1, worst).squeeze(1)  # (N,)
+
+    z = torch.cat([v[:, 0], v[:, 1]])  # (2N, D)
+    logits = z @ z.T / tau
+    rows = torch.arange(2 * n, device=v.device)
+    excluded = _eye(2 * n, v.device)
+    excluded[rows, (rows + n) % (2 * n)] = True  # the anchor itself and its partner view
+    pos = torch.cat([s_pos, s_pos]) / tau
+    all_logits = torch.cat([pos[:, None], logits.masked_fill(excluded, float("-inf"))], dim=1)
+    return (torch.logsumexp(all_logits, dim=1) - pos).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics (Wang & Isola 2020; seed 000)
+# --------------------------------------------------------------------------------------------------
+
+
+def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> Tensor:
+    """Alignment (Wang & Isola 2020): mean_i ‖z1_i − z2_i‖^α for z1, z2 (N, D).
+
+    No normalisation inside: pass normalised embeddings to get the paper's metric.
+    """
+    dtype = _compute_dtype(z1)
+    # ‖·‖^α as (‖·‖²)^(α/2): no square root, so identical rows give a zero (not NaN) gradient at α = 2.
+    return (_up(z1, dtype) - _up(z2, dtype)).pow(2).sum(dim=1).pow(alpha / 2).mean()
+
+
+def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
+    """Uniformity (Wang & Isola 2020): log mean_{i≠j} exp(−t‖z_i − z_j‖²) for z (N, D), N ≥ 2.
+
+    Computed as an LSE over the N(N − 1) off-diagonal pairs minus log(N(N − 1)) (equal to the
+    paper's ``pdist`` form over i<j, the kernel being symmetric), with ‖z_i − z_j‖² =
+    ‖z_i‖² + ‖z_j‖² − 2 z_i·z_j clamped at 0. No normalisation inside.
+    """
+    z = _up(z)
+    n = z.shape[0]
+    sq_norms = z.pow(2).sum(dim=1)
+    sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (z @ z.T)).clamp_min(0.0)
+    logits = (-t * sq_dist).masked_fill(_eye(n, z.device), float("-inf"))
+    return torch.logsumexp(logits.flatten(), dim=0) - math.log(n * (n - 1))
+
+
+def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
+    """Divergence of class centres (Huang et al., seed 000): max_{k≠l} μ_kᵀμ_l.
+
+    z (N, D), labels (N,) integer class ids with at least two distinct values. μ_k is the mean of
+    the *row-normalised* embeddings n(z_i) of class k. Normalising is our choice: seed 000's bound
+    compares μ_kᵀμ_l with r², embeddings lying on a sphere of radius r (r = 1 here), which keeps
+    the metric comparable across losses whose raw embedding scales differ (Barlow Twins, VICReg)
+    and bounded in [−1, 1]. Lower is better (centres farther apart).
+    """
+    zn = F.normalize(_up(z), dim=1)
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    one_hot = F.one_hot(inverse, num_classes=classes.numel()).to(zn.dtype)  # (N, K)
+    centres = (one_hot.T @ zn) / one_hot.sum(dim=0)[:, None]  # (K, D)
+    k, l = torch.triu_indices(centres.shape[0], centres.shape[0], offset=1, device=zn.device)
+    return (centres @ centres.T)[k, l].max()
