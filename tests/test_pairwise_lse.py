@@ -145,16 +145,14 @@ def test_torch_backend_chunks_agree(monkeypatch):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_gradcheck_fp64_torch_backend(mode):
     x, y, bank, scale, options = make_case(mode, 7, 4, torch.float64)
+    flags = (options["pos_offset"], options["exclude_self"], options["include_pos"], options["y_negatives"], "torch")
     x.requires_grad_()
     scale.requires_grad_()
-    if x is not y:
+    if x is y:  # one operand in both roles: PairwiseLSE takes y=None
+        torch.autograd.gradcheck(lambda a, s: PairwiseLSE.apply(a, None, bank, s, *flags), (x, scale))
+    else:
         y.requires_grad_()
-
-    def fn(a, b, s):
-        return PairwiseLSE.apply(a, b, bank, s, options["pos_offset"], options["exclude_self"],
-                                 options["include_pos"], options["y_negatives"], "torch")
-
-    torch.autograd.gradcheck(fn, (x, y, scale))
+        torch.autograd.gradcheck(lambda a, b, s: PairwiseLSE.apply(a, b, bank, s, *flags), (x, y, scale))
 
 
 def test_opcheck_custom_ops():

@@ -44,7 +44,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastssl::pairwise_lse_fwd", mutates_args=())
 def pairwise_lse_fwd(
     x: Tensor,
-    y: Tensor,
+    y: Optional[Tensor],
     bank: Optional[Tensor],
     scale: Tensor,
     pos_offset: int,
@@ -53,8 +53,8 @@ def pairwise_lse_fwd(
     y_negatives: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(lse, pos), each (M,) in fp32 (fp64 for fp64 inputs). See the module docstring."""
-    return _kernels(backend).pairwise_lse_forward(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives)
+    """(lse, pos), each (M,) in fp32 (fp64 for fp64 inputs); y=None means y is x."""
+    return _kernels(backend).pairwise_lse_forward(x, x if y is None else y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives)
 
 
 @pairwise_lse_fwd.register_fake
@@ -66,7 +66,7 @@ def _(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives, bac
 @torch.library.custom_op("fastssl::pairwise_lse_bwd", mutates_args=())
 def pairwise_lse_bwd(
     x: Tensor,
-    y: Tensor,
+    y: Optional[Tensor],
     bank: Optional[Tensor],
     scale: Tensor,
     lse: Tensor,
@@ -78,16 +78,18 @@ def pairwise_lse_bwd(
     y_negatives: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(dx, dy) in the input dtype: the gradients of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i."""
+    """(dx, dy) in the input dtype: the gradients of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i
+    through the row and the column operand (y=None: both are x, and the caller adds them)."""
     return _kernels(backend).pairwise_lse_backward(
-        x, y, bank, scale, lse, grad_lse, grad_pos, pos_offset, exclude_self, include_pos, y_negatives
+        x, x if y is None else y, bank, scale, lse, grad_lse, grad_pos, pos_offset, exclude_self, include_pos, y_negatives
     )
 
 
 @pairwise_lse_bwd.register_fake
 def _(x, y, bank, scale, lse, grad_lse, grad_pos, pos_offset, exclude_self, include_pos, y_negatives, backend):
+    dy_like = x if y is None else y
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-        y, memory_format=torch.contiguous_format
+        dy_like, memory_format=torch.contiguous_format
     )
 
 
@@ -95,8 +97,9 @@ class PairwiseLSE(torch.autograd.Function):
     """Autograd over the pairwise-LSE custom ops; `apply(x, y, bank, scale, pos_offset, exclude_self,
     include_pos, y_negatives, backend) -> (lse, pos)`.
 
-    Gradients flow to x, y and scale (a 0-dim tensor, e.g. 1/τ with τ learnable); the bank never
-    gets one. d scale = Σ_ij G_ij x_i·y_j = Σ_i x_i·dx_i / scale, so it costs O(M·D) on top of dx.
+    y=None means the columns are the rows themselves (SimCLR, DCL): one tensor, whose gradient is
+    the sum of both roles (Dynamo cannot trace one tensor passed twice to a Function). Gradients
+    flow to x, y and scale (a 0-dim tensor, e.g. 1/τ with τ learnable); the bank never gets one. d scale = Σ_ij G_ij x_i·y_j = Σ_i x_i·dx_i / scale, so it costs O(M·D) on top of dx.
     """
 
     @staticmethod
@@ -120,6 +123,8 @@ class PairwiseLSE(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             acc = _stat_dtype(x)
             d_scale = ((x.to(acc) * dx.to(acc)).sum() / scale.to(acc)).to(scale.dtype)
+        if y is None:
+            return dx + dy, None, None, d_scale, None, None, None, None, None
         return dx, dy, None, d_scale, None, None, None, None, None
 
 
@@ -145,4 +150,4 @@ def pairwise_lse(
     if bank is not None:
         bank = bank.detach()
     scale = scale.to(device=x.device, dtype=_stat_dtype(x))
-    return PairwiseLSE.apply(x, y, bank, scale, int(pos_offset), exclude_self, include_pos, y_negatives, backend)
+    return PairwiseLSE.apply(x, None if y is x else y, bank, scale, int(pos_offset), exclude_self, include_pos, y_negatives, backend)
