@@ -1,0 +1,255 @@
+"""Every Triton kernel, in every block config autotuning may pick, compiled ahead of time for the GPU.
+
+DESIGN.md, check 3: no GPU is needed. `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`
+runs the whole compiler (TTIR -> TTGIR -> LLVM -> PTX -> cubin), which catches GPU-only compile
+errors, and lets us assert tensor-core instructions (wgmma on sm_90, mma on sm_80, for bf16/fp16)
+and shared memory within the device limit (and within the estimate the autotuner prunes with).
+
+The test session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` gives
+interpreted functions that cannot be compiled; so the compilation runs in one subprocess without
+it — this very file run as a script — which prints a JSON report that the tests below check.
+Matrix (44 compiles: ~30 s on 2 cores, ~4 s with a warm ~/.triton cache):
+  * every config of every kernel: bf16, SimCLR flags, D = 128 (resident), sm_90;
+  * the config with the largest shared-memory estimate that survives pruning at D = 256, the
+    largest resident D: bf16 on sm_90, fp16 on sm_80 (the pruning boundary);
+  * the D loop (D = 512) with every flag on (bank + y negatives), bf16;
+  * flag sets: MoCo (fp16, bank, no y negatives), DCL (no positive), CLIP with an odd D = 70
+    (no self mask, no divisibility by 16: unpipelined masked loads);
+  * fp32 (CUDA-core dots, FP32_DOT_PRECISION = "ieee": no tensor-core assertion), resident and loop;
+    and its tensor-core alternative "tf32x3" (wgmma asserted);
+  * sm_80 (mma.sync), bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[1]
+#: Max dynamic shared memory per block (bytes): 227 KiB on sm_90, 163 KiB on sm_80.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+TIMEOUT_S = 600
+
+_FLAGS = {
+    "simclr": dict(HAS_BANK=False, EXCLUDE_SELF=True, INCLUDE_POS=True, Y_NEGATIVES=True),
+    "all": dict(HAS_BANK=True, EXCLUDE_SELF=True, INCLUDE_POS=True, Y_NEGATIVES=True),
+    "moco": dict(HAS_BANK=True, EXCLUDE_SELF=False, INCLUDE_POS=True, Y_NEGATIVES=False),
+    "dcl": dict(HAS_BANK=False, EXCLUDE_SELF=True, INCLUDE_POS=False, Y_NEGATIVES=True),
+    "clip": dict(HAS_BANK=False, EXCLUDE_SELF=False, INCLUDE_POS=True, Y_NEGATIVES=True),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# The subprocess side (no TRITON_INTERPRET): build the matrix, compile, print a JSON report.
+
+
+def _jobs():
+    import torch
+
+    from fastssl.kernels.triton import pairwise_lse as K
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+    def cands(kind, dt, d, arch):
+        block_k, single_k, block_dout = K.tile_dims(d, dtypes[dt])
+        return K.candidate_configs(kind, dtypes[dt].itemsize, block_k, single_k, block_dout, SMEM_LIMIT[arch])
+
+    def job(group, kind, dt, d, flags, arch, cfg):
+        return dict(group=group, kind=kind, dtype=dt, D=d, flags=flags, arch=arch, BLOCK_M=cfg.kwargs["BLOCK_M"],
+                    BLOCK_N=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+
+    def estimate(kind, dt, d, cfg):
+        block_k, single_k, block_dout = K.tile_dims(d, dtypes[dt])
+        return K.smem_estimate(kind, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], block_k, single_k,
+                               dtypes[dt].itemsize, cfg.num_stages, block_dout)  # fmt: skip
+
+    jobs = []
+    kinds = ("fwd", "dx", "dy")
+    # fp32 first: CUDA-core dots compile slowest, and the pool balances better with them up front.
+    for kind, d in (("fwd", 128), ("dx", 300), ("dy", 128)):
+        jobs.append(job("fp32", kind, "fp32", d, "simclr", 90, cands(kind, "fp32", d, 90)[-1]))
+    # The tensor-core alternative for fp32 (FP32_DOT_PRECISION = "tf32x3"): shared memory grows.
+    for kind in ("fwd", "dx"):
+        jobs.append(dict(job("fp32-tf32x3", kind, "fp32", 128, "simclr", 90, cands(kind, "fp32", 128, 90)[0]),
+                         precision="tf32x3"))
+    for kind in kinds:
+        jobs += [job("all-configs", kind, "bf16", 128, "simclr", 90, c) for c in cands(kind, "bf16", 128, 90)]
+    for dt, arch in (("bf16", 90), ("fp16", 80)):
+        for kind in kinds:
+            c = max(cands(kind, dt, 256, arch), key=lambda c: estimate(kind, dt, 256, c))
+            jobs.append(job("smem-boundary", kind, dt, 256, "simclr", arch, c))
+    for kind in kinds:
+        jobs.append(job("d-loop", kind, "bf16", 512, "all", 90, cands(kind, "bf16", 512, 90)[0]))
+        jobs.append(job("flags", kind, "fp16", 128, "moco", 90, cands(kind, "fp16", 128, 90)[1]))
+        jobs.append(job("flags", kind, "bf16", 64, "dcl", 90, cands(kind, "bf16", 64, 90)[3]))
+        jobs.append(job("flags", kind, "bf16", 70, "clip", 90, cands(kind, "bf16", 70, 90)[-1]))
+        jobs.append(job("sm80", kind, "bf16", 128, "simclr", 80, cands(kind, "bf16", 128, 80)[0]))
+    return jobs
+
+
+def _compile(j):
+    """Compile one job; return its record (with the error text instead of metrics on failure)."""
+    import traceback
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastssl.kernels.triton import pairwise_lse as K
+
+    rec = dict(j)
+    try:
+        kernel = {
+            "fwd": K._pairwise_lse_fwd_kernel,
+            "dx": K._pairwise_lse_bwd_dx_kernel,
+            "dy": K._pairwise_lse_bwd_dy_kernel,
+        }[j["kind"]]
+        fn = getattr(kernel, "fn", kernel)  # the JITFunction under the autotuner
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[j["dtype"]]
+        d = j["D"]
+        precision = j.get("precision", K.FP32_DOT_PRECISION)
+        block_k, single_k, block_dout = K.tile_dims(d, dtype)
+        consts = dict(
+            _FLAGS[j["flags"]], BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
+            BLOCK_DOUT=block_dout, FP32_PRECISION=precision,
+            # Contiguous inputs: Triton specialises unit strides to constants at launch.
+            stride_xd=1, stride_yd=1, stride_bd=1,
+        )  # fmt: skip
+        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+        pointee = {"X": j["dtype"], "Y": j["dtype"], "B": j["dtype"], "DX": j["dtype"], "DY": j["dtype"]}
+        sig, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.isupper() and name not in ("M", "NY", "NB", "D", "ROW_BIN"):
+                sig[name] = "*" + pointee.get(name, "fp32")
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as the runtime sees torch allocations
+            else:
+                sig[name] = "i32"
+                # Row strides (= D when contiguous) and D itself carry the runtime's %16 hint.
+                if d % 16 == 0 and (name == "D" or name.startswith("stride_") and name.endswith("m")):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        t0 = time.time()
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+            target=GPUTarget("cuda", j["arch"], 32),
+            options={"num_warps": j["num_warps"], "num_stages": j["num_stages"]},
+        )
+        ptx = compiled.asm["ptx"]
+        rec.update(
+            seconds=round(time.time() - t0, 2),
+            shared=int(compiled.metadata.shared),
+            estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, dtype.itemsize,
+                                     j["num_stages"], block_dout, precision),  # fmt: skip
+            wgmma="wgmma.mma_async" in ptx,
+            mma="mma.sync" in ptx,
+            # Without y negatives the dy kernel only gathers the positive rows: it has no tl.dot.
+            has_dot=not (j["kind"] == "dy" and not _FLAGS[j["flags"]]["Y_NEGATIVES"]),
+        )
+    except Exception:  # reported, not raised: one bad config must not hide the others
+        rec["error"] = traceback.format_exc(limit=-6)
+    return rec
+
+
+def _main():
+    sys.path.insert(0, str(REPO))
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run without TRITON_INTERPRET: the interpreter's @triton.jit cannot be compiled")
+    from fastssl.kernels.triton import pairwise_lse as K
+
+    jobs = _jobs()
+    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        records = list(pool.map(_compile, jobs))
+    configs = {kind: [[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in cs]
+               for kind, cs in K.CONFIGS.items()}  # fmt: skip
+    json.dump(dict(records=records, configs=configs, workers=workers, seconds=round(time.time() - t0, 1)),
+              sys.stdout)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# The pytest side.
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env, capture_output=True, text=True,
+            timeout=TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"AOT compilation did not finish in {TIMEOUT_S} s; stderr tail:\n{(e.stderr or '')[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"AOT compile subprocess failed (rc={proc.returncode}); stderr tail:\n{proc.stderr[-5000:]}")
+    return json.loads(proc.stdout)
+
+
+def _name(r):
+    dtype = r["dtype"] + (f"/{r['precision']}" if "precision" in r else "")
+    return (
+        f"{r['kind']} {dtype} D={r['D']} {r['flags']} sm_{r['arch']} "
+        f"BLOCK_M={r['BLOCK_M']} BLOCK_N={r['BLOCK_N']} warps={r['num_warps']} stages={r['num_stages']}"
+    )
+
+
+def test_every_kernel_compiles(report):
+    failed = [f"{_name(r)}:\n{r['error']}" for r in report["records"] if "error" in r]
+    assert not failed, f"{len(failed)} of {len(report['records'])} compiles failed:\n\n" + "\n\n".join(failed)
+
+
+def test_every_config_is_covered(report):
+    seen = {
+        (r["kind"], r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"])
+        for r in report["records"]
+        if r["group"] == "all-configs"
+    }
+    missing = [(kind, *c) for kind, cs in report["configs"].items() for c in cs if (kind, *c) not in seen]
+    assert not missing, f"configs never compiled (pruned at bf16/D=128/sm_90?): {missing}"
+
+
+def test_tensor_cores(report):
+    bad = [
+        _name(r)
+        for r in report["records"]
+        if "error" not in r
+        and r["has_dot"]
+        and (r["dtype"] != "fp32" or r.get("precision", "ieee") != "ieee")
+        and not (r["wgmma"] if r["arch"] == 90 else r["mma"])
+    ]
+    assert not bad, "no tensor-core instruction (wgmma on sm_90, mma.sync on sm_80) in:\n" + "\n".join(bad)
+
+
+def test_shared_memory(report):
+    over = [
+        f"{_name(r)}: {r['shared']} B > {SMEM_LIMIT[r['arch']]} B"
+        for r in report["records"]
+        if "error" not in r and r["shared"] > SMEM_LIMIT[r["arch"]]
+    ]
+    assert not over, "shared memory over the device limit:\n" + "\n".join(over)
+    # The autotuner prunes with smem_estimate: it must never underestimate.
+    under = [
+        f"{_name(r)}: uses {r['shared']} B, estimated {r['estimate']} B"
+        for r in report["records"]
+        if "error" not in r and r["shared"] > r["estimate"]
+    ]
+    assert not under, "smem_estimate below the compiled kernel's shared memory:\n" + "\n".join(under)
+
+
+if __name__ == "__main__":
+    _main()
