@@ -1,0 +1,104 @@
+"""A short summary of what fastssl buys: NT-Xent forward+backward, fastssl vs the reference.
+
+For each size, ``fastssl.nt_xent_loss`` with the default backend (auto: Triton on CUDA, the
+chunked torch backend on the CPU) and ``fastssl.reference.nt_xent_loss`` (materialising the
+2N x 2N logits) are timed (median of a few forward+backward calls after a warm-up) and their peak
+memory above the inputs is measured (CUDA: torch.cuda.max_memory_allocated; CPU: RSS growth in a
+helper process, see _common.PeakRssProbe). No pytest needed:
+
+    python -m benchmarks.summary            # CPU: 2N = 2048, 8192 (D = 128, fp32); CUDA: 2N = 8192..131072 (bf16)
+    python benchmarks/summary.py --quick    # the smallest size only, fewer repetitions
+    python -m benchmarks.summary --sizes 4096,16384 --dim 256 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works both as a script and with -m
+
+import torch  # noqa: E402
+
+import _common as common  # noqa: E402
+from fastssl import backends  # noqa: E402
+
+DEFAULT_SIZES = {"cpu": [2048, 8192], "cuda": [8192, 32768, 131072]}
+PROVIDERS = ("fastssl-auto", "reference")
+
+
+def measure(case: common.Case, reps: int, probe: common.PeakRssProbe) -> tuple["float | str", "float | str"]:
+    """(median seconds, peak MiB) of one forward+backward of `case`; "OOM" where it ran out of memory."""
+    try:
+        step = common.make_step(case)
+        seconds = common.time_step(step, reps, warmup=1)
+        peak = common.cuda_peak_mib(step) if case.device == "cuda" else probe.measure(case)
+        return seconds, peak
+    except Exception as exc:
+        if not common.is_oom(exc):
+            raise
+    # Out of memory. Freed here, outside the except block, once the traceback's tensors are unreferenced.
+    gc.collect()
+    if case.device == "cuda":
+        torch.cuda.empty_cache()
+    return "OOM", "OOM"
+
+
+def _ratio(ref: "float | str", ours: "float | str", digits: int) -> str:
+    if isinstance(ref, str) or isinstance(ours, str):
+        return f"ref {ref}" if isinstance(ref, str) and not isinstance(ours, str) else "—"
+    return f"{ref / ours:.{digits}f}×"
+
+
+def main(argv: "list[str] | None" = None) -> None:
+    device = common.default_device()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", help="comma-separated 2N values (default: %s on this device)" % DEFAULT_SIZES[device])
+    parser.add_argument("--dim", type=int, default=128, help="embedding dimension D (default 128)")
+    parser.add_argument("--reps", type=int, help="timed repetitions per case (default 3, 2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="the smallest size only (unless --sizes), fewer reps")
+    args = parser.parse_args(argv)
+
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES[device]
+    if args.quick and not args.sizes:
+        sizes = sizes[:1]
+    reps = args.reps or (2 if args.quick else 3)
+    dtype = common.default_dtype(device)
+    auto = backends.resolve_backend("auto", torch.empty(0, device=device))
+
+    env = common.environment(device)
+    print(f"device  {env['device_name']}")
+    print(f"torch {env['torch']}, triton {env['triton']}, fastssl {env['fastssl']}; dtype {dtype}, D = {args.dim}")
+    print(f"NT-Xent forward+backward: median of {reps} after 1 warm-up; peak memory above the inputs\n")
+
+    rows = []
+    probe = common.PeakRssProbe()
+    try:
+        for batch in sizes:
+            results = {
+                p: measure(common.Case("nt_xent", p, "fwd+bwd", batch, args.dim, dtype, device), reps, probe)
+                for p in PROVIDERS
+            }
+            ref_time, ref_peak = results["reference"]
+            for provider, (seconds, peak) in results.items():
+                ours = provider != "reference"
+                rows.append([
+                    f"fastssl (auto: {auto})" if ours else "reference",
+                    batch,
+                    seconds if isinstance(seconds, str) else f"{seconds * 1e3:.1f}",
+                    peak if isinstance(peak, str) else f"{peak:.1f}",
+                    _ratio(ref_time, seconds, 2) if ours else "—",
+                    _ratio(ref_peak, peak, 1) if ours else "—",
+                ])
+    finally:
+        probe.close()
+
+    headers = ["provider", "2N", "time ms", "peak MiB", "speed-up", "memory ratio"]
+    print(common.format_table(headers, rows))
+    print("\nspeed-up = reference time / fastssl time; memory ratio = reference peak / fastssl peak.")
+
+
+if __name__ == "__main__":
+    main()
