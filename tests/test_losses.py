@@ -64,10 +64,11 @@ def value_and_grads(fn, inputs, temperature, grad_output=1.0):
     return loss.detach(), [t.grad for t in leaves if t.requires_grad]
 
 
-def check_against_reference(loss, backend, n, d, temperature, dtype=torch.float32, kind="random"):
+def check_against_reference(loss, backend, n, d, temperature, dtype=torch.float32, kind="random", device="cpu"):
+    """`loss` on `backend` with `dtype` inputs on `device` against the float64 spec on the CPU."""
     fused, spec = LOSSES[loss]
     inputs64 = make_inputs(loss, n, d, dtype, kind)
-    inputs = [t.to(dtype) for t in inputs64]
+    inputs = [t.to(device, dtype) for t in inputs64]
     value, grads = value_and_grads(lambda z, t: fused(z, t, backend), inputs, temperature, grad_output=1.7)
     want64, want_grads64 = value_and_grads(spec, [t.to(torch.float64) for t in inputs], temperature, 1.7)
     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)

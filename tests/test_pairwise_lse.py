@@ -29,10 +29,10 @@ def dense_oracle(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_neg
     x, y, scale = x.double(), y.double(), scale.double()
     m, n_y = x.shape[0], y.shape[0]
     s = scale * x @ y.T
-    rows = torch.arange(m)[:, None]
-    cols = torch.arange(n_y)[None, :]
+    rows = torch.arange(m, device=x.device)[:, None]
+    cols = torch.arange(n_y, device=x.device)[None, :]
     is_pos = cols == (rows + pos_offset) % n_y
-    keep = torch.zeros(m, n_y, dtype=torch.bool)
+    keep = torch.zeros(m, n_y, dtype=torch.bool, device=x.device)
     if y_negatives:
         keep = ~is_pos
         if exclude_self:
@@ -45,15 +45,16 @@ def dense_oracle(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_neg
     return torch.logsumexp(logits, dim=1), s[is_pos]
 
 
-def make_case(mode, m, d, dtype, temperature=0.5, strided=False):
+def make_case(mode, m, d, dtype, temperature=0.5, strided=False, device="cpu"):
     offset_fn, exclude_self, include_pos, y_negatives, same, k = MODES[mode]
-    x = torch.nn.functional.normalize(torch.randn(m, d), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(m, d), dim=1).to(device)
     if strided:  # a transposed view: read in place through strides
         x = x.T.contiguous().T
     x = x.to(dtype)
-    y = x if same else torch.nn.functional.normalize(torch.randn(m, d), dim=1).to(dtype)
-    bank = torch.nn.functional.normalize(torch.randn(k, d), dim=1).to(dtype) if k else None
-    scale = torch.tensor(1.0 / temperature, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    y = x if same else torch.nn.functional.normalize(torch.randn(m, d), dim=1).to(device, dtype)
+    bank = torch.nn.functional.normalize(torch.randn(k, d), dim=1).to(device, dtype) if k else None
+    scale = torch.tensor(1.0 / temperature, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                         device=device)
     options = dict(
         pos_offset=offset_fn(m), exclude_self=exclude_self, include_pos=include_pos, y_negatives=y_negatives
     )
@@ -64,8 +65,8 @@ def run_both(backend, x, y, bank, scale, options, seed=1):
     """Values and gradients (x, y, scale) of the op and the oracle under one random cotangent."""
     gen = torch.Generator().manual_seed(seed)
     m = x.shape[0]
-    g_lse = torch.randn(m, generator=gen, dtype=torch.float64)
-    g_pos = torch.randn(m, generator=gen, dtype=torch.float64)
+    g_lse = torch.randn(m, generator=gen, dtype=torch.float64).to(x.device)
+    g_pos = torch.randn(m, generator=gen, dtype=torch.float64).to(x.device)
     same = x is y
 
     def grads(fn, cast):

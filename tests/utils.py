@@ -30,8 +30,8 @@ def assert_close(actual, expected, dtype, what="value", scale=1.0):
     `scale` multiplies atol, for quantities whose magnitude is known to be large (e.g. 1/τ).
     """
     rtol, atol = TOLERANCES[dtype]
-    actual = actual.detach().to(torch.float64)
-    expected = expected.detach().to(torch.float64)
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
     torch.testing.assert_close(
         actual,
         expected,
