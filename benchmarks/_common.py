@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -46,7 +47,9 @@ if os.environ.get("FASTSSL_BENCH_THREADS"):
 LOSSES = ("nt_xent", "clip", "dcl", "moco")
 #: The suite's providers. "fastssl-<backend>" calls fastssl.<loss>_loss(..., backend=<backend>);
 #: the summary also uses "fastssl-auto", the backend a user gets by default.
-PROVIDERS = ("fastssl-triton", "fastssl-cuda", "fastssl-torch", "reference", "reference-compiled")
+PROVIDERS = ("fastssl-triton", "fastssl-cuda", "fastssl-torch", "reference", "reference-compiled", "lightly")
+#: The peer: lightly 1.6's modules, with the same temperatures as fastssl's defaults (its own defaults).
+LIGHTLY_MODULES = {"nt_xent": "NTXentLoss", "dcl": "DCLLoss"}
 MODES = ("fwd", "fwd+bwd")
 MIB = 2**20
 
@@ -130,8 +133,8 @@ def bench_sizes(device: str, spec: Optional[str] = None) -> list[tuple[int, int]
 # --------------------------------------------------------------------------------------------------
 
 
-def provider_unavailable(provider: str, device: str) -> Optional[str]:
-    """Why `provider` cannot be benchmarked on `device`, or None when it can."""
+def provider_unavailable(provider: str, device: str, loss: str) -> Optional[str]:
+    """Why `provider` cannot benchmark `loss` on `device`, or None when it can."""
     if provider.startswith("fastssl-"):
         backend = provider[len("fastssl-") :]
         if backend not in backends.BACKENDS:
@@ -140,6 +143,11 @@ def provider_unavailable(provider: str, device: str) -> Optional[str]:
             return "backend 'triton' needs CUDA tensors (the Triton CPU interpreter is not benchmarked)"
         if backend == "triton" and not backends.triton_usable(torch.device(device)):
             return "triton is not importable"
+    if provider == "lightly":
+        if importlib.util.find_spec("lightly") is None:
+            return "lightly is not installed (it needs torchvision; see README, 'Checking against lightly')"
+        if loss not in LIGHTLY_MODULES:
+            return f"lightly 1.6 has no {loss} module that takes the same inputs"
     return None
 
 
@@ -157,6 +165,10 @@ def loss_function(loss: str, provider: str) -> Callable:
         return _compiled(loss)
     if provider.startswith("fastssl-"):
         return functools.partial(getattr(fastssl, f"{loss}_loss"), backend=provider[len("fastssl-") :])
+    if provider == "lightly":
+        import lightly.loss
+
+        return getattr(lightly.loss, LIGHTLY_MODULES[loss])()
     raise ValueError(f"unknown provider {provider!r}")
 
 

@@ -54,7 +54,7 @@ def _warm_up(case: common.Case) -> tuple[Optional[Callable[[], None]], Optional[
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_contrastive(benchmark, case: common.Case, peak_memory, results) -> None:
-    reason = common.provider_unavailable(case.provider, case.device)
+    reason = common.provider_unavailable(case.provider, case.device, case.loss)
     if reason:
         pytest.skip(reason)
     benchmark.group = case.label
