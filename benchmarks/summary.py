@@ -2,7 +2,7 @@
 
 For each size, ``fastssl.nt_xent_loss`` with the default backend (auto: Triton on CUDA, the
 chunked torch backend on the CPU) and ``fastssl.reference.nt_xent_loss`` (materialising the
-2N x 2N logits) are timed (median of a few forward+backward calls after a warm-up) and their peak
+2N x 2N logits) — and lightly 1.6's NTXentLoss where lightly is installed — are timed (median of a few forward+backward calls after a warm-up) and their peak
 memory above the inputs is measured (CUDA: torch.cuda.max_memory_allocated; CPU: RSS growth in a
 helper process, see _common.PeakRssProbe). No pytest needed:
 
