@@ -1,10 +1,11 @@
 """A short summary of what fastssl buys: NT-Xent forward+backward, fastssl vs the reference.
 
 For each size, ``fastssl.nt_xent_loss`` with the default backend (auto: Triton on CUDA, the
-chunked torch backend on the CPU) and ``fastssl.reference.nt_xent_loss`` (materialising the
-2N x 2N logits) — and lightly 1.6's NTXentLoss where lightly is installed — are timed (median of a few forward+backward calls after a warm-up) and their peak
-memory above the inputs is measured (CUDA: torch.cuda.max_memory_allocated; CPU: RSS growth in a
-helper process, see _common.PeakRssProbe). No pytest needed:
+chunked torch backend on the CPU), ``fastssl.reference.nt_xent_loss`` (materialising the
+2N x 2N logits) and, where it is installed, lightly 1.6's NTXentLoss are timed (median of a few
+forward+backward calls after a warm-up) and their peak memory above the inputs is measured
+(CUDA: torch.cuda.max_memory_allocated; CPU: RSS growth in a helper process, see
+_common.PeakRssProbe). No pytest needed:
 
     python -m benchmarks.summary            # CPU: 2N = 2048, 8192 (D = 128, fp32); CUDA: 2N = 8192..131072 (bf16)
     python benchmarks/summary.py --quick    # the smallest size only, fewer repetitions
