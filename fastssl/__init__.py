@@ -9,11 +9,14 @@ __version__ = "0.1.0"
 from fastssl.backends import available_backends
 from fastssl.functional import (
     alignment,
+    barlow_twins_loss,
     clip_loss,
     dcl_loss,
     moco_loss,
     nt_xent_loss,
+    spectral_contrastive_loss,
     uniformity,
+    vicreg_loss,
 )
 from fastssl import autograd, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
 
@@ -26,6 +29,9 @@ __all__ = [
     "moco_loss",
     "nt_xent_loss",
     "uniformity",
+    "barlow_twins_loss",
+    "vicreg_loss",
+    "spectral_contrastive_loss",
     "autograd",
     "nn",
     "reference",

@@ -78,3 +78,11 @@ def inverse_temperature(temperature: Temperature, like: Tensor) -> Tensor:
         return 1.0 / temperature.reshape(()).to(device=like.device, dtype=dtype)
     # torch.full fills on the device: no host-to-device copy.
     return torch.full((), 1.0 / float(temperature), dtype=dtype, device=like.device)
+
+
+def check_nonnegative(name: str, value: object) -> None:
+    """A finite Python number ≥ 0 (a loss weight such as Barlow Twins' λ)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")

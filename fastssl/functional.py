@@ -15,11 +15,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastssl import reference
-from fastssl._validation import Temperature, check_embeddings, check_positive, check_same, inverse_temperature
+from fastssl._validation import (
+    Temperature,
+    check_embeddings,
+    check_nonnegative,
+    check_positive,
+    check_same,
+    inverse_temperature,
+)
 from fastssl.backends import resolve_backend
+from fastssl.ops.frobenius import check_route, choose_side, op_route, sq_frobenius
 from fastssl.ops.pairwise_lse import pairwise_lse
+from fastssl.ops.reductions import column_mean_var, compute_dtype
 
-__all__ = ["nt_xent_loss", "moco_loss", "dcl_loss", "clip_loss", "uniformity", "alignment"]
+__all__ = [
+    "nt_xent_loss",
+    "moco_loss",
+    "dcl_loss",
+    "clip_loss",
+    "uniformity",
+    "alignment",
+    "barlow_twins_loss",
+    "vicreg_loss",
+    "spectral_contrastive_loss",
+]
 
 
 def _check_pair(z1: object, z2: object, names: tuple[str, str] = ("z1", "z2")) -> tuple[Tensor, Tensor]:
@@ -186,3 +205,141 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> Tensor:
     sq_dist = (z1.to(acc) - z2.to(acc)).square().sum(1)
     # ‖d‖^α = (‖d‖²)^(α/2): no sqrt, whose gradient at identical rows would be NaN.
     return sq_dist.pow(alpha / 2).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# The off-diagonal Frobenius family (DESIGN.md, family 2). Each loss computes its O(N·D) parts with
+# torch ops (statistics, diagonals, invariance) and its one O(N·D·min(N, D)) part, the squared
+# Frobenius norm of a cross product, with the fused op on the route that `route` names:
+# "covariance" = the D x D side, "gram" = the N x N side, "auto" = the smaller one.
+# The op's operands are rounded to the input dtype (tensor cores for bf16/fp16), and every diagonal
+# it is corrected by is computed from those same operands, so that off-diagonal sums do not inherit
+# the rounding of the diagonal.
+# --------------------------------------------------------------------------------------------------
+
+
+def _frobenius_args(z1: object, z2: object, route: str, backend: str, weights: dict) -> str:
+    """Validate a Frobenius-family call; return the concrete backend."""
+    _check_pair(z1, z2)
+    for name, value in weights.items():
+        check_nonnegative(name, value)
+    check_route(route)
+    return resolve_backend(backend, z1)
+
+
+def barlow_twins_loss(
+    z1: Tensor, z2: Tensor, lambda_param: float = 5e-3, *, route: str = "auto", backend: str = "auto"
+) -> Tensor:
+    """Barlow Twins (lightly's `BarlowTwinsLoss`).
+
+    A, B = per-dimension batch norms of z1, z2 (biased variance, eps 1e-5); C = AᵀB/N (D x D, never
+    stored on the Gram route):
+
+        loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²,   Σ_{i≠j} C_ij² = ‖AᵀB‖²_F/N² − Σ_i C_ii²
+
+    ‖AᵀB‖²_F is computed on the D x D side (cost N·D²) or as ⟨AAᵀ, BBᵀ⟩_F on the N x N side (N²·D).
+
+    Args: z1, z2 (N, D), N ≥ 2; lambda_param λ ≥ 0; route "auto" | "covariance" | "gram".
+    Returns a 0-dim loss (fp32; fp64 for fp64 inputs).
+    """
+    backend = _frobenius_args(z1, z2, route, backend, {"lambda_param": lambda_param})
+    if backend == "reference":
+        return reference.barlow_twins_loss(z1, z2, lambda_param)
+    n, d = z1.shape
+
+    def batch_norm(z: Tensor) -> Tensor:
+        mean, var = column_mean_var(z, unbiased=False)
+        return ((z.to(mean.dtype) - mean) * torch.rsqrt(var + 1e-5)).to(z.dtype)
+
+    a, b = batch_norm(z1), batch_norm(z2)
+    acc = compute_dtype(z1)
+    c_diag = (a.to(acc) * b.to(acc)).sum(0) / n
+    frob = sq_frobenius(a, b, route=op_route(choose_side(n, d, route), True), backend=backend) / (n * n)
+    return (1.0 - c_diag).square().sum() + lambda_param * (frob - c_diag.square().sum())
+
+
+def _vicreg_variance_covariance(z: Tensor, eps: float, route: str, backend: str) -> tuple[Tensor, Tensor]:
+    """VICReg's v(z) = mean_d relu(1 − sqrt(Var_d + eps)) and c(z) = (1/D) Σ_{i≠j} Cov_ij² for z (N, D)."""
+    n, d = z.shape
+    mean, _ = column_mean_var(z, unbiased=True)
+    centred = z.to(mean.dtype) - mean
+    x = centred.to(z.dtype)
+    # Var_d = Cov_dd, from the same (rounded) operand as the Frobenius norm.
+    cov_diag = x.to(mean.dtype).square().sum(0) / (n - 1)
+    variance = F.relu(1.0 - torch.sqrt(cov_diag + eps)).mean()
+    frob = sq_frobenius(x, x, route=op_route(choose_side(n, d, route), True), backend=backend) / (n - 1) ** 2
+    return variance, (frob - cov_diag.square().sum()) / d
+
+
+def vicreg_loss(
+    z1: Tensor,
+    z2: Tensor,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    eps: float = 1e-4,
+    *,
+    route: str = "auto",
+    backend: str = "auto",
+) -> Tensor:
+    """VICReg (lightly's `VICRegLoss`): λ·inv + μ·½[v(z1) + v(z2)] + ν·[c(z1) + c(z2)].
+
+    inv = mean (z1 − z2)² (MSE over all N·D entries); v(z) = mean_d relu(1 − sqrt(Var_d(z) + eps))
+    (unbiased variance); c(z) = (1/D) Σ_{i≠j} Cov_ij², Cov = XᵀX/(N − 1) with X the column-centred z,
+    and Σ_{i≠j} Cov_ij² = ‖XᵀX‖²_F/(N − 1)² − Σ_i Var_i². ‖XᵀX‖²_F = ‖XXᵀ‖²_F: the D x D side costs
+    N·D², the N x N side N²·D, so a (256, 65536) batch never builds a 65536² covariance.
+
+    Args: z1, z2 (N, D), N ≥ 2; λ, μ, ν ≥ 0; eps > 0; route "auto" | "covariance" | "gram".
+    Returns a 0-dim loss.
+    """
+    backend = _frobenius_args(
+        z1, z2, route, backend, {"lambda_param": lambda_param, "mu_param": mu_param, "nu_param": nu_param}
+    )
+    check_positive("eps", eps)
+    if backend == "reference":
+        return reference.vicreg_loss(z1, z2, lambda_param, mu_param, nu_param, eps)
+    acc = compute_dtype(z1)
+    invariance = (z1.to(acc) - z2.to(acc)).square().mean()
+    v1, c1 = _vicreg_variance_covariance(z1, eps, route, backend)
+    v2, c2 = _vicreg_variance_covariance(z2, eps, route, backend)
+    return lambda_param * invariance + mu_param * 0.5 * (v1 + v2) + nu_param * (c1 + c2)
+
+
+def spectral_contrastive_loss(
+    z1: Tensor, z2: Tensor, mu: float = 1.0, *, route: str = "auto", backend: str = "auto"
+) -> Tensor:
+    """Spectral contrastive loss (HaoChen et al. 2021, seed 001), as the authors' code computes it.
+
+    Rows with ‖z‖ ≥ √μ are scaled back to radius √μ. With a, b the clipped z1, z2 (N, D):
+
+        part1 = −(2/N) Σ_i a_i·b_i
+        part2 = Σ_{i≠j} (a_i·b_j)² / (N(N − 1)),   Σ_{i≠j} (a_i·b_j)² = ‖abᵀ‖²_F − Σ_i (a_i·b_i)²
+        loss  = (part1 + part2)/μ
+
+    ‖abᵀ‖²_F = ⟨aᵀa, bᵀb⟩_F: the N x N side costs N²·D, the D x D side N·D² (auto: the smaller),
+    so N = 65,536 at D = 64 never builds the 65536² matrix abᵀ.
+
+    Args: z1, z2 (N, D), N ≥ 2; mu μ > 0; route "auto" | "covariance" | "gram". Returns a 0-dim loss.
+    """
+    _check_pair(z1, z2)
+    check_positive("mu", mu)
+    check_route(route)
+    backend = resolve_backend(backend, z1)
+    if backend == "reference":
+        return reference.spectral_contrastive_loss(z1, z2, mu)
+    n, d = z1.shape
+    radius = math.sqrt(mu)
+
+    def clip_norm(z: Tensor) -> Tensor:
+        z = z.to(compute_dtype(z))
+        inside = z.detach().norm(dim=1, keepdim=True) < radius
+        return torch.where(inside, z, F.normalize(z, dim=1) * radius)
+
+    a, b = clip_norm(z1).to(z1.dtype), clip_norm(z2).to(z2.dtype)
+    acc = compute_dtype(z1)
+    row_dots = (a.to(acc) * b.to(acc)).sum(1)
+    # a.T, b.T are (D, N) views: the op's rows are dimensions, read through strides.
+    frob = sq_frobenius(a.T, b.T, route=op_route(choose_side(n, d, route), False), backend=backend)
+    part1 = -2.0 * row_dots.sum() / n
+    part2 = (frob - row_dots.square().sum()) / (n * (n - 1))
+    return (part1 + part2) / mu

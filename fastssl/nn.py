@@ -16,10 +16,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import functional
-from fastssl._validation import check_positive
+from fastssl._validation import check_nonnegative, check_positive
 from fastssl.backends import BACKENDS, resolve_backend
+from fastssl.ops.frobenius import check_route
 
-__all__ = ["MemoryBankModule", "NTXentLoss", "DCLLoss", "DCLWLoss", "CLIPLoss"]
+__all__ = [
+    "MemoryBankModule",
+    "NTXentLoss",
+    "DCLLoss",
+    "DCLWLoss",
+    "CLIPLoss",
+    "BarlowTwinsLoss",
+    "VICRegLoss",
+    "SpectralContrastiveLoss",
+]
 
 
 def _check_backend(backend: str) -> str:
@@ -244,3 +254,95 @@ class CLIPLoss(nn.Module):
     def extra_repr(self) -> str:
         tau = "learnable" if self.learnable_temperature else self.temperature
         return f"temperature={tau}, backend={self.backend!r}"
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins loss (`fastssl.barlow_twins_loss`), lightly 1.6's names and defaults.
+
+    Args:
+        lambda_param: weight λ ≥ 0 of the off-diagonal (redundancy) term (default 5e-3).
+        gather_distributed: not implemented yet (raises NotImplementedError when True).
+        route: keyword-only; "auto" (the smaller of the D x D and N x N sides), "covariance", "gram".
+        backend: keyword-only.
+    """
+
+    def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False, *, route: str = "auto",
+                 backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        check_nonnegative("lambda_param", lambda_param)
+        _no_distributed(gather_distributed, "BarlowTwinsLoss")
+        self.lambda_param = lambda_param
+        self.gather_distributed = gather_distributed
+        self.route = check_route(route)
+        self.backend = _check_backend(backend)
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """z_a, z_b: (N, D) projections of two views. Returns the loss (0-dim)."""
+        return functional.barlow_twins_loss(z_a, z_b, self.lambda_param, route=self.route, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"lambda_param={self.lambda_param}, route={self.route!r}, backend={self.backend!r}"
+
+
+class VICRegLoss(nn.Module):
+    """VICReg loss (`fastssl.vicreg_loss`), lightly 1.6's argument order, names and defaults.
+
+    Args:
+        lambda_param: invariance weight λ (default 25). mu_param: variance weight μ (default 25).
+        nu_param: covariance weight ν (default 1). eps: added to the variance under the sqrt (1e-4).
+        gather_distributed: not implemented yet (raises NotImplementedError when True).
+        route, backend: keyword-only, as in `BarlowTwinsLoss`.
+    """
+
+    def __init__(
+        self,
+        lambda_param: float = 25.0,
+        mu_param: float = 25.0,
+        nu_param: float = 1.0,
+        gather_distributed: bool = False,
+        eps: float = 0.0001,
+        *,
+        route: str = "auto",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
+            check_nonnegative(name, value)
+        check_positive("eps", eps)
+        _no_distributed(gather_distributed, "VICRegLoss")
+        self.lambda_param, self.mu_param, self.nu_param, self.eps = lambda_param, mu_param, nu_param, eps
+        self.gather_distributed = gather_distributed
+        self.route = check_route(route)
+        self.backend = _check_backend(backend)
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """z_a, z_b: (N, D). Returns the loss (0-dim)."""
+        return functional.vicreg_loss(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, self.eps,
+                                      route=self.route, backend=self.backend)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (f"lambda_param={self.lambda_param}, mu_param={self.mu_param}, nu_param={self.nu_param}, "
+                f"eps={self.eps}, route={self.route!r}, backend={self.backend!r}")  # fmt: skip
+
+
+class SpectralContrastiveLoss(nn.Module):
+    """Spectral contrastive loss (`fastssl.spectral_contrastive_loss`, seed 001; not in lightly).
+
+    Args:
+        mu: μ > 0; rows are clipped to norm √μ and the loss is divided by μ (default 1).
+        route, backend: keyword-only, as in `BarlowTwinsLoss`.
+    """
+
+    def __init__(self, mu: float = 1.0, *, route: str = "auto", backend: str = "auto"):
+        super().__init__()
+        check_positive("mu", mu)
+        self.mu = mu
+        self.route = check_route(route)
+        self.backend = _check_backend(backend)
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """z_a, z_b: (N, D). Returns the loss (0-dim)."""
+        return functional.spectral_contrastive_loss(z_a, z_b, self.mu, route=self.route, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"mu={self.mu}, route={self.route!r}, backend={self.backend!r}"

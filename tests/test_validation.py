@@ -21,6 +21,9 @@ def pairs():
         ("clip", lambda a, b, **kw: fastssl.clip_loss(a, b, **kw)),
         ("moco", lambda a, b, **kw: fastssl.moco_loss(a, b, bank, **kw)),
         ("alignment", lambda a, b, **kw: fastssl.alignment(a, b)),
+        ("barlow_twins", lambda a, b, **kw: fastssl.barlow_twins_loss(a, b, **kw)),
+        ("vicreg", lambda a, b, **kw: fastssl.vicreg_loss(a, b, **kw)),
+        ("spectral", lambda a, b, **kw: fastssl.spectral_contrastive_loss(a, b, **kw)),
     ]
 
 
