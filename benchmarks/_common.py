@@ -38,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:  # so that `python benchmarks/summary.py` fin
 
 import fastssl  # noqa: E402
 from fastssl import backends, reference  # noqa: E402
+from fastssl.ops.frobenius import choose_side  # noqa: E402
 
 # On a shared CPU, intra-op threads that wait at barriers for a descheduled sibling make timings
 # swing by 10x; FASTSSL_BENCH_THREADS=1 gives stable numbers there (the helper process inherits it).
@@ -45,11 +46,17 @@ if os.environ.get("FASTSSL_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FASTSSL_BENCH_THREADS"]))
 
 LOSSES = ("nt_xent", "clip", "dcl", "moco")
+#: The off-diagonal Frobenius family (bench_frobenius.py); fastssl runs them on each `route`.
+FROBENIUS_LOSSES = ("barlow_twins", "vicreg", "spectral")
+FROBENIUS_ROUTES = ("covariance", "gram")
+#: fastssl / reference function names, where they are not f"{loss}_loss".
+_FUNCTION_NAMES = {"spectral": "spectral_contrastive_loss"}
 #: The suite's providers. "fastssl-<backend>" calls fastssl.<loss>_loss(..., backend=<backend>);
 #: the summary also uses "fastssl-auto", the backend a user gets by default.
 PROVIDERS = ("fastssl-triton", "fastssl-cuda", "fastssl-torch", "reference", "reference-compiled", "lightly")
 #: The peer: lightly 1.6's modules, with the same temperatures as fastssl's defaults (its own defaults).
-LIGHTLY_MODULES = {"nt_xent": "NTXentLoss", "dcl": "DCLLoss"}
+LIGHTLY_MODULES = {"nt_xent": "NTXentLoss", "dcl": "DCLLoss", "barlow_twins": "BarlowTwinsLoss",
+                   "vicreg": "VICRegLoss"}
 MODES = ("fwd", "fwd+bwd")
 MIB = 2**20
 
@@ -59,6 +66,14 @@ SIZE_SETS = {
     ("cpu", "large"): [(2048, 128), (8192, 128), (2048, 512), (8192, 512)],
     ("cuda", "small"): [(8192, 128)],
     ("cuda", "large"): [(b, d) for b in (8192, 32768, 131072) for d in (128, 512)],
+}
+#: The Frobenius family's sizes, also as (2N, D): N x D embeddings, N = 2N/2. The GPU set is the
+#: issue's (N, D) = (2048, 8192) and (256, 65536); the CPU sets show both routes winning.
+FROBENIUS_SIZE_SETS = {
+    ("cpu", "small"): [(1024, 2048)],
+    ("cpu", "large"): [(1024, 8192), (4096, 512)],
+    ("cuda", "small"): [(4096, 8192)],
+    ("cuda", "large"): [(4096, 8192), (512, 65536)],
 }
 
 
@@ -78,6 +93,7 @@ class Case:
     dim: int
     dtype: str = "float32"
     device: str = "cpu"
+    route: str = "auto"  # the Frobenius family's route (fastssl providers only)
 
     @property
     def n_pairs(self) -> int:
@@ -89,6 +105,8 @@ class Case:
 
     @property
     def label(self) -> str:
+        if self.loss in FROBENIUS_LOSSES:
+            return f"{self.loss} {self.mode} N={self.n_pairs} D={self.dim} {self.dtype}"
         return f"{self.loss} {self.mode} 2N={self.batch} D={self.dim} {self.dtype}"
 
     def to_json(self) -> str:
@@ -107,16 +125,18 @@ def default_dtype(device: str) -> str:
     return os.environ.get("FASTSSL_BENCH_DTYPE") or ("bfloat16" if device == "cuda" else "float32")
 
 
-def bench_sizes(device: str, spec: Optional[str] = None) -> list[tuple[int, int]]:
+def bench_sizes(device: str, spec: Optional[str] = None, sets: Optional[dict] = None) -> list[tuple[int, int]]:
     """(2N, D) pairs from ``FASTSSL_BENCH_SIZES``: "small", "large" or a list like "2048x128,8192x512".
 
-    Default: "small" on the CPU, "large" (the full GPU set) on CUDA.
+    Default: "small" on the CPU, "large" (the full GPU set) on CUDA. `sets`: the named size sets
+    (SIZE_SETS, the contrastive losses', unless given).
     """
     spec = spec if spec is not None else os.environ.get("FASTSSL_BENCH_SIZES", "")
     spec = spec.strip() or ("large" if device == "cuda" else "small")
     key = (device, spec)
-    if key in SIZE_SETS:
-        return SIZE_SETS[key]
+    sets = SIZE_SETS if sets is None else sets
+    if key in sets:
+        return sets[key]
     try:
         sizes = [tuple(int(v) for v in item.lower().split("x")) for item in spec.split(",") if item.strip()]
         if not sizes or any(len(s) != 2 or s[0] < 4 or s[0] % 2 or s[1] < 1 for s in sizes):
@@ -154,17 +174,19 @@ def provider_unavailable(provider: str, device: str, loss: str) -> Optional[str]
 @functools.lru_cache(maxsize=None)
 def _compiled(loss: str) -> Callable:
     # dynamic=False: one static graph per shape, as a user with a fixed batch size gets.
-    return torch.compile(getattr(reference, f"{loss}_loss"), dynamic=False)
+    return torch.compile(getattr(reference, _FUNCTION_NAMES.get(loss, f"{loss}_loss")), dynamic=False)
 
 
-def loss_function(loss: str, provider: str) -> Callable:
-    """The callable that computes `loss` for `provider`, taking the tensors of make_inputs."""
+def loss_function(loss: str, provider: str, route: str = "auto") -> Callable:
+    """The callable that computes `loss` for `provider` (on `route`), taking the tensors of make_inputs."""
+    name = _FUNCTION_NAMES.get(loss, f"{loss}_loss")
     if provider == "reference":
-        return getattr(reference, f"{loss}_loss")
+        return getattr(reference, name)
     if provider == "reference-compiled":
         return _compiled(loss)
     if provider.startswith("fastssl-"):
-        return functools.partial(getattr(fastssl, f"{loss}_loss"), backend=provider[len("fastssl-") :])
+        kwargs = {"route": route} if loss in FROBENIUS_LOSSES else {}
+        return functools.partial(getattr(fastssl, name), backend=provider[len("fastssl-") :], **kwargs)
     if provider == "lightly":
         import lightly.loss
 
@@ -195,7 +217,7 @@ def make_step(case: Case) -> Callable[[], None]:
     accumulates into .grad between calls. Outputs are dropped inside, so a measured peak is the
     call's working memory above the inputs.
     """
-    fn = loss_function(case.loss, case.provider)
+    fn = loss_function(case.loss, case.provider, case.route)
     inputs = make_inputs(case)
     wrt = [t for t in inputs if t.requires_grad]
     sync = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
@@ -251,12 +273,41 @@ _LOGITS = {
 }
 
 
+def _frobenius_flops(case: Case, executed: bool) -> int:
+    """GEMM FLOPs of the Frobenius family, per DESIGN.md family 2.
+
+    One product of an S x S matrix over the other dimension costs g = 2·N·D·S (S = D on the
+    covariance side, N on the Gram side). The materialising reference builds C = AᵀB (Barlow Twins,
+    S = D), two covariances XᵀX (VICReg, S = D) or abᵀ (spectral, S = N). fastssl's route either
+    forms one cross product (Barlow Twins' covariance route, spectral's Gram route) — forward g,
+    backward 3g (recompute, da, db) — or two Grams (the other routes) — forward 2g, backward 4g; VICReg's
+    shared operand is one Gram per view: forward g, backward 2g (recompute, dx), twice.
+    """
+    n, d = case.n_pairs, case.dim
+    forward = case.mode == "fwd"
+    if case.loss == "vicreg":
+        side = choose_side(n, d, case.route) if executed else "covariance"
+        per_view = 1 if forward else (3 if executed else 2)
+        return 2 * per_view * 2 * n * d * (d if side == "covariance" else n)
+    if not executed:  # the reference: one product forward, two more backward
+        g = 2 * n * d * (n if case.loss == "spectral" else d)
+        return g if forward else 3 * g
+    side = choose_side(n, d, case.route)
+    g = 2 * n * d * (d if side == "covariance" else n)
+    one_cross_product = (side == "covariance") == (case.loss == "barlow_twins")
+    if one_cross_product:
+        return g if forward else 4 * g
+    return 2 * g if forward else 6 * g
+
+
 def model_flops(case: Case) -> int:
     """GEMM FLOPs of the materialising algorithm (the same for every provider, so TFLOP/s compare).
 
     Forward 2·R·C·D for the R x C logit matrix; backward 2·R·C·D per operand with a gradient.
     Elementwise work (exp, LSE, normalisation) is not counted.
     """
+    if case.loss in FROBENIUS_LOSSES:
+        return _frobenius_flops(case, executed=False)
     rows, cols, grads, _ = _LOGITS[case.loss](case)
     gemm = 2 * rows * cols * case.dim
     return gemm * (1 + grads) if case.mode == "fwd+bwd" else gemm
@@ -266,6 +317,8 @@ def executed_flops(case: Case) -> int:
     """GEMM FLOPs the provider actually runs: model_flops plus the fused backward's recompute."""
     if not case.provider.startswith("fastssl-"):
         return model_flops(case)
+    if case.loss in FROBENIUS_LOSSES:
+        return _frobenius_flops(case, executed=True)
     rows, cols, grads, passes = _LOGITS[case.loss](case)
     gemm = 2 * rows * cols * case.dim * passes
     return gemm * (2 + grads) if case.mode == "fwd+bwd" else gemm

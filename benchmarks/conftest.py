@@ -55,14 +55,19 @@ _ROWS: list[list[object]] = []
 
 @pytest.fixture(scope="session")
 def results() -> Callable[..., None]:
-    """results(case, median_s, peak, tflops): one row of the table printed at the end of the run."""
+    """results(case, median_s, peak, tflops): one row of the table printed at the end of the run.
+
+    N is the number of pairs (rows of each view; NT-Xent's Z has 2N rows); fastssl's Frobenius-family
+    providers show their route.
+    """
 
     def add(case: common.Case, median_s: "float | None", peak: "float | str", tflops: "float | None") -> None:
+        frobenius = case.loss in common.FROBENIUS_LOSSES and case.provider.startswith("fastssl-")
         _ROWS.append([
             f"{case.loss} {case.mode}",
-            case.batch,
+            case.n_pairs,
             case.dim,
-            case.provider,
+            f"{case.provider} ({case.route})" if frobenius else case.provider,
             "—" if median_s is None else f"{median_s * 1e3:.2f}",
             peak if isinstance(peak, str) else f"{peak:.1f}",
             "—" if tflops is None else f"{tflops:.3g}",
@@ -73,6 +78,6 @@ def results() -> Callable[..., None]:
 
 def pytest_terminal_summary(terminalreporter):
     if _ROWS:
-        headers = ["case", "2N", "D", "provider", "median ms", "peak MiB", "TFLOP/s"]
+        headers = ["case", "N", "D", "provider", "median ms", "peak MiB", "TFLOP/s"]
         terminalreporter.write_sep("-", "fastssl: time, peak memory above inputs, model TFLOP/s")
         terminalreporter.write_line(common.format_table(headers, _ROWS))
