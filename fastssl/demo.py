@@ -1,4 +1,4 @@
-"""`python -m fastssl.demo`: every contrastive loss on the default backend, checked against the spec.
+"""`python -m fastssl.demo`: every fused loss on the default backend, checked against the spec.
 
 For each loss, one forward + backward on random (N, D) embeddings with `backend="auto"` and the same
 inputs through `fastssl.reference` in float64; prints the two values, the largest relative gradient
@@ -34,6 +34,11 @@ LOSSES: dict[str, tuple[Callable, Callable]] = {
     "clip": (lambda a, b, k, be: fastssl.clip_loss(a, b, backend=be), lambda a, b, k: reference.clip_loss(a, b)),
     "uniformity": (lambda a, b, k, be: fastssl.uniformity(F.normalize(a, dim=1), backend=be),
                    lambda a, b, k: reference.uniformity(F.normalize(a, dim=1))),
+    "barlow_twins": (lambda a, b, k, be: fastssl.barlow_twins_loss(a, b, backend=be),
+                     lambda a, b, k: reference.barlow_twins_loss(a, b)),
+    "vicreg": (lambda a, b, k, be: fastssl.vicreg_loss(a, b, backend=be), lambda a, b, k: reference.vicreg_loss(a, b)),
+    "spectral": (lambda a, b, k, be: fastssl.spectral_contrastive_loss(a, b, backend=be),
+                 lambda a, b, k: reference.spectral_contrastive_loss(a, b)),
 }
 
 
@@ -77,7 +82,7 @@ def main(argv: "list[str] | None" = None) -> int:
     print(f"N = {args.n} pairs, D = {args.dim}, fp32, backend='auto' -> {backend!r}; "
           f"spec = fastssl.reference in float64\n")
 
-    header = f"{'loss':<11} {'fastssl':>12} {'spec (fp64)':>12} {'abs err':>9} {'tol used':>8} " \
+    header = f"{'loss':<13} {'fastssl':>12} {'spec (fp64)':>12} {'abs err':>9} {'tol used':>8} " \
              f"{'grad tol used':>13} {'fastssl ms':>10} {'spec ms':>8}"
     print(header)
     print("-" * len(header))
@@ -91,7 +96,7 @@ def main(argv: "list[str] | None" = None) -> int:
         grad_used = max(_grad_tol_used(a, b) for a, b in zip(g, g64))
         ok = value_used <= 1 and grad_used <= 1
         failed += [] if ok else [name]
-        print(f"{name:<11} {v.item():>12.6f} {v64.item():>12.6f} {abs(v.item() - v64.item()):>9.1e} "
+        print(f"{name:<13} {v.item():>12.6f} {v64.item():>12.6f} {abs(v.item() - v64.item()):>9.1e} "
               f"{value_used:>8.1%} {grad_used:>13.1%} {t * 1e3:>10.1f} {t64 * 1e3:>8.1f}{'' if ok else '  MISMATCH'}")
     print(f"\ntol used: |Δ loss| / ({ATOL:g} + {RTOL:g}·|loss|); grad tol used: max |Δ grad| / ({RTOL:g}·max |grad|), "
           "over both inputs. Above 100% is a mismatch.")

@@ -14,6 +14,9 @@ LOSSES = {
     "nt_xent": lambda a, b: fastssl.nt_xent_loss(a, b, 0.2, backend="torch"),
     "clip": lambda a, b: fastssl.clip_loss(a, b, 0.1, backend="torch"),
     "dclw": lambda a, b: fastssl.dcl_loss(a, b, 0.1, sigma=0.5, backend="torch"),
+    "barlow_twins": lambda a, b: fastssl.barlow_twins_loss(a, b, route="gram", backend="torch"),
+    "vicreg": lambda a, b: fastssl.vicreg_loss(a, b, route="covariance", backend="torch"),
+    "spectral": lambda a, b: fastssl.spectral_contrastive_loss(a, b, backend="torch"),
 }
 
 

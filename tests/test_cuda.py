@@ -4,7 +4,8 @@ Every test here is marked `cuda` and skipped (with the reason) on machines witho
 it runs the compiled Triton kernels (autotuning included) on the shapes the interpreter is too slow
 for: N = 1000, D up to 4096 (the D-loop tiling), half precision, a 2N = 262,144-row NT-Xent whose
 logits (128 GiB in bf16) could never be stored, `torch.compile(fullgraph=True)` and `opcheck` of the
-Triton-backed custom ops.
+Triton-backed custom ops; and the Frobenius family on both routes, up to a Barlow Twins D = 65,536
+and a spectral N = 262,144 whose matrices (16 GiB, 256 GiB in fp32) are never built.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import fastssl
 import fastssl.nn as fnn
 from fastssl.ops.pairwise_lse import PairwiseLSE
+from tests.test_frobenius import check_loss
 from tests.test_losses import LOSSES, check_against_reference
 from tests.test_pairwise_lse import MODES, make_case, run_both
 from tests.utils import TOLERANCES, assert_close
@@ -174,3 +176,70 @@ def test_memory_bank_on_cuda():
         loss = module(torch.randn(16, 32, device="cuda", requires_grad=True), torch.randn(16, 32, device="cuda"))
         assert torch.isfinite(loss)
     assert module.memory_bank.bank.is_cuda
+
+
+# --------------------------------------------------------------------------------------------------
+# the off-diagonal Frobenius family
+
+
+@pytest.mark.parametrize("name", ["barlow_twins", "vicreg", "spectral", "vicreg_weights"])
+@pytest.mark.parametrize("route", ["auto", "covariance", "gram"])
+@pytest.mark.parametrize("n,d", [(2, 1), (33, 70), (70, 33), (256, 1000), (1000, 256)])
+def test_frobenius_losses_fp32(name, route, n, d):
+    check_loss(name, "triton", route, n, d, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("name", ["barlow_twins", "vicreg", "spectral"])
+@pytest.mark.parametrize("route", ["covariance", "gram"])
+def test_frobenius_losses_half(name, route, dtype):
+    check_loss(name, "triton", route, 300, 500, dtype=dtype, device="cuda")
+
+
+@pytest.mark.parametrize("route", ["inner", "outer"])
+@pytest.mark.parametrize("same", [False, True])
+def test_frobenius_op_opcheck_triton(route, same):
+    a, b = torch.randn(40, 24, device="cuda"), torch.randn(40, 24, device="cuda")
+    args = (a, None if same else b, route, "triton")
+    torch.library.opcheck(torch.ops.fastssl.sq_frobenius_fwd.default, args)
+    grad = torch.tensor(0.7, device="cuda")
+    torch.library.opcheck(torch.ops.fastssl.sq_frobenius_bwd.default, (args[0], args[1], grad, route, "triton"))
+
+
+def test_frobenius_compile_fullgraph_triton():
+    torch._dynamo.reset()
+    fn = lambda a, b: fastssl.barlow_twins_loss(a, b, route="gram", backend="triton")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    z1, z2 = torch.randn(128, 512, device="cuda"), torch.randn(128, 512, device="cuda")
+    results = []
+    for f in (fn, compiled):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = f(a, b)
+        loss.backward()
+        results.append((loss, a.grad, b.grad))
+    for eager, comp in zip(*results):
+        assert_close(comp, eager, torch.float32, what="compiled vs eager", scale=float(eager.abs().max()))
+
+
+@pytest.mark.parametrize("loss,n,d", [("barlow_twins", 256, 65536), ("spectral", 262144, 64)])
+def test_frobenius_large_bf16(loss, n, d):
+    """A D x D (resp. N x N) matrix of 16 GiB (resp. 256 GiB) in fp32, never built; checked against fp64."""
+    fn = {"barlow_twins": fastssl.barlow_twins_loss, "spectral": fastssl.spectral_contrastive_loss}[loss]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z1 = torch.randn(n, d, device="cuda", generator=gen) / d**0.5
+    z2 = z1 + 0.5 * torch.randn(n, d, device="cuda", generator=gen) / d**0.5
+    z1, z2 = z1.bfloat16().requires_grad_(), z2.bfloat16().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    value = fn(z1, z2)
+    value.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    inputs = 2 * n * d * 2
+    assert peak < 16 * inputs + 2**30, f"{loss}: peak {peak / 2**20:.0f} MiB, inputs {inputs / 2**20:.0f} MiB"
+    assert torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
+    with torch.no_grad():
+        want = fn(z1.double(), z2.double(), backend="torch")
+    rtol, _ = TOLERANCES[torch.bfloat16]
+    assert abs(value.item() - want.item()) <= rtol * max(1.0, abs(want.item())), (value.item(), want.item())

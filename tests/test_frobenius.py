@@ -131,7 +131,8 @@ def _value_and_grads(fn, z1, z2, grad_output):
     return value.detach(), a.grad, b.grad
 
 
-def _check_loss(name, backend, route, n, d, dtype=torch.float32, kind="random"):
+def check_loss(name, backend, route, n, d, dtype=torch.float32, kind="random", device="cpu"):
+    """`name` on `backend`/`route` with `dtype` inputs on `device` against the float64 spec on the CPU."""
     fused, spec = LOSSES[name]
     gen = torch.Generator().manual_seed(n * 1000 + d)
     z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -142,7 +143,7 @@ def _check_loss(name, backend, route, n, d, dtype=torch.float32, kind="random"):
     elif kind == "huge":
         z1, z2 = 1e4 * z1, 1e4 * z2
     z1, z2 = z1.to(dtype), z2.to(dtype)
-    value, g1, g2 = _value_and_grads(lambda a, b: fused(a, b, route, backend), z1, z2, -1.3)
+    value, g1, g2 = _value_and_grads(lambda a, b: fused(a, b, route, backend), z1.to(device), z2.to(device), -1.3)
     want, w1, w2 = _value_and_grads(spec, z1.double(), z2.double(), -1.3)
     what = f"{name}/{backend}/{route} N={n} D={d} {kind}"
     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -162,7 +163,7 @@ def _check_loss(name, backend, route, n, d, dtype=torch.float32, kind="random"):
 @pytest.mark.parametrize("n,d", SHAPES)
 def test_losses_fp32_match_float64_spec(name, backend, route, n, d):
     _interpreter_too_slow(backend, n, d)
-    _check_loss(name, backend, route, n, d)
+    check_loss(name, backend, route, n, d)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -170,7 +171,7 @@ def test_losses_fp32_match_float64_spec(name, backend, route, n, d):
 @pytest.mark.parametrize("route", ["covariance", "gram"])
 @pytest.mark.parametrize("name", ["barlow_twins", "vicreg", "spectral"])
 def test_losses_half_precision(name, backend, route, dtype):
-    _check_loss(name, backend, route, 24, 17, dtype=dtype)
+    check_loss(name, backend, route, 24, 17, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -178,7 +179,7 @@ def test_losses_half_precision(name, backend, route, dtype):
 @pytest.mark.parametrize("kind", ["collapsed", "huge"])
 def test_extreme_inputs_stay_finite(name, backend, kind):
     # Barlow Twins' batch norm of a collapsed batch divides 0 by sqrt(eps): finite, as in lightly.
-    _check_loss(name, backend, "auto", 9, 6, kind=kind)
+    check_loss(name, backend, "auto", 9, 6, kind=kind)
 
 
 @pytest.mark.parametrize("name", ["barlow_twins", "vicreg", "spectral"])
