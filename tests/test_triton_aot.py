@@ -8,7 +8,8 @@ and shared memory within the device limit (and within the estimate the autotuner
 The test session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` gives
 interpreted functions that cannot be compiled; so the compilation runs in one subprocess without
 it — this very file run as a script — which prints a JSON report that the tests below check.
-Matrix (44 compiles: ~30 s on 2 cores, ~4 s with a warm ~/.triton cache):
+Matrix (44 pairwise-LSE compiles + 43 squared-Frobenius ones, see `_frob_jobs`: ~30 s on 2 cores,
+~5 s with a warm ~/.triton cache). Pairwise LSE:
   * every config of every kernel: bf16, SimCLR flags, D = 128 (resident), sm_90;
   * the config with the largest shared-memory estimate that survives pruning at D = 256, the
     largest resident D: bf16 on sm_90, fp16 on sm_80 (the pruning boundary);
@@ -63,8 +64,9 @@ def _jobs():
         return K.candidate_configs(kind, dtypes[dt].itemsize, block_k, single_k, block_dout, SMEM_LIMIT[arch])
 
     def job(group, kind, dt, d, flags, arch, cfg):
-        return dict(group=group, kind=kind, dtype=dt, D=d, flags=flags, arch=arch, BLOCK_M=cfg.kwargs["BLOCK_M"],
-                    BLOCK_N=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+        return dict(family="lse", group=group, kind=kind, dtype=dt, D=d, flags=flags, arch=arch,
+                    BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages, cfg=_cfg_key(cfg))  # fmt: skip
 
     def estimate(kind, dt, d, cfg):
         block_k, single_k, block_dout = K.tile_dims(d, dtypes[dt])
@@ -92,7 +94,7 @@ def _jobs():
         jobs.append(job("flags", kind, "bf16", 64, "dcl", 90, cands(kind, "bf16", 64, 90)[3]))
         jobs.append(job("flags", kind, "bf16", 70, "clip", 90, cands(kind, "bf16", 70, 90)[-1]))
         jobs.append(job("sm80", kind, "bf16", 128, "simclr", 80, cands(kind, "bf16", 128, 80)[0]))
-    return jobs
+    return _frob_jobs() + jobs
 
 
 def _compile(j):
@@ -106,6 +108,8 @@ def _compile(j):
 
     from fastssl.kernels.triton import pairwise_lse as K
 
+    if j["family"] == "frob":
+        return _compile_frob(j)
     rec = dict(j)
     try:
         kernel = {
@@ -160,6 +164,138 @@ def _compile(j):
     return rec
 
 
+def _cfg_key(cfg):
+    """A config as a JSON-able list, e.g. ["BLOCK_M=128", "BLOCK_N=64", "warps=8", "stages=3"]."""
+    return [f"{k}={v}" for k, v in sorted(cfg.kwargs.items())] + [f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"]
+
+
+# Squared-Frobenius kernels (fastssl/kernels/triton/frobenius.py): per (kernel, variant), the constexpr
+# flags and the strides that are 1 at runtime (Triton specialises them) for that call site.
+# "inner" reads a, b (R, K) as X, Y (L=R, M=K); "outer" reads aᵀ, bᵀ (L=K, M=R): unit strides on the
+# other axis, so the two routes give the two operand orders (MN-major / K-major) of the tensor-core
+# dots. "strided" has no unit stride at all (e.g. z[:, ::2]).
+_FROB_VARIANTS = {
+    ("frob-fwd", "inner"): (dict(TRIANGLE=False, GRAM_PAIR=False), ("stride_xm", "stride_ym")),
+    ("frob-fwd", "inner-same"): (dict(TRIANGLE=True, GRAM_PAIR=False), ("stride_xm", "stride_ym")),
+    ("frob-fwd", "outer"): (dict(TRIANGLE=True, GRAM_PAIR=True), ("stride_xl", "stride_yl")),
+    ("frob-fwd", "outer-same"): (dict(TRIANGLE=True, GRAM_PAIR=False), ("stride_xl", "stride_yl")),
+    ("frob-fwd", "strided"): (dict(TRIANGLE=False, GRAM_PAIR=False), ()),
+    ("frob-matrix", "inner"): (dict(TRIANGLE=False), ("stride_xm", "stride_ym")),
+    ("frob-matrix", "inner-same"): (dict(TRIANGLE=True), ("stride_xm", "stride_ym")),
+    ("frob-matrix", "outer"): (dict(TRIANGLE=True), ("stride_xl", "stride_yl")),
+    # da = b·Cᵀ (Cᵀ a transposed view of the fp32 matrix), db = a·C, and (outer) da = (bbᵀ)·a.
+    ("frob-grad", "inner-da"): (dict(W_LEFT=False), ("stride_xl", "stride_yl")),
+    ("frob-grad", "inner-db"): (dict(W_LEFT=False), ("stride_xl", "stride_yq")),
+    ("frob-grad", "outer"): (dict(W_LEFT=True), ("stride_xl", "stride_yq")),
+    ("frob-grad", "strided"): (dict(W_LEFT=True), ("stride_xl",)),
+}
+
+
+def _frob_jobs():
+    """Matrix (43 compiles) for the squared-Frobenius kernels:
+    * every config of every kernel, bf16, sm_90: fwd (inner route and the Gram pair, whose second
+      accumulator prunes the 128-wide tiles), matrix (symmetric, outer), grad (W on either side);
+    * the other variants (b is a, inner matrix, db), bf16 sm_90; odd sizes and strides (unpipelined
+      masked loads), also with no unit stride at all; fp16 (SCALE_W) and fp32 ("ieee", CUDA cores)
+      samples; sm_80, bf16.
+    """
+    import torch
+
+    from fastssl.kernels.triton import frobenius as F
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+    def cands(kind, variant, dt, arch):
+        flags = _FROB_VARIANTS[(kind, variant)][0]
+        return F.candidate_configs(kind[5:], dtypes[dt].itemsize, SMEM_LIMIT[arch], flags.get("GRAM_PAIR", False),
+                                   flags.get("W_LEFT", False))  # fmt: skip
+
+    def job(group, kind, variant, dt, arch, cfg, div16=True):
+        return dict(family="frob", group=group, kind=kind, variant=variant, dtype=dt, arch=arch, div16=div16,
+                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages, cfg=_cfg_key(cfg))
+
+    jobs = []
+    # fp32 first: CUDA-core dots compile slowest, and the pool balances better with them up front.
+    for kind, variant in (("frob-fwd", "outer"), ("frob-matrix", "inner"), ("frob-grad", "inner-da")):
+        jobs.append(job("fp32", kind, variant, "fp32", 90, cands(kind, variant, "fp32", 90)[0]))
+    for kind, variant in (("frob-fwd", "inner"), ("frob-fwd", "outer"), ("frob-matrix", "outer"),
+                          ("frob-grad", "outer"), ("frob-grad", "inner-da")):  # fmt: skip
+        group = "all-configs" if variant != "outer" or kind != "frob-fwd" else "gram-pair"
+        jobs += [job(group, kind, variant, "bf16", 90, c) for c in cands(kind, variant, "bf16", 90)]
+    for kind, variant in (("frob-fwd", "inner-same"), ("frob-fwd", "outer-same"), ("frob-matrix", "inner"),
+                          ("frob-matrix", "inner-same"), ("frob-grad", "inner-db")):  # fmt: skip
+        jobs.append(job("variants", kind, variant, "bf16", 90, cands(kind, variant, "bf16", 90)[0]))
+    # Sizes and strides not multiples of 16 (e.g. K = 70): unvectorised masked loads, no pipelining.
+    for kind, variant in (("frob-fwd", "inner"), ("frob-fwd", "strided"), ("frob-matrix", "outer"),
+                          ("frob-grad", "strided")):  # fmt: skip
+        jobs.append(job("odd", kind, variant, "bf16", 90, cands(kind, variant, "bf16", 90)[-1], div16=False))
+    for kind, variant in (("frob-fwd", "outer"), ("frob-matrix", "outer"), ("frob-grad", "inner-da")):
+        jobs.append(job("fp16", kind, variant, "fp16", 90, cands(kind, variant, "fp16", 90)[-1]))
+    for kind, variant in (("frob-fwd", "inner"), ("frob-matrix", "outer"), ("frob-grad", "outer")):
+        jobs.append(job("sm80", kind, variant, "bf16", 80, cands(kind, variant, "bf16", 80)[0]))
+    return jobs
+
+
+def _compile_frob(j):
+    """Compile one squared-Frobenius job; return its record (the error text instead on failure)."""
+    import traceback
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastssl.kernels.triton import frobenius as F
+
+    rec = dict(j)
+    try:
+        kind = j["kind"][5:]
+        kernel = {"fwd": F._sq_frobenius_fwd_kernel, "matrix": F._sq_frobenius_bwd_matrix_kernel,
+                  "grad": F._sq_frobenius_bwd_grad_kernel}[kind]  # fmt: skip
+        fn = getattr(kernel, "fn", kernel)  # the JITFunction under the autotuner
+        flags, unit = _FROB_VARIANTS[(j["kind"], j["variant"])]
+        dt = j["dtype"]
+        w_left = flags.get("W_LEFT", False)
+        flags = dict(flags, SCALE_W=dt == "fp16") if kind == "grad" else flags
+        consts = dict(flags, **j["meta"], FP32_PRECISION=F.FP32_DOT_PRECISION, **{name: 1 for name in unit})
+        pointers = {"X": dt, "Y": dt, "PART": "fp32", "W": "fp32", "GRAD": "fp32", "WMAX": "fp32", "OUT": dt}
+        if kind == "grad":  # the fp32 matrix W is X or Y
+            pointers.update(X="fp32" if w_left else dt, Y=dt if w_left else "fp32")
+        sig, attrs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in pointers:
+                sig[name] = "*" + pointers[name]
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as the runtime sees torch allocations
+            elif name == "coef":
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+                # With R, K multiples of 16, sizes and non-unit strides carry the runtime's %16 hint.
+                if j["div16"] and (name in ("M", "L", "P", "Q") or name.startswith("stride_")):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        t0 = time.time()
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+            target=GPUTarget("cuda", j["arch"], 32),
+            options={"num_warps": j["num_warps"], "num_stages": j["num_stages"]},
+        )
+        ptx = compiled.asm["ptx"]
+        m = j["meta"]
+        shape = (m["BLOCK_P"], m["BLOCK_Q"], m["BLOCK_L"]) if kind == "grad" else (m["BLOCK"], m["BLOCK"], m["BLOCK_L"])
+        rec.update(
+            seconds=round(time.time() - t0, 2),
+            shared=int(compiled.metadata.shared),
+            estimate=F.smem_estimate(kind, *shape, {"bf16": 2, "fp16": 2, "fp32": 4}[dt], j["num_stages"], w_left),
+            wgmma="wgmma.mma_async" in ptx,
+            mma="mma.sync" in ptx,
+            has_dot=True,
+        )
+    except Exception:  # reported, not raised: one bad config must not hide the others
+        rec["error"] = traceback.format_exc(limit=-6)
+    return rec
+
+
 def _main():
     sys.path.insert(0, str(REPO))
     import multiprocessing as mp
@@ -167,6 +303,7 @@ def _main():
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run without TRITON_INTERPRET: the interpreter's @triton.jit cannot be compiled")
+    from fastssl.kernels.triton import frobenius as F
     from fastssl.kernels.triton import pairwise_lse as K
 
     jobs = _jobs()
@@ -174,8 +311,8 @@ def _main():
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
         records = list(pool.map(_compile, jobs))
-    configs = {kind: [[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in cs]
-               for kind, cs in K.CONFIGS.items()}  # fmt: skip
+    configs = {kind: [_cfg_key(c) for c in cs] for kind, cs in K.CONFIGS.items()}
+    configs.update({f"frob-{kind}": [_cfg_key(c) for c in cs] for kind, cs in F.CONFIGS.items()})
     json.dump(dict(records=records, configs=configs, workers=workers, seconds=round(time.time() - t0, 1)),
               sys.stdout)  # fmt: skip
 
@@ -201,6 +338,8 @@ def report():
 
 
 def _name(r):
+    if r["family"] == "frob":
+        return f"{r['kind']} {r['dtype']} {r['variant']} sm_{r['arch']} {' '.join(r['cfg'])}"
     dtype = r["dtype"] + (f"/{r['precision']}" if "precision" in r else "")
     return (
         f"{r['kind']} {dtype} D={r['D']} {r['flags']} sm_{r['arch']} "
@@ -214,13 +353,9 @@ def test_every_kernel_compiles(report):
 
 
 def test_every_config_is_covered(report):
-    seen = {
-        (r["kind"], r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"])
-        for r in report["records"]
-        if r["group"] == "all-configs"
-    }
+    seen = {(r["kind"], *r["cfg"]) for r in report["records"] if r["group"] == "all-configs"}
     missing = [(kind, *c) for kind, cs in report["configs"].items() for c in cs if (kind, *c) not in seen]
-    assert not missing, f"configs never compiled (pruned at bf16/D=128/sm_90?): {missing}"
+    assert not missing, f"configs never compiled (pruned at bf16/sm_90?): {missing}"
 
 
 def test_tensor_cores(report):

@@ -1,0 +1,481 @@
+"""Squared Frobenius norm of a cross product, ‖aᵀb‖²_F, in Triton (DESIGN.md, kernel family 2).
+
+Same contract as `fastssl.kernels.torch.frobenius` (the spec and test oracle). a, b are (R, K), read
+in place through their strides (the spectral loss passes transposed views). Seed 002's identity
+‖aᵀb‖²_F = ⟨aaᵀ, bbᵀ⟩_F gives two routes, and both are one generic product: for X, Y of shape
+(L, M) (the contraction axis first),
+
+    "inner": X = a,  Y = b,  L = R, M = K:   ‖XᵀY‖²_F                 (K x K cross product, R·K² work)
+    "outer": X = aᵀ, Y = bᵀ, L = K, M = R:   ⟨XᵀX, YᵀY⟩_F = Σ (aaᵀ)∘(bbᵀ) (R x R Grams, R²·K work)
+
+so the outer route is the inner machinery run on the transposed *views* (strides swapped, no copy).
+
+Forward (`_sq_frobenius_fwd_kernel`): each program owns one (BLOCK, BLOCK) tile of the M x M product
+(or of both Grams), loops over L in BLOCK_L chunks with tl.dot into fp32 accumulators, squares (or
+multiplies) and sums the tile in registers and stores ONE fp32 partial; the launcher sums the
+partials (deterministic, no atomics). Nothing of size M x M is written. Symmetric products (b is a,
+or any Gram pair: (aaᵀ)∘(bbᵀ) is symmetric) run only the tiles i ≤ j, off-diagonal ones counted
+twice. Parallelism is the number of output tiles: a small M (inner route with a small K) gives few
+programs, each looping over all of L; splitting L would need the unsquared partial tiles in memory.
+
+Backward (exact): da = 2g·b(bᵀa) = 2g·(bbᵀ)a, db = 2g·a(aᵀb) = 2g·(aaᵀ)b, and 4g·a(aᵀa) when b is a.
+`_sq_frobenius_bwd_matrix_kernel` materialises the route's matrix W once in fp32 (C = aᵀb, K x K, for
+"inner"; one Gram, R x R, for "outer": bbᵀ for da, then aaᵀ in the same buffer for db), and
+`_sq_frobenius_bwd_grad_kernel` is the GEMM da = scale·b·Cᵀ, db = scale·a·C ("inner", W on the right)
+or da = scale·(bbᵀ)·a, db = scale·(aaᵀ)·b ("outer", W on the left), scale = coef·grad read on the
+device (no host sync). For bf16/fp16 inputs the fp32 W tile is rounded to the input dtype before the
+tensor-core dot (see `_sq_frobenius_bwd_grad_kernel` for the measured error); fp16 first divides W
+by max|W| (a device scalar) so that Gram entries past 65504 cannot overflow.
+
+Launchers allocate outputs, take strides, and launch on the current stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastssl.kernels.triton._utils import autotune, mm, round_to
+
+#: fp32 inputs must match an fp32 reference to ~1e-5, so their dots run in full fp32 (CUDA cores).
+FP32_DOT_PRECISION = "ieee"
+
+ROUTES = ("inner", "outer")
+
+#: Tile ordering of the full (non-symmetric) grids: GROUP row blocks share column blocks in L2.
+GROUP: tl.constexpr = tl.constexpr(8)
+
+
+def _tile_configs(shapes):
+    return [
+        triton.Config({"BLOCK": bm, "BLOCK_L": bl}, num_warps=w, num_stages=s) for bm, bl, w, s in shapes
+    ]
+
+
+def _gemm_configs(shapes):
+    return [
+        triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_L": bl}, num_warps=w, num_stages=s)
+        for bp, bq, bl, w, s in shapes
+    ]
+
+
+# (BLOCK, BLOCK_L, num_warps, num_stages): square output tiles (the symmetric grids need them), BLOCK_L
+# the chunk of the contraction axis per tl.dot. 64-row tiles keep wgmma (a warpgroup needs 64 rows)
+# and give 4x the programs of 128 for small M.
+FWD_CONFIGS = _tile_configs(
+    [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 5)]
+)
+MATRIX_CONFIGS = _tile_configs([(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)])
+# (BLOCK_P, BLOCK_Q, BLOCK_L, num_warps, num_stages) of the gradient GEMM (one operand fp32).
+GRAD_CONFIGS = _gemm_configs(
+    [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)]
+)
+CONFIGS = {"fwd": FWD_CONFIGS, "matrix": MATRIX_CONFIGS, "grad": GRAD_CONFIGS}
+#: Under the interpreter: small tiles, so that the odd test sizes hit several tiles and every mask.
+INTERPRET_TILE_CONFIG = triton.Config({"BLOCK": 16, "BLOCK_L": 16}, num_warps=4, num_stages=1)
+INTERPRET_GEMM_CONFIG = triton.Config({"BLOCK_P": 16, "BLOCK_Q": 16, "BLOCK_L": 16}, num_warps=4, num_stages=1)
+#: fp32 dots run on CUDA cores (FP32_DOT_PRECISION = "ieee"): big tiles buy nothing there and compile
+#: slowly, so fp32 keeps output tiles of at most this many elements.
+FP32_MAX_TILE = 64 * 64
+#: fp32 accumulator registers per thread above which a config would spill (two 128 x 128 Gram tiles
+#: on 8 warps would need 128).
+MAX_ACC_REGS = 64
+#: Shared memory per block when no device can be asked (sm_80's 163 KiB; sm_90 has 227 KiB).
+DEFAULT_SMEM_LIMIT = 163 * 1024
+
+
+def smem_estimate(kind: str, block_p: int, block_q: int, block_l: int, itemsize: int, stages: int,
+                  w_left: bool = False) -> int:
+    """Upper estimate of the shared memory (bytes) of one program; the pruning relies on it.
+
+    The pipelined loop holds `stages` copies of both operand chunks (exact for "fwd" and "matrix" on
+    sm_90 with sizes that are multiples of 16; sm_80 keeps one stage fewer). "matrix" stores its
+    fp32 tile (and its mirror) through a layout conversion that may use a BLOCK² fp32 scratch once
+    the loop's buffers are dead. "grad" streams its fp32 W operand at 4 bytes plus one rounded copy
+    (the compiled kernels keep one stage fewer: their loads pass through registers). Checked against
+    the compiled kernels in tests/test_triton_aot.py.
+    """
+    if kind in ("fwd", "matrix"):
+        est = itemsize * stages * block_l * (block_p + block_q)
+        if kind == "matrix":
+            est = max(est, 4 * block_p * block_q)
+        return est
+    w_rows, z_rows = (block_p, block_q) if w_left else (block_q, block_p)
+    est = stages * block_l * (4 * w_rows + itemsize * z_rows)
+    if itemsize < 4:
+        est += itemsize * block_l * w_rows
+    return max(est, 4 * block_p * block_q)
+
+
+def _shape(kind, c):
+    if kind == "grad":
+        return c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_L"]
+    return c.kwargs["BLOCK"], c.kwargs["BLOCK"], c.kwargs["BLOCK_L"]
+
+
+def candidate_configs(kind: str, itemsize: int, smem_limit: int, gram_pair: bool = False,
+                      w_left: bool = False) -> list:
+    """The configs of kernel `kind` ("fwd", "matrix", "grad") that autotuning may pick."""
+
+    def keep(c):
+        bp, bq, bl = _shape(kind, c)
+        accs = 2 if gram_pair else 1
+        return (
+            (itemsize < 4 or bp * bq <= FP32_MAX_TILE)
+            and accs * bp * bq <= MAX_ACC_REGS * 32 * c.num_warps
+            and smem_estimate(kind, bp, bq, bl, itemsize, c.num_stages, w_left) <= smem_limit
+        )
+
+    smallest = min(CONFIGS[kind], key=lambda c: (_shape(kind, c)[0] * _shape(kind, c)[1], c.num_stages))
+    return [c for c in CONFIGS[kind] if keep(c)] or [smallest]
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int:
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # an unknown driver: fall back to the smallest limit we target
+        return DEFAULT_SMEM_LIMIT
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        x = named_args["OUT" if kind == "grad" else "Y"]  # has the input dtype
+        return candidate_configs(kind, x.element_size(), _smem_limit(x.device.index or 0),
+                                 bool(kwargs.get("GRAM_PAIR", False)), bool(kwargs.get("W_LEFT", False)))
+
+    return prune
+
+
+# Sizes keep their %16 specialisation: a unit-stride axis is masked by its size (inner route: M = K;
+# outer route: L = K), and only a size known to be a multiple of 16 lets those masked loads vectorise
+# into the cp.async copies that pipelining needs (an odd size compiles an unpipelined variant).
+_NO_SPECIALIZE_TILE = ["M_BIN", "L_BIN"]
+_NO_SPECIALIZE_GEMM = ["P_BIN", "Q_BIN", "L_BIN", "coef"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# tl helpers
+
+
+@triton.jit
+def _tile_coords(pid, M, TRIANGLE: tl.constexpr, BLOCK: tl.constexpr):
+    """(i, j) tile indices of program `pid` over an M x M product; i ≤ j only when TRIANGLE.
+
+    TRIANGLE: column-major upper triangle, pid = j(j+1)/2 + i, j from an fp32 sqrt corrected by one
+    step either way (the sqrt is off by < 1 while j < 2^24, i.e. M < 2^24·BLOCK). Otherwise grouped
+    ordering (GROUP row blocks walk the column blocks together), as in the Triton matmul tutorial,
+    for L2 reuse.
+    """
+    if TRIANGLE:
+        j = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int64)
+        j = tl.where(j * (j + 1) // 2 > pid, j - 1, j)
+        j = tl.where((j + 1) * (j + 2) // 2 <= pid, j + 1, j)
+        i = pid - j * (j + 1) // 2
+    else:
+        n = tl.cdiv(M, BLOCK)
+        width = GROUP * n
+        first = (pid // width) * GROUP
+        size = tl.minimum(n - first, GROUP)
+        i = first + (pid % width) % size
+        j = (pid % width) // size
+    return i, j
+
+
+@triton.jit
+def _xty_tile(X, Y, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
+              FP32_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(BLOCK, BLOCK) fp32 tile (XᵀY)[rows, cols] for X, Y (L, M), looping over L in BLOCK_L chunks."""
+    row_mask = rows < M
+    col_mask = cols < M
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        l_mask = ls < L
+        xt = tl.load(X + rows[:, None] * stride_xm + ls[None, :] * stride_xl,
+                     mask=row_mask[:, None] & l_mask[None, :], other=0.0)
+        y = tl.load(Y + ls[:, None] * stride_yl + cols[None, :] * stride_ym,
+                    mask=l_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = mm(xt, y, acc, FP32_PRECISION)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------
+# forward
+
+
+@autotune(FWD_CONFIGS, INTERPRET_TILE_CONFIG, key=["M_BIN", "L_BIN", "TRIANGLE", "GRAM_PAIR"], prune=_prune("fwd"))
+@triton.jit(do_not_specialize=_NO_SPECIALIZE_TILE)
+def _sq_frobenius_fwd_kernel(
+    X, Y, PART,
+    M, L,
+    stride_xl, stride_xm, stride_yl, stride_ym,
+    M_BIN, L_BIN,
+    TRIANGLE: tl.constexpr, GRAM_PAIR: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """One fp32 partial of ‖XᵀY‖²_F (or of ⟨XᵀX, YᵀY⟩_F if GRAM_PAIR) per (BLOCK, BLOCK) output tile.
+
+    X, Y are (L, M). The program computes its tile T = (XᵀY)[I, J] (GRAM_PAIR: G = (XᵀX)[I, J] and
+    H = (YᵀY)[I, J], one after the other) with BLOCK_L-chunked tl.dot into fp32 accumulators, and
+    stores w·Σ T² (GRAM_PAIR: w·Σ G∘H) at PART[pid], w = 2 for off-diagonal tiles of a TRIANGLE grid
+    (the product is symmetric: X is Y, or a Gram pair), else 1. Masked rows and columns load as
+    zeros and add nothing. Nothing else is stored; the backward recomputes. M_BIN and L_BIN are only
+    autotuning keys.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    i, j = _tile_coords(pid, M, TRIANGLE, BLOCK)
+    rows = i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    cols = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    if GRAM_PAIR:
+        g = _xty_tile(X, X, rows, cols, M, L, stride_xl, stride_xm, stride_xl, stride_xm,
+                      FP32_PRECISION, BLOCK, BLOCK_L)
+        h = _xty_tile(Y, Y, rows, cols, M, L, stride_yl, stride_ym, stride_yl, stride_ym,
+                      FP32_PRECISION, BLOCK, BLOCK_L)
+        part = tl.sum(tl.sum(g * h, axis=1), axis=0)
+    else:
+        t = _xty_tile(X, Y, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
+                      FP32_PRECISION, BLOCK, BLOCK_L)
+        part = tl.sum(tl.sum(t * t, axis=1), axis=0)
+    if TRIANGLE:
+        part = tl.where(i == j, part, 2.0 * part)
+    tl.store(PART + pid, part)
+
+
+# ---------------------------------------------------------------------------------------------------
+# backward
+
+
+@autotune(MATRIX_CONFIGS, INTERPRET_TILE_CONFIG, key=["M_BIN", "L_BIN", "TRIANGLE"], prune=_prune("matrix"))
+@triton.jit(do_not_specialize=_NO_SPECIALIZE_TILE)
+def _sq_frobenius_bwd_matrix_kernel(
+    X, Y, W,
+    M, L,
+    stride_xl, stride_xm, stride_yl, stride_ym, stride_wm,
+    M_BIN, L_BIN,
+    TRIANGLE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """W = XᵀY (M x M, fp32, row stride stride_wm) for X, Y (L, M): the backward's one matrix.
+
+    One (BLOCK, BLOCK) tile per program, BLOCK_L-chunked tl.dot with fp32 accumulation (exact
+    products for bf16/fp16). TRIANGLE (X is Y: a Gram, or aᵀa) runs the tiles i ≤ j and stores each
+    off-diagonal tile twice, at (i, j) and transposed at (j, i).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    i, j = _tile_coords(pid, M, TRIANGLE, BLOCK)
+    rows = i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    cols = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    t = _xty_tile(X, Y, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym, FP32_PRECISION, BLOCK, BLOCK_L)
+    mask = (rows < M)[:, None] & (cols < M)[None, :]
+    tl.store(W + rows[:, None] * stride_wm + cols[None, :], t, mask=mask)
+    if TRIANGLE:
+        tl.store(W + cols[None, :] * stride_wm + rows[:, None], t, mask=mask & (i != j))
+
+
+@autotune(GRAD_CONFIGS, INTERPRET_GEMM_CONFIG, key=["P_BIN", "Q_BIN", "L_BIN", "W_LEFT", "SCALE_W"],
+          prune=_prune("grad"))  # fmt: skip
+@triton.jit(do_not_specialize=_NO_SPECIALIZE_GEMM)
+def _sq_frobenius_bwd_grad_kernel(
+    X, Y, GRAD, WMAX, OUT,
+    P, Q, L,
+    stride_xp, stride_xl, stride_yl, stride_yq, stride_op,
+    coef, P_BIN, Q_BIN, L_BIN,
+    W_LEFT: tl.constexpr, SCALE_W: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """OUT = coef·grad·(X @ Y) (P x Q, OUT's dtype, unit column stride) for X (P, L), Y (L, Q).
+
+    One operand is the fp32 matrix W from the matrix kernel (X if W_LEFT, else Y; any strides, so
+    Wᵀ is a view), the other an input (R, K) in its own dtype. One (BLOCK_P, BLOCK_Q) tile per
+    program in grouped order, BLOCK_L-chunked tl.dot into an fp32 accumulator, scaled once at the
+    end by coef·grad (grad a 0-dim device tensor).
+
+    The W tile is rounded to the input dtype (tensor cores), as `mm_weights` does. Measured against
+    the float64 oracle (max-norm relative error of da and db, 32 cases of the test shapes, both
+    routes), this is at most 1.8x (bf16) and 1.7x (fp16) the error of the torch backend (the same
+    math in fp32, rounded to the input dtype once at the end), 1.25x on average: W's 2^-9 / 2^-12
+    rounding averages out over L next to the output's own rounding. Keeping W in fp32 measured
+    exactly 1.0x, but it would upcast the other operand and run CUDA-core fp32 dots, an order of
+    magnitude slower, so the rounding stays (within the 2x rule of STYLE.md). SCALE_W (fp16) divides
+    W by WMAX = max|W| before rounding, so that entries past fp16's 65504 (Grams of long rows) cannot
+    overflow; the factor rides on the final scale. fp32 inputs keep both operands fp32 ("ieee").
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    n_p = tl.cdiv(P, BLOCK_P)
+    n_q = tl.cdiv(Q, BLOCK_Q)
+    width = GROUP * n_q
+    first = (pid // width) * GROUP
+    size = tl.minimum(n_p - first, GROUP)
+    pid_p = first + (pid % width) % size
+    pid_q = (pid % width) // size
+    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    cols = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    row_mask = rows < P
+    col_mask = cols < Q
+
+    scale = coef * tl.load(GRAD).to(tl.float32)
+    w_inv = 1.0
+    if SCALE_W:
+        w_max = tl.load(WMAX).to(tl.float32)
+        w_inv = tl.where(w_max > 0.0, 1.0 / tl.where(w_max > 0.0, w_max, 1.0), 0.0)
+        scale = scale * w_max
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        l_mask = ls < L
+        x = tl.load(X + rows[:, None] * stride_xp + ls[None, :] * stride_xl,
+                    mask=row_mask[:, None] & l_mask[None, :], other=0.0)
+        y = tl.load(Y + ls[:, None] * stride_yl + cols[None, :] * stride_yq,
+                    mask=l_mask[:, None] & col_mask[None, :], other=0.0)
+        if W_LEFT:
+            if SCALE_W:
+                x = x * w_inv
+            x = round_to(x, OUT.dtype.element_ty)  # fp32 -> fp32 for fp32 inputs: a no-op
+        else:
+            if SCALE_W:
+                y = y * w_inv
+            y = round_to(y, OUT.dtype.element_ty)
+        acc = mm(x, y, acc, FP32_PRECISION)
+    tl.store(OUT + rows[:, None] * stride_op + cols[None, :], round_to(acc * scale, OUT.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _bin(n: int) -> int:
+    # Autotuning key: powers of two between 64 and 16384, so varying batch sizes reuse a tuned config.
+    return min(max(triton.next_power_of_2(max(n, 1)), 64), 16384)
+
+
+def _l_bin(n: int) -> int:
+    # The contraction length barely moves the best tile; three coarse classes.
+    return 0 if n <= 1024 else (1 if n <= 16384 else 2)
+
+
+def _n_tiles(m: int, block: int, triangle: bool) -> int:
+    t = triton.cdiv(m, block)
+    return t * (t + 1) // 2 if triangle else t * t
+
+
+def _device_ctx(x: Tensor):
+    # Triton launches on the current device: make it x's (multi-GPU processes).
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _check_route(route: str) -> None:
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+
+
+def _operands(a: Tensor, b: Optional[Tensor], route: str) -> tuple[Tensor, Tensor]:
+    """X, Y (L, M) views of the generic product: (a, b) for "inner", (aᵀ, bᵀ) for "outer"; no copies."""
+    x = a if route == "inner" else a.t()
+    y = x if b is None else (b if route == "inner" else b.t())
+    return x, y
+
+
+def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], route: str) -> Tensor:
+    """‖aᵀb‖²_F (b None: b is a) as a 0-dim fp32 tensor. a, b: (R, K), any strides."""
+    _check_route(route)
+    x, y = _operands(a, b, route)
+    l, m = x.shape
+    if l == 0 or m == 0:
+        return torch.zeros((), dtype=torch.float32, device=a.device)
+    gram_pair = route == "outer" and b is not None
+    triangle = b is None or gram_pair
+    kernel = _sq_frobenius_fwd_kernel
+    # One slot per program of the config with the most programs; the sum reads only the slots of the
+    # config that ran (benchmark runs of other configs may leave stale slots behind it).
+    smallest = min(c.kwargs["BLOCK"] for c in kernel.configs)
+    part = torch.empty(_n_tiles(m, smallest, triangle), dtype=torch.float32, device=a.device)
+    grid = lambda META: (_n_tiles(m, META["BLOCK"], triangle),)  # noqa: E731
+    with _device_ctx(a):
+        kernel[grid](
+            x, y, part,
+            m, l,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            _bin(m), _l_bin(l),
+            TRIANGLE=triangle, GRAM_PAIR=gram_pair, FP32_PRECISION=FP32_DOT_PRECISION,
+        )  # fmt: skip
+    return part[: _n_tiles(m, kernel.best_config.kwargs["BLOCK"], triangle)].sum()
+
+
+def _matrix(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """w (M, M) fp32 ← xᵀy for x, y (L, M); y is x means symmetric (triangle grid)."""
+    l, m = x.shape
+    triangle = y is x
+    _sq_frobenius_bwd_matrix_kernel[lambda META: (_n_tiles(m, META["BLOCK"], triangle),)](
+        x, y, w,
+        m, l,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), w.stride(0),
+        _bin(m), _l_bin(l),
+        TRIANGLE=triangle, FP32_PRECISION=FP32_DOT_PRECISION,
+    )  # fmt: skip
+    return w
+
+
+def _grad(x: Tensor, y: Tensor, w_left: bool, grad: Tensor, coef: float, out: Tensor) -> Tensor:
+    """out (P, Q) ← coef·grad·(x @ y), one of x, y the fp32 matrix (x if w_left)."""
+    p, l = x.shape
+    q = y.shape[1]
+    w = x if w_left else y
+    scale_w = out.dtype == torch.float16
+    # max|W| as a device scalar (no sync, and a reduction: no |W| temporary beside the one matrix);
+    # only fp16 reads it (its range is the only one W can leave).
+    w_max = torch.linalg.vector_norm(w, float("inf")) if scale_w else grad
+    grid = lambda META: (triton.cdiv(p, META["BLOCK_P"]) * triton.cdiv(q, META["BLOCK_Q"]),)  # noqa: E731
+    _sq_frobenius_bwd_grad_kernel[grid](
+        x, y, grad, w_max, out,
+        p, q, l,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0),
+        coef, _bin(p), _bin(q), _l_bin(l),
+        W_LEFT=w_left, SCALE_W=scale_w, FP32_PRECISION=FP32_DOT_PRECISION,
+    )  # fmt: skip
+    return out
+
+
+def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], grad: Tensor, route: str) -> tuple[Tensor, Tensor]:
+    """(da, db) of grad·‖aᵀb‖²_F in the input dtypes; b None: (da with both roles, an empty db).
+
+    Materialises one fp32 matrix: C = aᵀb (K x K) for "inner", one R x R Gram at a time for "outer".
+    """
+    _check_route(route)
+    same = b is None
+    r, k = a.shape
+    da = torch.empty((r, k), dtype=a.dtype, device=a.device)
+    db = a.new_empty(0) if same else torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    if r == 0 or k == 0:
+        return da.zero_(), db.zero_()
+    if grad.device != a.device:
+        grad = grad.to(a.device)
+    coef = 4.0 if same else 2.0
+    with _device_ctx(a):
+        if route == "inner":
+            # C = aᵀb; da = coef·g·b·Cᵀ, db = coef·g·a·C (b is a: C symmetric, da = coef·g·a·C).
+            c = _matrix(a, a if same else b, torch.empty((k, k), dtype=torch.float32, device=a.device))
+            if same:
+                _grad(a, c, False, grad, coef, da)
+            else:
+                _grad(b, c.t(), False, grad, coef, da)
+                _grad(a, c, False, grad, coef, db)
+        else:
+            # da = coef·g·(bbᵀ)·a, then db = coef·g·(aaᵀ)·b with aaᵀ in the same buffer (stream order).
+            g = torch.empty((r, r), dtype=torch.float32, device=a.device)
+            at = a.t()
+            if same:
+                _grad(_matrix(at, at, g), a, True, grad, coef, da)
+            else:
+                bt = b.t()
+                _grad(_matrix(bt, bt, g), a, True, grad, coef, da)
+                _grad(_matrix(at, at, g), b, True, grad, coef, db)
+    return da, db
