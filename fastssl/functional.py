@@ -26,7 +26,7 @@ from fastssl._validation import (
 from fastssl.backends import resolve_backend
 from fastssl.ops.frobenius import check_route, choose_side, op_route, sq_frobenius
 from fastssl.ops.pairwise_lse import pairwise_lse
-from fastssl.ops.reductions import column_mean_var, compute_dtype
+from fastssl.ops.reductions import column_dot, column_mean_var, compute_dtype
 
 __all__ = [
     "nt_xent_loss",
@@ -212,9 +212,9 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> Tensor:
 # torch ops (statistics, diagonals, invariance) and its one O(N·D·min(N, D)) part, the squared
 # Frobenius norm of a cross product, with the fused op on the route that `route` names:
 # "covariance" = the D x D side, "gram" = the N x N side, "auto" = the smaller one.
-# The op's operands are rounded to the input dtype (tensor cores for bf16/fp16), and every diagonal
-# it is corrected by is computed from those same operands, so that off-diagonal sums do not inherit
-# the rounding of the diagonal.
+# The per-column normalisation (batch norm, centring, norm clip) is passed to the op and to the
+# diagonal (column_dot) as a shift and scale, never written out as a normalised copy; both apply it
+# identically (rounded to the input dtype), so off-diagonal sums do not inherit a diagonal's rounding.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -238,6 +238,7 @@ def barlow_twins_loss(
         loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²,   Σ_{i≠j} C_ij² = ‖AᵀB‖²_F/N² − Σ_i C_ii²
 
     ‖AᵀB‖²_F is computed on the D x D side (cost N·D²) or as ⟨AAᵀ, BBᵀ⟩_F on the N x N side (N²·D).
+    The batch norm is folded into the op's loads (A and B are never written).
 
     Args: z1, z2 (N, D), N ≥ 2; lambda_param λ ≥ 0; route "auto" | "covariance" | "gram".
     Returns a 0-dim loss (fp32; fp64 for fp64 inputs).
@@ -246,15 +247,11 @@ def barlow_twins_loss(
     if backend == "reference":
         return reference.barlow_twins_loss(z1, z2, lambda_param)
     n, d = z1.shape
-
-    def batch_norm(z: Tensor) -> Tensor:
-        mean, var = column_mean_var(z, unbiased=False)
-        return ((z.to(mean.dtype) - mean) * torch.rsqrt(var + 1e-5)).to(z.dtype)
-
-    a, b = batch_norm(z1), batch_norm(z2)
-    acc = compute_dtype(z1)
-    c_diag = (a.to(acc) * b.to(acc)).sum(0) / n
-    frob = sq_frobenius(a, b, route=op_route(choose_side(n, d, route), True), backend=backend) / (n * n)
+    mean1, var1 = column_mean_var(z1, unbiased=False)
+    mean2, var2 = column_mean_var(z2, unbiased=False)
+    norm = dict(a_shift=mean1, a_scale=torch.rsqrt(var1 + 1e-5), b_shift=mean2, b_scale=torch.rsqrt(var2 + 1e-5))
+    c_diag = column_dot(z1, z2, **norm) / n
+    frob = sq_frobenius(z1, z2, **norm, route=op_route(choose_side(n, d, route), True), backend=backend) / (n * n)
     return (1.0 - c_diag).square().sum() + lambda_param * (frob - c_diag.square().sum())
 
 
@@ -262,12 +259,11 @@ def _vicreg_variance_covariance(z: Tensor, eps: float, route: str, backend: str)
     """VICReg's v(z) = mean_d relu(1 − sqrt(Var_d + eps)) and c(z) = (1/D) Σ_{i≠j} Cov_ij² for z (N, D)."""
     n, d = z.shape
     mean, _ = column_mean_var(z, unbiased=True)
-    centred = z.to(mean.dtype) - mean
-    x = centred.to(z.dtype)
-    # Var_d = Cov_dd, from the same (rounded) operand as the Frobenius norm.
-    cov_diag = x.to(mean.dtype).square().sum(0) / (n - 1)
+    # Var_d = Cov_dd, from the same centred (rounded) operand as the Frobenius norm.
+    cov_diag = column_dot(z, None, a_shift=mean) / (n - 1)
     variance = F.relu(1.0 - torch.sqrt(cov_diag + eps)).mean()
-    frob = sq_frobenius(x, x, route=op_route(choose_side(n, d, route), True), backend=backend) / (n - 1) ** 2
+    side = op_route(choose_side(n, d, route), True)
+    frob = sq_frobenius(z, None, a_shift=mean, route=side, backend=backend) / (n - 1) ** 2
     return variance, (frob - cov_diag.square().sum()) / d
 
 
@@ -287,7 +283,8 @@ def vicreg_loss(
     inv = mean (z1 − z2)² (MSE over all N·D entries); v(z) = mean_d relu(1 − sqrt(Var_d(z) + eps))
     (unbiased variance); c(z) = (1/D) Σ_{i≠j} Cov_ij², Cov = XᵀX/(N − 1) with X the column-centred z,
     and Σ_{i≠j} Cov_ij² = ‖XᵀX‖²_F/(N − 1)² − Σ_i Var_i². ‖XᵀX‖²_F = ‖XXᵀ‖²_F: the D x D side costs
-    N·D², the N x N side N²·D, so a (256, 65536) batch never builds a 65536² covariance.
+    N·D², the N x N side N²·D, so a (256, 65536) batch never builds a 65536² covariance. The
+    centring is folded into the op's loads (X is never written).
 
     Args: z1, z2 (N, D), N ≥ 2; λ, μ, ν ≥ 0; eps > 0; route "auto" | "covariance" | "gram".
     Returns a 0-dim loss.
@@ -317,7 +314,8 @@ def spectral_contrastive_loss(
         loss  = (part1 + part2)/μ
 
     ‖abᵀ‖²_F = ⟨aᵀa, bᵀb⟩_F: the N x N side costs N²·D, the D x D side N·D² (auto: the smaller),
-    so N = 65,536 at D = 64 never builds the 65536² matrix abᵀ.
+    so N = 65,536 at D = 64 never builds the 65536² matrix abᵀ. The clip is a per-row scale folded
+    into the op's loads.
 
     Args: z1, z2 (N, D), N ≥ 2; mu μ > 0; route "auto" | "covariance" | "gram". Returns a 0-dim loss.
     """
@@ -330,16 +328,16 @@ def spectral_contrastive_loss(
     n, d = z1.shape
     radius = math.sqrt(mu)
 
-    def clip_norm(z: Tensor) -> Tensor:
-        z = z.to(compute_dtype(z))
-        inside = z.detach().norm(dim=1, keepdim=True) < radius
-        return torch.where(inside, z, F.normalize(z, dim=1) * radius)
+    def clip_scale(z: Tensor) -> Tensor:
+        """Per-row factor: 1 inside the √μ ball, √μ/‖z_i‖ outside (F.normalize's eps guards ‖z_i‖ = 0)."""
+        norm = torch.linalg.vector_norm(z.to(compute_dtype(z)), dim=1)
+        return torch.where(norm.detach() < radius, torch.ones_like(norm), radius / norm.clamp_min(1e-12))
 
-    a, b = clip_norm(z1).to(z1.dtype), clip_norm(z2).to(z2.dtype)
-    acc = compute_dtype(z1)
-    row_dots = (a.to(acc) * b.to(acc)).sum(1)
-    # a.T, b.T are (D, N) views: the op's rows are dimensions, read through strides.
-    frob = sq_frobenius(a.T, b.T, route=op_route(choose_side(n, d, route), False), backend=backend)
+    # The op's rows are dimensions: a.T, b.T are (D, N) views, read through strides, and the clip
+    # is a scale per column (sample).
+    clip = dict(a_scale=clip_scale(z1), b_scale=clip_scale(z2))
+    row_dots = column_dot(z1.T, z2.T, **clip)
+    frob = sq_frobenius(z1.T, z2.T, **clip, route=op_route(choose_side(n, d, route), False), backend=backend)
     part1 = -2.0 * row_dots.sum() / n
     part2 = (frob - row_dots.square().sum()) / (n * (n - 1))
     return (part1 + part2) / mu

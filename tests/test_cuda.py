@@ -200,10 +200,12 @@ def test_frobenius_losses_half(name, route, dtype):
 @pytest.mark.parametrize("same", [False, True])
 def test_frobenius_op_opcheck_triton(route, same):
     a, b = torch.randn(40, 24, device="cuda"), torch.randn(40, 24, device="cuda")
-    args = (a, None if same else b, route, "triton")
+    shift, scale = torch.randn(24, device="cuda"), torch.rand(24, device="cuda")
+    transform = (shift, scale, None, None) if same else (shift, None, None, scale)
+    args = (a, None if same else b, *transform, route, "triton")
     torch.library.opcheck(torch.ops.fastssl.sq_frobenius_fwd.default, args)
     grad = torch.tensor(0.7, device="cuda")
-    torch.library.opcheck(torch.ops.fastssl.sq_frobenius_bwd.default, (args[0], args[1], grad, route, "triton"))
+    torch.library.opcheck(torch.ops.fastssl.sq_frobenius_bwd.default, (*args[:6], grad, route, "triton"))
 
 
 def test_frobenius_compile_fullgraph_triton():

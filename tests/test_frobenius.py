@@ -16,6 +16,7 @@ import fastssl.kernels.torch.frobenius as torch_kernels
 from fastssl import nn as fnn
 from fastssl import reference
 from fastssl.ops.frobenius import SqFrobenius, choose_side, op_route, sq_frobenius
+from fastssl.ops.reductions import column_dot
 from tests.utils import CPU_BACKENDS, LIGHTLY_AVAILABLE, assert_close
 
 OP_ROUTES = ("inner", "outer")
@@ -77,15 +78,67 @@ def test_op_matches_dense_float64(backend, route, same, r, k, strided):
         assert_close(b_.grad, b64.grad, torch.float32, what=f"db {what}", scale=float(b64.grad.abs().max()))
 
 
+def _transform(x, shift, scale):
+    return (x - (0 if shift is None else shift)) * (1 if scale is None else scale)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("route", OP_ROUTES)
+@pytest.mark.parametrize("same", [False, True])
+@pytest.mark.parametrize("which", ["shift", "scale", "both"])
+def test_op_with_column_transform(backend, route, same, which):
+    """The folded transform â = (a − shift)·scale: value and gradients w.r.t. a, b, shifts and scales."""
+    r, k = 9, 7
+    a, b = 3 + torch.randn(r, k, dtype=torch.float64), torch.randn(r, k, dtype=torch.float64)
+    vecs = {n: torch.randn(k, dtype=torch.float64) for n in ("a_shift", "a_scale", "b_shift", "b_scale")}
+    kw = {n: v for n, v in vecs.items() if which == "both" or n.endswith(which)}
+    if same:
+        kw = {n: v for n, v in kw.items() if n.startswith("a_")}
+    grad = torch.tensor(0.6, dtype=torch.float64)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (a, b, *kw.values())]
+        x, y, *ts = leaves
+        value = fn(x, x if same else y, dict(zip(kw, ts)))
+        (value * grad.to(dtype)).backward()
+        return [value] + [t.grad for t in leaves if t.grad is not None]
+
+    got = run(lambda x, y, t: sq_frobenius(x, y, **t, route=route, backend=backend), torch.float32)
+    want = run(lambda x, y, t: _dense(_transform(x, t.get("a_shift"), t.get("a_scale")),
+                                      _transform(y, t.get("b_shift"), t.get("b_scale")) if not same
+                                      else _transform(x, t.get("a_shift"), t.get("a_scale"))), torch.float64)  # fmt: skip
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, torch.float32, what=f"{backend}/{route} {which} same={same} output {i}",
+                     scale=float(w.abs().max()))  # fmt: skip
+
+
 @pytest.mark.parametrize("route", OP_ROUTES)
 @pytest.mark.parametrize("same", [False, True])
 def test_op_gradcheck_fp64(route, same):
     a = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    shift, scale = torch.randn(4, dtype=torch.float64, requires_grad=True), torch.rand(4, dtype=torch.float64) + 0.5
+    scale.requires_grad_()
     if same:
-        torch.autograd.gradcheck(lambda x: SqFrobenius.apply(x, None, route, "torch"), (a,))
+        torch.autograd.gradcheck(lambda x, s, c: SqFrobenius.apply(x, None, s, c, None, None, route, "torch"),
+                                 (a, shift, scale))  # fmt: skip
     else:
         b = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-        torch.autograd.gradcheck(lambda x, y: SqFrobenius.apply(x, y, route, "torch"), (a, b))
+        torch.autograd.gradcheck(lambda x, y, s, c: SqFrobenius.apply(x, y, s, None, None, c, route, "torch"),
+                                 (a, b, shift, scale))  # fmt: skip
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_column_dot(same):
+    """column_dot: the diagonal of âᵀb̂ with the same transform, its gradients, saving only its inputs."""
+    a, b = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    shift, scale = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    args = (a, None if same else b, shift, scale) + ((None, None) if same else (shift.flip(0), scale.flip(0)))
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in args]
+    torch.autograd.gradcheck(lambda *xs: column_dot(*xs), tuple(leaves))
+    a_hat = _transform(a, shift, scale)
+    b_hat = a_hat if same else _transform(b, shift.flip(0), scale.flip(0))
+    torch.testing.assert_close(column_dot(*args), (a_hat * b_hat).sum(0))
 
 
 @pytest.mark.parametrize("route", OP_ROUTES)
@@ -96,18 +149,20 @@ def test_op_chunks_agree(monkeypatch, route):
     results = []
     for chunk_bytes in (8 * 23 * 3, 2**30):  # 3 rows per chunk, then one chunk
         monkeypatch.setattr(torch_kernels, "_CHUNK_BYTES", chunk_bytes)
-        results.append((torch_kernels.sq_frobenius_forward(a, b, route),
-                        *torch_kernels.sq_frobenius_backward(a, b, g, route)))  # fmt: skip
+        none = (None, None, None, None)
+        results.append((torch_kernels.sq_frobenius_forward(a, b, *none, route),
+                        *torch_kernels.sq_frobenius_backward(a, b, *none, g, route)))  # fmt: skip
     for small, whole in zip(*results):
         torch.testing.assert_close(small, whole, rtol=1e-12, atol=1e-12)
 
 
 def test_op_opcheck():
     a, b = torch.randn(6, 5), torch.randn(6, 5)
-    for args in ((a, b, "inner", "torch"), (a, None, "outer", "torch")):
+    shift, scale = torch.randn(5), torch.rand(5)
+    for args in ((a, b, shift, scale, None, scale, "inner", "torch"), (a, None, None, scale, None, None, "outer", "torch")):
         torch.library.opcheck(torch.ops.fastssl.sq_frobenius_fwd.default, args)
         grad = torch.tensor(1.3)
-        torch.library.opcheck(torch.ops.fastssl.sq_frobenius_bwd.default, (args[0], args[1], grad, *args[2:]))
+        torch.library.opcheck(torch.ops.fastssl.sq_frobenius_bwd.default, (*args[:6], grad, *args[6:]))
 
 
 def test_route_choice():

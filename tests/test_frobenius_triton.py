@@ -1,12 +1,15 @@
-"""The Triton squared-Frobenius kernels (DESIGN.md family 2) against the torch backend in float64.
+"""The Triton squared-Frobenius kernels (DESIGN.md family 2) against a float64 oracle.
 
 `fastssl.kernels.triton.frobenius` is called directly (no ops layer): on CPU tensors under the Triton
 interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU; its single 16-wide config
 makes the odd shapes below hit several tiles, the triangle grid and every mask), on CUDA tensors
-where there is a GPU. The oracle is the torch backend on the inputs upcast to float64: its two
-routes are independent formulas in exact-ish arithmetic, so every Triton route is checked against
-both. Gradients are compared in a norm-wise sense (atol scaled by the largest expected entry):
-entries of b(bᵀa) are sums with cancellation, so their error scales with the tensor, not the entry.
+where there is a GPU. The oracle lives here, in float64: it forms the transformed operands
+â = round_to_input_dtype((a − shift)·scale) with the kernels' own fp32 arithmetic and rounding (so a
+half-precision comparison is fair: the oracle's inputs are the exact values the kernels multiply),
+then the value by the *other* route's formula than the one tested (independent formulas for the same
+number) and the gradients w.r.t. â, b̂. Gradients are compared in a norm-wise sense (atol scaled by
+the largest expected entry): entries of b̂(b̂ᵀâ) are sums with cancellation, so their error scales
+with the tensor, not the entry.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import fastssl.kernels.torch.frobenius as oracle  # noqa: E402
 from fastssl.kernels.triton import frobenius as F  # noqa: E402
 from fastssl.kernels.triton._utils import interpreting  # noqa: E402
 from tests.utils import TOLERANCES  # noqa: E402
@@ -29,19 +31,71 @@ if not interpreting() and not torch.cuda.is_available():
 
 DEVICE = "cpu" if interpreting() else "cuda"
 SHAPES = [(2, 1), (5, 3), (37, 70), (70, 37), (33, 33), (130, 45)]
+NO_PARAMS = (None, None, None, None)
+#: Which of (a_shift, a_scale, b_shift, b_scale) a transform case sets.
+TRANSFORMS = {
+    "a_shift": (True, False, False, False),
+    "a_scale": (False, True, False, False),
+    "a_both": (True, True, False, False),
+    "b_only": (False, False, True, True),
+    "mixed": (True, False, False, True),
+    "all": (True, True, True, True),
+}
 
 
-def make(r, k, dtype, layout, same, scale=1.0):
-    """a, b (R, K) in `dtype`; "transposed": both are z.T views of (K, R) tensors (strides (1, R));
-    "mixed": a transposed, b contiguous. b is None when `same`."""
+def make(r, k, dtype, layout, same, scale=1.0, offsets=(0.0, 0.0)):
+    """a, b (R, K) in `dtype`, plus offsets[0] (a) and offsets[1] (b); "transposed": both are z.T views
+    of (K, R) tensors (strides (1, R)); "mixed": a transposed, b contiguous; "sliced": both z[:, ::2]
+    (no unit stride). b is None when `same`."""
 
-    def one(transposed):
-        z = torch.randn(k, r).T if transposed else torch.randn(r, k)
-        return (z * scale).to(DEVICE, dtype)
+    def one(kind, offset):
+        if kind == "transposed":
+            z = torch.randn(k, r).T
+        elif kind == "sliced":
+            z = torch.randn(r, 2 * k)[:, ::2]
+        else:
+            z = torch.randn(r, k)
+        return (z * scale + offset).to(DEVICE, dtype)
 
-    a = one(layout in ("transposed", "mixed"))
-    b = None if same else one(layout == "transposed")
+    kinds = {"mixed": ("transposed", "contiguous")}.get(layout, (layout, layout))
+    a = one(kinds[0], offsets[0])
+    b = None if same else one(kinds[1], offsets[1])
     return a, b
+
+
+def make_params(k, which, same, offset):
+    """(a_shift, a_scale, b_shift, b_scale): contiguous fp32 (K,) or None; shifts near `offset`
+    (centring), scales of either sign (a norm clip or batch norm's 1/σ·γ)."""
+    on = TRANSFORMS[which] if which else (False,) * 4
+    if same:
+        on = (*on[:2], False, False)
+    shift = lambda: (offset + 0.3 * torch.randn(k)).to(DEVICE)  # noqa: E731
+    scale = lambda: (torch.rand(k) + 0.5) * torch.where(torch.rand(k) < 0.2, -1.0, 1.0).to(DEVICE)  # noqa: E731
+    return tuple(make() if flag else None for flag, make in zip(on, (shift, scale, shift, scale)))
+
+
+def transformed(x, shift, scale):
+    """â in float64: (x − shift)·scale in fp32, in that order, rounded to x's dtype (as the kernels)."""
+    v = x.to(torch.float32)
+    if shift is not None:
+        v = v - shift
+    if scale is not None:
+        v = v * scale
+    return v.to(x.dtype).to(torch.float64)
+
+
+def oracle(a, b, params, grad, route):
+    """(value by the route other than `route`, dâ, db̂) in float64; db̂ None when b is None."""
+    a_hat = transformed(a, *params[:2])
+    b_hat = a_hat if b is None else transformed(b, *params[2:])
+    if route == "inner":  # the outer formula: ⟨ââᵀ, b̂b̂ᵀ⟩_F
+        value = ((a_hat @ a_hat.T) * (b_hat @ b_hat.T)).sum()
+    else:
+        value = (a_hat.T @ b_hat).square().sum()
+    g = grad.to(torch.float64)
+    if b is None:
+        return value, 4 * g * a_hat @ (a_hat.T @ a_hat), None
+    return value, 2 * g * b_hat @ (b_hat.T @ a_hat), 2 * g * a_hat @ (a_hat.T @ b_hat)
 
 
 def check(got, want, dtype, what):
@@ -52,33 +106,33 @@ def check(got, want, dtype, what):
                                msg=lambda m: f"{what} ({dtype}): {m}")  # fmt: skip
 
 
-def run_and_compare(r, k, dtype, route, same, layout, scale=1.0, grad_value=None):
-    a, b = make(r, k, dtype, layout, same, scale)
+def run_and_compare(r, k, dtype, route, same, layout, scale=1.0, grad_value=None, which=None, offset=0.0):
+    params = make_params(k, which, same, offset)
+    # Data off-centre only where a shift centres it (else fp16 gradients of |b| ~ 8 would overflow).
+    a, b = make(r, k, dtype, layout, same, scale, [0.0 if p is None else offset for p in params[::2]])
     grad = torch.tensor(grad_value if grad_value is not None else -1.7 + torch.rand(()).item(), device=DEVICE)
-    copies = [t.clone() for t in (a, b, grad) if t is not None]
+    inputs = [t for t in (a, b, grad, *params) if t is not None]
+    copies = [t.clone() for t in inputs]
 
-    value = F.sq_frobenius_forward(a, b, route)
-    da, db = F.sq_frobenius_backward(a, b, grad, route)
+    value = F.sq_frobenius_forward(a, b, *params, route)
+    da, db = F.sq_frobenius_backward(a, b, *params, grad, route)
+    want_value, want_da, want_db = oracle(a.cpu(), None if same else b.cpu(), [p if p is None else p.cpu() for p in params],
+                                          grad.cpu(), route)  # fmt: skip
 
-    b64 = None if same else b.double()
-    # Each Triton route against the *other* torch route too: independent formulas for the same number.
-    want_value = oracle.sq_frobenius_forward(a.double(), b64, "outer" if route == "inner" else "inner")
-    want_da, want_db = oracle.sq_frobenius_backward(a.double(), b64, grad.double(), route)
-
-    where = f"{route} route, R={r}, K={k}, b {'is a' if same else 'given'}, {layout}"
+    where = f"{route} route, R={r}, K={k}, b {'is a' if same else 'given'}, {layout}, transform {which}"
     assert value.shape == () and value.dtype == torch.float32, where
     assert da.shape == a.shape and da.dtype == a.dtype, where
     if same:
         assert db.numel() == 0 and db.dtype == a.dtype, where
     else:
         assert db.shape == b.shape and db.dtype == b.dtype, where
-    # The value keeps fp32 accuracy in every dtype: the inputs are exact in the oracle, products exact
-    # in fp32 and accumulation is fp32.
+    # The value keeps fp32 accuracy in every dtype: the oracle's â, b̂ are the kernels' bits (a wrong
+    # rounding of the transform would show here at 2^-9), products exact in fp32, accumulation fp32.
     check(value, want_value, torch.float32, f"value, {where}")
     check(da, want_da, dtype, f"da, {where}")
     if not same:
         check(db, want_db, dtype, f"db, {where}")
-    for before, after in zip(copies, [t for t in (a, b, grad) if t is not None]):
+    for before, after in zip(copies, inputs):
         assert torch.equal(before, after), f"an input was modified, {where}"
 
 
@@ -99,6 +153,34 @@ def test_half_precision_matches_oracle(r, k, route, same, dtype):
     run_and_compare(r, k, dtype, route, same, "mixed")
 
 
+@pytest.mark.parametrize("which", list(TRANSFORMS))
+@pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
+@pytest.mark.parametrize("route", F.ROUTES)
+def test_transform_fp32(route, same, which):
+    """The per-column transform in the tile loads: K columns lie along M ("inner") or L ("outer");
+    odd sizes put padded rows and columns in every tile (they must stay zero after the shift)."""
+    if same and which == "b_only":
+        pytest.skip("b is a: b has no parameters of its own")
+    run_and_compare(37, 21, torch.float32, route, same, "mixed", which=which, offset=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("which", ["a_shift", "a_scale", "all"])
+@pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
+@pytest.mark.parametrize("route", F.ROUTES)
+def test_transform_half_precision(route, same, which, dtype):
+    """bf16/fp16: (x − shift)·scale in fp32, rounded to nearest even to the input dtype before the dot;
+    data centred far from zero (offset 8) so that the shift is what keeps the rounding small."""
+    run_and_compare(21, 37, dtype, route, same, "transposed", which=which, offset=8.0)
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
+@pytest.mark.parametrize("route", F.ROUTES)
+def test_transform_no_unit_stride(route, same):
+    """Inputs without any unit stride (z[:, ::2]), both parameters on both operands."""
+    run_and_compare(19, 23, torch.bfloat16, route, same, "sliced", which="all", offset=1.0)
+
+
 @pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
 @pytest.mark.parametrize("route", F.ROUTES)
 def test_fp16_matrix_past_fp16_range(route, same):
@@ -111,15 +193,29 @@ def test_fp16_matrix_past_fp16_range(route, same):
 @pytest.mark.parametrize("r,k", [(0, 3), (3, 0)])
 def test_empty(r, k, route):
     a, b = torch.randn(r, k, device=DEVICE), torch.randn(r, k, device=DEVICE)
-    assert F.sq_frobenius_forward(a, b, route).item() == 0.0
-    da, db = F.sq_frobenius_backward(a, b, torch.tensor(2.0, device=DEVICE), route)
+    shift, scale = torch.randn(k, device=DEVICE), torch.randn(k, device=DEVICE)
+    assert F.sq_frobenius_forward(a, b, shift, scale, shift, None, route).item() == 0.0
+    da, db = F.sq_frobenius_backward(a, b, shift, scale, None, scale, torch.tensor(2.0, device=DEVICE), route)
     assert da.shape == (r, k) and db.shape == (r, k) and not da.any() and not db.any()
 
 
 def test_unknown_route():
     a = torch.randn(3, 2, device=DEVICE)
     with pytest.raises(ValueError, match="route"):
-        F.sq_frobenius_forward(a, None, "diagonal")
+        F.sq_frobenius_forward(a, None, *NO_PARAMS, "diagonal")
+
+
+def test_bad_params():
+    a = torch.randn(3, 4, device=DEVICE)
+    grad = torch.tensor(1.0, device=DEVICE)
+    with pytest.raises(ValueError, match="b_shift"):
+        F.sq_frobenius_forward(a, None, None, None, torch.zeros(4, device=DEVICE), None, "inner")
+    with pytest.raises(ValueError, match="a_scale"):
+        F.sq_frobenius_backward(a, a, None, torch.ones(4, dtype=torch.float64, device=DEVICE), None, None, grad, "outer")
+    with pytest.raises(ValueError, match="a_shift"):
+        F.sq_frobenius_forward(a, a, torch.zeros(3, device=DEVICE), None, None, None, "inner")
+    with pytest.raises(ValueError, match="b_scale"):
+        F.sq_frobenius_forward(a, a, None, None, None, torch.ones(8, device=DEVICE)[::2], "outer")
 
 
 @triton.jit

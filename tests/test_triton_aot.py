@@ -8,7 +8,7 @@ and shared memory within the device limit (and within the estimate the autotuner
 The test session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` gives
 interpreted functions that cannot be compiled; so the compilation runs in one subprocess without
 it — this very file run as a script — which prints a JSON report that the tests below check.
-Matrix (44 pairwise-LSE compiles + 43 squared-Frobenius ones, see `_frob_jobs`: ~30 s on 2 cores,
+Matrix (44 pairwise-LSE compiles + 50 squared-Frobenius ones, see `_frob_jobs`: ~30 s on 2 cores,
 ~5 s with a warm ~/.triton cache). Pairwise LSE:
   * every config of every kernel: bf16, SimCLR flags, D = 128 (resident), sm_90;
   * the config with the largest shared-memory estimate that survives pruning at D = 256, the
@@ -173,31 +173,51 @@ def _cfg_key(cfg):
 # flags and the strides that are 1 at runtime (Triton specialises them) for that call site.
 # "inner" reads a, b (R, K) as X, Y (L=R, M=K); "outer" reads aᵀ, bᵀ (L=K, M=R): unit strides on the
 # other axis, so the two routes give the two operand orders (MN-major / K-major) of the tensor-core
-# dots. "strided" has no unit stride at all (e.g. z[:, ::2]).
+# dots. "strided" has no unit stride at all (e.g. z[:, ::2]). "*-tf": the per-column transform on
+# (shift and scale of both operands; of the input operand in "grad"), whose K axis is M on the inner
+# route and L on the outer one; without it the shift/scale pointers are None (constexpr), as at runtime.
+_TF = dict(HAS_X_SHIFT=True, HAS_X_SCALE=True, HAS_Y_SHIFT=True, HAS_Y_SCALE=True)
 _FROB_VARIANTS = {
     ("frob-fwd", "inner"): (dict(TRIANGLE=False, GRAM_PAIR=False), ("stride_xm", "stride_ym")),
     ("frob-fwd", "inner-same"): (dict(TRIANGLE=True, GRAM_PAIR=False), ("stride_xm", "stride_ym")),
     ("frob-fwd", "outer"): (dict(TRIANGLE=True, GRAM_PAIR=True), ("stride_xl", "stride_yl")),
     ("frob-fwd", "outer-same"): (dict(TRIANGLE=True, GRAM_PAIR=False), ("stride_xl", "stride_yl")),
     ("frob-fwd", "strided"): (dict(TRIANGLE=False, GRAM_PAIR=False), ()),
+    ("frob-fwd", "inner-tf"): (dict(TRIANGLE=False, GRAM_PAIR=False, **_TF), ("stride_xm", "stride_ym")),
+    ("frob-fwd", "outer-tf"): (dict(TRIANGLE=True, GRAM_PAIR=True, TRANSFORM_ON_L=True, **_TF),
+                               ("stride_xl", "stride_yl")),  # fmt: skip
     ("frob-matrix", "inner"): (dict(TRIANGLE=False), ("stride_xm", "stride_ym")),
     ("frob-matrix", "inner-same"): (dict(TRIANGLE=True), ("stride_xm", "stride_ym")),
     ("frob-matrix", "outer"): (dict(TRIANGLE=True), ("stride_xl", "stride_yl")),
+    ("frob-matrix", "inner-tf"): (dict(TRIANGLE=False, **_TF), ("stride_xm", "stride_ym")),
+    ("frob-matrix", "outer-tf"): (dict(TRIANGLE=True, TRANSFORM_ON_L=True, **_TF), ("stride_xl", "stride_yl")),
     # da = b·Cᵀ (Cᵀ a transposed view of the fp32 matrix), db = a·C, and (outer) da = (bbᵀ)·a.
     ("frob-grad", "inner-da"): (dict(W_LEFT=False), ("stride_xl", "stride_yl")),
     ("frob-grad", "inner-db"): (dict(W_LEFT=False), ("stride_xl", "stride_yq")),
     ("frob-grad", "outer"): (dict(W_LEFT=True), ("stride_xl", "stride_yq")),
     ("frob-grad", "strided"): (dict(W_LEFT=True), ("stride_xl",)),
+    ("frob-grad", "inner-tf"): (dict(W_LEFT=False, HAS_SHIFT=True, HAS_SCALE=True), ("stride_xl", "stride_yl")),
+    ("frob-grad", "outer-tf"): (dict(W_LEFT=True, HAS_SHIFT=True, HAS_SCALE=True), ("stride_xl", "stride_yq")),
 }
+#: The transform's flags and pointers of each kernel, all off / None unless a variant sets them.
+_FROB_TF_FLAGS = {
+    "fwd": dict(HAS_X_SHIFT=False, HAS_X_SCALE=False, HAS_Y_SHIFT=False, HAS_Y_SCALE=False, TRANSFORM_ON_L=False),
+    "grad": dict(HAS_SHIFT=False, HAS_SCALE=False),
+}
+_FROB_TF_FLAGS["matrix"] = _FROB_TF_FLAGS["fwd"]
+_FROB_TF_POINTERS = {"XSH": "HAS_X_SHIFT", "XSC": "HAS_X_SCALE", "YSH": "HAS_Y_SHIFT", "YSC": "HAS_Y_SCALE",
+                     "SHIFT": "HAS_SHIFT", "SCALE": "HAS_SCALE"}  # fmt: skip
 
 
 def _frob_jobs():
-    """Matrix (43 compiles) for the squared-Frobenius kernels:
+    """Matrix (50 compiles) for the squared-Frobenius kernels:
     * every config of every kernel, bf16, sm_90: fwd (inner route and the Gram pair, whose second
       accumulator prunes the 128-wide tiles), matrix (symmetric, outer), grad (W on either side);
     * the other variants (b is a, inner matrix, db), bf16 sm_90; odd sizes and strides (unpipelined
       masked loads), also with no unit stride at all; fp16 (SCALE_W) and fp32 ("ieee", CUDA cores)
-      samples; sm_80, bf16.
+      samples; sm_80, bf16;
+    * the per-column transform on, both routes (TRANSFORM_ON_L off and on) of every kernel, bf16
+      sm_90 in the config with the largest shared-memory estimate; the Gram pair on sm_80.
     """
     import torch
 
@@ -208,7 +228,14 @@ def _frob_jobs():
     def cands(kind, variant, dt, arch):
         flags = _FROB_VARIANTS[(kind, variant)][0]
         return F.candidate_configs(kind[5:], dtypes[dt].itemsize, SMEM_LIMIT[arch], flags.get("GRAM_PAIR", False),
-                                   flags.get("W_LEFT", False))  # fmt: skip
+                                   flags.get("W_LEFT", False), F.transform_l_params(kind[5:], flags))  # fmt: skip
+
+    def estimate(kind, variant, dt, cfg):
+        m = cfg.kwargs
+        shape = (m["BLOCK_P"], m["BLOCK_Q"], m["BLOCK_L"]) if kind == "frob-grad" else (m["BLOCK"], m["BLOCK"], m["BLOCK_L"])
+        flags = _FROB_VARIANTS[(kind, variant)][0]
+        return F.smem_estimate(kind[5:], *shape, dtypes[dt].itemsize, cfg.num_stages, flags.get("W_LEFT", False),
+                               F.transform_l_params(kind[5:], flags))  # fmt: skip
 
     def job(group, kind, variant, dt, arch, cfg, div16=True):
         return dict(family="frob", group=group, kind=kind, variant=variant, dtype=dt, arch=arch, div16=div16,
@@ -233,6 +260,11 @@ def _frob_jobs():
         jobs.append(job("fp16", kind, variant, "fp16", 90, cands(kind, variant, "fp16", 90)[-1]))
     for kind, variant in (("frob-fwd", "inner"), ("frob-matrix", "outer"), ("frob-grad", "outer")):
         jobs.append(job("sm80", kind, variant, "bf16", 80, cands(kind, variant, "bf16", 80)[0]))
+    for kind in ("frob-fwd", "frob-matrix", "frob-grad"):
+        for variant in ("inner-tf", "outer-tf"):
+            c = max(cands(kind, variant, "bf16", 90), key=lambda c: estimate(kind, variant, "bf16", c))
+            jobs.append(job("transform", kind, variant, "bf16", 90, c))
+    jobs.append(job("transform", "frob-fwd", "outer-tf", "bf16", 80, cands("frob-fwd", "outer-tf", "bf16", 80)[0]))
     return jobs
 
 
@@ -256,8 +288,11 @@ def _compile_frob(j):
         dt = j["dtype"]
         w_left = flags.get("W_LEFT", False)
         flags = dict(flags, SCALE_W=dt == "fp16") if kind == "grad" else flags
-        consts = dict(flags, **j["meta"], FP32_PRECISION=F.FP32_DOT_PRECISION, **{name: 1 for name in unit})
+        flags = dict(_FROB_TF_FLAGS[kind], **flags)
+        absent = {p: None for p, flag in _FROB_TF_POINTERS.items() if flag in flags and not flags[flag]}
+        consts = dict(flags, **absent, **j["meta"], FP32_PRECISION=F.FP32_DOT_PRECISION, **{name: 1 for name in unit})
         pointers = {"X": dt, "Y": dt, "PART": "fp32", "W": "fp32", "GRAD": "fp32", "WMAX": "fp32", "OUT": dt}
+        pointers.update({p: "fp32" for p in _FROB_TF_POINTERS})  # shifts and scales: contiguous fp32 (K,)
         if kind == "grad":  # the fp32 matrix W is X or Y
             pointers.update(X="fp32" if w_left else dt, Y=dt if w_left else "fp32")
         sig, attrs = {}, {}
@@ -286,7 +321,8 @@ def _compile_frob(j):
         rec.update(
             seconds=round(time.time() - t0, 2),
             shared=int(compiled.metadata.shared),
-            estimate=F.smem_estimate(kind, *shape, {"bf16": 2, "fp16": 2, "fp32": 4}[dt], j["num_stages"], w_left),
+            estimate=F.smem_estimate(kind, *shape, {"bf16": 2, "fp16": 2, "fp32": 4}[dt], j["num_stages"], w_left,
+                                     F.transform_l_params(kind, flags)),  # fmt: skip
             wgmma="wgmma.mma_async" in ptx,
             mma="mma.sync" in ptx,
             has_dot=True,

@@ -1,8 +1,10 @@
 """The squared-Frobenius-of-a-cross-product op: routes, dispatch, custom ops, autograd (DESIGN.md, family 2).
 
-For a, b (R, K) (b = a allowed) the op returns the 0-dim
+For a, b (R, K) (b = a allowed) under optional per-column transforms â = (a − a_shift)·a_scale,
+b̂ = (b − b_shift)·b_scale (the losses' batch norm, centring or norm clip, folded into the kernels'
+loads: no normalised copy is written), the op returns the 0-dim
 
-    ‖aᵀb‖²_F = Σ_kl (aᵀb)_kl²  =  ⟨aaᵀ, bbᵀ⟩_F      (seed 002's duality)
+    ‖âᵀb̂‖²_F = Σ_kl (âᵀb̂)_kl²  =  ⟨ââᵀ, b̂b̂ᵀ⟩_F      (seed 002's duality)
 
 on one of two routes: "inner" walks the K x K product aᵀb (cost 2·R·K²), "outer" the R x R Grams
 aaᵀ and bbᵀ (cost 2·R²·K). Whatever a route stores is at most one chunk (torch) or one tile (triton)
@@ -23,6 +25,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from fastssl.ops.reductions import chain_transform
 
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.frobenius",
@@ -71,56 +75,106 @@ def op_route(side: str, samples_are_rows: bool) -> str:
 
 
 @torch.library.custom_op("fastssl::sq_frobenius_fwd", mutates_args=())
-def sq_frobenius_fwd(a: Tensor, b: Optional[Tensor], route: str, backend: str) -> Tensor:
-    """‖aᵀb‖²_F, 0-dim fp32 (fp64 for fp64 inputs); b=None means b is a."""
-    return _kernels(backend).sq_frobenius_forward(a, b, route)
+def sq_frobenius_fwd(
+    a: Tensor,
+    b: Optional[Tensor],
+    a_shift: Optional[Tensor],
+    a_scale: Optional[Tensor],
+    b_shift: Optional[Tensor],
+    b_scale: Optional[Tensor],
+    route: str,
+    backend: str,
+) -> Tensor:
+    """‖âᵀb̂‖²_F, 0-dim fp32 (fp64 for fp64 inputs); b=None means b̂ is â."""
+    return _kernels(backend).sq_frobenius_forward(a, b, a_shift, a_scale, b_shift, b_scale, route)
 
 
 @sq_frobenius_fwd.register_fake
-def _(a, b, route, backend):
+def _(a, b, a_shift, a_scale, b_shift, b_scale, route, backend):
     return a.new_empty((), dtype=_stat_dtype(a))
 
 
 @torch.library.custom_op("fastssl::sq_frobenius_bwd", mutates_args=())
-def sq_frobenius_bwd(a: Tensor, b: Optional[Tensor], grad: Tensor, route: str, backend: str) -> tuple[Tensor, Tensor]:
-    """(da, db) of grad·‖aᵀb‖²_F in the input dtypes; b=None: da holds both roles, db is empty."""
-    return _kernels(backend).sq_frobenius_backward(a, b, grad, route)
+def sq_frobenius_bwd(
+    a: Tensor,
+    b: Optional[Tensor],
+    a_shift: Optional[Tensor],
+    a_scale: Optional[Tensor],
+    b_shift: Optional[Tensor],
+    b_scale: Optional[Tensor],
+    grad: Tensor,
+    route: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(dâ, db̂) of grad·‖âᵀb̂‖²_F in the input dtypes; b=None: dâ holds both roles, db̂ is empty."""
+    return _kernels(backend).sq_frobenius_backward(a, b, a_shift, a_scale, b_shift, b_scale, grad, route)
 
 
 @sq_frobenius_bwd.register_fake
-def _(a, b, grad, route, backend):
+def _(a, b, a_shift, a_scale, b_shift, b_scale, grad, route, backend):
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
     db = a.new_empty(0) if b is None else torch.empty_like(b, memory_format=torch.contiguous_format)
     return da, db
 
 
 class SqFrobenius(torch.autograd.Function):
-    """Autograd over the custom ops: `apply(a, b, route, backend) -> ‖aᵀb‖²_F` (b=None: b is a).
+    """Autograd over the custom ops:
+    `apply(a, b, a_shift, a_scale, b_shift, b_scale, route, backend) -> ‖âᵀb̂‖²_F` (b=None: b̂ is â),
+    with â = (a − a_shift)·a_scale per column (either may be None) and b̂ likewise.
 
-    The backward recomputes the route's products from a and b; nothing but the inputs is saved.
+    Only the inputs are saved: the backward recomputes the route's products (and the transform)
+    from them, then chains dâ, db̂ into a, b and the shifts and scales (fastssl.ops.reductions).
     """
 
     @staticmethod
-    def forward(ctx, a, b, route, backend):
-        ctx.save_for_backward(a, b)
+    def forward(ctx, a, b, a_shift, a_scale, b_shift, b_scale, route, backend):
+        ctx.save_for_backward(a, b, a_shift, a_scale, b_shift, b_scale)
         ctx.options = (route, backend)
-        return torch.ops.fastssl.sq_frobenius_fwd(a, b, route, backend)
+        return torch.ops.fastssl.sq_frobenius_fwd(a, b, a_shift, a_scale, b_shift, b_scale, route, backend)
 
     @staticmethod
     def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        da, db = torch.ops.fastssl.sq_frobenius_bwd(a, b, grad, *ctx.options)
-        return da, (None if b is None else db), None, None
+        a, b, a_shift, a_scale, b_shift, b_scale = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        d_a_hat, d_b_hat = torch.ops.fastssl.sq_frobenius_bwd(
+            a, b, a_shift, a_scale, b_shift, b_scale, grad, *ctx.options
+        )
+        da, da_shift, da_scale = chain_transform(d_a_hat, a, a_shift, a_scale, (needs[0], needs[2], needs[3]))
+        db = db_shift = db_scale = None
+        if b is not None:
+            db, db_shift, db_scale = chain_transform(d_b_hat, b, b_shift, b_scale, (needs[1], needs[4], needs[5]))
+        return da, db, da_shift, da_scale, db_shift, db_scale, None, None
 
 
-def sq_frobenius(a: Tensor, b: Optional[Tensor], *, route: str, backend: str) -> Tensor:
-    """Differentiable ‖aᵀb‖²_F for a, b (R, K) ("inner"/"outer" route; "torch"/"triton" backend).
+def sq_frobenius(
+    a: Tensor,
+    b: Optional[Tensor],
+    *,
+    a_shift: Optional[Tensor] = None,
+    a_scale: Optional[Tensor] = None,
+    b_shift: Optional[Tensor] = None,
+    b_scale: Optional[Tensor] = None,
+    route: str,
+    backend: str,
+) -> Tensor:
+    """Differentiable ‖âᵀb̂‖²_F for a, b (R, K) ("inner"/"outer" route; "torch"/"triton" backend).
 
-    b=None or b is a: one operand in both roles. Callers validate user input; this checks only
-    what the kernels rely on.
+    â = (a − a_shift)·a_scale per column, shifts and scales (K,) in the compute dtype (fp32; fp64 for
+    fp64 inputs) or None; b̂ likewise. b=None, or b is a with no transform of its own: one operand in
+    both roles. Callers validate user input; this checks only what the kernels rely on.
     """
     if route not in ("inner", "outer"):
         raise ValueError(f"sq_frobenius: route must be 'inner' or 'outer', got {route!r}")
+    if b is a and b_shift is None and b_scale is None:
+        b, b_shift, b_scale = None, None, None
+    if b is None and (b_shift is not None or b_scale is not None):
+        raise ValueError("sq_frobenius: b_shift/b_scale need a b (with b=None, b̂ is â)")
     if b is not None and (b.shape != a.shape or b.dtype != a.dtype or b.device != a.device):
         raise ValueError(f"sq_frobenius: a {tuple(a.shape)} {a.dtype} and b {tuple(b.shape)} {b.dtype} must match")
-    return SqFrobenius.apply(a, None if b is a else b, route, backend)
+    k, acc = a.shape[1], _stat_dtype(a)
+    # The kernels read the transform as contiguous (K,) vectors in the compute dtype.
+    a_shift, a_scale, b_shift, b_scale = (
+        None if t is None else t.reshape(k).to(device=a.device, dtype=acc).contiguous()
+        for t in (a_shift, a_scale, b_shift, b_scale)
+    )
+    return SqFrobenius.apply(a, b, a_shift, a_scale, b_shift, b_scale, route, backend)

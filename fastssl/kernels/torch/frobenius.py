@@ -1,5 +1,12 @@
-"""Squared Frobenius norm of a cross product, ‖aᵀb‖²_F, in chunked PyTorch (DESIGN.md, kernel family 2).
+"""Squared Frobenius norm of a cross product, ‖âᵀb̂‖²_F, in chunked PyTorch (DESIGN.md, kernel family 2).
 
+The operands are a, b (R, K) under an optional per-column transform (the losses' batch norm,
+centring or norm clip), applied in fp32 (fp64 for fp64 inputs) and rounded to the input dtype:
+
+    â[r, k] = round_to_input_dtype((a[r, k] − a_shift[k]) · a_scale[k])     (b̂ likewise)
+
+Here the transformed operands are formed once per call (O(R·K), the size of the inputs); the Triton
+kernels apply the same formula in their tile loads instead. Below, a and b stand for â and b̂.
 For a, b (R, K) the value has two routes (seed 002's identity ‖aᵀb‖²_F = ⟨aaᵀ, bbᵀ⟩_F):
 
     "inner": Σ_kl (aᵀb)_kl²          via the K x K cross product     cost 2·R·K² multiply-adds
@@ -12,7 +19,8 @@ grad·‖aᵀb‖²:
     da = 2·grad·b(bᵀa)  = 2·grad·(bbᵀ)a        db = 2·grad·a(aᵀb) = 2·grad·(aaᵀ)b
     b is a (one operand in both roles): da = 4·grad·a(aᵀa) = 4·grad·(aaᵀ)a
 
-and the backward recomputes the chunks. Chunks are computed in fp32 (fp64 for fp64 inputs).
+and the backward recomputes the chunks; it returns the gradients w.r.t. â and b̂ (the op layer
+chains them through the transform). Chunks are computed in fp32 (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -37,11 +45,25 @@ def _step(cols: int, dtype: torch.dtype) -> int:
     return max(1, _CHUNK_BYTES // max(1, cols * torch.finfo(dtype).bits // 8))
 
 
-def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], route: str) -> Tensor:
-    """‖aᵀb‖²_F (b None: b is a) as a 0-dim tensor in fp32 (fp64 for fp64 inputs). a, b: (R, K)."""
+def apply_transform(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
+    """x̂ = (x − shift)·scale per column, in fp32 (fp64 for fp64 x), rounded to x's dtype and back."""
+    acc = _compute_dtype(x)
+    out = x.to(acc)
+    if shift is not None:
+        out = out - shift
+    if scale is not None:
+        out = out * scale
+    # Half inputs: round as the Triton kernels do before their dots (a no-op for fp32 and fp64).
+    return out if x.dtype == acc else out.to(x.dtype).to(acc)
+
+
+def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tensor], a_scale: Optional[Tensor],
+                         b_shift: Optional[Tensor], b_scale: Optional[Tensor], route: str) -> Tensor:
+    """‖âᵀb̂‖²_F (b None: b̂ is â) as a 0-dim tensor in fp32 (fp64 for fp64 inputs). a, b: (R, K);
+    shifts and scales (K,) or None."""
     dt = _compute_dtype(a)
-    a = a.to(dt)
-    b = a if b is None else b.to(dt)
+    a = apply_transform(a, a_shift, a_scale)
+    b = a if b is None else apply_transform(b, b_shift, b_scale)
     total = torch.zeros((), dtype=dt, device=a.device)
     if route == "inner":  # rows k0:k1 of aᵀb
         k = a.shape[1]
@@ -57,12 +79,14 @@ def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], route: str) -> Tensor:
     return total
 
 
-def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], grad: Tensor, route: str) -> tuple[Tensor, Tensor]:
-    """(da, db) of grad·‖aᵀb‖²_F in the input dtypes; b None: (da with both roles, an empty db)."""
+def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tensor], a_scale: Optional[Tensor],
+                          b_shift: Optional[Tensor], b_scale: Optional[Tensor], grad: Tensor,
+                          route: str) -> tuple[Tensor, Tensor]:
+    """(dâ, db̂) of grad·‖âᵀb̂‖²_F in the input dtypes; b None: (dâ with both roles, an empty db̂)."""
     dt = _compute_dtype(a)
     same = b is None
-    a32 = a.to(dt)
-    b32 = a32 if same else b.to(dt)
+    a32 = apply_transform(a, a_shift, a_scale)
+    b32 = a32 if same else apply_transform(b, b_shift, b_scale)
     g = grad.to(dt) * (4.0 if same else 2.0)
     da = torch.empty(a.shape, dtype=dt, device=a.device)
     db = None if same else torch.zeros(b32.shape, dtype=dt, device=a.device)

@@ -1,14 +1,24 @@
-"""Squared Frobenius norm of a cross product, ‖aᵀb‖²_F, in Triton (DESIGN.md, kernel family 2).
+"""Squared Frobenius norm of a cross product, ‖âᵀb̂‖²_F, in Triton (DESIGN.md, kernel family 2).
 
-Same contract as `fastssl.kernels.torch.frobenius` (the spec and test oracle). a, b are (R, K), read
-in place through their strides (the spectral loss passes transposed views). Seed 002's identity
-‖aᵀb‖²_F = ⟨aaᵀ, bbᵀ⟩_F gives two routes, and both are one generic product: for X, Y of shape
-(L, M) (the contraction axis first),
+Same contract as `fastssl.kernels.torch.frobenius` (the spec). a, b are (R, K), read in place through
+their strides (the spectral loss passes transposed views), under an optional per-column transform
+(the losses' batch norm, centring or norm clip):
+
+    â[r, k] = round_to_input_dtype((a[r, k] − a_shift[k]) · a_scale[k])     (b̂ likewise)
+
+computed in fp32 (subtract, then multiply; a missing shift is 0, a missing scale 1) and rounded to
+nearest even (a no-op for fp32), bit for bit what the losses recompute on the host. It is applied to
+every tile right after its load (`_transform`; HAS_*_SHIFT / HAS_*_SCALE constexpr flags, so the
+kernels without a transform compile exactly as before), and â, b̂ never exist in memory. Below, a and
+b stand for â and b̂. Seed 002's identity ‖aᵀb‖²_F = ⟨aaᵀ, bbᵀ⟩_F gives two routes, and both are one
+generic product: for X, Y of shape (L, M) (the contraction axis first),
 
     "inner": X = a,  Y = b,  L = R, M = K:   ‖XᵀY‖²_F                 (K x K cross product, R·K² work)
     "outer": X = aᵀ, Y = bᵀ, L = K, M = R:   ⟨XᵀX, YᵀY⟩_F = Σ (aaᵀ)∘(bbᵀ) (R x R Grams, R²·K work)
 
 so the outer route is the inner machinery run on the transposed *views* (strides swapped, no copy).
+The transform's K axis is then M on the inner route (a tile's parameters load once) and L on the
+outer one (TRANSFORM_ON_L: one chunk of parameters per chunk of L, staged beside the operands).
 
 Forward (`_sq_frobenius_fwd_kernel`): each program owns one (BLOCK, BLOCK) tile of the M x M product
 (or of both Grams), loops over L in BLOCK_L chunks with tl.dot into fp32 accumulators, squares (or
@@ -18,14 +28,16 @@ or any Gram pair: (aaᵀ)∘(bbᵀ) is symmetric) run only the tiles i ≤ j, of
 twice. Parallelism is the number of output tiles: a small M (inner route with a small K) gives few
 programs, each looping over all of L; splitting L would need the unsquared partial tiles in memory.
 
-Backward (exact): da = 2g·b(bᵀa) = 2g·(bbᵀ)a, db = 2g·a(aᵀb) = 2g·(aaᵀ)b, and 4g·a(aᵀa) when b is a.
+Backward (exact), the gradients w.r.t. â and b̂ (the op layer chains them through the transform):
+da = 2g·b(bᵀa) = 2g·(bbᵀ)a, db = 2g·a(aᵀb) = 2g·(aaᵀ)b, and 4g·a(aᵀa) when b is a.
 `_sq_frobenius_bwd_matrix_kernel` materialises the route's matrix W once in fp32 (C = aᵀb, K x K, for
 "inner"; one Gram, R x R, for "outer": bbᵀ for da, then aaᵀ in the same buffer for db), and
 `_sq_frobenius_bwd_grad_kernel` is the GEMM da = scale·b·Cᵀ, db = scale·a·C ("inner", W on the right)
 or da = scale·(bbᵀ)·a, db = scale·(aaᵀ)·b ("outer", W on the left), scale = coef·grad read on the
 device (no host sync). For bf16/fp16 inputs the fp32 W tile is rounded to the input dtype before the
 tensor-core dot (see `_sq_frobenius_bwd_grad_kernel` for the measured error); fp16 first divides W
-by max|W| (a device scalar) so that Gram entries past 65504 cannot overflow.
+by max|W| (a device scalar) so that Gram entries past 65504 cannot overflow. The gradient GEMM's
+other operand (an input) is transformed in its loads like the forward's.
 
 Launchers allocate outputs, take strides, and launch on the current stream.
 """
@@ -90,24 +102,42 @@ MAX_ACC_REGS = 64
 DEFAULT_SMEM_LIMIT = 163 * 1024
 
 
+def transform_l_params(kind: str, flags: dict) -> int:
+    """How many fp32 parameter vectors (shifts, scales) kernel `kind` streams along L with its operands,
+    given its constexpr flags: the transform's K axis is L on the outer route of "fwd" and "matrix"
+    (TRANSFORM_ON_L; one operand per dot there, the Gram pair's two loops one after the other) and
+    when W is on the right in "grad" (the inner route). Elsewhere the tile's parameters load once."""
+    if kind == "grad":
+        return 0 if flags.get("W_LEFT") else int(bool(flags.get("HAS_SHIFT"))) + int(bool(flags.get("HAS_SCALE")))
+    if not flags.get("TRANSFORM_ON_L"):
+        return 0
+    x = int(bool(flags.get("HAS_X_SHIFT"))) + int(bool(flags.get("HAS_X_SCALE")))
+    y = int(bool(flags.get("HAS_Y_SHIFT"))) + int(bool(flags.get("HAS_Y_SCALE")))
+    return max(x, y) if flags.get("TRIANGLE") else x + y
+
+
 def smem_estimate(kind: str, block_p: int, block_q: int, block_l: int, itemsize: int, stages: int,
-                  w_left: bool = False) -> int:
+                  w_left: bool = False, l_params: int = 0) -> int:
     """Upper estimate of the shared memory (bytes) of one program; the pruning relies on it.
 
     The pipelined loop holds `stages` copies of both operand chunks (exact for "fwd" and "matrix" on
     sm_90 with sizes that are multiples of 16; sm_80 keeps one stage fewer). "matrix" stores its
     fp32 tile (and its mirror) through a layout conversion that may use a BLOCK² fp32 scratch once
     the loop's buffers are dead. "grad" streams its fp32 W operand at 4 bytes plus one rounded copy
-    (the compiled kernels keep one stage fewer: their loads pass through registers). Checked against
-    the compiled kernels in tests/test_triton_aot.py.
+    (the compiled kernels keep one stage fewer: their loads pass through registers). The per-column
+    transform keeps those totals (its operands are staged one stage fewer, plus one transformed copy),
+    but the `l_params` parameter vectors it streams along L (`transform_l_params`) are staged too, each
+    up to once per operand layout: 2·4·BLOCK_L bytes per vector and stage. Checked against the
+    compiled kernels in tests/test_triton_aot.py.
     """
+    params = 8 * stages * block_l * l_params
     if kind in ("fwd", "matrix"):
-        est = itemsize * stages * block_l * (block_p + block_q)
+        est = itemsize * stages * block_l * (block_p + block_q) + params
         if kind == "matrix":
             est = max(est, 4 * block_p * block_q)
         return est
     w_rows, z_rows = (block_p, block_q) if w_left else (block_q, block_p)
-    est = stages * block_l * (4 * w_rows + itemsize * z_rows)
+    est = stages * block_l * (4 * w_rows + itemsize * z_rows) + params
     if itemsize < 4:
         est += itemsize * block_l * w_rows
     return max(est, 4 * block_p * block_q)
@@ -120,7 +150,7 @@ def _shape(kind, c):
 
 
 def candidate_configs(kind: str, itemsize: int, smem_limit: int, gram_pair: bool = False,
-                      w_left: bool = False) -> list:
+                      w_left: bool = False, l_params: int = 0) -> list:
     """The configs of kernel `kind` ("fwd", "matrix", "grad") that autotuning may pick."""
 
     def keep(c):
@@ -129,7 +159,7 @@ def candidate_configs(kind: str, itemsize: int, smem_limit: int, gram_pair: bool
         return (
             (itemsize < 4 or bp * bq <= FP32_MAX_TILE)
             and accs * bp * bq <= MAX_ACC_REGS * 32 * c.num_warps
-            and smem_estimate(kind, bp, bq, bl, itemsize, c.num_stages, w_left) <= smem_limit
+            and smem_estimate(kind, bp, bq, bl, itemsize, c.num_stages, w_left, l_params) <= smem_limit
         )
 
     smallest = min(CONFIGS[kind], key=lambda c: (_shape(kind, c)[0] * _shape(kind, c)[1], c.num_stages))
@@ -148,7 +178,8 @@ def _prune(kind):
     def prune(configs, named_args, **kwargs):
         x = named_args["OUT" if kind == "grad" else "Y"]  # has the input dtype
         return candidate_configs(kind, x.element_size(), _smem_limit(x.device.index or 0),
-                                 bool(kwargs.get("GRAM_PAIR", False)), bool(kwargs.get("W_LEFT", False)))
+                                 bool(kwargs.get("GRAM_PAIR", False)), bool(kwargs.get("W_LEFT", False)),
+                                 transform_l_params(kind, kwargs))
 
     return prune
 
@@ -158,6 +189,9 @@ def _prune(kind):
 # into the cp.async copies that pipelining needs (an odd size compiles an unpipelined variant).
 _NO_SPECIALIZE_TILE = ["M_BIN", "L_BIN"]
 _NO_SPECIALIZE_GEMM = ["P_BIN", "Q_BIN", "L_BIN", "coef"]
+# The transform's flags are autotuning keys: the parameters streamed along L take shared memory (the
+# pruning counts them). Without a transform they are all False, so the tuning is what it was.
+_TRANSFORM_KEY = ["TRANSFORM_ON_L", "HAS_X_SHIFT", "HAS_X_SCALE", "HAS_Y_SHIFT", "HAS_Y_SCALE"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,19 +223,70 @@ def _tile_coords(pid, M, TRIANGLE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _xty_tile(X, Y, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
+def _col_params(SHIFT, SCALE, idx, mask, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """fp32 vectors (shift, scale) of the K columns `idx` (masked lanes read 0 and 1); absent ones stay
+    the scalars 0.0 and 1.0, which `_transform` never reads."""
+    shift = 0.0
+    scale = 1.0
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT + idx, mask=mask, other=0.0)
+    if HAS_SCALE:
+        scale = tl.load(SCALE + idx, mask=mask, other=1.0)
+    return shift, scale
+
+
+@triton.jit
+def _transform(x, shift, scale, mask, AXIS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """x̂ = round_to(x.dtype, (x − shift)·scale) in fp32, the masked lanes kept at zero.
+
+    shift, scale: vectors along x's axis AXIS (the K axis of the tile); for a Gram (X̂ is Ŷ) the
+    callers pass one set of pointers, so both operands use the same chunk of parameters.
+    Subtract, then multiply, then round to nearest even: the losses reproduce these bits on the host.
+    The masked lanes loaded as 0 would become −shift·scale; zeroing them keeps padding out of the dots.
+    Without HAS_SHIFT and HAS_SCALE x passes untouched (no code).
+    """
+    if HAS_SHIFT or HAS_SCALE:
+        v = x.to(tl.float32)
+        if HAS_SHIFT:
+            v = v - (shift[:, None] if AXIS == 0 else shift[None, :])
+        if HAS_SCALE:
+            v = v * (scale[:, None] if AXIS == 0 else scale[None, :])
+        x = round_to(tl.where(mask, v, 0.0), x.dtype)  # fp32 -> fp32 for fp32 inputs: a no-op
+    return x
+
+
+@triton.jit
+def _xty_tile(X, Y, XSH, XSC, YSH, YSC, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
+              HAS_X_SHIFT: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_Y_SHIFT: tl.constexpr,
+              HAS_Y_SCALE: tl.constexpr, TRANSFORM_ON_L: tl.constexpr,
               FP32_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
-    """(BLOCK, BLOCK) fp32 tile (XᵀY)[rows, cols] for X, Y (L, M), looping over L in BLOCK_L chunks."""
+    """(BLOCK, BLOCK) fp32 tile (X̂ᵀŶ)[rows, cols] for X, Y (L, M), looping over L in BLOCK_L chunks.
+
+    X̂ = (X − XSH)·XSC per K column (Ŷ likewise), applied to each loaded chunk right after its load:
+    K is the M axis when not TRANSFORM_ON_L ("inner": the tile's parameters, loaded once) and the L
+    axis when TRANSFORM_ON_L ("outer": one chunk of parameters per chunk of L).
+    """
     row_mask = rows < M
     col_mask = cols < M
+    if not TRANSFORM_ON_L:
+        xsh, xsc = _col_params(XSH, XSC, rows, row_mask, HAS_X_SHIFT, HAS_X_SCALE)
+        ysh, ysc = _col_params(YSH, YSC, cols, col_mask, HAS_Y_SHIFT, HAS_Y_SCALE)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
         l_mask = ls < L
-        xt = tl.load(X + rows[:, None] * stride_xm + ls[None, :] * stride_xl,
-                     mask=row_mask[:, None] & l_mask[None, :], other=0.0)
-        y = tl.load(Y + ls[:, None] * stride_yl + cols[None, :] * stride_ym,
-                    mask=l_mask[:, None] & col_mask[None, :], other=0.0)
+        x_mask = row_mask[:, None] & l_mask[None, :]
+        xt = tl.load(X + rows[:, None] * stride_xm + ls[None, :] * stride_xl, mask=x_mask, other=0.0)
+        y_mask = l_mask[:, None] & col_mask[None, :]
+        y = tl.load(Y + ls[:, None] * stride_yl + cols[None, :] * stride_ym, mask=y_mask, other=0.0)
+        if TRANSFORM_ON_L:
+            xsh_l, xsc_l = _col_params(XSH, XSC, ls, l_mask, HAS_X_SHIFT, HAS_X_SCALE)
+            ysh_l, ysc_l = _col_params(YSH, YSC, ls, l_mask, HAS_Y_SHIFT, HAS_Y_SCALE)
+            xt = _transform(xt, xsh_l, xsc_l, x_mask, 1, HAS_X_SHIFT, HAS_X_SCALE)
+            y = _transform(y, ysh_l, ysc_l, y_mask, 0, HAS_Y_SHIFT, HAS_Y_SCALE)
+        else:
+            xt = _transform(xt, xsh, xsc, x_mask, 0, HAS_X_SHIFT, HAS_X_SCALE)
+            y = _transform(y, ysh, ysc, y_mask, 1, HAS_Y_SHIFT, HAS_Y_SCALE)
         acc = mm(xt, y, acc, FP32_PRECISION)
     return acc
 
@@ -210,38 +295,51 @@ def _xty_tile(X, Y, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym
 # forward
 
 
-@autotune(FWD_CONFIGS, INTERPRET_TILE_CONFIG, key=["M_BIN", "L_BIN", "TRIANGLE", "GRAM_PAIR"], prune=_prune("fwd"))
+@autotune(FWD_CONFIGS, INTERPRET_TILE_CONFIG, key=["M_BIN", "L_BIN", "TRIANGLE", "GRAM_PAIR", *_TRANSFORM_KEY],
+          prune=_prune("fwd"))  # fmt: skip
 @triton.jit(do_not_specialize=_NO_SPECIALIZE_TILE)
 def _sq_frobenius_fwd_kernel(
-    X, Y, PART,
+    X, Y, XSH, XSC, YSH, YSC, PART,
     M, L,
     stride_xl, stride_xm, stride_yl, stride_ym,
     M_BIN, L_BIN,
-    TRIANGLE: tl.constexpr, GRAM_PAIR: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    TRIANGLE: tl.constexpr, GRAM_PAIR: tl.constexpr,
+    HAS_X_SHIFT: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_Y_SHIFT: tl.constexpr, HAS_Y_SCALE: tl.constexpr,
+    TRANSFORM_ON_L: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
-    """One fp32 partial of ‖XᵀY‖²_F (or of ⟨XᵀX, YᵀY⟩_F if GRAM_PAIR) per (BLOCK, BLOCK) output tile.
+    """One fp32 partial of ‖X̂ᵀŶ‖²_F (or of ⟨X̂ᵀX̂, ŶᵀŶ⟩_F if GRAM_PAIR) per (BLOCK, BLOCK) output tile.
 
-    X, Y are (L, M). The program computes its tile T = (XᵀY)[I, J] (GRAM_PAIR: G = (XᵀX)[I, J] and
-    H = (YᵀY)[I, J], one after the other) with BLOCK_L-chunked tl.dot into fp32 accumulators, and
-    stores w·Σ T² (GRAM_PAIR: w·Σ G∘H) at PART[pid], w = 2 for off-diagonal tiles of a TRIANGLE grid
-    (the product is symmetric: X is Y, or a Gram pair), else 1. Masked rows and columns load as
-    zeros and add nothing. Nothing else is stored; the backward recomputes. M_BIN and L_BIN are only
-    autotuning keys.
+    X, Y are (L, M); X̂ = round_to(X.dtype, (X − XSH)·XSC) per K column (the M axis, or the L axis if
+    TRANSFORM_ON_L), each factor only if its HAS_* flag is set, applied to every chunk right after its
+    load (Ŷ likewise with YSH, YSC). The program computes its tile T = (X̂ᵀŶ)[I, J] (GRAM_PAIR:
+    G = (X̂ᵀX̂)[I, J] and H = (ŶᵀŶ)[I, J], one after the other) with BLOCK_L-chunked tl.dot into fp32
+    accumulators, and stores w·Σ T² (GRAM_PAIR: w·Σ G∘H) at PART[pid], w = 2 for off-diagonal tiles of
+    a TRIANGLE grid (the product is symmetric: X̂ is Ŷ, or a Gram pair), else 1. Masked rows and
+    columns are zeros (after the transform too) and add nothing. Nothing else is stored; the backward
+    recomputes. M_BIN and L_BIN are only autotuning keys.
     """
     pid = tl.program_id(0).to(tl.int64)
     i, j = _tile_coords(pid, M, TRIANGLE, BLOCK)
     rows = i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     cols = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     if GRAM_PAIR:
-        g = _xty_tile(X, X, rows, cols, M, L, stride_xl, stride_xm, stride_xl, stride_xm,
+        g = _xty_tile(X, X, XSH, XSC, XSH, XSC, rows, cols, M, L, stride_xl, stride_xm, stride_xl, stride_xm,
+                      HAS_X_SHIFT, HAS_X_SCALE, HAS_X_SHIFT, HAS_X_SCALE, TRANSFORM_ON_L,
                       FP32_PRECISION, BLOCK, BLOCK_L)
-        h = _xty_tile(Y, Y, rows, cols, M, L, stride_yl, stride_ym, stride_yl, stride_ym,
+        h = _xty_tile(Y, Y, YSH, YSC, YSH, YSC, rows, cols, M, L, stride_yl, stride_ym, stride_yl, stride_ym,
+                      HAS_Y_SHIFT, HAS_Y_SCALE, HAS_Y_SHIFT, HAS_Y_SCALE, TRANSFORM_ON_L,
                       FP32_PRECISION, BLOCK, BLOCK_L)
         part = tl.sum(tl.sum(g * h, axis=1), axis=0)
     else:
-        t = _xty_tile(X, Y, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
-                      FP32_PRECISION, BLOCK, BLOCK_L)
+        if TRIANGLE:  # X̂ is Ŷ: one set of parameters, so each chunk of them is loaded once
+            t = _xty_tile(X, Y, XSH, XSC, XSH, XSC, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
+                          HAS_X_SHIFT, HAS_X_SCALE, HAS_X_SHIFT, HAS_X_SCALE, TRANSFORM_ON_L,
+                          FP32_PRECISION, BLOCK, BLOCK_L)
+        else:
+            t = _xty_tile(X, Y, XSH, XSC, YSH, YSC, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
+                          HAS_X_SHIFT, HAS_X_SCALE, HAS_Y_SHIFT, HAS_Y_SCALE, TRANSFORM_ON_L,
+                          FP32_PRECISION, BLOCK, BLOCK_L)
         part = tl.sum(tl.sum(t * t, axis=1), axis=0)
     if TRIANGLE:
         part = tl.where(i == j, part, 2.0 * part)
@@ -252,50 +350,65 @@ def _sq_frobenius_fwd_kernel(
 # backward
 
 
-@autotune(MATRIX_CONFIGS, INTERPRET_TILE_CONFIG, key=["M_BIN", "L_BIN", "TRIANGLE"], prune=_prune("matrix"))
+@autotune(MATRIX_CONFIGS, INTERPRET_TILE_CONFIG, key=["M_BIN", "L_BIN", "TRIANGLE", *_TRANSFORM_KEY],
+          prune=_prune("matrix"))  # fmt: skip
 @triton.jit(do_not_specialize=_NO_SPECIALIZE_TILE)
 def _sq_frobenius_bwd_matrix_kernel(
-    X, Y, W,
+    X, Y, XSH, XSC, YSH, YSC, W,
     M, L,
     stride_xl, stride_xm, stride_yl, stride_ym, stride_wm,
     M_BIN, L_BIN,
-    TRIANGLE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    TRIANGLE: tl.constexpr,
+    HAS_X_SHIFT: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_Y_SHIFT: tl.constexpr, HAS_Y_SCALE: tl.constexpr,
+    TRANSFORM_ON_L: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
-    """W = XᵀY (M x M, fp32, row stride stride_wm) for X, Y (L, M): the backward's one matrix.
+    """W = X̂ᵀŶ (M x M, fp32, row stride stride_wm) for X, Y (L, M): the backward's one matrix.
 
-    One (BLOCK, BLOCK) tile per program, BLOCK_L-chunked tl.dot with fp32 accumulation (exact
-    products for bf16/fp16). TRIANGLE (X is Y: a Gram, or aᵀa) runs the tiles i ≤ j and stores each
-    off-diagonal tile twice, at (i, j) and transposed at (j, i).
+    X̂, Ŷ: the per-K-column transform of the forward kernel (same flags, same rounding), applied to
+    each loaded chunk. One (BLOCK, BLOCK) tile per program, BLOCK_L-chunked tl.dot with fp32
+    accumulation (exact products for bf16/fp16). TRIANGLE (X̂ is Ŷ: a Gram, or âᵀâ) runs the tiles
+    i ≤ j and stores each off-diagonal tile twice, at (i, j) and transposed at (j, i).
     """
     pid = tl.program_id(0).to(tl.int64)
     i, j = _tile_coords(pid, M, TRIANGLE, BLOCK)
     rows = i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     cols = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    t = _xty_tile(X, Y, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym, FP32_PRECISION, BLOCK, BLOCK_L)
+    if TRIANGLE:  # X̂ is Ŷ: one set of parameters, so each chunk of them is loaded once
+        t = _xty_tile(X, Y, XSH, XSC, XSH, XSC, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
+                      HAS_X_SHIFT, HAS_X_SCALE, HAS_X_SHIFT, HAS_X_SCALE, TRANSFORM_ON_L,
+                      FP32_PRECISION, BLOCK, BLOCK_L)
+    else:
+        t = _xty_tile(X, Y, XSH, XSC, YSH, YSC, rows, cols, M, L, stride_xl, stride_xm, stride_yl, stride_ym,
+                      HAS_X_SHIFT, HAS_X_SCALE, HAS_Y_SHIFT, HAS_Y_SCALE, TRANSFORM_ON_L,
+                      FP32_PRECISION, BLOCK, BLOCK_L)
     mask = (rows < M)[:, None] & (cols < M)[None, :]
     tl.store(W + rows[:, None] * stride_wm + cols[None, :], t, mask=mask)
     if TRIANGLE:
         tl.store(W + cols[None, :] * stride_wm + rows[:, None], t, mask=mask & (i != j))
 
 
-@autotune(GRAD_CONFIGS, INTERPRET_GEMM_CONFIG, key=["P_BIN", "Q_BIN", "L_BIN", "W_LEFT", "SCALE_W"],
-          prune=_prune("grad"))  # fmt: skip
+@autotune(GRAD_CONFIGS, INTERPRET_GEMM_CONFIG,
+          key=["P_BIN", "Q_BIN", "L_BIN", "W_LEFT", "SCALE_W", "HAS_SHIFT", "HAS_SCALE"], prune=_prune("grad"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE_GEMM)
 def _sq_frobenius_bwd_grad_kernel(
-    X, Y, GRAD, WMAX, OUT,
+    X, Y, SHIFT, SCALE, GRAD, WMAX, OUT,
     P, Q, L,
     stride_xp, stride_xl, stride_yl, stride_yq, stride_op,
     coef, P_BIN, Q_BIN, L_BIN,
-    W_LEFT: tl.constexpr, SCALE_W: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    W_LEFT: tl.constexpr, SCALE_W: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """OUT = coef·grad·(X @ Y) (P x Q, OUT's dtype, unit column stride) for X (P, L), Y (L, Q).
 
     One operand is the fp32 matrix W from the matrix kernel (X if W_LEFT, else Y; any strides, so
-    Wᵀ is a view), the other an input (R, K) in its own dtype. One (BLOCK_P, BLOCK_Q) tile per
-    program in grouped order, BLOCK_L-chunked tl.dot into an fp32 accumulator, scaled once at the
-    end by coef·grad (grad a 0-dim device tensor).
+    Wᵀ is a view), the other an input Z (R, K) in its own dtype, used as Ẑ = round_to(Z.dtype,
+    (Z − SHIFT)·SCALE) per K column (each factor only if its HAS_* flag is set) right after each load:
+    K is Y's Q axis if W_LEFT ("outer": the tile's parameters, loaded once), else X's L axis ("inner":
+    one chunk per chunk of L). One (BLOCK_P, BLOCK_Q) tile per program in grouped order,
+    BLOCK_L-chunked tl.dot into an fp32 accumulator, scaled once at the end by coef·grad (grad a
+    0-dim device tensor).
 
     The W tile is rounded to the input dtype (tensor cores), as `mm_weights` does. Measured against
     the float64 oracle (max-norm relative error of da and db, 32 cases of the test shapes, both
@@ -326,23 +439,28 @@ def _sq_frobenius_bwd_grad_kernel(
         w_max = tl.load(WMAX).to(tl.float32)
         w_inv = tl.where(w_max > 0.0, 1.0 / tl.where(w_max > 0.0, w_max, 1.0), 0.0)
         scale = scale * w_max
+    if W_LEFT:
+        z_shift, z_scale = _col_params(SHIFT, SCALE, cols, col_mask, HAS_SHIFT, HAS_SCALE)
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
         l_mask = ls < L
-        x = tl.load(X + rows[:, None] * stride_xp + ls[None, :] * stride_xl,
-                    mask=row_mask[:, None] & l_mask[None, :], other=0.0)
-        y = tl.load(Y + ls[:, None] * stride_yl + cols[None, :] * stride_yq,
-                    mask=l_mask[:, None] & col_mask[None, :], other=0.0)
+        x_mask = row_mask[:, None] & l_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xp + ls[None, :] * stride_xl, mask=x_mask, other=0.0)
+        y_mask = l_mask[:, None] & col_mask[None, :]
+        y = tl.load(Y + ls[:, None] * stride_yl + cols[None, :] * stride_yq, mask=y_mask, other=0.0)
         if W_LEFT:
             if SCALE_W:
                 x = x * w_inv
             x = round_to(x, OUT.dtype.element_ty)  # fp32 -> fp32 for fp32 inputs: a no-op
+            y = _transform(y, z_shift, z_scale, y_mask, 1, HAS_SHIFT, HAS_SCALE)
         else:
             if SCALE_W:
                 y = y * w_inv
             y = round_to(y, OUT.dtype.element_ty)
+            z_shift_l, z_scale_l = _col_params(SHIFT, SCALE, ls, l_mask, HAS_SHIFT, HAS_SCALE)
+            x = _transform(x, z_shift_l, z_scale_l, x_mask, 1, HAS_SHIFT, HAS_SCALE)
         acc = mm(x, y, acc, FP32_PRECISION)
     tl.store(OUT + rows[:, None] * stride_op + cols[None, :], round_to(acc * scale, OUT.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
@@ -384,15 +502,44 @@ def _operands(a: Tensor, b: Optional[Tensor], route: str) -> tuple[Tensor, Tenso
     return x, y
 
 
-def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], route: str) -> Tensor:
-    """‖aᵀb‖²_F (b None: b is a) as a 0-dim fp32 tensor. a, b: (R, K), any strides."""
+def _check_params(a: Tensor, b: Optional[Tensor], params: tuple) -> None:
+    """Shifts and scales: None or contiguous fp32 (K,) on a's device; none for b when b is None."""
+    k = a.shape[1]
+    names = ("a_shift", "a_scale", "b_shift", "b_scale")
+    for name, t in zip(names, params):
+        if t is None:
+            continue
+        if b is None and name[0] == "b":
+            raise ValueError(f"{name} given but b is None (b̂ is â)")
+        if t.dtype != torch.float32 or t.shape != (k,) or not t.is_contiguous() or t.device != a.device:
+            raise ValueError(
+                f"{name} must be a contiguous float32 ({k},) tensor on {a.device}, got "
+                f"{t.dtype} {tuple(t.shape)} on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}"
+            )
+
+
+def _flags(prefix: str, shift: Optional[Tensor], scale: Optional[Tensor]) -> dict:
+    return {f"HAS_{prefix}SHIFT": shift is not None, f"HAS_{prefix}SCALE": scale is not None}
+
+
+def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tensor], a_scale: Optional[Tensor],
+                         b_shift: Optional[Tensor], b_scale: Optional[Tensor], route: str) -> Tensor:
+    """‖âᵀb̂‖²_F (b None: b̂ is â) as a 0-dim fp32 tensor. a, b: (R, K), any strides.
+
+    â = round_to(a.dtype, (a − a_shift)·a_scale) per column in fp32 (a missing shift is 0, a missing
+    scale 1), b̂ likewise; shifts and scales are None or contiguous fp32 (K,), applied in the tile loads.
+    """
     _check_route(route)
+    _check_params(a, b, (a_shift, a_scale, b_shift, b_scale))
     x, y = _operands(a, b, route)
     l, m = x.shape
     if l == 0 or m == 0:
         return torch.zeros((), dtype=torch.float32, device=a.device)
     gram_pair = route == "outer" and b is not None
     triangle = b is None or gram_pair
+    if b is None:  # Ŷ is X̂
+        b_shift, b_scale = a_shift, a_scale
+    flags = {**_flags("X_", a_shift, a_scale), **_flags("Y_", b_shift, b_scale)}
     kernel = _sq_frobenius_fwd_kernel
     # One slot per program of the config with the most programs; the sum reads only the slots of the
     # config that ran (benchmark runs of other configs may leave stale slots behind it).
@@ -401,31 +548,35 @@ def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], route: str) -> Tensor:
     grid = lambda META: (_n_tiles(m, META["BLOCK"], triangle),)  # noqa: E731
     with _device_ctx(a):
         kernel[grid](
-            x, y, part,
+            x, y, a_shift, a_scale, b_shift, b_scale, part,
             m, l,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             _bin(m), _l_bin(l),
-            TRIANGLE=triangle, GRAM_PAIR=gram_pair, FP32_PRECISION=FP32_DOT_PRECISION,
+            TRIANGLE=triangle, GRAM_PAIR=gram_pair, **flags, TRANSFORM_ON_L=route == "outer" and any(flags.values()),
+            FP32_PRECISION=FP32_DOT_PRECISION,
         )  # fmt: skip
     return part[: _n_tiles(m, kernel.best_config.kwargs["BLOCK"], triangle)].sum()
 
 
-def _matrix(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-    """w (M, M) fp32 ← xᵀy for x, y (L, M); y is x means symmetric (triangle grid)."""
+def _matrix(x: Tensor, y: Tensor, x_params: tuple, y_params: tuple, on_l: bool, w: Tensor) -> Tensor:
+    """w (M, M) fp32 ← x̂ᵀŷ for x, y (L, M) with their (shift, scale); y is x means symmetric (x_params
+    must then be y_params: triangle grid). on_l: the transform's K axis is L (outer route)."""
     l, m = x.shape
     triangle = y is x
+    flags = {**_flags("X_", *x_params), **_flags("Y_", *y_params)}
     _sq_frobenius_bwd_matrix_kernel[lambda META: (_n_tiles(m, META["BLOCK"], triangle),)](
-        x, y, w,
+        x, y, *x_params, *y_params, w,
         m, l,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), w.stride(0),
         _bin(m), _l_bin(l),
-        TRIANGLE=triangle, FP32_PRECISION=FP32_DOT_PRECISION,
+        TRIANGLE=triangle, **flags, TRANSFORM_ON_L=on_l and any(flags.values()), FP32_PRECISION=FP32_DOT_PRECISION,
     )  # fmt: skip
     return w
 
 
-def _grad(x: Tensor, y: Tensor, w_left: bool, grad: Tensor, coef: float, out: Tensor) -> Tensor:
-    """out (P, Q) ← coef·grad·(x @ y), one of x, y the fp32 matrix (x if w_left)."""
+def _grad(x: Tensor, y: Tensor, w_left: bool, z_params: tuple, grad: Tensor, coef: float, out: Tensor) -> Tensor:
+    """out (P, Q) ← coef·grad·(x @ y), one of x, y the fp32 matrix (x if w_left), the other an input
+    transformed with z_params = (shift, scale) along its K axis."""
     p, l = x.shape
     q = y.shape[1]
     w = x if w_left else y
@@ -435,21 +586,26 @@ def _grad(x: Tensor, y: Tensor, w_left: bool, grad: Tensor, coef: float, out: Te
     w_max = torch.linalg.vector_norm(w, float("inf")) if scale_w else grad
     grid = lambda META: (triton.cdiv(p, META["BLOCK_P"]) * triton.cdiv(q, META["BLOCK_Q"]),)  # noqa: E731
     _sq_frobenius_bwd_grad_kernel[grid](
-        x, y, grad, w_max, out,
+        x, y, *z_params, grad, w_max, out,
         p, q, l,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0),
         coef, _bin(p), _bin(q), _l_bin(l),
-        W_LEFT=w_left, SCALE_W=scale_w, FP32_PRECISION=FP32_DOT_PRECISION,
+        W_LEFT=w_left, SCALE_W=scale_w, **_flags("", *z_params), FP32_PRECISION=FP32_DOT_PRECISION,
     )  # fmt: skip
     return out
 
 
-def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], grad: Tensor, route: str) -> tuple[Tensor, Tensor]:
-    """(da, db) of grad·‖aᵀb‖²_F in the input dtypes; b None: (da with both roles, an empty db).
+def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tensor], a_scale: Optional[Tensor],
+                          b_shift: Optional[Tensor], b_scale: Optional[Tensor], grad: Tensor,
+                          route: str) -> tuple[Tensor, Tensor]:
+    """(dâ, db̂) of grad·‖âᵀb̂‖²_F in the input dtypes; b None: (dâ with both roles, an empty db̂).
 
-    Materialises one fp32 matrix: C = aᵀb (K x K) for "inner", one R x R Gram at a time for "outer".
+    The gradients are with respect to the transformed operands â, b̂ (see `sq_frobenius_forward`);
+    the op layer chains them through the transform. Materialises one fp32 matrix: C = âᵀb̂ (K x K)
+    for "inner", one R x R Gram at a time for "outer"; â and b̂ exist only in the kernels' tiles.
     """
     _check_route(route)
+    _check_params(a, b, (a_shift, a_scale, b_shift, b_scale))
     same = b is None
     r, k = a.shape
     da = torch.empty((r, k), dtype=a.dtype, device=a.device)
@@ -459,23 +615,26 @@ def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], grad: Tensor, route: s
     if grad.device != a.device:
         grad = grad.to(a.device)
     coef = 4.0 if same else 2.0
+    pa = (a_shift, a_scale)
+    pb = (b_shift, b_scale)
     with _device_ctx(a):
         if route == "inner":
-            # C = aᵀb; da = coef·g·b·Cᵀ, db = coef·g·a·C (b is a: C symmetric, da = coef·g·a·C).
-            c = _matrix(a, a if same else b, torch.empty((k, k), dtype=torch.float32, device=a.device))
+            # C = âᵀb̂; dâ = coef·g·b̂·Cᵀ, db̂ = coef·g·â·C (b̂ is â: C symmetric, dâ = coef·g·â·C).
+            c = torch.empty((k, k), dtype=torch.float32, device=a.device)
             if same:
-                _grad(a, c, False, grad, coef, da)
+                _grad(a, _matrix(a, a, pa, pa, False, c), False, pa, grad, coef, da)
             else:
-                _grad(b, c.t(), False, grad, coef, da)
-                _grad(a, c, False, grad, coef, db)
+                _matrix(a, b, pa, pb, False, c)
+                _grad(b, c.t(), False, pb, grad, coef, da)
+                _grad(a, c, False, pa, grad, coef, db)
         else:
-            # da = coef·g·(bbᵀ)·a, then db = coef·g·(aaᵀ)·b with aaᵀ in the same buffer (stream order).
+            # dâ = coef·g·(b̂b̂ᵀ)·â, then db̂ = coef·g·(ââᵀ)·b̂ with ââᵀ in the same buffer (stream order).
             g = torch.empty((r, r), dtype=torch.float32, device=a.device)
             at = a.t()
             if same:
-                _grad(_matrix(at, at, g), a, True, grad, coef, da)
+                _grad(_matrix(at, at, pa, pa, True, g), a, True, pa, grad, coef, da)
             else:
                 bt = b.t()
-                _grad(_matrix(bt, bt, g), a, True, grad, coef, da)
-                _grad(_matrix(at, at, g), b, True, grad, coef, db)
+                _grad(_matrix(bt, bt, pb, pb, True, g), a, True, pa, grad, coef, da)
+                _grad(_matrix(at, at, pa, pa, True, g), b, True, pb, grad, coef, db)
     return da, db
