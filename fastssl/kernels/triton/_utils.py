@@ -8,6 +8,7 @@ config when interpreting. The full lists stay importable for the ahead-of-time c
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -30,6 +31,19 @@ def autotune(configs, interpret_config, key, prune=None):
         return triton.autotune(configs=[interpret_config], key=key)
     by = {"early_config_prune": prune} if prune is not None else None
     return triton.autotune(configs=list(configs), key=key, prune_configs_by=by)
+
+
+#: Shared memory per block when no device can be asked (sm_80's 163 KiB; sm_90 has 227 KiB).
+DEFAULT_SMEM_LIMIT = 163 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def device_smem_limit(device_index: int) -> int:
+    """Max dynamic shared memory per block of CUDA device `device_index`, for autotune pruning."""
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # an unknown driver: fall back to the smallest limit we target
+        return DEFAULT_SMEM_LIMIT
 
 
 @triton.jit

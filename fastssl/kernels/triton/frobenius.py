@@ -45,7 +45,6 @@ Launchers allocate outputs, take strides, and launch on the current stream.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -53,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastssl.kernels.triton._utils import autotune, mm, round_to
+from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, round_to
 
 #: fp32 inputs must match an fp32 reference to ~1e-5, so their dots run in full fp32 (CUDA cores).
 FP32_DOT_PRECISION = "ieee"
@@ -98,8 +97,6 @@ FP32_MAX_TILE = 64 * 64
 #: fp32 accumulator registers per thread above which a config would spill (two 128 x 128 Gram tiles
 #: on 8 warps would need 128).
 MAX_ACC_REGS = 64
-#: Shared memory per block when no device can be asked (sm_80's 163 KiB; sm_90 has 227 KiB).
-DEFAULT_SMEM_LIMIT = 163 * 1024
 
 
 def transform_l_params(kind: str, flags: dict) -> int:
@@ -166,18 +163,11 @@ def candidate_configs(kind: str, itemsize: int, smem_limit: int, gram_pair: bool
     return [c for c in CONFIGS[kind] if keep(c)] or [smallest]
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_limit(device_index: int) -> int:
-    try:
-        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
-    except Exception:  # an unknown driver: fall back to the smallest limit we target
-        return DEFAULT_SMEM_LIMIT
-
 
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
         x = named_args["OUT" if kind == "grad" else "Y"]  # has the input dtype
-        return candidate_configs(kind, x.element_size(), _smem_limit(x.device.index or 0),
+        return candidate_configs(kind, x.element_size(), device_smem_limit(x.device.index or 0),
                                  bool(kwargs.get("GRAM_PAIR", False)), bool(kwargs.get("W_LEFT", False)),
                                  transform_l_params(kind, kwargs))
 

@@ -31,7 +31,6 @@ read `scale` on the device (no host sync) and launch on the current stream.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -39,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastssl.kernels.triton._utils import autotune, mm, mm_weights, round_to
+from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, mm_weights, round_to
 
 #: fp32 inputs must match an fp32 reference to ~1e-5, so their dots run in full fp32 (CUDA cores).
 #: "tf32x3" (three TF32 tensor-core products, ~1e-6 relative per product) is the fast alternative.
@@ -85,8 +84,6 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, nu
 #: fp32 dots run on CUDA cores (FP32_DOT_PRECISION = "ieee"): big tiles buy nothing there and take
 #: ~20 s each to compile, so fp32 keeps the tiles of at most this many logits.
 FP32_MAX_TILE = 64 * 64
-#: Shared memory per block when no device can be asked (sm_80's 163 KiB; sm_90 has 227 KiB).
-DEFAULT_SMEM_LIMIT = 163 * 1024
 
 
 def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k: bool, itemsize: int, stages: int,
@@ -128,18 +125,11 @@ def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, bl
     return keep or [smallest]
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_limit(device_index: int) -> int:
-    try:
-        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
-    except Exception:  # an unknown driver: fall back to the smallest limit we target
-        return DEFAULT_SMEM_LIMIT
-
 
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
         x = named_args["X"]
-        limit = _smem_limit(x.device.index or 0)  # CUDA tensors always carry their index
+        limit = device_smem_limit(x.device.index or 0)  # CUDA tensors always carry their index
         return candidate_configs(kind, x.element_size(), kwargs["BLOCK_K"], kwargs["SINGLE_K"],
                                  kwargs.get("BLOCK_DOUT", 0), limit)
 
