@@ -9,6 +9,8 @@ grad_output. Routes must agree with each other; fp64 gradcheck on the torch back
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import fastssl
@@ -336,3 +338,19 @@ def test_modules_match_lightly(name, route):
         results = [_value_and_grads(module, z1, z2, 1.0) for module in (ours, theirs)]
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    r=st.integers(1, 40),
+    k=st.integers(1, 40),
+    same=st.booleans(),
+    route=st.sampled_from(OP_ROUTES),
+    seed=st.integers(0, 2**16),
+)
+def test_op_any_shape_property(r, k, same, route, seed):
+    """Any (R, K), either route, shared or separate operands: the torch backend equals the dense value."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(r, k, generator=gen, dtype=torch.float64)
+    b = a if same else torch.randn(r, k, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(sq_frobenius(a, b, route=route, backend="torch"), _dense(a, b), rtol=1e-10, atol=1e-12)
