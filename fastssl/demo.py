@@ -26,7 +26,8 @@ RTOL, ATOL = 2e-4, 1e-6
 
 # name -> (fastssl call, spec call); each takes (z1, z2, bank) and uses its loss's default temperature.
 LOSSES: dict[str, tuple[Callable, Callable]] = {
-    "nt_xent": (lambda a, b, k, be: fastssl.nt_xent_loss(a, b, backend=be), lambda a, b, k: reference.nt_xent_loss(a, b)),
+    "nt_xent": (lambda a, b, k, be: fastssl.nt_xent_loss(a, b, backend=be),
+                lambda a, b, k: reference.nt_xent_loss(a, b)),
     "moco": (lambda a, b, k, be: fastssl.moco_loss(a, b, k, backend=be), lambda a, b, k: reference.moco_loss(a, b, k)),
     "dcl": (lambda a, b, k, be: fastssl.dcl_loss(a, b, backend=be), lambda a, b, k: reference.dcl_loss(a, b)),
     "dclw": (lambda a, b, k, be: fastssl.dcl_loss(a, b, sigma=0.5, backend=be),

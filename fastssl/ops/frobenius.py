@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastssl.ops.reductions import chain_transform
+from fastssl.ops.reductions import chain_transform, compute_dtype
 
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.frobenius",
@@ -41,10 +41,6 @@ def _kernels(backend: str):
     if backend not in _KERNEL_MODULES:
         raise ValueError(f"sq_frobenius has no backend {backend!r}; choose one of {tuple(_KERNEL_MODULES)}")
     return importlib.import_module(_KERNEL_MODULES[backend])
-
-
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def check_route(route: object) -> str:
@@ -91,7 +87,7 @@ def sq_frobenius_fwd(
 
 @sq_frobenius_fwd.register_fake
 def _(a, b, a_shift, a_scale, b_shift, b_scale, route, backend):
-    return a.new_empty((), dtype=_stat_dtype(a))
+    return a.new_empty((), dtype=compute_dtype(a))
 
 
 @torch.library.custom_op("fastssl::sq_frobenius_bwd", mutates_args=())
@@ -171,7 +167,7 @@ def sq_frobenius(
         raise ValueError("sq_frobenius: b_shift/b_scale need a b (with b=None, b̂ is â)")
     if b is not None and (b.shape != a.shape or b.dtype != a.dtype or b.device != a.device):
         raise ValueError(f"sq_frobenius: a {tuple(a.shape)} {a.dtype} and b {tuple(b.shape)} {b.dtype} must match")
-    k, acc = a.shape[1], _stat_dtype(a)
+    k, acc = a.shape[1], compute_dtype(a)
     # The kernels read the transform as contiguous (K,) vectors in the compute dtype.
     a_shift, a_scale, b_shift, b_scale = (
         None if t is None else t.reshape(k).to(device=a.device, dtype=acc).contiguous()

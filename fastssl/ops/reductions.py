@@ -72,11 +72,12 @@ class ColumnDot(torch.autograd.Function):
         a, b, a_shift, a_scale, b_shift, b_scale = ctx.saved_tensors
         needs = ctx.needs_input_grad
         a_hat = apply_transform(a, a_shift, a_scale)
+        a_needs = (needs[0], needs[2], needs[3])
         if b is None:  # Σ_r â_rk²: both roles
-            da, da_shift, da_scale = chain_transform(2 * grad * a_hat, a, a_shift, a_scale, (needs[0], needs[2], needs[3]))
+            da, da_shift, da_scale = chain_transform(2 * grad * a_hat, a, a_shift, a_scale, a_needs)
             return da, None, da_shift, da_scale, None, None
         b_hat = apply_transform(b, b_shift, b_scale)
-        da, da_shift, da_scale = chain_transform(grad * b_hat, a, a_shift, a_scale, (needs[0], needs[2], needs[3]))
+        da, da_shift, da_scale = chain_transform(grad * b_hat, a, a_shift, a_scale, a_needs)
         db, db_shift, db_scale = chain_transform(grad * a_hat, b, b_shift, b_scale, (needs[1], needs[4], needs[5]))
         return da, db, da_shift, da_scale, db_shift, db_scale
 
