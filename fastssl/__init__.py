@@ -16,6 +16,8 @@ from fastssl.functional import (
     nt_xent_loss,
     spectral_contrastive_loss,
     uniformity,
+    vicreg_ctr_loss,
+    vicreg_exp_loss,
     vicreg_loss,
 )
 from fastssl import autograd, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
@@ -32,6 +34,8 @@ __all__ = [
     "barlow_twins_loss",
     "vicreg_loss",
     "spectral_contrastive_loss",
+    "vicreg_exp_loss",
+    "vicreg_ctr_loss",
     "autograd",
     "nn",
     "reference",

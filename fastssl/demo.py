@@ -40,6 +40,10 @@ LOSSES: dict[str, tuple[Callable, Callable]] = {
     "vicreg": (lambda a, b, k, be: fastssl.vicreg_loss(a, b, backend=be), lambda a, b, k: reference.vicreg_loss(a, b)),
     "spectral": (lambda a, b, k, be: fastssl.spectral_contrastive_loss(a, b, backend=be),
                  lambda a, b, k: reference.spectral_contrastive_loss(a, b)),
+    "vicreg_exp": (lambda a, b, k, be: fastssl.vicreg_exp_loss(a, b, backend=be),
+                   lambda a, b, k: reference.vicreg_exp_loss(a, b)),
+    "vicreg_ctr": (lambda a, b, k, be: fastssl.vicreg_ctr_loss(a, b, backend=be),
+                   lambda a, b, k: reference.vicreg_ctr_loss(a, b)),
 }
 
 
@@ -93,14 +97,19 @@ def main(argv: "list[str] | None" = None) -> int:
         _run(fused, z1, z2, bank)  # warm-up: lazy initialisation (and Triton autotuning) stays untimed
         v, g, t = _run(fused, z1, z2, bank)
         v64, g64, t64 = _run(spec, z1.double(), z2.double(), bank.double())
+        v32, g32, _ = _run(spec, z1, z2, bank)  # the plain fp32 computation: the conditioning's floor
         value_used = _value_tol_used(v, v64)
         grad_used = max(_grad_tol_used(a, b) for a, b in zip(g, g64))
-        ok = value_used <= 1 and grad_used <= 1
+        # FlashAttention's rule where the problem itself is ill-conditioned in fp32 (e.g. CLIP with
+        # near-perfect alignment at τ = 0.07): within twice the fp32 spec's own error is a pass.
+        value_floor = 2 * _value_tol_used(v32, v64)
+        grad_floor = 2 * max(_grad_tol_used(a, b) for a, b in zip(g32, g64))
+        ok = value_used <= max(1, value_floor) and grad_used <= max(1, grad_floor)
         failed += [] if ok else [name]
         print(f"{name:<13} {v.item():>12.6f} {v64.item():>12.6f} {abs(v.item() - v64.item()):>9.1e} "
               f"{value_used:>8.1%} {grad_used:>13.1%} {t * 1e3:>10.1f} {t64 * 1e3:>8.1f}{'' if ok else '  MISMATCH'}")
     print(f"\ntol used: |Δ loss| / ({ATOL:g} + {RTOL:g}·|loss|); grad tol used: max |Δ grad| / ({RTOL:g}·max |grad|), "
-          "over both inputs. Above 100% is a mismatch.")
+          "over both inputs. Above 100% is a mismatch unless within twice the error of the spec computed in fp32.")
     if failed:
         print(f"MISMATCH in: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -38,6 +38,8 @@ __all__ = [
     "barlow_twins_loss",
     "vicreg_loss",
     "spectral_contrastive_loss",
+    "vicreg_exp_loss",
+    "vicreg_ctr_loss",
 ]
 
 
@@ -167,9 +169,11 @@ def clip_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.07, *, backen
         return reference.clip_loss(z1, z2, temperature)
     a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     scale = inverse_temperature(temperature, z1)
-    lse_rows, pos = pairwise_lse(a, b, None, scale, backend=backend)
-    lse_cols, _ = pairwise_lse(b, a, None, scale, backend=backend)
-    return 0.5 * (lse_rows.mean() + lse_cols.mean()) - pos.mean()
+    lse_rows, pos_rows = pairwise_lse(a, b, None, scale, backend=backend)
+    lse_cols, pos_cols = pairwise_lse(b, a, None, scale, backend=backend)
+    # Subtract per row before averaging: well-aligned towers have lse_i ≈ pos_i ≈ 1/τ, and the
+    # difference of two means would cancel their rounding into the (tiny) loss.
+    return 0.5 * ((lse_rows - pos_rows).mean() + (lse_cols - pos_cols).mean())
 
 
 def uniformity(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
@@ -341,3 +345,99 @@ def spectral_contrastive_loss(
     part1 = -2.0 * row_dots.sum() / n
     part2 = (frob - row_dots.square().sum()) / (n * (n - 1))
     return (part1 + part2) / mu
+
+
+# --------------------------------------------------------------------------------------------------
+# VICReg-exp / VICReg-ctr (seed 002): the covariance penalty as a LogSumExp, computed by the
+# pairwise-LSE op (family 1) on the centred, transposed embeddings — the sample-/dimension-contrastive
+# duality made literal: one kernel, two orientations, no D x D (or N x N) matrix.
+# --------------------------------------------------------------------------------------------------
+
+
+def _dimension_lse(z: Tensor, temperature: Temperature, backend: str) -> Tensor:
+    """c_exp(z) = (1/D) Σ_d LSE_{e≠d} Cov(z)_de/τ for z (N, D), Cov unbiased over the N rows.
+
+    Cov = xxᵀ with x = ((z − z̄)/√(N − 1))ᵀ, a (D, N) transposed view of the centred copy: each
+    dimension is a row of the pairwise-LSE op, its own column excluded, no positive.
+    """
+    n = z.shape[0]
+    mean, _ = column_mean_var(z, unbiased=True)
+    x = ((z.to(mean.dtype) - mean) / math.sqrt(n - 1)).to(z.dtype).T
+    lse, _ = pairwise_lse(x, x, None, inverse_temperature(temperature, z), exclude_self=True, include_pos=False,
+                          backend=backend)  # fmt: skip
+    return lse.mean()
+
+
+def _vicreg_variance(z: Tensor, eps: float) -> Tensor:
+    """v(z) = mean_d relu(1 − sqrt(Var_d(z) + eps)), Var unbiased over the N rows."""
+    _, var = column_mean_var(z, unbiased=True)
+    return F.relu(1.0 - torch.sqrt(var + eps)).mean()
+
+
+def vicreg_exp_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = reference.VICREG_EXP_TEMPERATURE,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    eps: float = 1e-4,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """VICReg-exp (seed 002): VICReg whose covariance penalty is a LogSumExp over dimensions.
+
+        c_exp(z) = (1/D) Σ_d LSE_{e≠d} Cov(z)_de/τ,   Cov = (z − z̄)ᵀ(z − z̄)/(N − 1)
+        loss     = λ·mean(z1 − z2)² + μ·½[v(z1) + v(z2)] + ν·[c_exp(z1) + c_exp(z2)]
+
+    v is VICReg's variance hinge. Each dimension is an anchor contrasted against the other D − 1
+    (no positive, as DCL's negative LSE). Default τ = 0.1: the variance hinge keeps Cov entries
+    correlation-sized, the range of cosine similarities, and 0.1 is DCL's default for that range
+    (the reasoning is in fastssl.reference.vicreg_exp_loss). Memory O(N·D): the D x D covariance
+    is never built.
+
+    Args: z1, z2 (N, D), N ≥ 2, D ≥ 2; temperature τ > 0; λ, μ, ν ≥ 0; eps > 0. Returns a 0-dim loss.
+    """
+    _check_pair(z1, z2)
+    if z1.shape[1] < 2:
+        raise ValueError(f"vicreg_exp_loss needs D ≥ 2 dimensions to contrast, got shape {tuple(z1.shape)}")
+    check_positive("temperature", temperature)
+    for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
+        check_nonnegative(name, value)
+    check_positive("eps", eps)
+    backend = resolve_backend(backend, z1)
+    if backend == "reference":
+        return reference.vicreg_exp_loss(z1, z2, temperature, lambda_param, mu_param, nu_param, eps)
+    acc = compute_dtype(z1)
+    invariance = (z1.to(acc) - z2.to(acc)).square().mean()
+    variance = 0.5 * (_vicreg_variance(z1, eps) + _vicreg_variance(z2, eps))
+    covariance = _dimension_lse(z1, temperature, backend) + _dimension_lse(z2, temperature, backend)
+    return lambda_param * invariance + mu_param * variance + nu_param * covariance
+
+
+def vicreg_ctr_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = reference.VICREG_EXP_TEMPERATURE,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    eps: float = 1e-4,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """VICReg-ctr (seed 002): VICReg-exp applied to zᵀ, the sample-contrastive side of the duality.
+
+    ``vicreg_ctr_loss(z1, z2) == vicreg_exp_loss(z1.T, z2.T)``: the variance hinge is over each
+    sample's D coordinates (unbiased), and c_ctr(z) = (1/N) Σ_i LSE_{j≠i} G(z)_ij/τ with
+    G = (z − z̄_row)(z − z̄_row)ᵀ/(D − 1), the Gram matrix of the row-centred embeddings. The
+    invariance term is unchanged. Default τ = 0.1, as VICReg-exp. Memory O(N·D): no N x N matrix.
+
+    Args: z1, z2 (N, D), N ≥ 2, D ≥ 2; as vicreg_exp_loss. Returns a 0-dim loss.
+    """
+    _check_pair(z1, z2)
+    if z1.shape[1] < 2:
+        raise ValueError(f"vicreg_ctr_loss needs D ≥ 2 coordinates per sample, got shape {tuple(z1.shape)}")
+    if resolve_backend(backend, z1) == "reference":
+        return reference.vicreg_ctr_loss(z1, z2, temperature, lambda_param, mu_param, nu_param, eps)
+    return vicreg_exp_loss(z1.T, z2.T, temperature, lambda_param, mu_param, nu_param, eps, backend=backend)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastssl import functional
+from fastssl import functional, reference
 from fastssl._validation import check_nonnegative, check_positive
 from fastssl.backends import BACKENDS, resolve_backend
 from fastssl.ops.frobenius import check_route
@@ -29,6 +29,8 @@ __all__ = [
     "BarlowTwinsLoss",
     "VICRegLoss",
     "SpectralContrastiveLoss",
+    "VICRegExpLoss",
+    "VICRegCtrLoss",
 ]
 
 
@@ -346,3 +348,43 @@ class SpectralContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mu={self.mu}, route={self.route!r}, backend={self.backend!r}"
+
+
+class VICRegExpLoss(nn.Module):
+    """VICReg-exp (`fastssl.vicreg_exp_loss`, seed 002): the covariance penalty as a LogSumExp over
+    dimensions. Not in lightly; the arguments follow VICRegLoss's, with `temperature` first.
+
+    Args:
+        temperature: τ > 0 (default 0.1; why: fastssl.reference.vicreg_exp_loss).
+        lambda_param, mu_param, nu_param, eps: as VICRegLoss (25, 25, 1, 1e-4).
+        backend: keyword-only.
+    """
+
+    _loss = staticmethod(functional.vicreg_exp_loss)
+
+    def __init__(self, temperature: float = reference.VICREG_EXP_TEMPERATURE, lambda_param: float = 25.0,
+                 mu_param: float = 25.0, nu_param: float = 1.0, eps: float = 1e-4, *, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        check_positive("temperature", temperature)
+        for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
+            check_nonnegative(name, value)
+        check_positive("eps", eps)
+        self.temperature, self.eps = temperature, eps
+        self.lambda_param, self.mu_param, self.nu_param = lambda_param, mu_param, nu_param
+        self.backend = _check_backend(backend)
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """z_a, z_b: (N, D). Returns the loss (0-dim)."""
+        return self._loss(z_a, z_b, self.temperature, self.lambda_param, self.mu_param, self.nu_param, self.eps,
+                          backend=self.backend)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, lambda_param={self.lambda_param}, mu_param={self.mu_param}, "
+                f"nu_param={self.nu_param}, eps={self.eps}, backend={self.backend!r}")  # fmt: skip
+
+
+class VICRegCtrLoss(VICRegExpLoss):
+    """VICReg-ctr (`fastssl.vicreg_ctr_loss`, seed 002): VICReg-exp on zᵀ, sample-contrastive.
+    Same arguments and defaults as VICRegExpLoss."""
+
+    _loss = staticmethod(functional.vicreg_ctr_loss)

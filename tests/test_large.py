@@ -9,6 +9,7 @@ own, not the test session's, and checks forward + backward peak RSS and the valu
 | NT-Xent, 32,768 pairs (2N = 65,536), D = 128 | 2N x 2N logits, 16 GiB | 0.66 GiB, 87 s |
 | Barlow Twins, N = 512, D = 32,768 | C (D x D), 4 GiB | 1.14 GiB, 7 s |
 | spectral, N = 65,536, D = 64 | z1 z2ᵀ (N x N), 16 GiB | 0.58 GiB, 4 s |
+| VICReg-exp, N = 256, D = 16,384 | Cov (D x D), 1 GiB | 0.74 GiB, 29 s |
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ CASES = [
     ("nt_xent", 32768, 128, 3, 65536**2 * 4),
     ("barlow_twins", 512, 32768, 2, 32768**2 * 4),
     ("spectral", 65536, 64, 2, 65536**2 * 4),
+    ("vicreg_exp", 256, 16384, 2, 16384**2 * 4),
 ]
 
 

@@ -1,7 +1,7 @@
 """One loss at a size whose materialised matrix would not fit: run in a fresh process so that its
 peak RSS is its own.
 
-    python tests/scripts/large_loss.py LOSS N D      (LOSS: nt_xent, barlow_twins, spectral)
+    python tests/scripts/large_loss.py LOSS N D      (LOSS: nt_xent, barlow_twins, spectral, vicreg_exp)
 
 Prints one JSON line: the fp32 loss (default backend, forward + backward), the float64 loss of the
 same inputs (torch backend in float64, forward only, after the peak was read), the peak RSS, timings.
@@ -20,6 +20,7 @@ LOSSES = {
     "nt_xent": fastssl.nt_xent_loss,
     "barlow_twins": fastssl.barlow_twins_loss,
     "spectral": fastssl.spectral_contrastive_loss,
+    "vicreg_exp": fastssl.vicreg_exp_loss,
 }
 
 name, n, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
