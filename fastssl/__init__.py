@@ -20,7 +20,7 @@ from fastssl.functional import (
     vicreg_exp_loss,
     vicreg_loss,
 )
-from fastssl import autograd, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
+from fastssl import autograd, metrics, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
 
 __all__ = [
     "__version__",
@@ -37,6 +37,7 @@ __all__ = [
     "vicreg_exp_loss",
     "vicreg_ctr_loss",
     "autograd",
+    "metrics",
     "nn",
     "reference",
 ]
