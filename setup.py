@@ -25,10 +25,12 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "tqdm",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"],
+        "plot": ["matplotlib"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
