@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from fastssl.backends import available_backends
 from fastssl.functional import (
     alignment,
+    arcl_loss,
     barlow_twins_loss,
     clip_loss,
     dcl_loss,
@@ -36,6 +37,7 @@ __all__ = [
     "spectral_contrastive_loss",
     "vicreg_exp_loss",
     "vicreg_ctr_loss",
+    "arcl_loss",
     "autograd",
     "metrics",
     "nn",

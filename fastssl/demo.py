@@ -44,6 +44,9 @@ LOSSES: dict[str, tuple[Callable, Callable]] = {
                    lambda a, b, k: reference.vicreg_exp_loss(a, b)),
     "vicreg_ctr": (lambda a, b, k, be: fastssl.vicreg_ctr_loss(a, b, backend=be),
                    lambda a, b, k: reference.vicreg_ctr_loss(a, b)),
+    # m = 3 views: the two given and a third between them, so that the worst pair varies by sample.
+    "arcl": (lambda a, b, k, be: fastssl.arcl_loss([a, b, 0.5 * (a + b) - 0.3 * a.roll(1, 1)], backend=be),
+             lambda a, b, k: reference.arcl_loss([a, b, 0.5 * (a + b) - 0.3 * a.roll(1, 1)])),
 }
 
 

@@ -8,7 +8,7 @@ z1, z2 are (N, D) embeddings of two views; the loss is a 0-dim fp32 tensor (fp64
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from fastssl.backends import resolve_backend
 from fastssl.ops.frobenius import check_route, choose_side, op_route, sq_frobenius
 from fastssl.ops.pairwise_lse import pairwise_lse
 from fastssl.ops.reductions import column_dot, column_mean_var, compute_dtype
+from fastssl.ops.worst_pair import worst_pair
 
 __all__ = [
     "nt_xent_loss",
@@ -40,6 +41,7 @@ __all__ = [
     "spectral_contrastive_loss",
     "vicreg_exp_loss",
     "vicreg_ctr_loss",
+    "arcl_loss",
 ]
 
 
@@ -441,3 +443,67 @@ def vicreg_ctr_loss(
     if resolve_backend(backend, z1) == "reference":
         return reference.vicreg_ctr_loss(z1, z2, temperature, lambda_param, mu_param, nu_param, eps)
     return vicreg_exp_loss(z1.T, z2.T, temperature, lambda_param, mu_param, nu_param, eps, backend=backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# ArCL (seeds 000/003): SimCLR with each sample's worst positive pair over m views.
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_views(views: object) -> Tensor:
+    """views as an (N, m, D) tensor: given as one such tensor or as a list/tuple of m (N, D) tensors."""
+    if isinstance(views, (list, tuple)):
+        if len(views) < 2:
+            raise ValueError(f"views needs at least 2 views per sample, got a {type(views).__name__} of {len(views)}")
+        for index, view in enumerate(views):
+            check_embeddings(f"views[{index}]", view)
+            check_same("views[0]", views[0], f"views[{index}]", view)
+        return torch.stack(list(views), dim=1)
+    check_embeddings("views", views, ndim=3)
+    if views.shape[1] < 2:
+        raise ValueError(f"views must be (N, m, D) with m ≥ 2 views per sample, got shape {tuple(views.shape)}")
+    return views
+
+
+def arcl_loss(
+    views: Union[Tensor, Sequence[Tensor]], temperature: Temperature = 0.5, *, backend: str = "auto"
+) -> Tensor:
+    """ArCL on top of SimCLR (seeds 000/003, Algorithm 1): NT-Xent with each sample's worst positive.
+
+    Rows are normalised, z_ij = n(view j of sample i). The worst positive is the pair of views
+    farthest apart (seed 000's "max over augmentations" of the distance)::
+
+        s_i⁺ = min_{j<k} z_ij·z_ik
+
+    Anchors are views 0 and 1 of every sample, Z = [z_·0; z_·1] (2N, D); anchor a of sample i has
+    partner p(a) = (a + N) mod 2N, which is neither a positive nor a negative::
+
+        ℓ_a  = −s_i⁺/τ + log(exp(s_i⁺/τ) + Σ_{b ∉ {a, p(a)}} exp(Z_a·Z_b/τ))
+             = softplus(LSE_{b ∉ {a, p(a)}} Z_a·Z_b/τ − s_i⁺/τ)
+        loss = 1/(2N) Σ_a ℓ_a
+
+    With m = 2, s_i⁺ = z_i0·z_i1 and this equals :func:`nt_xent_loss`. The gradient of s_i⁺ flows
+    through the selected pair only (ties: the first pair in (j, k) order). Composition: one
+    worst-pair pass over the N·m·D views (per-sample m x m similarities, min and argmin fused, three
+    numbers kept per sample), the pairwise-LSE op over the negatives of Z (the 2N x 2N logits are
+    never stored), and an O(N) softplus — computed as softplus of the difference so that a
+    well-separated positive keeps its precision.
+
+    Args: views (N, m, D) with N ≥ 2 and m ≥ 2, or a list/tuple of m tensors (N, D) (a training
+    loop's views; stacked into one (N, m, D) copy); temperature τ > 0. Returns a 0-dim loss.
+    The triton backend takes m ≤ 64 views per sample.
+    """
+    views = _check_views(views)
+    check_positive("temperature", temperature)
+    backend = resolve_backend(backend, views)
+    if backend == "reference":
+        return reference.arcl_loss(views, temperature)
+    n = views.shape[0]
+    v = F.normalize(views, dim=-1)
+    scale = inverse_temperature(temperature, views)
+    worst = worst_pair(v, backend=backend) * scale  # s_i⁺/τ, (N,)
+    z = torch.cat([v[:, 0], v[:, 1]])
+    lse_negatives, _ = pairwise_lse(
+        z, z, None, scale, pos_offset=n, exclude_self=True, include_pos=False, backend=backend
+    )
+    return F.softplus(lse_negatives - worst.repeat(2)).mean()

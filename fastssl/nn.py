@@ -31,6 +31,7 @@ __all__ = [
     "SpectralContrastiveLoss",
     "VICRegExpLoss",
     "VICRegCtrLoss",
+    "ArCLLoss",
 ]
 
 
@@ -388,3 +389,31 @@ class VICRegCtrLoss(VICRegExpLoss):
     Same arguments and defaults as VICRegExpLoss."""
 
     _loss = staticmethod(functional.vicreg_ctr_loss)
+
+
+class ArCLLoss(nn.Module):
+    """ArCL (`fastssl.arcl_loss`, seeds 000/003): SimCLR whose positive is each sample's worst pair
+    of views. Not in lightly; the temperature default is NT-Xent's.
+
+    Args:
+        temperature: τ > 0 (default 0.5).
+        backend: keyword-only.
+
+    `forward(views)` takes an (N, m, D) tensor or a list of m (N, D) tensors; `forward(v0, v1, ...)`
+    with m separate (N, D) tensors is the same call. m = 2 is NTXentLoss.
+    """
+
+    def __init__(self, temperature: float = 0.5, *, backend: str = "auto"):
+        super().__init__()
+        check_positive("temperature", temperature)
+        self.temperature = temperature
+        self.backend = _check_backend(backend)
+
+    def forward(self, *views: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        """views: one (N, m, D) tensor, one list of m (N, D) tensors, or m (N, D) tensors. Returns the loss."""
+        if len(views) == 0:
+            raise TypeError("ArCLLoss() needs views: an (N, m, D) tensor or m (N, D) tensors")
+        return functional.arcl_loss(views[0] if len(views) == 1 else views, self.temperature, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}"

@@ -17,6 +17,8 @@ LOSSES = {
     "barlow_twins": lambda a, b: fastssl.barlow_twins_loss(a, b, route="gram", backend="torch"),
     "vicreg": lambda a, b: fastssl.vicreg_loss(a, b, route="covariance", backend="torch"),
     "spectral": lambda a, b: fastssl.spectral_contrastive_loss(a, b, backend="torch"),
+    "vicreg_exp": lambda a, b: fastssl.vicreg_exp_loss(a, b, 0.2, backend="torch"),
+    "arcl": lambda a, b: fastssl.arcl_loss([a, b, a - 0.5 * b], 0.3, backend="torch"),
 }
 
 

@@ -10,6 +10,7 @@ own, not the test session's, and checks forward + backward peak RSS and the valu
 | Barlow Twins, N = 512, D = 32,768 | C (D x D), 4 GiB | 1.14 GiB, 7 s |
 | spectral, N = 65,536, D = 64 | z1 z2ᵀ (N x N), 16 GiB | 0.58 GiB, 4 s |
 | VICReg-exp, N = 256, D = 16,384 | Cov (D x D), 1 GiB | 0.74 GiB, 29 s |
+| ArCL, N = 16,384 samples x 4 views, D = 128 | 2N x 2N logits, 4 GiB | 0.61 GiB, 33 s |
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CASES = [
     ("barlow_twins", 512, 32768, 2, 32768**2 * 4),
     ("spectral", 65536, 64, 2, 65536**2 * 4),
     ("vicreg_exp", 256, 16384, 2, 16384**2 * 4),
+    ("arcl", 16384, 128, 2, 32768**2 * 4),
 ]
 
 
