@@ -1,0 +1,243 @@
+// Torch glue for the fastssl CUDA kernels: the extension module `fastssl._C` (pybind11).
+//
+// Each binding checks its arguments (CHECK_* macros: a ValueError/TypeError that names the argument
+// and the shapes, never a CUDA crash), allocates the outputs, selects the tensors' device and the
+// current CUDA stream, and calls a launcher of csrc/fastssl_kernels.h (raw pointers only). The Python
+// adapters in fastssl/kernels/cuda/ call these from the `fastssl::` custom ops of fastssl/ops, which
+// own autograd, fake tensors and torch.compile; nothing here is called by users directly.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+
+#include "fastssl_kernels.h"
+
+namespace {
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+#define CHECK_CUDA(t, name) \
+  TORCH_CHECK_VALUE((t).is_cuda(), "fastssl._C: ", name, " must be a CUDA tensor, got one on ", (t).device())
+#define CHECK_2D(t, name) \
+  TORCH_CHECK_VALUE((t).dim() == 2, "fastssl._C: ", name, " must be 2-D, got shape ", shape_of(t))
+#define CHECK_SAME_DEVICE(a, b, na, nb)                                                                        \
+  TORCH_CHECK_VALUE((a).device() == (b).device(), "fastssl._C: ", na, " is on ", (a).device(), " but ", nb, \
+                    " is on ", (b).device())
+#define CHECK_DTYPE(t, dt, name)                                                                           \
+  TORCH_CHECK_TYPE((t).scalar_type() == (dt), "fastssl._C: ", name, " must be ", c10::toString(dt), ", got ", \
+                   c10::toString((t).scalar_type()))
+#define CHECK_VECTOR(t, n, name)                                                                            \
+  TORCH_CHECK_VALUE((t).dim() == 1 && (t).size(0) == (n) && (t).is_contiguous(), "fastssl._C: ", name,      \
+                    " must be a contiguous vector of ", (n), " entries, got shape ", shape_of(t))
+#define CHECK_CUDA_OK(expr)                                                                              \
+  do {                                                                                                   \
+    const cudaError_t err_ = (expr);                                                                     \
+    TORCH_CHECK(err_ == cudaSuccess, "fastssl._C: CUDA launch failed: ", cudaGetErrorString(err_));       \
+  } while (0)
+
+fastssl::DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fastssl::DType::kFloat32;
+    case at::kHalf: return fastssl::DType::kFloat16;
+    case at::kBFloat16: return fastssl::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "fastssl._C: ", name, " must be float32, float16 or bfloat16, got ",
+                       c10::toString(t.scalar_type()));
+  }
+  return fastssl::DType::kFloat32;
+}
+
+fastssl::Matrix as_matrix(const at::Tensor& t) {
+  fastssl::Matrix m;
+  m.ptr = t.data_ptr();
+  m.rows = t.size(0);
+  m.cols = t.size(1);
+  m.stride_r = t.stride(0);
+  m.stride_c = t.stride(1);
+  return m;
+}
+
+struct Problem {
+  fastssl::PairwiseLseProblem p;
+  fastssl::DType dtype;
+};
+
+Problem make_problem(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank,
+                     const at::Tensor& scale, int64_t pos_offset, bool exclude_self, bool include_pos,
+                     bool y_negatives) {
+  CHECK_CUDA(x, "x");
+  CHECK_2D(x, "x");
+  CHECK_2D(y, "y");
+  CHECK_SAME_DEVICE(x, y, "x", "y");
+  CHECK_SAME_DEVICE(x, scale, "x", "scale");
+  TORCH_CHECK_VALUE(x.size(1) == y.size(1), "fastssl._C: x ", shape_of(x), " and y ", shape_of(y),
+                    " must have the same number of columns D");
+  TORCH_CHECK_VALUE(x.size(1) > 0, "fastssl._C: D must be positive, got x ", shape_of(x));
+  TORCH_CHECK_VALUE(y.size(0) > 0, "fastssl._C: y needs at least one row, got ", shape_of(y));
+  TORCH_CHECK_TYPE(x.scalar_type() == y.scalar_type(), "fastssl._C: x (", c10::toString(x.scalar_type()),
+                   ") and y (", c10::toString(y.scalar_type()), ") must have the same dtype");
+  CHECK_DTYPE(scale, at::kFloat, "scale");
+  TORCH_CHECK_VALUE(scale.numel() == 1, "fastssl._C: scale must be a 0-dim tensor, got shape ", shape_of(scale));
+  TORCH_CHECK_VALUE(pos_offset >= 0 && pos_offset < y.size(0), "fastssl._C: pos_offset must be in [0, Ny = ",
+                    y.size(0), "), got ", pos_offset);
+  Problem out;
+  out.dtype = dtype_of(x, "x");
+  out.p.x = as_matrix(x);
+  out.p.y = as_matrix(y);
+  if (bank.has_value() && bank->numel() > 0) {
+    CHECK_2D(*bank, "bank");
+    CHECK_SAME_DEVICE(x, *bank, "x", "bank");
+    TORCH_CHECK_VALUE(bank->size(1) == x.size(1), "fastssl._C: bank ", shape_of(*bank), " and x ", shape_of(x),
+                      " must have the same number of columns D");
+    TORCH_CHECK_TYPE(bank->scalar_type() == x.scalar_type(), "fastssl._C: bank and x must have the same dtype");
+    out.p.bank = as_matrix(*bank);
+  }
+  out.p.scale = scale.data_ptr<float>();
+  out.p.pos_offset = pos_offset;
+  out.p.exclude_self = exclude_self;
+  out.p.include_pos = include_pos;
+  out.p.y_negatives = y_negatives;
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_lse_forward(const at::Tensor& x, const at::Tensor& y,
+                                                        const std::optional<at::Tensor>& bank,
+                                                        const at::Tensor& scale, int64_t pos_offset,
+                                                        bool exclude_self, bool include_pos, bool y_negatives) {
+  const Problem pr = make_problem(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto opts = x.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({x.size(0)}, opts);
+  at::Tensor pos = at::empty({x.size(0)}, opts);
+  if (x.size(0) == 0) return {lse, pos};
+  CHECK_CUDA_OK(fastssl::pairwise_lse_forward(pr.p, pr.dtype, lse.data_ptr<float>(), pos.data_ptr<float>(),
+                                              c10::cuda::getCurrentCUDAStream().stream()));
+  return {lse, pos};
+}
+
+// (dx, dy) in the input dtype. `same`: y is x, and the caller adds dx + dy.
+std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
+    const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
+    const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
+    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same) {
+  const Problem pr = make_problem(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
+  const int64_t m = x.size(0);
+  auto check_stat = [&](const at::Tensor& t, const char* name) {
+    CHECK_SAME_DEVICE(x, t, "x", name);
+    CHECK_DTYPE(t, at::kFloat, name);
+    CHECK_VECTOR(t, m, name);
+  };
+  check_stat(lse, "lse");
+  check_stat(grad_lse, "grad_lse");
+  check_stat(grad_pos, "grad_pos");
+  CHECK_DTYPE(grad_lse_absmax, at::kFloat, "grad_lse_absmax");
+  TORCH_CHECK_VALUE(grad_lse_absmax.numel() == 1, "fastssl._C: grad_lse_absmax must hold one value");
+  TORCH_CHECK_VALUE(!same || (x.data_ptr() == y.data_ptr() && x.sizes() == y.sizes() && x.strides() == y.strides()),
+                    "fastssl._C: same=True needs y to be x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty({m, x.size(1)}, x.options());
+  at::Tensor dy = at::empty({y.size(0), y.size(1)}, y.options());
+  if (m == 0) {
+    dy.zero_();
+    return {dx, dy};
+  }
+  fastssl::PairwiseLseGrads g;
+  g.lse = lse.data_ptr<float>();
+  g.grad_lse = grad_lse.data_ptr<float>();
+  g.grad_pos = grad_pos.data_ptr<float>();
+  g.grad_lse_absmax = grad_lse_absmax.data_ptr<float>();
+  g.dx = dx.data_ptr();
+  g.dy = dy.data_ptr();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool symmetric = same && y_negatives && pr.p.bank.rows == 0 && pr.dtype != fastssl::DType::kFloat32;
+  if (symmetric) {
+    CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kSymmetric, pr.dtype, stream));
+  } else {
+    CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kRows, pr.dtype, stream));
+    CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kCols, pr.dtype, stream));
+  }
+  return {dx, dy};
+}
+
+std::optional<const float*> vec_ptr(const std::optional<at::Tensor>& t, const at::Tensor& a, int64_t k,
+                                    const char* name) {
+  if (!t.has_value()) return std::nullopt;
+  CHECK_SAME_DEVICE(a, *t, "a", name);
+  CHECK_DTYPE(*t, at::kFloat, name);
+  CHECK_VECTOR(*t, k, name);
+  return t->data_ptr<float>();
+}
+
+// â = round_to_dtype((a − shift)·scale) per column, contiguous (R, K), in a's dtype or fp32.
+at::Tensor affine_columns(const at::Tensor& a, const std::optional<at::Tensor>& shift,
+                          const std::optional<at::Tensor>& scale, bool out_fp32) {
+  CHECK_CUDA(a, "a");
+  CHECK_2D(a, "a");
+  const fastssl::DType dt = dtype_of(a, "a");
+  const int64_t k = a.size(1);
+  const float* sh = vec_ptr(shift, a, k, "shift").value_or(nullptr);
+  const float* sc = vec_ptr(scale, a, k, "scale").value_or(nullptr);
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty({a.size(0), k}, a.options().dtype(out_fp32 ? at::kFloat : a.scalar_type()));
+  CHECK_CUDA_OK(fastssl::affine_columns(as_matrix(a), dt, sh, sc, out.data_ptr(),
+                                        out_fp32 ? fastssl::DType::kFloat32 : dt, c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+// Σ u·v over two contiguous fp32 tensors of equal size (u may be v), as a 0-dim fp32 tensor.
+at::Tensor sum_product(const at::Tensor& u, const at::Tensor& v) {
+  CHECK_CUDA(u, "u");
+  CHECK_SAME_DEVICE(u, v, "u", "v");
+  CHECK_DTYPE(u, at::kFloat, "u");
+  CHECK_DTYPE(v, at::kFloat, "v");
+  TORCH_CHECK_VALUE(u.is_contiguous() && v.is_contiguous() && u.numel() == v.numel(),
+                    "fastssl._C: u ", shape_of(u), " and v ", shape_of(v), " must be contiguous and of equal size");
+  const c10::cuda::CUDAGuard guard(u.device());
+  at::Tensor out = at::empty({}, u.options());
+  at::Tensor partials = at::empty({fastssl::sum_product_partials(u.numel())}, u.options());
+  CHECK_CUDA_OK(fastssl::sum_product(u.data_ptr<float>(), v.data_ptr<float>(), u.numel(), partials.data_ptr<float>(),
+                                     out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+// Per-column (mean, var) of a (R, K), fp32, var with `correction` (0 biased, 1 unbiased).
+std::tuple<at::Tensor, at::Tensor> column_mean_var(const at::Tensor& a, int64_t correction) {
+  CHECK_CUDA(a, "a");
+  CHECK_2D(a, "a");
+  TORCH_CHECK_VALUE(correction == 0 || correction == 1, "fastssl._C: correction must be 0 or 1, got ", correction);
+  const fastssl::DType dt = dtype_of(a, "a");
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto opts = a.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({a.size(1)}, opts);
+  at::Tensor var = at::empty({a.size(1)}, opts);
+  at::Tensor partials = at::empty({fastssl::column_stats_partials(a.size(0), a.size(1))}, opts);
+  CHECK_CUDA_OK(fastssl::column_stats(as_matrix(a), dt, static_cast<int>(correction), partials.data_ptr<float>(),
+                                      mean.data_ptr<float>(), var.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return {mean, var};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastssl hand-written CUDA kernels (csrc/); called by fastssl.kernels.cuda, not by users";
+  m.def("pairwise_lse_forward", &pairwise_lse_forward, "per-row (lse, pos) in fp32", py::arg("x"), py::arg("y"),
+        py::arg("bank"), py::arg("scale"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
+        py::arg("y_negatives"));
+  m.def("pairwise_lse_backward", &pairwise_lse_backward, "(dx, dy) in the input dtype", py::arg("x"), py::arg("y"),
+        py::arg("bank"), py::arg("scale"), py::arg("lse"), py::arg("grad_lse"), py::arg("grad_pos"),
+        py::arg("grad_lse_absmax"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
+        py::arg("y_negatives"), py::arg("same"));
+  m.def("affine_columns", &affine_columns, "per-column (a - shift) * scale, rounded to a's dtype", py::arg("a"),
+        py::arg("shift"), py::arg("scale"), py::arg("out_fp32"));
+  m.def("sum_product", &sum_product, "deterministic sum of u * v (fp32)", py::arg("u"), py::arg("v"));
+  m.def("column_mean_var", &column_mean_var, "per-column mean and variance (fp32)", py::arg("a"),
+        py::arg("correction"));
+}

@@ -1,0 +1,81 @@
+// fastssl CUDA kernels: the launcher interface shared by the .cu files and the bindings.
+//
+// Plain C++ over raw device pointers and cudaStream_t: no torch/ATen header is included here or in
+// any .cu file, so the kernels compile with plain nvcc (tests/test_csrc.py does, for sm_80 and
+// sm_90). The torch glue (argument checks, allocation, current stream) lives in bindings.cpp.
+// The math is DESIGN.md's kernel families 1 (pairwise LSE) and 2 (off-diagonal Frobenius); see
+// csrc/README.md for the tiling.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fastssl {
+
+// The element type of the matrix operands (statistics and accumulators are always fp32).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A 2-D operand read in place through its strides (in elements): element (r, c) is at
+// ptr[r * stride_r + c * stride_c]. Transposed views (VICReg-exp reads zᵀ) need no copy.
+struct Matrix {
+  const void* ptr = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t stride_r = 0;
+  int64_t stride_c = 1;
+};
+
+// Pairwise LSE (DESIGN.md family 1). Rows x (M, D), columns y (Ny, D), bank (K, D) or rows = 0.
+// s_ij = scale·x_i·y_j, p(i) = (i + pos_offset) mod Ny with 0 <= pos_offset < Ny.
+struct PairwiseLseProblem {
+  Matrix x, y, bank;
+  const float* scale = nullptr;  // device fp32 scalar (no host sync)
+  int64_t pos_offset = 0;
+  bool exclude_self = false;
+  bool include_pos = true;
+  bool y_negatives = true;
+};
+
+// Forward: lse (M,) and pos (M,) in fp32.
+cudaError_t pairwise_lse_forward(const PairwiseLseProblem& p, DType dtype, float* lse, float* pos,
+                                 cudaStream_t stream);
+
+// Which gradient(s) one backward launch computes.
+//   kRows: dx (M, D) from the row side (y and bank columns);
+//   kCols: dy (Ny, D) from the column side (the bank gets no gradient);
+//   kSymmetric: x is y (M = Ny, no bank, y_negatives): dx and dy in one launch, each logit tile
+//   x_I·x_Jᵀ computed once and used for row block I's dx (as S_IJ) and its dy (as S_JIᵀ).
+enum class BackwardKind : int { kRows = 0, kCols = 1, kSymmetric = 2 };
+
+struct PairwiseLseGrads {
+  const float* lse = nullptr;       // (M,)
+  const float* grad_lse = nullptr;  // (M,)
+  const float* grad_pos = nullptr;  // (M,)
+  const float* grad_lse_absmax = nullptr;  // device scalar max_i |grad_lse_i| (fp16 range guard)
+  void* dx = nullptr;  // (M, D) contiguous, input dtype (kRows, kSymmetric)
+  void* dy = nullptr;  // (Ny, D) contiguous, input dtype (kCols, kSymmetric)
+};
+
+cudaError_t pairwise_lse_backward(const PairwiseLseProblem& p, const PairwiseLseGrads& g, BackwardKind kind,
+                                  DType dtype, cudaStream_t stream);
+
+// Frobenius family (DESIGN.md family 2): the per-column affine transform folded into one pass,
+// out[r, k] = round_to_dtype((a[r, k] − shift[k])·scale[k]) (shift/scale may be null), written
+// contiguous (R, K) in `out_dtype` (the input dtype, or fp32).
+cudaError_t affine_columns(const Matrix& a, DType dtype, const float* shift, const float* scale, void* out,
+                           DType out_dtype, cudaStream_t stream);
+
+// Deterministic Σ_i a_i·b_i over n fp32 values (b may equal a: Σ a²), into the device scalar
+// `out`; `partials` is scratch of sum_product_partials(n) floats.
+int64_t sum_product_partials(int64_t n);
+cudaError_t sum_product(const float* a, const float* b, int64_t n, float* partials, float* out, cudaStream_t stream);
+
+// Per-column mean and variance of a (R, K) matrix (one pass: per-block Welford/Chan merge),
+// variance with `correction` (0 biased, 1 unbiased); `partials` is scratch of
+// column_stats_partials(R, K) floats.
+int64_t column_stats_partials(int64_t rows, int64_t cols);
+cudaError_t column_stats(const Matrix& a, DType dtype, int correction, float* partials, float* mean, float* var,
+                         cudaStream_t stream);
+
+}  // namespace fastssl
