@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl import reference
+from fastssl import distributed, reference
 from fastssl._validation import (
     Temperature,
     check_embeddings,
@@ -52,7 +52,57 @@ def _check_pair(z1: object, z2: object, names: tuple[str, str] = ("z1", "z2")) -
     return z1, z2
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.5, *, backend: str = "auto") -> Tensor:
+# --------------------------------------------------------------------------------------------------
+# gather_distributed (DESIGN.md, "Scale past one device"; the semantics per loss are in
+# docs/distributed.md). Contrastive losses keep their anchors local and take columns from every rank
+# (fastssl.distributed.pairwise_lse_global); their per-anchor terms are reduced with
+# distributed.global_mean, so that DDP's average over ranks is the mean over the global batch.
+# --------------------------------------------------------------------------------------------------
+
+
+def _distributed_mode(gather_distributed: object, backend: str, *, ring: bool = True) -> Optional[Union[bool, str]]:
+    """The active gather mode (True or "ring"), or None for single-process math (gather off,
+    torch.distributed not initialised, or one rank — lightly's fallback)."""
+    mode = distributed.check_gather(gather_distributed, ring=ring)
+    if not distributed.is_active(mode):
+        return None
+    if backend == "reference":
+        raise ValueError(
+            "backend='reference' is the single-process spec and does not gather across ranks; "
+            "use backend='auto', 'torch' or 'triton' with gather_distributed"
+        )
+    return mode
+
+
+def _local_rows(
+    x: Tensor,
+    y: Tensor,
+    bank: Optional[Tensor],
+    scale: Tensor,
+    mode: Optional[Union[bool, str]],
+    backend: str,
+    sizes: Optional[list[int]] = None,
+    **flags,
+) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """(lse, pos, reduce): the pairwise-LSE op on this rank's rows x against y's columns of every
+    rank (mode None: just this process's), and the reduction of per-row terms — the mean, or this
+    rank's share of the global mean. x and y have equal rows on each rank (`sizes`, exchanged when None)."""
+    if mode is None:
+        lse, pos = pairwise_lse(x, y, bank, scale, **flags, backend=backend)
+        return lse, pos, torch.mean
+    sizes = distributed.batch_sizes(x) if sizes is None else sizes
+    lse, pos = distributed.pairwise_lse_global(x, y, bank, scale, **flags, mode=mode, sizes=sizes, backend=backend)
+    return lse, pos, lambda values: distributed.global_mean(values, sizes)
+
+
+def nt_xent_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = 0.5,
+    *,
+    gather_distributed: Union[bool, str] = False,
+    backend: str = "auto",
+) -> Tensor:
     """NT-Xent / SimCLR loss (lightly's `NTXentLoss` without a memory bank).
 
     Z = [n(z1); n(z2)] (2N, D) with n the row L2 normalisation; anchor a has positive a ± N and the
@@ -60,22 +110,33 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.5, *, back
 
     Args: z1, z2 (N, D), N ≥ 2; temperature τ > 0 (float or 0-dim tensor). Returns a 0-dim loss.
     Memory: O(N·D) on the fused backends (the 2N x 2N logits are never stored).
+
+    gather_distributed (True or "ring"; lightly's semantics): this rank's 2n anchors against the
+    columns of every rank (2N − 1 candidates); the loss is this rank's share of the global mean,
+    so the average over ranks is the single-process loss of the concatenated batch.
     """
     _check_pair(z1, z2)
     check_positive("temperature", temperature)
     backend = resolve_backend(backend, z1)
+    mode = _distributed_mode(gather_distributed, backend)
     if backend == "reference":
         return reference.nt_xent_loss(z1, z2, temperature)
     n = z1.shape[0]
     z = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)])
-    lse, pos = pairwise_lse(
-        z, z, None, inverse_temperature(temperature, z1), pos_offset=n, exclude_self=True, backend=backend
+    lse, pos, reduce = _local_rows(
+        z, z, None, inverse_temperature(temperature, z1), mode, backend, pos_offset=n, exclude_self=True
     )
-    return (lse - pos).mean()
+    return reduce(lse - pos)
 
 
 def moco_loss(
-    query: Tensor, key: Tensor, bank: Tensor, temperature: Temperature = 0.5, *, backend: str = "auto"
+    query: Tensor,
+    key: Tensor,
+    bank: Tensor,
+    temperature: Temperature = 0.5,
+    *,
+    gather_distributed: Union[bool, str] = False,
+    backend: str = "auto",
 ) -> Tensor:
     """MoCo / InfoNCE with a memory bank (lightly's `NTXentLoss` with `memory_bank_size`).
 
@@ -84,19 +145,24 @@ def moco_loss(
 
     Args: query, key (N, D); bank (K, D), used as given (lightly stores L2-normalised rows) and never
     differentiated; temperature τ > 0. Note lightly's bank tensor is (D, K): pass its transpose.
+
+    gather_distributed: the negatives are the bank's (no columns travel); the loss is this rank's
+    share of the global mean over the anchors of all ranks. (The module also enqueues every rank's
+    keys, as lightly's memory bank does.)
     """
     _check_pair(query, key, ("query", "key"))
     check_embeddings("bank", bank, min_rows=1)
     check_same("query", query, "bank", bank, dims="D")
     check_positive("temperature", temperature)
     backend = resolve_backend(backend, query)
+    mode = _distributed_mode(gather_distributed, backend)
     if backend == "reference":
         return reference.moco_loss(query, key, bank, temperature)
     q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
-    lse, pos = pairwise_lse(
-        q, k, bank.detach(), inverse_temperature(temperature, query), y_negatives=False, backend=backend
+    lse, pos, reduce = _local_rows(
+        q, k, bank.detach(), inverse_temperature(temperature, query), mode, backend, y_negatives=False
     )
-    return (lse - pos).mean()
+    return reduce(lse - pos)
 
 
 def _dcl(
@@ -105,19 +171,21 @@ def _dcl(
     temperature: Temperature,
     weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]],
     backend: str,
+    mode: Optional[Union[bool, str]] = None,
 ) -> Tensor:
-    """DCL over validated inputs; `weight_fn(a, b)` as in lightly (called on normalised views)."""
+    """DCL over validated inputs; `weight_fn(a, b)` as in lightly (called on normalised views — this
+    rank's, under a gather, as lightly does). `mode`: an active gather mode or None."""
     n = z1.shape[0]
     n1, n2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     z = torch.cat([n1, n2])
-    lse, pos = pairwise_lse(
-        z, z, None, inverse_temperature(temperature, z1), pos_offset=n, exclude_self=True, include_pos=False,
-        backend=backend,
+    lse, pos, reduce = _local_rows(
+        z, z, None, inverse_temperature(temperature, z1), mode, backend, pos_offset=n, exclude_self=True,
+        include_pos=False,
     )
     if weight_fn is not None:
         weights = torch.cat([weight_fn(n1, n2), weight_fn(n2, n1)]).to(pos.dtype)
         pos = pos * weights
-    return (lse - pos).mean()
+    return reduce(lse - pos)
 
 
 def _mises_fisher_weights(sigma: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -136,6 +204,7 @@ def dcl_loss(
     temperature: Temperature = 0.1,
     *,
     sigma: Optional[float] = None,
+    gather_distributed: Union[bool, str] = False,
     backend: str = "auto",
 ) -> Tensor:
     """Decoupled contrastive loss (lightly's `DCLLoss`; with `sigma`, `DCLWLoss`).
@@ -145,37 +214,55 @@ def dcl_loss(
     mean over the 2N anchors. w = 1, or with σ: w = 2 − N·softmax(n(z1)·n(z2)/σ) (no gradient).
 
     Args: z1, z2 (N, D), N ≥ 2; temperature τ > 0; sigma > 0 or None. Returns a 0-dim loss.
+
+    gather_distributed (True or "ring"; lightly's semantics): local anchors against every rank's
+    columns, this rank's share of the global mean; the σ weights' softmax runs over this rank's
+    batch, as lightly's weight_fn does.
     """
     _check_pair(z1, z2)
     check_positive("temperature", temperature)
     if sigma is not None:
         check_positive("sigma", sigma)
     backend = resolve_backend(backend, z1)
+    mode = _distributed_mode(gather_distributed, backend)
     if backend == "reference":
         return reference.dcl_loss(z1, z2, temperature, sigma=sigma)
-    return _dcl(z1, z2, temperature, None if sigma is None else _mises_fisher_weights(sigma), backend)
+    return _dcl(z1, z2, temperature, None if sigma is None else _mises_fisher_weights(sigma), backend, mode)
 
 
-def clip_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.07, *, backend: str = "auto") -> Tensor:
+def clip_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = 0.07,
+    *,
+    gather_distributed: Union[bool, str] = False,
+    backend: str = "auto",
+) -> Tensor:
     """CLIP-style symmetric InfoNCE between two towers.
 
     S = n(z1)·n(z2)ᵀ/τ (N x N, never stored); loss = ½[mean_i(LSE_j S_ij − S_ii) + mean_j(LSE_i S_ij − S_jj)].
 
     Args: z1, z2 (N, D); temperature τ > 0, a float or a 0-dim tensor (learnable: its gradient is
     returned). Returns a 0-dim loss.
+
+    gather_distributed (True or "ring"; not in lightly — the single-process objective on the
+    concatenated batch): this rank's rows of S against every rank's columns and its columns against
+    every rank's rows (open_clip's "local loss"); the average over ranks is the global loss.
     """
     _check_pair(z1, z2)
     check_positive("temperature", temperature)
     backend = resolve_backend(backend, z1)
+    mode = _distributed_mode(gather_distributed, backend)
     if backend == "reference":
         return reference.clip_loss(z1, z2, temperature)
     a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     scale = inverse_temperature(temperature, z1)
-    lse_rows, pos_rows = pairwise_lse(a, b, None, scale, backend=backend)
-    lse_cols, pos_cols = pairwise_lse(b, a, None, scale, backend=backend)
+    sizes = None if mode is None else distributed.batch_sizes(a)
+    lse_rows, pos_rows, reduce = _local_rows(a, b, None, scale, mode, backend, sizes)
+    lse_cols, pos_cols, _ = _local_rows(b, a, None, scale, mode, backend, sizes)
     # Subtract per row before averaging: well-aligned towers have lse_i ≈ pos_i ≈ 1/τ, and the
     # difference of two means would cancel their rounding into the (tiny) loss.
-    return 0.5 * ((lse_rows - pos_rows).mean() + (lse_cols - pos_cols).mean())
+    return 0.5 * (reduce(lse_rows - pos_rows) + reduce(lse_cols - pos_cols))
 
 
 def uniformity(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
