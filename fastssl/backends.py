@@ -1,7 +1,8 @@
 """Backend names, what is available on this machine, and how `backend="auto"` chooses.
 
 `auto` never picks `reference` (it materialises N x N matrices) and never picks a slow path
-silently: CUDA tensors go to `triton`, CPU tensors to the chunked `torch` backend.
+silently: CPU tensors go to the chunked `torch` backend; CUDA tensors go to `triton` or to `cuda`
+(the csrc/ extension, when it loads) as :func:`auto_gpu_backend`'s table says.
 """
 
 from __future__ import annotations
@@ -12,8 +13,17 @@ import os
 
 import torch
 
-#: Every name a `backend=` argument accepts ("cuda" arrives with the csrc/ extension).
-BACKENDS = ("auto", "triton", "torch", "reference")
+#: Every name a `backend=` argument accepts.
+BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+
+#: Where `auto` sends CUDA tensors, per op: a list of (rule, backend), first match wins; a rule is
+#: a predicate on (dtype, shape of the first operand). To be filled from benchmarks/RESULTS.md once
+#: the cuda and triton backends have been timed on the same GPU (scripts/gpu_check.sh); until such
+#: measurements exist every op keeps `triton`, and no speed is claimed for `cuda`.
+AUTO_GPU_TABLE: dict[str, list] = {
+    "pairwise_lse": [],
+    "sq_frobenius": [],
+}
 
 
 def triton_interpreting() -> bool:
@@ -35,21 +45,68 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreting()
 
 
+def cuda_extension_usable() -> bool:
+    """Whether the csrc/ extension (`fastssl._C`) loads here; on first call with a GPU and no
+    prebuilt extension this builds it just in time (fastssl.kernels.cuda._ext)."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return False
+    from fastssl.kernels.cuda import _ext
+
+    return _ext.available()
+
+
+def cuda_unavailable_reason() -> str:
+    """Why backend='cuda' cannot run here ("" when it can)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    from fastssl.kernels.cuda import _ext
+
+    return _ext.unavailable_reason()
+
+
 def available_backends() -> list[str]:
     """The backends that can run here, best first (``auto`` is always accepted as well)."""
     names = []
     if _triton_importable() and (torch.cuda.is_available() or triton_interpreting()):
         names.append("triton")
+    if cuda_extension_usable():
+        names.append("cuda")
     names += ["torch", "reference"]
     return names
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """Turn a user's `backend=` into a concrete backend for tensors like `x`, or raise ValueError."""
+def auto_gpu_backend(op: str, x: torch.Tensor) -> str:
+    """The backend `auto` uses for `op` on CUDA tensors like `x`: the first rule of AUTO_GPU_TABLE[op]
+    that matches (and whose backend can run), else "triton"."""
+    for rule, backend in AUTO_GPU_TABLE.get(op, []):
+        if rule(x.dtype, tuple(x.shape)) and (backend != "cuda" or cuda_extension_usable()):
+            return backend
+    return "triton"
+
+
+def resolve_backend(backend: str, x: torch.Tensor, op: str = "pairwise_lse") -> str:
+    """Turn a user's `backend=` into a concrete backend for tensors like `x`, or raise ValueError.
+
+    `op` ("pairwise_lse" or "sq_frobenius") only matters to `auto` on CUDA tensors (AUTO_GPU_TABLE).
+    """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.device.type == "cuda" and _triton_importable() else "torch"
+        if x.device.type == "cuda" and _triton_importable():
+            return auto_gpu_backend(op, x)
+        return "torch"
+    if backend == "cuda":
+        if x.device.type != "cuda":
+            raise ValueError(f"backend='cuda' cannot run here: tensors are on {x.device}; it needs CUDA tensors")
+        if not cuda_extension_usable():
+            raise ValueError(f"backend='cuda' cannot run here: {cuda_unavailable_reason()}")
+        if x.dtype == torch.float64:
+            raise TypeError(
+                "backend='cuda' takes float32, bfloat16 or float16 inputs, got float64; "
+                "use backend='torch' or 'reference' for float64 (e.g. for gradcheck)"
+            )
     if backend == "triton":
         if not triton_usable(x.device):
             why = (

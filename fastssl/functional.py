@@ -317,7 +317,7 @@ def _frobenius_args(z1: object, z2: object, route: str, backend: str, weights: d
     for name, value in weights.items():
         check_nonnegative(name, value)
     check_route(route)
-    return resolve_backend(backend, z1)
+    return resolve_backend(backend, z1, op="sq_frobenius")
 
 
 def barlow_twins_loss(
@@ -415,7 +415,7 @@ def spectral_contrastive_loss(
     _check_pair(z1, z2)
     check_positive("mu", mu)
     check_route(route)
-    backend = resolve_backend(backend, z1)
+    backend = resolve_backend(backend, z1, op="sq_frobenius")
     if backend == "reference":
         return reference.spectral_contrastive_loss(z1, z2, mu)
     n, d = z1.shape

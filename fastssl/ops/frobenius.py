@@ -31,6 +31,7 @@ from fastssl.ops.reductions import chain_transform, compute_dtype
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.frobenius",
     "triton": "fastssl.kernels.triton.frobenius",
+    "cuda": "fastssl.kernels.cuda.frobenius",
 }
 
 #: The public route names, for every loss of this family.

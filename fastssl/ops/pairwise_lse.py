@@ -27,6 +27,7 @@ from torch import Tensor
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.pairwise_lse",
     "triton": "fastssl.kernels.triton.pairwise_lse",
+    "cuda": "fastssl.kernels.cuda.pairwise_lse",
 }
 
 

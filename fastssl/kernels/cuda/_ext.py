@@ -1,0 +1,110 @@
+"""Finding the CUDA extension `fastssl._C`: prebuilt by setup.py, else built on first use.
+
+Order: (1) `import fastssl._C` (built by ``pip install`` when a CUDA toolkit and a CUDA build of
+torch were present, or with ``FASTSSL_BUILD_CUDA=1``); (2) a just-in-time build of csrc/ with
+``torch.utils.cpp_extension.load`` (ninja), cached by torch under ``TORCH_EXTENSIONS_DIR``
+(default ``~/.cache/torch_extensions``) so only the first use compiles (about a minute or two).
+The JIT build needs a CUDA GPU, a CUDA build of torch, nvcc and the csrc/ sources (a source
+checkout or editable install); ``FASTSSL_CUDA_JIT=0`` turns it off. Whatever fails is remembered
+and reported by :func:`unavailable_reason`, so ``backend="cuda"`` can say why it cannot run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+#: The kernel sources, in the order setup.py compiles them.
+SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu")
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
+
+_reason: Optional[str] = None
+
+
+def _arch_flags() -> list[str]:
+    # The GPU we are on (a JIT build is for this machine only); FASTSSL_CUDA_ARCH_LIST overrides.
+    archs = os.environ.get("FASTSSL_CUDA_ARCH_LIST")
+    if archs is None:
+        major, minor = torch.cuda.get_device_capability()
+        archs = f"{major}.{minor}"
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip().replace(".", "")
+        if arch:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def _jit_build() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    if missing:
+        raise RuntimeError(f"the csrc/ sources are not installed ({', '.join(missing)} missing under {CSRC})")
+    if shutil.which("nvcc") is None and cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    print(
+        "fastssl: building the CUDA extension from csrc/ (first use only; about a minute or two, "
+        "cached by torch.utils.cpp_extension) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    return cpp_extension.load(
+        name="fastssl_C",
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo", *_arch_flags()],
+        extra_include_paths=[str(CSRC)],
+        verbose=os.environ.get("FASTSSL_CUDA_VERBOSE", "0") not in ("", "0"),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Optional[ModuleType]:
+    """The extension module, or None (then :func:`unavailable_reason` says why). Cached."""
+    global _reason
+    if torch.version.cuda is None:
+        _reason = f"torch {torch.__version__} is a CPU-only build"
+        return None
+    try:
+        from fastssl import _C  # type: ignore[attr-defined]
+
+        return _C
+    except ImportError as exc:
+        prebuilt_error = str(exc)
+    if not torch.cuda.is_available():
+        _reason = "no CUDA GPU is visible and fastssl._C was not prebuilt"
+        return None
+    if os.environ.get("FASTSSL_CUDA_JIT", "1") in ("", "0"):
+        _reason = f"fastssl._C is not built ({prebuilt_error}) and FASTSSL_CUDA_JIT=0 forbids building it now"
+        return None
+    try:
+        return _jit_build()
+    except Exception as exc:  # noqa: BLE001 -- any build failure means "no cuda backend", with its reason
+        _reason = f"fastssl._C is not built and the just-in-time build failed: {exc}"
+        return None
+
+
+def available() -> bool:
+    """Whether the `cuda` backend can run (loads or builds the extension on first call)."""
+    return load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`load` returned None ("" when the extension is loaded)."""
+    return "" if load() is not None else (_reason or "unknown")
+
+
+def extension() -> ModuleType:
+    """The loaded extension, or a RuntimeError saying why there is none."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"the fastssl CUDA extension is unavailable: {_reason}")
+    return mod
