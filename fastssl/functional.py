@@ -321,7 +321,13 @@ def _frobenius_args(z1: object, z2: object, route: str, backend: str, weights: d
 
 
 def barlow_twins_loss(
-    z1: Tensor, z2: Tensor, lambda_param: float = 5e-3, *, route: str = "auto", backend: str = "auto"
+    z1: Tensor,
+    z2: Tensor,
+    lambda_param: float = 5e-3,
+    *,
+    gather_distributed: bool = False,
+    route: str = "auto",
+    backend: str = "auto",
 ) -> Tensor:
     """Barlow Twins (lightly's `BarlowTwinsLoss`).
 
@@ -335,16 +341,54 @@ def barlow_twins_loss(
 
     Args: z1, z2 (N, D), N ≥ 2; lambda_param λ ≥ 0; route "auto" | "covariance" | "gram".
     Returns a 0-dim loss (fp32; fp64 for fp64 inputs).
+
+    gather_distributed=True (lightly's semantics, #1977-correct): each rank batch-normalises its own
+    slice and C = (1/W) Σ_r C_r is the mean of the ranks' C_r = A_rᵀB_r/n_r; every rank returns the
+    same loss of that C. See :func:`_barlow_twins_distributed`.
     """
     backend = _frobenius_args(z1, z2, route, backend, {"lambda_param": lambda_param})
+    mode = _distributed_mode(gather_distributed, backend, ring=False)
     if backend == "reference":
         return reference.barlow_twins_loss(z1, z2, lambda_param)
+    if mode is not None:
+        return _barlow_twins_distributed(z1, z2, lambda_param, route, backend)
     n, d = z1.shape
     mean1, var1 = column_mean_var(z1, unbiased=False)
     mean2, var2 = column_mean_var(z2, unbiased=False)
     norm = dict(a_shift=mean1, a_scale=torch.rsqrt(var1 + 1e-5), b_shift=mean2, b_scale=torch.rsqrt(var2 + 1e-5))
     c_diag = column_dot(z1, z2, **norm) / n
     frob = sq_frobenius(z1, z2, **norm, route=op_route(choose_side(n, d, route), True), backend=backend) / (n * n)
+    return (1.0 - c_diag).square().sum() + lambda_param * (frob - c_diag.square().sum())
+
+
+def _barlow_twins_distributed(z1: Tensor, z2: Tensor, lambda_param: float, route: str, backend: str) -> Tensor:
+    """Barlow Twins on W ranks with lightly's per-rank batch norm: C = (1/W) Σ_r A_rᵀB_r/n_r.
+
+    With Â_r = A_r/√n_r (and B̂_r), C = ÂᵀB̂/W for the row-concatenations Â, B̂ (N, D), so
+
+        diag C = all_reduce(Σ_rows Â_r ∘ B̂_r)/W     (an autograd-aware all-reduce of D numbers)
+        ‖C‖²_F = ‖ÂᵀB̂‖²_F / W²                      (the Frobenius op on the gathered Â, B̂)
+
+    and no D x D matrix is formed (on the Gram route; the op chooses as in the single-process loss).
+    The normalised slices are written (O(n·D)) because each rank's statistics differ, so the
+    per-column transform of the op cannot express them. The gathered work is repeated on every rank
+    and every rank returns the same loss; the gather's and the all-reduce's backward sum over the
+    ranks, so DDP's average gives the gradient of that loss.
+    """
+    sizes = distributed.batch_sizes(z1)
+    w, n, d = len(sizes), z1.shape[0], z1.shape[1]
+    acc = compute_dtype(z1)
+
+    def normalised(z: Tensor) -> Tensor:
+        mean, var = column_mean_var(z, unbiased=False)
+        # Rounded to the input dtype once, so that diag C and ‖C‖² see the very same operands.
+        return ((z.to(acc) - mean) * (torch.rsqrt(var + 1e-5) / math.sqrt(n))).to(z.dtype)
+
+    a, b = normalised(z1), normalised(z2)
+    c_diag = distributed.all_reduce(column_dot(a, b)) / w
+    a_all, b_all = distributed.gather_cat(a, sizes), distributed.gather_cat(b, sizes)
+    side = op_route(choose_side(sum(sizes), d, route), True)
+    frob = sq_frobenius(a_all, b_all, route=side, backend=backend) / (w * w)
     return (1.0 - c_diag).square().sum() + lambda_param * (frob - c_diag.square().sum())
 
 
@@ -368,6 +412,7 @@ def vicreg_loss(
     nu_param: float = 1.0,
     eps: float = 1e-4,
     *,
+    gather_distributed: bool = False,
     route: str = "auto",
     backend: str = "auto",
 ) -> Tensor:
@@ -381,22 +426,39 @@ def vicreg_loss(
 
     Args: z1, z2 (N, D), N ≥ 2; λ, μ, ν ≥ 0; eps > 0; route "auto" | "covariance" | "gram".
     Returns a 0-dim loss.
+
+    gather_distributed=True (lightly's semantics): the invariance term is this rank's (its share of
+    the global mean), then z1, z2 are gathered and v, c are those of the global batch (computed on
+    every rank). The average over ranks is the single-process loss of the concatenated batch.
     """
     backend = _frobenius_args(
         z1, z2, route, backend, {"lambda_param": lambda_param, "mu_param": mu_param, "nu_param": nu_param}
     )
     check_positive("eps", eps)
+    mode = _distributed_mode(gather_distributed, backend, ring=False)
     if backend == "reference":
         return reference.vicreg_loss(z1, z2, lambda_param, mu_param, nu_param, eps)
     acc = compute_dtype(z1)
-    invariance = (z1.to(acc) - z2.to(acc)).square().mean()
+    if mode is not None:
+        sizes = distributed.batch_sizes(z1)
+        # mean over N·D entries = mean over the N rows of each row's mean square.
+        invariance = distributed.global_mean((z1.to(acc) - z2.to(acc)).square().mean(1), sizes)
+        z1, z2 = distributed.gather_cat(z1, sizes), distributed.gather_cat(z2, sizes)
+    else:
+        invariance = (z1.to(acc) - z2.to(acc)).square().mean()
     v1, c1 = _vicreg_variance_covariance(z1, eps, route, backend)
     v2, c2 = _vicreg_variance_covariance(z2, eps, route, backend)
     return lambda_param * invariance + mu_param * 0.5 * (v1 + v2) + nu_param * (c1 + c2)
 
 
 def spectral_contrastive_loss(
-    z1: Tensor, z2: Tensor, mu: float = 1.0, *, route: str = "auto", backend: str = "auto"
+    z1: Tensor,
+    z2: Tensor,
+    mu: float = 1.0,
+    *,
+    gather_distributed: bool = False,
+    route: str = "auto",
+    backend: str = "auto",
 ) -> Tensor:
     """Spectral contrastive loss (HaoChen et al. 2021, seed 001), as the authors' code computes it.
 
@@ -411,13 +473,20 @@ def spectral_contrastive_loss(
     into the op's loads.
 
     Args: z1, z2 (N, D), N ≥ 2; mu μ > 0; route "auto" | "covariance" | "gram". Returns a 0-dim loss.
+
+    gather_distributed=True (not in lightly): the single-process loss of the concatenated batch,
+    computed by every rank on the gathered z1, z2 (part2 pairs samples of different ranks).
     """
     _check_pair(z1, z2)
     check_positive("mu", mu)
     check_route(route)
     backend = resolve_backend(backend, z1, op="sq_frobenius")
+    mode = _distributed_mode(gather_distributed, backend, ring=False)
     if backend == "reference":
         return reference.spectral_contrastive_loss(z1, z2, mu)
+    if mode is not None:
+        sizes = distributed.batch_sizes(z1)
+        z1, z2 = distributed.gather_cat(z1, sizes), distributed.gather_cat(z2, sizes)
     n, d = z1.shape
     radius = math.sqrt(mu)
 
@@ -472,6 +541,7 @@ def vicreg_exp_loss(
     nu_param: float = 1.0,
     eps: float = 1e-4,
     *,
+    gather_distributed: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """VICReg-exp (seed 002): VICReg whose covariance penalty is a LogSumExp over dimensions.
@@ -486,6 +556,10 @@ def vicreg_exp_loss(
     is never built.
 
     Args: z1, z2 (N, D), N ≥ 2, D ≥ 2; temperature τ > 0; λ, μ, ν ≥ 0; eps > 0. Returns a 0-dim loss.
+
+    gather_distributed=True (not in lightly): the single-process loss of the concatenated batch,
+    computed by every rank on the gathered z1, z2 (the covariance needs every sample; "ring" does
+    not apply, since its columns are dimensions, not samples).
     """
     _check_pair(z1, z2)
     if z1.shape[1] < 2:
@@ -495,8 +569,12 @@ def vicreg_exp_loss(
         check_nonnegative(name, value)
     check_positive("eps", eps)
     backend = resolve_backend(backend, z1)
+    mode = _distributed_mode(gather_distributed, backend, ring=False)
     if backend == "reference":
         return reference.vicreg_exp_loss(z1, z2, temperature, lambda_param, mu_param, nu_param, eps)
+    if mode is not None:
+        sizes = distributed.batch_sizes(z1)
+        z1, z2 = distributed.gather_cat(z1, sizes), distributed.gather_cat(z2, sizes)
     acc = compute_dtype(z1)
     invariance = (z1.to(acc) - z2.to(acc)).square().mean()
     variance = 0.5 * (_vicreg_variance(z1, eps) + _vicreg_variance(z2, eps))
@@ -513,6 +591,7 @@ def vicreg_ctr_loss(
     nu_param: float = 1.0,
     eps: float = 1e-4,
     *,
+    gather_distributed: Union[bool, str] = False,
     backend: str = "auto",
 ) -> Tensor:
     """VICReg-ctr (seed 002): VICReg-exp applied to zᵀ, the sample-contrastive side of the duality.
@@ -523,13 +602,55 @@ def vicreg_ctr_loss(
     invariance term is unchanged. Default τ = 0.1, as VICReg-exp. Memory O(N·D): no N x N matrix.
 
     Args: z1, z2 (N, D), N ≥ 2, D ≥ 2; as vicreg_exp_loss. Returns a 0-dim loss.
+
+    gather_distributed (True or "ring"; not in lightly — the single-process objective on the
+    concatenated batch): every term is a mean over samples, so each rank keeps its samples as
+    anchors (invariance, per-sample variance, and the LSE of its rows of G against every rank's
+    columns) and returns its share of the global mean.
     """
     _check_pair(z1, z2)
     if z1.shape[1] < 2:
         raise ValueError(f"vicreg_ctr_loss needs D ≥ 2 coordinates per sample, got shape {tuple(z1.shape)}")
-    if resolve_backend(backend, z1) == "reference":
+    resolved = resolve_backend(backend, z1)
+    mode = _distributed_mode(gather_distributed, resolved)
+    if resolved == "reference":
         return reference.vicreg_ctr_loss(z1, z2, temperature, lambda_param, mu_param, nu_param, eps)
-    return vicreg_exp_loss(z1.T, z2.T, temperature, lambda_param, mu_param, nu_param, eps, backend=backend)
+    if mode is None:
+        return vicreg_exp_loss(z1.T, z2.T, temperature, lambda_param, mu_param, nu_param, eps, backend=backend)
+    check_positive("temperature", temperature)
+    for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
+        check_nonnegative(name, value)
+    check_positive("eps", eps)
+    return _vicreg_ctr_distributed(z1, z2, temperature, lambda_param, mu_param, nu_param, eps, mode, resolved)
+
+
+def _vicreg_ctr_distributed(
+    z1: Tensor, z2: Tensor, temperature: Temperature, lambda_param: float, mu_param: float, nu_param: float,
+    eps: float, mode: Union[bool, str], backend: str,
+) -> Tensor:  # fmt: skip
+    """VICReg-ctr as a sum of per-sample terms over this rank's n samples (validated inputs):
+
+        ℓ_i = λ·mean_d (z1_id − z2_id)² + μ·½[v1_i + v2_i] + ν·[LSE1_i + LSE2_i],
+        v_i = relu(1 − sqrt(Var_d(z_i) + eps)),   LSE_i = LSE_{j≠i, all ranks} x_i·x_j/τ,
+        x_i = (z_i − mean_d z_i)/√(D − 1)
+
+    (the rows of vicreg_exp_loss(zᵀ)'s pairwise-LSE call), reduced with distributed.global_mean.
+    """
+    d, acc = z1.shape[1], compute_dtype(z1)
+    sizes = distributed.batch_sizes(z1)
+    scale = inverse_temperature(temperature, z1)
+    invariance = (z1.to(acc) - z2.to(acc)).square().mean(1)
+
+    def variance_and_lse(z: Tensor) -> tuple[Tensor, Tensor]:
+        var, mean = torch.var_mean(z.to(acc), dim=1, correction=1)
+        x = ((z.to(acc) - mean[:, None]) / math.sqrt(d - 1)).to(z.dtype)
+        lse, _, _ = _local_rows(x, x, None, scale, mode, backend, sizes, exclude_self=True, include_pos=False)
+        return F.relu(1.0 - torch.sqrt(var + eps)), lse
+
+    v1, lse1 = variance_and_lse(z1)
+    v2, lse2 = variance_and_lse(z2)
+    per_sample = lambda_param * invariance + mu_param * 0.5 * (v1 + v2) + nu_param * (lse1 + lse2)
+    return distributed.global_mean(per_sample, sizes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,7 +674,11 @@ def _check_views(views: object) -> Tensor:
 
 
 def arcl_loss(
-    views: Union[Tensor, Sequence[Tensor]], temperature: Temperature = 0.5, *, backend: str = "auto"
+    views: Union[Tensor, Sequence[Tensor]],
+    temperature: Temperature = 0.5,
+    *,
+    gather_distributed: Union[bool, str] = False,
+    backend: str = "auto",
 ) -> Tensor:
     """ArCL on top of SimCLR (seeds 000/003, Algorithm 1): NT-Xent with each sample's worst positive.
 
@@ -579,10 +704,15 @@ def arcl_loss(
     Args: views (N, m, D) with N ≥ 2 and m ≥ 2, or a list/tuple of m tensors (N, D) (a training
     loop's views; stacked into one (N, m, D) copy); temperature τ > 0. Returns a 0-dim loss.
     The triton backend takes m ≤ 64 views per sample.
+
+    gather_distributed (True or "ring"; not in lightly — the single-process objective on the
+    concatenated batch, as NT-Xent's): the worst pair is per sample (local); this rank's 2n anchors
+    take their negatives from every rank; this rank's share of the global mean is returned.
     """
     views = _check_views(views)
     check_positive("temperature", temperature)
     backend = resolve_backend(backend, views)
+    mode = _distributed_mode(gather_distributed, backend)
     if backend == "reference":
         return reference.arcl_loss(views, temperature)
     n = views.shape[0]
@@ -590,7 +720,7 @@ def arcl_loss(
     scale = inverse_temperature(temperature, views)
     worst = worst_pair(v, backend=backend) * scale  # s_i⁺/τ, (N,)
     z = torch.cat([v[:, 0], v[:, 1]])
-    lse_negatives, _ = pairwise_lse(
-        z, z, None, scale, pos_offset=n, exclude_self=True, include_pos=False, backend=backend
+    lse_negatives, _, reduce = _local_rows(
+        z, z, None, scale, mode, backend, pos_offset=n, exclude_self=True, include_pos=False
     )
-    return F.softplus(lse_negatives - worst.repeat(2)).mean()
+    return reduce(F.softplus(lse_negatives - worst.repeat(2)))
