@@ -4,6 +4,11 @@
 migration: the same values and gradients, and memory that grows as O(N·D). Every module also
 takes a keyword-only `backend` ("auto", "triton", "torch", "reference"). The math lives in
 fastssl.functional; these are thin wrappers that hold hyper-parameters and state.
+
+`gather_distributed` (lightly's name; True, or "ring" for the contrastive losses) computes the loss
+over the global batch of a torch.distributed job, with gradients that are right after DDP's
+averaging; without an initialised process group, or with one rank, it is the single-process loss
+(as in lightly). Semantics per loss: docs/distributed.md and fastssl.distributed.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastssl import functional, reference
+from fastssl import distributed, functional, reference
 from fastssl._validation import check_nonnegative, check_positive
 from fastssl.backends import BACKENDS, resolve_backend
 from fastssl.ops.frobenius import check_route
@@ -41,12 +46,9 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def _no_distributed(gather_distributed: bool, cls: str) -> None:
-    if gather_distributed:
-        raise NotImplementedError(
-            f"{cls}(gather_distributed=True) is not implemented yet in fastssl; "
-            "use gather_distributed=False (single process) for now"
-        )
+def _check_gather(gather_distributed: object, *, ring: bool = True) -> Union[bool, str]:
+    """False, True or (contrastive losses) "ring"; ValueError if torch.distributed is missing (as lightly)."""
+    return distributed.check_gather(gather_distributed, ring=ring)
 
 
 class MemoryBankModule(nn.Module):
@@ -56,11 +58,13 @@ class MemoryBankModule(nn.Module):
     Gaussian rows (the same draw as lightly's, so a seeded run gives the same bank). `forward`
     returns a detached copy of the bank *before* the update, in (K, D) layout, and then, when
     `update`, enqueues the batch; like lightly, a batch that reaches the end of the queue fills it up
-    and the rest of that batch is dropped (the pointer restarts at 0).
+    and the rest of that batch is dropped (the pointer restarts at 0). With `gather_distributed`,
+    the batches of all ranks are gathered (rank order) and enqueued, so every rank keeps the same bank.
     """
 
-    def __init__(self, size: Union[int, Sequence[int]] = 0):
+    def __init__(self, size: Union[int, Sequence[int]] = 0, gather_distributed: Union[bool, str] = False):
         super().__init__()
+        self.gather_distributed = _check_gather(gather_distributed)
         size_tuple = (size,) if isinstance(size, int) else tuple(size)
         if any(s < 0 for s in size_tuple):
             raise ValueError(f"memory_bank_size must be non-negative, got {size}")
@@ -93,6 +97,8 @@ class MemoryBankModule(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, batch: Tensor) -> None:
+        if distributed.is_active(self.gather_distributed):
+            batch = distributed.gather_cat(batch.detach())
         k, n = self.size[0], batch.shape[0]
         # The pointer is a buffer (state_dict/device move like lightly); reading it syncs, as in lightly.
         ptr = int(self.bank_ptr)
@@ -117,7 +123,9 @@ class NTXentLoss(nn.Module):
     Args:
         temperature: τ > 0 (default 0.5).
         memory_bank_size: 0 or (K, D).
-        gather_distributed: not implemented yet (raises NotImplementedError when True).
+        gather_distributed: False; True (lightly's: local anchors, every rank's negatives, and with a
+            bank every rank's keys enqueued); or "ring" (the same loss, negatives passed round the
+            ranks by send/recv instead of one all-gather).
         backend: keyword-only, see `fastssl.available_backends()`.
     """
 
@@ -125,7 +133,7 @@ class NTXentLoss(nn.Module):
         self,
         temperature: float = 0.5,
         memory_bank_size: Union[int, Sequence[int]] = 0,
-        gather_distributed: bool = False,
+        gather_distributed: Union[bool, str] = False,
         *,
         backend: str = "auto",
     ):
@@ -133,19 +141,22 @@ class NTXentLoss(nn.Module):
         if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and abs(temperature) < 1e-8:
             raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
         check_positive("temperature", temperature)
-        _no_distributed(gather_distributed, "NTXentLoss")
         self.temperature = temperature
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = _check_gather(gather_distributed)
         self.backend = _check_backend(backend)
-        self.memory_bank = MemoryBankModule(size=memory_bank_size)
+        self.memory_bank = MemoryBankModule(size=memory_bank_size, gather_distributed=gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         """out0, out1: (N, D) projections of two views. Returns the mean loss (0-dim)."""
+        gather = self.gather_distributed
         if not self.memory_bank.enabled:
-            return functional.nt_xent_loss(out0, out1, self.temperature, backend=self.backend)
+            return functional.nt_xent_loss(
+                out0, out1, self.temperature, gather_distributed=gather, backend=self.backend
+            )
         bank = self.memory_bank(out1, update=False)
         loss = functional.moco_loss(
-            out0, out1, bank.to(device=out0.device, dtype=out0.dtype), self.temperature, backend=self.backend
+            out0, out1, bank.to(device=out0.device, dtype=out0.dtype), self.temperature,
+            gather_distributed=gather, backend=self.backend,
         )
         if out0.requires_grad:
             self.memory_bank(F.normalize(out1.detach(), dim=1), update=True)
@@ -153,7 +164,7 @@ class NTXentLoss(nn.Module):
 
     def extra_repr(self) -> str:
         bank = f", memory_bank_size={self.memory_bank.size}" if self.memory_bank.enabled else ""
-        return f"temperature={self.temperature}{bank}, backend={self.backend!r}"
+        return f"temperature={self.temperature}{bank}{_gather_repr(self)}, backend={self.backend!r}"
 
 
 class DCLLoss(nn.Module):
@@ -162,8 +173,9 @@ class DCLLoss(nn.Module):
     Args:
         temperature: τ > 0 (default 0.1).
         weight_fn: optional `w(out0, out1) -> (N,)` weights of the positive term, called on the
-            L2-normalised views (and with the views swapped for the second half), as in lightly.
-        gather_distributed: not implemented yet (raises NotImplementedError when True).
+            L2-normalised views (and with the views swapped for the second half), as in lightly;
+            under gather_distributed, on this rank's views (lightly's semantics).
+        gather_distributed: False, True (every rank's negatives, lightly's) or "ring".
         backend: keyword-only.
     """
 
@@ -171,17 +183,16 @@ class DCLLoss(nn.Module):
         self,
         temperature: float = 0.1,
         weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-        gather_distributed: bool = False,
+        gather_distributed: Union[bool, str] = False,
         *,
         backend: str = "auto",
     ):
         super().__init__()
         check_positive("temperature", temperature)
-        _no_distributed(gather_distributed, type(self).__name__)
         self.temperature = temperature
         self.weight_fn = weight_fn
         self.sigma: Optional[float] = None  # set by DCLWLoss, whose weights the reference knows
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = _check_gather(gather_distributed)
         self.backend = _check_backend(backend)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
@@ -189,14 +200,15 @@ class DCLLoss(nn.Module):
         functional._check_pair(out0, out1, ("out0", "out1"))
         check_positive("temperature", self.temperature)
         backend = resolve_backend(self.backend, out0)
+        mode = functional._distributed_mode(self.gather_distributed, backend)
         if backend != "reference":
-            return functional._dcl(out0, out1, self.temperature, self.weight_fn, backend)
+            return functional._dcl(out0, out1, self.temperature, self.weight_fn, backend, mode)
         if self.weight_fn is not None and self.sigma is None:
             raise ValueError("backend='reference' supports no custom weight_fn (DCLWLoss's sigma weights only)")
         return functional.dcl_loss(out0, out1, self.temperature, sigma=self.sigma, backend="reference")
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, backend={self.backend!r}"
+        return f"temperature={self.temperature}{_gather_repr(self)}, backend={self.backend!r}"
 
 
 class DCLWLoss(DCLLoss):
@@ -209,7 +221,7 @@ class DCLWLoss(DCLLoss):
         self,
         temperature: float = 0.1,
         sigma: float = 0.5,
-        gather_distributed: bool = False,
+        gather_distributed: Union[bool, str] = False,
         *,
         backend: str = "auto",
     ):
@@ -223,7 +235,7 @@ class DCLWLoss(DCLLoss):
         self.sigma = sigma
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, sigma={self.sigma}, backend={self.backend!r}"
+        return f"temperature={self.temperature}, sigma={self.sigma}{_gather_repr(self)}, backend={self.backend!r}"
 
 
 class CLIPLoss(nn.Module):
@@ -231,12 +243,15 @@ class CLIPLoss(nn.Module):
 
     With `learnable_temperature=True` the module owns CLIP's `logit_scale` = log(1/τ) parameter
     (initialised from `temperature`, clamped to at most log(100) as in CLIP) and τ = exp(−logit_scale)
-    receives gradients through the fused kernel.
+    receives gradients through the fused kernel. `gather_distributed` (keyword-only; True or "ring"):
+    every rank's rows and columns of S, this rank's share of the global loss (fastssl.clip_loss).
     """
 
-    def __init__(self, temperature: float = 0.07, learnable_temperature: bool = False, *, backend: str = "auto"):
+    def __init__(self, temperature: float = 0.07, learnable_temperature: bool = False, *,
+                 gather_distributed: Union[bool, str] = False, backend: str = "auto"):  # fmt: skip
         super().__init__()
         check_positive("temperature", temperature)
+        self.gather_distributed = _check_gather(gather_distributed)
         self.learnable_temperature = learnable_temperature
         self.backend = _check_backend(backend)
         if learnable_temperature:
@@ -252,11 +267,12 @@ class CLIPLoss(nn.Module):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         """out0, out1: (N, D) embeddings of matching pairs. Returns the mean loss (0-dim)."""
-        return functional.clip_loss(out0, out1, self.current_temperature(), backend=self.backend)
+        return functional.clip_loss(out0, out1, self.current_temperature(), gather_distributed=self.gather_distributed,
+                                    backend=self.backend)  # fmt: skip
 
     def extra_repr(self) -> str:
         tau = "learnable" if self.learnable_temperature else self.temperature
-        return f"temperature={tau}, backend={self.backend!r}"
+        return f"temperature={tau}{_gather_repr(self)}, backend={self.backend!r}"
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -264,7 +280,8 @@ class BarlowTwinsLoss(nn.Module):
 
     Args:
         lambda_param: weight λ ≥ 0 of the off-diagonal (redundancy) term (default 5e-3).
-        gather_distributed: not implemented yet (raises NotImplementedError when True).
+        gather_distributed: True: lightly's — each rank batch-normalises its own slice and C is the
+            mean of the ranks' C_r (all-reduced); every rank gets the same loss.
         route: keyword-only; "auto" (the smaller of the D x D and N x N sides), "covariance", "gram".
         backend: keyword-only.
     """
@@ -273,18 +290,18 @@ class BarlowTwinsLoss(nn.Module):
                  backend: str = "auto"):  # fmt: skip
         super().__init__()
         check_nonnegative("lambda_param", lambda_param)
-        _no_distributed(gather_distributed, "BarlowTwinsLoss")
         self.lambda_param = lambda_param
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = _check_gather(gather_distributed, ring=False)
         self.route = check_route(route)
         self.backend = _check_backend(backend)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """z_a, z_b: (N, D) projections of two views. Returns the loss (0-dim)."""
-        return functional.barlow_twins_loss(z_a, z_b, self.lambda_param, route=self.route, backend=self.backend)
+        return functional.barlow_twins_loss(z_a, z_b, self.lambda_param, gather_distributed=self.gather_distributed,
+                                            route=self.route, backend=self.backend)  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"lambda_param={self.lambda_param}, route={self.route!r}, backend={self.backend!r}"
+        return f"lambda_param={self.lambda_param}{_gather_repr(self)}, route={self.route!r}, backend={self.backend!r}"
 
 
 class VICRegLoss(nn.Module):
@@ -293,7 +310,8 @@ class VICRegLoss(nn.Module):
     Args:
         lambda_param: invariance weight λ (default 25). mu_param: variance weight μ (default 25).
         nu_param: covariance weight ν (default 1). eps: added to the variance under the sqrt (1e-4).
-        gather_distributed: not implemented yet (raises NotImplementedError when True).
+        gather_distributed: True: lightly's — the invariance term on this rank's pairs, the variance
+            and covariance terms on the gathered global batch.
         route, backend: keyword-only, as in `BarlowTwinsLoss`.
     """
 
@@ -312,20 +330,20 @@ class VICRegLoss(nn.Module):
         for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
             check_nonnegative(name, value)
         check_positive("eps", eps)
-        _no_distributed(gather_distributed, "VICRegLoss")
         self.lambda_param, self.mu_param, self.nu_param, self.eps = lambda_param, mu_param, nu_param, eps
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = _check_gather(gather_distributed, ring=False)
         self.route = check_route(route)
         self.backend = _check_backend(backend)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """z_a, z_b: (N, D). Returns the loss (0-dim)."""
         return functional.vicreg_loss(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, self.eps,
-                                      route=self.route, backend=self.backend)  # fmt: skip
+                                      gather_distributed=self.gather_distributed, route=self.route,
+                                      backend=self.backend)  # fmt: skip
 
     def extra_repr(self) -> str:
         return (f"lambda_param={self.lambda_param}, mu_param={self.mu_param}, nu_param={self.nu_param}, "
-                f"eps={self.eps}, route={self.route!r}, backend={self.backend!r}")  # fmt: skip
+                f"eps={self.eps}{_gather_repr(self)}, route={self.route!r}, backend={self.backend!r}")  # fmt: skip
 
 
 class SpectralContrastiveLoss(nn.Module):
@@ -333,22 +351,26 @@ class SpectralContrastiveLoss(nn.Module):
 
     Args:
         mu: μ > 0; rows are clipped to norm √μ and the loss is divided by μ (default 1).
+        gather_distributed: keyword-only; True: the loss of the gathered global batch, on every rank.
         route, backend: keyword-only, as in `BarlowTwinsLoss`.
     """
 
-    def __init__(self, mu: float = 1.0, *, route: str = "auto", backend: str = "auto"):
+    def __init__(self, mu: float = 1.0, *, gather_distributed: bool = False, route: str = "auto",
+                 backend: str = "auto"):  # fmt: skip
         super().__init__()
         check_positive("mu", mu)
         self.mu = mu
+        self.gather_distributed = _check_gather(gather_distributed, ring=False)
         self.route = check_route(route)
         self.backend = _check_backend(backend)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """z_a, z_b: (N, D). Returns the loss (0-dim)."""
-        return functional.spectral_contrastive_loss(z_a, z_b, self.mu, route=self.route, backend=self.backend)
+        return functional.spectral_contrastive_loss(z_a, z_b, self.mu, gather_distributed=self.gather_distributed,
+                                                    route=self.route, backend=self.backend)  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"mu={self.mu}, route={self.route!r}, backend={self.backend!r}"
+        return f"mu={self.mu}{_gather_repr(self)}, route={self.route!r}, backend={self.backend!r}"
 
 
 class VICRegExpLoss(nn.Module):
@@ -358,14 +380,19 @@ class VICRegExpLoss(nn.Module):
     Args:
         temperature: τ > 0 (default 0.1; why: fastssl.reference.vicreg_exp_loss).
         lambda_param, mu_param, nu_param, eps: as VICRegLoss (25, 25, 1, 1e-4).
+        gather_distributed: keyword-only; True: the loss of the gathered global batch, on every rank
+            (VICRegCtrLoss: local samples against every rank's, also "ring").
         backend: keyword-only.
     """
 
     _loss = staticmethod(functional.vicreg_exp_loss)
+    _ring = False
 
     def __init__(self, temperature: float = reference.VICREG_EXP_TEMPERATURE, lambda_param: float = 25.0,
-                 mu_param: float = 25.0, nu_param: float = 1.0, eps: float = 1e-4, *, backend: str = "auto"):  # fmt: skip
+                 mu_param: float = 25.0, nu_param: float = 1.0, eps: float = 1e-4, *,
+                 gather_distributed: Union[bool, str] = False, backend: str = "auto"):  # fmt: skip
         super().__init__()
+        self.gather_distributed = _check_gather(gather_distributed, ring=self._ring)
         check_positive("temperature", temperature)
         for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
             check_nonnegative(name, value)
@@ -377,11 +404,11 @@ class VICRegExpLoss(nn.Module):
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """z_a, z_b: (N, D). Returns the loss (0-dim)."""
         return self._loss(z_a, z_b, self.temperature, self.lambda_param, self.mu_param, self.nu_param, self.eps,
-                          backend=self.backend)  # fmt: skip
+                          gather_distributed=self.gather_distributed, backend=self.backend)  # fmt: skip
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, lambda_param={self.lambda_param}, mu_param={self.mu_param}, "
-                f"nu_param={self.nu_param}, eps={self.eps}, backend={self.backend!r}")  # fmt: skip
+                f"nu_param={self.nu_param}, eps={self.eps}{_gather_repr(self)}, backend={self.backend!r}")  # fmt: skip
 
 
 class VICRegCtrLoss(VICRegExpLoss):
@@ -389,6 +416,7 @@ class VICRegCtrLoss(VICRegExpLoss):
     Same arguments and defaults as VICRegExpLoss."""
 
     _loss = staticmethod(functional.vicreg_ctr_loss)
+    _ring = True
 
 
 class ArCLLoss(nn.Module):
@@ -397,23 +425,32 @@ class ArCLLoss(nn.Module):
 
     Args:
         temperature: τ > 0 (default 0.5).
+        gather_distributed: keyword-only; True or "ring": negatives from every rank, as NTXentLoss.
         backend: keyword-only.
 
     `forward(views)` takes an (N, m, D) tensor or a list of m (N, D) tensors; `forward(v0, v1, ...)`
     with m separate (N, D) tensors is the same call. m = 2 is NTXentLoss.
     """
 
-    def __init__(self, temperature: float = 0.5, *, backend: str = "auto"):
+    def __init__(self, temperature: float = 0.5, *, gather_distributed: Union[bool, str] = False,
+                 backend: str = "auto"):  # fmt: skip
         super().__init__()
         check_positive("temperature", temperature)
         self.temperature = temperature
+        self.gather_distributed = _check_gather(gather_distributed)
         self.backend = _check_backend(backend)
 
     def forward(self, *views: Union[Tensor, Sequence[Tensor]]) -> Tensor:
         """views: one (N, m, D) tensor, one list of m (N, D) tensors, or m (N, D) tensors. Returns the loss."""
         if len(views) == 0:
             raise TypeError("ArCLLoss() needs views: an (N, m, D) tensor or m (N, D) tensors")
-        return functional.arcl_loss(views[0] if len(views) == 1 else views, self.temperature, backend=self.backend)
+        return functional.arcl_loss(views[0] if len(views) == 1 else views, self.temperature,
+                                    gather_distributed=self.gather_distributed, backend=self.backend)  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, backend={self.backend!r}"
+        return f"temperature={self.temperature}{_gather_repr(self)}, backend={self.backend!r}"
+
+
+def _gather_repr(module: nn.Module) -> str:
+    gather = getattr(module, "gather_distributed", False)
+    return f", gather_distributed={gather!r}" if gather else ""
