@@ -1,11 +1,14 @@
-"""Shared pieces of the fastssl benchmarks: cases, providers, the FLOP model, timing and peak memory.
+"""Shared pieces of the fastssl benchmarks: losses, sizes, cases, providers, FLOP models, peak memory.
 
-Used by the pytest-benchmark suite (bench_contrastive.py, conftest.py) and by the standalone
-summary (summary.py), so that both time and measure exactly the same calls. The losses and their
-reference (materialising) formulas are those of DESIGN.md, "The losses (the spec)".
+Used by the pytest-benchmark suite (bench_contrastive.py, bench_frobenius.py, conftest.py,
+_runner.py), by the standalone summary (summary.py) and by max_batch.py / profile_ncu.py, so that
+all of them time and measure exactly the same calls. The losses and their reference
+(materialising) formulas are those of DESIGN.md, "The losses (the spec)"; the FLOP models count
+the GEMMs of DESIGN.md's kernel families 1 (pairwise LSE) and 2 (off-diagonal Frobenius).
 
 Size convention: a case's ``batch`` is 2N, the number of rows of NT-Xent's Z = [n(z1); n(z2)];
-every loss gets N = batch/2 pairs of (N, D) embeddings, and MoCo a bank of K = 2N rows.
+every two-view loss gets N = batch/2 pairs of (N, D) embeddings, MoCo a bank of K = 2N rows,
+uniformity one (2N, D) matrix and ArCL (N, m, D) views.
 
 Run as a script (``python benchmarks/_common.py --probe-worker``) this file is the helper process
 that measures peak memory on the CPU (see PeakRssProbe).
@@ -40,41 +43,154 @@ import fastssl  # noqa: E402
 from fastssl import backends, reference  # noqa: E402
 from fastssl.ops.frobenius import choose_side  # noqa: E402
 
-# On a shared CPU, intra-op threads that wait at barriers for a descheduled sibling make timings
-# swing by 10x; FASTSSL_BENCH_THREADS=1 gives stable numbers there (the helper process inherits it).
-if os.environ.get("FASTSSL_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["FASTSSL_BENCH_THREADS"]))
 
-LOSSES = ("nt_xent", "clip", "dcl", "moco")
+
+def configure_threads(device: str) -> None:
+    """Set torch's intra-op threads for a benchmark process: FASTSSL_BENCH_THREADS, else 1 on the CPU.
+
+    Why 1 by default on the CPU: on a shared machine, intra-op threads that wait at barriers for a
+    descheduled sibling make timings swing by 10x or more (2N = 1024 NT-Xent forward+backward took
+    18 ms on one thread and 716 ms on two, on a busy 2-core machine). Called by the entry points
+    (conftest, summary, max_batch), never at import, so that importing this module changes nothing.
+    The helper process of PeakRssProbe calls it too.
+    """
+    threads = os.environ.get("FASTSSL_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    elif device == "cpu":
+        torch.set_num_threads(1)
+
+# --------------------------------------------------------------------------------------------------
+# the losses
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """How the suite calls one loss: its functions, inputs, keyword arguments and lightly peer."""
+
+    name: str  # the suite's key (test ids, extra_info["loss"], report tables)
+    function: str  # fastssl.<function> and fastssl.reference.<function>
+    family: str  # "pairwise" (DESIGN.md family 1, bench_contrastive.py) or "frobenius" (family 2)
+    inputs: str = "pair"  # "pair": z1, z2 (N, D); "moco": + bank (K, D); "single": z (2N, D); "views": (N, m, D)
+    kwargs: tuple[tuple[str, object], ...] = ()  # extra keyword arguments, the same for every provider
+    views: int = 0  # m, for inputs == "views"
+    lightly: Optional[str] = None  # lightly 1.6's module taking the same inputs, constructed with `kwargs`
+
+
+_SPECS = [
+    LossSpec("nt_xent", "nt_xent_loss", "pairwise", lightly="NTXentLoss"),
+    LossSpec("moco", "moco_loss", "pairwise", inputs="moco"),  # lightly's module owns its bank: not comparable
+    LossSpec("dcl", "dcl_loss", "pairwise", lightly="DCLLoss"),
+    LossSpec("dclw", "dcl_loss", "pairwise", kwargs=(("sigma", 0.5),), lightly="DCLWLoss"),
+    LossSpec("clip", "clip_loss", "pairwise"),
+    LossSpec("uniformity", "uniformity", "pairwise", inputs="single"),
+    LossSpec("vicreg_exp", "vicreg_exp_loss", "pairwise"),
+    LossSpec("vicreg_ctr", "vicreg_ctr_loss", "pairwise"),
+    LossSpec("arcl_m4", "arcl_loss", "pairwise", inputs="views", views=4),
+    LossSpec("arcl_m8", "arcl_loss", "pairwise", inputs="views", views=8),
+    LossSpec("barlow_twins", "barlow_twins_loss", "frobenius", lightly="BarlowTwinsLoss"),
+    LossSpec("vicreg", "vicreg_loss", "frobenius", lightly="VICRegLoss"),
+    LossSpec("spectral_contrastive", "spectral_contrastive_loss", "frobenius"),
+]
+#: Every benchmarked loss, by key.
+SPECS = {spec.name: spec for spec in _SPECS}
+LOSSES = tuple(spec.name for spec in _SPECS if spec.family == "pairwise")
 #: The off-diagonal Frobenius family (bench_frobenius.py); fastssl runs them on each `route`.
-FROBENIUS_LOSSES = ("barlow_twins", "vicreg", "spectral")
+FROBENIUS_LOSSES = tuple(spec.name for spec in _SPECS if spec.family == "frobenius")
 FROBENIUS_ROUTES = ("covariance", "gram")
-#: fastssl / reference function names, where they are not f"{loss}_loss".
-_FUNCTION_NAMES = {"spectral": "spectral_contrastive_loss"}
-#: The suite's providers. "fastssl-<backend>" calls fastssl.<loss>_loss(..., backend=<backend>);
+#: The suite's providers. "fastssl-<backend>" calls fastssl.<function>(..., backend=<backend>);
 #: the summary also uses "fastssl-auto", the backend a user gets by default.
-PROVIDERS = ("fastssl-triton", "fastssl-cuda", "fastssl-torch", "reference", "reference-compiled", "lightly")
-#: The peer: lightly 1.6's modules, with the same temperatures as fastssl's defaults (its own defaults).
-LIGHTLY_MODULES = {"nt_xent": "NTXentLoss", "dcl": "DCLLoss", "barlow_twins": "BarlowTwinsLoss",
-                   "vicreg": "VICRegLoss"}
+PROVIDERS = (
+    "fastssl-triton", "fastssl-cuda", "fastssl-torch", "reference", "reference-compiled", "lightly", "inf_cl",
+)
 MODES = ("fwd", "fwd+bwd")
+DTYPES = ("bfloat16", "float32")
 MIB = 2**20
 
-# Sizes as (2N, D). The CPU default must finish in about a minute on a 2-core machine.
-SIZE_SETS = {
-    ("cpu", "small"): [(2048, 128)],
-    ("cpu", "large"): [(2048, 128), (8192, 128), (2048, 512), (8192, 512)],
-    ("cuda", "small"): [(8192, 128)],
-    ("cuda", "large"): [(b, d) for b in (8192, 32768, 131072) for d in (128, 512)],
+# --------------------------------------------------------------------------------------------------
+# sizes
+# --------------------------------------------------------------------------------------------------
+
+_CPU_PAIRWISE = [(2048, 128)]
+_CPU_FROBENIUS = [(1024, 2048)]
+# CUDA: the issue's headline size first (2N = 32,768, D = 256; Barlow Twins / VICReg at N = 2048,
+# D = 8192), then sizes past the point where the materialising reference runs out of memory on an
+# 80 GB GPU. The reference upcasts to fp32: at 2N = 131,072 the 2N x 2N logits alone are 64 GiB
+# (and autograd keeps more than one such matrix); at D = 131,072 Barlow Twins' C is 64 GiB.
+_GPU_N_SWEEP = [(32768, 256), (131072, 256)]
+_GPU_N_SWEEP_LONG = [(32768, 256), (131072, 256), (262144, 256)]  # N x N losses (CLIP, VICReg-ctr, spectral)
+_GPU_D_SWEEP = [(4096, 8192), (4096, 32768), (4096, 131072)]  # N = 2048, D x D losses
+
+#: Named size sets, as (2N, D) per loss; the first size of each loss is its *headline* size (the
+#: one also run in the second dtype and, where enabled, with torch.compile).
+SIZE_SETS: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {
+    ("cpu", "small"): {
+        **{name: _CPU_PAIRWISE for name in LOSSES},
+        "nt_xent": [(2048, 128), (1024, 128), (4096, 128)],  # three points: the CPU run's plot has lines
+        **{name: _CPU_FROBENIUS for name in FROBENIUS_LOSSES},
+    },
+    ("cpu", "large"): {
+        **{name: [(2048, 128), (8192, 128), (2048, 512), (8192, 512)] for name in LOSSES},
+        **{name: [(1024, 8192), (4096, 512)] for name in FROBENIUS_LOSSES},
+    },
+    ("cuda", "small"): {
+        **{name: [(32768, 256)] for name in LOSSES},
+        "vicreg_exp": [(4096, 8192)],
+        **{name: [(4096, 8192)] for name in FROBENIUS_LOSSES},
+        "spectral_contrastive": [(32768, 256)],
+    },
+    ("cuda", "large"): {
+        **{name: _GPU_N_SWEEP for name in LOSSES},
+        "nt_xent": [(32768, 256), (8192, 256), (16384, 256), (65536, 256), (131072, 256), (262144, 256)],
+        "clip": _GPU_N_SWEEP_LONG,
+        "vicreg_ctr": _GPU_N_SWEEP_LONG,
+        "vicreg_exp": _GPU_D_SWEEP,  # its logits are D x D: the sweep is over D
+        "barlow_twins": _GPU_D_SWEEP,
+        "vicreg": _GPU_D_SWEEP,
+        "spectral_contrastive": _GPU_N_SWEEP_LONG,  # the reference builds z1 z2ᵀ (N x N)
+    },
 }
-#: The Frobenius family's sizes, also as (2N, D): N x D embeddings, N = 2N/2. The GPU set is the
-#: issue's (N, D) = (2048, 8192) and (256, 65536); the CPU sets show both routes winning.
-FROBENIUS_SIZE_SETS = {
-    ("cpu", "small"): [(1024, 2048)],
-    ("cpu", "large"): [(1024, 8192), (4096, 512)],
-    ("cuda", "small"): [(4096, 8192)],
-    ("cuda", "large"): [(4096, 8192), (512, 65536)],
-}
+#: Losses that torch.compile(reference) runs for, at their headline size, by device (compiling
+#: takes 5-30 s per loss, shape and dtype; FASTSSL_BENCH_COMPILE=all compiles every case).
+COMPILE_LOSSES = {"cpu": ("nt_xent",), "cuda": ("nt_xent", "clip", "barlow_twins", "vicreg")}
+
+
+def default_device() -> str:
+    return os.environ.get("FASTSSL_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: str) -> str:
+    """The summary's dtype (the suite runs both, see suite_cases)."""
+    return os.environ.get("FASTSSL_BENCH_DTYPE") or ("bfloat16" if device == "cuda" else "float32")
+
+
+def _parse_sizes(spec: str) -> list[tuple[int, int]]:
+    try:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in spec.split(",") if item.strip()]
+        if not sizes or any(len(s) != 2 or s[0] < 4 or s[0] % 2 or s[1] < 2 for s in sizes):
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"FASTSSL_BENCH_SIZES must be 'small', 'large' or a list of 2NxD with even 2N >= 4 and D >= 2, "
+            f"got {spec!r}"
+        ) from None
+    return sizes  # type: ignore[return-value]
+
+
+def size_set_name(device: str, spec: Optional[str] = None) -> str:
+    """The size set in force: FASTSSL_BENCH_SIZES, or "small" on the CPU and "large" on CUDA."""
+    spec = spec if spec is not None else os.environ.get("FASTSSL_BENCH_SIZES", "")
+    return spec.strip() or ("large" if device == "cuda" else "small")
+
+
+def bench_sizes(device: str, loss: str = "nt_xent", spec: Optional[str] = None) -> list[tuple[int, int]]:
+    """(2N, D) sizes of `loss` on `device`: a named set ("small", "large") or FASTSSL_BENCH_SIZES's
+    explicit list like "2048x128,8192x512" (then the same list for every loss; the first is the headline)."""
+    name = size_set_name(device, spec)
+    if (device, name) in SIZE_SETS:
+        return SIZE_SETS[(device, name)][loss]
+    return _parse_sizes(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,6 +210,11 @@ class Case:
     dtype: str = "float32"
     device: str = "cpu"
     route: str = "auto"  # the Frobenius family's route (fastssl providers only)
+    headline: bool = True  # the loss's first (headline) size in its size set
+
+    @property
+    def spec(self) -> LossSpec:
+        return SPECS[self.loss]
 
     @property
     def n_pairs(self) -> int:
@@ -101,13 +222,26 @@ class Case:
 
     @property
     def bank_rows(self) -> int:
-        return self.batch if self.loss == "moco" else 0
+        return self.batch if self.spec.inputs == "moco" else 0
+
+    @property
+    def implementation(self) -> str:
+        """The provider, with the route for fastssl's Frobenius-family runs."""
+        if self.spec.family == "frobenius" and self.provider.startswith("fastssl-"):
+            return f"{self.provider} ({self.route})"
+        return self.provider
 
     @property
     def label(self) -> str:
-        if self.loss in FROBENIUS_LOSSES:
+        if self.spec.family == "frobenius":
             return f"{self.loss} {self.mode} N={self.n_pairs} D={self.dim} {self.dtype}"
         return f"{self.loss} {self.mode} 2N={self.batch} D={self.dim} {self.dtype}"
+
+    @property
+    def test_id(self) -> str:
+        route = f"-{self.route}" if self.spec.family == "frobenius" and self.provider.startswith("fastssl-") else ""
+        size = f"N{self.n_pairs}" if self.spec.family == "frobenius" else f"2N{self.batch}"
+        return f"{self.loss}-{self.provider}{route}-{self.mode}-{size}-D{self.dim}-{_SHORT_DTYPE[self.dtype]}-{self.device}"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -117,35 +251,56 @@ class Case:
         return cls(**json.loads(text))
 
 
-def default_device() -> str:
-    return os.environ.get("FASTSSL_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def default_dtype(device: str) -> str:
-    return os.environ.get("FASTSSL_BENCH_DTYPE") or ("bfloat16" if device == "cuda" else "float32")
+def suite_cases(family: str, device: Optional[str] = None) -> list[Case]:
+    """Every case of `family` ("pairwise" or "frobenius") that the suite collects on this machine.
 
-
-def bench_sizes(device: str, spec: Optional[str] = None, sets: Optional[dict] = None) -> list[tuple[int, int]]:
-    """(2N, D) pairs from ``FASTSSL_BENCH_SIZES``: "small", "large" or a list like "2048x128,8192x512".
-
-    Default: "small" on the CPU, "large" (the full GPU set) on CUDA. `sets`: the named size sets
-    (SIZE_SETS, the contrastive losses', unless given).
+    On a machine without CUDA the CUDA size set is collected as well, so that `--collect-only`
+    shows the GPU run; policy_skip skips those cases with the reason. Dtypes: FASTSSL_BENCH_DTYPE
+    if set; else on CUDA bf16 at every size and fp32 at the headline size; on the CPU fp32 at every
+    size and bf16 at the headline size (fwd+bwd, fastssl-torch and reference only: see policy_skip).
     """
-    spec = spec if spec is not None else os.environ.get("FASTSSL_BENCH_SIZES", "")
-    spec = spec.strip() or ("large" if device == "cuda" else "small")
-    key = (device, spec)
-    sets = SIZE_SETS if sets is None else sets
-    if key in sets:
-        return sets[key]
-    try:
-        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in spec.split(",") if item.strip()]
-        if not sizes or any(len(s) != 2 or s[0] < 4 or s[0] % 2 or s[1] < 1 for s in sizes):
-            raise ValueError
-    except ValueError:
-        raise ValueError(
-            f"FASTSSL_BENCH_SIZES must be 'small', 'large' or a list of 2NxD with even 2N >= 4, got {spec!r}"
-        ) from None
-    return sizes  # type: ignore[return-value]
+    device = device or default_device()
+    named_set = size_set_name(device) in ("small", "large")
+    devices = [device] if device == "cuda" or not named_set else [device, "cuda"]
+    forced = os.environ.get("FASTSSL_BENCH_DTYPE")
+    cases = []
+    for dev in devices:
+        main_dtype, second_dtype = ("bfloat16", "float32") if dev == "cuda" else ("float32", "bfloat16")
+        for spec in _SPECS:
+            if spec.family != family:
+                continue
+            for index, (batch, dim) in enumerate(bench_sizes(dev, spec.name)):
+                dtypes = [forced] if forced else [main_dtype] + ([second_dtype] if index == 0 else [])
+                for dtype in dtypes:
+                    for provider in PROVIDERS:
+                        routes = FROBENIUS_ROUTES if family == "frobenius" and provider.startswith("fastssl-") else ("auto",)
+                        for route in routes:
+                            for mode in MODES:
+                                cases.append(Case(spec.name, provider, mode, batch, dim, dtype, dev, route, index == 0))
+    return cases
+
+
+def policy_skip(case: Case) -> Optional[str]:
+    """Why the suite does not run `case` on this machine by choice (time, device), or None.
+
+    The reasons are deliberately generic so that pytest's skip summary groups them.
+    """
+    if case.device == "cuda" and not torch.cuda.is_available():
+        return "GPU-only size: needs CUDA (this machine runs the CPU set)"
+    if case.provider == "reference-compiled" and os.environ.get("FASTSSL_BENCH_COMPILE", "") != "all":
+        if os.environ.get("FASTSSL_BENCH_COMPILE") == "none":
+            return "torch.compile cases disabled (FASTSSL_BENCH_COMPILE=none)"
+        main_dtype = "bfloat16" if case.device == "cuda" else "float32"
+        if not (case.headline and case.dtype == main_dtype and case.loss in COMPILE_LOSSES[case.device]):
+            return (f"torch.compile(reference) runs only at the headline size of {', '.join(COMPILE_LOSSES[case.device])}"
+                    f" on {case.device} (each compile takes seconds; FASTSSL_BENCH_COMPILE=all runs every case)")
+    if case.device == "cpu" and case.dtype == "bfloat16" and not os.environ.get("FASTSSL_BENCH_DTYPE"):
+        if case.mode != "fwd+bwd" or case.provider not in ("fastssl-torch", "reference"):
+            return "bf16 on the CPU: fwd+bwd of fastssl-torch and reference only (to keep the CPU run short)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,59 +308,123 @@ def bench_sizes(device: str, spec: Optional[str] = None, sets: Optional[dict] = 
 # --------------------------------------------------------------------------------------------------
 
 
-def provider_unavailable(provider: str, device: str, loss: str) -> Optional[str]:
-    """Why `provider` cannot benchmark `loss` on `device`, or None when it can."""
+def provider_unavailable(provider: str, device: str, loss: str, dim: Optional[int] = None) -> Optional[str]:
+    """Why `provider` cannot benchmark `loss` on `device` (with embedding dimension `dim`), or None."""
+    spec = SPECS[loss]
     if provider.startswith("fastssl-"):
         backend = provider[len("fastssl-") :]
-        if backend not in backends.BACKENDS:
-            return f"fastssl has no backend {backend!r} yet (it has {backends.BACKENDS})"
         if backend == "triton" and device != "cuda":
             return "backend 'triton' needs CUDA tensors (the Triton CPU interpreter is not benchmarked)"
-        if backend == "triton" and not backends.triton_usable(torch.device(device)):
-            return "triton is not importable"
+        if backend != "auto" and backend not in fastssl.available_backends():
+            if backend not in backends.BACKENDS:
+                return f"fastssl has no backend {backend!r} in this checkout (it has {backends.BACKENDS})"
+            return f"fastssl backend {backend!r} is not available here (available: {fastssl.available_backends()})"
+        if not hasattr(fastssl, spec.function):
+            return f"fastssl has no {spec.function} in this checkout"
     if provider == "lightly":
         if importlib.util.find_spec("lightly") is None:
             return "lightly is not installed (it needs torchvision; see README, 'Checking against lightly')"
-        if loss not in LIGHTLY_MODULES:
-            return f"lightly 1.6 has no {loss} module that takes the same inputs"
+        if spec.lightly is None:
+            return "lightly 1.6 has no module for this loss that takes the same inputs"
+    if provider == "inf_cl":
+        if loss != "clip":
+            return ("Inf-CL computes the CLIP loss only (no self-mask, so NT-Xent-style losses are not "
+                    "comparable)")
+        if importlib.util.find_spec("inf_cl") is None:
+            return "Inf-CL (pip package inf-cl, module inf_cl) is not installed"
+        if device != "cuda":
+            return "Inf-CL's kernels are Triton GPU kernels: CUDA only"
+        if dim is not None and dim % _inf_cl_head_dim(dim):
+            return f"Inf-CL needs D to be a multiple of its head_dim (16..256), got D={dim}"
     return None
 
 
+def _inf_cl_head_dim(dim: int) -> int:
+    """Inf-CL splits D into heads of head_dim ∈ {16, 32, 64, 128, 256}: the largest that divides D."""
+    return next((h for h in (256, 128, 64, 32, 16) if dim % h == 0), 256)
+
+
+def _inf_cl_clip_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """CLIP loss through Inf-CL's ``cal_inf_loss`` (one direction per call), as its README composes it.
+
+    Inf-CL scales the query rows and computes mean_i LSE_j(q_i·k_j) − q_i·k_i, in fp32 (its kernels
+    upcast q and k; TF32 tensor cores). The temperature is folded into the query here rather than
+    passed as ``scale=``: its ``scale`` path all-reduces the gradient and needs torch.distributed.
+    """
+    from inf_cl import cal_inf_loss
+
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    head_dim = _inf_cl_head_dim(a.shape[1])
+    return 0.5 * (cal_inf_loss(a / temperature, b, head_dim=head_dim) + cal_inf_loss(b / temperature, a, head_dim=head_dim))
+
+
+#: What each provider's numbers mean beyond its name (extra_info["provider_note"]).
+PROVIDER_NOTES = {
+    "inf_cl": "Inf-CL upcasts to fp32 (TF32 tensor cores) and has no self-mask: CLIP loss only",
+    "reference-compiled": "torch.compile(reference, dynamic=False): one static graph per shape and dtype",
+    "lightly": "lightly 1.6 module with the loss's default arguments",
+}
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(loss: str) -> Callable:
+def _compiled(function: str) -> Callable:
+    # Many shapes and dtypes per function: without a higher limit dynamo would silently fall back
+    # to eager after 8 recompiles and the "compiled" numbers would be eager ones.
+    config = torch._dynamo.config
+    if hasattr(config, "recompile_limit"):
+        config.recompile_limit = max(config.recompile_limit, 64)
+    else:  # torch < 2.6
+        config.cache_size_limit = max(config.cache_size_limit, 64)
     # dynamic=False: one static graph per shape, as a user with a fixed batch size gets.
-    return torch.compile(getattr(reference, _FUNCTION_NAMES.get(loss, f"{loss}_loss")), dynamic=False)
+    return torch.compile(getattr(reference, function), dynamic=False)
 
 
 def loss_function(loss: str, provider: str, route: str = "auto") -> Callable:
     """The callable that computes `loss` for `provider` (on `route`), taking the tensors of make_inputs."""
-    name = _FUNCTION_NAMES.get(loss, f"{loss}_loss")
+    spec = SPECS[loss]
+    kwargs = dict(spec.kwargs)
     if provider == "reference":
-        return getattr(reference, name)
+        return functools.partial(getattr(reference, spec.function), **kwargs)
     if provider == "reference-compiled":
-        return _compiled(loss)
+        return functools.partial(_compiled(spec.function), **kwargs)
     if provider.startswith("fastssl-"):
-        kwargs = {"route": route} if loss in FROBENIUS_LOSSES else {}
-        return functools.partial(getattr(fastssl, name), backend=provider[len("fastssl-") :], **kwargs)
+        if spec.family == "frobenius":
+            kwargs["route"] = route
+        return functools.partial(getattr(fastssl, spec.function), backend=provider[len("fastssl-") :], **kwargs)
     if provider == "lightly":
         import lightly.loss
 
-        return getattr(lightly.loss, LIGHTLY_MODULES[loss])()
+        return getattr(lightly.loss, spec.lightly)()
+    if provider == "inf_cl":
+        return _inf_cl_clip_loss
     raise ValueError(f"unknown provider {provider!r}")
 
 
 def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
-    """Random embeddings for `case` (fixed seed): (z1, z2), or (query, key, bank) for MoCo."""
+    """Random inputs for `case` (fixed seed), built on the CPU then moved, requiring grad:
+
+    "pair": z1, z2 (N, D); "moco": query, key (N, D) and an L2-normalised bank (K = 2N, D) without
+    grad (lightly keeps its bank so); "single": z (2N, D), row-normalised (uniformity is defined on
+    the sphere; unnormalised Gaussians would make every exp(−2‖z_i − z_j‖²) underflow); "views":
+    (N, m, D).
+    """
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, case.dtype)
+    spec = case.spec
 
-    def leaf(rows: int, grad: bool = True) -> torch.Tensor:
-        x = torch.randn(rows, case.dim, generator=gen).to(device=case.device, dtype=dtype)
-        return x.requires_grad_(grad)
+    def leaf(*shape: int, grad: bool = True, normalise: bool = False) -> torch.Tensor:
+        x = torch.randn(*shape, generator=gen)
+        if normalise:
+            x = F.normalize(x, dim=-1)
+        return x.to(device=case.device, dtype=dtype).requires_grad_(grad)
 
-    inputs = (leaf(case.n_pairs), leaf(case.n_pairs))
-    if case.loss == "moco":  # lightly keeps the bank L2-normalised and without grad
-        inputs += (F.normalize(leaf(case.bank_rows, grad=False), dim=1),)
+    if spec.inputs == "single":
+        return (leaf(case.batch, case.dim, normalise=True),)
+    if spec.inputs == "views":
+        return (leaf(case.n_pairs, spec.views, case.dim),)
+    inputs = (leaf(case.n_pairs, case.dim), leaf(case.n_pairs, case.dim))
+    if spec.inputs == "moco":
+        inputs += (leaf(case.bank_rows, case.dim, grad=False, normalise=True),)
     return inputs
 
 
@@ -247,6 +466,14 @@ def is_oom(exc: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text
 
 
+def free_memory(device: str) -> None:
+    """Return freed memory after an OOM or a large case (call outside any except block, so that
+    the traceback's tensors are already unreferenced)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def time_step(step: Callable[[], None], reps: int, warmup: int = 1) -> float:
     """Median wall time of `step` in seconds over `reps` calls, after `warmup` calls."""
     for _ in range(warmup):
@@ -263,14 +490,51 @@ def time_step(step: Callable[[], None], reps: int, warmup: int = 1) -> float:
 # FLOPs
 # --------------------------------------------------------------------------------------------------
 
-# Per loss: the logit GEMMs of the materialising algorithm as (rows, cols, operands with a gradient),
-# and how many pairwise-LSE passes fastssl runs (CLIP does one over rows and one over columns).
-_LOGITS = {
-    "nt_xent": lambda c: (c.batch, c.batch, 2, 1),  # Z Zᵀ, (2N, 2N)
-    "dcl": lambda c: (c.batch, c.batch, 2, 1),  # [a; b][a; b]ᵀ in four N x N blocks
-    "clip": lambda c: (c.n_pairs, c.n_pairs, 2, 2),  # n(z1) n(z2)ᵀ, (N, N)
-    "moco": lambda c: (c.n_pairs, c.bank_rows, 1, 1),  # q bankᵀ, (N, K); the bank has no grad
-}
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    """count products of an (rows x inner) by (inner x cols) matrix: 2·rows·cols·inner FLOPs each.
+
+    grads: operands with a gradient (the backward runs one more such product per operand);
+    passes: how many times fastssl's pairwise-LSE op sweeps this logit matrix (CLIP: rows, then columns).
+    """
+
+    rows: int
+    cols: int
+    inner: int
+    grads: int = 2
+    passes: int = 1
+    count: int = 1
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.rows * self.cols * self.inner * self.count
+
+
+def logit_gemms(case: Case) -> list[Gemm]:
+    """The logit (similarity / covariance) products of a pairwise-family loss, per DESIGN.md.
+
+    NT-Xent, DCL, DCLW, uniformity: Z Zᵀ over the 2N rows; CLIP: n(z1) n(z2)ᵀ (N x N), two LSE
+    passes; MoCo: q bankᵀ (N x K), the bank without gradient; VICReg-exp: one D x D covariance per
+    view (over the N rows); VICReg-ctr: one N x N Gram per view (over D); ArCL: Z Zᵀ over views 0
+    and 1 plus each sample's m x m Gram of its views.
+    """
+    n, d, two_n = case.n_pairs, case.dim, case.batch
+    loss = case.loss
+    if loss in ("nt_xent", "dcl", "dclw", "uniformity"):
+        return [Gemm(two_n, two_n, d)]
+    if loss == "clip":
+        return [Gemm(n, n, d, passes=2)]
+    if loss == "moco":
+        return [Gemm(n, case.bank_rows, d, grads=1)]
+    if loss == "vicreg_exp":
+        return [Gemm(d, d, n, count=2)]
+    if loss == "vicreg_ctr":
+        return [Gemm(n, n, d, count=2)]
+    if loss.startswith("arcl"):
+        m = case.spec.views
+        return [Gemm(two_n, two_n, d), Gemm(m, m, d, count=n)]
+    raise ValueError(f"no FLOP model for {loss!r}")
 
 
 def _frobenius_flops(case: Case, executed: bool) -> int:
@@ -285,12 +549,13 @@ def _frobenius_flops(case: Case, executed: bool) -> int:
     """
     n, d = case.n_pairs, case.dim
     forward = case.mode == "fwd"
+    spectral = case.loss == "spectral_contrastive"
     if case.loss == "vicreg":
         side = choose_side(n, d, case.route) if executed else "covariance"
         per_view = 1 if forward else (3 if executed else 2)
         return 2 * per_view * 2 * n * d * (d if side == "covariance" else n)
     if not executed:  # the reference: one product forward, two more backward
-        g = 2 * n * d * (n if case.loss == "spectral" else d)
+        g = 2 * n * d * (n if spectral else d)
         return g if forward else 3 * g
     side = choose_side(n, d, case.route)
     g = 2 * n * d * (d if side == "covariance" else n)
@@ -303,25 +568,58 @@ def _frobenius_flops(case: Case, executed: bool) -> int:
 def model_flops(case: Case) -> int:
     """GEMM FLOPs of the materialising algorithm (the same for every provider, so TFLOP/s compare).
 
-    Forward 2·R·C·D for the R x C logit matrix; backward 2·R·C·D per operand with a gradient.
-    Elementwise work (exp, LSE, normalisation) is not counted.
+    Per logit product (logit_gemms): forward 2·R·C·K for an R x C matrix over K; the backward
+    adds 2·R·C·K per operand with a gradient (so fwd+bwd = 3x forward when both operands have
+    one). Elementwise work (exp, LSE, normalisation) is not counted.
     """
-    if case.loss in FROBENIUS_LOSSES:
+    if case.spec.family == "frobenius":
         return _frobenius_flops(case, executed=False)
-    rows, cols, grads, _ = _LOGITS[case.loss](case)
-    gemm = 2 * rows * cols * case.dim
-    return gemm * (1 + grads) if case.mode == "fwd+bwd" else gemm
+    bwd = case.mode == "fwd+bwd"
+    return sum(g.flops * (1 + g.grads if bwd else 1) for g in logit_gemms(case))
 
 
 def executed_flops(case: Case) -> int:
-    """GEMM FLOPs the provider actually runs: model_flops plus the fused backward's recompute."""
+    """GEMM FLOPs the provider actually runs: model_flops plus the fused backward's recompute.
+
+    fastssl's pairwise-LSE op: each pass computes the logits once forward; fwd+bwd recomputes them
+    once and runs one product per gradient (2 + grads per pass). Other providers: model_flops.
+    """
     if not case.provider.startswith("fastssl-"):
         return model_flops(case)
-    if case.loss in FROBENIUS_LOSSES:
+    if case.spec.family == "frobenius":
         return _frobenius_flops(case, executed=True)
-    rows, cols, grads, passes = _LOGITS[case.loss](case)
-    gemm = 2 * rows * cols * case.dim * passes
-    return gemm * (2 + grads) if case.mode == "fwd+bwd" else gemm
+    bwd = case.mode == "fwd+bwd"
+    return sum(g.flops * g.passes * (2 + g.grads if bwd else 1) for g in logit_gemms(case))
+
+
+# --------------------------------------------------------------------------------------------------
+# the machine's practical peak: one matmul, measured in the same run
+# --------------------------------------------------------------------------------------------------
+
+#: (dtype, size) of the peak matmul: bf16 8192³ on CUDA (the issue's); on the CPU fp32 1024³ — a
+#: bf16 8192³ product would take minutes on 2 cores and CPUs without AMX run bf16 GEMMs slower than fp32.
+PEAK_MATMUL = {"cuda": ("bfloat16", 8192), "cpu": ("float32", 1024)}
+
+
+def matmul_peak(device: str, reps: Optional[int] = None) -> dict:
+    """TFLOP/s of torch.matmul on two random square matrices (PEAK_MATMUL), median of `reps` after warm-up."""
+    dtype_name, size = PEAK_MATMUL[device]
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step() -> None:
+        torch.matmul(a, b)
+        sync()
+
+    reps = reps or (20 if device == "cuda" else 5)
+    seconds = time_step(step, reps, warmup=3)
+    return {
+        "tflops": 2 * size**3 / seconds / 1e12,
+        "description": f"{_SHORT_DTYPE[dtype_name]} torch.matmul {size}x{size}x{size} on {device}, median of {reps}",
+        "seconds": seconds,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,6 +710,7 @@ class PeakRssProbe:
 def _probe_worker() -> None:
     """Helper-process loop: one JSON Case per stdin line, one JSON reply per stdout line."""
     # Replies get a private copy of stdout; anything else printed (warnings, C++ logs) goes to stderr.
+    configure_threads("cpu")
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -455,7 +754,9 @@ def environment(device: str) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "python": platform.python_version(),
         "fastssl": fastssl.__version__,
+        "fastssl_backends": list(fastssl.available_backends()),
     }
 
 

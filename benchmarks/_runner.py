@@ -1,12 +1,18 @@
 """The one benchmark routine shared by the bench_*.py suites: skip, warm up, measure peak memory, time.
 
-Reads FASTSSL_BENCH_DEVICE / FASTSSL_BENCH_DTYPE / FASTSSL_BENCH_ROUNDS (benchmarks/README.md).
+What each case records (extra_info) is documented in benchmarks/README.md, "extra_info". A case
+whose provider runs out of memory is a result, not an error: it is recorded as a placeholder
+benchmark (a no-op call, timed once, so that pytest-benchmark writes it to the JSON) with
+``extra_info["status"] == "OOM"``; report.py and the summary table show it as OOM.
+
+Reads FASTSSL_BENCH_ROUNDS and FASTSSL_BENCH_TARGET_S (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import gc
+import math
 import os
+import time
 from typing import Callable, Optional
 
 import pytest
@@ -15,71 +21,112 @@ import torch
 import _common as common
 
 DEVICE = common.default_device()
-DTYPE = common.default_dtype(DEVICE)
-ROUNDS = int(os.environ.get("FASTSSL_BENCH_ROUNDS", "10" if DEVICE == "cuda" else "3"))
+#: Timed rounds per case: FASTSSL_BENCH_ROUNDS if set; else as many as fit in TARGET_S (from the
+#: warm-up call's time), between MIN_ROUNDS and 10 on CUDA / 3 on the CPU.
+ROUNDS = int(os.environ["FASTSSL_BENCH_ROUNDS"]) if os.environ.get("FASTSSL_BENCH_ROUNDS") else None
+TARGET_S = float(os.environ.get("FASTSSL_BENCH_TARGET_S", "1.0"))
+MIN_ROUNDS = 3
 
 # torch.compile's internals use torch.jit.script_method, deprecated in torch 2.13: not ours to fix.
 COMPILE_WARNING_FILTER = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
+#: Exceptions by which a fastssl backend says it does not implement an op (e.g. the csrc/ backend
+#: that covers only the hottest ops): a skip with its message, not a failure.
+_UNSUPPORTED = (NotImplementedError,)
 
-def _warm_up(case: common.Case) -> tuple[Optional[Callable[[], None]], Optional[str]]:
-    """(step, None) after one untimed call, or (None, why it cannot run: OOM or a compile failure)."""
+
+def _warm_up(case: common.Case) -> tuple[Optional[Callable[[], None]], Optional[str], float]:
+    """(step, None, seconds of the untimed call) or (None, why it cannot run, 0).
+
+    The first call absorbs lazy initialisation, torch.compile and Triton autotuning.
+    """
     try:
         step = common.make_step(case)
-        step()  # lazy initialisation, torch.compile, autotuning: kept out of the timings
-        return step, None
+        start = time.perf_counter()
+        step()
+        return step, None, time.perf_counter() - start
     except Exception as exc:
         if common.is_oom(exc):
-            return None, "OOM"
+            return None, "OOM", 0.0
         if case.provider == "reference-compiled":
-            return None, f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            return None, f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", 0.0
+        if case.provider.startswith("fastssl-") and isinstance(exc, _UNSUPPORTED):
+            return None, f"{case.provider} does not implement this op: {str(exc).splitlines()[0][:200]}", 0.0
         raise
 
 
+def rounds_for(seconds: float, device: str) -> int:
+    """Timed rounds for a call that took `seconds`: ROUNDS, or as many as fit in TARGET_S (3 to 10)."""
+    if ROUNDS is not None:
+        return ROUNDS
+    most = 10 if device == "cuda" else MIN_ROUNDS
+    return max(MIN_ROUNDS, min(most, math.ceil(TARGET_S / max(seconds, 1e-9))))
 
-def run_case(benchmark, case: common.Case, peak_memory, results) -> None:
-    """Benchmark one case with pytest-benchmark; extra_info as documented in benchmarks/README.md."""
-    reason = common.provider_unavailable(case.provider, case.device, case.loss)
-    if reason:
-        pytest.skip(reason)
-    benchmark.group = case.label
 
-    step, failure = _warm_up(case)
-    if failure is not None:
-        # Outside the except block, so the failed call's tensors are already unreferenced.
-        gc.collect()
-        if case.device == "cuda":
-            torch.cuda.empty_cache()
-        if failure == "OOM":
-            results(case, None, "OOM", None)
-        pytest.skip(f"{failure} ({case.provider}, {case.label})")
-
-    peak = peak_memory(case, step)
+def case_info(case: common.Case, peak: "float | str", matmul_peak: dict) -> dict:
+    """extra_info of `case` before timing (README "extra_info"); time-derived fields come after."""
     env = common.environment(case.device)
-    benchmark.extra_info.update(
+    return dict(
         loss=case.loss,
+        family=case.spec.family,
         provider=case.provider,
+        implementation=case.implementation,
+        provider_note=common.PROVIDER_NOTES.get(case.provider),
         mode=case.mode,
         batch_2n=case.batch,
         n_pairs=case.n_pairs,
         dim=case.dim,
         bank_rows=case.bank_rows,
+        views=case.spec.views,
         route=case.route,
         dtype=case.dtype,
         device=case.device,
-        device_name=env["device_name"],
-        torch=env["torch"],
-        triton=env["triton"],
+        headline=case.headline,
+        status="OOM" if peak == "OOM" else "ok",
         peak_mib=peak,
         peak_method="torch.cuda.max_memory_allocated" if case.device == "cuda" else "rss_growth_helper_process",
         model_flops=common.model_flops(case),
         executed_flops=common.executed_flops(case),
+        matmul_peak_tflops=matmul_peak["tflops"],
+        matmul_peak=matmul_peak["description"],
+        **env,
     )
 
+
+def _oom_placeholder() -> None:
+    """Timed once for an OOM case, so that the case is in the JSON; its stats mean nothing."""
+
+
+def run_case(benchmark, case: common.Case, peak_memory, results, matmul_peak: dict) -> None:
+    """Benchmark one case with pytest-benchmark; extra_info as documented in benchmarks/README.md."""
+    reason = common.policy_skip(case) or common.provider_unavailable(case.provider, case.device, case.loss, case.dim)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = case.label
+
+    step, failure, first_s = _warm_up(case)
+    if failure is not None:
+        common.free_memory(case.device)  # outside the except block: the failed call's tensors are unreferenced
+        if failure != "OOM":
+            pytest.skip(failure)
+        benchmark.extra_info.update(case_info(case, "OOM", matmul_peak), median_s=None, tflops=None,
+                                    fraction_of_peak=None)
+        benchmark.pedantic(_oom_placeholder, rounds=1, iterations=1)
+        results(case, None, "OOM", None, None)
+        return
+
+    peak = peak_memory(case, step)
+    benchmark.extra_info.update(case_info(case, peak, matmul_peak))
+
     # One more warm-up right before timing: the peak-memory call may have run elsewhere meanwhile.
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    rounds = rounds_for(first_s, case.device)
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
+    del step
+    if case.device == "cuda":
+        common.free_memory(case.device)  # the next case may be the one that needs every byte
 
     median = benchmark.stats.stats.median if benchmark.stats else None  # None under --benchmark-disable
     tflops = common.model_flops(case) / median / 1e12 if median else None
-    benchmark.extra_info["tflops"] = tflops
-    results(case, median, peak, tflops)
+    fraction = tflops / matmul_peak["tflops"] if tflops is not None else None
+    benchmark.extra_info.update(median_s=median, tflops=tflops, fraction_of_peak=fraction)
+    results(case, median, peak, tflops, fraction)

@@ -1,10 +1,12 @@
-"""Benchmarks of the contrastive losses (DESIGN.md kernel family 1, pairwise LSE).
+"""Benchmarks of the pairwise-LSE family (DESIGN.md kernel family 1): NT-Xent, MoCo, DCL, DCLW,
+CLIP, uniformity, VICReg-exp / VICReg-ctr (the same op on zᵀ, seed 002) and ArCL with m = 4 and
+m = 8 views (seeds 000/003).
 
-Every loss x size x provider x mode is one benchmark: NT-Xent first, then CLIP, DCL and MoCo
-(with a bank of K = 2N rows). The timed target is one call (forward, or forward and backward)
-that synchronises the device; the extra_info of each benchmark carries its peak memory, FLOPs,
-TFLOP/s, shapes, dtype, device and versions (the conventions are in benchmarks/README.md).
-Sizes and dtype come from FASTSSL_BENCH_SIZES / FASTSSL_BENCH_DTYPE (see _common.bench_sizes).
+Every loss x size x dtype x provider x mode is one benchmark (common.suite_cases lists them and
+common.policy_skip says which are skipped on this machine and why). The timed target is one call
+(forward, or forward and backward) that synchronises the device; each benchmark's extra_info
+carries its FLOPs, TFLOP/s, fraction of the same-run matmul peak, peak memory, shapes, device and
+versions (benchmarks/README.md). Sizes: common.SIZE_SETS or FASTSSL_BENCH_SIZES.
 """
 
 from __future__ import annotations
@@ -12,23 +14,13 @@ from __future__ import annotations
 import pytest
 
 import _common as common
-from _runner import COMPILE_WARNING_FILTER, DEVICE, DTYPE, run_case
+from _runner import COMPILE_WARNING_FILTER, run_case
 
 pytestmark = COMPILE_WARNING_FILTER
 
-CASES = [
-    common.Case(loss, provider, mode, batch, dim, DTYPE, DEVICE)
-    for loss in common.LOSSES
-    for batch, dim in common.bench_sizes(DEVICE)
-    for provider in common.PROVIDERS
-    for mode in common.MODES
-]
+CASES = common.suite_cases("pairwise")
 
 
-def _case_id(case: common.Case) -> str:
-    return f"{case.loss}-{case.provider}-{case.mode}-2N{case.batch}-D{case.dim}"
-
-
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_contrastive(benchmark, case: common.Case, peak_memory, results) -> None:
-    run_case(benchmark, case, peak_memory, results)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.test_id)
+def test_contrastive(benchmark, case: common.Case, peak_memory, results, matmul_peak) -> None:
+    run_case(benchmark, case, peak_memory, results, matmul_peak)

@@ -1,15 +1,23 @@
-"""pytest plumbing for the fastssl benchmarks: collection of bench_*.py, peak memory, reporting.
+"""pytest plumbing for the fastssl benchmarks: collection of bench_*.py, the same-run matmul peak,
+peak memory, and the table printed at the end.
 
 Run: ``pytest benchmarks/ --benchmark-only`` (see benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import pytest
 
 import _common as common
+
+_START = time.perf_counter()
+
+
+def pytest_configure(config):
+    common.configure_threads(common.default_device())
 
 
 def pytest_collect_file(file_path, parent):
@@ -24,7 +32,8 @@ def pytest_report_header(config):
     env = common.environment(device)
     return [
         f"fastssl benchmarks: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
-        f"dtype {common.default_dtype(device)}, sizes (2N, D) {common.bench_sizes(device)}"
+        f"fastssl backends {env['fastssl_backends']}, size set {common.size_set_name(device)!r} "
+        f"(NT-Xent (2N, D): {common.bench_sizes(device)})"
     ]
 
 
@@ -33,11 +42,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 @pytest.fixture(scope="session")
+def matmul_peak() -> dict:
+    """The machine's practical peak, measured once in this run: TFLOP/s of one torch.matmul
+    (bf16 8192³ on CUDA, fp32 1024³ on the CPU; common.PEAK_MATMUL says why)."""
+    return common.matmul_peak(common.default_device())
+
+
+@pytest.fixture(scope="session")
 def peak_memory() -> Callable[[common.Case, Callable[[], None]], "float | str"]:
     """peak_memory(case, step) -> MiB (or "OOM") of one call above its inputs.
 
-    CUDA: torch.cuda.max_memory_allocated in this process. CPU: RSS growth in a helper process
-    (common.PeakRssProbe explains why), which rebuilds the case from its description.
+    CUDA: torch.cuda.max_memory_allocated after a reset, in this process. CPU: RSS growth in a
+    helper process (common.PeakRssProbe explains why), which rebuilds the case from its description.
     """
     probe = common.PeakRssProbe()
 
@@ -51,26 +67,29 @@ def peak_memory() -> Callable[[common.Case, Callable[[], None]], "float | str"]:
 
 
 _ROWS: list[list[object]] = []
+_PEAK: list[str] = []
 
 
 @pytest.fixture(scope="session")
-def results() -> Callable[..., None]:
-    """results(case, median_s, peak, tflops): one row of the table printed at the end of the run.
+def results(matmul_peak) -> Callable[..., None]:
+    """results(case, median_s, peak, tflops, fraction): one row of the table printed at the end.
 
     N is the number of pairs (rows of each view; NT-Xent's Z has 2N rows); fastssl's Frobenius-family
     providers show their route.
     """
+    _PEAK[:] = [f"{matmul_peak['description']}: {matmul_peak['tflops']:.3g} TFLOP/s"]
 
-    def add(case: common.Case, median_s: "float | None", peak: "float | str", tflops: "float | None") -> None:
-        frobenius = case.loss in common.FROBENIUS_LOSSES and case.provider.startswith("fastssl-")
+    def add(case: common.Case, median_s, peak, tflops, fraction) -> None:
         _ROWS.append([
             f"{case.loss} {case.mode}",
             case.n_pairs,
             case.dim,
-            f"{case.provider} ({case.route})" if frobenius else case.provider,
-            "—" if median_s is None else f"{median_s * 1e3:.2f}",
+            common._SHORT_DTYPE[case.dtype],
+            case.implementation,
+            "OOM" if peak == "OOM" else ("—" if median_s is None else f"{median_s * 1e3:.2f}"),
             peak if isinstance(peak, str) else f"{peak:.1f}",
             "—" if tflops is None else f"{tflops:.3g}",
+            "—" if fraction is None else f"{100 * fraction:.1f}",
         ])
 
     return add
@@ -78,6 +97,8 @@ def results() -> Callable[..., None]:
 
 def pytest_terminal_summary(terminalreporter):
     if _ROWS:
-        headers = ["case", "N", "D", "provider", "median ms", "peak MiB", "TFLOP/s"]
-        terminalreporter.write_sep("-", "fastssl: time, peak memory above inputs, model TFLOP/s")
+        headers = ["case", "N", "D", "dtype", "implementation", "median ms", "peak MiB", "TFLOP/s", "% peak"]
+        terminalreporter.write_sep("-", "fastssl: time, peak memory above inputs, model TFLOP/s, % of the matmul peak")
         terminalreporter.write_line(common.format_table(headers, _ROWS))
+        terminalreporter.write_line(f"matmul peak of this run: {_PEAK[0] if _PEAK else '—'}")
+        terminalreporter.write_line(f"benchmark session wall time: {time.perf_counter() - _START:.0f} s")

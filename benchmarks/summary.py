@@ -62,6 +62,7 @@ def main(argv: "list[str] | None" = None) -> None:
     parser.add_argument("--reps", type=int, help="timed repetitions per case (default 3, 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="the smallest size only (unless --sizes), fewer reps")
     args = parser.parse_args(argv)
+    common.configure_threads(device)
 
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES[device]
     if args.quick and not args.sizes:

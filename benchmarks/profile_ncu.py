@@ -1,0 +1,108 @@
+"""One NT-Xent forward+backward for a profiler (Nsight Compute / Nsight Systems), inside NVTX ranges.
+
+    python benchmarks/profile_ncu.py [--provider fastssl] [--batch 32768] [--dim 256] [--dtype bf16]
+                                     [--warmup 2] [--iters 1] [--device cuda|cpu]
+
+The defaults are the issue's headline case: 2N = 32,768, D = 256, bf16. The warm-up calls
+(Triton autotuning, torch.compile, lazy initialisation) run outside the profiled region; the
+measured calls run between ``torch.cuda.profiler.start()`` / ``stop()`` (cudaProfilerStart/Stop),
+each inside the NVTX range ``fastssl/<provider>/fwd+bwd``, with nested ranges ``forward`` and
+``backward``. So the profilers can target exactly those kernels:
+
+    ncu --profile-from-start off --nvtx --nvtx-include "fastssl/fastssl/" --set full \\
+        -o nt_xent_fastssl python benchmarks/profile_ncu.py
+    ncu --profile-from-start off --set full -o nt_xent_reference python benchmarks/profile_ncu.py --provider reference
+    nsys profile --capture-range=cudaProfilerApi --trace=cuda,nvtx -o nt_xent_fastssl python benchmarks/profile_ncu.py
+
+``ncu --nvtx-include "fastssl/fastssl/"`` keeps only the kernels launched inside that range (the
+trailing slash makes it a push/pop range match). ``--device cpu`` runs the same code without
+CUDA (no NVTX, no profiler calls) as a self-test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works both as a script and with -m
+
+import torch  # noqa: E402
+
+import _common as common  # noqa: E402
+
+PROVIDERS = {"fastssl": "fastssl-auto", "fastssl-triton": "fastssl-triton", "fastssl-cuda": "fastssl-cuda",
+             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled"}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+@contextlib.contextmanager
+def nvtx(name: str, enabled: bool) -> Iterator[None]:
+    """An NVTX push/pop range when profiling CUDA; nothing on the CPU (torch's NVTX needs a CUDA build)."""
+    if enabled:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.cuda.nvtx.range_pop()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", default="fastssl", choices=sorted(PROVIDERS))
+    parser.add_argument("--batch", type=int, default=32768, help="2N, rows of Z (default 32768)")
+    parser.add_argument("--dim", type=int, default=256, help="D (default 256)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--warmup", type=int, default=2, help="unprofiled calls first (default 2)")
+    parser.add_argument("--iters", type=int, default=1, help="profiled calls (default 1)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device (use --device cpu for a self-test)")
+    if args.batch < 4 or args.batch % 2:
+        parser.error(f"--batch is 2N: an even number >= 4, got {args.batch}")
+    cuda = device == "cuda"
+    common.configure_threads(device)
+
+    provider = PROVIDERS[args.provider]
+    why = common.provider_unavailable(provider, device, "nt_xent", args.dim)
+    if why:
+        parser.error(f"--provider {args.provider}: {why}")
+    case = common.Case("nt_xent", provider, "fwd+bwd", args.batch, args.dim, DTYPES[args.dtype], device)
+    fn = common.loss_function(case.loss, case.provider)
+    z1, z2 = common.make_inputs(case)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def call() -> None:
+        with nvtx("forward", cuda):
+            loss = fn(z1, z2)
+        with nvtx("backward", cuda):
+            torch.autograd.grad(loss, (z1, z2))
+        sync()
+
+    for _ in range(args.warmup):
+        call()
+    if cuda:
+        torch.cuda.profiler.start()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        with nvtx(f"fastssl/{args.provider}/fwd+bwd", cuda):
+            call()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        torch.cuda.profiler.stop()
+    flops = common.model_flops(case)
+    best = min(times)
+    print(f"{case.label} ({provider}, {common.device_name(device)}): {best * 1e3:.2f} ms, "
+          f"{flops / best / 1e12:.3g} model TFLOP/s (fastest of {args.iters} profiled call(s); a profiler slows them)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
