@@ -261,8 +261,11 @@ def suite_cases(family: str, device: Optional[str] = None) -> list[Case]:
     shows the GPU run; policy_skip skips those cases with the reason. Dtypes: FASTSSL_BENCH_DTYPE
     if set; else on CUDA bf16 at every size and fp32 at the headline size; on the CPU fp32 at every
     size and bf16 at the headline size (fwd+bwd, fastssl-torch and reference only: see policy_skip).
+    FASTSSL_BENCH_LOSSES / FASTSSL_BENCH_PROVIDERS (comma-separated) keep only those losses / providers.
     """
     device = device or default_device()
+    losses = _env_list("FASTSSL_BENCH_LOSSES", tuple(SPECS))
+    providers = _env_list("FASTSSL_BENCH_PROVIDERS", PROVIDERS)
     named_set = size_set_name(device) in ("small", "large")
     devices = [device] if device == "cuda" or not named_set else [device, "cuda"]
     forced = os.environ.get("FASTSSL_BENCH_DTYPE")
@@ -270,17 +273,29 @@ def suite_cases(family: str, device: Optional[str] = None) -> list[Case]:
     for dev in devices:
         main_dtype, second_dtype = ("bfloat16", "float32") if dev == "cuda" else ("float32", "bfloat16")
         for spec in _SPECS:
-            if spec.family != family:
+            if spec.family != family or spec.name not in losses:
                 continue
             for index, (batch, dim) in enumerate(bench_sizes(dev, spec.name)):
                 dtypes = [forced] if forced else [main_dtype] + ([second_dtype] if index == 0 else [])
                 for dtype in dtypes:
-                    for provider in PROVIDERS:
+                    for provider in providers:
                         routes = FROBENIUS_ROUTES if family == "frobenius" and provider.startswith("fastssl-") else ("auto",)
                         for route in routes:
                             for mode in MODES:
                                 cases.append(Case(spec.name, provider, mode, batch, dim, dtype, dev, route, index == 0))
     return cases
+
+
+def _env_list(name: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The comma-separated names in environment variable `name` (all of `allowed` when unset)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return allowed
+    names = tuple(item.strip() for item in value.split(",") if item.strip())
+    unknown = [item for item in names if item not in allowed]
+    if unknown:
+        raise ValueError(f"{name}={value!r}: unknown {unknown}; choose from {', '.join(allowed)}")
+    return names
 
 
 def policy_skip(case: Case) -> Optional[str]:
