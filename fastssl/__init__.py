@@ -21,7 +21,7 @@ from fastssl.functional import (
     vicreg_exp_loss,
     vicreg_loss,
 )
-from fastssl import autograd, metrics, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
+from fastssl import autograd, distributed, metrics, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
 
 __all__ = [
     "__version__",
@@ -39,6 +39,7 @@ __all__ = [
     "vicreg_ctr_loss",
     "arcl_loss",
     "autograd",
+    "distributed",
     "metrics",
     "nn",
     "reference",
