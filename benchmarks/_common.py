@@ -123,7 +123,9 @@ _GPU_N_SWEEP_LONG = [(32768, 256), (131072, 256), (262144, 256)]  # N x N losses
 _GPU_D_SWEEP = [(4096, 8192), (4096, 32768), (4096, 131072)]  # N = 2048, D x D losses
 
 #: Named size sets, as (2N, D) per loss; the first size of each loss is its *headline* size (the
-#: one also run in the second dtype and, where enabled, with torch.compile).
+#: one also run in the second dtype and, where enabled, with torch.compile). The sweep sizes after
+#: it ascend: fastssl's Triton autotuning keys on coarse size classes, so the first (cheapest)
+#: size of a class is the one that pays for autotuning.
 SIZE_SETS: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {
     ("cpu", "small"): {
         **{name: _CPU_PAIRWISE for name in LOSSES},
@@ -151,6 +153,9 @@ SIZE_SETS: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {
         "spectral_contrastive": _GPU_N_SWEEP_LONG,  # the reference builds z1 z2ᵀ (N x N)
     },
 }
+#: Losses with a target in issue 7 (and CLIP, Inf-CL's loss): run first, so that a run cut short by
+#: its time budget still has them (conftest.py orders the cases).
+PRIORITY_LOSSES = ("nt_xent", "barlow_twins", "vicreg", "clip")
 #: Losses that torch.compile(reference) runs for, at their headline size, by device (compiling
 #: takes 5-30 s per loss, shape and dtype; FASTSSL_BENCH_COMPILE=all compiles every case).
 COMPILE_LOSSES = {"cpu": ("nt_xent",), "cuda": ("nt_xent", "clip", "barlow_twins", "vicreg")}
@@ -286,6 +291,19 @@ def suite_cases(family: str, device: Optional[str] = None) -> list[Case]:
     return cases
 
 
+def priority(case: Case) -> tuple[int, int]:
+    """Run order of a case (lower first): headline sizes of the priority losses, other headline
+    sizes, sweep sizes, then the second dtype; within a tier, smaller sizes first."""
+    main_dtype = "bfloat16" if case.device == "cuda" else "float32"
+    if case.dtype != main_dtype:
+        tier = 3
+    elif not case.headline:
+        tier = 2
+    else:
+        tier = 0 if case.loss in PRIORITY_LOSSES else 1
+    return tier, case.batch * case.dim if tier == 2 else 0
+
+
 def _env_list(name: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     """The comma-separated names in environment variable `name` (all of `allowed` when unset)."""
     value = os.environ.get(name, "").strip()
@@ -312,6 +330,14 @@ def policy_skip(case: Case) -> Optional[str]:
         if not (case.headline and case.dtype == main_dtype and case.loss in COMPILE_LOSSES[case.device]):
             return (f"torch.compile(reference) runs only at the headline size of {', '.join(COMPILE_LOSSES[case.device])}"
                     f" on {case.device} (each compile takes seconds; FASTSSL_BENCH_COMPILE=all runs every case)")
+    if case.device == "cuda" and not case.headline and os.environ.get("FASTSSL_BENCH_SWEEP", "") != "all":
+        if case.provider == "fastssl-torch":
+            return ("fastssl-torch on CUDA runs at the headline size only (the fallback backend; it would take "
+                    "minutes at the sweep's largest sizes; FASTSSL_BENCH_SWEEP=all runs it)")
+        if case.spec.family == "frobenius" and case.provider.startswith("fastssl-") and \
+                case.route != choose_side(case.n_pairs, case.dim, "auto"):
+            return ("the route that route='auto' does not pick runs at the headline size only on CUDA "
+                    "(FASTSSL_BENCH_SWEEP=all runs it)")
     if case.device == "cpu" and case.dtype == "bfloat16" and not os.environ.get("FASTSSL_BENCH_DTYPE"):
         if case.mode != "fwd+bwd" or case.provider not in ("fastssl-torch", "reference"):
             return "bf16 on the CPU: fwd+bwd of fastssl-torch and reference only (to keep the CPU run short)"
@@ -333,7 +359,10 @@ def provider_unavailable(provider: str, device: str, loss: str, dim: Optional[in
         if backend != "auto" and backend not in fastssl.available_backends():
             if backend not in backends.BACKENDS:
                 return f"fastssl has no backend {backend!r} in this checkout (it has {backends.BACKENDS})"
-            return f"fastssl backend {backend!r} is not available here (available: {fastssl.available_backends()})"
+            why = ""
+            if backend == "cuda" and hasattr(backends, "cuda_unavailable_reason"):
+                why = backends.cuda_unavailable_reason()
+            return f"fastssl backend {backend!r} is not available here{f': {why}' if why else ''}"
         if not hasattr(fastssl, spec.function):
             return f"fastssl has no {spec.function} in this checkout"
     if provider == "lightly":

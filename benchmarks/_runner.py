@@ -5,7 +5,7 @@ whose provider runs out of memory is a result, not an error: it is recorded as a
 benchmark (a no-op call, timed once, so that pytest-benchmark writes it to the JSON) with
 ``extra_info["status"] == "OOM"``; report.py and the summary table show it as OOM.
 
-Reads FASTSSL_BENCH_ROUNDS and FASTSSL_BENCH_TARGET_S (benchmarks/README.md).
+Reads FASTSSL_BENCH_ROUNDS, FASTSSL_BENCH_TARGET_S and FASTSSL_BENCH_BUDGET_S (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ import torch
 import _common as common
 
 DEVICE = common.default_device()
+SESSION_START = time.perf_counter()  # imported at collection: the start of the run, near enough
+#: Wall-clock budget of the run in seconds (FASTSSL_BENCH_BUDGET_S; default 300 on CUDA, none on the
+#: CPU; 0 = none): cases that start after it are skipped with the reason, so that a run under an
+#: outer timeout (scripts/gpu_check.sh gives the suite 360 s) still ends and writes its JSON.
+BUDGET_S = float(os.environ.get("FASTSSL_BENCH_BUDGET_S") or (300 if DEVICE == "cuda" else 0))
 #: Timed rounds per case: FASTSSL_BENCH_ROUNDS if set; else as many as fit in TARGET_S (from the
 #: warm-up call's time), between MIN_ROUNDS and 10 on CUDA / 3 on the CPU.
 ROUNDS = int(os.environ["FASTSSL_BENCH_ROUNDS"]) if os.environ.get("FASTSSL_BENCH_ROUNDS") else None
@@ -102,6 +107,8 @@ def run_case(benchmark, case: common.Case, peak_memory, results, matmul_peak: di
     reason = common.policy_skip(case) or common.provider_unavailable(case.provider, case.device, case.loss, case.dim)
     if reason:
         pytest.skip(reason)
+    if BUDGET_S and time.perf_counter() - SESSION_START > BUDGET_S:
+        pytest.skip(f"time budget of the run reached (FASTSSL_BENCH_BUDGET_S={BUDGET_S:g} s; 0 = no budget)")
     benchmark.group = case.label
 
     step, failure, first_s = _warm_up(case)

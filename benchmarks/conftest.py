@@ -6,6 +6,8 @@ Run: ``pytest benchmarks/ --benchmark-only`` (see benchmarks/README.md).
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -18,6 +20,23 @@ _START = time.perf_counter()
 
 def pytest_configure(config):
     common.configure_threads(common.default_device())
+    # An outer `timeout` sends SIGTERM: turn it into KeyboardInterrupt, which pytest handles by
+    # finishing the session, so pytest-benchmark still writes the JSON of the cases that ran.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}: stopping; the JSON keeps the cases that ran")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Most important cases first (common.priority): a run cut short by its budget or a timeout keeps them.
+    def key(item):
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        return common.priority(case) if isinstance(case, common.Case) else (9, 0)
+
+    items.sort(key=key)  # stable: the suites' own order within a tier
 
 
 def pytest_collect_file(file_path, parent):

@@ -6,17 +6,17 @@
 The defaults are the issue's headline case: 2N = 32,768, D = 256, bf16. The warm-up calls
 (Triton autotuning, torch.compile, lazy initialisation) run outside the profiled region; the
 measured calls run between ``torch.cuda.profiler.start()`` / ``stop()`` (cudaProfilerStart/Stop),
-each inside the NVTX range ``fastssl/<provider>/fwd+bwd``, with nested ranges ``forward`` and
-``backward``. So the profilers can target exactly those kernels:
+the forward inside the NVTX push/pop range ``nt_xent-forward-<provider>`` and the backward inside
+``nt_xent-backward-<provider>`` (flat ranges, no "/" in the names: ncu uses "/" to nest). So:
 
-    ncu --profile-from-start off --nvtx --nvtx-include "fastssl/fastssl/" --set full \\
-        -o nt_xent_fastssl python benchmarks/profile_ncu.py
+    ncu --profile-from-start off --set full -o nt_xent_fastssl python benchmarks/profile_ncu.py
+    ncu --profile-from-start off --nvtx --nvtx-include "nt_xent-backward-fastssl/" --set full \
+        -o nt_xent_fastssl_bwd python benchmarks/profile_ncu.py
     ncu --profile-from-start off --set full -o nt_xent_reference python benchmarks/profile_ncu.py --provider reference
     nsys profile --capture-range=cudaProfilerApi --trace=cuda,nvtx -o nt_xent_fastssl python benchmarks/profile_ncu.py
+    ncu --import nt_xent_fastssl.ncu-rep --print-summary per-kernel
 
-``ncu --nvtx-include "fastssl/fastssl/"`` keeps only the kernels launched inside that range (the
-trailing slash makes it a push/pop range match). ``--device cpu`` runs the same code without
-CUDA (no NVTX, no profiler calls) as a self-test.
+``--device cpu`` runs the same code without CUDA (no NVTX, no profiler calls) as a self-test.
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def call() -> None:
-        with nvtx("forward", cuda):
+        with nvtx(f"nt_xent-forward-{args.provider}", cuda):
             loss = fn(z1, z2)
-        with nvtx("backward", cuda):
+        with nvtx(f"nt_xent-backward-{args.provider}", cuda):
             torch.autograd.grad(loss, (z1, z2))
         sync()
 
@@ -92,8 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     times = []
     for _ in range(args.iters):
         start = time.perf_counter()
-        with nvtx(f"fastssl/{args.provider}/fwd+bwd", cuda):
-            call()
+        call()
         times.append(time.perf_counter() - start)
     if cuda:
         torch.cuda.profiler.stop()

@@ -42,6 +42,9 @@ PROVIDER_ORDER = (
     "inf_cl",
 )
 MODE_ORDER = ("fwd", "fwd+bwd")
+#: Table order of the losses (the suite's, _common._SPECS); unknown ones follow in JSON order.
+LOSS_ORDER = ("nt_xent", "moco", "dcl", "dclw", "clip", "uniformity", "vicreg_exp", "vicreg_ctr", "arcl_m4", "arcl_m8",
+              "barlow_twins", "vicreg", "spectral_contrastive")
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -192,8 +195,9 @@ def markdown_table(headers: list[str], cells: list[list[str]], right: Iterable[i
 
 
 def loss_tables(rows: list[Row]) -> dict[str, str]:
-    """One Markdown table per loss (in first-appearance order), rows sorted by mode, dtype, size."""
-    loss_order = list(dict.fromkeys(r.loss for r in rows))
+    """One Markdown table per loss (LOSS_ORDER), rows sorted by mode, dtype, size, implementation."""
+    seen = list(dict.fromkeys(r.loss for r in rows))
+    loss_order = [name for name in LOSS_ORDER if name in seen] + [name for name in seen if name not in LOSS_ORDER]
     base = _baselines(rows)
     tables: dict[str, list[list[str]]] = defaultdict(list)
     for r in sort_rows(rows, loss_order):
@@ -427,13 +431,19 @@ def header(doc: dict, rows: list[Row], json_name: str) -> str:
 def render(doc: dict, rows: list[Row], json_name: str, max_batch: Optional[dict], plots: list[Path],
            plot_base: Optional[Path]) -> str:
     """The Markdown body: header, targets, maximum batch, one table per loss, plot links."""
-    parts = [header(doc, rows, json_name), "", "#### Targets", "", targets_table(rows, max_batch), ""]
+    parts = [header(doc, rows, json_name), ""]
+    if _device(rows) == "cuda":
+        parts += ["#### Targets", "", targets_table(rows, max_batch), ""]
+    else:  # the issue's targets are GPU sizes and GPU rates: a CPU table would only say "not in this run"
+        parts += ["Issue 7's targets are GPU targets: see the cuda section for their status.", ""]
     if max_batch:
         parts += ["#### Maximum batch (`max_batch.py`)", "", max_batch_table(max_batch), ""]
     parts += ["Columns: `time ms` median; `TFLOP/s` = model FLOPs (the materialising algorithm's GEMMs, the same "
               "for every implementation) / time; `% of peak` = that / the matmul peak; `peak MiB` above the inputs; "
               "`vs reference` / `vs compile` = that baseline's time / this row's time (above 1: faster); OOM = ran "
-              "out of memory (a result, not an error).", ""]
+              "out of memory (a result, not an error). Model TFLOP/s is an effective rate: it can pass the "
+              "peak where an implementation does less arithmetic than the materialising algorithm (fastssl's "
+              "Gram route when N < D).", ""]
     for loss, table in loss_tables(rows).items():
         parts += [f"#### {loss}", "", table, ""]
     if plots:

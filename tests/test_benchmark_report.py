@@ -136,8 +136,29 @@ def test_report_tables_speedups_and_oom(suite_json: Path, rendered: dict) -> Non
     for row in oom_rows:
         assert row["implementation"] == "reference"
         assert row["time ms"] == row["TFLOP/s"] == row["% of peak"] == row["peak MiB"] == "OOM"
-    assert "| NT-Xent fwd+bwd D = 128 bf16: largest 2N in one step | ≥ 1,000,000 | 4,096 (search limit reached" in rendered["md"]
-    assert "missed by 244.14×" in rendered["md"]  # 1,000,000 / 4,096
+    assert "#### Maximum batch" in rendered["md"] and "| fastssl | 4,096 | — | limit | 5 |" in rendered["md"]
+
+
+def test_targets_table_from_rows(suite_json: Path) -> None:
+    """The targets' status, computed from the rows' times (the CPU rows re-labelled as the issue's sizes:
+    the targets are GPU sizes, and a CPU report leaves them out)."""
+    _, rows = report.load(suite_json)
+    ours = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("fastssl-torch", "fwd+bwd", 512))
+    ref = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("reference", "fwd+bwd", 512))
+    at_target = [dataclasses.replace(r, dtype="bfloat16", batch_2n=32768, dim=256) for r in (ours, ref)]
+    table = report.targets_table(at_target, {"device_name": "X", "results": {
+        "fastssl": {"max_2n": 4096, "limited_by": "limit"}}})
+    ratio = ref.median_s / ours.median_s
+    line = next(line for line in table.splitlines() if "vs reference eager" in line and "NT-Xent" in line)
+    assert f"| {ratio:.2f}× (fastssl-torch" in line
+    assert ("| met |" in line) == (ratio >= 4) and (f"missed by {4 / ratio:.2f}×" in line) == (ratio < 4)
+    compile_line = next(line for line in table.splitlines() if "torch.compile" in line)
+    assert "not in this run" in compile_line  # no compiled row
+    assert "| 4,096 (search limit reached, not OOM) on X | missed by 244.14× |" in table  # 1e6 / 4096
+    frac = ours.model_flops / ours.median_s / 1e12 / ours.matmul_peak_tflops
+    assert f"{frac:.1%} of" in table
+    barlow = next(line for line in table.splitlines() if "Barlow Twins" in line)
+    assert "not in this run" in barlow
 
 
 def test_report_marks_speedup_over_an_oom_baseline(suite_json: Path) -> None:
@@ -165,7 +186,7 @@ def test_results_md_section_is_refreshed_in_place(rendered: dict) -> None:
     assert "old numbers" not in text and "Hand-written CPU notes stay." in text and "Trailing notes stay." in text
     assert "<!-- report.py:begin cuda -->\nGPU section stays\n<!-- report.py:end cuda -->" in text
     cpu = text.split("<!-- report.py:begin cpu -->", 1)[1].split("<!-- report.py:end cpu -->", 1)[0]
-    assert "#### nt_xent" in cpu and "| OOM |" in cpu and "#### Targets" in cpu
+    assert "#### nt_xent" in cpu and "| OOM |" in cpu and "GPU targets" in cpu
     assert text.count("<!-- report.py:begin cpu -->") == 1
 
 
