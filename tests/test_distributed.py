@@ -35,7 +35,7 @@ from torch import nn
 import fastssl
 import fastssl.distributed as fdist
 import fastssl.nn as fnn
-from tests.utils import TOLERANCES
+from tests.utils import LIGHTLY_AVAILABLE, TOLERANCES
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with the gloo backend"
@@ -328,6 +328,55 @@ def test_masks_and_errors(world, tmp_path_factory):
         assert torch.equal(got["eye_rank"], eye), f"eye_rank on rank {r}"
         assert torch.equal(got["positive_mask"], pos), f"positive_mask on rank {r}"
         assert "same trailing dimensions" in got["mismatch"], f"rank {r}: {got['mismatch']}"
+
+
+# -------------------------------------------------------------------------------------------------
+# Against lightly 1.6 itself, rank by rank (where it is installed).
+# -------------------------------------------------------------------------------------------------
+
+LIGHTLY_PAIRS = ("NTXentLoss", "DCLLoss", "DCLWLoss", "BarlowTwinsLoss", "VICRegLoss")
+
+
+def _lightly_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        import lightly.loss
+
+        n = 6
+        z = torch.randn(world * n, 2, D, generator=torch.Generator().manual_seed(7))[rank * n : (rank + 1) * n]
+        results = {}
+        for name in LIGHTLY_PAIRS:
+            for label, module in (
+                ("lightly", getattr(lightly.loss, name)(gather_distributed=True)),
+                ("fastssl", getattr(fnn, name)(gather_distributed=True, backend="torch")),
+                ("fastssl-ring", getattr(fnn, name)(gather_distributed="ring", backend="torch")
+                 if name in ("NTXentLoss", "DCLLoss", "DCLWLoss") else None),
+            ):  # fmt: skip
+                if module is None:
+                    continue
+                x = z.clone().requires_grad_(True)
+                loss = module(x[:, 0], x[:, 1])
+                loss.backward()
+                results[(name, label)] = (loss.detach(), x.grad)
+        torch.save(results, os.path.join(out_dir, f"lightly{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not LIGHTLY_AVAILABLE, reason="lightly is not installed (see README, 'Checking against lightly')")
+def test_matches_lightly_per_rank(tmp_path):
+    """Each rank's loss and local input gradient equal lightly 1.6's with gather_distributed=True."""
+    world = 2
+    mp.spawn(_lightly_worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world, join=True)
+    for r in range(world):
+        results = torch.load(tmp_path / f"lightly{r}.pt")
+        for (name, label), (loss, grad) in results.items():
+            if label == "lightly":
+                continue
+            want_loss, want_grad = results[(name, "lightly")]
+            _close(loss, want_loss, f"{name} {label} loss, rank {r}")
+            _close(grad, want_grad, f"{name} {label} input gradient, rank {r}")
 
 
 # -------------------------------------------------------------------------------------------------
