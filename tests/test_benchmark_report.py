@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -30,15 +29,33 @@ OOM_2N = 131072  # the reference's fp32 2N x 2N logits alone: 64 GiB
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _limited(gib: float):
-    """preexec_fn: cap the child's address space, so that a too-large allocation fails at once."""
-    limit = int(gib * 2**30)
-    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+# Runs a script or pytest in a child whose address space is capped at what it has mapped after
+# importing torch and fastssl plus a headroom, so that a too-large allocation fails at once (a real
+# "can't allocate memory"). Relative to the child's own size: a CUDA build of torch maps far more
+# than the CPU build, so a fixed cap would not mean the same thing on every machine.
+_LIMITED = """
+import re, resource, runpy, sys
+import torch, fastssl
+size = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+limit = size + int(float(sys.argv[1]) * 2**30)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.argv = sys.argv[2:]
+if sys.argv[0] == "pytest":
+    import pytest
+    sys.exit(pytest.main(sys.argv[1:]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _run_limited(headroom_gib: float, args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LIMITED, str(headroom_gib), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTSSL_BENCH_")}
     env.pop("TRITON_INTERPRET", None)  # as a plain benchmark run: no Triton interpreter
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU runs, also on a machine with a GPU
     env.update(extra)
     return env
 
@@ -46,15 +63,14 @@ def _env(**extra: str) -> dict:
 @pytest.fixture(scope="module")
 def suite_json(tmp_path_factory) -> Path:
     """JSON of a real tiny suite run: NT-Xent, fastssl-torch and reference, 2N = 256 and 512 (D = 16),
-    plus the reference at 2N = 131,072, which runs out of memory under a 4 GiB address-space limit."""
+    plus the reference at 2N = 131,072, which runs out of memory with 3 GiB of address space to spare."""
     out = tmp_path_factory.mktemp("bench") / "benchmarks.json"
     env = _env(FASTSSL_BENCH_SIZES=f"256x16,512x16,{OOM_2N}x16", FASTSSL_BENCH_DTYPE="float32",
                FASTSSL_BENCH_LOSSES="nt_xent", FASTSSL_BENCH_PROVIDERS="fastssl-torch,reference",
                FASTSSL_BENCH_DEVICE="cpu")
-    cmd = [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
-           "-k", f"not (fastssl-torch and 2N{OOM_2N})", f"--benchmark-json={out}"]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                         preexec_fn=_limited(4))
+    args = ["pytest", "benchmarks/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+            "-k", f"not (fastssl-torch and 2N{OOM_2N})", f"--benchmark-json={out}"]
+    run = _run_limited(3, args, env, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "10 passed" in run.stdout, run.stdout[-3000:]
     return out
@@ -246,12 +262,11 @@ def test_search_rejects_bad_arguments() -> None:
 
 
 def test_max_batch_finds_a_real_oom_on_the_cpu(tmp_path: Path) -> None:
-    """The reference under a 1.5 GiB address-space limit: a real allocation failure bounds the search."""
+    """The reference with 1 GiB of address space to spare: a real allocation failure bounds the search."""
     out = tmp_path / "max_batch.json"
-    cmd = [sys.executable, "benchmarks/max_batch.py", "--device", "cpu", "--providers", "reference", "--d", "8",
-           "--dtype", "fp32", "--start", "2048", "--limit", "65536", "--step", "1024", "--json", str(out)]
-    run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120,
-                         preexec_fn=_limited(1.5))
+    args = ["benchmarks/max_batch.py", "--device", "cpu", "--providers", "reference", "--d", "8",
+            "--dtype", "fp32", "--start", "2048", "--limit", "65536", "--step", "1024", "--json", str(out)]
+    run = _run_limited(1, args, _env(), timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())["results"]["reference"]
     assert res["limited_by"] == "oom"
