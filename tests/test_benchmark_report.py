@@ -283,3 +283,55 @@ def test_profile_helper_runs_on_the_cpu() -> None:
     run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "nt_xent fwd+bwd 2N=256 D=32 float32" in run.stdout and "model TFLOP/s" in run.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# the suite's cases and FLOP formulas
+# --------------------------------------------------------------------------------------------------
+
+
+def test_flop_formulas_by_hand() -> None:
+    import _common as common
+
+    def case(loss: str, mode: str, provider: str = "reference", batch: int = 64, dim: int = 8) -> "common.Case":
+        return common.Case(loss, provider, mode, batch, dim)
+
+    n, d = 32, 8
+    assert common.model_flops(case("clip", "fwd")) == 2 * n * n * d
+    assert common.executed_flops(case("clip", "fwd+bwd", "fastssl-torch")) == 2 * (2 * n * n * d) * 4  # 2 passes
+    assert common.model_flops(case("moco", "fwd+bwd")) == 2 * (2 * n * 64 * d)  # K = 2N rows, bank without grad
+    assert common.model_flops(case("vicreg_exp", "fwd")) == 2 * (2 * d * d * n)  # one D x D covariance per view
+    assert common.model_flops(case("vicreg_ctr", "fwd+bwd")) == 3 * 2 * (2 * n * n * d)
+    assert common.model_flops(case("arcl_m4", "fwd")) == 2 * 64 * 64 * d + n * 2 * 4 * 4 * d
+    assert common.model_flops(case("barlow_twins", "fwd+bwd")) == 3 * 2 * n * d * d
+    assert common.model_flops(case("spectral_contrastive", "fwd")) == 2 * n * n * d
+
+
+def test_case_policy_and_order() -> None:
+    import _common as common
+    import torch
+
+    bf16_cpu = common.Case("nt_xent", "reference", "fwd", 64, 8, "bfloat16", "cpu")
+    assert "bf16 on the CPU" in common.policy_skip(bf16_cpu)
+    assert common.policy_skip(dataclasses.replace(bf16_cpu, mode="fwd+bwd")) is None
+    if not torch.cuda.is_available():
+        assert "GPU-only" in common.policy_skip(dataclasses.replace(bf16_cpu, device="cuda"))
+    headline = common.Case("nt_xent", "reference", "fwd", 64, 8, "float32", "cpu")
+    sweep_small = dataclasses.replace(headline, loss="dcl", headline=False, batch=128)
+    sweep_big = dataclasses.replace(sweep_small, batch=1024)
+    other = dataclasses.replace(headline, loss="dcl")
+    second_dtype = dataclasses.replace(headline, dtype="bfloat16")
+    ordered = sorted([second_dtype, sweep_big, other, sweep_small, headline], key=common.priority)
+    assert ordered == [headline, other, sweep_small, sweep_big, second_dtype]
+    assert "Inf-CL computes the CLIP loss only" in common.provider_unavailable("inf_cl", "cuda", "nt_xent")
+
+
+def test_rounds_fit_the_target_time() -> None:
+    import _runner
+
+    if _runner.ROUNDS is not None:
+        pytest.skip("FASTSSL_BENCH_ROUNDS is set in this environment")
+    assert _runner.rounds_for(10.0, "cuda") == _runner.MIN_ROUNDS
+    assert _runner.rounds_for(1e-4, "cuda") == 10
+    assert _runner.rounds_for(_runner.TARGET_S / 5, "cuda") == 5
+    assert _runner.rounds_for(1e-4, "cpu") == _runner.MIN_ROUNDS
