@@ -35,7 +35,8 @@ from torch import nn
 import fastssl
 import fastssl.distributed as fdist
 import fastssl.nn as fnn
-from tests.utils import LIGHTLY_AVAILABLE, TOLERANCES
+from fastssl.ops.pairwise_lse import pairwise_lse
+from tests.utils import CPU_BACKENDS, LIGHTLY_AVAILABLE, TOLERANCES
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with the gloo backend"
@@ -407,6 +408,25 @@ def test_uninitialised_falls_back_to_single_process(gather):
     assert torch.equal(fastssl.arcl_loss(views, gather_distributed=gather), fastssl.arcl_loss(views))
     # The reference backend is the single-process spec: without a process group it simply runs.
     assert torch.isfinite(fastssl.nt_xent_loss(z1, z2, gather_distributed=gather, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_decomposition(backend):
+    """What both modes rely on, on each backend: the op with the all-columns flags is the plain LSE
+    over a foreign block, and logaddexp(own block with masks, foreign block) is the op on the
+    concatenated columns [own; foreign] (own first, so self i and positive i + n stay in place)."""
+    n, m, d = 5, 7, 6
+    x = F.normalize(torch.randn(2 * n, d), dim=1)
+    foreign = F.normalize(torch.randn(m, d), dim=1)
+    scale = torch.tensor(2.0)
+    lse, _ = pairwise_lse(x, foreign, None, scale, **fdist._ALL_COLUMNS, backend=backend)
+    _close(lse, torch.logsumexp(scale * x.double() @ foreign.double().T, dim=1), "all-columns LSE")
+    for include_pos in (True, False):
+        flags = dict(pos_offset=n, exclude_self=True, include_pos=include_pos)
+        own, pos = pairwise_lse(x[:n], x, None, scale, **flags, backend=backend)
+        whole, pos_whole = pairwise_lse(x[:n], torch.cat([x, foreign]), None, scale, **flags, backend=backend)
+        _close(torch.logaddexp(own, lse[:n]), whole, f"merged LSE, include_pos={include_pos}")
+        _close(pos, pos_whole, "positive logit")
 
 
 def test_gather_argument_checks():
