@@ -302,8 +302,8 @@ def test_bad_weights():
         fastssl.spectral_contrastive_loss(z, z, mu=-1.0)
     with pytest.raises(TypeError, match="lambda_param must be a float, got str"):
         fnn.BarlowTwinsLoss("0.1")
-    with pytest.raises(NotImplementedError, match="gather_distributed=True"):
-        fnn.VICRegLoss(gather_distributed=True)
+    with pytest.raises(ValueError, match="'ring' is for the pairwise-LSE"):
+        fnn.VICRegLoss(gather_distributed="ring")
     with pytest.raises(ValueError, match="route must be one of"):
         fnn.SpectralContrastiveLoss(route="N")
 

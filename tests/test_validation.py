@@ -116,8 +116,8 @@ def test_module_arguments():
         fnn.NTXentLoss(memory_bank_size=128)
     with pytest.raises(ValueError, match="must be non-negative"):
         fnn.NTXentLoss(memory_bank_size=(-1, 3))
-    with pytest.raises(NotImplementedError, match="gather_distributed=True"):
-        fnn.DCLLoss(gather_distributed=True)
+    with pytest.raises(ValueError, match="must be False, True or 'ring'"):
+        fnn.DCLLoss(gather_distributed="all")
     with pytest.raises(ValueError, match="backend must be one of"):
         fnn.CLIPLoss(backend="cuda-please")
     with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
