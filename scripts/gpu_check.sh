@@ -3,7 +3,13 @@
 # the benchmarks and their report, the max-batch and trainer-throughput probes, and an Nsight Compute
 # profile of the NT-Xent kernels; logs and JSON go to OUTDIR.
 #
-#   scripts/gpu_check.sh OUTDIR
+#   scripts/gpu_check.sh OUTDIR [STEP ...]
+#
+# With STEPs, only those steps run (names as in steps.tsv: nvidia_smi versions nvcc_version
+# build_extension extension_loads tests_cuda tests_all benchmarks report max_batch report_final
+# train_throughput ncu ncu_summary), so that a GPU session whose commands are capped at 10 minutes
+# can split the work: e.g. `build_extension extension_loads tests_cuda tests_all`, then
+# `benchmarks report max_batch report_final train_throughput`, then `ncu ncu_summary`.
 #
 # Assumes the preinstalled stack (PyTorch + CUDA, Triton, nvcc, ninja, pytest, pytest-benchmark) and
 # NO network: nothing is pip-installed from an index. Every step runs under its own timeout, a failing
@@ -13,11 +19,13 @@
 # "skipped-deadline"; per-step limits can be changed with e.g. FASTSSL_T_BENCH=600.
 set -u
 
-if [ $# -ne 1 ]; then
-  echo "usage: $0 OUTDIR" >&2
+if [ $# -lt 1 ]; then
+  echo "usage: $0 OUTDIR [STEP ...]" >&2
   exit 2
 fi
 OUT="$1"
+shift
+SELECTED=" $* "
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
@@ -33,6 +41,9 @@ run() {
   local name="$1" limit="$2"
   shift 2
   local t0 rc left
+  if [ "$SELECTED" != "  " ] && [[ "$SELECTED" != *" $name "* ]]; then
+    return 0  # not asked for in this call
+  fi
   t0=$(date +%s)
   left=$(( DEADLINE - t0 ))
   if [ "$left" -lt 30 ]; then
@@ -85,6 +96,9 @@ run benchmarks "${FASTSSL_T_BENCH:-360}" "$PY" -m pytest benchmarks/ --benchmark
   --benchmark-json "$OUT/benchmarks.json"
 run report 60 "$PY" benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT/report"
 run max_batch "${FASTSSL_T_MAXBATCH:-180}" "$PY" benchmarks/max_batch.py --json "$OUT/max_batch.json"
+# Again, now that max_batch.json sits beside the suite's JSON (the max-batch target), writing the
+# plots where RESULTS.md links them: commit benchmarks/RESULTS.md and benchmarks/results/gpu after.
+run report_final 60 "$PY" benchmarks/report.py "$OUT/benchmarks.json" --out benchmarks/results/gpu
 run train_throughput "${FASTSSL_T_TRAIN:-180}" "$PY" -m fastssl.train.throughput --json "$OUT/train_throughput.json"
 
 # 5. Nsight Compute: the NT-Xent forward/backward kernels at 2N = 32768, D = 256, bf16.
@@ -108,7 +122,7 @@ if command -v ncu > /dev/null 2>&1; then
     --kernel-name "regex:pairwise_lse" --launch-skip 3 --launch-count 6 --set full \
     --export "$OUT/ncu_nt_xent" --force-overwrite "$PY" "$OUT/ncu_target.py"
   run ncu_summary 60 ncu --import "$OUT/ncu_nt_xent.ncu-rep" --print-summary per-kernel
-else
+elif [ "$SELECTED" = "  " ] || [[ "$SELECTED" == *" ncu "* ]]; then
   printf 'ncu\tnot-found\t0\n' >> "$STEPS"
   echo "=== [ncu] skipped: ncu is not on PATH"
 fi
