@@ -6,11 +6,15 @@ training device) and augments batches there (fastssl.train.augment), so there is
 
 The default, `digits`, needs no download: the 1,797 UCI handwritten digits that scikit-learn bundles
 (8x8, shipped in assets/digits.npz, CC BY 4.0; see assets/make_digits.py) are rendered into 32x32 RGB
-images with a random position, scale, rotation, foreground and background colour, smooth background
-colour noise and random bars (clutter). Those are the nuisance factors of seed 000: the class is the digit's
-shape, and views that share the digit but not the nuisances are exactly what crop + colour augmentation
-produce, so a contrastively trained encoder learns to ignore them, while a random encoder's features are
-dominated by colour and clutter. The rendering is a fixed function of `render_seed`, so every run sees the
+images with a random position, scale, rotation, hue, brightness, smooth background colour noise and random
+bars (clutter). Those are the nuisance factors of seed 000: the class is the digit's shape, and views
+that share the digit but not the nuisances are what crop + colour augmentation produce, so a contrastively
+trained encoder learns to ignore them, while a random encoder's features are dominated by them (default
+run: linear probe 0.74 after SSL vs 0.18 at random init; docs/trainer.md). The colour nuisance is one hue
+per image, which a ±0.5-turn hue jitter removes completely: a per-image colour that augmentation cannot
+remove (independent foreground/background colours, brightness levels spread wider than the jitter) is an
+instance-identity shortcut, and SimCLR then learns the colour instead of the digit (measured: k-NN at
+chance). The rendering is a fixed function of `render_seed`, so every run sees the
 same images.
 """
 
@@ -153,7 +157,7 @@ def load_digits(render_seed: int = 0, copies: int = 1, test_fraction: float = 0.
 
     A fixed stratified split (by `render_seed`) puts `test_fraction` of the 1,797 digits in the test
     split; each train digit is rendered `copies` times (independent nuisances), each test digit once.
-    `limit` keeps only the first `limit` train and `limit // 3` test images (for tests and smoke runs).
+    `limit` keeps a random `limit` train and max(limit // 3, 10) test digits (for tests and smoke runs).
     """
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
@@ -168,6 +172,9 @@ def load_digits(render_seed: int = 0, copies: int = 1, test_fraction: float = 0.
         idx = idx[torch.randperm(len(idx), generator=g)]
         test_mask[idx[: round(len(idx) * test_fraction)]] = True
     tr, te = torch.nonzero(~test_mask).flatten(), torch.nonzero(test_mask).flatten()
+    if limit is not None:  # subset before rendering: smoke tests should not pay for 1,797 renderings
+        tr = tr[torch.randperm(len(tr), generator=g)[:limit]]
+        te = te[torch.randperm(len(te), generator=g)[: max(limit // 3, 10)]]
     tr_bitmaps = images[tr].repeat(copies, 1, 1)
     train_x = render_digits(tr_bitmaps, g, clutter=clutter, **render)
     train_y = labels[tr].repeat(copies)
@@ -175,9 +182,6 @@ def load_digits(render_seed: int = 0, copies: int = 1, test_fraction: float = 0.
     test_y = labels[te]
     perm = torch.randperm(len(train_y), generator=g)                # interleave copies and classes
     train_x, train_y = train_x[perm], train_y[perm]
-    if limit is not None:
-        train_x, train_y = train_x[:limit], train_y[:limit]
-        test_x, test_y = test_x[: max(limit // 3, 10)], test_y[: max(limit // 3, 10)]
     return _make("digits", train_x, train_y, test_x, test_y, [str(i) for i in range(10)])
 
 

@@ -210,11 +210,13 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 
 def _embed(model: nn.Module, x: Tensor, autocast: Callable) -> Tensor:
-    """model on (m, n, 3, H, W) views -> (m, n, D) float32 (one encoder call on the m·n images)."""
+    """model on (m, n, 3, H, W) views -> (m, n, D), half precision promoted to fp32 (one call on m·n images)."""
     m, n = x.shape[:2]
     with autocast():
         z = model(x.flatten(0, 1))
-    return z.float().view(m, n, -1)
+    if z.dtype in (torch.float16, torch.bfloat16):  # autocast output: the loss gets fp32 (fp64 stays fp64)
+        z = z.float()
+    return z.view(m, n, -1)
 
 
 def ssl_backward(model: nn.Module, views: Tensor, loss_fn: Callable[[list], Tensor], chunks: int = 1,
