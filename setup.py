@@ -101,6 +101,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"],
         "plot": ["matplotlib"],
+        "images": ["pillow"],  # the trainer's --dataset folder
     },
     classifiers=[
         "Programming Language :: Python :: 3",
