@@ -95,6 +95,17 @@ def _local_rows(
     return lse, pos, lambda values: distributed.global_mean(values, sizes)
 
 
+def _info_nce(lse_negatives: Tensor, pos: Tensor) -> Tensor:
+    """Per-row InfoNCE −pos + log(exp(pos) + exp(lse_negatives)), as softplus(lse_negatives − pos).
+
+    Why not lse_all − pos: on well-separated rows lse_all ≈ pos ≈ 1/τ and both carry an fp32 ulp of
+    1/τ (~1e-6 at τ = 0.07), so the difference — and the backward's 1 − P_pos — would keep only a few
+    digits of a loss of ~1e-3. lse_negatives − pos is a large, well-resolved gap, and softplus and
+    its derivative sigmoid are exact there: value and gradients keep full fp32 relative precision.
+    """
+    return F.softplus(lse_negatives - pos)
+
+
 def nt_xent_loss(
     z1: Tensor,
     z2: Tensor,
@@ -123,10 +134,11 @@ def nt_xent_loss(
         return reference.nt_xent_loss(z1, z2, temperature)
     n = z1.shape[0]
     z = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)])
-    lse, pos, reduce = _local_rows(
-        z, z, None, inverse_temperature(temperature, z1), mode, backend, pos_offset=n, exclude_self=True
+    lse_negatives, pos, reduce = _local_rows(
+        z, z, None, inverse_temperature(temperature, z1), mode, backend, pos_offset=n, exclude_self=True,
+        include_pos=False,
     )
-    return reduce(lse - pos)
+    return reduce(_info_nce(lse_negatives, pos))
 
 
 def moco_loss(
@@ -159,10 +171,11 @@ def moco_loss(
     if backend == "reference":
         return reference.moco_loss(query, key, bank, temperature)
     q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
-    lse, pos, reduce = _local_rows(
-        q, k, bank.detach(), inverse_temperature(temperature, query), mode, backend, y_negatives=False
+    lse_negatives, pos, reduce = _local_rows(
+        q, k, bank.detach(), inverse_temperature(temperature, query), mode, backend, include_pos=False,
+        y_negatives=False,
     )
-    return reduce(lse - pos)
+    return reduce(_info_nce(lse_negatives, pos))
 
 
 def _dcl(
@@ -258,11 +271,9 @@ def clip_loss(
     a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     scale = inverse_temperature(temperature, z1)
     sizes = None if mode is None else distributed.batch_sizes(a)
-    lse_rows, pos_rows, reduce = _local_rows(a, b, None, scale, mode, backend, sizes)
-    lse_cols, pos_cols, _ = _local_rows(b, a, None, scale, mode, backend, sizes)
-    # Subtract per row before averaging: well-aligned towers have lse_i ≈ pos_i ≈ 1/τ, and the
-    # difference of two means would cancel their rounding into the (tiny) loss.
-    return 0.5 * (reduce(lse_rows - pos_rows) + reduce(lse_cols - pos_cols))
+    lse_rows, pos_rows, reduce = _local_rows(a, b, None, scale, mode, backend, sizes, include_pos=False)
+    lse_cols, pos_cols, _ = _local_rows(b, a, None, scale, mode, backend, sizes, include_pos=False)
+    return 0.5 * (reduce(_info_nce(lse_rows, pos_rows)) + reduce(_info_nce(lse_cols, pos_cols)))
 
 
 def uniformity(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
@@ -723,4 +734,4 @@ def arcl_loss(
     lse_negatives, _, reduce = _local_rows(
         z, z, None, scale, mode, backend, pos_offset=n, exclude_self=True, include_pos=False
     )
-    return reduce(F.softplus(lse_negatives - worst.repeat(2)))
+    return reduce(_info_nce(lse_negatives, worst.repeat(2)))

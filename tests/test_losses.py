@@ -47,6 +47,9 @@ def make_inputs(loss, n, d, dtype, kind="random"):
     elif kind == "zero":
         z1, z2 = torch.zeros(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
         z2[0] = 0
+    elif kind == "aligned":  # views nearly equal: the positive dominates every row, the loss is ~1e-4
+        z1 = torch.randn(n, d, dtype=torch.float64)
+        z2 = z1 + 0.05 * torch.randn(n, d, dtype=torch.float64)
     elif kind == "huge":
         z1, z2 = 1e4 * torch.randn(n, d, dtype=torch.float64), 1e4 * torch.randn(n, d, dtype=torch.float64)
     if loss == "uniformity":  # a metric on normalised embeddings
@@ -88,6 +91,22 @@ def test_fp32_matches_float64_spec(backend, loss, n, d, temperature):
     if backend == "triton" and n * d > 33 * 257:
         pytest.skip("the Triton interpreter is slow on CPU; N=1000 runs in the cuda tests")
     check_against_reference(loss, backend, n, d, temperature)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss", ["nt_xent", "moco", "clip"])
+def test_well_aligned_views_keep_gradient_precision(backend, loss):
+    # lse ≈ pos ≈ 1/τ on every row: computing lse − pos from the two fp32 numbers kept ~3 digits of a
+    # 1e-4 loss and of its 1 − P_pos gradient (relative error up to 1e-2 on the torch backend).
+    # The losses use softplus(lse_negatives − pos), which keeps full fp32 relative precision.
+    fused, spec = LOSSES[loss]
+    inputs = make_inputs(loss, 96, 64, torch.float64, kind="aligned")
+    value, grads = value_and_grads(lambda z, t: fused(z, t, backend), [t.float() for t in inputs], 0.07)
+    want, want_grads = value_and_grads(spec, inputs, 0.07)
+    assert float(want) < 1e-2  # the regime this test is about
+    torch.testing.assert_close(value.double(), want, rtol=2e-5, atol=0)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=2e-5 * float(w.abs().max()))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
