@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(256) column_stats_final_kernel(const float* __
     const float* p = partials + 3 * (c * cols + col);
     chan_merge(n, mean, m2, p[0], p[1], p[2]);
   }
-  mean_out[col] = mean;
+  // No rows: torch.var_mean gives NaN for both (the merge above would leave mean = 0).
+  mean_out[col] = n > 0.0f ? mean : CUDART_NAN_F;
   const float dof = n - static_cast<float>(correction);
   var_out[col] = dof > 0.0f ? m2 / dof : CUDART_NAN_F;
 }
