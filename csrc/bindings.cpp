@@ -138,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
   check_stat(lse, "lse");
   check_stat(grad_lse, "grad_lse");
   check_stat(grad_pos, "grad_pos");
+  CHECK_SAME_DEVICE(x, grad_lse_absmax, "x", "grad_lse_absmax");  // the kernels dereference it
   CHECK_DTYPE(grad_lse_absmax, at::kFloat, "grad_lse_absmax");
   TORCH_CHECK_VALUE(grad_lse_absmax.numel() == 1, "fastssl._C: grad_lse_absmax must hold one value");
   TORCH_CHECK_VALUE(!same || (x.data_ptr() == y.data_ptr() && x.sizes() == y.sizes() && x.strides() == y.strides()),
