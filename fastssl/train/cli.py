@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every E epochs and at the end; 0 = never (default: %(default)s)")
     r.add_argument("--log-every", type=int, default=_D.log_every, metavar="S",
                    help="write a step record to log.jsonl every S steps (default: %(default)s)")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar (it is off anyway when stderr is not a terminal)")
     return p
 
 

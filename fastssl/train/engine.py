@@ -490,7 +490,9 @@ def train(cfg: Config) -> dict:
         t_epoch = time.perf_counter()
         perm = torch.randperm(n_train, generator=data_gen).to(device)
         losses = []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+        # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs, pipes), where
+        # every redraw would become a line; the per-epoch summary lines still print.
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if cfg.progress else True,
                    leave=False, dynamic_ncols=True, file=sys.stderr)
         for i in range(steps_per_epoch):
             t0 = time.perf_counter()
