@@ -20,12 +20,12 @@ kernels, composed by the public autograd Function `SqFrobenius` (torch.compile(f
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from fastssl.ops._dispatch import kernel_module
 from fastssl.ops.reductions import chain_transform, compute_dtype
 
 _KERNEL_MODULES = {
@@ -39,9 +39,7 @@ ROUTES = ("auto", "covariance", "gram")
 
 
 def _kernels(backend: str):
-    if backend not in _KERNEL_MODULES:
-        raise ValueError(f"sq_frobenius has no backend {backend!r}; choose one of {tuple(_KERNEL_MODULES)}")
-    return importlib.import_module(_KERNEL_MODULES[backend])
+    return kernel_module("sq_frobenius", _KERNEL_MODULES, backend)
 
 
 def check_route(route: object) -> str:

@@ -18,11 +18,12 @@ fake (meta) implementations, composed by the public autograd Function `PairwiseL
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from fastssl.ops._dispatch import kernel_module
 
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.pairwise_lse",
@@ -32,10 +33,7 @@ _KERNEL_MODULES = {
 
 
 def _kernels(backend: str):
-    # Imported on first use: `import fastssl` must not import triton (nor compile anything).
-    if backend not in _KERNEL_MODULES:
-        raise ValueError(f"pairwise_lse has no backend {backend!r}; choose one of {tuple(_KERNEL_MODULES)}")
-    return importlib.import_module(_KERNEL_MODULES[backend])
+    return kernel_module("pairwise_lse", _KERNEL_MODULES, backend)
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:

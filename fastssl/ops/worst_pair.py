@@ -16,11 +16,10 @@ traces). Ties follow torch.argmin: the first pair wins, on every backend.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
+from fastssl.ops._dispatch import kernel_module
 from fastssl.ops.reductions import compute_dtype
 
 _KERNEL_MODULES = {
@@ -32,9 +31,7 @@ _KERNEL_MODULES = {
 
 
 def _kernels(backend: str):
-    if backend not in _KERNEL_MODULES:
-        raise ValueError(f"worst_pair has no backend {backend!r}; choose one of {tuple(_KERNEL_MODULES)}")
-    return importlib.import_module(_KERNEL_MODULES[backend])
+    return kernel_module("worst_pair", _KERNEL_MODULES, backend)
 
 
 @torch.library.custom_op("fastssl::worst_pair_fwd", mutates_args=())

@@ -50,14 +50,18 @@ def worst_pair_forward(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(s, j, k) for v (N, m, D), 2 ≤ m ≤ MAX_VIEWS, fp32/bf16/fp16: s (N,) fp32, j < k (N,) int64."""
     n, m, d = v.shape
     if m > MAX_VIEWS:
-        raise ValueError(f"the triton worst-pair kernel takes at most {MAX_VIEWS} views per sample, got views of shape {tuple(v.shape)}; use backend='torch'")
+        raise ValueError(
+            f"the triton worst-pair kernel takes at most {MAX_VIEWS} views per sample, "
+            f"got views of shape {tuple(v.shape)}; use backend='torch'"
+        )
     sims = torch.empty(n, dtype=torch.float32, device=v.device)
     first = torch.empty(n, dtype=torch.long, device=v.device)
     second = torch.empty(n, dtype=torch.long, device=v.device)
     m_pad = max(16, triton.next_power_of_2(m))
-    block_d = min(128, max(16, triton.next_power_of_2(d)), 8192 // m_pad)
+    # The (M_PAD, BLOCK_D) view tile holds at most 8,192 elements (one program's registers).
+    block_d = max(16, min(128, triton.next_power_of_2(d), 8192 // m_pad))
     _worst_pair_fwd_kernel[(n,)](
         v, sims, first, second, m, d, *v.stride(),
-        M_PAD=m_pad, BLOCK_D=max(16, block_d), FP32_PRECISION="ieee", num_warps=4 if m_pad <= 16 else 8,
+        M_PAD=m_pad, BLOCK_D=block_d, FP32_PRECISION="ieee", num_warps=4 if m_pad <= 16 else 8,
     )  # fmt: skip
     return sims, first, second
