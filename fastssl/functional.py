@@ -523,24 +523,20 @@ def spectral_contrastive_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def _dimension_lse(z: Tensor, temperature: Temperature, backend: str) -> Tensor:
-    """c_exp(z) = (1/D) Σ_d LSE_{e≠d} Cov(z)_de/τ for z (N, D), Cov unbiased over the N rows.
+def _vicreg_exp_terms(z: Tensor, temperature: Temperature, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    """VICReg's variance hinge v(z) and c_exp(z) = (1/D) Σ_d LSE_{e≠d} Cov(z)_de/τ for z (N, D).
 
-    Cov = xxᵀ with x = ((z − z̄)/√(N − 1))ᵀ, a (D, N) transposed view of the centred copy: each
-    dimension is a row of the pairwise-LSE op, its own column excluded, no positive.
+    One pass of column statistics serves both terms (Cov unbiased over the N rows). Cov = xxᵀ with
+    x = ((z − z̄)/√(N − 1))ᵀ, a (D, N) transposed view of the centred copy: each dimension is a row
+    of the pairwise-LSE op, its own column excluded, no positive.
     """
     n = z.shape[0]
-    mean, _ = column_mean_var(z, unbiased=True)
+    mean, var = column_mean_var(z, unbiased=True)
+    variance = F.relu(1.0 - torch.sqrt(var + eps)).mean()
     x = ((z.to(mean.dtype) - mean) / math.sqrt(n - 1)).to(z.dtype).T
     lse, _ = pairwise_lse(x, x, None, inverse_temperature(temperature, z), exclude_self=True, include_pos=False,
                           backend=backend)  # fmt: skip
-    return lse.mean()
-
-
-def _vicreg_variance(z: Tensor, eps: float) -> Tensor:
-    """v(z) = mean_d relu(1 − sqrt(Var_d(z) + eps)), Var unbiased over the N rows."""
-    _, var = column_mean_var(z, unbiased=True)
-    return F.relu(1.0 - torch.sqrt(var + eps)).mean()
+    return variance, lse.mean()
 
 
 def vicreg_exp_loss(
@@ -588,9 +584,9 @@ def vicreg_exp_loss(
         z1, z2 = distributed.gather_cat(z1, sizes), distributed.gather_cat(z2, sizes)
     acc = compute_dtype(z1)
     invariance = (z1.to(acc) - z2.to(acc)).square().mean()
-    variance = 0.5 * (_vicreg_variance(z1, eps) + _vicreg_variance(z2, eps))
-    covariance = _dimension_lse(z1, temperature, backend) + _dimension_lse(z2, temperature, backend)
-    return lambda_param * invariance + mu_param * variance + nu_param * covariance
+    v1, c1 = _vicreg_exp_terms(z1, temperature, eps, backend)
+    v2, c2 = _vicreg_exp_terms(z2, temperature, eps, backend)
+    return lambda_param * invariance + mu_param * 0.5 * (v1 + v2) + nu_param * (c1 + c2)
 
 
 def vicreg_ctr_loss(

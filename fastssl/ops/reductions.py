@@ -28,9 +28,19 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def column_mean_var(z: Tensor, *, unbiased: bool) -> tuple[Tensor, Tensor]:
-    """(mean, var) of each column of z (N, D), each (D,), in compute_dtype(z): one pass (Welford)."""
-    var, mean = torch.var_mean(z.to(compute_dtype(z)), dim=0, correction=1 if unbiased else 0)
-    return mean, var
+    """(mean, var) of each column of z (N, D), each (D,), in compute_dtype(z); differentiable.
+
+    One pass (torch.var_mean, Welford) on GPUs. On the CPU, two vectorised passes over the rows
+    (mean, then the centred squares): torch's CPU var_mean over dim 0 walks each column separately
+    and is about 12x slower at (1024, 128), and the two-pass form is at least as accurate.
+    """
+    zc = z.to(compute_dtype(z))
+    correction = 1 if unbiased else 0
+    if zc.device.type != "cpu":
+        var, mean = torch.var_mean(zc, dim=0, correction=correction)
+        return mean, var
+    mean = zc.mean(0)
+    return mean, (zc - mean).square().sum(0) / (zc.shape[0] - correction)
 
 
 def chain_transform(
