@@ -78,7 +78,9 @@ def pairwise_lse_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(dx, dy) in the input dtype: the gradients of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i
-    through the row and the column operand (y=None: both are x, and the caller adds them)."""
+    through the row and the column operand. y=None: both are x and the caller adds them; a kernel
+    may then split the sum otherwise (the torch kernel returns half of it in each, from one GEMM),
+    keeping Σ x·dx = Σ_ij G_ij x_i·x_j·scale, which d scale is computed from."""
     return _kernels(backend).pairwise_lse_backward(
         x, x if y is None else y, bank, scale, lse, grad_lse, grad_pos, pos_offset, exclude_self, include_pos, y_negatives
     )

@@ -21,6 +21,9 @@ from torch import Tensor
 #: Upper bound on the bytes of one chunk of logits (the backward holds about three such buffers).
 _CHUNK_BYTES = int(os.environ.get("FASTSSL_TORCH_CHUNK_BYTES", str(64 * 2**20)))
 
+#: Most rows for which the backward of x-is-y forms G + Gᵀ to share one GEMM (see pairwise_lse_backward).
+_SYMMETRIC_MAX_ROWS = 512
+
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -39,16 +42,18 @@ def _chunk_logits(
     exclude_self: bool,
     include_pos: bool,
     y_negatives: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    want_pos: bool = True,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Logits of one row chunk (x already scaled), excluded entries set to -inf.
 
     Returns (logits (C, Ny + K) or, without y negatives, (C, 1 + K) with the positive first;
-    positive column index (C,); positive logit (C,)). The at most two excluded entries per row are
-    written by index, so masking costs O(C), not O(C·Ny).
+    positive column index (C,); positive logit (C,), or None when neither `want_pos` nor the
+    logits need it). The at most two excluded entries per row are written by index, so masking
+    costs O(C), not O(C·Ny).
     """
     n_y = y.shape[0]
     pos_col = (rows + pos_offset) % n_y
-    pos = (xc * y[pos_col]).sum(1)
+    pos = (xc * y[pos_col]).sum(1) if want_pos or include_pos else None
     parts = []
     if y_negatives:
         s_y = xc @ y.T
@@ -68,11 +73,17 @@ def _chunk_logits(
 
 
 def _prepare(x: Tensor, y: Tensor, bank: Optional[Tensor], scale: Tensor):
+    """Row-major copies in the compute dtype (O(N·D), once), the scale, and the chunk height.
+
+    Strided inputs (VICReg-exp's transposed view) would otherwise make every chunk's gathers and
+    elementwise ops walk memory column by column; x and y share one copy when they are one tensor.
+    """
     dt = _compute_dtype(x)
-    yc = y.to(dt)
-    bc = None if bank is None or bank.shape[0] == 0 else bank.to(dt)
+    xc = x.to(dt).contiguous()
+    yc = xc if y is x else y.to(dt).contiguous()
+    bc = None if bank is None or bank.shape[0] == 0 else bank.to(dt).contiguous()
     n_cols = y.shape[0] + (0 if bc is None else bc.shape[0])
-    return dt, yc, bc, scale.to(dt), _chunk_rows(n_cols, torch.finfo(dt).bits // 8)
+    return dt, xc, yc, bc, scale.to(dt), _chunk_rows(n_cols, torch.finfo(dt).bits // 8)
 
 
 def pairwise_lse_forward(
@@ -86,14 +97,14 @@ def pairwise_lse_forward(
     y_negatives: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-row LSE and positive logit, in fp32 (fp64 for fp64 inputs). Shapes (M,), (M,)."""
-    dt, yc, bc, sc, step = _prepare(x, y, bank, scale)
+    dt, xa, yc, bc, sc, step = _prepare(x, y, bank, scale)
     m = x.shape[0]
     lse = torch.empty(m, dtype=dt, device=x.device)
     pos = torch.empty(m, dtype=dt, device=x.device)
     for start in range(0, m, step):
         stop = min(m, start + step)
         rows = torch.arange(start, stop, device=x.device)
-        s, _, p = _chunk_logits(x[start:stop].to(dt) * sc, yc, bc, rows, pos_offset, exclude_self, include_pos, y_negatives)
+        s, _, p = _chunk_logits(xa[start:stop] * sc, yc, bc, rows, pos_offset, exclude_self, include_pos, y_negatives)
         lse[start:stop] = torch.logsumexp(s, dim=1)
         pos[start:stop] = p
     return lse, pos
@@ -116,27 +127,46 @@ def pairwise_lse_backward(
 
     With P_ij = exp(s_ij − lse_i) on the included columns and G_ij = grad_lse_i·P_ij + grad_pos_i·[j = p(i)]:
     dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k), dy_j = scale·Σ_i G_ij x_i.
-    grad_lse scales rows, so it is applied to the (C, D) operands, never to the (C, Ny) chunk.
+    grad_lse and scale scale rows, so they are folded into (C, 1) coefficients applied to the
+    (C, D) operands, never to the (C, Ny) chunk. Where every grad_pos is zero (the positive logit
+    unused, as in DCL and VICReg-exp) the positive's gathers are skipped; the test is a host sync,
+    so it is made on the CPU only.
     """
-    dt, yc, bc, sc, step = _prepare(x, y, bank, scale)
+    dt, xa, yc, bc, sc, step = _prepare(x, y, bank, scale)
     m, n_y = x.shape[0], y.shape[0]
+    pos_grad = x.device.type != "cpu" or bool(grad_pos.any())
+    # x is y (SimCLR, DCL, VICReg-exp) and one chunk holds every row: dx + dy = (G + Gᵀ)·x·scale
+    # is one GEMM instead of two. Each of dx, dy gets half of it: the sum is what the op's caller
+    # uses, and Σ x·dx = Σ x·dy = Σ G_ij x_i·x_j·scale still gives d scale (ops/pairwise_lse.py).
+    # Only where the M x M transpose-add is cheaper than the GEMM it saves: it stays in cache
+    # (M ≤ 512) and D ≥ 128 (measured on the CPU: M = 2048 costs 38 ms against a 7 ms GEMM).
+    symmetric = y is x and y_negatives and step >= m and m <= _SYMMETRIC_MAX_ROWS and x.shape[1] >= 128
     dx = torch.empty(x.shape, dtype=dt, device=x.device)
-    dy = torch.zeros(y.shape, dtype=dt, device=x.device)
+    dy = torch.empty(y.shape, dtype=dt, device=x.device) if symmetric else torch.zeros(y.shape, dtype=dt, device=x.device)
     for start in range(0, m, step):
         stop = min(m, start + step)
         rows = torch.arange(start, stop, device=x.device)
-        xc = x[start:stop].to(dt)
-        s, pos_col, _ = _chunk_logits(xc * sc, yc, bc, rows, pos_offset, exclude_self, include_pos, y_negatives)
+        xc = xa[start:stop]
+        s, pos_col, _ = _chunk_logits(xc * sc, yc, bc, rows, pos_offset, exclude_self, include_pos, y_negatives,
+                                      want_pos=False)  # fmt: skip
         # P overwrites the logits in place: the chunk is the only large buffer we hold.
         p = s.sub_(lse[start:stop, None].to(dt)).exp_()
-        g_lse = grad_lse[start:stop, None].to(dt)
-        g_pos = grad_pos[start:stop, None].to(dt)
+        g_lse = grad_lse[start:stop, None].to(dt) * sc
+        g_pos = grad_pos[start:stop, None].to(dt) * sc
         n_y_cols = n_y if y_negatives else int(include_pos)
         p_y, p_bank = p[:, :n_y_cols], p[:, n_y_cols:]
-        if y_negatives:
-            dxc = g_lse * (p_y @ yc) + g_pos * yc[pos_col]
+        if symmetric:
+            g = p_y.mul_(g_lse)  # G = grad_lse·P (+ grad_pos at the positives), in place of P
+            if pos_grad:
+                g[torch.arange(m, device=x.device), pos_col] += g_pos[:, 0]
+            dxc = (g + g.T).mul_(0.5) @ yc
+            dy.copy_(dxc)
+        elif y_negatives:
+            dxc = g_lse * (p_y @ yc)
             dy.addmm_(p_y.T, g_lse * xc)
-            dy.index_add_(0, pos_col, g_pos * xc)
+            if pos_grad:
+                dxc += g_pos * yc[pos_col]
+                dy.index_add_(0, pos_col, g_pos * xc)
         else:
             # The only y column of row i is its positive: G_i,p(i) = grad_pos_i (+ grad_lse_i·P_i,p(i)).
             coef = g_pos + g_lse * p_y if include_pos else g_pos
@@ -144,5 +174,5 @@ def pairwise_lse_backward(
             dy.index_add_(0, pos_col, coef * xc)
         if p_bank.shape[1] > 0:
             dxc += g_lse * (p_bank @ bc)
-        dx[start:stop] = dxc * sc
-    return dx.to(x.dtype), (dy * sc).to(y.dtype)
+        dx[start:stop] = dxc
+    return dx.to(x.dtype), dy.to(y.dtype)
