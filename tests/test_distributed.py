@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -43,6 +44,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 D_IN, D = 7, 6
+#: One launch runs every case of a world size in a few seconds; past this, a rank is stuck.
+LAUNCH_TIMEOUT_S = 180
 BANK = 64
 TAU_DCL, SIGMA = 0.1, 0.5
 
@@ -177,17 +180,28 @@ def _inputs(world: int) -> dict:
 
 
 def _launch(world: int, tmp_path_factory) -> dict:
+    """The ranks' saved results for `world`, launched once; a failed launch fails every later test
+    of that world size at once with the same message (no relaunch, no second wait on a hang)."""
     if world not in _RUNS:
+        _RUNS[world] = f"the launch of {world} ranks failed in an earlier test (its report has the cause)"
         tmp = tmp_path_factory.mktemp(f"world{world}")
         torch.manual_seed(world)
         state = Projector().state_dict()
         data = dict(state=state, inputs=_inputs(world))
         torch.save(data, tmp / "data.pt")
-        mp.spawn(
-            _worker, args=(world, str(tmp / "rendezvous"), str(tmp / "data.pt"), str(tmp)), nprocs=world, join=True
+        context = mp.start_processes(
+            _worker, args=(world, str(tmp / "rendezvous"), str(tmp / "data.pt"), str(tmp)), nprocs=world, join=False
         )
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not context.join(timeout=1):  # raises, with the worker's traceback, if a rank fails
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"{world} gloo ranks did not finish within {LAUNCH_TIMEOUT_S} s (a hang, killed)")
         ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
         _RUNS[world] = dict(data=data, ranks=ranks)
+    if isinstance(_RUNS[world], str):
+        pytest.fail(_RUNS[world])
     return _RUNS[world]
 
 
