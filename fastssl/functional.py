@@ -523,6 +523,14 @@ def spectral_contrastive_loss(
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_vicreg_exp_args(temperature, lambda_param, mu_param, nu_param, eps) -> None:
+    """τ > 0, λ, μ, ν ≥ 0, eps > 0 for VICReg-exp and VICReg-ctr; a ValueError naming the argument."""
+    check_positive("temperature", temperature)
+    for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
+        check_nonnegative(name, value)
+    check_positive("eps", eps)
+
+
 def _vicreg_exp_terms(z: Tensor, temperature: Temperature, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     """VICReg's variance hinge v(z) and c_exp(z) = (1/D) Σ_d LSE_{e≠d} Cov(z)_de/τ for z (N, D).
 
@@ -571,10 +579,7 @@ def vicreg_exp_loss(
     _check_pair(z1, z2)
     if z1.shape[1] < 2:
         raise ValueError(f"vicreg_exp_loss needs D ≥ 2 dimensions to contrast, got shape {tuple(z1.shape)}")
-    check_positive("temperature", temperature)
-    for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
-        check_nonnegative(name, value)
-    check_positive("eps", eps)
+    _check_vicreg_exp_args(temperature, lambda_param, mu_param, nu_param, eps)
     backend = resolve_backend(backend, z1)
     mode = _distributed_mode(gather_distributed, backend, ring=False)
     if backend == "reference":
@@ -624,10 +629,7 @@ def vicreg_ctr_loss(
         return reference.vicreg_ctr_loss(z1, z2, temperature, lambda_param, mu_param, nu_param, eps)
     if mode is None:
         return vicreg_exp_loss(z1.T, z2.T, temperature, lambda_param, mu_param, nu_param, eps, backend=backend)
-    check_positive("temperature", temperature)
-    for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
-        check_nonnegative(name, value)
-    check_positive("eps", eps)
+    _check_vicreg_exp_args(temperature, lambda_param, mu_param, nu_param, eps)
     return _vicreg_ctr_distributed(z1, z2, temperature, lambda_param, mu_param, nu_param, eps, mode, resolved)
 
 
