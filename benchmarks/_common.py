@@ -3,8 +3,8 @@
 Used by the pytest-benchmark suite (bench_contrastive.py, bench_frobenius.py, conftest.py,
 _runner.py), by the standalone summary (summary.py) and by max_batch.py / profile_ncu.py, so that
 all of them time and measure exactly the same calls. The losses and their reference
-(materialising) formulas are those of DESIGN.md, "The losses (the spec)"; the FLOP models count
-the GEMMs of DESIGN.md's kernel families 1 (pairwise LSE) and 2 (off-diagonal Frobenius).
+(materialising) formulas are those of docs/design.md, "The losses (the spec)"; the FLOP models count
+the GEMMs of docs/design.md's kernel families 1 (pairwise LSE) and 2 (off-diagonal Frobenius).
 
 Size convention: a case's ``batch`` is 2N, the number of rows of NT-Xent's Z = [n(z1); n(z2)];
 every two-view loss gets N = batch/2 pairs of (N, D) embeddings, MoCo a bank of K = 2N rows,
@@ -71,7 +71,7 @@ class LossSpec:
 
     name: str  # the suite's key (test ids, extra_info["loss"], report tables)
     function: str  # fastssl.<function> and fastssl.reference.<function>
-    family: str  # "pairwise" (DESIGN.md family 1, bench_contrastive.py) or "frobenius" (family 2)
+    family: str  # "pairwise" (docs/design.md family 1, bench_contrastive.py) or "frobenius" (family 2)
     inputs: str = "pair"  # "pair": z1, z2 (N, D); "moco": + bank (K, D); "single": z (2N, D); "views": (N, m, D)
     kwargs: tuple[tuple[str, object], ...] = ()  # extra keyword arguments, the same for every provider
     views: int = 0  # m, for inputs == "views"
@@ -556,7 +556,7 @@ class Gemm:
 
 
 def logit_gemms(case: Case) -> list[Gemm]:
-    """The logit (similarity / covariance) products of a pairwise-family loss, per DESIGN.md.
+    """The logit (similarity / covariance) products of a pairwise-family loss, per docs/design.md.
 
     NT-Xent, DCL, DCLW, uniformity: Z Zᵀ over the 2N rows; CLIP: n(z1) n(z2)ᵀ (N x N), two LSE
     passes; MoCo: q bankᵀ (N x K), the bank without gradient; VICReg-exp: one D x D covariance per
@@ -582,7 +582,7 @@ def logit_gemms(case: Case) -> list[Gemm]:
 
 
 def _frobenius_flops(case: Case, executed: bool) -> int:
-    """GEMM FLOPs of the Frobenius family, per DESIGN.md family 2.
+    """GEMM FLOPs of the Frobenius family, per docs/design.md family 2.
 
     One product of an S x S matrix over the other dimension costs g = 2·N·D·S (S = D on the
     covariance side, N on the Gram side). The materialising reference builds C = AᵀB (Barlow Twins,

@@ -1,6 +1,6 @@
-"""Benchmarks of the pairwise-LSE family (DESIGN.md kernel family 1): NT-Xent, MoCo, DCL, DCLW,
-CLIP, uniformity, VICReg-exp / VICReg-ctr (the same op on zᵀ, seed 002) and ArCL with m = 4 and
-m = 8 views (seeds 000/003).
+"""Benchmarks of the pairwise-LSE family (docs/design.md kernel family 1): NT-Xent, MoCo, DCL, DCLW,
+CLIP, uniformity, VICReg-exp / VICReg-ctr (the same op on zᵀ, Garrido et al. 2023) and ArCL with m = 4 and
+m = 8 views (Zhao et al. 2023).
 
 Every loss x size x dtype x provider x mode is one benchmark (common.suite_cases lists them and
 common.policy_skip says which are skipped on this machine and why). The timed target is one call

@@ -1,9 +1,9 @@
 // fastssl CUDA kernels: the launcher interface shared by the .cu files and the bindings.
 //
 // Plain C++ over raw device pointers and cudaStream_t: no torch/ATen header is included here or in
-// any .cu file, so the kernels compile with plain nvcc (tests/test_csrc.py does, for sm_80 and
+// any .cu file, so the kernels compile with plain nvcc (tests/csrc/test_cuda_backend.py does, for sm_80 and
 // sm_90). The torch glue (argument checks, allocation, current stream) lives in bindings.cpp.
-// The math is DESIGN.md's kernel families 1 (pairwise LSE) and 2 (off-diagonal Frobenius); see
+// The math is docs/design.md's kernel families 1 (pairwise LSE) and 2 (off-diagonal Frobenius); see
 // csrc/README.md for the tiling.
 #pragma once
 
@@ -26,7 +26,7 @@ struct Matrix {
   int64_t stride_c = 1;
 };
 
-// Pairwise LSE (DESIGN.md family 1). Rows x (M, D), columns y (Ny, D), bank (K, D) or rows = 0.
+// Pairwise LSE (docs/design.md family 1). Rows x (M, D), columns y (Ny, D), bank (K, D) or rows = 0.
 // s_ij = scale·x_i·y_j, p(i) = (i + pos_offset) mod Ny with 0 <= pos_offset < Ny.
 struct PairwiseLseProblem {
   Matrix x, y, bank;
@@ -60,7 +60,7 @@ struct PairwiseLseGrads {
 cudaError_t pairwise_lse_backward(const PairwiseLseProblem& p, const PairwiseLseGrads& g, BackwardKind kind,
                                   DType dtype, cudaStream_t stream);
 
-// Frobenius family (DESIGN.md family 2): the per-column affine transform folded into one pass,
+// Frobenius family (docs/design.md family 2): the per-column affine transform folded into one pass,
 // out[r, k] = round_to_dtype((a[r, k] − shift[k])·scale[k]) (shift/scale may be null), written
 // contiguous (R, K) in `out_dtype` (the input dtype, or fp32).
 cudaError_t affine_columns(const Matrix& a, DType dtype, const float* shift, const float* scale, void* out,

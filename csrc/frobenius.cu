@@ -1,4 +1,4 @@
-// Off-diagonal Frobenius family, hand-written CUDA parts (DESIGN.md kernel family 2; contract of
+// Off-diagonal Frobenius family, hand-written CUDA parts (docs/design.md kernel family 2; contract of
 // fastssl/kernels/torch/frobenius.py). The cuda backend's Python adapter
 // (fastssl/kernels/cuda/frobenius.py) runs the route's GEMMs with cuBLAS (torch.mm) on the small
 // side in chunks of at most min(R, K)² fp32 entries, and these kernels do the rest:

@@ -1,4 +1,4 @@
-// Pairwise LogSumExp, hand-written CUDA (DESIGN.md kernel family 1; same contract as
+// Pairwise LogSumExp, hand-written CUDA (docs/design.md kernel family 1; same contract as
 // fastssl/kernels/torch/pairwise_lse.py, the oracle, and fastssl/kernels/triton/pairwise_lse.py).
 //
 // Rows x (M, D), columns y (Ny, D), bank (K, D); s_ij = scale·x_i·y_j, p(i) = (i + pos_offset) mod Ny:

@@ -1,7 +1,7 @@
 """fastssl: fused kernels for self-supervised-learning losses, as autograd-aware torch ops.
 
 Swap ``from lightly.loss import NTXentLoss`` for ``from fastssl.nn import NTXentLoss`` and get the
-same values and gradients with O(N·D) memory. The math of every loss is in DESIGN.md.
+same values and gradients with O(N·D) memory. The math of every loss is in docs/design.md.
 """
 
 __version__ = "0.1.0"

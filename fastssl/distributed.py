@@ -1,5 +1,5 @@
 """Distributed losses on torch.distributed: gathers with correct gradients, and local anchors
-against global columns (DESIGN.md, "Scale past one device").
+against global columns (docs/design.md, "Scale past one device").
 
 Under data parallelism (DDP) each of the W ranks holds a slice of the global batch, z_r (n_r, D),
 computes its own loss_r, and DDP averages the parameter gradients: the step follows

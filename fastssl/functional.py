@@ -1,4 +1,4 @@
-"""The functional API: each loss is a thin composition over one kernel family (DESIGN.md).
+"""The functional API: each loss is a thin composition over one kernel family (docs/design.md).
 
 Every function validates its input (fastssl._validation), resolves `backend=` (fastssl.backends),
 and either calls the spec in fastssl.reference (backend="reference") or the fused op. Shapes:
@@ -53,7 +53,7 @@ def _check_pair(z1: object, z2: object, names: tuple[str, str] = ("z1", "z2")) -
 
 
 # --------------------------------------------------------------------------------------------------
-# gather_distributed (DESIGN.md, "Scale past one device"; the semantics per loss are in
+# gather_distributed (docs/design.md, "Scale past one device"; the semantics per loss are in
 # docs/distributed.md). Contrastive losses keep their anchors local and take columns from every rank
 # (fastssl.distributed.pairwise_lse_global); their per-anchor terms are reduced with
 # distributed.global_mean, so that DDP's average over ranks is the mean over the global batch.
@@ -312,7 +312,7 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The off-diagonal Frobenius family (DESIGN.md, family 2). Each loss computes its O(N·D) parts with
+# The off-diagonal Frobenius family (docs/design.md, family 2). Each loss computes its O(N·D) parts with
 # torch ops (statistics, diagonals, invariance) and its one O(N·D·min(N, D)) part, the squared
 # Frobenius norm of a cross product, with the fused op on the route that `route` names:
 # "covariance" = the D x D side, "gram" = the N x N side, "auto" = the smaller one.
@@ -471,7 +471,7 @@ def spectral_contrastive_loss(
     route: str = "auto",
     backend: str = "auto",
 ) -> Tensor:
-    """Spectral contrastive loss (HaoChen et al. 2021, seed 001), as the authors' code computes it.
+    """Spectral contrastive loss (HaoChen et al. 2021), as the authors' code computes it.
 
     Rows with ‖z‖ ≥ √μ are scaled back to radius √μ. With a, b the clipped z1, z2 (N, D):
 
@@ -517,7 +517,7 @@ def spectral_contrastive_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# VICReg-exp / VICReg-ctr (seed 002): the covariance penalty as a LogSumExp, computed by the
+# VICReg-exp / VICReg-ctr (Garrido et al. 2023): the covariance penalty as a LogSumExp, computed by the
 # pairwise-LSE op (family 1) on the centred, transposed embeddings — the sample-/dimension-contrastive
 # duality made literal: one kernel, two orientations, no D x D (or N x N) matrix.
 # --------------------------------------------------------------------------------------------------
@@ -559,7 +559,7 @@ def vicreg_exp_loss(
     gather_distributed: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """VICReg-exp (seed 002): VICReg whose covariance penalty is a LogSumExp over dimensions.
+    """VICReg-exp (Garrido et al. 2023): VICReg whose covariance penalty is a LogSumExp over dimensions.
 
         c_exp(z) = (1/D) Σ_d LSE_{e≠d} Cov(z)_de/τ,   Cov = (z − z̄)ᵀ(z − z̄)/(N − 1)
         loss     = λ·mean(z1 − z2)² + μ·½[v(z1) + v(z2)] + ν·[c_exp(z1) + c_exp(z2)]
@@ -606,7 +606,7 @@ def vicreg_ctr_loss(
     gather_distributed: Union[bool, str] = False,
     backend: str = "auto",
 ) -> Tensor:
-    """VICReg-ctr (seed 002): VICReg-exp applied to zᵀ, the sample-contrastive side of the duality.
+    """VICReg-ctr (Garrido et al. 2023): VICReg-exp applied to zᵀ, the sample-contrastive side of the duality.
 
     ``vicreg_ctr_loss(z1, z2) == vicreg_exp_loss(z1.T, z2.T)``: the variance hinge is over each
     sample's D coordinates (unbiased), and c_ctr(z) = (1/N) Σ_i LSE_{j≠i} G(z)_ij/τ with
@@ -663,7 +663,7 @@ def _vicreg_ctr_distributed(
 
 
 # --------------------------------------------------------------------------------------------------
-# ArCL (seeds 000/003): SimCLR with each sample's worst positive pair over m views.
+# ArCL (Zhao et al. 2023): SimCLR with each sample's worst positive pair over m views.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -689,10 +689,10 @@ def arcl_loss(
     gather_distributed: Union[bool, str] = False,
     backend: str = "auto",
 ) -> Tensor:
-    """ArCL on top of SimCLR (seeds 000/003, Algorithm 1): NT-Xent with each sample's worst positive.
+    """ArCL on top of SimCLR (Zhao et al. 2023, Algorithm 1): NT-Xent with each sample's worst positive.
 
     Rows are normalised, z_ij = n(view j of sample i). The worst positive is the pair of views
-    farthest apart (seed 000's "max over augmentations" of the distance)::
+    farthest apart (Huang et al. (2023)'s "max over augmentations" of the distance)::
 
         s_i⁺ = min_{j<k} z_ij·z_ik
 

@@ -1,6 +1,6 @@
-"""SSL diagnostics (seed 000 / Wang & Isola 2020): alignment, uniformity, class-centre divergence.
+"""SSL diagnostics (Huang et al. 2023; Wang & Isola 2020): alignment, uniformity, class-centre divergence.
 
-Seed 000 bounds downstream error by two factors that training controls: *alignment* (positive
+Huang et al. (2023) bounds downstream error by two factors that training controls: *alignment* (positive
 pairs close: small E‖f(x1) − f(x2)‖²) and *divergence* of the class centres (centres far apart:
 small max_{k≠l} μ_kᵀμ_l). Uniformity (Wang & Isola) measures how evenly embeddings spread on the
 sphere. All three are O(N·D) in memory here: uniformity is one LSE per row on the pairwise-LSE op,
@@ -21,9 +21,9 @@ __all__ = ["alignment", "uniformity", "class_center_divergence"]
 
 
 def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
-    """max_{k≠l} μ_kᵀμ_l, μ_k the mean of the row-normalised embeddings n(z_i) of class k (seed 000).
+    """max_{k≠l} μ_kᵀμ_l, μ_k the mean of the row-normalised embeddings n(z_i) of class k (Huang et al. 2023).
 
-    Normalising puts the embeddings on the unit sphere, the r = 1 of seed 000's bound, so the
+    Normalising puts the embeddings on the unit sphere, the r = 1 of Huang et al. (2023)'s bound, so the
     value lies in [−1, 1] and compares across losses whose raw scales differ. Lower is better.
 
     Args: z (N, D); labels (N,) integer class ids with at least two distinct values.

@@ -347,7 +347,7 @@ class VICRegLoss(nn.Module):
 
 
 class SpectralContrastiveLoss(nn.Module):
-    """Spectral contrastive loss (`fastssl.spectral_contrastive_loss`, seed 001; not in lightly).
+    """Spectral contrastive loss (`fastssl.spectral_contrastive_loss`, HaoChen et al. 2021; not in lightly).
 
     Args:
         mu: μ > 0; rows are clipped to norm √μ and the loss is divided by μ (default 1).
@@ -374,7 +374,7 @@ class SpectralContrastiveLoss(nn.Module):
 
 
 class VICRegExpLoss(nn.Module):
-    """VICReg-exp (`fastssl.vicreg_exp_loss`, seed 002): the covariance penalty as a LogSumExp over
+    """VICReg-exp (`fastssl.vicreg_exp_loss`, Garrido et al. 2023): the covariance penalty as a LogSumExp over
     dimensions. Not in lightly; the arguments follow VICRegLoss's, with `temperature` first.
 
     Args:
@@ -412,7 +412,7 @@ class VICRegExpLoss(nn.Module):
 
 
 class VICRegCtrLoss(VICRegExpLoss):
-    """VICReg-ctr (`fastssl.vicreg_ctr_loss`, seed 002): VICReg-exp on zᵀ, sample-contrastive.
+    """VICReg-ctr (`fastssl.vicreg_ctr_loss`, Garrido et al. 2023): VICReg-exp on zᵀ, sample-contrastive.
     Same arguments and defaults as VICRegExpLoss."""
 
     _loss = staticmethod(functional.vicreg_ctr_loss)
@@ -420,7 +420,7 @@ class VICRegCtrLoss(VICRegExpLoss):
 
 
 class ArCLLoss(nn.Module):
-    """ArCL (`fastssl.arcl_loss`, seeds 000/003): SimCLR whose positive is each sample's worst pair
+    """ArCL (`fastssl.arcl_loss`, Zhao et al. 2023): SimCLR whose positive is each sample's worst pair
     of views. Not in lightly; the temperature default is NT-Xent's.
 
     Args:

@@ -1,11 +1,11 @@
 """The reference (spec) implementation of every fastssl loss and metric.
 
 Plain, materialising PyTorch: each function builds the full N x N similarity / Gram matrix or the
-D x D covariance matrix and applies the formula of DESIGN.md ("The losses (the spec)") literally.
+D x D covariance matrix and applies the formula of docs/design.md ("The losses (the spec)") literally.
 It is the specification, the test oracle for every backend, and the benchmark baseline; it is never
 picked by ``backend="auto"``. Where lightly 1.6 has the loss, the value matches ``lightly.loss``
-(tests/test_lightly_reference.py checks values and gradients). The math comes from the seed
-documents: ArCL and alignment / class-centre divergence (seeds 000, 003), spectral contrastive loss
+(tests/spec/test_lightly_reference.py checks values and gradients). The math comes from the seed
+documents: ArCL and alignment / class-centre divergence (Huang et al. 2023; Zhao et al. 2023), spectral contrastive loss
 (001), VICReg-exp / VICReg-ctr (002).
 
 Conventions shared by every function:
@@ -256,7 +256,7 @@ def vicreg_exp_loss(
     nu_param: float = 1.0,
     eps: float = 1e-4,
 ) -> Tensor:
-    """VICReg-exp (seed 002): VICReg whose covariance penalty is a LogSumExp (dimension-contrastive).
+    """VICReg-exp (Garrido et al. 2023): VICReg whose covariance penalty is a LogSumExp (dimension-contrastive).
 
     Same invariance and variance terms as :func:`vicreg_loss`; the covariance term c(z) becomes::
 
@@ -264,7 +264,7 @@ def vicreg_exp_loss(
         loss     = λ·inv + μ·½[v(z1) + v(z2)] + ν·[c_exp(z1) + c_exp(z2)]
 
     i.e. each dimension d is an anchor contrasted against the other D − 1 dimensions, with no
-    positive term (like DCL's negative LSE). Cov is used as is (not squared), as in seed 002.
+    positive term (like DCL's negative LSE). Cov is used as is (not squared), as in Garrido et al. 2023.
     Needs D ≥ 2.
 
     Default τ = 0.1 (no official code exists). Why: the variance hinge holds every std near 1, so
@@ -291,7 +291,7 @@ def vicreg_ctr_loss(
     nu_param: float = 1.0,
     eps: float = 1e-4,
 ) -> Tensor:
-    """VICReg-ctr (seed 002): VICReg-exp with the variance and c_exp terms applied to zᵀ (sample-contrastive).
+    """VICReg-ctr (Garrido et al. 2023): VICReg-exp with the variance and c_exp terms applied to zᵀ (sample-contrastive).
 
     Exactly VICReg-exp with the roles of N and D swapped, so that
     ``vicreg_ctr_loss(z1, z2) == vicreg_exp_loss(z1.T, z2.T)``. For z1, z2 (N, D)::
@@ -317,7 +317,7 @@ def vicreg_ctr_loss(
 
 
 def spectral_contrastive_loss(z1: Tensor, z2: Tensor, mu: float = 1.0) -> Tensor:
-    """Spectral contrastive loss (HaoChen et al. 2021, seed 001), as the authors' code computes it.
+    """Spectral contrastive loss (HaoChen et al. 2021), as the authors' code computes it.
 
     Rows with ‖z‖ ≥ √μ are scaled back to radius √μ (z ← √μ·n(z)); rows inside are kept. Then::
 
@@ -341,7 +341,7 @@ def spectral_contrastive_loss(z1: Tensor, z2: Tensor, mu: float = 1.0) -> Tensor
 
 
 def arcl_loss(views: Union[Tensor, Sequence[Tensor]], temperature: Temperature = 0.5) -> Tensor:
-    """ArCL on top of SimCLR (seeds 000/003, Algorithm 1): NT-Xent with the worst positive pair.
+    """ArCL on top of SimCLR (Zhao et al. 2023, Algorithm 1): NT-Xent with the worst positive pair.
 
     views: (N, m, D), or a list of m tensors (N, D); m ≥ 2. Rows are normalised: z_ij = n(view j of
     sample i). Worst positive (the pair of views farthest apart)::
@@ -381,7 +381,7 @@ def arcl_loss(views: Union[Tensor, Sequence[Tensor]], temperature: Temperature =
 
 
 # --------------------------------------------------------------------------------------------------
-# metrics (Wang & Isola 2020; seed 000)
+# metrics (Wang & Isola 2020; Huang et al. 2023)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -411,10 +411,10 @@ def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
 
 
 def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
-    """Divergence of class centres (Huang et al., seed 000): max_{k≠l} μ_kᵀμ_l.
+    """Divergence of class centres (Huang et al. 2023): max_{k≠l} μ_kᵀμ_l.
 
     z (N, D), labels (N,) integer class ids with at least two distinct values. μ_k is the mean of
-    the *row-normalised* embeddings n(z_i) of class k. Normalising is our choice: seed 000's bound
+    the *row-normalised* embeddings n(z_i) of class k. Normalising is our choice: Huang et al. (2023)'s bound
     compares μ_kᵀμ_l with r², embeddings lying on a sphere of radius r (r = 1 here), which keeps
     the metric comparable across losses whose raw embedding scales differ (Barlow Twins, VICReg)
     and bounded in [−1, 1]. Lower is better (centres farther apart).

@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-NO_CUDA_REASON = "needs a CUDA GPU; this machine has none (the CPU layers of DESIGN.md cover it here)"
+NO_CUDA_REASON = "needs a CUDA GPU; this machine has none (tests/backends runs the same checks on the CPU: docs/design.md, \"Correctness without a GPU\")"
 
 
 def pytest_collection_modifyitems(config, items):

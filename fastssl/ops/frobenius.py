@@ -1,10 +1,10 @@
-"""The squared-Frobenius-of-a-cross-product op: routes, dispatch, custom ops, autograd (DESIGN.md, family 2).
+"""The squared-Frobenius-of-a-cross-product op: routes, dispatch, custom ops, autograd (docs/design.md, family 2).
 
 For a, b (R, K) (b = a allowed) under optional per-column transforms â = (a − a_shift)·a_scale,
 b̂ = (b − b_shift)·b_scale (the losses' batch norm, centring or norm clip, folded into the kernels'
 loads: no normalised copy is written), the op returns the 0-dim
 
-    ‖âᵀb̂‖²_F = Σ_kl (âᵀb̂)_kl²  =  ⟨ââᵀ, b̂b̂ᵀ⟩_F      (seed 002's duality)
+    ‖âᵀb̂‖²_F = Σ_kl (âᵀb̂)_kl²  =  ⟨ââᵀ, b̂b̂ᵀ⟩_F      (Garrido et al. (2023)'s duality)
 
 on one of two routes: "inner" walks the K x K product aᵀb (cost 2·R·K²), "outer" the R x R Grams
 aaᵀ and bbᵀ (cost 2·R²·K). Whatever a route stores is at most one chunk (torch) or one tile (triton)

@@ -1,4 +1,4 @@
-"""The pairwise-LSE op: custom-op registration, backend dispatch and autograd (DESIGN.md, family 1).
+"""The pairwise-LSE op: custom-op registration, backend dispatch and autograd (docs/design.md, family 1).
 
 Forward: for rows x (M, D), columns y (Ny, D) and optional bank columns (K, D), with logits
 s_ij = scale·x_i·y_j and positive column p(i) = (i + pos_offset) mod Ny, return per row

@@ -1,4 +1,4 @@
-"""Small fused reductions (DESIGN.md, family 3) and the per-column transform of the Frobenius family.
+"""Small fused reductions (docs/design.md, family 3) and the per-column transform of the Frobenius family.
 
 The Frobenius-family losses never write their normalised embeddings: the fused op and the column
 dots below take the raw (R, K) operand x with a per-column shift and scale and read

@@ -1,4 +1,4 @@
-"""ArCL's worst-pair selection op: custom-op registration, dispatch and autograd (DESIGN.md, family 3).
+"""ArCL's worst-pair selection op: custom-op registration, dispatch and autograd (docs/design.md, family 3).
 
 For normalised views v (N, m, D), per sample i:
 

@@ -3,7 +3,7 @@
 `python -m fastssl.train` (fastssl.train.cli) runs it; `train(Config(...))` is the same from Python.
 Modules: data (embedded digits, CIFAR pickles, image folders), augment (batched SimCLR augmentations in
 pure PyTorch), models (small CNN, CIFAR ResNet-18, projector), losses (the `--loss` registry), engine
-(loop, GradCache, LARS, schedule, checkpoints), evaluate (linear probe, k-NN, seed 000's metrics),
+(loop, GradCache, LARS, schedule, checkpoints), evaluate (linear probe, k-NN, Huang et al. (2023)'s metrics),
 plot and throughput (tools). docs/trainer.md is the user guide.
 """
 

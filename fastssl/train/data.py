@@ -7,7 +7,7 @@ training device) and augments batches there (fastssl.train.augment), so there is
 The default, `digits`, needs no download: the 1,797 UCI handwritten digits that scikit-learn bundles
 (8x8, shipped in assets/digits.npz, CC BY 4.0; see assets/make_digits.py) are rendered into 32x32 RGB
 images with a random position, scale, rotation, hue, brightness, smooth background colour noise and random
-bars (clutter). Those are the nuisance factors of seed 000: the class is the digit's shape, and views
+bars (clutter). Those are the nuisance factors of Huang et al. 2023: the class is the digit's shape, and views
 that share the digit but not the nuisances are what crop + colour augmentation produce, so a contrastively
 trained encoder learns to ignore them, while a random encoder's features are dominated by them (default
 run: linear probe 0.74 after SSL vs 0.18 at random init; docs/trainer.md). The colour nuisance is one hue

@@ -1,4 +1,4 @@
-"""Frozen-feature evaluation of an encoder: linear probe, k-NN, and seed 000's diagnostics.
+"""Frozen-feature evaluation of an encoder: linear probe, k-NN, and Huang et al. (2023)'s diagnostics.
 
 * linear probe: multinomial logistic regression on standardised frozen features of the train split
   (full-batch L-BFGS on mean cross-entropy + wd·‖W‖²), accuracy on the test split;

@@ -1,4 +1,4 @@
-"""The trainer's `--loss` choices, each a fastssl.nn module (DESIGN.md, "The losses").
+"""The trainer's `--loss` choices, each a fastssl.nn module (docs/design.md, "The losses").
 
 A `Criterion` maps the projector outputs of the views to a scalar: `criterion(zs, keys)` with `zs` a
 list of (N, D) tensors (2 views, or m for ArCL; 1 for MoCo, whose second view goes through the momentum
@@ -28,8 +28,8 @@ LOSSES: dict[str, tuple[str, str]] = {
     "clip": ("CLIPLoss", "symmetric two-tower InfoNCE, tau=0.07"),
     "barlow": ("BarlowTwinsLoss", "Barlow Twins, lambda=5e-3"),
     "vicreg": ("VICRegLoss", "VICReg 25/25/1"),
-    "vicreg-exp": ("VICRegExpLoss", "VICReg with a LogSumExp covariance term (seed 002), tau=0.1"),
-    "vicreg-ctr": ("VICRegCtrLoss", "VICReg-exp on z^T, sample-contrastive (seed 002), tau=0.1"),
+    "vicreg-exp": ("VICRegExpLoss", "VICReg with a LogSumExp covariance term (Garrido et al. 2023), tau=0.1"),
+    "vicreg-ctr": ("VICRegCtrLoss", "VICReg-exp on z^T, sample-contrastive (Garrido et al. 2023), tau=0.1"),
     "spectral": ("SpectralContrastiveLoss", "spectral contrastive loss (HaoChen et al.), mu=1"),
     "arcl": ("ArCLLoss", "SimCLR with each sample's worst pair of m views (ArCL), tau=0.5"),
 }

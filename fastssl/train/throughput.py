@@ -3,7 +3,7 @@
 One CIFAR-sized training shape: synthetic uint8 32x32x3 images (no data needed), the trainer's full step
 (two augmented views on the device, encoder + projector forward, loss, backward, AdamW step), timed
 after warm-up steps, for each loss with `--backend auto` (fastssl's fused kernels) and `--backend
-reference` (the plain materialising formulas of DESIGN.md). Images/s counts samples (each is embedded
+reference` (the plain materialising formulas of docs/design.md). Images/s counts samples (each is embedded
 in two views). Prints a table and, with --json PATH, writes the numbers with the device, versions and
 settings. On a GPU the default settings are ResNet-18, batch 512, bf16 autocast; a smoke run on a CPU:
 `--device cpu --steps 2 --batch 16 --model small-cnn`.

@@ -1,4 +1,4 @@
-"""‖âᵀb̂‖²_F on the `cuda` backend: cuBLAS GEMMs on the small side + csrc/frobenius.cu (DESIGN.md, family 2).
+"""‖âᵀb̂‖²_F on the `cuda` backend: cuBLAS GEMMs on the small side + csrc/frobenius.cu (docs/design.md, family 2).
 
 Same contract as fastssl/kernels/torch/frobenius.py (the spec): a, b (R, K) under the per-column
 transform â = round_to_input_dtype((a − a_shift)·a_scale) (b̂ likewise), routes "inner" (the K x K

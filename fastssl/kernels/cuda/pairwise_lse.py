@@ -1,4 +1,4 @@
-"""Pairwise LogSumExp on the hand-written CUDA kernels of csrc/pairwise_lse.cu (DESIGN.md, family 1).
+"""Pairwise LogSumExp on the hand-written CUDA kernels of csrc/pairwise_lse.cu (docs/design.md, family 1).
 
 Same contract as fastssl/kernels/torch/pairwise_lse.py (the oracle) and the Triton kernels: for rows
 x (M, D), columns y (Ny, D), optional bank (K, D), s_ij = scale·x_i·y_j, p(i) = (i + pos_offset) mod Ny,

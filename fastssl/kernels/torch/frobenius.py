@@ -1,4 +1,4 @@
-"""Squared Frobenius norm of a cross product, ‖âᵀb̂‖²_F, in chunked PyTorch (DESIGN.md, kernel family 2).
+"""Squared Frobenius norm of a cross product, ‖âᵀb̂‖²_F, in chunked PyTorch (docs/design.md, kernel family 2).
 
 The operands are a, b (R, K) under an optional per-column transform (the losses' batch norm,
 centring or norm clip), applied in fp32 (fp64 for fp64 inputs) and rounded to the input dtype:
@@ -7,7 +7,7 @@ centring or norm clip), applied in fp32 (fp64 for fp64 inputs) and rounded to th
 
 Here the transformed operands are formed once per call (O(R·K), the size of the inputs); the Triton
 kernels apply the same formula in their tile loads instead. Below, a and b stand for â and b̂.
-For a, b (R, K) the value has two routes (seed 002's identity ‖aᵀb‖²_F = ⟨aaᵀ, bbᵀ⟩_F):
+For a, b (R, K) the value has two routes (Garrido et al. (2023)'s identity ‖aᵀb‖²_F = ⟨aaᵀ, bbᵀ⟩_F):
 
     "inner": Σ_kl (aᵀb)_kl²          via the K x K cross product     cost 2·R·K² multiply-adds
     "outer": Σ_rs (aaᵀ)_rs (bbᵀ)_rs  via the two R x R Grams          cost 2·R²·K (R²·K when b is a)

@@ -1,6 +1,6 @@
 """Pairwise LogSumExp in chunked PyTorch: the CPU default and the portable fallback.
 
-DESIGN.md, kernel family 1. The math is the Triton kernels' (fastssl/kernels/triton/pairwise_lse.py),
+docs/design.md, kernel family 1. The math is the Triton kernels' (fastssl/kernels/triton/pairwise_lse.py),
 written with torch ops over row chunks so that at most ``chunk x (Ny + K)`` logits exist at a time:
 memory is O(N·D + chunk·N) instead of O(N²). The forward keeps only the per-row LSE and positive
 logit; the backward recomputes each chunk's logits.

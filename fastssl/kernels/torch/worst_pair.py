@@ -1,4 +1,4 @@
-"""ArCL's worst-pair selection in chunked PyTorch (DESIGN.md, family 3; seeds 000/003).
+"""ArCL's worst-pair selection in chunked PyTorch (docs/design.md, family 3; Zhao et al. 2023).
 
 For normalised views v (N, m, D), sample i's worst positive is the least similar pair of its views:
 

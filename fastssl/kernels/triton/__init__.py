@@ -1,1 +1,1 @@
-"""Triton kernels, one file per kernel family (DESIGN.md). Nothing here imports from fastssl.ops."""
+"""Triton kernels, one file per kernel family (docs/design.md). Nothing here imports from fastssl.ops."""

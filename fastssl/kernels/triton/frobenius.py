@@ -1,4 +1,4 @@
-"""Squared Frobenius norm of a cross product, ‖âᵀb̂‖²_F, in Triton (DESIGN.md, kernel family 2).
+"""Squared Frobenius norm of a cross product, ‖âᵀb̂‖²_F, in Triton (docs/design.md, kernel family 2).
 
 Same contract as `fastssl.kernels.torch.frobenius` (the spec). a, b are (R, K), read in place through
 their strides (the spectral loss passes transposed views), under an optional per-column transform
@@ -10,7 +10,7 @@ computed in fp32 (subtract, then multiply; a missing shift is 0, a missing scale
 nearest even (a no-op for fp32), bit for bit what the losses recompute on the host. It is applied to
 every tile right after its load (`_transform`; HAS_*_SHIFT / HAS_*_SCALE constexpr flags, so the
 kernels without a transform compile exactly as before), and â, b̂ never exist in memory. Below, a and
-b stand for â and b̂. Seed 002's identity ‖aᵀb‖²_F = ⟨aaᵀ, bbᵀ⟩_F gives two routes, and both are one
+b stand for â and b̂. Garrido et al. (2023)'s identity ‖aᵀb‖²_F = ⟨aaᵀ, bbᵀ⟩_F gives two routes, and both are one
 generic product: for X, Y of shape (L, M) (the contraction axis first),
 
     "inner": X = a,  Y = b,  L = R, M = K:   ‖XᵀY‖²_F                 (K x K cross product, R·K² work)
@@ -125,7 +125,7 @@ def smem_estimate(kind: str, block_p: int, block_q: int, block_l: int, itemsize:
     transform keeps those totals (its operands are staged one stage fewer, plus one transformed copy),
     but the `l_params` parameter vectors it streams along L (`transform_l_params`) are staged too, each
     up to once per operand layout: 2·4·BLOCK_L bytes per vector and stage. Checked against the
-    compiled kernels in tests/test_triton_aot.py.
+    compiled kernels in tests/gpu/test_triton_aot.py.
     """
     params = 8 * stages * block_l * l_params
     if kind in ("fwd", "matrix"):
@@ -406,7 +406,7 @@ def _sq_frobenius_bwd_grad_kernel(
     math in fp32, rounded to the input dtype once at the end), 1.25x on average: W's 2^-9 / 2^-12
     rounding averages out over L next to the output's own rounding. Keeping W in fp32 measured
     exactly 1.0x, but it would upcast the other operand and run CUDA-core fp32 dots, an order of
-    magnitude slower, so the rounding stays (within the 2x rule of STYLE.md). SCALE_W (fp16) divides
+    magnitude slower, so the rounding stays (within the accuracy rule of docs/design.md: at most 2x the torch backend's error). SCALE_W (fp16) divides
     W by WMAX = max|W| before rounding, so that entries past fp16's 65504 (Grams of long rows) cannot
     overflow; the factor rides on the final scale. fp32 inputs keep both operands fp32 ("ieee").
     """

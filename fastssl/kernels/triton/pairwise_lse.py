@@ -1,4 +1,4 @@
-"""Pairwise LogSumExp in Triton: FlashAttention-style fused kernels (DESIGN.md, kernel family 1).
+"""Pairwise LogSumExp in Triton: FlashAttention-style fused kernels (docs/design.md, kernel family 1).
 
 For rows x (M, D), columns y (Ny, D) and optional bank columns (K, D), with logits
 s_ij = scale·x_i·y_j, s_ik = scale·x_i·bank_k and positive column p(i) = (i + pos_offset) mod Ny:
@@ -92,7 +92,7 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
 
     Resident operands (SINGLE_K) count once, streamed ones once per pipeline stage, plus one
     (BLOCK_M, BLOCK_N) tile of weights and, in the D loop, the output operand. Exact for the resident
-    forward kernel on sm_90, above the compiled figure elsewhere (tests/test_triton_aot.py checks).
+    forward kernel on sm_90, above the compiled figure elsewhere (tests/gpu/test_triton_aot.py checks).
     """
     if single_k:
         if kind == "fwd":

@@ -1,4 +1,4 @@
-"""ArCL's worst-pair selection as one Triton kernel (DESIGN.md, family 3; seeds 000/003).
+"""ArCL's worst-pair selection as one Triton kernel (docs/design.md, family 3; Zhao et al. 2023).
 
 For normalised views v (N, m, D): s_i = min_{j<k} v_ij·v_ik and the first minimising (j, k) in
 lexicographic order. One program per sample reads its m x D block once (through strides, in place),

@@ -1,12 +1,12 @@
 """The hand-written CUDA backend (csrc/, `fastssl._C`): what the CPU can check, and the GPU layer.
 
-CPU (DESIGN.md layer 4): every csrc/*.cu compiles with plain nvcc for sm_80 and sm_90 (one nvcc
+CPU (docs/design.md layer 4): every csrc/*.cu compiles with plain nvcc for sm_80 and sm_90 (one nvcc
 call per architecture, nothing cached in the repository) and `ptxas -v` reports no register spills
 in any kernel; the .cu/.cuh/.h files include no torch header; the bindings compile (syntax only)
 against the installed torch headers; `backend="cuda"` where it cannot run raises a ValueError
 that says why, and `auto` never picks it on the CPU.
 
-GPU (`@pytest.mark.cuda`, DESIGN.md layer 5): the cuda backend against the float64 dense oracle
+GPU (`@pytest.mark.cuda`, docs/design.md layer 5): the cuda backend against the float64 dense oracle
 (values, dx, dy, d scale) for every mask/flag combination, fp32/bf16/fp16, odd shapes, strided
 inputs, the symmetric x = y backward against the two-kernel path, the losses against the spec, and
 the Frobenius op and column statistics.
@@ -28,7 +28,7 @@ import fastssl
 from fastssl.backends import available_backends, cuda_extension_usable, resolve_backend
 from tests.utils import assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 NVCC = shutil.which("nvcc")
@@ -158,7 +158,7 @@ def cuda_backend():
 
 
 def _compare(backend, mode, m, d, dtype, **kwargs):
-    from tests.test_pairwise_lse import make_case, run_both
+    from tests.backends.test_pairwise_lse import make_case, run_both
 
     x, y, bank, scale, options = make_case(mode, m, d, dtype, device="cuda", **kwargs)
     got, want = run_both(backend, x, y, bank, scale, options)
@@ -224,7 +224,7 @@ def test_symmetric_backward_matches_two_kernel_path(cuda_backend, dtype, mode):
 @pytest.mark.parametrize("loss", ["nt_xent", "moco", "dcl", "dclw", "clip", "uniformity"])
 @pytest.mark.parametrize("n,d", [(2, 1), (33, 257), (1000, 128)])
 def test_losses_cuda(cuda_backend, dtype, loss, n, d):
-    from tests.test_losses import check_against_reference
+    from tests.backends.test_losses import check_against_reference
 
     check_against_reference(loss, cuda_backend, n, d, 0.5, dtype=dtype, device="cuda")
 
@@ -234,7 +234,7 @@ def test_losses_cuda(cuda_backend, dtype, loss, n, d):
 @pytest.mark.parametrize("route", ["auto", "covariance", "gram"])
 @pytest.mark.parametrize("n,d", [(2, 1), (33, 70), (70, 33), (256, 1000), (1000, 256)])
 def test_frobenius_losses_cuda_fp32(cuda_backend, name, route, n, d):
-    from tests.test_frobenius import check_loss
+    from tests.backends.test_frobenius import check_loss
 
     check_loss(name, cuda_backend, route, n, d, device="cuda")
 
@@ -244,7 +244,7 @@ def test_frobenius_losses_cuda_fp32(cuda_backend, name, route, n, d):
 @pytest.mark.parametrize("name", ["barlow_twins", "vicreg", "spectral"])
 @pytest.mark.parametrize("route", ["covariance", "gram"])
 def test_frobenius_losses_cuda_half(cuda_backend, name, route, dtype):
-    from tests.test_frobenius import check_loss
+    from tests.backends.test_frobenius import check_loss
 
     check_loss(name, cuda_backend, route, 300, 500, dtype=dtype, device="cuda")
 

@@ -1,4 +1,4 @@
-"""The off-diagonal Frobenius family (DESIGN.md, family 2): the op and Barlow Twins, VICReg, spectral.
+"""The off-diagonal Frobenius family (docs/design.md, family 2): the op and Barlow Twins, VICReg, spectral.
 
 The op ‖aᵀb‖²_F is checked against a dense float64 product on both routes; the losses against the
 float64 spec (fastssl.reference, itself checked against independent formulas in test_reference.py)

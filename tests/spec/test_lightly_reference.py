@@ -1,8 +1,8 @@
 """fastssl.reference against lightly 1.6's loss modules: values and gradients, fp32, rtol 1e-5.
 
-DESIGN.md: where lightly has the loss, fastssl's value, defaults and argument names must match it.
+docs/design.md: where lightly has the loss, fastssl's value, defaults and argument names must match it.
 lightly is not a dependency (nor installed in CI): the module is skipped, with the reason, without it.
-Run here with ``PYTHONPATH=. /work/venv-lightly/bin/python -m pytest tests/test_lightly_reference.py``.
+Run here with ``PYTHONPATH=. /work/venv-lightly/bin/python -m pytest tests/spec/test_lightly_reference.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _load_reference():
 
         return reference
     except ImportError:  # the package around it is broken or half-written: load the file alone
-        path = Path(__file__).resolve().parents[1] / "fastssl" / "reference.py"
+        path = Path(__file__).resolve().parents[2] / "fastssl" / "reference.py"
         spec = importlib.util.spec_from_file_location("_fastssl_reference_standalone", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

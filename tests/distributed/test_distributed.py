@@ -468,5 +468,5 @@ def test_gather_argument_checks():
     assert torch.equal(fdist.eye_rank(3), torch.eye(3, dtype=torch.bool))
 
 
-if __name__ == "__main__":  # pragma: no cover - `python tests/test_distributed.py` runs pytest on this file
+if __name__ == "__main__":  # pragma: no cover - `python tests/distributed/test_distributed.py` runs pytest on this file
     sys.exit(pytest.main([__file__, "-q"]))

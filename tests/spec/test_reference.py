@@ -1,4 +1,4 @@
-"""fastssl.reference against independent float64 computations (DESIGN.md, correctness layer 1).
+"""fastssl.reference against independent float64 computations (docs/design.md, correctness layer 1).
 
 Each oracle is written a different way from the reference: explicit Python/numpy loops over
 samples, dimensions and pairs on small odd shapes, or a different algebraic route (cross-entropy
@@ -29,7 +29,7 @@ def _load_reference():
 
         return reference
     except ImportError:  # the package around it is broken or half-written: load the file alone
-        path = Path(__file__).resolve().parents[1] / "fastssl" / "reference.py"
+        path = Path(__file__).resolve().parents[2] / "fastssl" / "reference.py"
         spec = importlib.util.spec_from_file_location("_fastssl_reference_standalone", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -400,7 +400,7 @@ def test_vicreg_ctr(n, d, tau):
 
 
 def test_vicreg_ctr_is_vicreg_exp_of_the_transpose():
-    # seed 002's duality: the sample-contrastive loss is the dimension-contrastive one on zᵀ.
+    # Garrido et al. (2023)'s duality: the sample-contrastive loss is the dimension-contrastive one on zᵀ.
     z1, z2 = randn(7, 5, requires_grad=True), randn(7, 5, requires_grad=True)
     ctr = ref.vicreg_ctr_loss(z1, z2, 0.3, mu_param=3.0)
     exp_t = ref.vicreg_exp_loss(z1.T, z2.T, 0.3, mu_param=3.0)

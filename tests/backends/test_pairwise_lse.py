@@ -1,4 +1,4 @@
-"""The pairwise-LSE op (DESIGN.md family 1) on every CPU-testable backend against a dense float64 oracle.
+"""The pairwise-LSE op (docs/design.md family 1) on every CPU-testable backend against a dense float64 oracle.
 
 The oracle below materialises the logits and masks them with boolean matrices, a different route
 from the kernels (which mask by index arithmetic inside tiles and never build the matrix).

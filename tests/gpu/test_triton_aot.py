@@ -1,6 +1,6 @@
 """Every Triton kernel, in every block config autotuning may pick, compiled ahead of time for the GPU.
 
-DESIGN.md, check 3: no GPU is needed. `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`
+docs/design.md, check 3: no GPU is needed. `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`
 runs the whole compiler (TTIR -> TTGIR -> LLVM -> PTX -> cubin), which catches GPU-only compile
 errors, and lets us assert tensor-core instructions (wgmma on sm_90, mma on sm_80, for bf16/fp16)
 and shared memory within the device limit (and within the estimate the autotuner prunes with).
@@ -34,7 +34,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Max dynamic shared memory per block (bytes): 227 KiB on sm_90, 163 KiB on sm_80.
 SMEM_LIMIT = {90: 232448, 80: 166912}
 TIMEOUT_S = 600

@@ -1,4 +1,4 @@
-"""VICReg-exp and VICReg-ctr (seed 002) on the pairwise-LSE op: every CPU backend against the float64
+"""VICReg-exp and VICReg-ctr (Garrido et al. 2023) on the pairwise-LSE op: every CPU backend against the float64
 spec (fastssl.reference, itself checked against independent formulas in test_reference.py), N < D and
 N > D, several temperatures, values and gradients; the duality ctr(z) = exp(zᵀ); modules; bad input.
 """

@@ -1,4 +1,4 @@
-"""The Triton squared-Frobenius kernels (DESIGN.md family 2) against a float64 oracle.
+"""The Triton squared-Frobenius kernels (docs/design.md family 2) against a float64 oracle.
 
 `fastssl.kernels.triton.frobenius` is called directly (no ops layer): on CPU tensors under the Triton
 interpreter here (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU; its single 16-wide config

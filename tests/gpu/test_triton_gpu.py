@@ -1,4 +1,4 @@
-"""The GPU layer of DESIGN.md's checks: everything the CPU layers cover, with CUDA tensors and real kernels.
+"""The GPU layer of docs/design.md's checks: everything the CPU layers cover, with CUDA tensors and real kernels.
 
 Every test here is marked `cuda` and skipped (with the reason) on machines without a GPU. On a GPU
 it runs the compiled Triton kernels (autotuning included) on the shapes the interpreter is too slow
@@ -16,9 +16,9 @@ import torch
 import fastssl
 import fastssl.nn as fnn
 from fastssl.ops.pairwise_lse import PairwiseLSE
-from tests.test_frobenius import check_loss
-from tests.test_losses import LOSSES, check_against_reference
-from tests.test_pairwise_lse import MODES, make_case, run_both
+from tests.backends.test_frobenius import check_loss
+from tests.backends.test_losses import LOSSES, check_against_reference
+from tests.backends.test_pairwise_lse import MODES, make_case, run_both
 from tests.utils import TOLERANCES, assert_close
 
 pytestmark = pytest.mark.cuda

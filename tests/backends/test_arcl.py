@@ -1,5 +1,5 @@
-"""ArCL (seeds 000/003) on the worst-pair op + the pairwise-LSE op: every backend against an independent
-float64 formula (tests/test_reference.py's loop oracle, which autograd differentiates on its own),
+"""ArCL (Zhao et al. 2023) on the worst-pair op + the pairwise-LSE op: every backend against an independent
+float64 formula (tests/spec/test_reference.py's loop oracle, which autograd differentiates on its own),
 N < D and N > D, several temperatures, m ∈ {2, 3, 6}; m = 2 is NT-Xent; the gradient reaches the
 selected pair only; ties; list input; modules; bad input.
 """
@@ -14,7 +14,7 @@ import fastssl
 from fastssl import nn as fnn
 from fastssl import reference
 from fastssl.ops.worst_pair import worst_pair
-from tests.test_reference import oracle_arcl
+from tests.spec.test_reference import oracle_arcl
 from tests.utils import CPU_BACKENDS, assert_close
 
 ALL_BACKENDS = CPU_BACKENDS + ["reference"]

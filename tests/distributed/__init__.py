@@ -1,0 +1,1 @@
+"""gather_distributed with real multi-process gloo launches under DDP."""

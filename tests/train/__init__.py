@@ -1,0 +1,1 @@
+"""The reference trainer (fastssl.train): data, augmentations, GradCache, checkpoints and the CLI."""
