@@ -2,8 +2,12 @@
 and the shapes, raised before anything reaches a kernel.
 
 Checks read only metadata (shape, dtype, device), so they cost no host sync and trace cleanly under
-`torch.compile`. Checking values (non-finite inputs, a tensor temperature ≤ 0) needs a sync; it runs
-for Python numbers always, and for tensors only when FASTSSL_CHECK_FINITE=1.
+`torch.compile`. Values are checked where that is free: Python numbers always, and a tensor
+hyper-parameter (a temperature) when it lives on the CPU. A value on a GPU would need a host sync on
+every call (a learnable temperature is such a tensor), so it is checked only when
+FASTSSL_CHECK_FINITE=1; without that, :func:`inverse_temperature` turns a non-positive or non-finite
+device temperature into a NaN scale, so the loss is NaN — never a plausible number from a bad τ.
+Embedding values (NaN/inf inputs) are checked only when FASTSSL_CHECK_FINITE=1.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Union
 
 import torch
 from torch import Tensor
+
+from fastssl._common import ROUTES, compute_dtype
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -57,13 +63,27 @@ def check_same(name_a: str, a: Tensor, name_b: str, b: Tensor, *, dims: str = "s
         )
 
 
+def check_pair(a: object, b: object, names: tuple[str, str] = ("z1", "z2")) -> None:
+    """Two (N, D) embedding tensors of one shape, dtype and device (the two views of a batch)."""
+    check_embeddings(names[0], a)
+    check_embeddings(names[1], b)
+    check_same(names[0], a, names[1], b)
+
+
 def check_positive(name: str, value: Temperature) -> None:
-    """A positive, finite float or a positive 0-dim/1-element floating tensor."""
+    """A positive, finite float or a positive, finite 0-dim/1-element floating tensor.
+
+    A tensor's value is read when that costs no device sync (it is on the CPU) or when
+    FASTSSL_CHECK_FINITE=1; a GPU tensor is otherwise guarded by :func:`inverse_temperature`.
+    """
     if isinstance(value, Tensor):
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"{name} must be a float or a 1-element floating tensor, got {value.dtype} of shape {tuple(value.shape)}")
-        if _check_values() and not torch.compiler.is_compiling() and not bool(value > 0):
-            raise ValueError(f"{name} must be > 0, got {float(value)}")
+        readable = value.device.type == "cpu" or _check_values()
+        if readable and not torch.compiler.is_compiling():
+            number = float(value.detach().reshape(()))
+            if not (math.isfinite(number) and number > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got a tensor holding {number}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
@@ -72,10 +92,15 @@ def check_positive(name: str, value: Temperature) -> None:
 
 
 def inverse_temperature(temperature: Temperature, like: Tensor) -> Tensor:
-    """1/τ as a 0-dim tensor on `like`'s device (fp32, fp64 for fp64 inputs), differentiable in τ."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    """1/τ as a 0-dim tensor on `like`'s device (fp32, fp64 for fp64 inputs), differentiable in τ.
+
+    A tensor τ that is not finite and > 0 gives NaN (without a host sync): see the module docstring.
+    """
+    dtype = compute_dtype(like)
     if isinstance(temperature, Tensor):
-        return 1.0 / temperature.reshape(()).to(device=like.device, dtype=dtype)
+        tau = temperature.reshape(()).to(device=like.device, dtype=dtype)
+        valid = torch.isfinite(tau) & (tau > 0)
+        return torch.where(valid, 1.0 / tau, torch.full_like(tau, float("nan")))
     # torch.full fills on the device: no host-to-device copy.
     return torch.full((), 1.0 / float(temperature), dtype=dtype, device=like.device)
 
@@ -86,3 +111,10 @@ def check_nonnegative(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def check_route(route: object) -> str:
+    """`route` if it is one of the public ROUTES ("auto", "covariance", "gram"), else a ValueError."""
+    if not isinstance(route, str) or route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    return route

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
+
+from fastssl._common import triton_interpreting
 
 #: Every name a `backend=` argument accepts.
 BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
@@ -24,11 +25,6 @@ AUTO_GPU_TABLE: dict[str, list] = {
     "pairwise_lse": [],
     "sq_frobenius": [],
 }
-
-
-def triton_interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``), used by the CPU tests."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

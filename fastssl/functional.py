@@ -15,18 +15,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastssl import distributed, reference
+from fastssl._common import compute_dtype
 from fastssl._validation import (
     Temperature,
     check_embeddings,
     check_nonnegative,
+    check_pair,
     check_positive,
+    check_route,
     check_same,
     inverse_temperature,
 )
 from fastssl.backends import resolve_backend
-from fastssl.ops.frobenius import check_route, choose_side, op_route, sq_frobenius
+from fastssl.kernels import PairwiseLSEFlags
+from fastssl.ops.frobenius import choose_side, op_route, sq_frobenius
 from fastssl.ops.pairwise_lse import pairwise_lse
-from fastssl.ops.reductions import column_dot, column_mean_var, compute_dtype
+from fastssl.ops.pairwise_lse_distributed import pairwise_lse_global
+from fastssl.ops.reductions import column_dot, column_mean_var
 from fastssl.ops.worst_pair import worst_pair
 
 __all__ = [
@@ -45,33 +50,33 @@ __all__ = [
 ]
 
 
-def _check_pair(z1: object, z2: object, names: tuple[str, str] = ("z1", "z2")) -> tuple[Tensor, Tensor]:
-    check_embeddings(names[0], z1)
-    check_embeddings(names[1], z2)
-    check_same(names[0], z1, names[1], z2)
-    return z1, z2
-
-
-# --------------------------------------------------------------------------------------------------
-# gather_distributed (docs/design.md, "Scale past one device"; the semantics per loss are in
-# docs/distributed.md). Contrastive losses keep their anchors local and take columns from every rank
-# (fastssl.distributed.pairwise_lse_global); their per-anchor terms are reduced with
-# distributed.global_mean, so that DDP's average over ranks is the mean over the global batch.
-# --------------------------------------------------------------------------------------------------
-
-
-def _distributed_mode(gather_distributed: object, backend: str, *, ring: bool = True) -> Optional[Union[bool, str]]:
-    """The active gather mode (True or "ring"), or None for single-process math (gather off,
-    torch.distributed not initialised, or one rank — lightly's fallback)."""
+def _prepare(
+    backend: str, like: Tensor, gather_distributed: object, *, ring: bool = True, op: str = "pairwise_lse"
+) -> tuple[str, Optional[Union[bool, str]]]:
+    """The prologue every loss shares once its own arguments are checked: (the concrete backend,
+    the active gather mode or None). None means single-process math: gather off, torch.distributed
+    not initialised, or one rank (lightly's fallback). `ring`: whether the loss accepts "ring";
+    `op`: the kernel family `auto` chooses a backend for. The caller then returns the spec
+    (fastssl.reference) when the backend is "reference", which never gathers across ranks.
+    """
+    backend = resolve_backend(backend, like, op=op)
     mode = distributed.check_gather(gather_distributed, ring=ring)
     if not distributed.is_active(mode):
-        return None
+        return backend, None
     if backend == "reference":
         raise ValueError(
             "backend='reference' is the single-process spec and does not gather across ranks; "
             "use backend='auto', 'torch' or 'triton' with gather_distributed"
         )
-    return mode
+    return backend, mode
+
+
+# --------------------------------------------------------------------------------------------------
+# gather_distributed (docs/design.md, "Scale past one device"; the semantics per loss are in
+# docs/distributed.md). Contrastive losses keep their anchors local and take columns from every rank
+# (fastssl/ops/pairwise_lse_distributed.py); their per-anchor terms are reduced with
+# distributed.global_mean, so that DDP's average over ranks is the mean over the global batch.
+# --------------------------------------------------------------------------------------------------
 
 
 def _local_rows(
@@ -79,20 +84,30 @@ def _local_rows(
     y: Tensor,
     bank: Optional[Tensor],
     scale: Tensor,
+    flags: PairwiseLSEFlags,
     mode: Optional[Union[bool, str]],
     backend: str,
     sizes: Optional[list[int]] = None,
-    **flags,
 ) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
     """(lse, pos, reduce): the pairwise-LSE op on this rank's rows x against y's columns of every
     rank (mode None: just this process's), and the reduction of per-row terms — the mean, or this
     rank's share of the global mean. x and y have equal rows on each rank (`sizes`, exchanged when None)."""
     if mode is None:
-        lse, pos = pairwise_lse(x, y, bank, scale, **flags, backend=backend)
+        lse, pos = pairwise_lse(x, y, bank, scale, flags, backend=backend)
         return lse, pos, torch.mean
     sizes = distributed.batch_sizes(x) if sizes is None else sizes
-    lse, pos = distributed.pairwise_lse_global(x, y, bank, scale, **flags, mode=mode, sizes=sizes, backend=backend)
+    lse, pos = pairwise_lse_global(x, y, bank, scale, flags, mode=mode, sizes=sizes, backend=backend)
     return lse, pos, lambda values: distributed.global_mean(values, sizes)
+
+
+#: SimCLR's and DCL's rows over Z = [z1; z2] (2N rows): self excluded, the positive N rows away is
+#: returned apart from the LSE (InfoNCE adds it back through a softplus; DCL leaves it out).
+def _two_view_flags(n: int) -> PairwiseLSEFlags:
+    return PairwiseLSEFlags(pos_offset=n, exclude_self=True, include_pos=False)
+
+
+#: Columns without the positive in the LSE (CLIP's and MoCo's rows; the positive is returned apart).
+_POSITIVE_APART = PairwiseLSEFlags(include_pos=False)
 
 
 def _info_nce(lse_negatives: Tensor, pos: Tensor) -> Tensor:
@@ -126,18 +141,14 @@ def nt_xent_loss(
     columns of every rank (2N − 1 candidates); the loss is this rank's share of the global mean,
     so the average over ranks is the single-process loss of the concatenated batch.
     """
-    _check_pair(z1, z2)
+    check_pair(z1, z2)
     check_positive("temperature", temperature)
-    backend = resolve_backend(backend, z1)
-    mode = _distributed_mode(gather_distributed, backend)
+    backend, mode = _prepare(backend, z1, gather_distributed)
     if backend == "reference":
         return reference.nt_xent_loss(z1, z2, temperature)
-    n = z1.shape[0]
     z = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)])
-    lse_negatives, pos, reduce = _local_rows(
-        z, z, None, inverse_temperature(temperature, z1), mode, backend, pos_offset=n, exclude_self=True,
-        include_pos=False,
-    )
+    scale = inverse_temperature(temperature, z1)
+    lse_negatives, pos, reduce = _local_rows(z, z, None, scale, _two_view_flags(z1.shape[0]), mode, backend)
     return reduce(_info_nce(lse_negatives, pos))
 
 
@@ -162,19 +173,17 @@ def moco_loss(
     share of the global mean over the anchors of all ranks. (The module also enqueues every rank's
     keys, as lightly's memory bank does.)
     """
-    _check_pair(query, key, ("query", "key"))
+    check_pair(query, key, ("query", "key"))
     check_embeddings("bank", bank, min_rows=1)
     check_same("query", query, "bank", bank, dims="D")
     check_positive("temperature", temperature)
-    backend = resolve_backend(backend, query)
-    mode = _distributed_mode(gather_distributed, backend)
+    backend, mode = _prepare(backend, query, gather_distributed)
     if backend == "reference":
         return reference.moco_loss(query, key, bank, temperature)
     q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
-    lse_negatives, pos, reduce = _local_rows(
-        q, k, bank.detach(), inverse_temperature(temperature, query), mode, backend, include_pos=False,
-        y_negatives=False,
-    )
+    flags = PairwiseLSEFlags(include_pos=False, y_negatives=False)  # k_i is the positive, the bank the negatives
+    scale = inverse_temperature(temperature, query)
+    lse_negatives, pos, reduce = _local_rows(q, k, bank.detach(), scale, flags, mode, backend)
     return reduce(_info_nce(lse_negatives, pos))
 
 
@@ -191,10 +200,7 @@ def _dcl(
     n = z1.shape[0]
     n1, n2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     z = torch.cat([n1, n2])
-    lse, pos, reduce = _local_rows(
-        z, z, None, inverse_temperature(temperature, z1), mode, backend, pos_offset=n, exclude_self=True,
-        include_pos=False,
-    )
+    lse, pos, reduce = _local_rows(z, z, None, inverse_temperature(temperature, z1), _two_view_flags(n), mode, backend)
     if weight_fn is not None:
         weights = torch.cat([weight_fn(n1, n2), weight_fn(n2, n1)]).to(pos.dtype)
         pos = pos * weights
@@ -217,6 +223,7 @@ def dcl_loss(
     temperature: Temperature = 0.1,
     *,
     sigma: Optional[float] = None,
+    weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     gather_distributed: Union[bool, str] = False,
     backend: str = "auto",
 ) -> Tensor:
@@ -224,23 +231,31 @@ def dcl_loss(
 
     The positive is removed from the denominator. For anchor z1_i (and symmetrically z2_i):
     −w_i·s(z1_i, z2_i) + LSE_{j≠i}({z1_i·z1_j} ∪ {z1_i·z2_j})/τ on normalised rows; the loss is the
-    mean over the 2N anchors. w = 1, or with σ: w = 2 − N·softmax(n(z1)·n(z2)/σ) (no gradient).
+    mean over the 2N anchors. w = 1, or with σ: w = 2 − N·softmax(n(z1)·n(z2)/σ) (no gradient),
+    or w = weight_fn(a, b) for the normalised views (lightly's `weight_fn`: (N,) weights).
 
-    Args: z1, z2 (N, D), N ≥ 2; temperature τ > 0; sigma > 0 or None. Returns a 0-dim loss.
+    Args: z1, z2 (N, D), N ≥ 2; temperature τ > 0; sigma > 0 or None; weight_fn or None (not with
+    sigma; not on backend="reference", whose spec knows σ only). Returns a 0-dim loss.
 
     gather_distributed (True or "ring"; lightly's semantics): local anchors against every rank's
     columns, this rank's share of the global mean; the σ weights' softmax runs over this rank's
     batch, as lightly's weight_fn does.
     """
-    _check_pair(z1, z2)
+    check_pair(z1, z2)
     check_positive("temperature", temperature)
     if sigma is not None:
         check_positive("sigma", sigma)
-    backend = resolve_backend(backend, z1)
-    mode = _distributed_mode(gather_distributed, backend)
+        if weight_fn is not None:
+            raise ValueError("dcl_loss takes sigma (DCLW's weights) or weight_fn, not both")
+        weight_fn = _mises_fisher_weights(sigma)
+    elif weight_fn is not None and not callable(weight_fn):
+        raise TypeError(f"weight_fn must be callable (a, b) -> (N,) weights or None, got {type(weight_fn).__name__}")
+    backend, mode = _prepare(backend, z1, gather_distributed)
     if backend == "reference":
+        if weight_fn is not None and sigma is None:
+            raise ValueError("backend='reference' supports no custom weight_fn (DCLW's sigma weights only)")
         return reference.dcl_loss(z1, z2, temperature, sigma=sigma)
-    return _dcl(z1, z2, temperature, None if sigma is None else _mises_fisher_weights(sigma), backend, mode)
+    return _dcl(z1, z2, temperature, weight_fn, backend, mode)
 
 
 def clip_loss(
@@ -262,17 +277,16 @@ def clip_loss(
     concatenated batch): this rank's rows of S against every rank's columns and its columns against
     every rank's rows (open_clip's "local loss"); the average over ranks is the global loss.
     """
-    _check_pair(z1, z2)
+    check_pair(z1, z2)
     check_positive("temperature", temperature)
-    backend = resolve_backend(backend, z1)
-    mode = _distributed_mode(gather_distributed, backend)
+    backend, mode = _prepare(backend, z1, gather_distributed)
     if backend == "reference":
         return reference.clip_loss(z1, z2, temperature)
     a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     scale = inverse_temperature(temperature, z1)
     sizes = None if mode is None else distributed.batch_sizes(a)
-    lse_rows, pos_rows, reduce = _local_rows(a, b, None, scale, mode, backend, sizes, include_pos=False)
-    lse_cols, pos_cols, _ = _local_rows(b, a, None, scale, mode, backend, sizes, include_pos=False)
+    lse_rows, pos_rows, reduce = _local_rows(a, b, None, scale, _POSITIVE_APART, mode, backend, sizes)
+    lse_cols, pos_cols, _ = _local_rows(b, a, None, scale, _POSITIVE_APART, mode, backend, sizes)
     return 0.5 * (reduce(_info_nce(lse_rows, pos_rows)) + reduce(_info_nce(lse_cols, pos_cols)))
 
 
@@ -284,11 +298,11 @@ def uniformity(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
     """
     check_embeddings("z", z)
     check_positive("t", t)
-    backend = resolve_backend(backend, z)
+    backend, _ = _prepare(backend, z, False)
     if backend == "reference":
         return reference.uniformity(z, t)
     n = z.shape[0]
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(z)
     sq_norm = z.to(acc).square().sum(1)
     # −‖z_j‖²/2 rides in extra columns against ones in x; split into a high and a low part so that
     # half-precision inputs do not round it (the row term −t‖z_i‖² is added in fp32 below).
@@ -297,15 +311,15 @@ def uniformity(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
     x = torch.cat([z, torch.ones(n, 2, dtype=z.dtype, device=z.device)], dim=1)
     y = torch.cat([z, half_sq_hi[:, None], half_sq_lo[:, None]], dim=1)
     scale = torch.full((), 2.0 * float(t), dtype=acc, device=z.device)
-    lse, _ = pairwise_lse(x, y, None, scale, exclude_self=True, include_pos=False, backend=backend)
+    lse, _ = pairwise_lse(x, y, None, scale, PairwiseLSEFlags(exclude_self=True, include_pos=False), backend=backend)
     return torch.logsumexp(lse - t * sq_norm, dim=0) - math.log(n * (n - 1))
 
 
 def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> Tensor:
     """Alignment of Wang & Isola (2020): mean_i ‖z1_i − z2_i‖^α (O(N·D), no kernel needed)."""
-    _check_pair(z1, z2)
+    check_pair(z1, z2)
     check_positive("alpha", alpha)
-    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(z1)
     sq_dist = (z1.to(acc) - z2.to(acc)).square().sum(1)
     # ‖d‖^α = (‖d‖²)^(α/2): no sqrt, whose gradient at identical rows would be NaN.
     return sq_dist.pow(alpha / 2).mean()
@@ -322,13 +336,11 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _frobenius_args(z1: object, z2: object, route: str, backend: str, weights: dict) -> str:
-    """Validate a Frobenius-family call; return the concrete backend."""
-    _check_pair(z1, z2)
-    for name, value in weights.items():
+def _check_vicreg_weights(lambda_param: float, mu_param: float, nu_param: float, eps: float) -> None:
+    """λ, μ, ν ≥ 0 and eps > 0 (VICReg, VICReg-exp, VICReg-ctr); a ValueError naming the argument."""
+    for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
         check_nonnegative(name, value)
-    check_route(route)
-    return resolve_backend(backend, z1, op="sq_frobenius")
+    check_positive("eps", eps)
 
 
 def barlow_twins_loss(
@@ -357,8 +369,10 @@ def barlow_twins_loss(
     slice and C = (1/W) Σ_r C_r is the mean of the ranks' C_r = A_rᵀB_r/n_r; every rank returns the
     same loss of that C. See :func:`_barlow_twins_distributed`.
     """
-    backend = _frobenius_args(z1, z2, route, backend, {"lambda_param": lambda_param})
-    mode = _distributed_mode(gather_distributed, backend, ring=False)
+    check_pair(z1, z2)
+    check_nonnegative("lambda_param", lambda_param)
+    check_route(route)
+    backend, mode = _prepare(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
     if backend == "reference":
         return reference.barlow_twins_loss(z1, z2, lambda_param)
     if mode is not None:
@@ -442,11 +456,10 @@ def vicreg_loss(
     the global mean), then z1, z2 are gathered and v, c are those of the global batch (computed on
     every rank). The average over ranks is the single-process loss of the concatenated batch.
     """
-    backend = _frobenius_args(
-        z1, z2, route, backend, {"lambda_param": lambda_param, "mu_param": mu_param, "nu_param": nu_param}
-    )
-    check_positive("eps", eps)
-    mode = _distributed_mode(gather_distributed, backend, ring=False)
+    check_pair(z1, z2)
+    _check_vicreg_weights(lambda_param, mu_param, nu_param, eps)
+    check_route(route)
+    backend, mode = _prepare(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
     if backend == "reference":
         return reference.vicreg_loss(z1, z2, lambda_param, mu_param, nu_param, eps)
     acc = compute_dtype(z1)
@@ -488,11 +501,10 @@ def spectral_contrastive_loss(
     gather_distributed=True (not in lightly): the single-process loss of the concatenated batch,
     computed by every rank on the gathered z1, z2 (part2 pairs samples of different ranks).
     """
-    _check_pair(z1, z2)
+    check_pair(z1, z2)
     check_positive("mu", mu)
     check_route(route)
-    backend = resolve_backend(backend, z1, op="sq_frobenius")
-    mode = _distributed_mode(gather_distributed, backend, ring=False)
+    backend, mode = _prepare(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
     if backend == "reference":
         return reference.spectral_contrastive_loss(z1, z2, mu)
     if mode is not None:
@@ -523,14 +535,6 @@ def spectral_contrastive_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_vicreg_exp_args(temperature, lambda_param, mu_param, nu_param, eps) -> None:
-    """τ > 0, λ, μ, ν ≥ 0, eps > 0 for VICReg-exp and VICReg-ctr; a ValueError naming the argument."""
-    check_positive("temperature", temperature)
-    for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
-        check_nonnegative(name, value)
-    check_positive("eps", eps)
-
-
 def _vicreg_exp_terms(z: Tensor, temperature: Temperature, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     """VICReg's variance hinge v(z) and c_exp(z) = (1/D) Σ_d LSE_{e≠d} Cov(z)_de/τ for z (N, D).
 
@@ -542,9 +546,33 @@ def _vicreg_exp_terms(z: Tensor, temperature: Temperature, eps: float, backend: 
     mean, var = column_mean_var(z, unbiased=True)
     variance = F.relu(1.0 - torch.sqrt(var + eps)).mean()
     x = ((z.to(mean.dtype) - mean) / math.sqrt(n - 1)).to(z.dtype).T
-    lse, _ = pairwise_lse(x, x, None, inverse_temperature(temperature, z), exclude_self=True, include_pos=False,
-                          backend=backend)  # fmt: skip
+    flags = PairwiseLSEFlags(exclude_self=True, include_pos=False)
+    lse, _ = pairwise_lse(x, x, None, inverse_temperature(temperature, z), flags, backend=backend)
     return variance, lse.mean()
+
+
+def _vicreg_exp(
+    z1: Tensor, z2: Tensor, temperature: Temperature, lambda_param: float, mu_param: float, nu_param: float,
+    eps: float, backend: str,
+) -> Tensor:  # fmt: skip
+    """VICReg-exp of validated, single-process (or already gathered) z1, z2 on a concrete backend."""
+    acc = compute_dtype(z1)
+    invariance = (z1.to(acc) - z2.to(acc)).square().mean()
+    v1, c1 = _vicreg_exp_terms(z1, temperature, eps, backend)
+    v2, c2 = _vicreg_exp_terms(z2, temperature, eps, backend)
+    return lambda_param * invariance + mu_param * 0.5 * (v1 + v2) + nu_param * (c1 + c2)
+
+
+def _check_vicreg_exp_args(
+    z1: object, z2: object, temperature: object, lambda_param: float, mu_param: float, nu_param: float, eps: float,
+    what: str,
+) -> None:  # fmt: skip
+    """The arguments of VICReg-exp / VICReg-ctr: a pair with D ≥ 2 (`what` names the D axis), τ > 0, the weights."""
+    check_pair(z1, z2)
+    if z1.shape[1] < 2:
+        raise ValueError(f"{what}, got shape {tuple(z1.shape)}")
+    check_positive("temperature", temperature)
+    _check_vicreg_weights(lambda_param, mu_param, nu_param, eps)
 
 
 def vicreg_exp_loss(
@@ -576,22 +604,15 @@ def vicreg_exp_loss(
     computed by every rank on the gathered z1, z2 (the covariance needs every sample; "ring" does
     not apply, since its columns are dimensions, not samples).
     """
-    _check_pair(z1, z2)
-    if z1.shape[1] < 2:
-        raise ValueError(f"vicreg_exp_loss needs D ≥ 2 dimensions to contrast, got shape {tuple(z1.shape)}")
-    _check_vicreg_exp_args(temperature, lambda_param, mu_param, nu_param, eps)
-    backend = resolve_backend(backend, z1)
-    mode = _distributed_mode(gather_distributed, backend, ring=False)
+    weights = (lambda_param, mu_param, nu_param, eps)
+    _check_vicreg_exp_args(z1, z2, temperature, *weights, "vicreg_exp_loss needs D ≥ 2 dimensions to contrast")
+    backend, mode = _prepare(backend, z1, gather_distributed, ring=False)
     if backend == "reference":
-        return reference.vicreg_exp_loss(z1, z2, temperature, lambda_param, mu_param, nu_param, eps)
+        return reference.vicreg_exp_loss(z1, z2, temperature, *weights)
     if mode is not None:
         sizes = distributed.batch_sizes(z1)
         z1, z2 = distributed.gather_cat(z1, sizes), distributed.gather_cat(z2, sizes)
-    acc = compute_dtype(z1)
-    invariance = (z1.to(acc) - z2.to(acc)).square().mean()
-    v1, c1 = _vicreg_exp_terms(z1, temperature, eps, backend)
-    v2, c2 = _vicreg_exp_terms(z2, temperature, eps, backend)
-    return lambda_param * invariance + mu_param * 0.5 * (v1 + v2) + nu_param * (c1 + c2)
+    return _vicreg_exp(z1, z2, temperature, *weights, backend)
 
 
 def vicreg_ctr_loss(
@@ -620,17 +641,14 @@ def vicreg_ctr_loss(
     anchors (invariance, per-sample variance, and the LSE of its rows of G against every rank's
     columns) and returns its share of the global mean.
     """
-    _check_pair(z1, z2)
-    if z1.shape[1] < 2:
-        raise ValueError(f"vicreg_ctr_loss needs D ≥ 2 coordinates per sample, got shape {tuple(z1.shape)}")
-    resolved = resolve_backend(backend, z1)
-    mode = _distributed_mode(gather_distributed, resolved)
-    if resolved == "reference":
-        return reference.vicreg_ctr_loss(z1, z2, temperature, lambda_param, mu_param, nu_param, eps)
+    weights = (lambda_param, mu_param, nu_param, eps)
+    _check_vicreg_exp_args(z1, z2, temperature, *weights, "vicreg_ctr_loss needs D ≥ 2 coordinates per sample")
+    backend, mode = _prepare(backend, z1, gather_distributed)
+    if backend == "reference":
+        return reference.vicreg_ctr_loss(z1, z2, temperature, *weights)
     if mode is None:
-        return vicreg_exp_loss(z1.T, z2.T, temperature, lambda_param, mu_param, nu_param, eps, backend=backend)
-    _check_vicreg_exp_args(temperature, lambda_param, mu_param, nu_param, eps)
-    return _vicreg_ctr_distributed(z1, z2, temperature, lambda_param, mu_param, nu_param, eps, mode, resolved)
+        return _vicreg_exp(z1.T, z2.T, temperature, *weights, backend)
+    return _vicreg_ctr_distributed(z1, z2, temperature, *weights, mode, backend)
 
 
 def _vicreg_ctr_distributed(
@@ -653,7 +671,8 @@ def _vicreg_ctr_distributed(
     def variance_and_lse(z: Tensor) -> tuple[Tensor, Tensor]:
         var, mean = torch.var_mean(z.to(acc), dim=1, correction=1)
         x = ((z.to(acc) - mean[:, None]) / math.sqrt(d - 1)).to(z.dtype)
-        lse, _, _ = _local_rows(x, x, None, scale, mode, backend, sizes, exclude_self=True, include_pos=False)
+        flags = PairwiseLSEFlags(exclude_self=True, include_pos=False)
+        lse, _, _ = _local_rows(x, x, None, scale, flags, mode, backend, sizes)
         return F.relu(1.0 - torch.sqrt(var + eps)), lse
 
     v1, lse1 = variance_and_lse(z1)
@@ -720,8 +739,7 @@ def arcl_loss(
     """
     views = _check_views(views)
     check_positive("temperature", temperature)
-    backend = resolve_backend(backend, views)
-    mode = _distributed_mode(gather_distributed, backend)
+    backend, mode = _prepare(backend, views, gather_distributed)
     if backend == "reference":
         return reference.arcl_loss(views, temperature)
     n = views.shape[0]
@@ -729,7 +747,5 @@ def arcl_loss(
     scale = inverse_temperature(temperature, views)
     worst = worst_pair(v, backend=backend) * scale  # s_i⁺/τ, (N,)
     z = torch.cat([v[:, 0], v[:, 1]])
-    lse_negatives, _, reduce = _local_rows(
-        z, z, None, scale, mode, backend, pos_offset=n, exclude_self=True, include_pos=False
-    )
+    lse_negatives, _, reduce = _local_rows(z, z, None, scale, _two_view_flags(n), mode, backend)
     return reduce(_info_nce(lse_negatives, worst.repeat(2)))

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastssl._validation import check_embeddings
 from fastssl.functional import alignment, uniformity
-from fastssl.ops.reductions import compute_dtype
+from fastssl._common import compute_dtype
 
 __all__ = ["alignment", "uniformity", "class_center_divergence"]
 

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, functional, reference
-from fastssl._validation import check_nonnegative, check_positive
+from fastssl._validation import check_nonnegative, check_positive, check_route
 from fastssl.backends import BACKENDS, resolve_backend
-from fastssl.ops.frobenius import check_route
 
 __all__ = [
     "MemoryBankModule",
@@ -197,15 +196,9 @@ class DCLLoss(nn.Module):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         """out0, out1: (N, D). Returns ½(loss(out0, out1) + loss(out1, out0)) (0-dim)."""
-        functional._check_pair(out0, out1, ("out0", "out1"))
-        check_positive("temperature", self.temperature)
-        backend = resolve_backend(self.backend, out0)
-        mode = functional._distributed_mode(self.gather_distributed, backend)
-        if backend != "reference":
-            return functional._dcl(out0, out1, self.temperature, self.weight_fn, backend, mode)
-        if self.weight_fn is not None and self.sigma is None:
-            raise ValueError("backend='reference' supports no custom weight_fn (DCLWLoss's sigma weights only)")
-        return functional.dcl_loss(out0, out1, self.temperature, sigma=self.sigma, backend="reference")
+        weights = dict(sigma=self.sigma) if self.sigma is not None else dict(weight_fn=self.weight_fn)
+        return functional.dcl_loss(out0, out1, self.temperature, **weights, gather_distributed=self.gather_distributed,
+                                   backend=self.backend)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}{_gather_repr(self)}, backend={self.backend!r}"

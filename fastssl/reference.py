@@ -4,9 +4,9 @@ Plain, materialising PyTorch: each function builds the full N x N similarity / G
 D x D covariance matrix and applies the formula of docs/design.md ("The losses (the spec)") literally.
 It is the specification, the test oracle for every backend, and the benchmark baseline; it is never
 picked by ``backend="auto"``. Where lightly 1.6 has the loss, the value matches ``lightly.loss``
-(tests/spec/test_lightly_reference.py checks values and gradients). The math comes from the seed
-documents: ArCL and alignment / class-centre divergence (Huang et al. 2023; Zhao et al. 2023), spectral contrastive loss
-(001), VICReg-exp / VICReg-ctr (002).
+(tests/spec/test_lightly_reference.py checks values and gradients). The math comes from the papers:
+ArCL (Zhao et al. 2023), alignment / class-centre divergence (Huang et al. 2023), the spectral
+contrastive loss (HaoChen et al. 2021), VICReg-exp / VICReg-ctr (Garrido et al. 2023).
 
 Conventions shared by every function:
 
@@ -30,6 +30,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastssl._common import compute_dtype
 
 __all__ = [
     "nt_xent_loss",
@@ -58,13 +60,10 @@ VICREG_EXP_TEMPERATURE = 0.1
 # --------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _up(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """x in the compute dtype (out of place; a no-op when it already is)."""
-    return x.to(_compute_dtype(x) if dtype is None else dtype)
+    return x.to(compute_dtype(x) if dtype is None else dtype)
 
 
 def _temp(temperature: Temperature, dtype: torch.dtype) -> Union[float, Tensor]:
@@ -115,7 +114,7 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.5) -> Tens
 
     Args: z1, z2 (N, D); temperature τ > 0. Returns a 0-dim loss.
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     n = z1.shape[0]
     z = torch.cat([F.normalize(_up(z1, dtype), dim=1), F.normalize(_up(z2, dtype), dim=1)])
     logits = z @ z.T / _temp(temperature, dtype)
@@ -135,7 +134,7 @@ def moco_loss(query: Tensor, key: Tensor, bank: Tensor, temperature: Temperature
 
     Note lightly hands its bank around as (D, K); ours is (K, D) (lightly's ``memory_bank.bank``).
     """
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     q = F.normalize(_up(query, dtype), dim=1)
     k = F.normalize(_up(key, dtype), dim=1)
     tau = _temp(temperature, dtype)
@@ -169,7 +168,7 @@ def dcl_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, sigma: Opti
     w_i = 1 without sigma; with sigma, the negative von Mises-Fisher weights
     w = 2 − N·softmax_i(a_i·b_i/σ) over the batch, computed without gradient (DCLW).
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     a = F.normalize(_up(z1, dtype), dim=1)
     b = F.normalize(_up(z2, dtype), dim=1)
     tau = _temp(temperature, dtype)
@@ -190,7 +189,7 @@ def clip_loss(z1: Tensor, z2: Tensor, temperature: Temperature = 0.07) -> Tensor
     ``temperature`` may be a float or a 0-dim tensor requiring grad (a learnable τ: its gradient is
     returned). z1 and z2 may come from different towers but share N and D.
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     s = F.normalize(_up(z1, dtype), dim=1) @ F.normalize(_up(z2, dtype), dim=1).T / _temp(temperature, dtype)
     diag = s.diagonal()
     return 0.5 * ((torch.logsumexp(s, dim=1) - diag).mean() + (torch.logsumexp(s, dim=0) - diag).mean())
@@ -209,7 +208,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambda_param: float = 5e-3) -> Ten
 
         loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
 
     def batch_norm(z: Tensor) -> Tensor:
         z = _up(z, dtype)
@@ -238,7 +237,7 @@ def vicreg_loss(
         c(z) = 1/D Σ_{d≠e} Cov(z)_de²,  Cov = (z − z̄)ᵀ(z − z̄)/(N − 1)  (D, D)
         loss = λ·inv + μ·½[v(z1) + v(z2)] + ν·[c(z1) + c(z2)]
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     a, b = _up(z1, dtype), _up(z2, dtype)
     inv = (a - b).pow(2).mean()
     var = 0.5 * (_variance_term(a, eps) + _variance_term(b, eps))
@@ -274,7 +273,7 @@ def vicreg_exp_loss(
     of dimensions, much as VICReg's squared penalty does. VICReg-ctr uses the same default so
     that the two differ only by the transpose (the duality the seed studies).
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     a, b = _up(z1, dtype), _up(z2, dtype)
     inv = (a - b).pow(2).mean()
     var = 0.5 * (_variance_term(a, eps) + _variance_term(b, eps))
@@ -308,7 +307,7 @@ def vicreg_ctr_loss(
     the (centred, scaled) Gram matrix: the InfoNCE-like side of the duality. Default τ = 0.1, the
     same as VICReg-exp (reasons there). Needs N ≥ 2 and D ≥ 2.
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     a, b = _up(z1, dtype).T, _up(z2, dtype).T  # (D, N): dimensions play the role of samples
     inv = (a - b).pow(2).mean()
     var = 0.5 * (_variance_term(a, eps) + _variance_term(b, eps))
@@ -325,7 +324,7 @@ def spectral_contrastive_loss(z1: Tensor, z2: Tensor, mu: float = 1.0) -> Tensor
         part2 = 1/(N(N − 1)) Σ_{i≠j} (z1_i·z2_j)²      (cross-view pairs only)
         loss  = (part1 + part2)/μ
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     radius = math.sqrt(mu)
 
     def clip_norm(z: Tensor) -> Tensor:
@@ -360,7 +359,7 @@ def arcl_loss(views: Union[Tensor, Sequence[Tensor]], temperature: Temperature =
     """
     if not isinstance(views, Tensor):
         views = torch.stack(list(views), dim=1)
-    dtype = _compute_dtype(views)
+    dtype = compute_dtype(views)
     v = F.normalize(_up(views, dtype), dim=-1)  # (N, m, D)
     n, m = v.shape[0], v.shape[1]
     tau = _temp(temperature, dtype)
@@ -390,7 +389,7 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> Tensor:
 
     No normalisation inside: pass normalised embeddings to get the paper's metric.
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     # ‖·‖^α as (‖·‖²)^(α/2): no square root, so identical rows give a zero (not NaN) gradient at α = 2.
     return (_up(z1, dtype) - _up(z2, dtype)).pow(2).sum(dim=1).pow(alpha / 2).mean()
 

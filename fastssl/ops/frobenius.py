@@ -25,8 +25,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastssl._common import OP_ROUTES, compute_dtype
 from fastssl.ops._dispatch import kernel_module
-from fastssl.ops.reductions import chain_transform, compute_dtype
+from fastssl.ops.reductions import chain_transform
 
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.frobenius",
@@ -34,19 +35,8 @@ _KERNEL_MODULES = {
     "cuda": "fastssl.kernels.cuda.frobenius",
 }
 
-#: The public route names, for every loss of this family.
-ROUTES = ("auto", "covariance", "gram")
-
-
 def _kernels(backend: str):
     return kernel_module("sq_frobenius", _KERNEL_MODULES, backend)
-
-
-def check_route(route: object) -> str:
-    """`route` if it is one of ROUTES, else a ValueError naming the choices."""
-    if not isinstance(route, str) or route not in ROUTES:
-        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    return route
 
 
 def choose_side(n: int, d: int, route: str) -> str:
@@ -56,7 +46,6 @@ def choose_side(n: int, d: int, route: str) -> str:
     backward (D² vs N²) favour it; at N = D the covariance side is kept (it needs one product, the
     Gram side two).
     """
-    check_route(route)
     if route != "auto":
         return route
     return "covariance" if d <= n else "gram"
@@ -158,8 +147,8 @@ def sq_frobenius(
     fp64 inputs) or None; b̂ likewise. b=None, or b is a with no transform of its own: one operand in
     both roles. Callers validate user input; this checks only what the kernels rely on.
     """
-    if route not in ("inner", "outer"):
-        raise ValueError(f"sq_frobenius: route must be 'inner' or 'outer', got {route!r}")
+    if route not in OP_ROUTES:
+        raise ValueError(f"sq_frobenius: route must be one of {OP_ROUTES}, got {route!r}")
     if b is a and b_shift is None and b_scale is None:
         b, b_shift, b_scale = None, None, None
     if b is None and (b_shift is not None or b_scale is not None):

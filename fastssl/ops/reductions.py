@@ -19,12 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastssl._common import compute_dtype
 from fastssl.kernels.torch.frobenius import apply_transform
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 for half and fp32 inputs, fp64 for fp64 inputs: the precision every statistic is kept in."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def column_mean_var(z: Tensor, *, unbiased: bool) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastssl.ops._dispatch import kernel_module
-from fastssl.ops.reductions import compute_dtype
+from fastssl._common import compute_dtype
 
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.worst_pair",

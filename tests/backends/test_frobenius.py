@@ -21,7 +21,7 @@ from fastssl.ops.frobenius import SqFrobenius, choose_side, op_route, sq_frobeni
 from fastssl.ops.reductions import column_dot
 from tests.utils import CPU_BACKENDS, LIGHTLY_AVAILABLE, assert_close
 
-OP_ROUTES = ("inner", "outer")
+from fastssl._common import OP_ROUTES  # noqa: E402
 LOSS_ROUTES = ("auto", "covariance", "gram")
 SHAPES = [(2, 1), (5, 3), (3, 5), (7, 7), (33, 70), (70, 33)]  # (N, D): N > D, N < D, N = D, odd
 

@@ -23,7 +23,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fastssl.kernels.triton import frobenius as F  # noqa: E402
-from fastssl.kernels.triton._utils import interpreting  # noqa: E402
+from fastssl._common import OP_ROUTES  # noqa: E402
+from fastssl._common import triton_interpreting as interpreting  # noqa: E402
 from tests.utils import TOLERANCES  # noqa: E402
 
 if not interpreting() and not torch.cuda.is_available():
@@ -138,7 +139,7 @@ def run_and_compare(r, k, dtype, route, same, layout, scale=1.0, grad_value=None
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
-@pytest.mark.parametrize("route", F.ROUTES)
+@pytest.mark.parametrize("route", OP_ROUTES)
 @pytest.mark.parametrize("r,k", SHAPES)
 def test_fp32_matches_oracle(r, k, route, same, layout):
     run_and_compare(r, k, torch.float32, route, same, layout)
@@ -146,7 +147,7 @@ def test_fp32_matches_oracle(r, k, route, same, layout):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
-@pytest.mark.parametrize("route", F.ROUTES)
+@pytest.mark.parametrize("route", OP_ROUTES)
 @pytest.mark.parametrize("r,k", [(5, 3), (33, 33), (70, 37)])
 def test_half_precision_matches_oracle(r, k, route, same, dtype):
     # "mixed": a is a transposed view, b contiguous (b is a: the transposed one).
@@ -155,7 +156,7 @@ def test_half_precision_matches_oracle(r, k, route, same, dtype):
 
 @pytest.mark.parametrize("which", list(TRANSFORMS))
 @pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
-@pytest.mark.parametrize("route", F.ROUTES)
+@pytest.mark.parametrize("route", OP_ROUTES)
 def test_transform_fp32(route, same, which):
     """The per-column transform in the tile loads: K columns lie along M ("inner") or L ("outer");
     odd sizes put padded rows and columns in every tile (they must stay zero after the shift)."""
@@ -167,7 +168,7 @@ def test_transform_fp32(route, same, which):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("which", ["a_shift", "a_scale", "all"])
 @pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
-@pytest.mark.parametrize("route", F.ROUTES)
+@pytest.mark.parametrize("route", OP_ROUTES)
 def test_transform_half_precision(route, same, which, dtype):
     """bf16/fp16: (x − shift)·scale in fp32, rounded to nearest even to the input dtype before the dot;
     data centred far from zero (offset 8) so that the shift is what keeps the rounding small."""
@@ -175,21 +176,21 @@ def test_transform_half_precision(route, same, which, dtype):
 
 
 @pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
-@pytest.mark.parametrize("route", F.ROUTES)
+@pytest.mark.parametrize("route", OP_ROUTES)
 def test_transform_no_unit_stride(route, same):
     """Inputs without any unit stride (z[:, ::2]), both parameters on both operands."""
     run_and_compare(19, 23, torch.bfloat16, route, same, "sliced", which="all", offset=1.0)
 
 
 @pytest.mark.parametrize("same", [False, True], ids=["b", "b_is_a"])
-@pytest.mark.parametrize("route", F.ROUTES)
+@pytest.mark.parametrize("route", OP_ROUTES)
 def test_fp16_matrix_past_fp16_range(route, same):
     """Entries of aᵀb and aaᵀ far above fp16's 65504 (|a| ~ 80): W is divided by max|W| before the
     tensor-core rounding, so nothing overflows; a small grad keeps the gradients themselves in range."""
     run_and_compare(40, 24, torch.float16, route, same, "contiguous", scale=80.0, grad_value=1e-7)
 
 
-@pytest.mark.parametrize("route", F.ROUTES)
+@pytest.mark.parametrize("route", OP_ROUTES)
 @pytest.mark.parametrize("r,k", [(0, 3), (3, 0)])
 def test_empty(r, k, route):
     a, b = torch.randn(r, k, device=DEVICE), torch.randn(r, k, device=DEVICE)
@@ -200,9 +201,12 @@ def test_empty(r, k, route):
 
 
 def test_unknown_route():
+    """The op checks its route once, for every backend (the kernels trust it)."""
+    from fastssl.ops.frobenius import sq_frobenius
+
     a = torch.randn(3, 2, device=DEVICE)
-    with pytest.raises(ValueError, match="route"):
-        F.sq_frobenius_forward(a, None, *NO_PARAMS, "diagonal")
+    with pytest.raises(ValueError, match=r"route must be one of \('inner', 'outer'\), got 'diagonal'"):
+        sq_frobenius(a, None, route="diagonal", backend="triton")
 
 
 def test_bad_params():

@@ -1,6 +1,6 @@
 """The public contrastive losses on every CPU backend against the spec (fastssl.reference) in float64.
 
-Values and every gradient must agree to relative 2e-4 in fp32 (the foundation issue's bar), on
+Values and every gradient must agree to relative 2e-4 in fp32 (the project's fp32 accuracy bar), on
 awkward shapes and temperatures 0.01–2; half precision within the tolerance table; fp64 gradcheck
 for the torch backend; extreme inputs stay finite.
 """

@@ -204,17 +204,18 @@ def test_pairwise_lse_cuda_strided(cuda_backend, dtype, temperature):
 def test_symmetric_backward_matches_two_kernel_path(cuda_backend, dtype, mode):
     """x = y in half precision runs the symmetric kernel; the same math through a copy of x (two
     distinct tensors) runs the row and column kernels. dx and dy must agree to rounding."""
+    from fastssl.kernels import PairwiseLSEFlags
     from fastssl.kernels.cuda.pairwise_lse import pairwise_lse_backward, pairwise_lse_forward
 
     n, d = 515, 200
     x = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=1).to(dtype)
     scale = torch.tensor(2.0, device="cuda")
-    opts = dict(pos_offset=n // 2 if mode == "simclr" else 0, exclude_self=True, include_pos=mode == "simclr",
-                y_negatives=True)  # fmt: skip
-    lse, _ = pairwise_lse_forward(x, x, None, scale, *opts.values())
+    flags = PairwiseLSEFlags(pos_offset=n // 2 if mode == "simclr" else 0, exclude_self=True,
+                             include_pos=mode == "simclr")  # fmt: skip
+    lse, _ = pairwise_lse_forward(x, x, None, scale, flags)
     g_lse, g_pos = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    sym = pairwise_lse_backward(x, x, None, scale, lse, g_lse, g_pos, *opts.values())
-    two = pairwise_lse_backward(x, x.clone(), None, scale, lse, g_lse, g_pos, *opts.values())
+    sym = pairwise_lse_backward(x, x, None, scale, lse, g_lse, g_pos, flags)
+    two = pairwise_lse_backward(x, x.clone(), None, scale, lse, g_lse, g_pos, flags)
     for a, b, name in zip(sym, two, ("dx", "dy")):
         assert_close(a.float(), b.float(), dtype, what=f"symmetric vs two-kernel {name}")
 

@@ -36,7 +36,7 @@ from torch import nn
 import fastssl
 import fastssl.distributed as fdist
 import fastssl.nn as fnn
-from fastssl.ops.pairwise_lse import pairwise_lse
+from fastssl.ops.pairwise_lse import PairwiseLSEFlags, pairwise_lse
 from tests.utils import CPU_BACKENDS, LIGHTLY_AVAILABLE, TOLERANCES
 
 pytestmark = pytest.mark.skipif(
@@ -142,10 +142,7 @@ def _worker(rank: int, world: int, init_file: str, data_path: str, out_dir: str)
             if name == "moco":
                 out["bank"] = module.memory_bank.bank.clone()
             results[(name, mode, split)] = out
-        # Masks, and a clear error (on every rank, no hang) for embeddings that differ across ranks.
-        sizes = SPLITS[world]["uneven"]
-        results["eye_rank"] = fdist.eye_rank(sizes[rank], sizes)
-        results["positive_mask"] = fdist.positive_mask(sizes[rank], 1, sizes)
+        # A clear error (on every rank, no hang) for embeddings that differ across ranks.
         try:
             fnn.NTXentLoss(gather_distributed=True, backend="torch")(torch.randn(3, D + rank), torch.randn(3, D + rank))
             results["mismatch"] = "no error"
@@ -340,18 +337,9 @@ def test_matches_single_process(world, name, mode, split, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", list(SPLITS))
-def test_masks_and_errors(world, tmp_path_factory):
+def test_mismatched_embeddings_error_on_every_rank(world, tmp_path_factory):
     run = _launch(world, tmp_path_factory)
-    sizes = SPLITS[world]["uneven"]
     for r, got in enumerate(run["ranks"]):
-        offset, n = sum(sizes[:r]), sizes[r]
-        eye = torch.zeros(n, sum(sizes), dtype=torch.bool)
-        pos = torch.zeros(n, sum(sizes), dtype=torch.bool)
-        for i in range(n):
-            eye[i, offset + i] = True
-            pos[i, offset + (i + 1) % n] = True
-        assert torch.equal(got["eye_rank"], eye), f"eye_rank on rank {r}"
-        assert torch.equal(got["positive_mask"], pos), f"positive_mask on rank {r}"
         assert "same trailing dimensions" in got["mismatch"], f"rank {r}: {got['mismatch']}"
 
 
@@ -443,12 +431,12 @@ def test_block_decomposition(backend):
     x = F.normalize(torch.randn(2 * n, d), dim=1)
     foreign = F.normalize(torch.randn(m, d), dim=1)
     scale = torch.tensor(2.0)
-    lse, _ = pairwise_lse(x, foreign, None, scale, **fdist._ALL_COLUMNS, backend=backend)
+    lse, _ = pairwise_lse(x, foreign, None, scale, backend=backend)  # the default flags: every column once
     _close(lse, torch.logsumexp(scale * x.double() @ foreign.double().T, dim=1), "all-columns LSE")
     for include_pos in (True, False):
-        flags = dict(pos_offset=n, exclude_self=True, include_pos=include_pos)
-        own, pos = pairwise_lse(x[:n], x, None, scale, **flags, backend=backend)
-        whole, pos_whole = pairwise_lse(x[:n], torch.cat([x, foreign]), None, scale, **flags, backend=backend)
+        flags = PairwiseLSEFlags(pos_offset=n, exclude_self=True, include_pos=include_pos)
+        own, pos = pairwise_lse(x[:n], x, None, scale, flags, backend=backend)
+        whole, pos_whole = pairwise_lse(x[:n], torch.cat([x, foreign]), None, scale, flags, backend=backend)
         _close(torch.logaddexp(own, lse[:n]), whole, f"merged LSE, include_pos={include_pos}")
         _close(pos, pos_whole, "positive logit")
 
@@ -465,7 +453,6 @@ def test_gather_argument_checks():
     # With one rank every helper is the identity.
     x = torch.randn(3, 2)
     assert fdist.all_gather(x)[0] is x and fdist.all_reduce(x) is x and fdist.world_size() == 1
-    assert torch.equal(fdist.eye_rank(3), torch.eye(3, dtype=torch.bool))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python tests/distributed/test_distributed.py` runs pytest on this file

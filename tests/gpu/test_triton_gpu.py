@@ -140,8 +140,7 @@ def test_compile_fullgraph_learnable_temperature():
 @pytest.mark.parametrize("mode", ["simclr", "moco", "dcl"])
 def test_opcheck_triton_ops(mode):
     x, y, bank, scale, options = make_case(mode, 40, 32, torch.float32, device="cuda")
-    args = (x, None if x is y else y, bank, scale, options["pos_offset"], options["exclude_self"],
-            options["include_pos"], options["y_negatives"], "triton")  # fmt: skip
+    args = (x, None if x is y else y, bank, scale, options.to_list(), "triton")
     torch.library.opcheck(torch.ops.fastssl.pairwise_lse_fwd.default, args)
     lse, _ = torch.ops.fastssl.pairwise_lse_fwd(*args)
     g = torch.randn(40, device="cuda")
@@ -150,11 +149,10 @@ def test_opcheck_triton_ops(mode):
 
 def test_autograd_function_on_cuda_matches_torch_backend():
     x, _, _, scale, options = make_case("simclr", 64, 48, torch.float32, device="cuda")
-    flags = (options["pos_offset"], options["exclude_self"], options["include_pos"], options["y_negatives"])
     grads = []
     for backend in ("triton", "torch"):
         xr = x.detach().clone().requires_grad_()
-        lse, pos = PairwiseLSE.apply(xr, None, None, scale, *flags, backend)
+        lse, pos = PairwiseLSE.apply(xr, None, None, scale, options, backend)
         (lse - pos).sum().backward()
         grads.append(xr.grad)
     assert_close(grads[0], grads[1], torch.float32, what="PairwiseLSE dx triton vs torch")

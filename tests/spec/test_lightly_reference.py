@@ -2,7 +2,8 @@
 
 docs/design.md: where lightly has the loss, fastssl's value, defaults and argument names must match it.
 lightly is not a dependency (nor installed in CI): the module is skipped, with the reason, without it.
-Run here with ``PYTHONPATH=. /work/venv-lightly/bin/python -m pytest tests/spec/test_lightly_reference.py``.
+Run it in a virtualenv with lightly (README, "Checking against lightly"):
+``PYTHONPATH=. python -m pytest tests/spec/test_lightly_reference.py``.
 """
 
 from __future__ import annotations

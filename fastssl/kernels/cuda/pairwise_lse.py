@@ -7,7 +7,7 @@ x (M, D), columns y (Ny, D), optional bank (K, D), s_ij = scale·x_i·y_j, p(i) 
                      ∪ {scale·x_i·bank_k},      pos_i = s_i,p(i)
 
 and the backward returns (dx, dy) of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i in the input dtype.
-This adapter only normalises arguments (pos_offset into [0, Ny), fp32 statistics, the device scalar
+This adapter only normalises arguments (fp32 statistics, the device scalar
 max|grad_lse| that keeps fp16 weights out of the subnormals) and calls `fastssl._C`, which checks
 shapes, reads strided inputs in place and launches on the current stream. When y is x (SimCLR, DCL)
 in bf16/fp16 the backward is one symmetric launch that computes each logit tile once for both dx
@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastssl.kernels import PairwiseLSEFlags
 from fastssl.kernels.cuda._ext import extension
 
 
@@ -44,17 +45,13 @@ def pairwise_lse_forward(
     y: Tensor,
     bank: Optional[Tensor],
     scale: Tensor,
-    pos_offset: int,
-    exclude_self: bool,
-    include_pos: bool,
-    y_negatives: bool,
+    flags: PairwiseLSEFlags,
 ) -> tuple[Tensor, Tensor]:
     """Per-row (lse, pos), each (M,) fp32. x (M, D), y (Ny, D), bank (K, D) or None, scale 0-dim."""
     _check(x)
     return extension().pairwise_lse_forward(
-        x, y, bank, _scale32(scale, x), int(pos_offset) % y.shape[0], bool(exclude_self), bool(include_pos),
-        bool(y_negatives),
-    )  # fmt: skip
+        x, y, bank, _scale32(scale, x), flags.pos_offset, flags.exclude_self, flags.include_pos, flags.y_negatives
+    )
 
 
 def pairwise_lse_backward(
@@ -65,18 +62,19 @@ def pairwise_lse_backward(
     lse: Tensor,
     grad_lse: Tensor,
     grad_pos: Tensor,
-    pos_offset: int,
-    exclude_self: bool,
-    include_pos: bool,
-    y_negatives: bool,
+    flags: PairwiseLSEFlags,
 ) -> tuple[Tensor, Tensor]:
     """(dx (M, D), dy (Ny, D)) in the input dtype: with G_ij = grad_lse_i·P_ij + grad_pos_i·[j = p(i)],
-    dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k), dy_j = scale·Σ_i G_ij x_i."""
+    dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k), dy_j = scale·Σ_i G_ij x_i.
+
+    The csrc kernels compute both; a gradient the flags do not ask for is dropped, returned (0, D).
+    """
     _check(x)
     grad_lse = grad_lse.to(torch.float32).contiguous()
     absmax = grad_lse.abs().amax() if grad_lse.numel() else grad_lse.new_zeros(())
-    return extension().pairwise_lse_backward(
+    dx, dy = extension().pairwise_lse_backward(
         x, y, bank, _scale32(scale, x), lse.to(torch.float32).contiguous(), grad_lse,
-        grad_pos.to(torch.float32).contiguous(), absmax, int(pos_offset) % y.shape[0], bool(exclude_self),
-        bool(include_pos), bool(y_negatives), y is x,
+        grad_pos.to(torch.float32).contiguous(), absmax, flags.pos_offset, flags.exclude_self,
+        flags.include_pos, flags.y_negatives, y is x,
     )  # fmt: skip
+    return (dx if flags.needs_dx else dx.new_empty((0, dx.shape[1]))), (dy if flags.needs_dy else dy.new_empty((0, dy.shape[1])))

@@ -31,14 +31,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastssl._common import compute_dtype
+
 #: Upper bound on the bytes of one chunk of the cross product or Gram (the outer route holds two).
 _CHUNK_BYTES = int(os.environ.get("FASTSSL_TORCH_CHUNK_BYTES", str(64 * 2**20)))
 
-ROUTES = ("inner", "outer")
 
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _step(cols: int, dtype: torch.dtype) -> int:
@@ -47,7 +45,7 @@ def _step(cols: int, dtype: torch.dtype) -> int:
 
 def apply_transform(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
     """x̂ = (x − shift)·scale per column, in fp32 (fp64 for fp64 x), rounded to x's dtype and back."""
-    acc = _compute_dtype(x)
+    acc = compute_dtype(x)
     out = x.to(acc)
     if shift is not None:
         out = out - shift
@@ -61,7 +59,7 @@ def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tenso
                          b_shift: Optional[Tensor], b_scale: Optional[Tensor], route: str) -> Tensor:
     """‖âᵀb̂‖²_F (b None: b̂ is â) as a 0-dim tensor in fp32 (fp64 for fp64 inputs). a, b: (R, K);
     shifts and scales (K,) or None."""
-    dt = _compute_dtype(a)
+    dt = compute_dtype(a)
     a = apply_transform(a, a_shift, a_scale)
     b = a if b is None else apply_transform(b, b_shift, b_scale)
     total = torch.zeros((), dtype=dt, device=a.device)
@@ -83,7 +81,7 @@ def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tens
                           b_shift: Optional[Tensor], b_scale: Optional[Tensor], grad: Tensor,
                           route: str) -> tuple[Tensor, Tensor]:
     """(dâ, db̂) of grad·‖âᵀb̂‖²_F in the input dtypes; b None: (dâ with both roles, an empty db̂)."""
-    dt = _compute_dtype(a)
+    dt = compute_dtype(a)
     same = b is None
     a32 = apply_transform(a, a_shift, a_scale)
     b32 = a32 if same else apply_transform(b, b_shift, b_scale)

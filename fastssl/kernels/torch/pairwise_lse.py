@@ -18,15 +18,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastssl._common import compute_dtype
+from fastssl.kernels import PairwiseLSEFlags
+
 #: Upper bound on the bytes of one chunk of logits (the backward holds about three such buffers).
 _CHUNK_BYTES = int(os.environ.get("FASTSSL_TORCH_CHUNK_BYTES", str(64 * 2**20)))
 
 #: Most rows for which the backward of x-is-y forms G + Gᵀ to share one GEMM (see pairwise_lse_backward).
 _SYMMETRIC_MAX_ROWS = 512
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunk_rows(n_cols: int, itemsize: int) -> int:
@@ -38,10 +37,7 @@ def _chunk_logits(
     y: Tensor,
     bank: Optional[Tensor],
     rows: Tensor,
-    pos_offset: int,
-    exclude_self: bool,
-    include_pos: bool,
-    y_negatives: bool,
+    flags: PairwiseLSEFlags,
     want_pos: bool = True,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Logits of one row chunk (x already scaled), excluded entries set to -inf.
@@ -52,13 +48,14 @@ def _chunk_logits(
     costs O(C), not O(C·Ny).
     """
     n_y = y.shape[0]
-    pos_col = (rows + pos_offset) % n_y
+    include_pos = flags.include_pos
+    pos_col = (rows + flags.pos_offset) % n_y
     pos = (xc * y[pos_col]).sum(1) if want_pos or include_pos else None
     parts = []
-    if y_negatives:
+    if flags.y_negatives:
         s_y = xc @ y.T
         local = torch.arange(rows.shape[0], device=xc.device)
-        if exclude_self:
+        if flags.exclude_self:
             self_in_range = rows < n_y
             s_y[local[self_in_range], rows[self_in_range]] = float("-inf")
         # The positive is in or out of the denominator as asked, whatever the self mask said.
@@ -78,7 +75,7 @@ def _prepare(x: Tensor, y: Tensor, bank: Optional[Tensor], scale: Tensor):
     Strided inputs (VICReg-exp's transposed view) would otherwise make every chunk's gathers and
     elementwise ops walk memory column by column; x and y share one copy when they are one tensor.
     """
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     xc = x.to(dt).contiguous()
     yc = xc if y is x else y.to(dt).contiguous()
     bc = None if bank is None or bank.shape[0] == 0 else bank.to(dt).contiguous()
@@ -91,10 +88,7 @@ def pairwise_lse_forward(
     y: Tensor,
     bank: Optional[Tensor],
     scale: Tensor,
-    pos_offset: int,
-    exclude_self: bool,
-    include_pos: bool,
-    y_negatives: bool,
+    flags: PairwiseLSEFlags,
 ) -> tuple[Tensor, Tensor]:
     """Per-row LSE and positive logit, in fp32 (fp64 for fp64 inputs). Shapes (M,), (M,)."""
     dt, xa, yc, bc, sc, step = _prepare(x, y, bank, scale)
@@ -104,7 +98,7 @@ def pairwise_lse_forward(
     for start in range(0, m, step):
         stop = min(m, start + step)
         rows = torch.arange(start, stop, device=x.device)
-        s, _, p = _chunk_logits(xa[start:stop] * sc, yc, bc, rows, pos_offset, exclude_self, include_pos, y_negatives)
+        s, _, p = _chunk_logits(xa[start:stop] * sc, yc, bc, rows, flags)
         lse[start:stop] = torch.logsumexp(s, dim=1)
         pos[start:stop] = p
     return lse, pos
@@ -118,12 +112,10 @@ def pairwise_lse_backward(
     lse: Tensor,
     grad_lse: Tensor,
     grad_pos: Tensor,
-    pos_offset: int,
-    exclude_self: bool,
-    include_pos: bool,
-    y_negatives: bool,
+    flags: PairwiseLSEFlags,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients (dx, dy) of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i, in the input dtype.
+    """Gradients (dx, dy) of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i, in the input dtype; the one
+    the flags do not ask for comes back empty, (0, D), and its products are skipped.
 
     With P_ij = exp(s_ij − lse_i) on the included columns and G_ij = grad_lse_i·P_ij + grad_pos_i·[j = p(i)]:
     dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k), dy_j = scale·Σ_i G_ij x_i.
@@ -134,45 +126,55 @@ def pairwise_lse_backward(
     """
     dt, xa, yc, bc, sc, step = _prepare(x, y, bank, scale)
     m, n_y = x.shape[0], y.shape[0]
+    want_dx, want_dy = flags.needs_dx, flags.needs_dy
     pos_grad = x.device.type != "cpu" or bool(grad_pos.any())
     # x is y (SimCLR, DCL, VICReg-exp) and one chunk holds every row: dx + dy = (G + Gᵀ)·x·scale
     # is one GEMM instead of two. Each of dx, dy gets half of it: the sum is what the op's caller
     # uses, and Σ x·dx = Σ x·dy = Σ G_ij x_i·x_j·scale still gives d scale (ops/pairwise_lse.py).
     # Only where the M x M transpose-add is cheaper than the GEMM it saves: it stays in cache
-    # (M ≤ 512) and D ≥ 128 (measured on the CPU: M = 2048 costs 38 ms against a 7 ms GEMM).
-    symmetric = y is x and y_negatives and step >= m and m <= _SYMMETRIC_MAX_ROWS and x.shape[1] >= 128
-    dx = torch.empty(x.shape, dtype=dt, device=x.device)
-    dy = torch.empty(y.shape, dtype=dt, device=x.device) if symmetric else torch.zeros(y.shape, dtype=dt, device=x.device)
+    # (M ≤ _SYMMETRIC_MAX_ROWS) and D ≥ 128 (benchmarks/RESULTS.md, "torch backend on the CPU").
+    symmetric = (
+        y is x and want_dx and want_dy and flags.y_negatives and step >= m and m <= _SYMMETRIC_MAX_ROWS
+        and x.shape[1] >= 128
+    )  # fmt: skip
+    dx = torch.empty(x.shape if want_dx else (0, x.shape[1]), dtype=dt, device=x.device)
+    dy_shape = y.shape if want_dy else (0, y.shape[1])
+    dy = (torch.empty if symmetric else torch.zeros)(dy_shape, dtype=dt, device=x.device)
+    n_y_cols = n_y if flags.y_negatives else int(flags.include_pos)
     for start in range(0, m, step):
         stop = min(m, start + step)
         rows = torch.arange(start, stop, device=x.device)
         xc = xa[start:stop]
-        s, pos_col, _ = _chunk_logits(xc * sc, yc, bc, rows, pos_offset, exclude_self, include_pos, y_negatives,
-                                      want_pos=False)  # fmt: skip
+        s, pos_col, _ = _chunk_logits(xc * sc, yc, bc, rows, flags, want_pos=False)
         # P overwrites the logits in place: the chunk is the only large buffer we hold.
         p = s.sub_(lse[start:stop, None].to(dt)).exp_()
         g_lse = grad_lse[start:stop, None].to(dt) * sc
         g_pos = grad_pos[start:stop, None].to(dt) * sc
-        n_y_cols = n_y if y_negatives else int(include_pos)
         p_y, p_bank = p[:, :n_y_cols], p[:, n_y_cols:]
         if symmetric:
             g = p_y.mul_(g_lse)  # G = grad_lse·P (+ grad_pos at the positives), in place of P
             if pos_grad:
                 g[torch.arange(m, device=x.device), pos_col] += g_pos[:, 0]
-            dxc = (g + g.T).mul_(0.5) @ yc
-            dy.copy_(dxc)
-        elif y_negatives:
-            dxc = g_lse * (p_y @ yc)
-            dy.addmm_(p_y.T, g_lse * xc)
+            dx.copy_((g + g.T).mul_(0.5) @ yc)
+            dy.copy_(dx)
+            continue
+        if flags.y_negatives:
+            dxc = g_lse * (p_y @ yc) if want_dx else None
+            if want_dy:
+                dy.addmm_(p_y.T, g_lse * xc)
             if pos_grad:
-                dxc += g_pos * yc[pos_col]
-                dy.index_add_(0, pos_col, g_pos * xc)
+                if want_dx:
+                    dxc += g_pos * yc[pos_col]
+                if want_dy:
+                    dy.index_add_(0, pos_col, g_pos * xc)
         else:
             # The only y column of row i is its positive: G_i,p(i) = grad_pos_i (+ grad_lse_i·P_i,p(i)).
-            coef = g_pos + g_lse * p_y if include_pos else g_pos
-            dxc = coef * yc[pos_col]
-            dy.index_add_(0, pos_col, coef * xc)
-        if p_bank.shape[1] > 0:
-            dxc += g_lse * (p_bank @ bc)
-        dx[start:stop] = dxc
+            coef = g_pos + g_lse * p_y if flags.include_pos else g_pos
+            dxc = coef * yc[pos_col] if want_dx else None
+            if want_dy:
+                dy.index_add_(0, pos_col, coef * xc)
+        if want_dx:
+            if p_bank.shape[1] > 0:
+                dxc += g_lse * (p_bank @ bc)
+            dx[start:stop] = dxc
     return dx.to(x.dtype), dy.to(y.dtype)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastssl._common import compute_dtype
+
 #: Samples per chunk: 4,096 samples of 16 views hold 4 MiB of fp32 similarities.
 _CHUNK_SAMPLES = 4096
 
@@ -21,7 +23,7 @@ _CHUNK_SAMPLES = 4096
 def worst_pair_forward(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(s, j, k) for v (N, m, D), m ≥ 2: s (N,) in fp32 (fp64 for fp64 inputs), j < k (N,) int64."""
     n, m, _ = v.shape
-    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(v)
     first, second = torch.triu_indices(m, m, offset=1, device=v.device)  # pairs j<k, lexicographic
     sims = torch.empty(n, dtype=acc, device=v.device)
     pairs = torch.empty(n, dtype=torch.long, device=v.device)

@@ -9,15 +9,12 @@ config when interpreting. The full lists stay importable for the ahead-of-time c
 from __future__ import annotations
 
 import functools
-import os
 
 import triton
 import triton.language as tl
 
 
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter; read when a kernel module is imported."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from fastssl._common import triton_interpreting as interpreting  # read when a kernel module is imported
 
 
 def autotune(configs, interpret_config, key, prune=None):

@@ -44,7 +44,6 @@ Launchers allocate outputs, take strides, and launch on the current stream.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -52,12 +51,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastssl._common import device_ctx
 from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, round_to
 
 #: fp32 inputs must match an fp32 reference to ~1e-5, so their dots run in full fp32 (CUDA cores).
 FP32_DOT_PRECISION = "ieee"
 
-ROUTES = ("inner", "outer")
 
 #: Tile ordering of the full (non-symmetric) grids: GROUP row blocks share column blocks in L2.
 GROUP: tl.constexpr = tl.constexpr(8)
@@ -475,16 +474,6 @@ def _n_tiles(m: int, block: int, triangle: bool) -> int:
     return t * (t + 1) // 2 if triangle else t * t
 
 
-def _device_ctx(x: Tensor):
-    # Triton launches on the current device: make it x's (multi-GPU processes).
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _check_route(route: str) -> None:
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-
-
 def _operands(a: Tensor, b: Optional[Tensor], route: str) -> tuple[Tensor, Tensor]:
     """X, Y (L, M) views of the generic product: (a, b) for "inner", (aᵀ, bᵀ) for "outer"; no copies."""
     x = a if route == "inner" else a.t()
@@ -519,7 +508,6 @@ def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tenso
     â = round_to(a.dtype, (a − a_shift)·a_scale) per column in fp32 (a missing shift is 0, a missing
     scale 1), b̂ likewise; shifts and scales are None or contiguous fp32 (K,), applied in the tile loads.
     """
-    _check_route(route)
     _check_params(a, b, (a_shift, a_scale, b_shift, b_scale))
     x, y = _operands(a, b, route)
     l, m = x.shape
@@ -536,7 +524,7 @@ def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tenso
     smallest = min(c.kwargs["BLOCK"] for c in kernel.configs)
     part = torch.empty(_n_tiles(m, smallest, triangle), dtype=torch.float32, device=a.device)
     grid = lambda META: (_n_tiles(m, META["BLOCK"], triangle),)  # noqa: E731
-    with _device_ctx(a):
+    with device_ctx(a):
         kernel[grid](
             x, y, a_shift, a_scale, b_shift, b_scale, part,
             m, l,
@@ -594,7 +582,6 @@ def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tens
     the op layer chains them through the transform. Materialises one fp32 matrix: C = âᵀb̂ (K x K)
     for "inner", one R x R Gram at a time for "outer"; â and b̂ exist only in the kernels' tiles.
     """
-    _check_route(route)
     _check_params(a, b, (a_shift, a_scale, b_shift, b_scale))
     same = b is None
     r, k = a.shape
@@ -607,7 +594,7 @@ def sq_frobenius_backward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tens
     coef = 4.0 if same else 2.0
     pa = (a_shift, a_scale)
     pb = (b_shift, b_scale)
-    with _device_ctx(a):
+    with device_ctx(a):
         if route == "inner":
             # C = âᵀb̂; dâ = coef·g·b̂·Cᵀ, db̂ = coef·g·â·C (b̂ is â: C symmetric, dâ = coef·g·â·C).
             c = torch.empty((k, k), dtype=torch.float32, device=a.device)

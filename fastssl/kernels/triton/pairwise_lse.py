@@ -30,7 +30,6 @@ read `scale` on the device (no host sync) and launch on the current stream.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -38,6 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastssl._common import device_ctx
+from fastssl.kernels import PairwiseLSEFlags
 from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, mm_weights, round_to
 
 #: fp32 inputs must match an fp32 reference to ~1e-5, so their dots run in full fp32 (CUDA cores).
@@ -466,7 +467,7 @@ def _row_bin(n: int) -> int:
     return 0 if n <= 4096 else (1 if n <= 32768 else 2)
 
 
-def _common(x, y, bank, scale, pos_offset):
+def _common(x, y, bank, scale):
     m, d = x.shape
     n_y = y.shape[0]
     has_bank = bank is not None and bank.shape[0] > 0
@@ -476,12 +477,7 @@ def _common(x, y, bank, scale, pos_offset):
         scale = scale.to(x.device)
     block_k, single_k, block_dout = tile_dims(d, x.dtype)
     meta = dict(BLOCK_K=block_k, SINGLE_K=single_k, FP32_PRECISION=FP32_DOT_PRECISION)
-    return m, d, n_y, has_bank, b, n_b, scale, meta, block_dout, pos_offset % n_y
-
-
-def _device_ctx(x: Tensor):
-    # Triton launches on the current device: make it x's (multi-GPU processes).
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return m, d, n_y, has_bank, b, n_b, scale, meta, block_dout
 
 
 def pairwise_lse_forward(
@@ -489,26 +485,23 @@ def pairwise_lse_forward(
     y: Tensor,
     bank: Optional[Tensor],
     scale: Tensor,
-    pos_offset: int,
-    exclude_self: bool,
-    include_pos: bool,
-    y_negatives: bool,
+    flags: PairwiseLSEFlags,
 ) -> tuple[Tensor, Tensor]:
     """(lse, pos), each (M,) fp32. x (M, D), y (Ny, D), bank (K, D) or None, scale 0-dim on x's device."""
-    m, d, n_y, has_bank, b, n_b, scale, meta, _, off = _common(x, y, bank, scale, pos_offset)
+    m, d, n_y, has_bank, b, n_b, scale, meta, _ = _common(x, y, bank, scale)
     lse = torch.empty(m, dtype=torch.float32, device=x.device)
     pos = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return lse, pos
-    meta.update(HAS_BANK=has_bank, EXCLUDE_SELF=bool(exclude_self), INCLUDE_POS=bool(include_pos),
-                Y_NEGATIVES=bool(y_negatives))  # fmt: skip
+    meta.update(HAS_BANK=has_bank, EXCLUDE_SELF=flags.exclude_self, INCLUDE_POS=flags.include_pos,
+                Y_NEGATIVES=flags.y_negatives)  # fmt: skip
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-    with _device_ctx(x):
+    with device_ctx(x):
         _pairwise_lse_fwd_kernel[grid](
             x, y, b, scale, lse, pos,
             m, n_y, n_b, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1),
-            off, _row_bin(max(m, n_y)),
+            flags.pos_offset, _row_bin(max(m, n_y)),
             **meta,
         )  # fmt: skip
     return lse, pos
@@ -522,15 +515,15 @@ def pairwise_lse_backward(
     lse: Tensor,
     grad_lse: Tensor,
     grad_pos: Tensor,
-    pos_offset: int,
-    exclude_self: bool,
-    include_pos: bool,
-    y_negatives: bool,
+    flags: PairwiseLSEFlags,
 ) -> tuple[Tensor, Tensor]:
-    """(dx, dy) in the input dtype: the gradients of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i."""
-    m, d, n_y, has_bank, b, n_b, scale, meta, block_dout, off = _common(x, y, bank, scale, pos_offset)
-    dx = torch.empty((m, d), dtype=x.dtype, device=x.device)
-    dy = torch.empty((n_y, d), dtype=y.dtype, device=y.device)
+    """(dx, dy) in the input dtype: the gradients of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i.
+
+    A gradient the flags do not ask for comes back empty, (0, D), and its kernel is not launched.
+    """
+    m, d, n_y, has_bank, b, n_b, scale, meta, block_dout = _common(x, y, bank, scale)
+    dx = torch.empty((m if flags.needs_dx else 0, d), dtype=x.dtype, device=x.device)
+    dy = torch.empty((n_y if flags.needs_dy else 0, d), dtype=y.dtype, device=y.device)
     if m == 0:
         return dx, dy.zero_()
     # O(M) copies at most: expanded / strided gradients from the autograd graph.
@@ -539,23 +532,25 @@ def pairwise_lse_backward(
     grad_pos = grad_pos.to(torch.float32).contiguous()
     # A device scalar, no sync: the dy kernel divides its weights by it (fp16 range, see its docstring).
     grad_lse_max = grad_lse.abs().amax()
-    meta.update(EXCLUDE_SELF=bool(exclude_self), INCLUDE_POS=bool(include_pos), Y_NEGATIVES=bool(y_negatives),
+    meta.update(EXCLUDE_SELF=flags.exclude_self, INCLUDE_POS=flags.include_pos, Y_NEGATIVES=flags.y_negatives,
                 BLOCK_DOUT=block_dout)  # fmt: skip
     row_bin = _row_bin(max(m, n_y))
     d_blocks = triton.cdiv(d, block_dout)
-    with _device_ctx(x):
-        _pairwise_lse_bwd_dx_kernel[lambda META: (triton.cdiv(m, META["BLOCK_M"]), d_blocks)](
-            x, y, b, scale, lse, grad_lse, grad_pos, dx,
-            m, n_y, n_b, d,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1), dx.stride(0),
-            off, row_bin,
-            HAS_BANK=has_bank, **meta,
-        )  # fmt: skip
-        _pairwise_lse_bwd_dy_kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]), d_blocks)](
-            x, y, scale, lse, grad_lse, grad_pos, grad_lse_max, dy,
-            m, n_y, d,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0),
-            off, row_bin,
-            **meta,
-        )  # fmt: skip
+    with device_ctx(x):
+        if flags.needs_dx:
+            _pairwise_lse_bwd_dx_kernel[lambda META: (triton.cdiv(m, META["BLOCK_M"]), d_blocks)](
+                x, y, b, scale, lse, grad_lse, grad_pos, dx,
+                m, n_y, n_b, d,
+                x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1), dx.stride(0),
+                flags.pos_offset, row_bin,
+                HAS_BANK=has_bank, **meta,
+            )  # fmt: skip
+        if flags.needs_dy:
+            _pairwise_lse_bwd_dy_kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]), d_blocks)](
+                x, y, scale, lse, grad_lse, grad_pos, grad_lse_max, dy,
+                m, n_y, d,
+                x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0),
+                flags.pos_offset, row_bin,
+                **meta,
+            )  # fmt: skip
     return dx, dy
