@@ -157,3 +157,36 @@ def test_every_cited_family_and_layer_exists():
         missing += [f"{where}: family {n}" for n in re.findall(r"family (\d+)", line) if int(n) not in families]
         missing += [f"{where}: layer {n}" for n in re.findall(r"(?:layer|check) (\d+)", line) if int(n) not in layers]
     assert not missing, "cited but not in docs/design.md:\n" + "\n".join(missing)
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing refers to a document outside the repository
+
+#: What a reference to the outside looks like. Built from pieces, so that this file does not match itself.
+OUTSIDE = {
+    "the outside design notes (cite docs/design.md)": re.compile("DESIGN" + r"\.md"),
+    "the outside house style": re.compile("STYLE" + r"\.md"),
+    "a numbered seed paper (cite the paper by author and year)": re.compile(
+        r"(?i)\bseeds?\b[ /_-]*(?:doc\w*|\(?0\d\d)|\(0\d\d\)"
+    ),
+    "the project's shared folder": re.compile(r"\bshared" + "/"),
+    "the issue tracker (say what the requirement is)": re.compile(r"(?i)\bissue\s+#?\d+|foundation" + " issue"),
+    "a path on the development machines": re.compile("/wo" + "rk/"),
+}
+#: Machine output (benchmark JSON, generated reports) is data, not prose: not checked.
+OUTSIDE_EXEMPT = ("benchmarks/results/",)
+
+
+def test_nothing_refers_to_a_document_outside_the_repository():
+    hits = []
+    for path in _tracked_files():
+        name = path.relative_to(REPO).as_posix()
+        if name.startswith(OUTSIDE_EXEMPT):
+            continue
+        text = _text(path)
+        if text is None:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            hits += [f"{name}:{number}: {what}: {line.strip()[:120]}" for what, pattern in OUTSIDE.items()
+                     if pattern.search(line)]  # fmt: skip
+    assert not hits, "references to documents outside the repository:\n" + "\n".join(hits)
