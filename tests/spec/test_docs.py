@@ -160,6 +160,78 @@ def test_every_cited_family_and_layer_exists():
 
 
 # --------------------------------------------------------------------------------------------------
+# docs/refresh_figures.py
+
+
+def _refresh_module():
+    spec = importlib.util.spec_from_file_location("refresh_figures", REPO / "docs" / "refresh_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SUMMARY = {
+    "linear_probe_acc": 0.61234, "baseline_linear_probe_acc": 0.2, "knn_acc": 0.5, "baseline_knn_acc": 0.125,
+    "alignment": 0.25, "baseline_alignment": 0.5, "uniformity": -0.4, "baseline_uniformity": -0.8,
+    "divergence": 0.9, "baseline_divergence": 0.75, "loss": 4.56789, "seconds": 61.6, "train_seconds": 57.2,
+    "images_per_s": 1500.4, "steps": 400, "device": "cpu", "torch": "9.9.9",
+}  # fmt: skip
+
+
+def test_refresh_rewrites_only_the_marked_sections():
+    refresh = _refresh_module()
+    text = ("# Title\nbefore 0.709\n<!-- figures:readme-default-run -->\nold 0.709 vs 0.178\n"
+            "<!-- /figures:readme-default-run -->\nafter 0.709\n")  # fmt: skip
+    new = refresh.rewrite(text, SUMMARY, "2031-01-02", "a test machine")
+    head, rest = new.split("<!-- figures:readme-default-run -->\n")
+    body, tail = rest.split("<!-- /figures:readme-default-run -->")
+    assert head == "# Title\nbefore 0.709\n" and tail == "\nafter 0.709\n"
+    assert "old" not in body
+    for figure in ("0.612 vs 0.200", "+41.2 points", "0.500 vs 0.125", "62 s", "2031-01-02", "a test machine"):
+        assert figure in body, (figure, body)
+    assert refresh.rewrite(new, SUMMARY, "2031-01-02", "a test machine") == new  # idempotent
+
+
+def test_refresh_trainer_table():
+    refresh = _refresh_module()
+    text = "<!-- figures:trainer-default-run -->\n<!-- /figures:trainer-default-run -->\n"
+    new = refresh.rewrite(text, SUMMARY, "2031-01-02", "a test machine")
+    assert "| uniformity (lower is more uniform) | -0.400 | -0.800 |" in new
+    assert "| linear probe accuracy | 0.612 | 0.200 |" in new
+    assert "final loss 4.5679" in new and "+41.2 points" in new and "torch 9.9.9" in new
+
+
+def test_refresh_rejects_unknown_or_unclosed_sections():
+    refresh = _refresh_module()
+    with pytest.raises(ValueError, match="unknown figures section"):
+        refresh.rewrite("<!-- figures:nope -->\n<!-- /figures:nope -->\n", SUMMARY, "d", "m")
+    with pytest.raises(ValueError, match="no end marker"):
+        refresh.rewrite("<!-- figures:readme-default-run -->\ntext\n", SUMMARY, "d", "m")
+
+
+def test_refresh_refuses_a_non_default_run():
+    pytest.importorskip("fastssl.train")
+    refresh = _refresh_module()
+    from fastssl.train import Config
+
+    config = Config().to_dict()
+    refresh.check_default_run({"config": dict(config, out="/elsewhere", threads=1)})  # neutral options
+    with pytest.raises(ValueError, match="loss='vicreg'"):
+        refresh.check_default_run({"config": dict(config, loss="vicreg")})
+
+
+def test_every_marked_figure_section_is_generated():
+    """The docs' marked sections are exactly those refresh_figures.py knows, each in a file it rewrites."""
+    refresh = _refresh_module()
+    found = {}
+    for path in DOCS:
+        for name in re.findall(r"<!-- figures:([a-z0-9-]+) -->", path.read_text()):
+            found[name] = path.relative_to(REPO).as_posix()
+    assert set(found) == set(refresh.RENDERERS), (found, list(refresh.RENDERERS))
+    assert set(found.values()) <= set(refresh.FILES)
+
+
+# --------------------------------------------------------------------------------------------------
 # Nothing refers to a document outside the repository
 
 #: What a reference to the outside looks like. Built from pieces, so that this file does not match itself.
