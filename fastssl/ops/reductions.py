@@ -23,16 +23,19 @@ from fastssl._common import compute_dtype
 from fastssl.kernels.torch.frobenius import apply_transform
 
 
-def column_mean_var(z: Tensor, *, unbiased: bool) -> tuple[Tensor, Tensor]:
+def column_mean_var(z: Tensor, *, unbiased: bool, one_pass: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """(mean, var) of each column of z (N, D), each (D,), in compute_dtype(z); differentiable.
 
-    One pass (torch.var_mean, Welford) on GPUs. On the CPU, two vectorised passes over the rows
-    (mean, then the centred squares): torch's CPU var_mean over dim 0 walks each column separately
-    and is about 12x slower at (1024, 128), and the two-pass form is at least as accurate.
+    `one_pass` (default: on GPUs only) is torch.var_mean (Welford). Otherwise two vectorised
+    passes over the rows, mean then the centred squares: at least as accurate, and on the CPU much
+    faster, because torch's CPU var_mean over dim 0 walks each column separately (the timing is in
+    benchmarks/RESULTS.md, "Measurements behind design choices"). Both are tested against each other.
     """
     zc = z.to(compute_dtype(z))
     correction = 1 if unbiased else 0
-    if zc.device.type != "cpu":
+    if one_pass is None:
+        one_pass = zc.device.type != "cpu"
+    if one_pass:
         var, mean = torch.var_mean(zc, dim=0, correction=correction)
         return mean, var
     mean = zc.mean(0)

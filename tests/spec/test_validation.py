@@ -86,6 +86,47 @@ def test_tensor_temperature_shape():
         fastssl.clip_loss(Z, Z, torch.tensor([0.1, 0.2]))
 
 
+TENSOR_TEMPERATURE_LOSSES = [
+    ("nt_xent", lambda tau: fastssl.nt_xent_loss(Z, Z, tau)),
+    ("dcl", lambda tau: fastssl.dcl_loss(Z, Z, tau)),
+    ("clip", lambda tau: fastssl.clip_loss(Z, Z, tau)),
+    ("moco", lambda tau: fastssl.moco_loss(Z, Z, torch.randn(5, 3), tau)),
+    ("vicreg_exp", lambda tau: fastssl.vicreg_exp_loss(Z, Z, tau)),
+    ("vicreg_ctr", lambda tau: fastssl.vicreg_ctr_loss(Z, Z, tau)),
+    ("arcl", lambda tau: fastssl.arcl_loss(torch.randn(4, 3, 3), tau)),
+]
+
+
+@pytest.mark.parametrize("name,loss", TENSOR_TEMPERATURE_LOSSES)
+@pytest.mark.parametrize("value", [-0.07, 0.0, float("nan"), float("inf")])
+def test_bad_tensor_temperature_on_the_host(name, loss, value):
+    """A CPU tensor's value costs no device sync, so it is checked like a float."""
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got a tensor holding"):
+        loss(torch.tensor(value))
+
+
+@pytest.mark.parametrize("value", [-0.07, 0.0, float("nan"), float("inf")])
+def test_bad_device_temperature_gives_nan_never_a_plausible_loss(value):
+    """Where reading τ would sync a GPU, the check is skipped and 1/τ becomes NaN instead (no value
+    of a bad τ passes silently); FASTSSL_CHECK_FINITE=1 turns it into the ValueError."""
+    from fastssl._validation import inverse_temperature
+
+    scale = inverse_temperature(torch.tensor(value), Z)
+    assert torch.isnan(scale)
+    assert inverse_temperature(torch.tensor(0.5), Z) == 2.0
+
+
+def test_device_temperature_is_read_only_when_checks_are_on(monkeypatch):
+    """The rule for a tensor τ: read on the CPU always, elsewhere only under FASTSSL_CHECK_FINITE=1.
+    A meta tensor stands in for a GPU one: reading its value would fail, so the check must not try."""
+    from fastssl._validation import check_positive
+
+    check_positive("temperature", torch.empty((), device="meta"))  # not read: no error, no sync
+    monkeypatch.setenv("FASTSSL_CHECK_FINITE", "1")
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
+        check_positive("temperature", torch.empty((), device="meta"))
+
+
 def test_triton_backend_explains_why_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' cannot run here"):
