@@ -110,6 +110,17 @@ def _two_view_flags(n: int) -> PairwiseLSEFlags:
 _POSITIVE_APART = PairwiseLSEFlags(include_pos=False)
 
 
+def _normalize(z: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm, computed in compute_dtype(z) and rounded once to z's dtype.
+
+    Why not F.normalize(z) in half precision: its backward, g/‖z‖ − z(z·g)/‖z‖³, then rounds each
+    term to fp16/bf16 before they cancel. The exact gradient is orthogonal to z (zero at D = 1), and
+    those roundings leave an ulp of g/‖z‖ instead (0.06 at N = 2, D = 1, τ = 0.5 in fp16). In fp32
+    the cancellation keeps full precision and the result is rounded once.
+    """
+    return F.normalize(z.to(compute_dtype(z)), dim=-1).to(z.dtype)
+
+
 def _info_nce(lse_negatives: Tensor, pos: Tensor) -> Tensor:
     """Per-row InfoNCE −pos + log(exp(pos) + exp(lse_negatives)), as softplus(lse_negatives − pos).
 
@@ -146,7 +157,7 @@ def nt_xent_loss(
     backend, mode = _prepare(backend, z1, gather_distributed)
     if backend == "reference":
         return reference.nt_xent_loss(z1, z2, temperature)
-    z = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)])
+    z = torch.cat([_normalize(z1), _normalize(z2)])
     scale = inverse_temperature(temperature, z1)
     lse_negatives, pos, reduce = _local_rows(z, z, None, scale, _two_view_flags(z1.shape[0]), mode, backend)
     return reduce(_info_nce(lse_negatives, pos))
@@ -180,7 +191,7 @@ def moco_loss(
     backend, mode = _prepare(backend, query, gather_distributed)
     if backend == "reference":
         return reference.moco_loss(query, key, bank, temperature)
-    q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
+    q, k = _normalize(query), _normalize(key)
     flags = PairwiseLSEFlags(include_pos=False, y_negatives=False)  # k_i is the positive, the bank the negatives
     scale = inverse_temperature(temperature, query)
     lse_negatives, pos, reduce = _local_rows(q, k, bank.detach(), scale, flags, mode, backend)
@@ -198,7 +209,7 @@ def _dcl(
     """DCL over validated inputs; `weight_fn(a, b)` as in lightly (called on normalised views — this
     rank's, under a gather, as lightly does). `mode`: an active gather mode or None."""
     n = z1.shape[0]
-    n1, n2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n1, n2 = _normalize(z1), _normalize(z2)
     z = torch.cat([n1, n2])
     lse, pos, reduce = _local_rows(z, z, None, inverse_temperature(temperature, z1), _two_view_flags(n), mode, backend)
     if weight_fn is not None:
@@ -282,7 +293,7 @@ def clip_loss(
     backend, mode = _prepare(backend, z1, gather_distributed)
     if backend == "reference":
         return reference.clip_loss(z1, z2, temperature)
-    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    a, b = _normalize(z1), _normalize(z2)
     scale = inverse_temperature(temperature, z1)
     sizes = None if mode is None else distributed.batch_sizes(a)
     lse_rows, pos_rows, reduce = _local_rows(a, b, None, scale, _POSITIVE_APART, mode, backend, sizes)
@@ -743,7 +754,7 @@ def arcl_loss(
     if backend == "reference":
         return reference.arcl_loss(views, temperature)
     n = views.shape[0]
-    v = F.normalize(views, dim=-1)
+    v = _normalize(views)
     scale = inverse_temperature(temperature, views)
     worst = worst_pair(v, backend=backend) * scale  # s_i⁺/τ, (N,)
     z = torch.cat([v[:, 0], v[:, 1]])
