@@ -225,6 +225,29 @@ std::tuple<at::Tensor, at::Tensor> column_mean_var(const at::Tensor& a, int64_t 
   return {mean, var};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> worst_pair_forward(const at::Tensor& v) {
+  CHECK_CUDA(v, "views");
+  TORCH_CHECK_VALUE(v.dim() == 3, "fastssl._C: views must be (N, m, D), got shape ", shape_of(v));
+  TORCH_CHECK_VALUE(v.size(1) >= 2 && v.size(1) <= fastssl::kWorstPairMaxViews, "fastssl._C: views must have 2 to ",
+                    fastssl::kWorstPairMaxViews, " views per sample, got shape ", shape_of(v));
+  const fastssl::DType dt = dtype_of(v, "views");
+  const c10::cuda::CUDAGuard guard(v.device());
+  at::Tensor sims = at::empty({v.size(0)}, v.options().dtype(at::kFloat));
+  at::Tensor first = at::empty({v.size(0)}, v.options().dtype(at::kLong));
+  at::Tensor second = at::empty({v.size(0)}, v.options().dtype(at::kLong));
+  fastssl::Views views;
+  views.ptr = v.data_ptr();
+  views.samples = v.size(0);
+  views.views = v.size(1);
+  views.dim = v.size(2);
+  views.stride_n = v.stride(0);
+  views.stride_m = v.stride(1);
+  views.stride_d = v.stride(2);
+  CHECK_CUDA_OK(fastssl::worst_pair_forward(views, dt, sims.data_ptr<float>(), first.data_ptr<int64_t>(),
+                                            second.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return {sims, first, second};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -239,6 +262,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_columns", &affine_columns, "per-column (a - shift) * scale, rounded to a's dtype", py::arg("a"),
         py::arg("shift"), py::arg("scale"), py::arg("out_fp32"));
   m.def("sum_product", &sum_product, "deterministic sum of u * v (fp32)", py::arg("u"), py::arg("v"));
+  m.def("worst_pair_forward", &worst_pair_forward, "ArCL's worst pair per sample: (sim fp32, j, k)", py::arg("views"));
   m.def("column_mean_var", &column_mean_var, "per-column mean and variance (fp32)", py::arg("a"),
         py::arg("correction"));
 }

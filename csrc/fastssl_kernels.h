@@ -78,4 +78,23 @@ int64_t column_stats_partials(int64_t rows, int64_t cols);
 cudaError_t column_stats(const Matrix& a, DType dtype, int correction, float* partials, float* mean, float* var,
                          cudaStream_t stream);
 
+// ArCL's worst pair (docs/design.md family 3). Views v (N, m, D) read through their strides:
+// element (i, j, d) is at ptr[i * stride_n + j * stride_m + d * stride_d].
+constexpr int kWorstPairMaxViews = 64;
+
+struct Views {
+  const void* ptr = nullptr;
+  int64_t samples = 0;
+  int64_t views = 0;
+  int64_t dim = 0;
+  int64_t stride_n = 0;
+  int64_t stride_m = 0;
+  int64_t stride_d = 1;
+};
+
+// Per sample i: sims[i] = min_{j<k} v_ij·v_ik (fp32), first[i] = j, second[i] = k of the first
+// minimising pair in lexicographic order. 2 <= m <= kWorstPairMaxViews.
+cudaError_t worst_pair_forward(const Views& v, DType dtype, float* sims, int64_t* first, int64_t* second,
+                               cudaStream_t stream);
+
 }  // namespace fastssl

@@ -25,8 +25,7 @@ from fastssl._common import compute_dtype
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.worst_pair",
     "triton": "fastssl.kernels.triton.worst_pair",
-    # A memory-bound pass over N·m·D inputs: the Triton kernel serves CUDA tensors for both GPU backends.
-    "cuda": "fastssl.kernels.triton.worst_pair",
+    "cuda": "fastssl.kernels.cuda.worst_pair",
 }
 
 

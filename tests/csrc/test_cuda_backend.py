@@ -68,7 +68,7 @@ def test_cu_files_compile_without_spills(ptxas_report):
     names = [k for k, _, _ in kernels]
     pairwise = [k for k in names if "pairwise_lse_kernel" in k]
     assert len(pairwise) == EXPECTED_PAIRWISE_KERNELS, f"sm_{arch}: pairwise-LSE kernels seen by ptxas: {pairwise}"
-    for helper in ("affine_columns", "sum_product_partial_kernel", "column_stats_partial_kernel"):
+    for helper in ("affine_columns", "sum_product_partial_kernel", "column_stats_partial_kernel", "worst_pair_kernel"):
         assert any(helper in k for k in names), f"sm_{arch}: no {helper} kernel in {names}"
     spilling = [(k, st, ld) for k, st, ld in kernels if st or ld]
     assert not spilling, f"sm_{arch}: register spills (kernel, store bytes, load bytes): {spilling}"
@@ -270,3 +270,21 @@ def test_cuda_is_listed_when_it_loads(cuda_backend):
     assert resolve_backend("cuda", z) == "cuda"
     with pytest.raises(TypeError, match="float64"):
         resolve_backend("cuda", z.double())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("n,m,d", [(3, 2, 1), (17, 4, 128), (9, 8, 300), (5, 64, 33)])
+def test_worst_pair_cuda_matches_torch(cuda_backend, dtype, n, m, d):
+    """csrc/worst_pair.cu against the torch kernel: the minimum in fp32 and the same (j, k), read
+    through strides (a non-contiguous view), with exact ties resolved to the first pair."""
+    from fastssl.kernels.cuda.worst_pair import worst_pair_forward as cuda_worst_pair
+    from fastssl.kernels.torch.worst_pair import worst_pair_forward as torch_worst_pair
+
+    v = torch.nn.functional.normalize(torch.randn(n, d, m), dim=1).transpose(1, 2).to(dtype)  # strided (N, m, D)
+    v[0, m - 1] = v[0, 0]  # sample 0: pairs (0, j) and (j, m-1) tie; the first in (j, k) order must win
+    got = cuda_worst_pair(v.cuda())
+    want = torch_worst_pair(v)
+    torch.testing.assert_close(got[0].cpu(), want[0].float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2]), (got, want)
+

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 #: The kernel sources, in the order setup.py compiles them.
-SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu")
+SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu")
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
 
 _reason: Optional[str] = None
