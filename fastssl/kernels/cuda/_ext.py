@@ -4,6 +4,9 @@ Order: (1) `import fastssl._C` (built by ``pip install`` when a CUDA toolkit and
 torch were present, or with ``FASTSSL_BUILD_CUDA=1``); (2) a just-in-time build of csrc/ with
 ``torch.utils.cpp_extension.load`` (ninja), cached by torch under ``TORCH_EXTENSIONS_DIR``
 (default ``~/.cache/torch_extensions``) so only the first use compiles (about a minute or two).
+When kernel objects for this GPU's arch were compiled ahead of time (``python -m
+fastssl.kernels.cuda.prebuild``, on any machine with nvcc; ``FASTSSL_CSRC_OBJECTS`` or
+``build/csrc`` of the checkout), the JIT build compiles only bindings.cpp and links them.
 The JIT build needs a CUDA GPU, a CUDA build of torch, nvcc and the csrc/ sources (a source
 checkout or editable install); ``FASTSSL_CUDA_JIT=0`` turns it off. Whatever fails is remembered
 and reported by :func:`unavailable_reason`, so ``backend="cuda"`` can say why it cannot run.
@@ -12,6 +15,7 @@ and reported by :func:`unavailable_reason`, so ``backend="cuda"`` can say why it
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -23,23 +27,40 @@ import torch
 
 #: The kernel sources, in the order setup.py compiles them.
 SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu")
+#: The torch-free kernel sources, which nvcc can compile ahead of time (prebuild.py).
+KERNEL_SOURCES = tuple(s for s in SOURCES if s.endswith(".cu"))
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
+#: Where prebuild.py puts kernel objects by default: <checkout>/build/csrc/sm_<arch>/<name>.o.
+OBJECTS_DIR = CSRC.parent / "build" / "csrc"
 
 _reason: Optional[str] = None
 
 
-def _arch_flags() -> list[str]:
+def _archs() -> list[str]:
     # The GPU we are on (a JIT build is for this machine only); FASTSSL_CUDA_ARCH_LIST overrides.
     archs = os.environ.get("FASTSSL_CUDA_ARCH_LIST")
     if archs is None:
         major, minor = torch.cuda.get_device_capability()
         archs = f"{major}.{minor}"
-    flags = []
-    for arch in archs.replace(",", ";").split(";"):
-        arch = arch.strip().replace(".", "")
-        if arch:
-            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    return flags
+    return [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
+
+
+def _arch_flags() -> list[str]:
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in _archs()]
+
+
+def prebuilt_objects(archs: list[str], root: Optional[Path] = None) -> Optional[list[Path]]:
+    """Up-to-date kernel objects for exactly one arch under `root` (FASTSSL_CSRC_OBJECTS, else
+    build/csrc), or None: then the JIT build compiles the .cu files itself."""
+    root = Path(os.environ.get("FASTSSL_CSRC_OBJECTS", OBJECTS_DIR)) if root is None else root
+    if len(archs) != 1:
+        return None
+    objects = [root / f"sm_{archs[0]}" / (Path(s).stem + ".o") for s in KERNEL_SOURCES]
+    newest_source = max(p.stat().st_mtime for p in [*(CSRC / s for s in KERNEL_SOURCES), *CSRC.glob("*.h"),
+                                                      *CSRC.glob("*.cuh")])  # fmt: skip
+    if not all(o.is_file() and o.stat().st_mtime >= newest_source for o in objects):
+        return None
+    return objects
 
 
 def _jit_build() -> ModuleType:
@@ -56,6 +77,20 @@ def _jit_build() -> ModuleType:
         file=sys.stderr,
         flush=True,
     )
+    objects = prebuilt_objects(_archs())
+    if objects is not None:
+        # Only the torch glue is compiled here; the name carries the objects' identity, so a rebuilt
+        # object is never shadowed by torch's cache of an older link.
+        stamp = hashlib.sha1("".join(f"{o}:{o.stat().st_mtime_ns}" for o in objects).encode()).hexdigest()[:10]
+        return cpp_extension.load(
+            name=f"fastssl_C_{stamp}",
+            sources=[str(CSRC / "bindings.cpp")],
+            extra_cflags=["-O3"],
+            extra_ldflags=[str(o) for o in objects],
+            extra_include_paths=[str(CSRC)],
+            with_cuda=True,
+            verbose=os.environ.get("FASTSSL_CUDA_VERBOSE", "0") not in ("", "0"),
+        )
     return cpp_extension.load(
         name="fastssl_C",
         sources=[str(CSRC / s) for s in SOURCES],
