@@ -733,3 +733,79 @@ def arcl_loss(
         z, z, None, scale, mode, backend, pos_offset=n, exclude_self=True, include_pos=False
     )
     return reduce(_info_nce(lse_negatives, worst.repeat(2)))
+
+
+# ==================================================================================================
+# lightly 1.6's further losses on the existing kernel families (appended section): MACL and DirectCLR
+# are NT-Xent variants on the pairwise-LSE op (family 1); FroSSL and TiCo take their one
+# N·D·min(N, D) part from the squared-Frobenius op (family 2) and the rest from O(N·D) torch ops;
+# KoLeo's nearest neighbours come from the pairwise-max op (fastssl/ops/pairwise_max.py).
+# ==================================================================================================
+
+from fastssl.ops.pairwise_max import pairwise_max  # noqa: E402  (this section's own import)
+
+__all__ += ["macl_loss"]
+
+#: MACL's guard in V = 1/(1 − P + eps) (lightly's `MACLLoss.eps`).
+MACL_EPS = 1e-8
+
+
+def _check_unit_interval(name: str, value: object) -> None:
+    """A Python number in [0, 1] (MACL's alpha and A_0, TiCo's beta), else a TypeError/ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in the range [0, 1], got {value}")
+
+
+def macl_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = 0.1,
+    alpha: float = 0.5,
+    A_0: float = 0.0,
+    *,
+    eps: float = MACL_EPS,
+    backend: str = "auto",
+) -> Tensor:
+    """Model-aware contrastive loss (Huang et al. 2023, MACL; lightly's `MACLLoss`).
+
+    NT-Xent whose temperature follows the batch's alignment, each anchor reweighted. With
+    Z = [n(z1); n(z2)] (2N, D), anchor a, positive p(a) = (a + N) mod 2N and s_ab = Z_a·Z_b:
+
+        A       = mean_i n(z1_i)·n(z2_i)                       (no gradient: the mean positive)
+        t       = τ·(1 + α·(A − A_0))                          (the model-aware temperature)
+        log P_a = s_a,p(a)/t − LSE_{b≠a} s_ab/t                (log-probability of the positive)
+        loss    = mean_a −V_a·log P_a,   V_a = 1/(1 − P_a + eps)   (V without gradient)
+
+    Composition: an O(N·D) row dot for A, then the pairwise-LSE op at scale 1/t over each anchor's
+    2N − 1 candidates, as nt_xent_loss (the 2N x 2N logits are never stored). With the gap
+    g_a = LSE_{b∉{a,p(a)}} s_ab/t − s_a,p(a)/t, −log P_a = softplus(g_a) and 1 − P_a = sigmoid(g_a),
+    both exact where the positive dominates (where lightly's 1 − exp(log P) cancels).
+    t ≤ 0 needs α·(A_0 − A) ≥ 1; as in lightly it is not guarded (that would cost a host sync).
+
+    Args: z1, z2 (N, D), N ≥ 2; temperature τ > 0 (default 0.1; a float or a 0-dim tensor);
+    alpha α ∈ [0, 1] (0.5); A_0 ∈ [0, 1] (0); eps > 0 (1e-8). Returns a 0-dim loss.
+    """
+    _check_pair(z1, z2)
+    check_positive("temperature", temperature)
+    _check_unit_interval("alpha", alpha)
+    _check_unit_interval("A_0", A_0)
+    check_positive("eps", eps)
+    backend = resolve_backend(backend, z1)
+    if backend == "reference":
+        return reference.macl_loss(z1, z2, temperature, alpha, A_0, eps=eps)
+    n, acc = z1.shape[0], compute_dtype(z1)
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    with torch.no_grad():
+        mean_positive = (a.to(acc) * b.to(acc)).sum(1).mean()
+    # t stays a device scalar (no sync); a tensor τ keeps its gradient through it.
+    tau = temperature.reshape(()).to(mean_positive) if isinstance(temperature, Tensor) else float(temperature)
+    t = tau * (1.0 + alpha * (mean_positive - A_0))
+    z = torch.cat([a, b])
+    lse_negatives, pos = pairwise_lse(
+        z, z, None, inverse_temperature(t, z1), pos_offset=n, exclude_self=True, include_pos=False, backend=backend
+    )
+    gap = lse_negatives - pos
+    weight = 1.0 / (torch.sigmoid(gap.detach()) + eps)
+    return (weight * F.softplus(gap)).mean()

@@ -454,3 +454,39 @@ class ArCLLoss(nn.Module):
 def _gather_repr(module: nn.Module) -> str:
     gather = getattr(module, "gather_distributed", False)
     return f", gather_distributed={gather!r}" if gather else ""
+
+
+# ==================================================================================================
+# lightly 1.6's further losses (appended section): MACLLoss, DirectCLRLoss, FroSSLLoss, TiCoLoss,
+# KoLeoLoss — lightly's names, constructor arguments and defaults, plus keyword-only `backend`.
+# ==================================================================================================
+
+__all__ += ["MACLLoss"]
+
+
+class MACLLoss(nn.Module):
+    """Model-aware contrastive loss (`fastssl.macl_loss`, Huang et al. 2023), as lightly's `MACLLoss`.
+
+    Args:
+        temperature: base τ > 0 (default 0.1).
+        alpha: α ∈ [0, 1], how far the temperature follows the alignment (default 0.5).
+        A_0: the alignment threshold A_0 ∈ [0, 1] (default 0).
+        backend: keyword-only.
+
+    `forward(z0, z1)`: (N, D) embeddings of two views; returns the mean loss (0-dim).
+    """
+
+    def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *, backend: str = "auto"):
+        super().__init__()
+        check_positive("temperature", temperature)
+        functional._check_unit_interval("alpha", alpha)
+        functional._check_unit_interval("A_0", A_0)
+        self.temperature, self.alpha, self.A_0 = temperature, alpha, A_0
+        self.eps = functional.MACL_EPS
+        self.backend = _check_backend(backend)
+
+    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        return functional.macl_loss(z0, z1, self.temperature, self.alpha, self.A_0, eps=self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, A_0={self.A_0}, backend={self.backend!r}"

@@ -425,3 +425,35 @@ def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
     centres = (one_hot.T @ zn) / one_hot.sum(dim=0)[:, None]  # (K, D)
     k, l = torch.triu_indices(centres.shape[0], centres.shape[0], offset=1, device=zn.device)
     return (centres @ centres.T)[k, l].max()
+
+
+# --------------------------------------------------------------------------------------------------
+# lightly 1.6's further losses (appended section): MACL, DirectCLR, FroSSL, TiCo, KoLeo — each the
+# formula of its lightly module written out literally (tests/spec/test_lightly_losses.py checks both).
+# --------------------------------------------------------------------------------------------------
+
+__all__ += ["macl_loss"]
+
+
+def macl_loss(
+    z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, alpha: float = 0.5, A_0: float = 0.0, eps: float = 1e-8
+) -> Tensor:
+    """Model-aware contrastive loss (Huang et al. 2023); equals ``lightly.loss.MACLLoss(temperature, alpha, A_0)``.
+
+    Z = [n(z1); n(z2)] (2N, D), s_ab = Z_a·Z_b, positive p(a) = (a + N) mod 2N::
+
+        A       = mean_a s_a,p(a)                (no gradient)
+        t       = τ·(1 + α·(A − A_0))
+        log P_a = s_a,p(a)/t − LSE_{b≠a} s_ab/t
+        loss    = 1/(2N) Σ_a −V_a·log P_a,   V_a = 1/(1 − P_a + eps)   (no gradient through V)
+    """
+    dtype = _compute_dtype(z1)
+    n = z1.shape[0]
+    z = torch.cat([F.normalize(_up(z1, dtype), dim=1), F.normalize(_up(z2, dtype), dim=1)])
+    sim = z @ z.T
+    rows = torch.arange(2 * n, device=z.device)
+    pos = sim[rows, (rows + n) % (2 * n)]
+    t = _temp(temperature, dtype) * (1 + alpha * (pos.detach().mean() - A_0))
+    log_p = pos / t - torch.logsumexp((sim / t).masked_fill(_eye(2 * n, z.device), float("-inf")), dim=1)
+    weight = 1.0 / (1.0 - log_p.exp() + eps)
+    return (-weight.detach() * log_p).mean()

@@ -92,3 +92,13 @@ def build_criterion(name: str, proj_dim: int, *, backend: str = "auto", temperat
         module = cls(memory_bank_size=(memory_bank, proj_dim), **kwargs)
         return Criterion(name, module, 1, momentum_keys=True, call=lambda mod, zs, keys: mod(zs[0], keys))
     return Criterion(name, cls(**kwargs), 2, call=lambda mod, zs, keys: mod(zs[0], zs[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# lightly 1.6's further losses (appended section). Each takes the two views as the others do
+# (`module(zs[0], zs[1])`); KoLeo is a regulariser, not a loss on its own, and is not offered here.
+# --------------------------------------------------------------------------------------------------
+
+LOSSES.update({
+    "macl": ("MACLLoss", "NT-Xent with a model-aware temperature (MACL, Huang et al. 2023), tau=0.1, alpha=0.5"),
+})

