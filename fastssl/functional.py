@@ -809,3 +809,57 @@ def macl_loss(
     gap = lse_negatives - pos
     weight = 1.0 / (torch.sigmoid(gap.detach()) + eps)
     return (weight * F.softplus(gap)).mean()
+
+
+__all__ += ["directclr_loss"]
+
+
+def _check_loss_dim(loss_dim: object) -> int:
+    if isinstance(loss_dim, bool) or not isinstance(loss_dim, int):
+        raise TypeError(f"loss_dim must be an int, got {type(loss_dim).__name__}")
+    if loss_dim < 1:
+        raise ValueError(f"loss_dim must be >= 1, got {loss_dim}")
+    return loss_dim
+
+
+def _leading_dims(z: object, loss_dim: int) -> object:
+    """DirectCLR's truncation, as lightly's: z.flatten(start_dim=1)[:, :loss_dim] — a strided view of
+    z (flatten copies only a non-contiguous input of more than 2 dimensions). Anything that is not a
+    tensor of at least 2 dimensions is passed through for the loss's own checks to name."""
+    if not isinstance(z, Tensor) or z.dim() < 2:
+        return z
+    return z.flatten(start_dim=1)[:, :loss_dim]
+
+
+def directclr_loss(
+    z1: Tensor,
+    z2: Tensor,
+    loss_dim: int = 64,
+    temperature: Temperature = 0.5,
+    *,
+    bank: Optional[Tensor] = None,
+    gather_distributed: Union[bool, str] = False,
+    backend: str = "auto",
+) -> Tensor:
+    """DirectCLR (Jing et al. 2022; lightly's `DirectCLRLoss`): NT-Xent on the first `loss_dim` dimensions.
+
+    With z[:, :k] the first k = loss_dim entries of each flattened row (all of them if k ≥ D):
+
+        loss = nt_xent_loss(z1[:, :k], z2[:, :k], τ)            (bank None)
+             = moco_loss(z1[:, :k], z2[:, :k], bank, τ)          (a (K, k) memory bank of negatives)
+
+    The truncation is a strided view (row stride D, no copy). F.normalize reads that view in place;
+    the L2-normalised rows it writes (O(N·k), smaller than the input: the pairwise-LSE op has no
+    per-row scale to fold the normalisation into) are what the kernels read, and the 2N x 2N logits
+    are never formed. (Both kernels also take strided operands: Triton reads them through their
+    strides, the torch kernel makes one row-major copy in the compute dtype.)
+
+    Args: z1, z2 (N, ...) with N ≥ 2 (flattened to (N, D)); loss_dim k ≥ 1 (default 64);
+    temperature τ > 0 (0.5); bank (K, k) or None; gather_distributed as nt_xent_loss / moco_loss.
+    Returns a 0-dim loss.
+    """
+    loss_dim = _check_loss_dim(loss_dim)
+    z1, z2 = _leading_dims(z1, loss_dim), _leading_dims(z2, loss_dim)
+    if bank is None:
+        return nt_xent_loss(z1, z2, temperature, gather_distributed=gather_distributed, backend=backend)
+    return moco_loss(z1, z2, bank, temperature, gather_distributed=gather_distributed, backend=backend)

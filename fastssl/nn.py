@@ -490,3 +490,40 @@ class MACLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, A_0={self.A_0}, backend={self.backend!r}"
+
+
+__all__ += ["DirectCLRLoss"]
+
+
+class DirectCLRLoss(NTXentLoss):
+    """DirectCLR (`fastssl.directclr_loss`, Jing et al. 2022): NTXentLoss on the first `loss_dim`
+    dimensions of each flattened embedding, as lightly's `DirectCLRLoss` (a subclass of NTXentLoss).
+
+    Args:
+        loss_dim: number of leading dimensions the loss sees (default 64).
+        temperature, memory_bank_size, gather_distributed: as NTXentLoss (0.5, 0, False); a memory
+            bank holds truncated rows, so its size is (K, loss_dim).
+        backend: keyword-only.
+
+    `forward(out0, out1)`: (N, ...) backbone outputs of two views (no projection head); returns the loss.
+    """
+
+    def __init__(
+        self,
+        loss_dim: int = 64,
+        temperature: float = 0.5,
+        memory_bank_size: Union[int, Sequence[int]] = 0,
+        gather_distributed: Union[bool, str] = False,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__(temperature=temperature, memory_bank_size=memory_bank_size,
+                         gather_distributed=gather_distributed, backend=backend)  # fmt: skip
+        self.loss_dim = functional._check_loss_dim(loss_dim)
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return super().forward(functional._leading_dims(out0, self.loss_dim),
+                               functional._leading_dims(out1, self.loss_dim))  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"loss_dim={self.loss_dim}, {super().extra_repr()}"

@@ -457,3 +457,21 @@ def macl_loss(
     log_p = pos / t - torch.logsumexp((sim / t).masked_fill(_eye(2 * n, z.device), float("-inf")), dim=1)
     weight = 1.0 / (1.0 - log_p.exp() + eps)
     return (-weight.detach() * log_p).mean()
+
+
+__all__ += ["directclr_loss"]
+
+
+def directclr_loss(
+    z1: Tensor, z2: Tensor, loss_dim: int = 64, temperature: Temperature = 0.5, bank: Optional[Tensor] = None
+) -> Tensor:
+    """DirectCLR (Jing et al. 2022); equals ``lightly.loss.DirectCLRLoss(loss_dim, temperature)``.
+
+    NT-Xent (with a memory bank: MoCo) on the first ``loss_dim`` entries of each flattened row::
+
+        loss = nt_xent_loss(z1.flatten(1)[:, :loss_dim], z2.flatten(1)[:, :loss_dim], τ)
+
+    bank, when given, is (K, loss_dim), as :func:`moco_loss`'s.
+    """
+    a, b = z1.flatten(start_dim=1)[:, :loss_dim], z2.flatten(start_dim=1)[:, :loss_dim]
+    return nt_xent_loss(a, b, temperature) if bank is None else moco_loss(a, b, bank, temperature)

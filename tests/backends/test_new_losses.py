@@ -133,3 +133,105 @@ def test_macl_inputs_not_modified(backend):
     before = (z1.detach().clone(), z2.detach().clone())
     fastssl.macl_loss(z1, z2, backend=backend).backward()
     assert torch.equal(z1.detach(), before[0]) and torch.equal(z2.detach(), before[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# DirectCLR
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("n,d,loss_dim", [(5, 23, 9), (17, 6, 64)])
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_directclr_matches_reference(backend, n, d, loss_dim, with_bank):
+    z1, z2 = _pair(n, d, seed=n + d)
+    k = min(d, loss_dim)
+    bank = torch.nn.functional.normalize(torch.randn(13, k, dtype=torch.float64), dim=1) if with_bank else None
+    b = None if bank is None else bank.to(_backend_dtype(backend))
+    assert_matches_reference(lambda x, y: fastssl.directclr_loss(x, y, loss_dim, 0.2, bank=b, backend=backend),
+                             lambda x, y: reference.directclr_loss(x, y, loss_dim, 0.2, bank=bank), (z1, z2),
+                             backend, f"directclr/{backend} N={n} D={d} k={loss_dim} bank={with_bank}")  # fmt: skip
+
+
+def test_directclr_float64_torch_equals_spec():
+    assert_float64_exact(lambda a, b: fastssl.directclr_loss(a, b, 5, backend="torch"),
+                         lambda a, b: reference.directclr_loss(a, b, 5), _pair(7, 12, seed=3), "directclr")  # fmt: skip
+
+
+def test_directclr_gradcheck_torch():
+    z1, z2 = (t.requires_grad_() for t in _pair(4, 7, seed=8))
+    assert torch.autograd.gradcheck(lambda a, b: fastssl.directclr_loss(a, b, 3, 0.4, backend="torch"), (z1, z2))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_directclr_half_precision(backend, dtype):
+    z1, z2 = _pair(12, 48, seed=9, dtype=dtype)
+    got = _value_and_grads(lambda a, b: fastssl.directclr_loss(a, b, 20, backend=backend), (z1, z2))
+    want = _value_and_grads(lambda a, b: reference.directclr_loss(a, b, 20), (z1.double(), z2.double()))
+    assert_close(got[0], want[0], dtype, what=f"directclr {backend} {dtype} value")
+    for g, w in zip(got[1], want[1]):
+        assert g.dtype == dtype
+        assert_close(g, w, dtype, what=f"directclr {backend} {dtype} grad", scale=float(w.abs().max()))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_directclr_sees_only_the_leading_dimensions(backend):
+    z1, z2 = _pair(9, 14, seed=10, dtype=_backend_dtype(backend))
+    _, (g1, g2) = _value_and_grads(lambda a, b: fastssl.directclr_loss(a, b, 5, backend=backend), (z1, z2))
+    assert g1[:, 5:].abs().max() == 0 and g2[:, 5:].abs().max() == 0
+    assert g1[:, :5].abs().max() > 0 and g2[:, :5].abs().max() > 0
+    changed = z1.clone()
+    changed[:, 5:] = 1e3  # the trailing dimensions do not enter the loss
+    torch.testing.assert_close(fastssl.directclr_loss(changed, z2, 5, backend=backend),
+                               fastssl.directclr_loss(z1, z2, 5, backend=backend))  # fmt: skip
+
+
+def test_directclr_truncation_is_a_view():
+    from fastssl.functional import _leading_dims
+
+    z = torch.randn(6, 10)
+    view = _leading_dims(z, 4)
+    assert view.data_ptr() == z.data_ptr() and view.stride() == (10, 1) and view.shape == (6, 4)
+    images = torch.randn(6, 3, 2, 2)  # (N, C, H, W) backbone maps: flattened without a copy
+    assert _leading_dims(images, 5).data_ptr() == images.data_ptr()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pairwise_lse_reads_strided_operands(backend):
+    # What DirectCLR's strided rows would meet in the kernels: a column slice and a transposed view.
+    from fastssl.ops.pairwise_lse import pairwise_lse
+
+    wide = torch.randn(11, 20)
+    storage_t = torch.randn(7, 11)
+    scale = torch.tensor(2.0)
+    for x in (wide[:, 3:10], storage_t.T):
+        assert not x.is_contiguous()
+        xs = x.detach().requires_grad_()  # a strided leaf: the same view, no copy
+        strided = pairwise_lse(xs, xs, None, scale, pos_offset=3, exclude_self=True, backend=backend)
+        xc = x.detach().contiguous().requires_grad_()
+        contiguous = pairwise_lse(xc, xc, None, scale, pos_offset=3, exclude_self=True, backend=backend)
+        torch.testing.assert_close(strided[0], contiguous[0], rtol=1e-6, atol=1e-6)
+        (g_strided,) = torch.autograd.grad(strided[0].sum() + strided[1].sum(), xs)
+        (g_contig,) = torch.autograd.grad(contiguous[0].sum() + contiguous[1].sum(), xc)
+        torch.testing.assert_close(g_strided, g_contig, rtol=1e-5, atol=1e-6)
+
+
+def test_directclr_module_memory_bank_and_validation():
+    torch.manual_seed(0)
+    module = fnn.DirectCLRLoss(loss_dim=4, memory_bank_size=(10, 4), backend="torch")
+    out0, out1 = torch.randn(3, 9, requires_grad=True), torch.randn(3, 9)
+    bank = module.memory_bank.bank.clone()
+    loss = module(out0, out1)
+    torch.testing.assert_close(loss, reference.directclr_loss(out0, out1, 4, 0.5, bank=bank))
+    # the truncated, normalised keys were enqueued
+    torch.testing.assert_close(module.memory_bank.bank[:3], torch.nn.functional.normalize(out1[:, :4], dim=1))
+    assert "loss_dim=4" in repr(module) and "temperature=0.5" in repr(module)
+    with pytest.raises(ValueError, match="loss_dim must be >= 1"):
+        fnn.DirectCLRLoss(loss_dim=0)
+    with pytest.raises(TypeError, match="loss_dim must be an int"):
+        fastssl.directclr_loss(out0, out1, 2.5)
+    with pytest.raises(ValueError, match=r"query and bank must have the same embedding dimension.*\(3, 4\).*\(10, 9\)"):
+        fastssl.directclr_loss(out0, out1, 4, bank=torch.randn(10, 9))
+    with pytest.raises(ValueError, match=r"z1 must have 2 dimensions, got shape \(3,\)"):
+        fastssl.directclr_loss(torch.randn(3), torch.randn(3))

@@ -85,12 +85,12 @@ def oracle_macl(z1, z2, tau, alpha, a0, eps=1e-8):
     n = z1.shape[0]
     z = [row / row.norm() for row in torch.cat([z1, z2])]
     positives = [torch.dot(z[a], z[(a + n) % (2 * n)]) for a in range(2 * n)]
-    t = tau * (1 + alpha * (sum(float(p) for p in positives) / (2 * n) - a0))
+    t = tau * (1 + alpha * (sum(float(p.detach()) for p in positives) / (2 * n) - a0))
     total = 0.0
     for a in range(2 * n):
         exps = [torch.exp(torch.dot(z[a], z[b]) / t) for b in range(2 * n) if b != a]
         prob = torch.exp(positives[a] / t) / torch.stack(exps).sum()
-        total = total - torch.log(prob) / (1 - float(prob) + eps)  # the weight is a constant
+        total = total - torch.log(prob) / (1 - float(prob.detach()) + eps)  # the weight is a constant
     return total / (2 * n)
 
 
@@ -121,3 +121,78 @@ def test_macl_signature_matches_lightly():
 
     assert _signature(fnn.MACLLoss) == _signature(MACLLoss)
     assert fnn.MACLLoss().eps == MACLLoss().eps
+
+
+# ------------------------------------------------------------------------------------------------
+# DirectCLR (Jing et al. 2022)
+# ------------------------------------------------------------------------------------------------
+
+
+def oracle_nt_xent(z1, z2, tau, bank=None):
+    """Per-anchor loops: −log of the positive's softmax probability (with a bank: MoCo's anchors z1)."""
+    n = z1.shape[0]
+    unit = lambda row: row / row.norm()  # noqa: E731
+    if bank is not None:
+        total = 0.0
+        for i in range(n):
+            q, k = unit(z1[i]), unit(z2[i])
+            terms = [torch.exp(torch.dot(q, k) / tau)] + [torch.exp(torch.dot(q, b) / tau) for b in bank]
+            total = total - torch.log(terms[0] / torch.stack(terms).sum())
+        return total / n
+    z = [unit(row) for row in torch.cat([z1, z2])]
+    total = 0.0
+    for a in range(2 * n):
+        terms = {b: torch.exp(torch.dot(z[a], z[b]) / tau) for b in range(2 * n) if b != a}
+        total = total - torch.log(terms[(a + n) % (2 * n)] / torch.stack(list(terms.values())).sum())
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("shape,loss_dim", [((6, 9), 4), ((5, 3), 64), ((4, 2, 3, 2), 7)])
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_directclr_reference_matches_oracle(shape, loss_dim, with_bank):
+    gen = torch.Generator().manual_seed(sum(shape) + loss_dim)
+    z1 = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = min(loss_dim, z1[0].numel())
+    bank = F.normalize(torch.randn(5, k, generator=gen, dtype=torch.float64), dim=1) if with_bank else None
+    # the oracle reads the leading entries of each sample in its own (row-major) order
+    first = lambda z: torch.stack([z[i].reshape(-1)[:k] for i in range(z.shape[0])])  # noqa: E731
+    assert_oracle(reference.directclr_loss(z1, z2, loss_dim, 0.3, bank=bank),
+                  oracle_nt_xent(first(z1), first(z2), 0.3, bank), (z1, z2),
+                  f"directclr {shape} loss_dim={loss_dim} bank={with_bank}")  # fmt: skip
+
+
+@needs_lightly
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,kwargs", [((8, 20), {"loss_dim": 7}), ((9, 5), {}), ((6, 3, 2, 2), {"loss_dim": 10, "temperature": 0.2})])  # fmt: skip
+def test_directclr_matches_lightly(backend, shape, kwargs):
+    from lightly.loss import DirectCLRLoss
+
+    z1, z2 = torch.randn(*shape, requires_grad=True), torch.randn(*shape, requires_grad=True)
+    ours = fnn.DirectCLRLoss(**kwargs, backend=backend)(z1, z2)
+    assert_lightly(ours, DirectCLRLoss(**kwargs)(z1, z2), (z1, z2), f"DirectCLRLoss({kwargs}) {backend} {shape}")
+
+
+@needs_lightly
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_directclr_memory_bank_training_matches_lightly(backend):
+    """Same seed, same steps: the same losses, gradients and (truncated) bank, step after step."""
+    from lightly.loss import DirectCLRLoss
+
+    torch.manual_seed(5)
+    ours = fnn.DirectCLRLoss(loss_dim=6, memory_bank_size=(14, 6), backend=backend)
+    torch.manual_seed(5)
+    theirs = DirectCLRLoss(loss_dim=6, memory_bank_size=(14, 6))
+    torch.testing.assert_close(ours.memory_bank.bank, theirs.memory_bank.bank)
+    for step in range(4):  # 4 x 5 rows through a 14-row queue: it wraps
+        out0, out1 = torch.randn(5, 11, requires_grad=True), torch.randn(5, 11, requires_grad=True)
+        assert_lightly(ours(out0, out1), theirs(out0, out1), (out0, out1), f"DirectCLR bank step {step} {backend}")
+        torch.testing.assert_close(ours.memory_bank.bank, theirs.memory_bank.bank)
+        assert int(ours.memory_bank.bank_ptr) == int(theirs.memory_bank.bank_ptr)
+
+
+@needs_lightly
+def test_directclr_signature_matches_lightly():
+    from lightly.loss import DirectCLRLoss
+
+    assert _signature(fnn.DirectCLRLoss) == _signature(DirectCLRLoss)
