@@ -863,3 +863,66 @@ def directclr_loss(
     if bank is None:
         return nt_xent_loss(z1, z2, temperature, gather_distributed=gather_distributed, backend=backend)
     return moco_loss(z1, z2, bank, temperature, gather_distributed=gather_distributed, backend=backend)
+
+
+__all__ += ["frossl_loss"]
+
+
+def _check_view_list(z_views: object) -> list[Tensor]:
+    """A list/tuple of V ≥ 2 (N, D) tensors of one shape, dtype and device (FroSSL's views)."""
+    if not isinstance(z_views, (list, tuple)):
+        raise TypeError(f"z_views must be a list or tuple of (N, D) tensors, got {type(z_views).__name__}")
+    if len(z_views) < 2:
+        raise ValueError(f"z_views must contain at least two views but found {len(z_views)}")
+    for index, view in enumerate(z_views):
+        check_embeddings(f"z_views[{index}]", view)
+        check_same("z_views[0]", z_views[0], f"z_views[{index}]", view)
+    return list(z_views)
+
+
+def frossl_loss(
+    z_views: Sequence[Tensor],
+    invariance_weight: float = 1.0,
+    *,
+    route: str = "auto",
+    backend: str = "auto",
+) -> Tensor:
+    """FroSSL (Skean et al. 2024; lightly's `FroSSLLoss`) over V ≥ 2 views.
+
+    Each view is normalised per dimension, ẑ_v = z_v / ‖z_v‖_col (F.normalize(z, dim=0)); z̄ is the
+    mean of the V normalised views. With C_v = ẑ_vᵀẑ_v (D x D; ‖C_v‖_F = ‖ẑ_vẑ_vᵀ‖_F):
+
+        reg_v = log ‖C_v‖²_F − 2·log tr(C_v)                  (= 2·log ‖C_v/tr C_v‖_F, lightly's form)
+        inv_v = V·D·mean_{N,D}(ẑ_v − z̄)²
+        loss  = Σ_v reg_v + invariance_weight·Σ_v inv_v
+
+    tr C_v = Σ_d ‖ẑ_vd‖² (= D unless a column is zero) carries no gradient: lightly divides by
+    ``trace.item()``. ‖C_v‖²_F is the squared-Frobenius op on z_v with the column normalisation
+    folded into its loads (ẑ_v is not written for it), on the D x D side (cost N·D²) or the N x N
+    side (N²·D) — auto: the smaller, as lightly's choice of matrix; C_v is never stored on the Gram
+    route. The invariance term is O(V·N·D) torch ops (it writes the normalised views, the size of
+    the inputs).
+
+    Args: z_views, a list/tuple of V ≥ 2 tensors (N, D), N ≥ 2; invariance_weight ≥ 0 (default 1);
+    route "auto" | "covariance" | "gram". Returns a 0-dim loss.
+    """
+    views = _check_view_list(z_views)
+    check_nonnegative("invariance_weight", invariance_weight)
+    check_route(route)
+    backend = resolve_backend(backend, views[0], op="sq_frobenius")
+    if backend == "reference":
+        return reference.frossl_loss(views, invariance_weight)
+    n, d = views[0].shape
+    acc = compute_dtype(views[0])
+    side = op_route(choose_side(n, d, route), True)
+    regularization, normalised = 0.0, []
+    for z in views:
+        # F.normalize(z, dim=0): 1/max(‖z_col‖, 1e-12) per column.
+        scale = 1.0 / torch.linalg.vector_norm(z.to(acc), dim=0).clamp_min(1e-12)
+        trace = column_dot(z, None, a_scale=scale).sum().detach()
+        frob = sq_frobenius(z, None, a_scale=scale, route=side, backend=backend)
+        regularization = regularization + torch.log(frob) - 2.0 * torch.log(trace)
+        normalised.append(z.to(acc) * scale)
+    stacked = torch.stack(normalised)  # (V, N, D)
+    invariance = len(views) * d * (stacked - stacked.mean(0)).square().mean(dim=(1, 2)).sum()
+    return regularization + invariance_weight * invariance

@@ -527,3 +527,34 @@ class DirectCLRLoss(NTXentLoss):
 
     def extra_repr(self) -> str:
         return f"loss_dim={self.loss_dim}, {super().extra_repr()}"
+
+
+__all__ += ["FroSSLLoss"]
+
+
+class FroSSLLoss(nn.Module):
+    """FroSSL (`fastssl.frossl_loss`, Skean et al. 2024), lightly 1.6's `FroSSLLoss`.
+
+    Args:
+        invariance_weight: weight ≥ 0 of the invariance term (default 1).
+        route, backend: keyword-only, as in `BarlowTwinsLoss`.
+
+    `forward(z_views)`: a list of V ≥ 2 (N, D) views, as lightly's; `forward(z0, z1, ...)` with the
+    views as separate tensors is the same call. Returns the loss (0-dim).
+    """
+
+    def __init__(self, invariance_weight: float = 1.0, *, route: str = "auto", backend: str = "auto"):
+        super().__init__()
+        check_nonnegative("invariance_weight", invariance_weight)
+        self.invariance_weight = invariance_weight
+        self.route = check_route(route)
+        self.backend = _check_backend(backend)
+
+    def forward(self, *z_views: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        if len(z_views) == 0:
+            raise TypeError("FroSSLLoss() needs views: a list of (N, D) tensors, or the tensors themselves")
+        views = z_views[0] if len(z_views) == 1 else list(z_views)
+        return functional.frossl_loss(views, self.invariance_weight, route=self.route, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"invariance_weight={self.invariance_weight}, route={self.route!r}, backend={self.backend!r}"

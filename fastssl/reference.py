@@ -475,3 +475,29 @@ def directclr_loss(
     """
     a, b = z1.flatten(start_dim=1)[:, :loss_dim], z2.flatten(start_dim=1)[:, :loss_dim]
     return nt_xent_loss(a, b, temperature) if bank is None else moco_loss(a, b, bank, temperature)
+
+
+__all__ += ["frossl_loss"]
+
+
+def frossl_loss(z_views: Sequence[Tensor], invariance_weight: float = 1.0) -> Tensor:
+    """FroSSL (Skean et al. 2024); equals ``lightly.loss.FroSSLLoss(invariance_weight)([z_1, ..., z_V])``.
+
+    ẑ_v = z_v normalised per dimension (F.normalize(z_v, dim=0)), z̄ = mean_v ẑ_v; C_v = ẑ_vᵀẑ_v (D, D)
+    when N > D, else ẑ_vẑ_vᵀ (N, N) — the same non-zero eigenvalues, so the same Frobenius norm::
+
+        loss = Σ_v 2·log ‖C_v / tr(C_v)‖_F + invariance_weight·Σ_v V·D·mean_{N,D}(ẑ_v − z̄)²
+
+    tr(C_v) is a constant to autograd (lightly divides by ``trace.item()``).
+    """
+    dtype = _compute_dtype(z_views[0])
+    views = [F.normalize(_up(z, dtype), p=2, dim=0) for z in z_views]
+    mean_view = torch.stack(views).mean(dim=0)
+    n, d = views[0].shape
+    total_reg, total_inv = 0.0, 0.0
+    for z in views:
+        cov = z.T @ z if n > d else z @ z.T
+        cov = cov / torch.trace(cov).detach()
+        total_reg = total_reg + 2 * torch.log(torch.linalg.norm(cov, ord="fro"))
+        total_inv = total_inv + len(views) * d * F.mse_loss(z, mean_view)
+    return total_reg + invariance_weight * total_inv

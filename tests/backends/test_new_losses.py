@@ -235,3 +235,76 @@ def test_directclr_module_memory_bank_and_validation():
         fastssl.directclr_loss(out0, out1, 4, bank=torch.randn(10, 9))
     with pytest.raises(ValueError, match=r"z1 must have 2 dimensions, got shape \(3,\)"):
         fastssl.directclr_loss(torch.randn(3), torch.randn(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# FroSSL
+# ------------------------------------------------------------------------------------------------
+
+
+def _views(num_views, n, d, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return [(base + 0.6 * torch.randn(n, d, generator=gen, dtype=torch.float64)).to(dtype) for _ in range(num_views)]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("n,d", [(3, 17), (21, 5)])
+@pytest.mark.parametrize("route", ["auto", "covariance", "gram"])
+@pytest.mark.parametrize("num_views", [2, 3])
+def test_frossl_matches_reference(backend, n, d, route, num_views):
+    views = _views(num_views, n, d, seed=n + d + num_views)
+    assert_matches_reference(lambda *v: fastssl.frossl_loss(list(v), 0.7, route=route, backend=backend),
+                             lambda *v: reference.frossl_loss(list(v), 0.7), views, backend,
+                             f"frossl/{backend} N={n} D={d} V={num_views} route={route}")  # fmt: skip
+
+
+def test_frossl_float64_torch_equals_spec():
+    assert_float64_exact(lambda *v: fastssl.frossl_loss(list(v), backend="torch"),
+                         lambda *v: reference.frossl_loss(list(v)), _views(3, 8, 5, seed=1), "frossl")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frossl_half_precision(backend, dtype):
+    views = _views(2, 40, 24, seed=2, dtype=dtype)
+    got = _value_and_grads(lambda *v: fastssl.frossl_loss(list(v), backend=backend), views)
+    want = _value_and_grads(lambda *v: reference.frossl_loss(list(v)), [v.double() for v in views])
+    assert_close(got[0], want[0], dtype, what=f"frossl {backend} {dtype} value", scale=float(want[0].abs()))
+    for g, w in zip(got[1], want[1]):
+        assert g.dtype == dtype
+        assert_close(g, w, dtype, what=f"frossl {backend} {dtype} grad", scale=float(w.abs().max()))
+
+
+def test_frossl_is_invariant_to_column_scales():
+    # ẑ normalises each dimension over the batch: rescaling columns changes nothing.
+    views = _views(2, 10, 6, seed=3)
+    scaled = [v * torch.linspace(0.1, 30.0, 6, dtype=torch.float64) for v in views]
+    torch.testing.assert_close(fastssl.frossl_loss(scaled, backend="torch"), fastssl.frossl_loss(views, backend="torch"))
+
+
+def test_frossl_module_and_validation():
+    views = _views(3, 7, 4, seed=4, dtype=torch.float32)
+    module = fnn.FroSSLLoss(0.5, route="gram", backend="torch")
+    expected = fastssl.frossl_loss(views, 0.5, backend="torch")
+    torch.testing.assert_close(module(views), expected)
+    torch.testing.assert_close(module(*views), expected)
+    assert "invariance_weight=0.5" in repr(module) and "route='gram'" in repr(module)
+    with pytest.raises(ValueError, match="at least two views but found 1"):
+        fastssl.frossl_loss(views[:1])
+    with pytest.raises(TypeError, match="z_views must be a list or tuple"):
+        fastssl.frossl_loss(views[0])
+    with pytest.raises(ValueError, match=r"z_views\[0\] and z_views\[2\] must have the same shape.*\(7, 4\).*\(7, 3\)"):
+        fastssl.frossl_loss([views[0], views[1], views[2][:, :3]])
+    with pytest.raises(ValueError, match="invariance_weight must be a finite number >= 0"):
+        fnn.FroSSLLoss(-1.0)
+    with pytest.raises(ValueError, match="route must be one of"):
+        fastssl.frossl_loss(views, route="diagonal")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_frossl_inputs_not_modified(backend):
+    views = [v.requires_grad_() for v in _views(2, 6, 9, seed=5, dtype=torch.float32)]
+    before = [v.detach().clone() for v in views]
+    fastssl.frossl_loss(views, backend=backend).backward()
+    assert all(torch.equal(v.detach(), b) for v, b in zip(views, before))

@@ -196,3 +196,52 @@ def test_directclr_signature_matches_lightly():
     from lightly.loss import DirectCLRLoss
 
     assert _signature(fnn.DirectCLRLoss) == _signature(DirectCLRLoss)
+
+
+# ------------------------------------------------------------------------------------------------
+# FroSSL (Skean et al. 2024)
+# ------------------------------------------------------------------------------------------------
+
+
+def oracle_frossl(views, invariance_weight):
+    """Another route: ‖C‖²_F = Σσ⁴ and tr C = Σσ² from the singular values σ of each normalised view;
+    the invariance term by loops over samples."""
+    v, (n, d) = len(views), views[0].shape
+    normalised = [torch.stack([col / col.norm() for col in z.T], dim=1) for z in views]
+    reg = 0.0
+    for z in normalised:
+        sigma = torch.linalg.svdvals(z)
+        reg = reg + torch.log(sigma.pow(4).sum()) - 2 * torch.log(sigma.detach().pow(2).sum())
+    inv = 0.0
+    for i in range(n):
+        mean_row = sum(z[i] for z in normalised) / v
+        inv = inv + sum(((z[i] - mean_row) ** 2).sum() for z in normalised)
+    return reg + invariance_weight * v * d * inv / (n * d)
+
+
+@pytest.mark.parametrize("n,d", [(9, 4), (4, 7)])  # lightly's D x D and N x N choice
+@pytest.mark.parametrize("num_views,weight", [(2, 1.0), (3, 0.3)])
+def test_frossl_reference_matches_oracle(n, d, num_views, weight):
+    gen = torch.Generator().manual_seed(10 * n + d + num_views)
+    views = [torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(num_views)]
+    assert_oracle(reference.frossl_loss(views, weight), oracle_frossl(views, weight), views,
+                  f"frossl N={n} D={d} V={num_views} w={weight}")  # fmt: skip
+
+
+@needs_lightly
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d", [(16, 6), (5, 12)])
+@pytest.mark.parametrize("num_views,kwargs", [(2, {}), (3, {"invariance_weight": 0.25})])
+def test_frossl_matches_lightly(backend, n, d, num_views, kwargs):
+    from lightly.loss import FroSSLLoss
+
+    views = [torch.randn(n, d, requires_grad=True) for _ in range(num_views)]
+    ours = fnn.FroSSLLoss(**kwargs, backend=backend)(views)
+    assert_lightly(ours, FroSSLLoss(**kwargs)(views), views, f"FroSSLLoss({kwargs}) {backend} N={n} D={d} V={num_views}")
+
+
+@needs_lightly
+def test_frossl_signature_matches_lightly():
+    from lightly.loss import FroSSLLoss
+
+    assert _signature(fnn.FroSSLLoss) == _signature(FroSSLLoss)
