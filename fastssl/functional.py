@@ -926,3 +926,84 @@ def frossl_loss(
     stacked = torch.stack(normalised)  # (V, N, D)
     invariance = len(views) * d * (stacked - stacked.mean(0)).square().mean(dim=(1, 2)).sum()
     return regularization + invariance_weight * invariance
+
+
+__all__ += ["tico_loss"]
+
+
+def _check_tico_covariance(covariance: object, z_a: Tensor) -> Optional[Tensor]:
+    """TiCo's running C: None, or a floating (D, D) tensor; returned detached, on z_a's device, in its compute dtype."""
+    if covariance is None:
+        return None
+    d = z_a.shape[1]
+    if not isinstance(covariance, Tensor) or not covariance.is_floating_point():
+        raise TypeError(f"covariance must be None or a floating (D, D) tensor, got {covariance!r:.80}")
+    if tuple(covariance.shape) != (d, d):
+        raise ValueError(f"covariance must be (D, D) = ({d}, {d}) for z_a of shape {tuple(z_a.shape)}, got {tuple(covariance.shape)}")
+    return covariance.detach().to(device=z_a.device, dtype=compute_dtype(z_a))
+
+
+def _tico(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: float, rho: float, route: str, backend: str) -> Tensor:
+    """TiCo's loss for validated inputs (already gathered); see tico_loss."""
+    n, d = z_a.shape
+    acc = compute_dtype(z_a)
+    a, b = F.normalize(z_a.to(acc), dim=1), F.normalize(z_b.to(acc), dim=1)
+    invariance = 1.0 - (a * b).sum(1).mean()
+    contrast = a.new_zeros(())
+    if covariance is not None and beta > 0:
+        contrast = contrast + beta * ((a @ covariance) * a).sum(1).mean()  # N·D² against the D x D state
+    if beta < 1:
+        # ‖aaᵀ‖²_F with a = n(z_a): z_aᵀ (D, N) as the op's operand, the row normalisation a scale
+        # per column (sample); value ‖·‖² with half its gradient = ⟨aᵀa, sg(aᵀa)⟩_F.
+        row_scale = 1.0 / torch.linalg.vector_norm(z_a.to(acc), dim=1).clamp_min(1e-12)
+        side = op_route(choose_side(n, d, route), False)
+        frob = sq_frobenius(z_a.T, None, a_scale=row_scale, route=side, backend=backend)
+        contrast = contrast + (1.0 - beta) * 0.5 * (frob + frob.detach()) / (n * n)
+    return invariance + rho * contrast
+
+
+def tico_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    covariance: Optional[Tensor] = None,
+    beta: float = 0.9,
+    rho: float = 8.0,
+    *,
+    gather_distributed: bool = False,
+    route: str = "auto",
+    backend: str = "auto",
+) -> Tensor:
+    """TiCo (Zhu et al. 2022; lightly's `TiCoLoss`), given the running covariance before this step.
+
+    a = n(z_a), b = n(z_b) (N, D); B = aᵀa/N without gradient; C = β·covariance + (1 − β)·B
+    (covariance None: zero, lightly's first step):
+
+        loss = 1 − mean_i a_i·b_i + ρ·mean_i a_i C a_iᵀ
+             = 1 − mean_i a_i·b_i + ρβ·mean_i a_i·(covariance a_i) + ρ(1 − β)/N²·⟨aᵀa, sg(aᵀa)⟩_F
+
+    ⟨aᵀa, sg(aᵀa)⟩_F has the value ‖aaᵀ‖²_F and half its gradient: the squared-Frobenius op on
+    the D x D side (N·D²) or the N x N side (N²·D, auto: the smaller), with the row normalisation
+    folded into its loads — B is never formed. What is O(D²) by nature is the state: `covariance`
+    is D x D, and the term against it is one N·D² product (N x D output). Without a state (or
+    β = 0) nothing D x D exists on the Gram route. TiCoLoss keeps the state and updates it,
+    C ← β·C + (1 − β)·B, as lightly does; functional users can do the same.
+
+    Args: z_a, z_b (N, D), N ≥ 2; covariance (D, D) or None (no gradient); beta β ∈ [0, 1]
+    (default 0.9); rho ρ ≥ 0 (8); route "auto" | "covariance" | "gram". Returns a 0-dim loss.
+
+    gather_distributed=True (lightly's semantics): z_a and z_b are gathered from every rank and every
+    rank computes the loss of the global batch.
+    """
+    _check_pair(z_a, z_b, ("z_a", "z_b"))
+    covariance = _check_tico_covariance(covariance, z_a)
+    _check_unit_interval("beta", beta)
+    check_nonnegative("rho", rho)
+    check_route(route)
+    backend = resolve_backend(backend, z_a, op="sq_frobenius")
+    mode = _distributed_mode(gather_distributed, backend, ring=False)
+    if backend == "reference":
+        return reference.tico_loss(z_a, z_b, covariance, beta, rho)
+    if mode is not None:
+        sizes = distributed.batch_sizes(z_a)
+        z_a, z_b = distributed.gather_cat(z_a, sizes), distributed.gather_cat(z_b, sizes)
+    return _tico(z_a, z_b, covariance, beta, rho, route, backend)

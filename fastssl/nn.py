@@ -558,3 +558,65 @@ class FroSSLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"invariance_weight={self.invariance_weight}, route={self.route!r}, backend={self.backend!r}"
+
+
+__all__ += ["TiCoLoss"]
+
+
+class TiCoLoss(nn.Module):
+    """TiCo (`fastssl.tico_loss`, Zhu et al. 2022), lightly 1.6's `TiCoLoss`, with its running covariance.
+
+    Args:
+        beta: EMA coefficient β ∈ [0, 1] of the covariance (default 0.9).
+        rho: weight ρ ≥ 0 of the covariance-contrast term (default 8).
+        gather_distributed: True: z_a, z_b are gathered from every rank (lightly's); the loss and the
+            update of C are those of the global batch, on every rank.
+        route, backend: keyword-only, as in `BarlowTwinsLoss`.
+
+    State: `C`, the D x D running covariance (None before the first call, zeros after it, as
+    lightly's; a non-persistent buffer: it follows `.to()` and stays out of the state_dict, as
+    lightly's attribute does). `forward(z_a, z_b, update_covariance_matrix=True)`: with the update,
+    C ← β·C + (1 − β)·n(z_a)ᵀn(z_a)/N is formed once (an N·D² product, no gradient: the state is
+    D x D by nature) and the loss is the product of n(z_a) with that new C; without it, the loss is
+    `fastssl.tico_loss` against the stored C, whose B part stays on the fused Frobenius route.
+    """
+
+    def __init__(self, beta: float = 0.9, rho: float = 8.0, gather_distributed: bool = False, *,
+                 route: str = "auto", backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        functional._check_unit_interval("beta", beta)
+        check_nonnegative("rho", rho)
+        self.beta, self.rho = beta, rho
+        self.gather_distributed = _check_gather(gather_distributed, ring=False)
+        self.route = check_route(route)
+        self.backend = _check_backend(backend)
+        self.C: Optional[Tensor]
+        self.register_buffer("C", None, persistent=False)
+
+    def forward(self, z_a: Tensor, z_b: Tensor, update_covariance_matrix: bool = True) -> Tensor:
+        """z_a, z_b: (N, D) embeddings of two views. Returns the loss (0-dim)."""
+        functional._check_pair(z_a, z_b, ("z_a", "z_b"))
+        mode = functional._distributed_mode(self.gather_distributed, resolve_backend(self.backend, z_a), ring=False)
+        if mode is not None:
+            sizes = distributed.batch_sizes(z_a)
+            z_a, z_b = distributed.gather_cat(z_a, sizes), distributed.gather_cat(z_b, sizes)
+        n, d = z_a.shape
+        acc = torch.float64 if z_a.dtype == torch.float64 else torch.float32
+        if self.C is None:
+            self.C = torch.zeros(d, d, dtype=acc, device=z_a.device)
+        elif tuple(self.C.shape) != (d, d):
+            raise ValueError(f"TiCoLoss's running covariance C is {tuple(self.C.shape)} but z_a has shape "
+                             f"{tuple(z_a.shape)}: D changed; use a new TiCoLoss")  # fmt: skip
+        covariance, beta = self.C, self.beta
+        if update_covariance_matrix:
+            with torch.no_grad():
+                a = F.normalize(z_a.detach().to(acc), dim=1)
+                covariance = self.beta * self.C.to(device=a.device, dtype=acc) + (1 - self.beta) * (a.T @ a) / n
+            beta = 1.0  # the loss's C is the new state itself
+        loss = functional.tico_loss(z_a, z_b, covariance, beta, self.rho, route=self.route, backend=self.backend)
+        if update_covariance_matrix:
+            self.C = covariance
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, rho={self.rho}{_gather_repr(self)}, route={self.route!r}, backend={self.backend!r}"

@@ -501,3 +501,26 @@ def frossl_loss(z_views: Sequence[Tensor], invariance_weight: float = 1.0) -> Te
         total_reg = total_reg + 2 * torch.log(torch.linalg.norm(cov, ord="fro"))
         total_inv = total_inv + len(views) * d * F.mse_loss(z, mean_view)
     return total_reg + invariance_weight * total_inv
+
+
+__all__ += ["tico_loss"]
+
+
+def tico_loss(
+    z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: float = 0.9, rho: float = 8.0
+) -> Tensor:
+    """TiCo (Zhu et al. 2022); equals ``lightly.loss.TiCoLoss(beta, rho)`` whose running C is `covariance`.
+
+    a = n(z_a), b = n(z_b) (N, D); B = aᵀa/N (D, D, no gradient); C = β·covariance + (1 − β)·B
+    (covariance None: the zero matrix of lightly's first step)::
+
+        loss = 1 − 1/N Σ_i a_i·b_i + ρ/N Σ_i a_i C a_iᵀ
+
+    (the module then stores C as the next step's covariance).
+    """
+    dtype = _compute_dtype(z_a)
+    a, b = F.normalize(_up(z_a, dtype), dim=1), F.normalize(_up(z_b, dtype), dim=1)
+    c = (1 - beta) * (a.T @ a).detach() / a.shape[0]
+    if covariance is not None:
+        c = c + beta * _up(covariance.detach(), dtype)
+    return 1.0 - (a * b).sum(dim=1).mean() + rho * ((a @ c) * a).sum(dim=1).mean()

@@ -103,4 +103,5 @@ LOSSES.update({
     "macl": ("MACLLoss", "NT-Xent with a model-aware temperature (MACL, Huang et al. 2023), tau=0.1, alpha=0.5"),
     "directclr": ("DirectCLRLoss", "NT-Xent on the first loss_dim=64 dimensions (DirectCLR, Jing et al. 2022), tau=0.5"),
     "frossl": ("FroSSLLoss", "log-Frobenius-norm regulariser + invariance (FroSSL, Skean et al. 2024), weight 1"),
+    "tico": ("TiCoLoss", "invariance + contrast against a running covariance (TiCo, Zhu et al. 2022), beta=0.9, rho=8"),
 })

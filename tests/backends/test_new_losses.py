@@ -308,3 +308,97 @@ def test_frossl_inputs_not_modified(backend):
     before = [v.detach().clone() for v in views]
     fastssl.frossl_loss(views, backend=backend).backward()
     assert all(torch.equal(v.detach(), b) for v, b in zip(views, before))
+
+
+# ------------------------------------------------------------------------------------------------
+# TiCo
+# ------------------------------------------------------------------------------------------------
+
+
+def _state(d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return m @ m.T / d  # symmetric PSD, as every running covariance
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("n,d", [(3, 17), (21, 5)])
+@pytest.mark.parametrize("route", ["auto", "covariance", "gram"])
+@pytest.mark.parametrize("beta,with_state", [(0.9, True), (0.9, False), (0.0, True), (1.0, True)])
+def test_tico_matches_reference(backend, n, d, route, beta, with_state):
+    z_a, z_b = _pair(n, d, seed=n + d)
+    state = _state(d, seed=d) if with_state else None
+    assert_matches_reference(lambda a, b: fastssl.tico_loss(a, b, state, beta, 3.0, route=route, backend=backend),
+                             lambda a, b: reference.tico_loss(a, b, state, beta, 3.0), (z_a, z_b), backend,
+                             f"tico/{backend} N={n} D={d} route={route} β={beta} state={with_state}")  # fmt: skip
+
+
+def test_tico_float64_torch_equals_spec():
+    state = _state(6, seed=1)
+    assert_float64_exact(lambda a, b: fastssl.tico_loss(a, b, state, backend="torch"),
+                         lambda a, b: reference.tico_loss(a, b, state), _pair(9, 6, seed=2), "tico")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tico_half_precision(backend, dtype):
+    z_a, z_b = _pair(24, 40, seed=3, dtype=dtype)
+    state = _state(40, seed=4)
+    got = _value_and_grads(lambda a, b: fastssl.tico_loss(a, b, state, backend=backend), (z_a, z_b))
+    want = _value_and_grads(lambda a, b: reference.tico_loss(a, b, state), (z_a.double(), z_b.double()))
+    assert_close(got[0], want[0], dtype, what=f"tico {backend} {dtype} value", scale=float(want[0].abs()))
+    for g, w in zip(got[1], want[1]):
+        assert g.dtype == dtype
+        assert_close(g, w, dtype, what=f"tico {backend} {dtype} grad", scale=float(w.abs().max()))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_tico_module_state(backend):
+    dtype = _backend_dtype(backend)
+    module = fnn.TiCoLoss(beta=0.6, rho=2.0, backend=backend)
+    assert module.C is None and "C" not in module.state_dict()
+    z_a, z_b = _pair(7, 5, seed=5, dtype=dtype)
+    # Without the update the loss is that of a zero state, and C becomes zeros (as lightly's).
+    torch.testing.assert_close(module(z_a, z_b, update_covariance_matrix=False),
+                               fastssl.tico_loss(z_a, z_b, None, 0.6, 2.0, backend=backend))  # fmt: skip
+    assert torch.equal(module.C, torch.zeros(5, 5, dtype=dtype))
+    expected_c = torch.zeros(5, 5, dtype=torch.float64)
+    for step in range(3):
+        z_a, z_b = _pair(7, 5, seed=10 + step, dtype=dtype)
+        a = torch.nn.functional.normalize(z_a.double(), dim=1)
+        expected_c = 0.6 * expected_c + 0.4 * a.T @ a / 7
+        loss = module(z_a, z_b)
+        # the loss is against the updated C: the spec with C_prev and β, or the new C and β = 1
+        want = reference.tico_loss(z_a.double(), z_b.double(), expected_c, beta=1.0, rho=2.0)
+        assert_close(loss, want, torch.float32, what=f"tico module loss step {step}", scale=float(want.abs()))
+        assert_close(module.C, expected_c, torch.float32, what=f"tico C step {step}")
+    before = module.C.clone()
+    module(z_a, z_b, update_covariance_matrix=False)
+    assert torch.equal(module.C, before)
+    assert "C" not in module.state_dict() and module.double().C.dtype == torch.float64  # follows .to()
+
+
+def test_tico_validation():
+    z_a, z_b = _pair(6, 4, seed=6, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"covariance must be \(D, D\) = \(4, 4\) for z_a of shape \(6, 4\), got \(3, 3\)"):
+        fastssl.tico_loss(z_a, z_b, torch.eye(3))
+    with pytest.raises(ValueError, match=r"beta must be in the range \[0, 1\]"):
+        fnn.TiCoLoss(beta=1.5)
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+        fastssl.tico_loss(z_a, z_b, rho=-1.0)
+    with pytest.raises(ValueError, match=r"z_a and z_b must have the same shape"):
+        fnn.TiCoLoss()(z_a, z_b[:, :3])
+    module = fnn.TiCoLoss(backend="torch")
+    module(z_a, z_b)
+    with pytest.raises(ValueError, match=r"running covariance C is \(4, 4\) but z_a has shape \(6, 3\)"):
+        module(z_a[:, :3], z_b[:, :3])
+    assert "beta=0.9" in repr(module) and "rho=8.0" in repr(module)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tico_inputs_not_modified(backend):
+    z_a, z_b = (t.float().requires_grad_() for t in _pair(6, 5, seed=7))
+    state = _state(5, seed=8).float()
+    before = (z_a.detach().clone(), z_b.detach().clone(), state.clone())
+    fastssl.tico_loss(z_a, z_b, state, backend=backend).backward()
+    assert all(torch.equal(x, y) for x, y in zip((z_a.detach(), z_b.detach(), state), before))

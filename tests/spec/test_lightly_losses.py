@@ -245,3 +245,60 @@ def test_frossl_signature_matches_lightly():
     from lightly.loss import FroSSLLoss
 
     assert _signature(fnn.FroSSLLoss) == _signature(FroSSLLoss)
+
+
+# ------------------------------------------------------------------------------------------------
+# TiCo (Zhu et al. 2022)
+# ------------------------------------------------------------------------------------------------
+
+
+def oracle_tico(z_a, z_b, covariance, beta, rho):
+    """Loops over samples: a_i C a_i = β·a_i·(C_prev a_i) + (1 − β)/N·Σ_j (a_i·sg(a_j))²."""
+    n = z_a.shape[0]
+    a = [row / row.norm() for row in z_a]
+    b = [row / row.norm() for row in z_b]
+    invariance = 1 - sum(torch.dot(a[i], b[i]) for i in range(n)) / n
+    contrast = 0.0
+    for i in range(n):
+        if covariance is not None:
+            contrast = contrast + beta * torch.dot(a[i], covariance @ a[i])
+        contrast = contrast + (1 - beta) / n * sum(torch.dot(a[i], a[j].detach()) ** 2 for j in range(n))
+    return invariance + rho * contrast / n
+
+
+@pytest.mark.parametrize("n,d", [(6, 4), (3, 8)])
+@pytest.mark.parametrize("beta,rho,with_state", [(0.9, 8.0, True), (0.9, 8.0, False), (0.3, 2.0, True), (1.0, 1.0, True)])
+def test_tico_reference_matches_oracle(n, d, beta, rho, with_state):
+    z_a, z_b = _pair(n, d, seed=n * d)
+    state = None
+    if with_state:
+        gen = torch.Generator().manual_seed(1)
+        m = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        state = m @ m.T / d
+    assert_oracle(reference.tico_loss(z_a, z_b, state, beta, rho), oracle_tico(z_a, z_b, state, beta, rho),
+                  (z_a, z_b), f"tico N={n} D={d} β={beta} ρ={rho} state={with_state}")  # fmt: skip
+
+
+@needs_lightly
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d,kwargs", [(10, 6, {}), (4, 12, {"beta": 0.5, "rho": 2.0})])
+def test_tico_training_matches_lightly(backend, n, d, kwargs):
+    """Step by step: the same losses, gradients and running C, with and without the update."""
+    from lightly.loss import TiCoLoss
+
+    ours, theirs = fnn.TiCoLoss(**kwargs, backend=backend), TiCoLoss(**kwargs)
+    for step, update in enumerate([False, True, True, False, True]):
+        z_a, z_b = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+        assert_lightly(ours(z_a, z_b, update_covariance_matrix=update),
+                       theirs(z_a, z_b, update_covariance_matrix=update), (z_a, z_b),
+                       f"TiCoLoss({kwargs}) {backend} step {step} update={update}")  # fmt: skip
+        torch.testing.assert_close(ours.C, theirs.C, rtol=1e-5, atol=1e-7, msg=lambda m: f"C after step {step}: {m}")
+
+
+@needs_lightly
+def test_tico_signature_matches_lightly():
+    from lightly.loss import TiCoLoss
+
+    assert _signature(fnn.TiCoLoss) == _signature(TiCoLoss)
+    forward = lambda cls: {k: p.default for k, p in inspect.signature(cls.forward).parameters.items()}  # noqa: E731
+    assert forward(fnn.TiCoLoss) == forward(TiCoLoss)
