@@ -1007,3 +1007,42 @@ def tico_loss(
         sizes = distributed.batch_sizes(z_a)
         z_a, z_b = distributed.gather_cat(z_a, sizes), distributed.gather_cat(z_b, sizes)
     return _tico(z_a, z_b, covariance, beta, rho, route, backend)
+
+
+__all__ += ["koleo_loss"]
+
+
+def _check_norm_degree(p: object) -> None:
+    """KoLeo's p: a number > 0 (inf allowed, as torch.pairwise_distance's)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        raise ValueError(f"p must be a number > 0 (the norm degree of the distance), got {p!r}")
+
+
+def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, backend: str = "auto") -> Tensor:
+    """KoLeo regulariser (Sablayrolles et al. 2019, as DINOv2 and lightly's `KoLeoLoss` compute it).
+
+    With u_i = x_i/max(‖x_i‖, eps) (x (N, D)) and each row's nearest neighbour by cosine,
+    j(i) = argmax_{j≠i} u_i·u_j (ties: the first j, as torch.argmax):
+
+        loss = −1/N Σ_i log(‖u_i − u_j(i) + eps‖_p + eps)
+
+    (the inner eps is torch.pairwise_distance's). The neighbours come from the pairwise-max op: one
+    similarity GEMM streamed through a running max/argmax, O(N) numbers kept, never N x N. The
+    selection carries no gradient; the distance's gradient reaches u_i and its neighbour u_j(i)
+    through one O(N·D) row gather.
+
+    Args: x (N, D), N ≥ 2; p > 0, the norm of the distance (default 2; the neighbour is by cosine
+    whatever p, as lightly's); eps > 0 (1e-8). Returns a 0-dim loss.
+    """
+    check_embeddings("x", x)
+    _check_norm_degree(p)
+    check_positive("eps", eps)
+    backend = resolve_backend(backend, x, op="pairwise_max")
+    if backend == "reference":
+        return reference.koleo_loss(x, p, eps)
+    u = F.normalize(x.to(compute_dtype(x)), dim=-1, eps=eps)
+    # The kernels compare the rows as the input dtype rounds them (tensor cores for bf16/fp16).
+    rows = u.detach().to(x.dtype)
+    _, neighbour = pairwise_max(rows, rows, exclude_self=True, backend=backend)
+    distance = F.pairwise_distance(u, u[neighbour], p=p, eps=eps)
+    return -(distance + eps).log().mean()

@@ -620,3 +620,31 @@ class TiCoLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, rho={self.rho}{_gather_repr(self)}, route={self.route!r}, backend={self.backend!r}"
+
+
+__all__ += ["KoLeoLoss"]
+
+
+class KoLeoLoss(nn.Module):
+    """KoLeo regulariser (`fastssl.koleo_loss`, Sablayrolles et al. 2019), lightly 1.6's `KoLeoLoss`.
+
+    Args:
+        p: norm degree p > 0 of the nearest-neighbour distance (default 2).
+        eps: eps > 0 of the normalisation, the distance and the log (default 1e-8).
+        backend: keyword-only.
+
+    `forward(x)`: x (N, D). Returns the loss (0-dim).
+    """
+
+    def __init__(self, p: float = 2, eps: float = 1e-8, *, backend: str = "auto"):
+        super().__init__()
+        functional._check_norm_degree(p)
+        check_positive("eps", eps)
+        self.p, self.eps = p, eps
+        self.backend = _check_backend(backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.koleo_loss(x, self.p, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, eps={self.eps}, backend={self.backend!r}"

@@ -524,3 +524,20 @@ def tico_loss(
     if covariance is not None:
         c = c + beta * _up(covariance.detach(), dtype)
     return 1.0 - (a * b).sum(dim=1).mean() + rho * ((a @ c) * a).sum(dim=1).mean()
+
+
+__all__ += ["koleo_loss"]
+
+
+def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8) -> Tensor:
+    """KoLeo (Sablayrolles et al. 2019); equals ``lightly.loss.KoLeoLoss(p, eps)(x)``.
+
+    u = x normalised per row with eps (F.normalize(x, eps=eps)); S = uuᵀ (N, N) with its diagonal
+    set to −2 (below every cosine); j(i) = argmax_j S_ij (the first on ties)::
+
+        loss = −1/N Σ_i log(‖u_i − u_j(i) + eps‖_p + eps)      (torch.pairwise_distance(p, eps))
+    """
+    u = F.normalize(_up(x), p=2, dim=-1, eps=eps)
+    sim = (u @ u.T).detach().fill_diagonal_(-2.0)
+    distance = F.pairwise_distance(u, u[sim.argmax(dim=1)], p=p, eps=eps)
+    return -(distance + eps).log().mean()

@@ -402,3 +402,175 @@ def test_tico_inputs_not_modified(backend):
     before = (z_a.detach().clone(), z_b.detach().clone(), state.clone())
     fastssl.tico_loss(z_a, z_b, state, backend=backend).backward()
     assert all(torch.equal(x, y) for x, y in zip((z_a.detach(), z_b.detach(), state), before))
+
+
+# ------------------------------------------------------------------------------------------------
+# The pairwise-max op and KoLeo
+# ------------------------------------------------------------------------------------------------
+
+
+def _brute_force_max(x, y, exclude_self):
+    sims = x.double() @ y.double().T
+    if exclude_self:
+        k = min(x.shape[0], y.shape[0])
+        sims[torch.arange(k), torch.arange(k)] = float("-inf")
+    return sims.max(dim=1).values, sims.argmax(dim=1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("m,n_y,d", [(37, 37, 21), (5, 40, 300), (33, 3, 7)])  # resident D, the D loop, Ny < M
+@pytest.mark.parametrize("same", [True, False])
+def test_pairwise_max_selects_the_best_column(backend, m, n_y, d, same):
+    from fastssl.ops.pairwise_max import pairwise_max
+
+    x = torch.randn(m, d)
+    y = x if same and m == n_y else torch.randn(n_y, d)
+    for exclude_self in (True, False):
+        value, index = pairwise_max(x, y, exclude_self=exclude_self, backend=backend)
+        want_value, want_index = _brute_force_max(x, y, exclude_self)
+        assert index.dtype == torch.long and torch.equal(index, want_index), (backend, exclude_self)
+        torch.testing.assert_close(value.double(), want_value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pairwise_max_ties_go_to_the_first_column(backend):
+    from fastssl.ops.pairwise_max import pairwise_max
+
+    # Small integers: every dot product is exact, so equal columns tie exactly, across tiles too.
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randint(-2, 3, (40, 8), generator=gen).float()
+    y[25] = y[3]  # copies of column 3 in a later 16-column tile of the interpreter's launch
+    y[30] = y[3]
+    x = torch.cat([y[3:4], torch.randint(-2, 3, (19, 8), generator=gen).float()])
+    value, index = pairwise_max(x, y, backend=backend)
+    want_value, want_index = _brute_force_max(x, y, False)
+    assert torch.equal(index, want_index) and int(index[0]) == 3
+    zeros = torch.zeros(6, 4)  # every similarity 0: row i picks 0, and row 0 picks 1 (itself excluded)
+    _, index = pairwise_max(zeros, zeros, exclude_self=True, backend=backend)
+    assert index.tolist() == [1, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("same", [True, False])
+def test_pairwise_max_gradient_flows_through_the_selected_pair(backend, same):
+    from fastssl.ops.pairwise_max import pairwise_max
+
+    x = torch.randn(9, 6, dtype=torch.float32, requires_grad=True)
+    y = x if same else torch.randn(14, 6, requires_grad=True)
+    weights = torch.randn(9)
+    value, index = pairwise_max(x, y, exclude_self=same, backend=backend)
+    leaves = (x,) if same else (x, y)
+    got = torch.autograd.grad((value * weights).sum(), leaves)
+    # the same selection, differentiated by autograd through plain indexing
+    xd = x.detach().clone().requires_grad_()
+    yd = xd if same else y.detach().clone().requires_grad_()
+    want = torch.autograd.grad(((xd * yd[index]).sum(1) * weights).sum(), (xd,) if same else (xd, yd))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_pairwise_max_torch_backend_gradcheck():
+    from fastssl.ops.pairwise_max import pairwise_max
+
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: pairwise_max(a, b, backend="torch")[0], (x, y))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pairwise_max_reads_strided_operands(backend):
+    from fastssl.ops.pairwise_max import pairwise_max
+
+    x = torch.randn(12, 23).T  # (23, 12), strides (1, 23)
+    y = torch.randn(40, 30)[5:35:2, 3:15]  # (15, 12), strides (60, 1): a row step and a column slice
+    assert not x.is_contiguous() and not y.is_contiguous()
+    got = pairwise_max(x, y, backend=backend)
+    want = pairwise_max(x.contiguous(), y.contiguous(), backend=backend)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+
+
+def _pairs_of_neighbours(n, d, seed, dtype=torch.float64):
+    """Rows in pairs (2k, 2k + 1) far closer to each other than to any other row: a clear neighbour."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n // 2 + 1, d, generator=gen, dtype=torch.float64)
+    x = centres.repeat_interleave(2, dim=0)[:n] + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("n,d", [(3, 17), (37, 6), (20, 300)])
+@pytest.mark.parametrize("p,eps", [(2, 1e-8), (1, 1e-8), (3.0, 1e-3)])
+def test_koleo_matches_reference(backend, n, d, p, eps):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n * d), dtype=torch.float64)
+    assert_matches_reference(lambda z: fastssl.koleo_loss(z, p, eps, backend=backend),
+                             lambda z: reference.koleo_loss(z, p, eps), (x,), backend,
+                             f"koleo/{backend} N={n} D={d} p={p} eps={eps}")  # fmt: skip
+
+
+def test_koleo_float64_torch_equals_spec():
+    assert_float64_exact(lambda z: fastssl.koleo_loss(z, backend="torch"), lambda z: reference.koleo_loss(z),
+                         (torch.randn(11, 4, dtype=torch.float64),), "koleo")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_koleo_half_precision(backend, dtype):
+    x = _pairs_of_neighbours(30, 40, seed=1, dtype=dtype)
+    got = _value_and_grads(lambda z: fastssl.koleo_loss(z, backend=backend), (x,))
+    want = _value_and_grads(lambda z: reference.koleo_loss(z), (x.double(),))
+    assert got[0].dtype == torch.float32 and got[1][0].dtype == dtype
+    assert_close(got[0], want[0], dtype, what=f"koleo {backend} {dtype} value", scale=float(want[0].abs()))
+    assert_close(got[1][0], want[1][0], dtype, what=f"koleo {backend} {dtype} grad", scale=float(want[1][0].abs().max()))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_koleo_gradient_flows_through_the_selected_neighbours_only(backend):
+    # Rows in mutual-neighbour pairs (2k, 2k + 1) plus one far row 8 whose neighbour j* is a pair
+    # member. A pair that row 8 did not select enters the loss only through its own two terms, so
+    # its gradient is (2/9)·that of the pair alone (N = 2); the selected pair also gets row 8's term.
+    x = _pairs_of_neighbours(8, 5, seed=2, dtype=_backend_dtype(backend))
+    x = torch.cat([x, 10 * torch.randn(1, 5, generator=torch.Generator().manual_seed(0), dtype=x.dtype)])
+    _, (grad,) = _value_and_grads(lambda z: fastssl.koleo_loss(z, backend=backend), (x,))
+    u = torch.nn.functional.normalize(x.double(), dim=1)
+    sims = (u @ u.T).fill_diagonal_(-2)
+    selected = int(sims[8].argmax())
+    for i in range(0, 8, 2):
+        assert int(sims[i].argmax()) == i + 1 and int(sims[i + 1].argmax()) == i
+        _, (alone,) = _value_and_grads(lambda z: fastssl.koleo_loss(z, backend=backend), (x[i : i + 2],))
+        pair_grad, expected = grad[i : i + 2], alone * 2 / 9
+        if selected in (i, i + 1):
+            assert not torch.allclose(pair_grad, expected, rtol=1e-3, atol=1e-6)
+        else:
+            assert_close(pair_grad, expected, torch.float32, what=f"pair {i}", scale=float(expected.abs().max()))
+
+
+def test_koleo_collapsed_and_zero_rows_stay_finite():
+    for x in (torch.ones(6, 4), torch.zeros(6, 4), torch.cat([torch.zeros(2, 4), torch.randn(4, 4)])):
+        value, (grad,) = _value_and_grads(lambda z: fastssl.koleo_loss(z, backend="torch"), (x,))
+        want = reference.koleo_loss(x)
+        assert torch.isfinite(value) and torch.isfinite(grad).all()
+        torch.testing.assert_close(value, want)
+
+
+def test_koleo_module_and_validation():
+    x = torch.randn(10, 6)
+    module = fnn.KoLeoLoss(p=1, eps=1e-6, backend="torch")
+    torch.testing.assert_close(module(x), fastssl.koleo_loss(x, 1, 1e-6, backend="torch"))
+    assert "p=1" in repr(module) and "eps=1e-06" in repr(module)
+    with pytest.raises(ValueError, match="p must be a number > 0"):
+        fnn.KoLeoLoss(p=0)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        fastssl.koleo_loss(x, eps=0.0)
+    with pytest.raises(ValueError, match=r"x needs at least 2 rows \(samples\), got shape \(1, 6\)"):
+        fastssl.koleo_loss(x[:1])
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64"):
+        fastssl.koleo_loss(x.long())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_koleo_inputs_not_modified(backend):
+    x = torch.randn(9, 5).requires_grad_()
+    before = x.detach().clone()
+    fastssl.koleo_loss(x, backend=backend).backward()
+    assert torch.equal(x.detach(), before)

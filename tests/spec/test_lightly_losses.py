@@ -302,3 +302,50 @@ def test_tico_signature_matches_lightly():
     assert _signature(fnn.TiCoLoss) == _signature(TiCoLoss)
     forward = lambda cls: {k: p.default for k, p in inspect.signature(cls.forward).parameters.items()}  # noqa: E731
     assert forward(fnn.TiCoLoss) == forward(TiCoLoss)
+
+
+# ------------------------------------------------------------------------------------------------
+# KoLeo (Sablayrolles et al. 2019)
+# ------------------------------------------------------------------------------------------------
+
+
+def oracle_koleo(x, p, eps):
+    """Loops: each row's first most-similar other row, then the p-norm by its definition."""
+    n = x.shape[0]
+    u = [row / max(row.norm(), torch.tensor(eps, dtype=row.dtype)) for row in x]
+    total = 0.0
+    for i in range(n):
+        best, best_sim = None, None
+        for j in range(n):
+            sim = float(torch.dot(u[i], u[j]).detach())
+            if j != i and (best_sim is None or sim > best_sim):  # strict: the first maximum wins
+                best, best_sim = j, sim
+        distance = (u[i] - u[best] + eps).abs().pow(p).sum().pow(1.0 / p)
+        total = total - torch.log(distance + eps)
+    return total / n
+
+
+@pytest.mark.parametrize("n,d", [(7, 3), (5, 9)])
+@pytest.mark.parametrize("p,eps", [(2, 1e-8), (1, 1e-8), (3.5, 1e-3)])
+def test_koleo_reference_matches_oracle(n, d, p, eps):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n + d), dtype=torch.float64, requires_grad=True)
+    assert_oracle(reference.koleo_loss(x, p, eps), oracle_koleo(x, p, eps), (x,), f"koleo N={n} D={d} p={p} eps={eps}")
+
+
+@needs_lightly
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", [{}, {"p": 1}, {"p": 3, "eps": 1e-4}])
+@pytest.mark.parametrize("n,d", [(16, 8), (37, 5)])
+def test_koleo_matches_lightly(backend, kwargs, n, d):
+    from lightly.loss import KoLeoLoss
+
+    x = torch.randn(n, d, requires_grad=True)
+    assert_lightly(fnn.KoLeoLoss(**kwargs, backend=backend)(x), KoLeoLoss(**kwargs)(x), (x,),
+                   f"KoLeoLoss({kwargs}) {backend} N={n} D={d}")  # fmt: skip
+
+
+@needs_lightly
+def test_koleo_signature_matches_lightly():
+    from lightly.loss import KoLeoLoss
+
+    assert _signature(fnn.KoLeoLoss) == _signature(KoLeoLoss)
