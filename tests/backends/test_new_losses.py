@@ -574,3 +574,34 @@ def test_koleo_inputs_not_modified(backend):
     before = x.detach().clone()
     fastssl.koleo_loss(x, backend=backend).backward()
     assert torch.equal(x.detach(), before)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile and the custom op's registration (the torch backend on the CPU)
+# ------------------------------------------------------------------------------------------------
+
+COMPILED = {
+    "macl": lambda a, b: fastssl.macl_loss(a, b, 0.2, backend="torch"),
+    "directclr": lambda a, b: fastssl.directclr_loss(a, b, 9, backend="torch"),
+    "frossl": lambda a, b: fastssl.frossl_loss([a, b], route="gram", backend="torch"),
+    "tico": lambda a, b: fastssl.tico_loss(a, b, torch.eye(16) / 16, route="covariance", backend="torch"),
+    "koleo": lambda a, b: fastssl.koleo_loss(a, backend="torch") + fastssl.koleo_loss(b, p=1, backend="torch"),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compile_fullgraph_matches_eager(name):
+    torch._dynamo.reset()
+    fn = COMPILED[name]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    z1, z2 = _pair(24, 16, seed=11, dtype=torch.float32)
+    eager, comp = _value_and_grads(fn, (z1, z2)), _value_and_grads(compiled, (z1, z2))
+    torch.testing.assert_close(comp[0], eager[0], rtol=1e-5, atol=1e-6)
+    for g_comp, g_eager in zip(comp[1], eager[1]):
+        torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_pairwise_max_opcheck():
+    x, y = torch.randn(9, 5), torch.randn(13, 5)
+    for args in ((x, y, False, "torch"), (x, None, True, "torch")):
+        torch.library.opcheck(torch.ops.fastssl.pairwise_max_fwd, args)
