@@ -744,7 +744,7 @@ def arcl_loss(
 
 from fastssl.ops.pairwise_max import pairwise_max  # noqa: E402  (this section's own import)
 
-__all__ += ["macl_loss"]
+__all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]
 
 #: MACL's guard in V = 1/(1 − P + eps) (lightly's `MACLLoss.eps`).
 MACL_EPS = 1e-8
@@ -811,9 +811,6 @@ def macl_loss(
     return (weight * F.softplus(gap)).mean()
 
 
-__all__ += ["directclr_loss"]
-
-
 def _check_loss_dim(loss_dim: object) -> int:
     if isinstance(loss_dim, bool) or not isinstance(loss_dim, int):
         raise TypeError(f"loss_dim must be an int, got {type(loss_dim).__name__}")
@@ -863,9 +860,6 @@ def directclr_loss(
     if bank is None:
         return nt_xent_loss(z1, z2, temperature, gather_distributed=gather_distributed, backend=backend)
     return moco_loss(z1, z2, bank, temperature, gather_distributed=gather_distributed, backend=backend)
-
-
-__all__ += ["frossl_loss"]
 
 
 def _check_view_list(z_views: object) -> list[Tensor]:
@@ -926,9 +920,6 @@ def frossl_loss(
     stacked = torch.stack(normalised)  # (V, N, D)
     invariance = len(views) * d * (stacked - stacked.mean(0)).square().mean(dim=(1, 2)).sum()
     return regularization + invariance_weight * invariance
-
-
-__all__ += ["tico_loss"]
 
 
 def _check_tico_covariance(covariance: object, z_a: Tensor) -> Optional[Tensor]:
@@ -1007,9 +998,6 @@ def tico_loss(
         sizes = distributed.batch_sizes(z_a)
         z_a, z_b = distributed.gather_cat(z_a, sizes), distributed.gather_cat(z_b, sizes)
     return _tico(z_a, z_b, covariance, beta, rho, route, backend)
-
-
-__all__ += ["koleo_loss"]
 
 
 def _check_norm_degree(p: object) -> None:

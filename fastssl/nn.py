@@ -461,7 +461,7 @@ def _gather_repr(module: nn.Module) -> str:
 # KoLeoLoss — lightly's names, constructor arguments and defaults, plus keyword-only `backend`.
 # ==================================================================================================
 
-__all__ += ["MACLLoss"]
+__all__ += ["MACLLoss", "DirectCLRLoss", "FroSSLLoss", "TiCoLoss", "KoLeoLoss"]
 
 
 class MACLLoss(nn.Module):
@@ -490,9 +490,6 @@ class MACLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, A_0={self.A_0}, backend={self.backend!r}"
-
-
-__all__ += ["DirectCLRLoss"]
 
 
 class DirectCLRLoss(NTXentLoss):
@@ -529,9 +526,6 @@ class DirectCLRLoss(NTXentLoss):
         return f"loss_dim={self.loss_dim}, {super().extra_repr()}"
 
 
-__all__ += ["FroSSLLoss"]
-
-
 class FroSSLLoss(nn.Module):
     """FroSSL (`fastssl.frossl_loss`, Skean et al. 2024), lightly 1.6's `FroSSLLoss`.
 
@@ -558,9 +552,6 @@ class FroSSLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"invariance_weight={self.invariance_weight}, route={self.route!r}, backend={self.backend!r}"
-
-
-__all__ += ["TiCoLoss"]
 
 
 class TiCoLoss(nn.Module):
@@ -620,9 +611,6 @@ class TiCoLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, rho={self.rho}{_gather_repr(self)}, route={self.route!r}, backend={self.backend!r}"
-
-
-__all__ += ["KoLeoLoss"]
 
 
 class KoLeoLoss(nn.Module):

@@ -432,7 +432,7 @@ def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
 # formula of its lightly module written out literally (tests/spec/test_lightly_losses.py checks both).
 # --------------------------------------------------------------------------------------------------
 
-__all__ += ["macl_loss"]
+__all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]
 
 
 def macl_loss(
@@ -459,9 +459,6 @@ def macl_loss(
     return (-weight.detach() * log_p).mean()
 
 
-__all__ += ["directclr_loss"]
-
-
 def directclr_loss(
     z1: Tensor, z2: Tensor, loss_dim: int = 64, temperature: Temperature = 0.5, bank: Optional[Tensor] = None
 ) -> Tensor:
@@ -475,9 +472,6 @@ def directclr_loss(
     """
     a, b = z1.flatten(start_dim=1)[:, :loss_dim], z2.flatten(start_dim=1)[:, :loss_dim]
     return nt_xent_loss(a, b, temperature) if bank is None else moco_loss(a, b, bank, temperature)
-
-
-__all__ += ["frossl_loss"]
 
 
 def frossl_loss(z_views: Sequence[Tensor], invariance_weight: float = 1.0) -> Tensor:
@@ -503,9 +497,6 @@ def frossl_loss(z_views: Sequence[Tensor], invariance_weight: float = 1.0) -> Te
     return total_reg + invariance_weight * total_inv
 
 
-__all__ += ["tico_loss"]
-
-
 def tico_loss(
     z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: float = 0.9, rho: float = 8.0
 ) -> Tensor:
@@ -524,9 +515,6 @@ def tico_loss(
     if covariance is not None:
         c = c + beta * _up(covariance.detach(), dtype)
     return 1.0 - (a * b).sum(dim=1).mean() + rho * ((a @ c) * a).sum(dim=1).mean()
-
-
-__all__ += ["koleo_loss"]
 
 
 def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8) -> Tensor:
