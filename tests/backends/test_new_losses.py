@@ -605,3 +605,36 @@ def test_pairwise_max_opcheck():
     x, y = torch.randn(9, 5), torch.randn(13, 5)
     for args in ((x, y, False, "torch"), (x, None, True, "torch")):
         torch.library.opcheck(torch.ops.fastssl.pairwise_max_fwd, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU (skipped without one): the same checks with CUDA tensors, at sizes that fill real tiles
+# ------------------------------------------------------------------------------------------------
+
+CUDA_CASES = {
+    "macl": (lambda z, b: fastssl.macl_loss(z[0], z[1], 0.1, backend=b), lambda z: reference.macl_loss(z[0], z[1], 0.1)),
+    "directclr": (lambda z, b: fastssl.directclr_loss(z[0], z[1], 64, backend=b),
+                  lambda z: reference.directclr_loss(z[0], z[1], 64)),
+    "frossl": (lambda z, b: fastssl.frossl_loss([z[0], z[1]], backend=b), lambda z: reference.frossl_loss([z[0], z[1]])),
+    "tico": (lambda z, b: fastssl.tico_loss(z[0], z[1], torch.eye(z[0].shape[1], device=z[0].device) / 8, backend=b),
+             lambda z: reference.tico_loss(z[0], z[1], torch.eye(z[0].shape[1], dtype=z[0].dtype) / 8)),
+    "koleo": (lambda z, b: fastssl.koleo_loss(z[0], backend=b), lambda z: reference.koleo_loss(z[0])),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CUDA_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(300, 200), (1000, 96)])
+def test_cuda_matches_float64_spec(name, dtype, n, d):
+    fn, ref_fn = CUDA_CASES[name]
+    # KoLeo's rows come in clear neighbour pairs, so that rounding to bf16 cannot change a selection.
+    inputs = [_pairs_of_neighbours(n, d, seed=1, dtype=dtype)] if name == "koleo" else list(_pair(n, d, 2, dtype))
+    want = _value_and_grads(lambda *z: ref_fn(z), [t.double() for t in inputs])
+    for backend in [b for b in fastssl.available_backends() if b in ("triton", "cuda")]:
+        got = _value_and_grads(lambda *z: fn(z, backend), [t.cuda() for t in inputs])
+        what = f"{name} {backend} {dtype} N={n} D={d}"
+        assert_close(got[0], want[0], dtype, what=f"{what} value", scale=max(1.0, float(want[0].abs())))
+        for g, w in zip(got[1], want[1]):
+            assert g.dtype == dtype and g.is_cuda
+            assert_close(g, w, dtype, what=f"{what} grad", scale=float(w.abs().max()))
