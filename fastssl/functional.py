@@ -812,6 +812,7 @@ def macl_loss(
 
 
 def _check_loss_dim(loss_dim: object) -> int:
+    """DirectCLR's loss_dim: an int ≥ 1 (a loss_dim past D keeps all D, as lightly's slice does)."""
     if isinstance(loss_dim, bool) or not isinstance(loss_dim, int):
         raise TypeError(f"loss_dim must be an int, got {type(loss_dim).__name__}")
     if loss_dim < 1:
