@@ -44,3 +44,8 @@ __all__ = [
     "nn",
     "reference",
 ]
+
+# lightly 1.6's further losses (appended section).
+from fastssl.functional import directclr_loss, frossl_loss, koleo_loss, macl_loss, tico_loss  # noqa: E402
+
+__all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]

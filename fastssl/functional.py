@@ -760,3 +760,305 @@ def arcl_loss(
     z = torch.cat([v[:, 0], v[:, 1]])
     lse_negatives, _, reduce = _local_rows(z, z, None, scale, _two_view_flags(n), mode, backend)
     return reduce(_info_nce(lse_negatives, worst.repeat(2)))
+
+
+# ==================================================================================================
+# lightly 1.6's further losses on the existing kernel families (appended section): MACL and DirectCLR
+# are NT-Xent variants on the pairwise-LSE op (family 1); FroSSL and TiCo take their one
+# N·D·min(N, D) part from the squared-Frobenius op (family 2) and the rest from O(N·D) torch ops;
+# KoLeo's nearest neighbours come from the pairwise-max op (fastssl/ops/pairwise_max.py).
+# ==================================================================================================
+
+from fastssl.ops.pairwise_max import pairwise_max  # noqa: E402  (this section's own import)
+
+__all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]
+
+#: MACL's guard in V = 1/(1 − P + eps) (lightly's `MACLLoss.eps`).
+MACL_EPS = 1e-8
+
+
+def _check_unit_interval(name: str, value: object) -> None:
+    """A Python number in [0, 1] (MACL's alpha and A_0, TiCo's beta), else a TypeError/ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in the range [0, 1], got {value}")
+
+
+def macl_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = 0.1,
+    alpha: float = 0.5,
+    A_0: float = 0.0,
+    *,
+    eps: float = MACL_EPS,
+    backend: str = "auto",
+) -> Tensor:
+    """Model-aware contrastive loss (Huang et al. 2023, MACL; lightly's `MACLLoss`).
+
+    NT-Xent whose temperature follows the batch's alignment, each anchor reweighted. With
+    Z = [n(z1); n(z2)] (2N, D), anchor a, positive p(a) = (a + N) mod 2N and s_ab = Z_a·Z_b:
+
+        A       = mean_i n(z1_i)·n(z2_i)                       (no gradient: the mean positive)
+        t       = τ·(1 + α·(A − A_0))                          (the model-aware temperature)
+        log P_a = s_a,p(a)/t − LSE_{b≠a} s_ab/t                (log-probability of the positive)
+        loss    = mean_a −V_a·log P_a,   V_a = 1/(1 − P_a + eps)   (V without gradient)
+
+    Composition: an O(N·D) row dot for A, then the pairwise-LSE op at scale 1/t over each anchor's
+    2N − 1 candidates, as nt_xent_loss (the 2N x 2N logits are never stored). With the gap
+    g_a = LSE_{b∉{a,p(a)}} s_ab/t − s_a,p(a)/t, −log P_a = softplus(g_a) and 1 − P_a = sigmoid(g_a),
+    both exact where the positive dominates (where lightly's 1 − exp(log P) cancels).
+    t ≤ 0 needs α·(A_0 − A) ≥ 1; as in lightly it is not guarded (that would cost a host sync).
+
+    Args: z1, z2 (N, D), N ≥ 2; temperature τ > 0 (default 0.1; a float or a 0-dim tensor);
+    alpha α ∈ [0, 1] (0.5); A_0 ∈ [0, 1] (0); eps > 0 (1e-8). Returns a 0-dim loss.
+    """
+    _check_pair(z1, z2)
+    check_positive("temperature", temperature)
+    _check_unit_interval("alpha", alpha)
+    _check_unit_interval("A_0", A_0)
+    check_positive("eps", eps)
+    backend = resolve_backend(backend, z1)
+    if backend == "reference":
+        return reference.macl_loss(z1, z2, temperature, alpha, A_0, eps=eps)
+    n, acc = z1.shape[0], compute_dtype(z1)
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    with torch.no_grad():
+        mean_positive = (a.to(acc) * b.to(acc)).sum(1).mean()
+    # t stays a device scalar (no sync); a tensor τ keeps its gradient through it.
+    tau = temperature.reshape(()).to(mean_positive) if isinstance(temperature, Tensor) else float(temperature)
+    t = tau * (1.0 + alpha * (mean_positive - A_0))
+    z = torch.cat([a, b])
+    lse_negatives, pos = pairwise_lse(
+        z, z, None, inverse_temperature(t, z1), pos_offset=n, exclude_self=True, include_pos=False, backend=backend
+    )
+    gap = lse_negatives - pos
+    weight = 1.0 / (torch.sigmoid(gap.detach()) + eps)
+    return (weight * F.softplus(gap)).mean()
+
+
+def _check_loss_dim(loss_dim: object) -> int:
+    """DirectCLR's loss_dim: an int ≥ 1 (a loss_dim past D keeps all D, as lightly's slice does)."""
+    if isinstance(loss_dim, bool) or not isinstance(loss_dim, int):
+        raise TypeError(f"loss_dim must be an int, got {type(loss_dim).__name__}")
+    if loss_dim < 1:
+        raise ValueError(f"loss_dim must be >= 1, got {loss_dim}")
+    return loss_dim
+
+
+def _leading_dims(z: object, loss_dim: int) -> object:
+    """DirectCLR's truncation, as lightly's: z.flatten(start_dim=1)[:, :loss_dim] — a strided view of
+    z (flatten copies only a non-contiguous input of more than 2 dimensions). Anything that is not a
+    tensor of at least 2 dimensions is passed through for the loss's own checks to name."""
+    if not isinstance(z, Tensor) or z.dim() < 2:
+        return z
+    return z.flatten(start_dim=1)[:, :loss_dim]
+
+
+def directclr_loss(
+    z1: Tensor,
+    z2: Tensor,
+    loss_dim: int = 64,
+    temperature: Temperature = 0.5,
+    *,
+    bank: Optional[Tensor] = None,
+    gather_distributed: Union[bool, str] = False,
+    backend: str = "auto",
+) -> Tensor:
+    """DirectCLR (Jing et al. 2022; lightly's `DirectCLRLoss`): NT-Xent on the first `loss_dim` dimensions.
+
+    With z[:, :k] the first k = loss_dim entries of each flattened row (all of them if k ≥ D):
+
+        loss = nt_xent_loss(z1[:, :k], z2[:, :k], τ)            (bank None)
+             = moco_loss(z1[:, :k], z2[:, :k], bank, τ)          (a (K, k) memory bank of negatives)
+
+    The truncation is a strided view (row stride D, no copy). F.normalize reads that view in place;
+    the L2-normalised rows it writes (O(N·k), smaller than the input: the pairwise-LSE op has no
+    per-row scale to fold the normalisation into) are what the kernels read, and the 2N x 2N logits
+    are never formed. (Both kernels also take strided operands: Triton reads them through their
+    strides, the torch kernel makes one row-major copy in the compute dtype.)
+
+    Args: z1, z2 (N, ...) with N ≥ 2 (flattened to (N, D)); loss_dim k ≥ 1 (default 64);
+    temperature τ > 0 (0.5); bank (K, k) or None; gather_distributed as nt_xent_loss / moco_loss.
+    Returns a 0-dim loss.
+    """
+    loss_dim = _check_loss_dim(loss_dim)
+    z1, z2 = _leading_dims(z1, loss_dim), _leading_dims(z2, loss_dim)
+    if bank is None:
+        return nt_xent_loss(z1, z2, temperature, gather_distributed=gather_distributed, backend=backend)
+    return moco_loss(z1, z2, bank, temperature, gather_distributed=gather_distributed, backend=backend)
+
+
+def _check_view_list(z_views: object) -> list[Tensor]:
+    """A list/tuple of V ≥ 2 (N, D) tensors of one shape, dtype and device (FroSSL's views)."""
+    if not isinstance(z_views, (list, tuple)):
+        raise TypeError(f"z_views must be a list or tuple of (N, D) tensors, got {type(z_views).__name__}")
+    if len(z_views) < 2:
+        raise ValueError(f"z_views must contain at least two views but found {len(z_views)}")
+    for index, view in enumerate(z_views):
+        check_embeddings(f"z_views[{index}]", view)
+        check_same("z_views[0]", z_views[0], f"z_views[{index}]", view)
+    return list(z_views)
+
+
+def frossl_loss(
+    z_views: Sequence[Tensor],
+    invariance_weight: float = 1.0,
+    *,
+    route: str = "auto",
+    backend: str = "auto",
+) -> Tensor:
+    """FroSSL (Skean et al. 2024; lightly's `FroSSLLoss`) over V ≥ 2 views.
+
+    Each view is normalised per dimension, ẑ_v = z_v / ‖z_v‖_col (F.normalize(z, dim=0)); z̄ is the
+    mean of the V normalised views. With C_v = ẑ_vᵀẑ_v (D x D; ‖C_v‖_F = ‖ẑ_vẑ_vᵀ‖_F):
+
+        reg_v = log ‖C_v‖²_F − 2·log tr(C_v)                  (= 2·log ‖C_v/tr C_v‖_F, lightly's form)
+        inv_v = V·D·mean_{N,D}(ẑ_v − z̄)²
+        loss  = Σ_v reg_v + invariance_weight·Σ_v inv_v
+
+    tr C_v = Σ_d ‖ẑ_vd‖² (= D unless a column is zero) carries no gradient: lightly divides by
+    ``trace.item()``. ‖C_v‖²_F is the squared-Frobenius op on z_v with the column normalisation
+    folded into its loads (ẑ_v is not written for it), on the D x D side (cost N·D²) or the N x N
+    side (N²·D) — auto: the smaller, as lightly's choice of matrix; C_v is never stored on the Gram
+    route. The invariance term is O(V·N·D) torch ops (it writes the normalised views, the size of
+    the inputs).
+
+    Args: z_views, a list/tuple of V ≥ 2 tensors (N, D), N ≥ 2; invariance_weight ≥ 0 (default 1);
+    route "auto" | "covariance" | "gram". Returns a 0-dim loss.
+    """
+    views = _check_view_list(z_views)
+    check_nonnegative("invariance_weight", invariance_weight)
+    check_route(route)
+    backend = resolve_backend(backend, views[0], op="sq_frobenius")
+    if backend == "reference":
+        return reference.frossl_loss(views, invariance_weight)
+    n, d = views[0].shape
+    acc = compute_dtype(views[0])
+    side = op_route(choose_side(n, d, route), True)
+    regularization, normalised = 0.0, []
+    for z in views:
+        # F.normalize(z, dim=0): 1/max(‖z_col‖, 1e-12) per column.
+        scale = 1.0 / torch.linalg.vector_norm(z.to(acc), dim=0).clamp_min(1e-12)
+        trace = column_dot(z, None, a_scale=scale).sum().detach()
+        frob = sq_frobenius(z, None, a_scale=scale, route=side, backend=backend)
+        regularization = regularization + torch.log(frob) - 2.0 * torch.log(trace)
+        normalised.append(z.to(acc) * scale)
+    stacked = torch.stack(normalised)  # (V, N, D)
+    invariance = len(views) * d * (stacked - stacked.mean(0)).square().mean(dim=(1, 2)).sum()
+    return regularization + invariance_weight * invariance
+
+
+def _check_tico_covariance(covariance: object, z_a: Tensor) -> Optional[Tensor]:
+    """TiCo's running C: None, or a floating (D, D) tensor; returned detached, on z_a's device, in its compute dtype."""
+    if covariance is None:
+        return None
+    d = z_a.shape[1]
+    if not isinstance(covariance, Tensor) or not covariance.is_floating_point():
+        raise TypeError(f"covariance must be None or a floating (D, D) tensor, got {covariance!r:.80}")
+    if tuple(covariance.shape) != (d, d):
+        raise ValueError(f"covariance must be (D, D) = ({d}, {d}) for z_a of shape {tuple(z_a.shape)}, got {tuple(covariance.shape)}")
+    return covariance.detach().to(device=z_a.device, dtype=compute_dtype(z_a))
+
+
+def _tico(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: float, rho: float, route: str, backend: str) -> Tensor:
+    """TiCo's loss for validated inputs (already gathered); see tico_loss."""
+    n, d = z_a.shape
+    acc = compute_dtype(z_a)
+    a, b = F.normalize(z_a.to(acc), dim=1), F.normalize(z_b.to(acc), dim=1)
+    invariance = 1.0 - (a * b).sum(1).mean()
+    contrast = a.new_zeros(())
+    if covariance is not None and beta > 0:
+        contrast = contrast + beta * ((a @ covariance) * a).sum(1).mean()  # N·D² against the D x D state
+    if beta < 1:
+        # ‖aaᵀ‖²_F with a = n(z_a): z_aᵀ (D, N) as the op's operand, the row normalisation a scale
+        # per column (sample); value ‖·‖² with half its gradient = ⟨aᵀa, sg(aᵀa)⟩_F.
+        row_scale = 1.0 / torch.linalg.vector_norm(z_a.to(acc), dim=1).clamp_min(1e-12)
+        side = op_route(choose_side(n, d, route), False)
+        frob = sq_frobenius(z_a.T, None, a_scale=row_scale, route=side, backend=backend)
+        contrast = contrast + (1.0 - beta) * 0.5 * (frob + frob.detach()) / (n * n)
+    return invariance + rho * contrast
+
+
+def tico_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    covariance: Optional[Tensor] = None,
+    beta: float = 0.9,
+    rho: float = 8.0,
+    *,
+    gather_distributed: bool = False,
+    route: str = "auto",
+    backend: str = "auto",
+) -> Tensor:
+    """TiCo (Zhu et al. 2022; lightly's `TiCoLoss`), given the running covariance before this step.
+
+    a = n(z_a), b = n(z_b) (N, D); B = aᵀa/N without gradient; C = β·covariance + (1 − β)·B
+    (covariance None: zero, lightly's first step):
+
+        loss = 1 − mean_i a_i·b_i + ρ·mean_i a_i C a_iᵀ
+             = 1 − mean_i a_i·b_i + ρβ·mean_i a_i·(covariance a_i) + ρ(1 − β)/N²·⟨aᵀa, sg(aᵀa)⟩_F
+
+    ⟨aᵀa, sg(aᵀa)⟩_F has the value ‖aaᵀ‖²_F and half its gradient: the squared-Frobenius op on
+    the D x D side (N·D²) or the N x N side (N²·D, auto: the smaller), with the row normalisation
+    folded into its loads — B is never formed. What is O(D²) by nature is the state: `covariance`
+    is D x D, and the term against it is one N·D² product (N x D output). Without a state (or
+    β = 0) nothing D x D exists on the Gram route. TiCoLoss keeps the state and updates it,
+    C ← β·C + (1 − β)·B, as lightly does; functional users can do the same.
+
+    Args: z_a, z_b (N, D), N ≥ 2; covariance (D, D) or None (no gradient); beta β ∈ [0, 1]
+    (default 0.9); rho ρ ≥ 0 (8); route "auto" | "covariance" | "gram". Returns a 0-dim loss.
+
+    gather_distributed=True (lightly's semantics): z_a and z_b are gathered from every rank and every
+    rank computes the loss of the global batch.
+    """
+    _check_pair(z_a, z_b, ("z_a", "z_b"))
+    covariance = _check_tico_covariance(covariance, z_a)
+    _check_unit_interval("beta", beta)
+    check_nonnegative("rho", rho)
+    check_route(route)
+    backend = resolve_backend(backend, z_a, op="sq_frobenius")
+    mode = _distributed_mode(gather_distributed, backend, ring=False)
+    if backend == "reference":
+        return reference.tico_loss(z_a, z_b, covariance, beta, rho)
+    if mode is not None:
+        sizes = distributed.batch_sizes(z_a)
+        z_a, z_b = distributed.gather_cat(z_a, sizes), distributed.gather_cat(z_b, sizes)
+    return _tico(z_a, z_b, covariance, beta, rho, route, backend)
+
+
+def _check_norm_degree(p: object) -> None:
+    """KoLeo's p: a number > 0 (inf allowed, as torch.pairwise_distance's)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        raise ValueError(f"p must be a number > 0 (the norm degree of the distance), got {p!r}")
+
+
+def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, backend: str = "auto") -> Tensor:
+    """KoLeo regulariser (Sablayrolles et al. 2019, as DINOv2 and lightly's `KoLeoLoss` compute it).
+
+    With u_i = x_i/max(‖x_i‖, eps) (x (N, D)) and each row's nearest neighbour by cosine,
+    j(i) = argmax_{j≠i} u_i·u_j (ties: the first j, as torch.argmax):
+
+        loss = −1/N Σ_i log(‖u_i − u_j(i) + eps‖_p + eps)
+
+    (the inner eps is torch.pairwise_distance's). The neighbours come from the pairwise-max op: one
+    similarity GEMM streamed through a running max/argmax, O(N) numbers kept, never N x N. The
+    selection carries no gradient; the distance's gradient reaches u_i and its neighbour u_j(i)
+    through one O(N·D) row gather.
+
+    Args: x (N, D), N ≥ 2; p > 0, the norm of the distance (default 2; the neighbour is by cosine
+    whatever p, as lightly's); eps > 0 (1e-8). Returns a 0-dim loss.
+    """
+    check_embeddings("x", x)
+    _check_norm_degree(p)
+    check_positive("eps", eps)
+    backend = resolve_backend(backend, x, op="pairwise_max")
+    if backend == "reference":
+        return reference.koleo_loss(x, p, eps)
+    u = F.normalize(x.to(compute_dtype(x)), dim=-1, eps=eps)
+    # The kernels compare the rows as the input dtype rounds them (tensor cores for bf16/fp16).
+    rows = u.detach().to(x.dtype)
+    _, neighbour = pairwise_max(rows, rows, exclude_self=True, backend=backend)
+    distance = F.pairwise_distance(u, u[neighbour], p=p, eps=eps)
+    return -(distance + eps).log().mean()

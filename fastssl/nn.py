@@ -447,3 +447,185 @@ class ArCLLoss(nn.Module):
 def _gather_repr(module: nn.Module) -> str:
     gather = getattr(module, "gather_distributed", False)
     return f", gather_distributed={gather!r}" if gather else ""
+
+
+# ==================================================================================================
+# lightly 1.6's further losses (appended section): MACLLoss, DirectCLRLoss, FroSSLLoss, TiCoLoss,
+# KoLeoLoss — lightly's names, constructor arguments and defaults, plus keyword-only `backend`.
+# ==================================================================================================
+
+__all__ += ["MACLLoss", "DirectCLRLoss", "FroSSLLoss", "TiCoLoss", "KoLeoLoss"]
+
+
+class MACLLoss(nn.Module):
+    """Model-aware contrastive loss (`fastssl.macl_loss`, Huang et al. 2023), as lightly's `MACLLoss`.
+
+    Args:
+        temperature: base τ > 0 (default 0.1).
+        alpha: α ∈ [0, 1], how far the temperature follows the alignment (default 0.5).
+        A_0: the alignment threshold A_0 ∈ [0, 1] (default 0).
+        backend: keyword-only.
+
+    `forward(z0, z1)`: (N, D) embeddings of two views; returns the mean loss (0-dim).
+    """
+
+    def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *, backend: str = "auto"):
+        super().__init__()
+        check_positive("temperature", temperature)
+        functional._check_unit_interval("alpha", alpha)
+        functional._check_unit_interval("A_0", A_0)
+        self.temperature, self.alpha, self.A_0 = temperature, alpha, A_0
+        self.eps = functional.MACL_EPS
+        self.backend = _check_backend(backend)
+
+    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        return functional.macl_loss(z0, z1, self.temperature, self.alpha, self.A_0, eps=self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, A_0={self.A_0}, backend={self.backend!r}"
+
+
+class DirectCLRLoss(NTXentLoss):
+    """DirectCLR (`fastssl.directclr_loss`, Jing et al. 2022): NTXentLoss on the first `loss_dim`
+    dimensions of each flattened embedding, as lightly's `DirectCLRLoss` (a subclass of NTXentLoss).
+
+    Args:
+        loss_dim: number of leading dimensions the loss sees (default 64).
+        temperature, memory_bank_size, gather_distributed: as NTXentLoss (0.5, 0, False); a memory
+            bank holds truncated rows, so its size is (K, loss_dim).
+        backend: keyword-only.
+
+    `forward(out0, out1)`: (N, ...) backbone outputs of two views (no projection head); returns the loss.
+    """
+
+    def __init__(
+        self,
+        loss_dim: int = 64,
+        temperature: float = 0.5,
+        memory_bank_size: Union[int, Sequence[int]] = 0,
+        gather_distributed: Union[bool, str] = False,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__(temperature=temperature, memory_bank_size=memory_bank_size,
+                         gather_distributed=gather_distributed, backend=backend)  # fmt: skip
+        self.loss_dim = functional._check_loss_dim(loss_dim)
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return super().forward(functional._leading_dims(out0, self.loss_dim),
+                               functional._leading_dims(out1, self.loss_dim))  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"loss_dim={self.loss_dim}, {super().extra_repr()}"
+
+
+class FroSSLLoss(nn.Module):
+    """FroSSL (`fastssl.frossl_loss`, Skean et al. 2024), lightly 1.6's `FroSSLLoss`.
+
+    Args:
+        invariance_weight: weight ≥ 0 of the invariance term (default 1).
+        route, backend: keyword-only, as in `BarlowTwinsLoss`.
+
+    `forward(z_views)`: a list of V ≥ 2 (N, D) views, as lightly's; `forward(z0, z1, ...)` with the
+    views as separate tensors is the same call. Returns the loss (0-dim).
+    """
+
+    def __init__(self, invariance_weight: float = 1.0, *, route: str = "auto", backend: str = "auto"):
+        super().__init__()
+        check_nonnegative("invariance_weight", invariance_weight)
+        self.invariance_weight = invariance_weight
+        self.route = check_route(route)
+        self.backend = _check_backend(backend)
+
+    def forward(self, *z_views: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        if len(z_views) == 0:
+            raise TypeError("FroSSLLoss() needs views: a list of (N, D) tensors, or the tensors themselves")
+        views = z_views[0] if len(z_views) == 1 else list(z_views)
+        return functional.frossl_loss(views, self.invariance_weight, route=self.route, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"invariance_weight={self.invariance_weight}, route={self.route!r}, backend={self.backend!r}"
+
+
+class TiCoLoss(nn.Module):
+    """TiCo (`fastssl.tico_loss`, Zhu et al. 2022), lightly 1.6's `TiCoLoss`, with its running covariance.
+
+    Args:
+        beta: EMA coefficient β ∈ [0, 1] of the covariance (default 0.9).
+        rho: weight ρ ≥ 0 of the covariance-contrast term (default 8).
+        gather_distributed: True: z_a, z_b are gathered from every rank (lightly's); the loss and the
+            update of C are those of the global batch, on every rank.
+        route, backend: keyword-only, as in `BarlowTwinsLoss`.
+
+    State: `C`, the D x D running covariance (None before the first call, zeros after it, as
+    lightly's; a non-persistent buffer: it follows `.to()` and stays out of the state_dict, as
+    lightly's attribute does). `forward(z_a, z_b, update_covariance_matrix=True)`: with the update,
+    C ← β·C + (1 − β)·n(z_a)ᵀn(z_a)/N is formed once (an N·D² product, no gradient: the state is
+    D x D by nature) and the loss is the product of n(z_a) with that new C; without it, the loss is
+    `fastssl.tico_loss` against the stored C, whose B part stays on the fused Frobenius route.
+    """
+
+    def __init__(self, beta: float = 0.9, rho: float = 8.0, gather_distributed: bool = False, *,
+                 route: str = "auto", backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        functional._check_unit_interval("beta", beta)
+        check_nonnegative("rho", rho)
+        self.beta, self.rho = beta, rho
+        self.gather_distributed = _check_gather(gather_distributed, ring=False)
+        self.route = check_route(route)
+        self.backend = _check_backend(backend)
+        self.C: Optional[Tensor]
+        self.register_buffer("C", None, persistent=False)
+
+    def forward(self, z_a: Tensor, z_b: Tensor, update_covariance_matrix: bool = True) -> Tensor:
+        """z_a, z_b: (N, D) embeddings of two views. Returns the loss (0-dim)."""
+        functional._check_pair(z_a, z_b, ("z_a", "z_b"))
+        mode = functional._distributed_mode(self.gather_distributed, resolve_backend(self.backend, z_a), ring=False)
+        if mode is not None:
+            sizes = distributed.batch_sizes(z_a)
+            z_a, z_b = distributed.gather_cat(z_a, sizes), distributed.gather_cat(z_b, sizes)
+        n, d = z_a.shape
+        acc = torch.float64 if z_a.dtype == torch.float64 else torch.float32
+        if self.C is None:
+            self.C = torch.zeros(d, d, dtype=acc, device=z_a.device)
+        elif tuple(self.C.shape) != (d, d):
+            raise ValueError(f"TiCoLoss's running covariance C is {tuple(self.C.shape)} but z_a has shape "
+                             f"{tuple(z_a.shape)}: D changed; use a new TiCoLoss")  # fmt: skip
+        covariance, beta = self.C, self.beta
+        if update_covariance_matrix:
+            with torch.no_grad():
+                a = F.normalize(z_a.detach().to(acc), dim=1)
+                covariance = self.beta * self.C.to(device=a.device, dtype=acc) + (1 - self.beta) * (a.T @ a) / n
+            beta = 1.0  # the loss's C is the new state itself
+        loss = functional.tico_loss(z_a, z_b, covariance, beta, self.rho, route=self.route, backend=self.backend)
+        if update_covariance_matrix:
+            self.C = covariance
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, rho={self.rho}{_gather_repr(self)}, route={self.route!r}, backend={self.backend!r}"
+
+
+class KoLeoLoss(nn.Module):
+    """KoLeo regulariser (`fastssl.koleo_loss`, Sablayrolles et al. 2019), lightly 1.6's `KoLeoLoss`.
+
+    Args:
+        p: norm degree p > 0 of the nearest-neighbour distance (default 2).
+        eps: eps > 0 of the normalisation, the distance and the log (default 1e-8).
+        backend: keyword-only.
+
+    `forward(x)`: x (N, D). Returns the loss (0-dim).
+    """
+
+    def __init__(self, p: float = 2, eps: float = 1e-8, *, backend: str = "auto"):
+        super().__init__()
+        functional._check_norm_degree(p)
+        check_positive("eps", eps)
+        self.p, self.eps = p, eps
+        self.backend = _check_backend(backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional.koleo_loss(x, self.p, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, eps={self.eps}, backend={self.backend!r}"

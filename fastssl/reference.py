@@ -424,3 +424,107 @@ def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
     centres = (one_hot.T @ zn) / one_hot.sum(dim=0)[:, None]  # (K, D)
     k, l = torch.triu_indices(centres.shape[0], centres.shape[0], offset=1, device=zn.device)
     return (centres @ centres.T)[k, l].max()
+
+
+# --------------------------------------------------------------------------------------------------
+# lightly 1.6's further losses (appended section): MACL, DirectCLR, FroSSL, TiCo, KoLeo — each the
+# formula of its lightly module written out literally (tests/spec/test_lightly_losses.py checks both).
+# --------------------------------------------------------------------------------------------------
+
+__all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]
+
+
+def macl_loss(
+    z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, alpha: float = 0.5, A_0: float = 0.0, eps: float = 1e-8
+) -> Tensor:
+    """Model-aware contrastive loss (Huang et al. 2023); equals ``lightly.loss.MACLLoss(temperature, alpha, A_0)``.
+
+    Z = [n(z1); n(z2)] (2N, D), s_ab = Z_a·Z_b, positive p(a) = (a + N) mod 2N::
+
+        A       = mean_a s_a,p(a)                (no gradient)
+        t       = τ·(1 + α·(A − A_0))
+        log P_a = s_a,p(a)/t − LSE_{b≠a} s_ab/t
+        loss    = 1/(2N) Σ_a −V_a·log P_a,   V_a = 1/(1 − P_a + eps)   (no gradient through V)
+    """
+    dtype = _compute_dtype(z1)
+    n = z1.shape[0]
+    z = torch.cat([F.normalize(_up(z1, dtype), dim=1), F.normalize(_up(z2, dtype), dim=1)])
+    sim = z @ z.T
+    rows = torch.arange(2 * n, device=z.device)
+    pos = sim[rows, (rows + n) % (2 * n)]
+    t = _temp(temperature, dtype) * (1 + alpha * (pos.detach().mean() - A_0))
+    log_p = pos / t - torch.logsumexp((sim / t).masked_fill(_eye(2 * n, z.device), float("-inf")), dim=1)
+    weight = 1.0 / (1.0 - log_p.exp() + eps)
+    return (-weight.detach() * log_p).mean()
+
+
+def directclr_loss(
+    z1: Tensor, z2: Tensor, loss_dim: int = 64, temperature: Temperature = 0.5, bank: Optional[Tensor] = None
+) -> Tensor:
+    """DirectCLR (Jing et al. 2022); equals ``lightly.loss.DirectCLRLoss(loss_dim, temperature)``.
+
+    NT-Xent (with a memory bank: MoCo) on the first ``loss_dim`` entries of each flattened row::
+
+        loss = nt_xent_loss(z1.flatten(1)[:, :loss_dim], z2.flatten(1)[:, :loss_dim], τ)
+
+    bank, when given, is (K, loss_dim), as :func:`moco_loss`'s.
+    """
+    a, b = z1.flatten(start_dim=1)[:, :loss_dim], z2.flatten(start_dim=1)[:, :loss_dim]
+    return nt_xent_loss(a, b, temperature) if bank is None else moco_loss(a, b, bank, temperature)
+
+
+def frossl_loss(z_views: Sequence[Tensor], invariance_weight: float = 1.0) -> Tensor:
+    """FroSSL (Skean et al. 2024); equals ``lightly.loss.FroSSLLoss(invariance_weight)([z_1, ..., z_V])``.
+
+    ẑ_v = z_v normalised per dimension (F.normalize(z_v, dim=0)), z̄ = mean_v ẑ_v; C_v = ẑ_vᵀẑ_v (D, D)
+    when N > D, else ẑ_vẑ_vᵀ (N, N) — the same non-zero eigenvalues, so the same Frobenius norm::
+
+        loss = Σ_v 2·log ‖C_v / tr(C_v)‖_F + invariance_weight·Σ_v V·D·mean_{N,D}(ẑ_v − z̄)²
+
+    tr(C_v) is a constant to autograd (lightly divides by ``trace.item()``).
+    """
+    dtype = _compute_dtype(z_views[0])
+    views = [F.normalize(_up(z, dtype), p=2, dim=0) for z in z_views]
+    mean_view = torch.stack(views).mean(dim=0)
+    n, d = views[0].shape
+    total_reg, total_inv = 0.0, 0.0
+    for z in views:
+        cov = z.T @ z if n > d else z @ z.T
+        cov = cov / torch.trace(cov).detach()
+        total_reg = total_reg + 2 * torch.log(torch.linalg.norm(cov, ord="fro"))
+        total_inv = total_inv + len(views) * d * F.mse_loss(z, mean_view)
+    return total_reg + invariance_weight * total_inv
+
+
+def tico_loss(
+    z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: float = 0.9, rho: float = 8.0
+) -> Tensor:
+    """TiCo (Zhu et al. 2022); equals ``lightly.loss.TiCoLoss(beta, rho)`` whose running C is `covariance`.
+
+    a = n(z_a), b = n(z_b) (N, D); B = aᵀa/N (D, D, no gradient); C = β·covariance + (1 − β)·B
+    (covariance None: the zero matrix of lightly's first step)::
+
+        loss = 1 − 1/N Σ_i a_i·b_i + ρ/N Σ_i a_i C a_iᵀ
+
+    (the module then stores C as the next step's covariance).
+    """
+    dtype = _compute_dtype(z_a)
+    a, b = F.normalize(_up(z_a, dtype), dim=1), F.normalize(_up(z_b, dtype), dim=1)
+    c = (1 - beta) * (a.T @ a).detach() / a.shape[0]
+    if covariance is not None:
+        c = c + beta * _up(covariance.detach(), dtype)
+    return 1.0 - (a * b).sum(dim=1).mean() + rho * ((a @ c) * a).sum(dim=1).mean()
+
+
+def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8) -> Tensor:
+    """KoLeo (Sablayrolles et al. 2019); equals ``lightly.loss.KoLeoLoss(p, eps)(x)``.
+
+    u = x normalised per row with eps (F.normalize(x, eps=eps)); S = uuᵀ (N, N) with its diagonal
+    set to −2 (below every cosine); j(i) = argmax_j S_ij (the first on ties)::
+
+        loss = −1/N Σ_i log(‖u_i − u_j(i) + eps‖_p + eps)      (torch.pairwise_distance(p, eps))
+    """
+    u = F.normalize(_up(x), p=2, dim=-1, eps=eps)
+    sim = (u @ u.T).detach().fill_diagonal_(-2.0)
+    distance = F.pairwise_distance(u, u[sim.argmax(dim=1)], p=p, eps=eps)
+    return -(distance + eps).log().mean()

@@ -92,3 +92,16 @@ def build_criterion(name: str, proj_dim: int, *, backend: str = "auto", temperat
         module = cls(memory_bank_size=(memory_bank, proj_dim), **kwargs)
         return Criterion(name, module, 1, momentum_keys=True, call=lambda mod, zs, keys: mod(zs[0], keys))
     return Criterion(name, cls(**kwargs), 2, call=lambda mod, zs, keys: mod(zs[0], zs[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# lightly 1.6's further losses (appended section). Each takes the two views as the others do
+# (`module(zs[0], zs[1])`); KoLeo is a regulariser, not a loss on its own, and is not offered here.
+# --------------------------------------------------------------------------------------------------
+
+LOSSES.update({
+    "macl": ("MACLLoss", "NT-Xent with a model-aware temperature (MACL, Huang et al. 2023), tau=0.1, alpha=0.5"),
+    "directclr": ("DirectCLRLoss", "NT-Xent on the first loss_dim=64 dimensions (DirectCLR, Jing et al. 2022), tau=0.5"),
+    "frossl": ("FroSSLLoss", "log-Frobenius-norm regulariser + invariance (FroSSL, Skean et al. 2024), weight 1"),
+    "tico": ("TiCoLoss", "invariance + contrast against a running covariance (TiCo, Zhu et al. 2022), beta=0.9, rho=8"),
+})
