@@ -118,3 +118,26 @@ def check_route(route: object) -> str:
     if not isinstance(route, str) or route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     return route
+
+
+def check_unit_interval(name: str, value: object) -> None:
+    """A Python number in [0, 1] (MACL's alpha and A_0, TiCo's beta), else a TypeError/ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in the range [0, 1], got {value}")
+
+
+def check_loss_dim(loss_dim: object) -> int:
+    """DirectCLR's loss_dim: an int ≥ 1 (a loss_dim past D keeps all D, as lightly's slice does)."""
+    if isinstance(loss_dim, bool) or not isinstance(loss_dim, int):
+        raise TypeError(f"loss_dim must be an int, got {type(loss_dim).__name__}")
+    if loss_dim < 1:
+        raise ValueError(f"loss_dim must be >= 1, got {loss_dim}")
+    return loss_dim
+
+
+def check_norm_degree(p: object) -> None:
+    """KoLeo's p: a number > 0 (inf allowed, as torch.pairwise_distance's)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        raise ValueError(f"p must be a number > 0 (the norm degree of the distance), got {p!r}")

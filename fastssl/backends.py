@@ -2,16 +2,19 @@
 
 `auto` never picks `reference` (it materialises N x N matrices) and never picks a slow path
 silently: CPU tensors go to the chunked `torch` backend; CUDA tensors go to `triton` or to `cuda`
-(the csrc/ extension, when it loads) as :func:`auto_gpu_backend`'s table says.
+(the csrc/ extension, when it loads) as :func:`auto_gpu_backend`'s table says. :func:`resolve`
+is the prologue every loss shares: the concrete backend and the active `gather_distributed` mode.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Optional, Union
 
 import torch
 
+from fastssl import distributed
 from fastssl._common import triton_interpreting
 
 #: Every name a `backend=` argument accepts.
@@ -117,3 +120,24 @@ def resolve_backend(backend: str, x: torch.Tensor, op: str = "pairwise_lse") -> 
                 "use backend='torch' or 'reference' for float64 (e.g. for gradcheck)"
             )
     return backend
+
+
+def resolve(
+    backend: str, like: torch.Tensor, gather_distributed: object, *, ring: bool = True, op: str = "pairwise_lse"
+) -> tuple[str, Optional[Union[bool, str]]]:
+    """The prologue every loss shares once its own arguments are checked: (the concrete backend,
+    the active gather mode or None). None means single-process math: gather off, torch.distributed
+    not initialised, or one rank (lightly's fallback). `ring`: whether the loss accepts "ring";
+    `op`: the kernel family `auto` chooses a backend for. The caller then returns the spec
+    (fastssl.reference) when the backend is "reference", which never gathers across ranks.
+    """
+    backend = resolve_backend(backend, like, op=op)
+    mode = distributed.check_gather(gather_distributed, ring=ring)
+    if not distributed.is_active(mode):
+        return backend, None
+    if backend == "reference":
+        raise ValueError(
+            "backend='reference' is the single-process spec and does not gather across ranks; "
+            "use backend='auto', 'torch' or 'triton' with gather_distributed"
+        )
+    return backend, mode

@@ -19,18 +19,22 @@ from fastssl._common import compute_dtype
 from fastssl._validation import (
     Temperature,
     check_embeddings,
+    check_loss_dim,
     check_nonnegative,
+    check_norm_degree,
     check_pair,
     check_positive,
     check_route,
     check_same,
+    check_unit_interval,
     inverse_temperature,
 )
-from fastssl.backends import resolve_backend
+from fastssl.backends import resolve
 from fastssl.kernels import PairwiseLSEFlags
 from fastssl.ops.frobenius import choose_side, op_route, sq_frobenius
 from fastssl.ops.pairwise_lse import pairwise_lse
 from fastssl.ops.pairwise_lse_distributed import pairwise_lse_global
+from fastssl.ops.pairwise_max import pairwise_max
 from fastssl.ops.reductions import column_dot, column_mean_var
 from fastssl.ops.worst_pair import worst_pair
 
@@ -47,28 +51,12 @@ __all__ = [
     "vicreg_exp_loss",
     "vicreg_ctr_loss",
     "arcl_loss",
+    "macl_loss",
+    "directclr_loss",
+    "frossl_loss",
+    "tico_loss",
+    "koleo_loss",
 ]
-
-
-def _prepare(
-    backend: str, like: Tensor, gather_distributed: object, *, ring: bool = True, op: str = "pairwise_lse"
-) -> tuple[str, Optional[Union[bool, str]]]:
-    """The prologue every loss shares once its own arguments are checked: (the concrete backend,
-    the active gather mode or None). None means single-process math: gather off, torch.distributed
-    not initialised, or one rank (lightly's fallback). `ring`: whether the loss accepts "ring";
-    `op`: the kernel family `auto` chooses a backend for. The caller then returns the spec
-    (fastssl.reference) when the backend is "reference", which never gathers across ranks.
-    """
-    backend = resolve_backend(backend, like, op=op)
-    mode = distributed.check_gather(gather_distributed, ring=ring)
-    if not distributed.is_active(mode):
-        return backend, None
-    if backend == "reference":
-        raise ValueError(
-            "backend='reference' is the single-process spec and does not gather across ranks; "
-            "use backend='auto', 'torch' or 'triton' with gather_distributed"
-        )
-    return backend, mode
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +142,7 @@ def nt_xent_loss(
     """
     check_pair(z1, z2)
     check_positive("temperature", temperature)
-    backend, mode = _prepare(backend, z1, gather_distributed)
+    backend, mode = resolve(backend, z1, gather_distributed)
     if backend == "reference":
         return reference.nt_xent_loss(z1, z2, temperature)
     z = torch.cat([_normalize(z1), _normalize(z2)])
@@ -188,7 +176,7 @@ def moco_loss(
     check_embeddings("bank", bank, min_rows=1)
     check_same("query", query, "bank", bank, dims="D")
     check_positive("temperature", temperature)
-    backend, mode = _prepare(backend, query, gather_distributed)
+    backend, mode = resolve(backend, query, gather_distributed)
     if backend == "reference":
         return reference.moco_loss(query, key, bank, temperature)
     q, k = _normalize(query), _normalize(key)
@@ -261,7 +249,7 @@ def dcl_loss(
         weight_fn = _mises_fisher_weights(sigma)
     elif weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable (a, b) -> (N,) weights or None, got {type(weight_fn).__name__}")
-    backend, mode = _prepare(backend, z1, gather_distributed)
+    backend, mode = resolve(backend, z1, gather_distributed)
     if backend == "reference":
         if weight_fn is not None and sigma is None:
             raise ValueError("backend='reference' supports no custom weight_fn (DCLW's sigma weights only)")
@@ -290,7 +278,7 @@ def clip_loss(
     """
     check_pair(z1, z2)
     check_positive("temperature", temperature)
-    backend, mode = _prepare(backend, z1, gather_distributed)
+    backend, mode = resolve(backend, z1, gather_distributed)
     if backend == "reference":
         return reference.clip_loss(z1, z2, temperature)
     a, b = _normalize(z1), _normalize(z2)
@@ -309,7 +297,7 @@ def uniformity(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
     """
     check_embeddings("z", z)
     check_positive("t", t)
-    backend, _ = _prepare(backend, z, False)
+    backend, _ = resolve(backend, z, False)
     if backend == "reference":
         return reference.uniformity(z, t)
     n = z.shape[0]
@@ -383,7 +371,7 @@ def barlow_twins_loss(
     check_pair(z1, z2)
     check_nonnegative("lambda_param", lambda_param)
     check_route(route)
-    backend, mode = _prepare(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
+    backend, mode = resolve(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
     if backend == "reference":
         return reference.barlow_twins_loss(z1, z2, lambda_param)
     if mode is not None:
@@ -470,7 +458,7 @@ def vicreg_loss(
     check_pair(z1, z2)
     _check_vicreg_weights(lambda_param, mu_param, nu_param, eps)
     check_route(route)
-    backend, mode = _prepare(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
+    backend, mode = resolve(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
     if backend == "reference":
         return reference.vicreg_loss(z1, z2, lambda_param, mu_param, nu_param, eps)
     acc = compute_dtype(z1)
@@ -515,7 +503,7 @@ def spectral_contrastive_loss(
     check_pair(z1, z2)
     check_positive("mu", mu)
     check_route(route)
-    backend, mode = _prepare(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
+    backend, mode = resolve(backend, z1, gather_distributed, ring=False, op="sq_frobenius")
     if backend == "reference":
         return reference.spectral_contrastive_loss(z1, z2, mu)
     if mode is not None:
@@ -617,7 +605,7 @@ def vicreg_exp_loss(
     """
     weights = (lambda_param, mu_param, nu_param, eps)
     _check_vicreg_exp_args(z1, z2, temperature, *weights, "vicreg_exp_loss needs D ≥ 2 dimensions to contrast")
-    backend, mode = _prepare(backend, z1, gather_distributed, ring=False)
+    backend, mode = resolve(backend, z1, gather_distributed, ring=False)
     if backend == "reference":
         return reference.vicreg_exp_loss(z1, z2, temperature, *weights)
     if mode is not None:
@@ -654,7 +642,7 @@ def vicreg_ctr_loss(
     """
     weights = (lambda_param, mu_param, nu_param, eps)
     _check_vicreg_exp_args(z1, z2, temperature, *weights, "vicreg_ctr_loss needs D ≥ 2 coordinates per sample")
-    backend, mode = _prepare(backend, z1, gather_distributed)
+    backend, mode = resolve(backend, z1, gather_distributed)
     if backend == "reference":
         return reference.vicreg_ctr_loss(z1, z2, temperature, *weights)
     if mode is None:
@@ -750,7 +738,7 @@ def arcl_loss(
     """
     views = _check_views(views)
     check_positive("temperature", temperature)
-    backend, mode = _prepare(backend, views, gather_distributed)
+    backend, mode = resolve(backend, views, gather_distributed)
     if backend == "reference":
         return reference.arcl_loss(views, temperature)
     n = views.shape[0]
@@ -769,20 +757,9 @@ def arcl_loss(
 # KoLeo's nearest neighbours come from the pairwise-max op (fastssl/ops/pairwise_max.py).
 # ==================================================================================================
 
-from fastssl.ops.pairwise_max import pairwise_max  # noqa: E402  (this section's own import)
-
-__all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]
 
 #: MACL's guard in V = 1/(1 − P + eps) (lightly's `MACLLoss.eps`).
 MACL_EPS = 1e-8
-
-
-def _check_unit_interval(name: str, value: object) -> None:
-    """A Python number in [0, 1] (MACL's alpha and A_0, TiCo's beta), else a TypeError/ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in the range [0, 1], got {value}")
 
 
 def macl_loss(
@@ -814,37 +791,26 @@ def macl_loss(
     Args: z1, z2 (N, D), N ≥ 2; temperature τ > 0 (default 0.1; a float or a 0-dim tensor);
     alpha α ∈ [0, 1] (0.5); A_0 ∈ [0, 1] (0); eps > 0 (1e-8). Returns a 0-dim loss.
     """
-    _check_pair(z1, z2)
+    check_pair(z1, z2)
     check_positive("temperature", temperature)
-    _check_unit_interval("alpha", alpha)
-    _check_unit_interval("A_0", A_0)
+    check_unit_interval("alpha", alpha)
+    check_unit_interval("A_0", A_0)
     check_positive("eps", eps)
-    backend = resolve_backend(backend, z1)
+    backend, _ = resolve(backend, z1, False)
     if backend == "reference":
         return reference.macl_loss(z1, z2, temperature, alpha, A_0, eps=eps)
     n, acc = z1.shape[0], compute_dtype(z1)
-    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    a, b = _normalize(z1), _normalize(z2)
     with torch.no_grad():
         mean_positive = (a.to(acc) * b.to(acc)).sum(1).mean()
     # t stays a device scalar (no sync); a tensor τ keeps its gradient through it.
     tau = temperature.reshape(()).to(mean_positive) if isinstance(temperature, Tensor) else float(temperature)
     t = tau * (1.0 + alpha * (mean_positive - A_0))
     z = torch.cat([a, b])
-    lse_negatives, pos = pairwise_lse(
-        z, z, None, inverse_temperature(t, z1), pos_offset=n, exclude_self=True, include_pos=False, backend=backend
-    )
+    lse_negatives, pos = pairwise_lse(z, z, None, inverse_temperature(t, z1), _two_view_flags(n), backend=backend)
     gap = lse_negatives - pos
     weight = 1.0 / (torch.sigmoid(gap.detach()) + eps)
     return (weight * F.softplus(gap)).mean()
-
-
-def _check_loss_dim(loss_dim: object) -> int:
-    """DirectCLR's loss_dim: an int ≥ 1 (a loss_dim past D keeps all D, as lightly's slice does)."""
-    if isinstance(loss_dim, bool) or not isinstance(loss_dim, int):
-        raise TypeError(f"loss_dim must be an int, got {type(loss_dim).__name__}")
-    if loss_dim < 1:
-        raise ValueError(f"loss_dim must be >= 1, got {loss_dim}")
-    return loss_dim
 
 
 def _leading_dims(z: object, loss_dim: int) -> object:
@@ -883,7 +849,7 @@ def directclr_loss(
     temperature τ > 0 (0.5); bank (K, k) or None; gather_distributed as nt_xent_loss / moco_loss.
     Returns a 0-dim loss.
     """
-    loss_dim = _check_loss_dim(loss_dim)
+    loss_dim = check_loss_dim(loss_dim)
     z1, z2 = _leading_dims(z1, loss_dim), _leading_dims(z2, loss_dim)
     if bank is None:
         return nt_xent_loss(z1, z2, temperature, gather_distributed=gather_distributed, backend=backend)
@@ -931,7 +897,7 @@ def frossl_loss(
     views = _check_view_list(z_views)
     check_nonnegative("invariance_weight", invariance_weight)
     check_route(route)
-    backend = resolve_backend(backend, views[0], op="sq_frobenius")
+    backend, _ = resolve(backend, views[0], False, op="sq_frobenius")
     if backend == "reference":
         return reference.frossl_loss(views, invariance_weight)
     n, d = views[0].shape
@@ -1013,25 +979,18 @@ def tico_loss(
     gather_distributed=True (lightly's semantics): z_a and z_b are gathered from every rank and every
     rank computes the loss of the global batch.
     """
-    _check_pair(z_a, z_b, ("z_a", "z_b"))
+    check_pair(z_a, z_b, ("z_a", "z_b"))
     covariance = _check_tico_covariance(covariance, z_a)
-    _check_unit_interval("beta", beta)
+    check_unit_interval("beta", beta)
     check_nonnegative("rho", rho)
     check_route(route)
-    backend = resolve_backend(backend, z_a, op="sq_frobenius")
-    mode = _distributed_mode(gather_distributed, backend, ring=False)
+    backend, mode = resolve(backend, z_a, gather_distributed, ring=False, op="sq_frobenius")
     if backend == "reference":
         return reference.tico_loss(z_a, z_b, covariance, beta, rho)
     if mode is not None:
         sizes = distributed.batch_sizes(z_a)
         z_a, z_b = distributed.gather_cat(z_a, sizes), distributed.gather_cat(z_b, sizes)
     return _tico(z_a, z_b, covariance, beta, rho, route, backend)
-
-
-def _check_norm_degree(p: object) -> None:
-    """KoLeo's p: a number > 0 (inf allowed, as torch.pairwise_distance's)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-        raise ValueError(f"p must be a number > 0 (the norm degree of the distance), got {p!r}")
 
 
 def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, backend: str = "auto") -> Tensor:
@@ -1051,9 +1010,9 @@ def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, backend: str = "
     whatever p, as lightly's); eps > 0 (1e-8). Returns a 0-dim loss.
     """
     check_embeddings("x", x)
-    _check_norm_degree(p)
+    check_norm_degree(p)
     check_positive("eps", eps)
-    backend = resolve_backend(backend, x, op="pairwise_max")
+    backend, _ = resolve(backend, x, False, op="pairwise_max")
     if backend == "reference":
         return reference.koleo_loss(x, p, eps)
     u = F.normalize(x.to(compute_dtype(x)), dim=-1, eps=eps)

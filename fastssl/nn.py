@@ -21,8 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, functional, reference
-from fastssl._validation import check_nonnegative, check_positive, check_route
-from fastssl.backends import BACKENDS, resolve_backend
+from fastssl._common import compute_dtype
+from fastssl._validation import (
+    check_loss_dim,
+    check_nonnegative,
+    check_norm_degree,
+    check_pair,
+    check_positive,
+    check_route,
+    check_unit_interval,
+)
+from fastssl.backends import BACKENDS, resolve
 
 __all__ = [
     "MemoryBankModule",
@@ -472,8 +481,8 @@ class MACLLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *, backend: str = "auto"):
         super().__init__()
         check_positive("temperature", temperature)
-        functional._check_unit_interval("alpha", alpha)
-        functional._check_unit_interval("A_0", A_0)
+        check_unit_interval("alpha", alpha)
+        check_unit_interval("A_0", A_0)
         self.temperature, self.alpha, self.A_0 = temperature, alpha, A_0
         self.eps = functional.MACL_EPS
         self.backend = _check_backend(backend)
@@ -509,7 +518,7 @@ class DirectCLRLoss(NTXentLoss):
     ):
         super().__init__(temperature=temperature, memory_bank_size=memory_bank_size,
                          gather_distributed=gather_distributed, backend=backend)  # fmt: skip
-        self.loss_dim = functional._check_loss_dim(loss_dim)
+        self.loss_dim = check_loss_dim(loss_dim)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         return super().forward(functional._leading_dims(out0, self.loss_dim),
@@ -568,7 +577,7 @@ class TiCoLoss(nn.Module):
     def __init__(self, beta: float = 0.9, rho: float = 8.0, gather_distributed: bool = False, *,
                  route: str = "auto", backend: str = "auto"):  # fmt: skip
         super().__init__()
-        functional._check_unit_interval("beta", beta)
+        check_unit_interval("beta", beta)
         check_nonnegative("rho", rho)
         self.beta, self.rho = beta, rho
         self.gather_distributed = _check_gather(gather_distributed, ring=False)
@@ -579,13 +588,13 @@ class TiCoLoss(nn.Module):
 
     def forward(self, z_a: Tensor, z_b: Tensor, update_covariance_matrix: bool = True) -> Tensor:
         """z_a, z_b: (N, D) embeddings of two views. Returns the loss (0-dim)."""
-        functional._check_pair(z_a, z_b, ("z_a", "z_b"))
-        mode = functional._distributed_mode(self.gather_distributed, resolve_backend(self.backend, z_a), ring=False)
+        check_pair(z_a, z_b, ("z_a", "z_b"))
+        _, mode = resolve(self.backend, z_a, self.gather_distributed, ring=False, op="sq_frobenius")
         if mode is not None:
             sizes = distributed.batch_sizes(z_a)
             z_a, z_b = distributed.gather_cat(z_a, sizes), distributed.gather_cat(z_b, sizes)
         n, d = z_a.shape
-        acc = torch.float64 if z_a.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(z_a)
         if self.C is None:
             self.C = torch.zeros(d, d, dtype=acc, device=z_a.device)
         elif tuple(self.C.shape) != (d, d):
@@ -619,7 +628,7 @@ class KoLeoLoss(nn.Module):
 
     def __init__(self, p: float = 2, eps: float = 1e-8, *, backend: str = "auto"):
         super().__init__()
-        functional._check_norm_degree(p)
+        check_norm_degree(p)
         check_positive("eps", eps)
         self.p, self.eps = p, eps
         self.backend = _check_backend(backend)

@@ -446,7 +446,7 @@ def macl_loss(
         log P_a = s_a,p(a)/t − LSE_{b≠a} s_ab/t
         loss    = 1/(2N) Σ_a −V_a·log P_a,   V_a = 1/(1 − P_a + eps)   (no gradient through V)
     """
-    dtype = _compute_dtype(z1)
+    dtype = compute_dtype(z1)
     n = z1.shape[0]
     z = torch.cat([F.normalize(_up(z1, dtype), dim=1), F.normalize(_up(z2, dtype), dim=1)])
     sim = z @ z.T
@@ -483,7 +483,7 @@ def frossl_loss(z_views: Sequence[Tensor], invariance_weight: float = 1.0) -> Te
 
     tr(C_v) is a constant to autograd (lightly divides by ``trace.item()``).
     """
-    dtype = _compute_dtype(z_views[0])
+    dtype = compute_dtype(z_views[0])
     views = [F.normalize(_up(z, dtype), p=2, dim=0) for z in z_views]
     mean_view = torch.stack(views).mean(dim=0)
     n, d = views[0].shape
@@ -508,7 +508,7 @@ def tico_loss(
 
     (the module then stores C as the next step's covariance).
     """
-    dtype = _compute_dtype(z_a)
+    dtype = compute_dtype(z_a)
     a, b = F.normalize(_up(z_a, dtype), dim=1), F.normalize(_up(z_b, dtype), dim=1)
     c = (1 - beta) * (a.T @ a).detach() / a.shape[0]
     if covariance is not None:

@@ -16,7 +16,7 @@ import torch
 import fastssl
 from fastssl import nn as fnn
 from fastssl import reference
-from tests.utils import CPU_BACKENDS, TOLERANCES, assert_close
+from tests.utils import CPU_BACKENDS, assert_close
 
 ALL_BACKENDS = CPU_BACKENDS + ["reference"]
 
@@ -200,17 +200,18 @@ def test_directclr_truncation_is_a_view():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pairwise_lse_reads_strided_operands(backend):
     # What DirectCLR's strided rows would meet in the kernels: a column slice and a transposed view.
-    from fastssl.ops.pairwise_lse import pairwise_lse
+    from fastssl.ops.pairwise_lse import PairwiseLSEFlags, pairwise_lse
 
+    flags = PairwiseLSEFlags(pos_offset=3, exclude_self=True)
     wide = torch.randn(11, 20)
     storage_t = torch.randn(7, 11)
     scale = torch.tensor(2.0)
     for x in (wide[:, 3:10], storage_t.T):
         assert not x.is_contiguous()
         xs = x.detach().requires_grad_()  # a strided leaf: the same view, no copy
-        strided = pairwise_lse(xs, xs, None, scale, pos_offset=3, exclude_self=True, backend=backend)
+        strided = pairwise_lse(xs, xs, None, scale, flags, backend=backend)
         xc = x.detach().contiguous().requires_grad_()
-        contiguous = pairwise_lse(xc, xc, None, scale, pos_offset=3, exclude_self=True, backend=backend)
+        contiguous = pairwise_lse(xc, xc, None, scale, flags, backend=backend)
         torch.testing.assert_close(strided[0], contiguous[0], rtol=1e-6, atol=1e-6)
         (g_strided,) = torch.autograd.grad(strided[0].sum() + strided[1].sum(), xs)
         (g_contig,) = torch.autograd.grad(contiguous[0].sum() + contiguous[1].sum(), xc)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastssl
+
 from fastssl import nn as fnn
 from fastssl import reference
 from tests.utils import CPU_BACKENDS, LIGHTLY_AVAILABLE, TOLERANCES

@@ -17,6 +17,8 @@ import os
 import torch
 from torch import Tensor
 
+from fastssl._common import compute_dtype
+
 #: Upper bound on the bytes of one chunk of similarities.
 _CHUNK_BYTES = int(os.environ.get("FASTSSL_TORCH_CHUNK_BYTES", str(64 * 2**20)))
 
@@ -26,7 +28,7 @@ def pairwise_max_forward(x: Tensor, y: Tensor, exclude_self: bool) -> tuple[Tens
 
     A row whose every column is excluded (Ny = 1 and exclude_self) gets value −inf and index 0.
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x)
     m, n_y = x.shape[0], y.shape[0]
     # Row-major copies in the compute dtype (O(N·D), once): strided inputs would otherwise make
     # every chunk's product walk memory column by column. x and y share one copy when they are one tensor.

@@ -21,13 +21,13 @@ pairwise_lse's forward configs, and tests/backends/test_new_losses.py compiles t
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastssl._common import device_ctx
 from fastssl.kernels.triton._utils import interpreting, mm
 
 #: fp32 inputs must select the neighbour an fp32 reference selects: full-precision dots (CUDA cores).
@@ -107,7 +107,7 @@ def pairwise_max_forward(x: Tensor, y: Tensor, exclude_self: bool) -> tuple[Tens
         return value, index
     meta = tile_config(d, x.dtype)
     grid = (triton.cdiv(m, meta["BLOCK_M"]),)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_ctx(x):
         _pairwise_max_fwd_kernel[grid](
             x, y, value, index, m, y.shape[0], d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             EXCLUDE_SELF=bool(exclude_self), FP32_PRECISION=FP32_DOT_PRECISION, **meta,
