@@ -42,6 +42,9 @@ __all__ = [
     "vicreg_exp_loss",
     "vicreg_ctr_loss",
     "arcl_loss",
+    "dino_loss",
+    "dino_loss_from_logits",
+    "DINOLossOutput",
 ]
 
 
@@ -733,3 +736,207 @@ def arcl_loss(
         z, z, None, scale, mode, backend, pos_offset=n, exclude_self=True, include_pos=False
     )
     return reduce(_info_nce(lse_negatives, worst.repeat(2)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Prototype cross-entropy (docs/design.md, family 4): DINO (Caron et al. 2021). Appended section:
+# everything of the prototype losses in this file lives below this line.
+# --------------------------------------------------------------------------------------------------
+
+from typing import NamedTuple  # noqa: E402  (kept in this section)
+
+from fastssl.ops.prototype_ce import prototype_ce  # noqa: E402
+
+
+class DINOLossOutput(NamedTuple):
+    """`dino_loss(..., return_batch_center=True)`: the loss and the teacher's batch-mean logit (K,)
+    (fp32; fp64 for fp64 inputs, no gradient), which DINO's centre update averages in:
+    c ← m·c + (1 − m)·batch_center."""
+
+    loss: Tensor
+    batch_center: Tensor
+
+
+def _view_list(name: str, views: object) -> list[Tensor]:
+    """Crops as a list of V (B, D) tensors, given as such a list/tuple or as one (V, B, D) tensor."""
+    if isinstance(views, (list, tuple)):
+        if len(views) == 0:
+            raise ValueError(f"{name} needs at least one view, got an empty {type(views).__name__}")
+        for index, view in enumerate(views):
+            check_embeddings(f"{name}[{index}]", view, min_rows=1)
+            check_same(f"{name}[0]", views[0], f"{name}[{index}]", view)
+        return list(views)
+    check_embeddings(name, views, ndim=3, min_rows=1)
+    if views.shape[1] < 1:
+        raise ValueError(f"{name} must be (views, B, D) with B ≥ 1, got shape {tuple(views.shape)}")
+    return list(views.unbind(0))
+
+
+def _crop_views(name: str, views: object) -> Tensor:
+    """Crops as one (V, B, D) tensor (a list is stacked: one O(V·B·D) copy)."""
+    listed = _view_list(name, views)
+    return views if isinstance(views, Tensor) else torch.stack(listed)
+
+
+def _check_crop_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
+    """Two crop sets (…, B, D) of the same images: same device, dtype, B and D."""
+    check_same(names[0], a, names[1], b, dims="D")
+    if a.shape[-2] != b.shape[-2]:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same batch size B, got (B, D) = "
+                         f"{tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")  # fmt: skip
+
+
+def _fixed_temperature(name: str, value: Temperature) -> None:
+    check_positive(name, value)
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(f"{name} gets no gradient in the DINO loss; pass a float or a tensor without requires_grad")
+
+
+def _check_center(center: object, k: int, like: Tensor) -> Optional[Tensor]:
+    """The centre as given ((K,) or lightly's (1, 1, K)), or None."""
+    if center is None:
+        return None
+    if not isinstance(center, Tensor):
+        raise TypeError(f"center must be a torch.Tensor or None, got {type(center).__name__}")
+    if not center.is_floating_point() or center.numel() != k or center.shape[-1] != k:
+        raise ValueError(f"center must be a floating (K,) or (1, 1, K) tensor with K = {k}, got {center.dtype} of "
+                         f"shape {tuple(center.shape)}")  # fmt: skip
+    if center.device != like.device:
+        raise ValueError(f"center is on {center.device} but the embeddings are on {like.device}")
+    return center
+
+
+def _dino_pair_counts(n_student: int, n_teacher: int) -> int:
+    """n_terms of lightly's DINOLoss: view pairs (teacher q, student v) with q ≠ v; ValueError if none."""
+    n_terms = n_student * n_teacher - min(n_student, n_teacher)
+    if n_terms == 0:
+        raise ValueError(
+            f"the DINO loss needs a pair of different views, but got {n_teacher} teacher view(s) and {n_student} "
+            "student view(s): view q of the teacher and view q of the student are the same crop and are skipped"
+        )
+    return n_terms
+
+
+def dino_loss(
+    student: Union[Tensor, Sequence[Tensor]],
+    teacher: Union[Tensor, Sequence[Tensor]],
+    prototypes: Tensor,
+    center: Optional[Tensor] = None,
+    *,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+    teacher_prototypes: Optional[Tensor] = None,
+    normalize_prototypes: bool = False,
+    return_batch_center: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, DINOLossOutput]:
+    """DINO's loss (Caron et al. 2021) from the embeddings that enter the head's last layer, fused.
+
+    student (S, B, D) and teacher (T, B, D) are S and T crops of B images (or lists of (B, D)
+    tensors); teacher view q and student view q are the same crop (DINO puts the global crops
+    first). W = prototypes (K, D), the student's last-layer weight; W_t = teacher_prototypes
+    (K, D), the EMA teacher's (None: W, detached); c = center (K,) or (1, 1, K) (None: zeros)::
+
+        p_t[q, b]     = softmax((t[q, b]·W_tᵀ − c)/τt)                      (no gradient)
+        log p_s[v, b] = log_softmax(s[v, b]·Wᵀ/τs)
+        loss = 1/(B·n_terms) Σ_{q ≠ v} Σ_b −p_t[q, b]·log p_s[v, b],   n_terms = T·S − min(T, S)
+
+    — lightly 1.6's DINOLoss on the logits s·Wᵀ and t·W_tᵀ, with the same value and gradients, but
+    the B·S x K and B·T x K logits are never stored (fastssl.ops.prototype_ce: per crop an LSE and
+    the teacher's expected prototype P_t = p_tᵀW; each pair is then an O(D) dot). Memory
+    O((S·B + T·B + K)·D). Gradients reach student and prototypes (W is both the student's scorer
+    and the value of P_t); the teacher, W_t, c and the temperatures get none.
+
+    normalize_prototypes: use n(W) (rows L2-normalised, differentiable; W_t likewise): pass the raw
+    weight `v` of a weight-normalised last layer with its gain fixed at 1 (DINO's norm_last_layer).
+    The embeddings are used as given (DINO's head L2-normalises them before the last layer).
+
+    return_batch_center: return DINOLossOutput(loss, batch_center), batch_center = mean_{q,b} t[q, b]·W_tᵀ
+    (K,), DINO's batch centre, computed as (mean t)·W_tᵀ (exact: the mean is linear), for
+    c ← m·c + (1 − m)·batch_center (fastssl.nn.DINOLoss.forward_fused does the update).
+
+    Returns a 0-dim loss (fp32; fp64 for fp64 inputs).
+    """
+    s3, t3 = _crop_views("student", student), _crop_views("teacher", teacher)
+    _check_crop_pair(("student", "teacher"), s3, t3)
+    check_embeddings("prototypes", prototypes, min_rows=1)
+    check_same("student", s3, "prototypes", prototypes, dims="D")
+    if teacher_prototypes is not None:
+        check_embeddings("teacher_prototypes", teacher_prototypes, min_rows=1)
+        check_same("prototypes", prototypes, "teacher_prototypes", teacher_prototypes)
+    center = _check_center(center, prototypes.shape[0], s3)
+    _fixed_temperature("student_temp", student_temp)
+    _fixed_temperature("teacher_temp", teacher_temp)
+    n_student, n_images, d = s3.shape
+    n_teacher = t3.shape[0]
+    n_terms = _dino_pair_counts(n_student, n_teacher)
+    backend = resolve_backend(backend, s3, op="prototype_ce")
+
+    w = F.normalize(prototypes, dim=1) if normalize_prototypes else prototypes
+    w_t = w.detach() if teacher_prototypes is None else teacher_prototypes.detach()
+    if normalize_prototypes and teacher_prototypes is not None:
+        w_t = F.normalize(w_t, dim=1)
+
+    if backend == "reference":
+        loss = reference.dino_loss(s3, t3, w, center, student_temp, teacher_temp, w_t)
+    else:
+        scale_s = inverse_temperature(student_temp, s3)
+        lse_s, p_t = prototype_ce(
+            s3.reshape(-1, d), w, t3.reshape(-1, d), scale_s, inverse_temperature(teacher_temp, s3),
+            teacher_prototypes=w_t, center=center, backend=backend,
+        )  # fmt: skip
+        # Σ over pairs (v, q ≠ v, b) of lse_s[v, b] − α_s·s[v, b]·P_t[q, b], without gathering the pairs:
+        # student view v meets the T teacher views but its own, and Σ_{q≠v} P_t[q] = Σ_q P_t[q] − P_t[v].
+        acc = lse_s.dtype
+        lse_s, p_t = lse_s.view(n_student, n_images), p_t.view(n_teacher, n_images, d)
+        own = min(n_student, n_teacher)  # views present on both sides
+        views_met = torch.full((n_student, 1), float(n_teacher), dtype=acc, device=s3.device)
+        views_met[:own] -= 1
+        s_acc = s3.to(acc)
+        cross = (s_acc * p_t.sum(0)).sum() - (s_acc[:own] * p_t[:own]).sum()
+        loss = ((views_met * lse_s).sum() - scale_s * cross) / (n_terms * n_images)
+    if not return_batch_center:
+        return loss
+    with torch.no_grad():
+        acc = compute_dtype(s3)
+        batch_center = w_t.to(acc) @ t3.reshape(-1, d).to(acc).mean(0)
+    return DINOLossOutput(loss, batch_center)
+
+
+def dino_loss_from_logits(
+    teacher_logits: Union[Tensor, Sequence[Tensor]],
+    student_logits: Union[Tensor, Sequence[Tensor]],
+    center: Optional[Tensor] = None,
+    *,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """DINO's loss on finished logits: lightly 1.6's DINOLoss.forward (without its centre update).
+
+    teacher_logits (T, B, K) and student_logits (S, B, K), or lists of (B, K) tensors (lightly's
+    argument order: teacher first); the formula of :func:`dino_loss` with the logits given. The
+    logits exist already, so nothing is fused; the computation goes view by view (no stacked copies,
+    no (T, S) einsum operands) and, as in lightly, gradients reach both logit tensors.
+    """
+    teachers = _view_list("teacher_logits", teacher_logits)
+    students = _view_list("student_logits", student_logits)
+    _check_crop_pair(("teacher_logits", "student_logits"), teachers[0], students[0])
+    center = _check_center(center, teachers[0].shape[-1], teachers[0])
+    check_positive("student_temp", student_temp)
+    check_positive("teacher_temp", teacher_temp)
+    n_terms = _dino_pair_counts(len(students), len(teachers))
+    acc = compute_dtype(students[0])
+    shift = 0.0 if center is None else center.reshape(-1).to(acc)
+    p_t = [torch.softmax((t.to(acc) - shift) / teacher_temp, dim=-1) for t in teachers]
+    p_all = p_t[0]
+    for p in p_t[1:]:
+        p_all = p_all + p
+    # Student view v meets every teacher view but its own: Σ_{q≠v} p_t[q] = p_all − p_t[v]. Two dots
+    # instead of one with (p_all − p_t[v]): autograd then keeps no extra (B, K) tensor per view.
+    total = 0.0
+    for v, s in enumerate(students):
+        log_p_s = torch.log_softmax(s.to(acc) / student_temp, dim=-1).flatten()
+        total = total - torch.dot(p_all.flatten(), log_p_s)
+        if v < len(p_t):
+            total = total + torch.dot(p_t[v].flatten(), log_p_s)
+    return total / (n_terms * students[0].shape[0])

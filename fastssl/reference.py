@@ -425,3 +425,62 @@ def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
     centres = (one_hot.T @ zn) / one_hot.sum(dim=0)[:, None]  # (K, D)
     k, l = torch.triu_indices(centres.shape[0], centres.shape[0], offset=1, device=zn.device)
     return (centres @ centres.T)[k, l].max()
+
+
+# --------------------------------------------------------------------------------------------------
+# prototype cross-entropy: DINO (Caron et al. 2021) — family 4, appended section
+# --------------------------------------------------------------------------------------------------
+
+__all__ += ["dino_loss_from_logits", "dino_loss"]
+
+
+def dino_loss_from_logits(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    center: Optional[Tensor] = None,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """DINO's cross-entropy on finished logits: lightly 1.6's ``DINOLoss.forward`` without its centre update.
+
+    teacher_logits (T, B, K) and student_logits (S, B, K) are T and S views (crops) of B images; the
+    centre c is (K,) (or lightly's (1, 1, K); zeros when None)::
+
+        p_t[q, b]     = softmax((teacher_logits[q, b] − c)/τt)
+        log p_s[v, b] = log_softmax(student_logits[v, b]/τs)
+        loss = 1/(B·n_terms) Σ_{q ≠ v} Σ_b −p_t[q, b]·log p_s[v, b],   n_terms = T·S − min(T, S)
+
+    View q of the teacher and view v = q of the student are the same crop and are skipped. As in
+    lightly, gradients flow into both logit tensors (DINO's teacher is gradient-free by construction).
+    """
+    dtype = _compute_dtype(student_logits)
+    t, s = _up(teacher_logits, dtype), _up(student_logits, dtype)
+    if center is not None:
+        t = t - _up(center, dtype).reshape(-1)
+    p_t = torch.softmax(t / _temp(teacher_temp, dtype), dim=-1)
+    log_p_s = torch.log_softmax(s / _temp(student_temp, dtype), dim=-1)
+    ce = -torch.einsum("qbk,vbk->qv", p_t, log_p_s)  # (T, S), summed over the batch
+    pairs = ~torch.eye(ce.shape[0], ce.shape[1], dtype=torch.bool, device=ce.device)
+    return ce[pairs].sum() / (pairs.sum() * t.shape[1])
+
+
+def dino_loss(
+    student: Tensor,
+    teacher: Tensor,
+    prototypes: Tensor,
+    center: Optional[Tensor] = None,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+    teacher_prototypes: Optional[Tensor] = None,
+) -> Tensor:
+    """DINO's loss from the embeddings that enter the head's last layer: the logits, materialised.
+
+    student (S, B, D), teacher (T, B, D), prototypes W (K, D) (the student's last-layer weight),
+    teacher_prototypes W_t (K, D) (the EMA teacher's; W when None). Student logits s·Wᵀ, teacher
+    logits t·W_tᵀ without gradient (DINO's stop-gradient), then :func:`dino_loss_from_logits`.
+    """
+    dtype = _compute_dtype(student)
+    w = _up(prototypes, dtype)
+    w_t = w if teacher_prototypes is None else _up(teacher_prototypes, dtype)
+    teacher_logits = (_up(teacher, dtype) @ w_t.T).detach()
+    return dino_loss_from_logits(teacher_logits, _up(student, dtype) @ w.T, center, student_temp, teacher_temp)
