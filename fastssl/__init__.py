@@ -21,6 +21,7 @@ from fastssl.functional import (
     vicreg_exp_loss,
     vicreg_loss,
 )
+from fastssl.functional import dino_loss, dino_loss_from_logits  # prototype cross-entropy (family 4)
 from fastssl import autograd, distributed, metrics, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "vicreg_exp_loss",
     "vicreg_ctr_loss",
     "arcl_loss",
+    "dino_loss",
+    "dino_loss_from_logits",
     "autograd",
     "distributed",
     "metrics",

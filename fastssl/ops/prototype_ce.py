@@ -169,7 +169,9 @@ def prototype_ce(
     if w_t is not None and w_t.shape != w.shape:
         raise ValueError(f"prototype_ce: teacher_prototypes {tuple(w_t.shape)} must match w {tuple(w.shape)}")
     if center is not None:
-        center = center.detach().reshape(-1).to(device=s.device, dtype=dt).contiguous()
+        # A copy (K numbers): the backward reads the centre of this forward, and DINO updates its
+        # centre buffer in place right after the loss.
+        center = center.detach().reshape(-1).to(device=s.device, dtype=dt, copy=True)
         if center.shape[0] != w.shape[0]:
             raise ValueError(f"prototype_ce: center has {center.shape[0]} entries, w has K = {w.shape[0]} rows")
     scale_s = scale_s.detach().to(device=s.device, dtype=dt)
