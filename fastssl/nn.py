@@ -519,6 +519,8 @@ class DINOLoss(nn.Module):
                 epoch: Optional[int] = None) -> Tensor:  # fmt: skip
         """teacher_out: T views of (B, K) teacher logits; student_out: S views of (B, K) student logits.
         Returns the mean cross-entropy over the view pairs q ≠ v and the batch (0-dim)."""
+        first = teacher_out[0] if isinstance(teacher_out, (list, tuple)) and teacher_out else teacher_out
+        self._check_k("teacher_out", first)
         loss = functional.dino_loss_from_logits(
             teacher_out, student_out, self.center, student_temp=self.student_temp,
             teacher_temp=self._teacher_temperature(teacher_temp, epoch),
@@ -533,6 +535,7 @@ class DINOLoss(nn.Module):
         """The loss of `forward` on the logits t·W_tᵀ and s·Wᵀ, from the embeddings (T or S views of
         (B, D)) and W (K, D), W_t (K, D) (None: W), never storing the logits; then the centre update.
         normalize_prototypes: as fastssl.dino_loss. Returns the loss (0-dim)."""
+        self._check_k("prototypes", prototypes, rows=True)
         out = functional.dino_loss(
             student_embeddings, teacher_embeddings, prototypes, self.center, student_temp=self.student_temp,
             teacher_temp=self._teacher_temperature(teacher_temp, epoch), teacher_prototypes=teacher_prototypes,
@@ -540,6 +543,15 @@ class DINOLoss(nn.Module):
         )  # fmt: skip
         self._momentum_update(out.batch_center)
         return out.loss
+
+    def _check_k(self, name: str, t: object, rows: bool = False) -> None:
+        """The K of `t` (its last dim, or rows) is output_dim (other problems: the functional's checks)."""
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            k = t.shape[0] if rows else t.shape[-1]
+            if k != self.center.shape[-1]:
+                what = "rows (prototypes)" if rows else "columns (logits)"
+                raise ValueError(f"DINOLoss(output_dim={self.center.shape[-1]}) got {name} with {k} {what}, "
+                                 f"shape {tuple(t.shape)}")  # fmt: skip
 
     @torch.no_grad()
     def update_center(self, teacher_out: Union[Tensor, Sequence[Tensor]]) -> None:
