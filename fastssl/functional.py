@@ -45,6 +45,8 @@ __all__ = [
     "dino_loss",
     "dino_loss_from_logits",
     "DINOLossOutput",
+    "ibot_patch_loss",
+    "ibot_patch_loss_from_logits",
 ]
 
 
@@ -739,7 +741,8 @@ def arcl_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# Prototype cross-entropy (docs/design.md, family 4): DINO (Caron et al. 2021). Appended section:
+# Prototype cross-entropy (docs/design.md, family 4): DINO (Caron et al. 2021), iBOT's patch loss
+# (Zhou et al. 2022). Appended section:
 # everything of the prototype losses in this file lives below this line.
 # --------------------------------------------------------------------------------------------------
 
@@ -940,3 +943,119 @@ def dino_loss_from_logits(
         if v < len(p_t):
             total = total + torch.dot(p_t[v].flatten(), log_p_s)
     return total / (n_terms * students[0].shape[0])
+
+
+def _check_token_mask(mask: object, like: Tensor) -> Tensor:
+    """A bool (B, H, W) or (B, N) mask of patch tokens (True: masked) on like's device."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool or mask.dim() < 2:
+        raise ValueError(f"mask must be a bool (B, H, W) or (B, N) tensor of masked tokens, got {mask.dtype} of "
+                         f"shape {tuple(mask.shape)}")  # fmt: skip
+    if mask.device != like.device:
+        raise ValueError(f"mask is on {mask.device} but the embeddings are on {like.device}")
+    return mask
+
+
+def _token_weights(mask: Tensor, n_tokens: int, dtype: torch.dtype) -> Tensor:
+    """1/(masked tokens of its image) for each of the n_tokens masked tokens, which come image by image
+    (the row-major order of mask's True entries). Counting them is a host sync, as lightly's indexing."""
+    per_image = mask.reshape(mask.shape[0], -1).sum(dim=1)
+    weights = torch.repeat_interleave(1.0 / per_image.clamp(min=1).to(dtype), per_image)
+    if weights.shape[0] != n_tokens:
+        raise ValueError(f"mask {tuple(mask.shape)} has {weights.shape[0]} True entries (masked tokens) but the "
+                         f"embeddings have {n_tokens} rows")  # fmt: skip
+    return weights
+
+
+def ibot_patch_loss(
+    student: Tensor,
+    teacher: Tensor,
+    prototypes: Tensor,
+    mask: Tensor,
+    center: Optional[Tensor] = None,
+    *,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+    teacher_prototypes: Optional[Tensor] = None,
+    normalize_prototypes: bool = False,
+    return_batch_center: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, DINOLossOutput]:
+    """iBOT's masked-patch loss (Zhou et al. 2022; DINOv2's form, Oquab et al. 2023) from the embeddings
+    that enter the head's last layer, fused: lightly 1.6's IBOTPatchLoss on the logits s·Wᵀ, t·W_tᵀ.
+
+    student, teacher (M, D): the M masked patch tokens, in the row-major order of the True entries
+    of mask (B, H, W) or (B, N); W = prototypes (K, D), W_t = teacher_prototypes (None: W, detached),
+    c = center (K,) or (1, K)::
+
+        CE_i = −Σ_k softmax((t_i·W_tᵀ − c)/τt)_k · log_softmax(s_i·Wᵀ/τs)_k = lse_s,i − s_i·P_t,i/τs
+        loss = 1/B Σ_i CE_i / (masked tokens of the image of token i)
+
+    The same op as :func:`dino_loss` (token i of the student paired with token i of the teacher); the
+    M x K logits are never stored. Gradients reach student and prototypes only. Reading the mask's
+    True entries costs one host sync (as lightly's boolean indexing).
+
+    return_batch_center: DINOLossOutput(loss, batch_center), batch_center = mean_i t_i·W_tᵀ (K,), the
+    mean teacher logit of the masked tokens (lightly's centre update input).
+    """
+    check_embeddings("student", student, min_rows=1)
+    check_embeddings("teacher", teacher, min_rows=1)
+    check_same("student", student, "teacher", teacher)
+    check_embeddings("prototypes", prototypes, min_rows=1)
+    check_same("student", student, "prototypes", prototypes, dims="D")
+    if teacher_prototypes is not None:
+        check_embeddings("teacher_prototypes", teacher_prototypes, min_rows=1)
+        check_same("prototypes", prototypes, "teacher_prototypes", teacher_prototypes)
+    mask = _check_token_mask(mask, student)
+    center = _check_center(center, prototypes.shape[0], student)
+    _fixed_temperature("student_temp", student_temp)
+    _fixed_temperature("teacher_temp", teacher_temp)
+    backend = resolve_backend(backend, student, op="prototype_ce")
+
+    w = F.normalize(prototypes, dim=1) if normalize_prototypes else prototypes
+    w_t = w.detach() if teacher_prototypes is None else teacher_prototypes.detach()
+    if normalize_prototypes and teacher_prototypes is not None:
+        w_t = F.normalize(w_t, dim=1)
+
+    if backend == "reference":
+        loss = reference.ibot_patch_loss(student, teacher, w, mask, center, student_temp, teacher_temp, w_t)
+    else:
+        scale_s = inverse_temperature(student_temp, student)
+        lse_s, p_t = prototype_ce(student, w, teacher, scale_s, inverse_temperature(teacher_temp, student),
+                                  teacher_prototypes=w_t, center=center, backend=backend)  # fmt: skip
+        ce = lse_s - scale_s * (student.to(p_t.dtype) * p_t).sum(dim=1)
+        loss = (ce * _token_weights(mask, ce.shape[0], ce.dtype)).sum() / mask.shape[0]
+    if not return_batch_center:
+        return loss
+    with torch.no_grad():
+        acc = compute_dtype(student)
+        batch_center = w_t.to(acc) @ teacher.to(acc).mean(0)
+    return DINOLossOutput(loss, batch_center)
+
+
+def ibot_patch_loss_from_logits(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    mask: Tensor,
+    center: Optional[Tensor] = None,
+    *,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """iBOT's masked-patch loss on finished (M, K) logits (lightly's argument order: teacher first):
+    lightly 1.6's IBOTPatchLoss.forward without its centre update; the formula of :func:`ibot_patch_loss`.
+    Gradients reach both logit tensors, as in lightly."""
+    check_embeddings("teacher_logits", teacher_logits, min_rows=1)
+    check_embeddings("student_logits", student_logits, min_rows=1)
+    check_same("teacher_logits", teacher_logits, "student_logits", student_logits)
+    mask = _check_token_mask(mask, student_logits)
+    center = _check_center(center, teacher_logits.shape[-1], teacher_logits)
+    check_positive("student_temp", student_temp)
+    check_positive("teacher_temp", teacher_temp)
+    acc = compute_dtype(student_logits)
+    shift = 0.0 if center is None else center.reshape(-1).to(acc)
+    p_t = torch.softmax((teacher_logits.to(acc) - shift) / teacher_temp, dim=-1)
+    z_s = student_logits.to(acc) / student_temp
+    ce = torch.logsumexp(z_s, dim=-1) - (p_t * z_s).sum(dim=-1)  # −Σ p_t log softmax(z_s), Σ p_t = 1
+    return (ce * _token_weights(mask, ce.shape[0], acc)).sum() / mask.shape[0]

@@ -431,7 +431,7 @@ def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
 # prototype cross-entropy: DINO (Caron et al. 2021) — family 4, appended section
 # --------------------------------------------------------------------------------------------------
 
-__all__ += ["dino_loss_from_logits", "dino_loss"]
+__all__ += ["dino_loss_from_logits", "dino_loss", "ibot_patch_loss_from_logits", "ibot_patch_loss"]
 
 
 def dino_loss_from_logits(
@@ -484,3 +484,59 @@ def dino_loss(
     w_t = w if teacher_prototypes is None else _up(teacher_prototypes, dtype)
     teacher_logits = (_up(teacher, dtype) @ w_t.T).detach()
     return dino_loss_from_logits(teacher_logits, _up(student, dtype) @ w.T, center, student_temp, teacher_temp)
+
+
+def _masked_token_weights(mask: Tensor, n_tokens: int, dtype: torch.dtype) -> Tensor:
+    """1/(masked tokens of the token's image) per masked token, in mask's row-major order (lightly's)."""
+    per_image = mask.reshape(mask.shape[0], -1).sum(dim=1).clamp(min=1).to(dtype)
+    weights = (1.0 / per_image)[:, None].expand(mask.shape[0], mask[0].numel())[mask.reshape(mask.shape[0], -1)]
+    if weights.shape[0] != n_tokens:
+        raise ValueError(f"mask has {weights.shape[0]} True entries but there are {n_tokens} masked tokens")
+    return weights
+
+
+def ibot_patch_loss_from_logits(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    mask: Tensor,
+    center: Optional[Tensor] = None,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """iBOT's masked-patch loss (Zhou et al. 2022; DINOv2's form, Oquab et al. 2023) on finished logits:
+    lightly 1.6's ``IBOTPatchLoss.forward`` without its centre update.
+
+    teacher_logits, student_logits (M, K): the M masked patch tokens, in the row-major order of the
+    True entries of mask (B, H, W) (or (B, N)); centre (K,) or (1, K) (zeros when None)::
+
+        CE_i = −Σ_k softmax((t_i − c)/τt)_k · log_softmax(s_i/τs)_k
+        loss = 1/B Σ_i CE_i / (masked tokens of the image of token i)
+    """
+    dtype = _compute_dtype(student_logits)
+    t, s = _up(teacher_logits, dtype), _up(student_logits, dtype)
+    if center is not None:
+        t = t - _up(center, dtype).reshape(-1)
+    p_t = torch.softmax(t / _temp(teacher_temp, dtype), dim=-1)
+    ce = -(p_t * torch.log_softmax(s / _temp(student_temp, dtype), dim=-1)).sum(dim=-1)
+    return (ce * _masked_token_weights(mask, ce.shape[0], dtype)).sum() / mask.shape[0]
+
+
+def ibot_patch_loss(
+    student: Tensor,
+    teacher: Tensor,
+    prototypes: Tensor,
+    mask: Tensor,
+    center: Optional[Tensor] = None,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+    teacher_prototypes: Optional[Tensor] = None,
+) -> Tensor:
+    """iBOT's masked-patch loss from the embeddings of the masked tokens (M, D) that enter the head's
+    last layer: logits s·Wᵀ and t·W_tᵀ (the latter without gradient), then
+    :func:`ibot_patch_loss_from_logits`."""
+    dtype = _compute_dtype(student)
+    w = _up(prototypes, dtype)
+    w_t = w if teacher_prototypes is None else _up(teacher_prototypes, dtype)
+    teacher_logits = (_up(teacher, dtype) @ w_t.T).detach()
+    return ibot_patch_loss_from_logits(teacher_logits, _up(student, dtype) @ w.T, mask, center, student_temp,
+                                       teacher_temp)

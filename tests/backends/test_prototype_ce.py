@@ -328,3 +328,62 @@ def test_dino_module_fused_equals_logits(backend):
     assert fused.center.shape == (1, 1, k) and bool(fused.center.abs().sum() > 0)
     assert "center" in fused.state_dict()
     assert f"backend={backend!r}" in repr(fused)
+
+
+# --------------------------------------------------------------------------------------------------
+# iBOT's masked-patch loss: the same op, token i of the student against token i of the teacher
+
+
+def ibot_case(dtype, b=4, h=3, w=5, k=29, d=12):
+    mask = torch.rand(b, h, w) < 0.4
+    mask[-1] = False  # an image without masked tokens
+    m = int(mask.sum())
+
+    def rows(*shape):
+        return F.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1).to(dtype)
+
+    return dict(student=rows(m, d), teacher=rows(m, d), prototypes=rows(k, d), teacher_prototypes=rows(k, d),
+                center=0.2 * torch.randn(k, dtype=torch.float64).to(dtype), mask=mask)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,dtype", [(b, dt) for b in CPU_BACKENDS for dt in (torch.float32, torch.bfloat16)]
+                         + [("reference", torch.float32)])  # fmt: skip
+def test_ibot_patch_loss_matches_reference(backend, dtype):
+    case = ibot_case(dtype)
+    rest = dict(mask=case["mask"], center=case["center"], teacher_prototypes=case["teacher_prototypes"])
+
+    def ours(s, w):
+        return fastssl.ibot_patch_loss(s, case["teacher"], w, backend=backend, **rest)
+
+    def spec(s, w):
+        return reference.ibot_patch_loss(s.double(), case["teacher"].double(), w.double(), case["mask"],
+                                         case["center"].double(), teacher_prototypes=rest["teacher_prototypes"].double())
+
+    for what, a, b in zip(("loss", "d student", "d prototypes"), dino_value_and_grads(ours, case),
+                          dino_value_and_grads(spec, case)):  # fmt: skip
+        assert_close(a, b, dtype, what=f"{backend} {what}", scale=10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ibot_module_fused_equals_logits(backend):
+    case = ibot_case(torch.float32)
+    k = case["prototypes"].shape[0]
+    on_logits, fused = fnn.IBOTPatchLoss(k, center_momentum=0.6), fnn.IBOTPatchLoss(k, center_momentum=0.6,
+                                                                                    backend=backend)
+    for step in range(2):
+        results = []
+        for run in ("logits", "fused"):
+            s = case["student"].clone().requires_grad_()
+            w = case["prototypes"].clone().requires_grad_()
+            if run == "logits":
+                loss = on_logits(case["teacher"] @ case["teacher_prototypes"].T, s @ w.T, case["mask"],
+                                 teacher_temp=0.05)  # fmt: skip
+            else:
+                loss = fused.forward_fused(case["teacher"], s, case["mask"], w, case["teacher_prototypes"],
+                                           teacher_temp=0.05)  # fmt: skip
+            loss.backward()
+            results.append((loss, s.grad, w.grad))
+        for a, b in zip(*results):
+            assert_close(b, a, torch.float32, what=f"step {step}", scale=10)
+        assert_close(fused.center.value, on_logits.center.value, torch.float32, what=f"centre after step {step}")
+    assert set(fused.state_dict()) == {"center.center"}

@@ -103,3 +103,44 @@ def test_reference_and_functional_match_lightly():
     theirs = module(teacher, student)
     close(reference.dino_loss_from_logits(torch.stack(teacher), torch.stack(student), center), theirs, "reference")
     close(fastssl.dino_loss_from_logits(teacher, student, center), theirs, "functional")
+
+
+# --------------------------------------------------------------------------------------------------
+# iBOT's masked-patch loss (lightly's IBOTPatchLoss, DINOv2's form)
+
+
+def test_ibot_signatures_match():
+    ours, theirs = inspect.signature(fnn.IBOTPatchLoss.__init__), inspect.signature(lightly_loss.IBOTPatchLoss.__init__)
+    assert {n: p.default for n, p in ours.parameters.items() if n != "backend"} == {
+        n: p.default for n, p in theirs.parameters.items()
+    }
+    assert list(inspect.signature(fnn.IBOTPatchLoss.forward).parameters) == list(
+        inspect.signature(lightly_loss.IBOTPatchLoss.forward).parameters
+    )
+    assert set(fnn.IBOTPatchLoss(64).state_dict()) == set(lightly_loss.IBOTPatchLoss(64).state_dict())
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_ibot_forward_and_fused_match_lightly(backend):
+    k, d = 37, 10
+    theirs = lightly_loss.IBOTPatchLoss(k, center_momentum=0.7)
+    on_logits = fnn.IBOTPatchLoss(k, center_momentum=0.7)
+    fused = fnn.IBOTPatchLoss(k, center_momentum=0.7, backend=backend)
+    w_t = F.normalize(torch.randn(k, d), dim=1)
+    for step, call in enumerate([{}, {"teacher_temp": 0.07}, {}]):
+        mask = torch.rand(3, 4, 4) < 0.45
+        m = int(mask.sum())
+        w = F.normalize(torch.randn(k, d), dim=1).requires_grad_()
+        teacher = F.normalize(torch.randn(m, d), dim=1)
+        student = F.normalize(torch.randn(m, d), dim=1).requires_grad_()
+        loss_theirs = theirs(teacher @ w_t.T, student @ w.T, mask, **call)
+        g_theirs = torch.autograd.grad(loss_theirs, [student, w])
+        loss_ours = on_logits(teacher @ w_t.T, student @ w.T, mask, **call)
+        g_ours = torch.autograd.grad(loss_ours, [student, w])
+        loss_fused = fused.forward_fused(teacher, student, mask, w, w_t, **call)
+        g_fused = torch.autograd.grad(loss_fused, [student, w])
+        for name, loss, grads, module in (("logits", loss_ours, g_ours, on_logits), ("fused", loss_fused, g_fused, fused)):
+            close(loss, loss_theirs, f"{name} loss at step {step}")
+            for i, (a, b) in enumerate(zip(grads, g_theirs)):
+                close(a, b, f"{name} grad {i} at step {step}")
+            close(module.center.value, theirs.center.value, f"{name} centre after step {step}")

@@ -1,5 +1,5 @@
-"""The DINO spec (fastssl.reference.dino_loss*, Caron et al. 2021) against an independent float64 oracle,
-and the validation of the public DINO API (fastssl.dino_loss, dino_loss_from_logits, nn.DINOLoss).
+"""The DINO and iBOT-patch specs (fastssl.reference.dino_loss*, ibot_patch_loss*; Caron et al. 2021, Zhou
+et al. 2022) against an independent float64 oracle, and the validation of the public API built on them.
 
 The oracle loops over view pairs and images in numpy and writes the cross-entropy as −Σ_k p_k·log q_k
 with explicit exponentials: no torch softmax, no einsum, no masks.
@@ -165,3 +165,65 @@ def test_inputs_not_modified():
     fastssl.dino_loss(**good, center=center, normalize_prototypes=True)
     for a, b in zip((*good.values(), center), before):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# iBOT's masked-patch loss
+
+
+def oracle_ibot(teacher, student, mask, center, tau_s, tau_t):
+    """1/B Σ over images of the mean over its masked tokens of −Σ_k p_t log p_s, tokens image by image."""
+    teacher, student = teacher.detach().numpy(), student.detach().numpy()
+    c = np.zeros(teacher.shape[-1]) if center is None else center.detach().numpy().reshape(-1)
+    flat = mask.reshape(mask.shape[0], -1).numpy()
+    total, token = 0.0, 0
+    for image in flat:
+        ces = []
+        for _ in range(int(image.sum())):
+            p_t = np_softmax((teacher[token] - c) / tau_t)
+            ces.append(-(p_t * np.log(np_softmax(student[token] / tau_s))).sum())
+            token += 1
+        total += float(np.mean(ces)) if ces else 0.0
+    return total / flat.shape[0]
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("mask_shape", [(3, 2, 3), (4, 5)])
+def test_ibot_from_logits_matches_oracle(center, mask_shape):
+    mask = torch.rand(mask_shape) < 0.5
+    mask[1] = False  # an image with no masked token contributes 0 (its count is clamped to 1)
+    mask.reshape(mask_shape[0], -1)[0, 0] = True
+    m, k = int(mask.sum()), 9
+    teacher, student, c = randn(m, k), randn(m, k), (randn(1, k) if center else None)
+    got = ref.ibot_patch_loss_from_logits(teacher, student, mask, c, 0.2, 0.05)
+    want = oracle_ibot(teacher, student, mask, c, 0.2, 0.05)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=RTOL, atol=ATOL)
+    functional = fastssl.ibot_patch_loss_from_logits(teacher, student, mask, c, student_temp=0.2, teacher_temp=0.05)
+    torch.testing.assert_close(functional, got, rtol=RTOL, atol=ATOL)
+    s, w, t, w_t = randn(m, 4), randn(k, 4), randn(m, 4), randn(k, 4)
+    torch.testing.assert_close(ref.ibot_patch_loss(s, t, w, mask, c, 0.2, 0.05, w_t),
+                               torch.tensor(oracle_ibot(t @ w_t.T, s @ w.T, mask, c, 0.2, 0.05), dtype=torch.float64),
+                               rtol=RTOL, atol=ATOL)  # fmt: skip
+
+
+def _ibot_good():
+    mask = torch.zeros(2, 3, 3, dtype=torch.bool)
+    mask[0, 0], mask[1, 2, :2] = True, True  # 3 + 2 masked tokens
+    return dict(student=torch.randn(5, 4), teacher=torch.randn(5, 4), prototypes=torch.randn(8, 4), mask=mask)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(mask=torch.zeros(2, 3, 3)), ValueError, r"mask must be a bool \(B, H, W\) or \(B, N\) tensor"),
+        (dict(mask=torch.ones(2, 3, 3, dtype=torch.bool)), ValueError,
+         r"mask \(2, 3, 3\) has 18 True entries \(masked tokens\) but the embeddings have 5 rows"),
+        (dict(teacher=torch.randn(4, 4)), ValueError, r"student and teacher must have the same shape"),
+        (dict(student=torch.randn(5, 4, 1)), ValueError, r"student must have 2 dimensions"),
+        (dict(center=torch.randn(2, 8)), ValueError, r"center must be a floating"),
+        (dict(mask=[True]), TypeError, r"mask must be a torch.Tensor"),
+    ],
+)
+def test_ibot_validation(change, error, match):
+    with pytest.raises(error, match=match):
+        fastssl.ibot_patch_loss(**dict(_ibot_good(), **change))
