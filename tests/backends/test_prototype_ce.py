@@ -34,17 +34,17 @@ def dense_oracle(s, w, t, w_t, center, scale_s, scale_t):
     return lse_s, p_t @ w64
 
 
-def make_case(n, n_t, k, d, dtype, temp_s=0.1, temp_t=0.04, center=True, separate_teacher=True):
+def make_case(n, n_t, k, d, dtype, temp_s=0.1, temp_t=0.04, center=True, separate_teacher=True, device="cpu"):
     """DINO-like inputs: L2-normalised rows (the head's bottleneck) and prototypes, cosine logits."""
     def rows(m):
-        return F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1).to(dtype)
+        return F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1).to(device, dtype)
 
     s, w, t = rows(n), rows(k), rows(n_t)
     w_t = rows(k) if separate_teacher else None
-    c = 0.3 * torch.randn(k, dtype=torch.float64) if center else None
+    c = 0.3 * torch.randn(k, dtype=torch.float64, device=device) if center else None
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return dict(s=s, w=w, t=t, w_t=w_t, center=c, scale_s=torch.tensor(1 / temp_s, dtype=acc),
-                scale_t=torch.tensor(1 / temp_t, dtype=acc))  # fmt: skip
+    return dict(s=s, w=w, t=t, w_t=w_t, center=c, scale_s=torch.tensor(1 / temp_s, dtype=acc, device=device),
+                scale_t=torch.tensor(1 / temp_t, dtype=acc, device=device))  # fmt: skip
 
 
 def run_both(backend, case, seed=1):
@@ -58,7 +58,7 @@ def run_both(backend, case, seed=1):
         s = case["s"].detach().clone().requires_grad_()
         w = case["w"].detach().clone().requires_grad_()
         lse_s, p_t = fn(s, w)
-        ((lse_s * g.to(lse_s.dtype)).sum() + (p_t * big_g.to(p_t.dtype)).sum()).backward()
+        ((lse_s * g.to(lse_s)).sum() + (p_t * big_g.to(p_t)).sum()).backward()
         return lse_s, p_t, s.grad, w.grad
 
     got = grads(lambda s, w: prototype_ce(s, w, case["t"], case["scale_s"], case["scale_t"],
