@@ -8,12 +8,14 @@ memory and within the estimate the autotuner prunes with, and spills no register
 
 The session runs with TRITON_INTERPRET=1 (tests/conftest.py), whose @triton.jit cannot be compiled,
 so the compiles run in one subprocess without it — this file run as a script — which prints a JSON
-report. Matrix (~25 compiles, ~2 min on 2 cores):
-  * every config either kernel may pick at D = 256 and at D = 128 (DINO's bottleneck; the largest resident D),
-    bf16, sm_90, with every flag on (teacher forward: centre and a separate value matrix; backward:
-    student and teacher phases with the centre);
-  * the student's forward (values are the logit tile, V_IS_A) and its LSE-only form; fp16 at D = 64;
-  * the D loop (D = 512, bf16; D = 300, fp32 with CUDA-core dots: no tensor-core assertion);
+report. Matrix (45 compiles, ~2 min on 2 cores, ~30 s with a warm ~/.triton cache):
+  * every config either kernel may pick, bf16, sm_90, at D = 256 (DINO's bottleneck, the largest
+    resident D), D = 128 and D = 512 (the D loop), with every flag on (teacher forward: centre and a
+    separate value matrix; backward: student and teacher phases with the centre);
+  * the student's forward (values are the logit tile, V_IS_A; every config), its LSE-only form and
+    a student-only backward; fp16 at D = 64;
+  * fp32 (CUDA-core dots, FP32_DOT_PRECISION = "ieee": no tensor-core assertion), D = 300 (loop)
+    forward and D = 128 backward;
   * sm_80 (mma.sync), bf16, D = 256.
 """
 
