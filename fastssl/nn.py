@@ -525,8 +525,8 @@ class DINOLoss(nn.Module):
             return self.teacher_temp_schedule[epoch]
         return torch.tensor(self.teacher_temp)
 
-    def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], teacher_temp: Optional[float] = None,
-                epoch: Optional[int] = None) -> Tensor:  # fmt: skip
+    def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor],
+                teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:  # fmt: skip
         """teacher_out: T views of (B, K) teacher logits; student_out: S views of (B, K) student logits.
         Returns the mean cross-entropy over the view pairs q ≠ v and the batch (0-dim)."""
         first = teacher_out[0] if isinstance(teacher_out, (list, tuple)) and teacher_out else teacher_out

@@ -17,7 +17,7 @@ import fastssl.kernels.torch.prototype_ce as torch_kernels
 import fastssl.nn as fnn
 from fastssl import reference
 from fastssl.ops.prototype_ce import prototype_ce
-from tests.utils import CPU_BACKENDS, TOLERANCES, assert_close
+from tests.utils import CPU_BACKENDS, assert_close
 
 # (N student rows, Nt teacher rows, K prototypes, D): one row each; odd sizes; D past the Triton
 # kernels' resident limit (300: the D loop, fp32 and half alike).
@@ -255,7 +255,8 @@ def test_dino_loss_teacher_gets_no_gradient(backend):
     assert teacher.grad is None
     # W still gets the gradient of the teacher's average P_t = p_tᵀW (the value role), p_t held fixed:
     w_fixed_scores = prototypes.detach().clone().requires_grad_()
-    spec = reference.dino_loss(case["student"], teacher.detach(), w_fixed_scores, teacher_prototypes=prototypes.detach())
+    spec = reference.dino_loss(case["student"], teacher.detach(), w_fixed_scores,
+                               teacher_prototypes=prototypes.detach())
     spec.backward()
     assert_close(prototypes.grad, w_fixed_scores.grad, torch.float32, what="dW with W_t = W", scale=10)
 
@@ -357,7 +358,8 @@ def test_ibot_patch_loss_matches_reference(backend, dtype):
 
     def spec(s, w):
         return reference.ibot_patch_loss(s.double(), case["teacher"].double(), w.double(), case["mask"],
-                                         case["center"].double(), teacher_prototypes=rest["teacher_prototypes"].double())
+                                         case["center"].double(),
+                                         teacher_prototypes=rest["teacher_prototypes"].double())  # fmt: skip
 
     for what, a, b in zip(("loss", "d student", "d prototypes"), dino_value_and_grads(ours, case),
                           dino_value_and_grads(spec, case)):  # fmt: skip

@@ -81,8 +81,8 @@ def test_dino_at_head_size(dtype):
     peak = torch.cuda.max_memory_allocated()
     assert peak < 2 * 2**30, f"peak CUDA memory {peak / 2**30:.2f} GiB; the student logits alone would be 3 GiB"
     with torch.no_grad():
-        loss64 = fastssl.dino_loss(s_in.detach().double(), teacher.to(dtype).double(), w_in.detach().double(), center.double(),
-                                   teacher_prototypes=w_t.to(dtype).double(), backend="torch")  # fmt: skip
+        loss64 = fastssl.dino_loss(s_in.detach().double(), teacher.to(dtype).double(), w_in.detach().double(),
+                                   center.double(), teacher_prototypes=w_t.to(dtype).double(), backend="torch")
     assert_close(loss, loss64, dtype, what=f"DINO at head size ({dtype})")
     assert bool(torch.isfinite(s_in.grad).all()) and bool(torch.isfinite(w_in.grad).all())
 

@@ -139,7 +139,8 @@ def test_ibot_forward_and_fused_match_lightly(backend):
         g_ours = torch.autograd.grad(loss_ours, [student, w])
         loss_fused = fused.forward_fused(teacher, student, mask, w, w_t, **call)
         g_fused = torch.autograd.grad(loss_fused, [student, w])
-        for name, loss, grads, module in (("logits", loss_ours, g_ours, on_logits), ("fused", loss_fused, g_fused, fused)):
+        runs = (("logits", loss_ours, g_ours, on_logits), ("fused", loss_fused, g_fused, fused))
+        for name, loss, grads, module in runs:
             close(loss, loss_theirs, f"{name} loss at step {step}")
             for i, (a, b) in enumerate(zip(grads, g_theirs)):
                 close(a, b, f"{name} grad {i} at step {step}")

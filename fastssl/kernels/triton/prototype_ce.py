@@ -61,7 +61,9 @@ def _configs(shapes):
 # forward a program owns BLOCK_M rows, in the backward BLOCK_N prototypes. 8 warps: the fp32 output
 # accumulator (owned rows x D, up to 64 x 256) needs them to stay in registers; wgmma needs 64 owned rows.
 FWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3)])
-BWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 4)])
+BWD_CONFIGS = _configs(
+    [(64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 4)]
+)
 #: fp32 inputs: dots on CUDA cores (FP32_DOT_PRECISION = "ieee") whose operands sit in registers, so
 #: small tiles with few owned rows (larger ones spill, per tests/gpu/test_prototype_ce_aot.py).
 FP32_FWD_CONFIGS = _configs([(64, 32, 8, 3)])
@@ -142,7 +144,8 @@ def _prune(kind):
 # forward
 
 
-@autotune(FWD_CONFIGS + FP32_FWD_CONFIGS, INTERPRET_CONFIG, key=_KEY + ["HAS_CENTER", "HAS_MEAN", "V_IS_A"], prune=_prune("fwd"))
+@autotune(FWD_CONFIGS + FP32_FWD_CONFIGS, INTERPRET_CONFIG, key=_KEY + ["HAS_CENTER", "HAS_MEAN", "V_IS_A"],
+          prune=_prune("fwd"))  # fmt: skip
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _prototype_ce_fwd_kernel(
     X, A, V, C, SCALE, LSE, MEAN,
