@@ -886,7 +886,7 @@ def dino_loss(
         scale_s = inverse_temperature(student_temp, s3)
         lse_s, p_t = prototype_ce(
             s3.reshape(-1, d), w, t3.reshape(-1, d), scale_s, inverse_temperature(teacher_temp, s3),
-            teacher_prototypes=w_t, center=center, backend=backend,
+            teacher_prototypes=None if teacher_prototypes is None else w_t, center=center, backend=backend,
         )  # fmt: skip
         # Σ over pairs (v, q ≠ v, b) of lse_s[v, b] − α_s·s[v, b]·P_t[q, b], without gathering the pairs:
         # student view v meets the T teacher views but its own, and Σ_{q≠v} P_t[q] = Σ_q P_t[q] − P_t[v].
@@ -1023,7 +1023,8 @@ def ibot_patch_loss(
     else:
         scale_s = inverse_temperature(student_temp, student)
         lse_s, p_t = prototype_ce(student, w, teacher, scale_s, inverse_temperature(teacher_temp, student),
-                                  teacher_prototypes=w_t, center=center, backend=backend)  # fmt: skip
+                                  teacher_prototypes=None if teacher_prototypes is None else w_t, center=center,
+                                  backend=backend)  # fmt: skip
         ce = lse_s - scale_s * (student.to(p_t.dtype) * p_t).sum(dim=1)
         loss = (ce * _token_weights(mask, ce.shape[0], ce.dtype)).sum() / mask.shape[0]
     if not return_batch_center:

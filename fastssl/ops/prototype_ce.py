@@ -20,8 +20,9 @@ so that the cross-entropy of a pair (student row i, teacher row j) is an O(D) do
 
     CE(i, j) = −Σ_k p_t,jk·log softmax_k(α_s·s_i·Wᵀ) = lse_s_i − α_s·s_i·P_t_j
 
-The op returns (lse_s, P_t); a loss pairs rows as it likes (DINO: every crop against the other
-images' global crops; iBOT: masked patches) with a gather and a dot, O(pairs·D).
+The op returns (lse_s, P_t); a loss pairs rows as it likes (DINO: every crop of an image against
+the teacher's global crops of that image but itself; iBOT: each masked patch token against the
+teacher's token at the same place) with O(pairs·D) dots.
 
 Gradients. The teacher is DINO's stop-gradient: t, W_t and c get none, p_t is a constant. With
 g = ∂L/∂lse_s (N,) and G = ∂L/∂P_t (Nt, D), the student's gradients are
