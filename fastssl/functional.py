@@ -8,7 +8,7 @@ z1, z2 are (N, D) embeddings of two views; the loss is a 0-dim fp32 tensor (fp64
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from fastssl.ops.frobenius import choose_side, op_route, sq_frobenius
 from fastssl.ops.pairwise_lse import pairwise_lse
 from fastssl.ops.pairwise_lse_distributed import pairwise_lse_global
 from fastssl.ops.pairwise_max import pairwise_max
+from fastssl.ops.prototype_ce import prototype_ce
 from fastssl.ops.reductions import column_dot, column_mean_var
 from fastssl.ops.worst_pair import worst_pair
 
@@ -56,6 +57,11 @@ __all__ = [
     "frossl_loss",
     "tico_loss",
     "koleo_loss",
+    "dino_loss",
+    "dino_loss_from_logits",
+    "DINOLossOutput",
+    "ibot_patch_loss",
+    "ibot_patch_loss_from_logits",
 ]
 
 
@@ -1021,3 +1027,321 @@ def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, backend: str = "
     _, neighbour = pairwise_max(rows, rows, exclude_self=True, backend=backend)
     distance = F.pairwise_distance(u, u[neighbour], p=p, eps=eps)
     return -(distance + eps).log().mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Prototype cross-entropy (docs/design.md, family 4): DINO (Caron et al. 2021), iBOT's patch loss
+# (Zhou et al. 2022). Appended section:
+# everything of the prototype losses in this file lives below this line.
+# --------------------------------------------------------------------------------------------------
+
+
+class DINOLossOutput(NamedTuple):
+    """`dino_loss(..., return_batch_center=True)`: the loss and the teacher's batch-mean logit (K,)
+    (fp32; fp64 for fp64 inputs, no gradient), which DINO's centre update averages in:
+    c ← m·c + (1 − m)·batch_center."""
+
+    loss: Tensor
+    batch_center: Tensor
+
+
+def _view_list(name: str, views: object) -> list[Tensor]:
+    """Crops as a list of V (B, D) tensors, given as such a list/tuple or as one (V, B, D) tensor."""
+    if isinstance(views, (list, tuple)):
+        if len(views) == 0:
+            raise ValueError(f"{name} needs at least one view, got an empty {type(views).__name__}")
+        for index, view in enumerate(views):
+            check_embeddings(f"{name}[{index}]", view, min_rows=1)
+            check_same(f"{name}[0]", views[0], f"{name}[{index}]", view)
+        return list(views)
+    check_embeddings(name, views, ndim=3, min_rows=1)
+    if views.shape[1] < 1:
+        raise ValueError(f"{name} must be (views, B, D) with B ≥ 1, got shape {tuple(views.shape)}")
+    return list(views.unbind(0))
+
+
+def _crop_views(name: str, views: object) -> Tensor:
+    """Crops as one (V, B, D) tensor (a list is stacked: one O(V·B·D) copy)."""
+    listed = _view_list(name, views)
+    return views if isinstance(views, Tensor) else torch.stack(listed)
+
+
+def _check_crop_pair(names: tuple[str, str], a: Tensor, b: Tensor) -> None:
+    """Two crop sets (…, B, D) of the same images: same device, dtype, B and D."""
+    check_same(names[0], a, names[1], b, dims="D")
+    if a.shape[-2] != b.shape[-2]:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same batch size B, got (B, D) = "
+                         f"{tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")  # fmt: skip
+
+
+def _fixed_temperature(name: str, value: Temperature) -> None:
+    check_positive(name, value)
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(f"{name} gets no gradient in the DINO loss; pass a float or a tensor without requires_grad")
+
+
+def _check_center(center: object, k: int, like: Tensor) -> Optional[Tensor]:
+    """The centre as given ((K,) or lightly's (1, 1, K)), or None."""
+    if center is None:
+        return None
+    if not isinstance(center, Tensor):
+        raise TypeError(f"center must be a torch.Tensor or None, got {type(center).__name__}")
+    if not center.is_floating_point() or center.numel() != k or center.shape[-1] != k:
+        raise ValueError(f"center must be a floating (K,) or (1, 1, K) tensor with K = {k}, got {center.dtype} of "
+                         f"shape {tuple(center.shape)}")  # fmt: skip
+    if center.device != like.device:
+        raise ValueError(f"center is on {center.device} but the embeddings are on {like.device}")
+    return center
+
+
+def _dino_pair_counts(n_student: int, n_teacher: int) -> int:
+    """n_terms of lightly's DINOLoss: view pairs (teacher q, student v) with q ≠ v; ValueError if none."""
+    n_terms = n_student * n_teacher - min(n_student, n_teacher)
+    if n_terms == 0:
+        raise ValueError(
+            f"the DINO loss needs a pair of different views, but got {n_teacher} teacher view(s) and {n_student} "
+            "student view(s): view q of the teacher and view q of the student are the same crop and are skipped"
+        )
+    return n_terms
+
+
+def dino_loss(
+    student: Union[Tensor, Sequence[Tensor]],
+    teacher: Union[Tensor, Sequence[Tensor]],
+    prototypes: Tensor,
+    center: Optional[Tensor] = None,
+    *,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+    teacher_prototypes: Optional[Tensor] = None,
+    normalize_prototypes: bool = False,
+    return_batch_center: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, DINOLossOutput]:
+    """DINO's loss (Caron et al. 2021) from the embeddings that enter the head's last layer, fused.
+
+    student (S, B, D) and teacher (T, B, D) are S and T crops of B images (or lists of (B, D)
+    tensors); teacher view q and student view q are the same crop (DINO puts the global crops
+    first). W = prototypes (K, D), the student's last-layer weight; W_t = teacher_prototypes
+    (K, D), the EMA teacher's (None: W, detached); c = center (K,) or (1, 1, K) (None: zeros)::
+
+        p_t[q, b]     = softmax((t[q, b]·W_tᵀ − c)/τt)                      (no gradient)
+        log p_s[v, b] = log_softmax(s[v, b]·Wᵀ/τs)
+        loss = 1/(B·n_terms) Σ_{q ≠ v} Σ_b −p_t[q, b]·log p_s[v, b],   n_terms = T·S − min(T, S)
+
+    — lightly 1.6's DINOLoss on the logits s·Wᵀ and t·W_tᵀ, with the same value and gradients, but
+    the B·S x K and B·T x K logits are never stored (fastssl.ops.prototype_ce: per crop an LSE and
+    the teacher's expected prototype P_t = p_tᵀW; each pair is then an O(D) dot). Memory
+    O((S·B + T·B + K)·D). Gradients reach student and prototypes (W is both the student's scorer
+    and the value of P_t); the teacher, W_t, c and the temperatures get none.
+
+    normalize_prototypes: use n(W) (rows L2-normalised, differentiable; W_t likewise): pass the raw
+    weight `v` of a weight-normalised last layer with its gain fixed at 1 (DINO's norm_last_layer).
+    The embeddings are used as given (DINO's head L2-normalises them before the last layer).
+
+    return_batch_center: return DINOLossOutput(loss, batch_center), batch_center = mean_{q,b} t[q, b]·W_tᵀ
+    (K,), DINO's batch centre, computed as (mean t)·W_tᵀ (exact: the mean is linear), for
+    c ← m·c + (1 − m)·batch_center (fastssl.nn.DINOLoss.forward_fused does the update).
+
+    Returns a 0-dim loss (fp32; fp64 for fp64 inputs).
+    """
+    s3, t3 = _crop_views("student", student), _crop_views("teacher", teacher)
+    _check_crop_pair(("student", "teacher"), s3, t3)
+    check_embeddings("prototypes", prototypes, min_rows=1)
+    check_same("student", s3, "prototypes", prototypes, dims="D")
+    if teacher_prototypes is not None:
+        check_embeddings("teacher_prototypes", teacher_prototypes, min_rows=1)
+        check_same("prototypes", prototypes, "teacher_prototypes", teacher_prototypes)
+    center = _check_center(center, prototypes.shape[0], s3)
+    _fixed_temperature("student_temp", student_temp)
+    _fixed_temperature("teacher_temp", teacher_temp)
+    n_student, n_images, d = s3.shape
+    n_teacher = t3.shape[0]
+    n_terms = _dino_pair_counts(n_student, n_teacher)
+    backend, _ = resolve(backend, s3, False, op="prototype_ce")
+
+    w = F.normalize(prototypes, dim=1) if normalize_prototypes else prototypes
+    w_t = w.detach() if teacher_prototypes is None else teacher_prototypes.detach()
+    if normalize_prototypes and teacher_prototypes is not None:
+        w_t = F.normalize(w_t, dim=1)
+
+    if backend == "reference":
+        loss = reference.dino_loss(s3, t3, w, center, student_temp, teacher_temp, w_t)
+    else:
+        scale_s = inverse_temperature(student_temp, s3)
+        lse_s, p_t = prototype_ce(
+            s3.reshape(-1, d), w, t3.reshape(-1, d), scale_s, inverse_temperature(teacher_temp, s3),
+            teacher_prototypes=None if teacher_prototypes is None else w_t, center=center, backend=backend,
+        )  # fmt: skip
+        # Σ over pairs (v, q ≠ v, b) of lse_s[v, b] − α_s·s[v, b]·P_t[q, b], without gathering the pairs:
+        # student view v meets the T teacher views but its own, and Σ_{q≠v} P_t[q] = Σ_q P_t[q] − P_t[v].
+        acc = lse_s.dtype
+        lse_s, p_t = lse_s.view(n_student, n_images), p_t.view(n_teacher, n_images, d)
+        own = min(n_student, n_teacher)  # views present on both sides
+        views_met = torch.full((n_student, 1), float(n_teacher), dtype=acc, device=s3.device)
+        views_met[:own] -= 1
+        s_acc = s3.to(acc)
+        cross = (s_acc * p_t.sum(0)).sum() - (s_acc[:own] * p_t[:own]).sum()
+        loss = ((views_met * lse_s).sum() - scale_s * cross) / (n_terms * n_images)
+    if not return_batch_center:
+        return loss
+    with torch.no_grad():
+        acc = compute_dtype(s3)
+        batch_center = w_t.to(acc) @ t3.reshape(-1, d).to(acc).mean(0)
+    return DINOLossOutput(loss, batch_center)
+
+
+def dino_loss_from_logits(
+    teacher_logits: Union[Tensor, Sequence[Tensor]],
+    student_logits: Union[Tensor, Sequence[Tensor]],
+    center: Optional[Tensor] = None,
+    *,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """DINO's loss on finished logits: lightly 1.6's DINOLoss.forward (without its centre update).
+
+    teacher_logits (T, B, K) and student_logits (S, B, K), or lists of (B, K) tensors (lightly's
+    argument order: teacher first); the formula of :func:`dino_loss` with the logits given. The
+    logits exist already, so nothing is fused; the computation goes view by view (no stacked copies,
+    no (T, S) einsum operands) and, as in lightly, gradients reach both logit tensors.
+    """
+    teachers = _view_list("teacher_logits", teacher_logits)
+    students = _view_list("student_logits", student_logits)
+    _check_crop_pair(("teacher_logits", "student_logits"), teachers[0], students[0])
+    center = _check_center(center, teachers[0].shape[-1], teachers[0])
+    check_positive("student_temp", student_temp)
+    check_positive("teacher_temp", teacher_temp)
+    n_terms = _dino_pair_counts(len(students), len(teachers))
+    acc = compute_dtype(students[0])
+    shift = 0.0 if center is None else center.reshape(-1).to(acc)
+    p_t = [torch.softmax((t.to(acc) - shift) / teacher_temp, dim=-1) for t in teachers]
+    p_all = p_t[0]
+    for p in p_t[1:]:
+        p_all = p_all + p
+    # Student view v meets every teacher view but its own: Σ_{q≠v} p_t[q] = p_all − p_t[v]. Two dots
+    # instead of one with (p_all − p_t[v]): autograd then keeps no extra (B, K) tensor per view.
+    total = 0.0
+    for v, s in enumerate(students):
+        log_p_s = torch.log_softmax(s.to(acc) / student_temp, dim=-1).flatten()
+        total = total - torch.dot(p_all.flatten(), log_p_s)
+        if v < len(p_t):
+            total = total + torch.dot(p_t[v].flatten(), log_p_s)
+    return total / (n_terms * students[0].shape[0])
+
+
+def _check_token_mask(mask: object, like: Tensor) -> Tensor:
+    """A bool (B, H, W) or (B, N) mask of patch tokens (True: masked) on like's device."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool or mask.dim() < 2:
+        raise ValueError(f"mask must be a bool (B, H, W) or (B, N) tensor of masked tokens, got {mask.dtype} of "
+                         f"shape {tuple(mask.shape)}")  # fmt: skip
+    if mask.device != like.device:
+        raise ValueError(f"mask is on {mask.device} but the embeddings are on {like.device}")
+    return mask
+
+
+def _token_weights(mask: Tensor, n_tokens: int, dtype: torch.dtype) -> Tensor:
+    """1/(masked tokens of its image) for each of the n_tokens masked tokens, which come image by image
+    (the row-major order of mask's True entries). Counting them is a host sync, as lightly's indexing."""
+    per_image = mask.reshape(mask.shape[0], -1).sum(dim=1)
+    weights = torch.repeat_interleave(1.0 / per_image.clamp(min=1).to(dtype), per_image)
+    if weights.shape[0] != n_tokens:
+        raise ValueError(f"mask {tuple(mask.shape)} has {weights.shape[0]} True entries (masked tokens) but the "
+                         f"embeddings have {n_tokens} rows")  # fmt: skip
+    return weights
+
+
+def ibot_patch_loss(
+    student: Tensor,
+    teacher: Tensor,
+    prototypes: Tensor,
+    mask: Tensor,
+    center: Optional[Tensor] = None,
+    *,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+    teacher_prototypes: Optional[Tensor] = None,
+    normalize_prototypes: bool = False,
+    return_batch_center: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, DINOLossOutput]:
+    """iBOT's masked-patch loss (Zhou et al. 2022; DINOv2's form, Oquab et al. 2023) from the embeddings
+    that enter the head's last layer, fused: lightly 1.6's IBOTPatchLoss on the logits s·Wᵀ, t·W_tᵀ.
+
+    student, teacher (M, D): the M masked patch tokens, in the row-major order of the True entries
+    of mask (B, H, W) or (B, N); W = prototypes (K, D), W_t = teacher_prototypes (None: W, detached),
+    c = center (K,) or (1, K)::
+
+        CE_i = −Σ_k softmax((t_i·W_tᵀ − c)/τt)_k · log_softmax(s_i·Wᵀ/τs)_k = lse_s,i − s_i·P_t,i/τs
+        loss = 1/B Σ_i CE_i / (masked tokens of the image of token i)
+
+    The same op as :func:`dino_loss` (token i of the student paired with token i of the teacher); the
+    M x K logits are never stored. Gradients reach student and prototypes only. Reading the mask's
+    True entries costs one host sync (as lightly's boolean indexing).
+
+    return_batch_center: DINOLossOutput(loss, batch_center), batch_center = mean_i t_i·W_tᵀ (K,), the
+    mean teacher logit of the masked tokens (lightly's centre update input).
+    """
+    check_embeddings("student", student, min_rows=1)
+    check_embeddings("teacher", teacher, min_rows=1)
+    check_same("student", student, "teacher", teacher)
+    check_embeddings("prototypes", prototypes, min_rows=1)
+    check_same("student", student, "prototypes", prototypes, dims="D")
+    if teacher_prototypes is not None:
+        check_embeddings("teacher_prototypes", teacher_prototypes, min_rows=1)
+        check_same("prototypes", prototypes, "teacher_prototypes", teacher_prototypes)
+    mask = _check_token_mask(mask, student)
+    center = _check_center(center, prototypes.shape[0], student)
+    _fixed_temperature("student_temp", student_temp)
+    _fixed_temperature("teacher_temp", teacher_temp)
+    backend, _ = resolve(backend, student, False, op="prototype_ce")
+
+    w = F.normalize(prototypes, dim=1) if normalize_prototypes else prototypes
+    w_t = w.detach() if teacher_prototypes is None else teacher_prototypes.detach()
+    if normalize_prototypes and teacher_prototypes is not None:
+        w_t = F.normalize(w_t, dim=1)
+
+    if backend == "reference":
+        loss = reference.ibot_patch_loss(student, teacher, w, mask, center, student_temp, teacher_temp, w_t)
+    else:
+        scale_s = inverse_temperature(student_temp, student)
+        lse_s, p_t = prototype_ce(student, w, teacher, scale_s, inverse_temperature(teacher_temp, student),
+                                  teacher_prototypes=None if teacher_prototypes is None else w_t, center=center,
+                                  backend=backend)  # fmt: skip
+        ce = lse_s - scale_s * (student.to(p_t.dtype) * p_t).sum(dim=1)
+        loss = (ce * _token_weights(mask, ce.shape[0], ce.dtype)).sum() / mask.shape[0]
+    if not return_batch_center:
+        return loss
+    with torch.no_grad():
+        acc = compute_dtype(student)
+        batch_center = w_t.to(acc) @ teacher.to(acc).mean(0)
+    return DINOLossOutput(loss, batch_center)
+
+
+def ibot_patch_loss_from_logits(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    mask: Tensor,
+    center: Optional[Tensor] = None,
+    *,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """iBOT's masked-patch loss on finished (M, K) logits (lightly's argument order: teacher first):
+    lightly 1.6's IBOTPatchLoss.forward without its centre update; the formula of :func:`ibot_patch_loss`.
+    Gradients reach both logit tensors, as in lightly."""
+    check_embeddings("teacher_logits", teacher_logits, min_rows=1)
+    check_embeddings("student_logits", student_logits, min_rows=1)
+    check_same("teacher_logits", teacher_logits, "student_logits", student_logits)
+    mask = _check_token_mask(mask, student_logits)
+    center = _check_center(center, teacher_logits.shape[-1], teacher_logits)
+    check_positive("student_temp", student_temp)
+    check_positive("teacher_temp", teacher_temp)
+    acc = compute_dtype(student_logits)
+    shift = 0.0 if center is None else center.reshape(-1).to(acc)
+    p_t = torch.softmax((teacher_logits.to(acc) - shift) / teacher_temp, dim=-1)
+    z_s = student_logits.to(acc) / student_temp
+    ce = torch.logsumexp(z_s, dim=-1) - (p_t * z_s).sum(dim=-1)  # −Σ p_t log softmax(z_s), Σ p_t = 1
+    return (ce * _token_weights(mask, ce.shape[0], acc)).sum() / mask.shape[0]

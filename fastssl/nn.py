@@ -45,6 +45,8 @@ __all__ = [
     "VICRegExpLoss",
     "VICRegCtrLoss",
     "ArCLLoss",
+    "DINOLoss",
+    "IBOTPatchLoss",
 ]
 
 
@@ -638,3 +640,215 @@ class KoLeoLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, eps={self.eps}, backend={self.backend!r}"
+
+# --------------------------------------------------------------------------------------------------
+# Prototype cross-entropy (docs/design.md, family 4): DINO, iBOT's patch loss. Appended section.
+# --------------------------------------------------------------------------------------------------
+
+
+def _all_reduce_mean(x: Tensor) -> Tensor:
+    """The mean of x over the ranks of an initialised torch.distributed job (lightly's centre rule), else x."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x = x / torch.distributed.get_world_size()
+    return x
+
+
+class DINOLoss(nn.Module):
+    """DINO's loss (Caron et al. 2021) with lightly 1.6's constructor, `forward`, centre buffer and update.
+
+    `forward(teacher_out, student_out, teacher_temp=None, epoch=None)` takes finished logits, lists of
+    (B, K) tensors (or (views, B, K) tensors), as lightly's does, and returns the same value
+    (`fastssl.dino_loss_from_logits`); then the centre is updated from the teacher logits' batch mean.
+
+    `forward_fused(teacher_embeddings, student_embeddings, prototypes, teacher_prototypes=None,
+    teacher_temp=None, epoch=None)` takes instead what enters the head's last layer, (B, D) per view,
+    and the last layer's weight W (K, D) (and the EMA teacher's, W_t; None: W detached): the same
+    loss, and the same centre update from mean(t)·W_tᵀ, but the views x K logits are never stored
+    (`fastssl.dino_loss`). Use it when K is large (DINO: 65,536).
+
+    Args (lightly's):
+        output_dim: K (default 65,536), the size of the centre.
+        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the teacher temperature rises
+            linearly from warmup_teacher_temp to teacher_temp over the first epochs (used when
+            `epoch` is passed); defaults 0.04, 0.04, 30.
+        student_temp: τs (default 0.1).
+        center_momentum: m (default 0.9); c ← m·c + (1 − m)·batch mean of the teacher logits
+            (averaged over ranks when torch.distributed is initialised, as lightly does).
+        center_mode: "mean" only.
+        backend: keyword-only; used by forward_fused.
+    """
+
+    def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
+                 warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 center_mode: str = "mean", *, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        if center_mode != "mean":
+            raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are ['mean'].")
+        if isinstance(output_dim, bool) or not isinstance(output_dim, int) or output_dim < 1:
+            raise ValueError(f"output_dim must be a positive int (K, the number of prototypes), got {output_dim!r}")
+        for name, value in (("warmup_teacher_temp", warmup_teacher_temp), ("teacher_temp", teacher_temp),
+                            ("student_temp", student_temp)):  # fmt: skip
+            check_positive(name, value)
+        check_nonnegative("center_momentum", center_momentum)
+        self.teacher_temp = teacher_temp
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, 1, output_dim))
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.teacher_temp_schedule = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+        self.backend = _check_backend(backend)
+
+    def _teacher_temperature(self, teacher_temp: Optional[float], epoch: Optional[int]) -> Tensor:
+        """lightly's rule: an explicit teacher_temp, else the warm-up schedule at `epoch`, else teacher_temp."""
+        if teacher_temp is not None:
+            return torch.tensor(teacher_temp)
+        if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
+            return self.teacher_temp_schedule[epoch]
+        return torch.tensor(self.teacher_temp)
+
+    def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor],
+                teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:  # fmt: skip
+        """teacher_out: T views of (B, K) teacher logits; student_out: S views of (B, K) student logits.
+        Returns the mean cross-entropy over the view pairs q ≠ v and the batch (0-dim)."""
+        first = teacher_out[0] if isinstance(teacher_out, (list, tuple)) and teacher_out else teacher_out
+        self._check_k("teacher_out", first)
+        loss = functional.dino_loss_from_logits(
+            teacher_out, student_out, self.center, student_temp=self.student_temp,
+            teacher_temp=self._teacher_temperature(teacher_temp, epoch),
+        )  # fmt: skip
+        self.update_center(teacher_out)
+        return loss
+
+    def forward_fused(self, teacher_embeddings: Union[Tensor, Sequence[Tensor]],
+                      student_embeddings: Union[Tensor, Sequence[Tensor]], prototypes: Tensor,
+                      teacher_prototypes: Optional[Tensor] = None, teacher_temp: Optional[float] = None,
+                      epoch: Optional[int] = None, *, normalize_prototypes: bool = False) -> Tensor:  # fmt: skip
+        """The loss of `forward` on the logits t·W_tᵀ and s·Wᵀ, from the embeddings (T or S views of
+        (B, D)) and W (K, D), W_t (K, D) (None: W), never storing the logits; then the centre update.
+        normalize_prototypes: as fastssl.dino_loss. Returns the loss (0-dim)."""
+        self._check_k("prototypes", prototypes, rows=True)
+        out = functional.dino_loss(
+            student_embeddings, teacher_embeddings, prototypes, self.center, student_temp=self.student_temp,
+            teacher_temp=self._teacher_temperature(teacher_temp, epoch), teacher_prototypes=teacher_prototypes,
+            normalize_prototypes=normalize_prototypes, return_batch_center=True, backend=self.backend,
+        )  # fmt: skip
+        self._momentum_update(out.batch_center)
+        return out.loss
+
+    def _check_k(self, name: str, t: object, rows: bool = False) -> None:
+        """The K of `t` (its last dim, or rows) is output_dim (other problems: the functional's checks)."""
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            k = t.shape[0] if rows else t.shape[-1]
+            if k != self.center.shape[-1]:
+                what = "rows (prototypes)" if rows else "columns (logits)"
+                raise ValueError(f"DINOLoss(output_dim={self.center.shape[-1]}) got {name} with {k} {what}, "
+                                 f"shape {tuple(t.shape)}")  # fmt: skip
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Union[Tensor, Sequence[Tensor]]) -> None:
+        """c ← m·c + (1 − m)·mean over views and batch of the teacher logits (T views of (B, K))."""
+        views = list(teacher_out)
+        total = views[0].float().sum(0)
+        for view in views[1:]:
+            total += view.float().sum(0)
+        self._momentum_update(total / (len(views) * views[0].shape[0]))
+
+    @torch.no_grad()
+    def _momentum_update(self, batch_center: Tensor) -> None:
+        batch_center = _all_reduce_mean(batch_center.reshape(self.center.shape).to(self.center))
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    def extra_repr(self) -> str:
+        return (f"output_dim={self.center.shape[-1]}, teacher_temp={self.teacher_temp}, "
+                f"warmup_teacher_temp_epochs={self.warmup_teacher_temp_epochs}, student_temp={self.student_temp}, "
+                f"center_momentum={self.center_momentum}, backend={self.backend!r}")  # fmt: skip
+
+
+class _Center(nn.Module):
+    """lightly's `Center` as IBOTPatchLoss holds it (buffer `center` of shape (1, K)), so that state
+    dicts carry over: `value`, and `update_from_mean(batch_center)` with c ← m·c + (1 − m)·mean."""
+
+    def __init__(self, k: int, momentum: float):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(1, k))
+        self.momentum = momentum
+
+    @property
+    def value(self) -> Tensor:
+        return self.center
+
+    @torch.no_grad()
+    def update_from_mean(self, batch_center: Tensor) -> None:
+        batch_center = _all_reduce_mean(batch_center.reshape(self.center.shape).to(self.center))
+        self.center.mul_(self.momentum).add_(batch_center, alpha=1 - self.momentum)
+
+
+class IBOTPatchLoss(nn.Module):
+    """iBOT's masked-patch loss (Zhou et al. 2022; DINOv2's form, Oquab et al. 2023) with lightly 1.6's
+    constructor, `forward`, centre (submodule `center`, buffer (1, K)) and update.
+
+    `forward(teacher_out, student_out, mask, teacher_temp=None)` takes the (M, K) logits of the M
+    masked tokens (mask (B, H, W) bool, True where masked), as lightly's; `fastssl.ibot_patch_loss_from_logits`.
+    `forward_fused(teacher_embeddings, student_embeddings, mask, prototypes, teacher_prototypes=None,
+    teacher_temp=None)` takes the (M, D) embeddings of the masked tokens and the last layer's W (K, D):
+    the same loss and centre update, without the M x K logits (`fastssl.ibot_patch_loss`).
+
+    Args (lightly's): output_dim K (65,536), teacher_temp (0.04), student_temp (0.1), center_mode
+    ("mean" only), center_momentum (0.9); backend: keyword-only, used by forward_fused.
+    """
+
+    def __init__(self, output_dim: int = 65536, teacher_temp: float = 0.04, student_temp: float = 0.1,
+                 center_mode: str = "mean", center_momentum: float = 0.9, *, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        if center_mode != "mean":
+            raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are ['mean'].")
+        if isinstance(output_dim, bool) or not isinstance(output_dim, int) or output_dim < 1:
+            raise ValueError(f"output_dim must be a positive int (K, the number of prototypes), got {output_dim!r}")
+        check_positive("teacher_temp", teacher_temp)
+        check_positive("student_temp", student_temp)
+        check_nonnegative("center_momentum", center_momentum)
+        self.teacher_temp = teacher_temp
+        self.student_temp = student_temp
+        self.center = _Center(output_dim, center_momentum)
+        self.backend = _check_backend(backend)
+
+    def _check_k(self, name: str, t: object, rows: bool = False) -> None:
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            k = t.shape[0] if rows else t.shape[-1]
+            if k != self.center.center.shape[-1]:
+                what = "rows (prototypes)" if rows else "columns (logits)"
+                raise ValueError(f"IBOTPatchLoss(output_dim={self.center.center.shape[-1]}) got {name} with {k} "
+                                 f"{what}, shape {tuple(t.shape)}")  # fmt: skip
+
+    def forward(self, teacher_out: Tensor, student_out: Tensor, mask: Tensor,
+                teacher_temp: Optional[float] = None) -> Tensor:  # fmt: skip
+        """teacher_out, student_out: (M, K) logits of the masked tokens; mask (B, H, W). Returns the loss."""
+        self._check_k("teacher_out", teacher_out)
+        loss = functional.ibot_patch_loss_from_logits(
+            teacher_out, student_out, mask, self.center.value, student_temp=self.student_temp,
+            teacher_temp=torch.tensor(self.teacher_temp if teacher_temp is None else teacher_temp),
+        )  # fmt: skip
+        self.center.update_from_mean(teacher_out.detach().float().mean(0))
+        return loss
+
+    def forward_fused(self, teacher_embeddings: Tensor, student_embeddings: Tensor, mask: Tensor, prototypes: Tensor,
+                      teacher_prototypes: Optional[Tensor] = None, teacher_temp: Optional[float] = None, *,
+                      normalize_prototypes: bool = False) -> Tensor:  # fmt: skip
+        """The loss of `forward` on t·W_tᵀ and s·Wᵀ from the (M, D) embeddings and W (K, D) (W_t: None
+        means W), never storing the logits; then the centre update. Returns the loss (0-dim)."""
+        self._check_k("prototypes", prototypes, rows=True)
+        out = functional.ibot_patch_loss(
+            student_embeddings, teacher_embeddings, prototypes, mask, self.center.value,
+            student_temp=self.student_temp,
+            teacher_temp=torch.tensor(self.teacher_temp if teacher_temp is None else teacher_temp),
+            teacher_prototypes=teacher_prototypes, normalize_prototypes=normalize_prototypes,
+            return_batch_center=True, backend=self.backend,
+        )  # fmt: skip
+        self.center.update_from_mean(out.batch_center)
+        return out.loss
+
+    def extra_repr(self) -> str:
+        return (f"output_dim={self.center.center.shape[-1]}, teacher_temp={self.teacher_temp}, "
+                f"student_temp={self.student_temp}, center_momentum={self.center.momentum}, backend={self.backend!r}")

@@ -528,3 +528,116 @@ def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8) -> Tensor:
     sim = (u @ u.T).detach().fill_diagonal_(-2.0)
     distance = F.pairwise_distance(u, u[sim.argmax(dim=1)], p=p, eps=eps)
     return -(distance + eps).log().mean()
+
+# prototype cross-entropy: DINO (Caron et al. 2021) — family 4, appended section
+# --------------------------------------------------------------------------------------------------
+
+__all__ += ["dino_loss_from_logits", "dino_loss", "ibot_patch_loss_from_logits", "ibot_patch_loss"]
+
+
+def dino_loss_from_logits(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    center: Optional[Tensor] = None,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """DINO's cross-entropy on finished logits: lightly 1.6's ``DINOLoss.forward`` without its centre update.
+
+    teacher_logits (T, B, K) and student_logits (S, B, K) are T and S views (crops) of B images; the
+    centre c is (K,) (or lightly's (1, 1, K); zeros when None)::
+
+        p_t[q, b]     = softmax((teacher_logits[q, b] − c)/τt)
+        log p_s[v, b] = log_softmax(student_logits[v, b]/τs)
+        loss = 1/(B·n_terms) Σ_{q ≠ v} Σ_b −p_t[q, b]·log p_s[v, b],   n_terms = T·S − min(T, S)
+
+    View q of the teacher and view v = q of the student are the same crop and are skipped. As in
+    lightly, gradients flow into both logit tensors (DINO's teacher is gradient-free by construction).
+    """
+    dtype = compute_dtype(student_logits)
+    t, s = _up(teacher_logits, dtype), _up(student_logits, dtype)
+    if center is not None:
+        t = t - _up(center, dtype).reshape(-1)
+    p_t = torch.softmax(t / _temp(teacher_temp, dtype), dim=-1)
+    log_p_s = torch.log_softmax(s / _temp(student_temp, dtype), dim=-1)
+    ce = -torch.einsum("qbk,vbk->qv", p_t, log_p_s)  # (T, S), summed over the batch
+    pairs = ~torch.eye(ce.shape[0], ce.shape[1], dtype=torch.bool, device=ce.device)
+    return ce[pairs].sum() / (pairs.sum() * t.shape[1])
+
+
+def dino_loss(
+    student: Tensor,
+    teacher: Tensor,
+    prototypes: Tensor,
+    center: Optional[Tensor] = None,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+    teacher_prototypes: Optional[Tensor] = None,
+) -> Tensor:
+    """DINO's loss from the embeddings that enter the head's last layer: the logits, materialised.
+
+    student (S, B, D), teacher (T, B, D), prototypes W (K, D) (the student's last-layer weight),
+    teacher_prototypes W_t (K, D) (the EMA teacher's; W when None). Student logits s·Wᵀ, teacher
+    logits t·W_tᵀ without gradient (DINO's stop-gradient), then :func:`dino_loss_from_logits`.
+    """
+    dtype = compute_dtype(student)
+    w = _up(prototypes, dtype)
+    w_t = w if teacher_prototypes is None else _up(teacher_prototypes, dtype)
+    teacher_logits = (_up(teacher, dtype) @ w_t.T).detach()
+    return dino_loss_from_logits(teacher_logits, _up(student, dtype) @ w.T, center, student_temp, teacher_temp)
+
+
+def _masked_token_weights(mask: Tensor, n_tokens: int, dtype: torch.dtype) -> Tensor:
+    """1/(masked tokens of the token's image) per masked token, in mask's row-major order (lightly's)."""
+    per_image = mask.reshape(mask.shape[0], -1).sum(dim=1).clamp(min=1).to(dtype)
+    weights = (1.0 / per_image)[:, None].expand(mask.shape[0], mask[0].numel())[mask.reshape(mask.shape[0], -1)]
+    if weights.shape[0] != n_tokens:
+        raise ValueError(f"mask has {weights.shape[0]} True entries but there are {n_tokens} masked tokens")
+    return weights
+
+
+def ibot_patch_loss_from_logits(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    mask: Tensor,
+    center: Optional[Tensor] = None,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """iBOT's masked-patch loss (Zhou et al. 2022; DINOv2's form, Oquab et al. 2023) on finished logits:
+    lightly 1.6's ``IBOTPatchLoss.forward`` without its centre update.
+
+    teacher_logits, student_logits (M, K): the M masked patch tokens, in the row-major order of the
+    True entries of mask (B, H, W) (or (B, N)); centre (K,) or (1, K) (zeros when None)::
+
+        CE_i = −Σ_k softmax((t_i − c)/τt)_k · log_softmax(s_i/τs)_k
+        loss = 1/B Σ_i CE_i / (masked tokens of the image of token i)
+    """
+    dtype = compute_dtype(student_logits)
+    t, s = _up(teacher_logits, dtype), _up(student_logits, dtype)
+    if center is not None:
+        t = t - _up(center, dtype).reshape(-1)
+    p_t = torch.softmax(t / _temp(teacher_temp, dtype), dim=-1)
+    ce = -(p_t * torch.log_softmax(s / _temp(student_temp, dtype), dim=-1)).sum(dim=-1)
+    return (ce * _masked_token_weights(mask, ce.shape[0], dtype)).sum() / mask.shape[0]
+
+
+def ibot_patch_loss(
+    student: Tensor,
+    teacher: Tensor,
+    prototypes: Tensor,
+    mask: Tensor,
+    center: Optional[Tensor] = None,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+    teacher_prototypes: Optional[Tensor] = None,
+) -> Tensor:
+    """iBOT's masked-patch loss from the embeddings of the masked tokens (M, D) that enter the head's
+    last layer: logits s·Wᵀ and t·W_tᵀ (the latter without gradient), then
+    :func:`ibot_patch_loss_from_logits`."""
+    dtype = compute_dtype(student)
+    w = _up(prototypes, dtype)
+    w_t = w if teacher_prototypes is None else _up(teacher_prototypes, dtype)
+    teacher_logits = (_up(teacher, dtype) @ w_t.T).detach()
+    return ibot_patch_loss_from_logits(teacher_logits, _up(student, dtype) @ w.T, mask, center, student_temp,
+                                       teacher_temp)

@@ -151,7 +151,9 @@ def test_every_cited_family_and_layer_exists():
     families = {int(m) for m in re.findall(r"^## Family (\d+): ", text, re.M)}
     section = text.split("\n## Correctness without a GPU\n", 1)[1].split("\n## ", 1)[0]
     layers = {int(m) for m in re.findall(r"^\d+\. \*\*Layer (\d+): ", section, re.M)}
-    assert families == {1, 2, 3} and layers == {1, 2, 3, 4, 5}, (families, layers)
+    # Numbered 1..n without gaps, and the ones the code has always cited are there.
+    assert families == set(range(1, len(families) + 1)) and families >= {1, 2, 3}, families
+    assert layers == set(range(1, len(layers) + 1)) and layers >= {1, 2, 3, 4, 5}, layers
     missing = []
     for where, line in _citations():
         missing += [f"{where}: family {n}" for n in re.findall(r"family (\d+)", line) if int(n) not in families]

@@ -9,7 +9,7 @@ formulas, and every backend against lightly's own modules.
    `reference`, `torch` and `triton` (under TRITON_INTERPRET=1) against lightly's module of the same
    name and arguments, fp32 value and gradients, module state (memory bank, TiCo's C) step by step,
    and the constructor signatures. Run with
-   ``PYTHONPATH=. /work/venv-lightly/bin/python -m pytest tests/spec/test_lightly_losses.py``.
+   ``PYTHONPATH=. python -m pytest tests/spec/test_lightly_losses.py`` in a virtualenv with lightly (README, "Checking against lightly").
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.utils import CPU_BACKENDS, LIGHTLY_AVAILABLE, TOLERANCES
 BACKENDS = CPU_BACKENDS + ["reference"]
 needs_lightly = pytest.mark.skipif(
     not LIGHTLY_AVAILABLE,
-    reason="lightly is not installed here; run this file with /work/venv-lightly/bin/python (lightly 1.6)",
+    reason="lightly is not installed here; run this file in a virtualenv with lightly 1.6 (README, \"Checking against lightly\")",
 )
 
 ORACLE_RTOL, ORACLE_ATOL = 1e-10, 1e-12
