@@ -7,7 +7,7 @@ Reads the JSON written by ``pytest benchmarks/ --benchmark-only --benchmark-json
 (each benchmark's ``extra_info`` is documented in benchmarks/README.md) and writes:
 
 * ``DIR/report.md``: one table per loss — time, TFLOP/s, % of the same-run matmul peak, peak
-  memory, speed-up vs the eager reference and vs torch.compile(reference) — then the issue's
+  memory, speed-up vs the eager reference and vs torch.compile(reference) — then the GPU
   targets (met, missed by how much, or not in this run) and the maximum batch (max_batch.py's
   JSON: ``--max-batch``, or ``max_batch.json`` beside RESULTS.json when it exists);
 * ``DIR/<loss>_<dtype>_<fixed size>.png``: time and peak memory against the batch size 2N (or
@@ -42,7 +42,7 @@ PROVIDER_ORDER = (
     "inf_cl",
 )
 MODE_ORDER = ("fwd", "fwd+bwd")
-#: Table order of the losses (the suite's, _common._SPECS); unknown ones follow in JSON order.
+#: Table order of the losses (the suite's, specs._SPECS); unknown ones follow in JSON order.
 LOSS_ORDER = ("nt_xent", "moco", "dcl", "dclw", "clip", "uniformity", "vicreg_exp", "vicreg_ctr", "arcl_m4", "arcl_m8",
               "barlow_twins", "vicreg", "spectral_contrastive")
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -216,7 +216,7 @@ def loss_tables(rows: list[Row]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# targets of issue 7 and the maximum batch
+# GPU targets and the maximum batch
 # --------------------------------------------------------------------------------------------------
 
 
@@ -243,7 +243,7 @@ def _ratio_target(what: str, ours: Optional[Row], baseline: Optional[Row], goal:
 
 
 def targets_table(rows: list[Row], max_batch: Optional[dict]) -> str:
-    """The issue's targets, each met / missed by how much / not in this run, from the rows."""
+    """The GPU targets, each met / missed by how much / not in this run, from the rows."""
     cells = []
     nt = _find(rows, "nt_xent", "fwd+bwd", "bfloat16", 32768, 256)
     ours = _best_fastssl(nt)
@@ -276,7 +276,7 @@ def targets_table(rows: list[Row], max_batch: Optional[dict]) -> str:
         found = _find(rows, loss, "fwd+bwd", "bfloat16", 4096, 8192)
         cells.append(_ratio_target(f"{name} fwd+bwd, N = 2048, D = 8192, bf16: vs reference eager",
                                    _best_fastssl(found), found.get("reference"), 3.0))
-    return markdown_table(["target (issue 7)", "goal", "measured", "status"], cells)
+    return markdown_table(["GPU target", "goal", "measured", "status"], cells)
 
 
 def max_batch_table(doc: dict) -> str:
@@ -434,8 +434,8 @@ def render(doc: dict, rows: list[Row], json_name: str, max_batch: Optional[dict]
     parts = [header(doc, rows, json_name), ""]
     if _device(rows) == "cuda":
         parts += ["#### Targets", "", targets_table(rows, max_batch), ""]
-    else:  # the issue's targets are GPU sizes and GPU rates: a CPU table would only say "not in this run"
-        parts += ["Issue 7's targets are GPU targets: see the cuda section for their status.", ""]
+    else:  # the targets are GPU sizes and GPU rates: a CPU table would only say "not in this run"
+        parts += ["The targets are GPU targets: see the cuda section for their status.", ""]
     if max_batch:
         parts += ["#### Maximum batch (`max_batch.py`)", "", max_batch_table(max_batch), ""]
     parts += ["Columns: `time ms` median; `TFLOP/s` = model FLOPs (the materialising algorithm's GEMMs, the same "

@@ -22,8 +22,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import flops  # noqa: E402
 import max_batch  # noqa: E402
+import providers  # noqa: E402
 import report  # noqa: E402
+import specs  # noqa: E402
+import torch  # noqa: E402
 
 OOM_2N = 131072  # the reference's fp32 2N x 2N logits alone: 64 GiB
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -156,7 +160,7 @@ def test_report_tables_speedups_and_oom(suite_json: Path, rendered: dict) -> Non
 
 
 def test_targets_table_from_rows(suite_json: Path) -> None:
-    """The targets' status, computed from the rows' times (the CPU rows re-labelled as the issue's sizes:
+    """The targets' status, computed from the rows' times (the CPU rows re-labelled as the GPU targets' sizes:
     the targets are GPU sizes, and a CPU report leaves them out)."""
     _, rows = report.load(suite_json)
     ours = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("fastssl-torch", "fwd+bwd", 512))
@@ -291,39 +295,35 @@ def test_profile_helper_runs_on_the_cpu() -> None:
 
 
 def test_flop_formulas_by_hand() -> None:
-    import _common as common
-
-    def case(loss: str, mode: str, provider: str = "reference", batch: int = 64, dim: int = 8) -> "common.Case":
-        return common.Case(loss, provider, mode, batch, dim)
+    def case(loss: str, mode: str, provider: str = "reference", batch: int = 64, dim: int = 8) -> "specs.Case":
+        return specs.Case(loss, provider, mode, batch, dim)
 
     n, d = 32, 8
-    assert common.model_flops(case("clip", "fwd")) == 2 * n * n * d
-    assert common.executed_flops(case("clip", "fwd+bwd", "fastssl-torch")) == 2 * (2 * n * n * d) * 4  # 2 passes
-    assert common.model_flops(case("moco", "fwd+bwd")) == 2 * (2 * n * 64 * d)  # K = 2N rows, bank without grad
-    assert common.model_flops(case("vicreg_exp", "fwd")) == 2 * (2 * d * d * n)  # one D x D covariance per view
-    assert common.model_flops(case("vicreg_ctr", "fwd+bwd")) == 3 * 2 * (2 * n * n * d)
-    assert common.model_flops(case("arcl_m4", "fwd")) == 2 * 64 * 64 * d + n * 2 * 4 * 4 * d
-    assert common.model_flops(case("barlow_twins", "fwd+bwd")) == 3 * 2 * n * d * d
-    assert common.model_flops(case("spectral_contrastive", "fwd")) == 2 * n * n * d
+    assert flops.model_flops(case("clip", "fwd")) == 2 * n * n * d
+    assert flops.executed_flops(case("clip", "fwd+bwd", "fastssl-torch")) == 2 * (2 * n * n * d) * 4  # 2 passes
+    assert flops.model_flops(case("moco", "fwd+bwd")) == 2 * (2 * n * 64 * d)  # K = 2N rows, bank without grad
+    assert flops.model_flops(case("vicreg_exp", "fwd")) == 2 * (2 * d * d * n)  # one D x D covariance per view
+    assert flops.model_flops(case("vicreg_ctr", "fwd+bwd")) == 3 * 2 * (2 * n * n * d)
+    assert flops.model_flops(case("arcl_m4", "fwd")) == 2 * 64 * 64 * d + n * 2 * 4 * 4 * d
+    assert flops.model_flops(case("barlow_twins", "fwd+bwd")) == 3 * 2 * n * d * d
+    assert flops.model_flops(case("spectral_contrastive", "fwd")) == 2 * n * n * d
 
 
 def test_case_policy_and_order() -> None:
-    import _common as common
-    import torch
 
-    bf16_cpu = common.Case("nt_xent", "reference", "fwd", 64, 8, "bfloat16", "cpu")
-    assert "bf16 on the CPU" in common.policy_skip(bf16_cpu)
-    assert common.policy_skip(dataclasses.replace(bf16_cpu, mode="fwd+bwd")) is None
+    bf16_cpu = specs.Case("nt_xent", "reference", "fwd", 64, 8, "bfloat16", "cpu")
+    assert "bf16 on the CPU" in specs.policy_skip(bf16_cpu)
+    assert specs.policy_skip(dataclasses.replace(bf16_cpu, mode="fwd+bwd")) is None
     if not torch.cuda.is_available():
-        assert "GPU-only" in common.policy_skip(dataclasses.replace(bf16_cpu, device="cuda"))
-    headline = common.Case("nt_xent", "reference", "fwd", 64, 8, "float32", "cpu")
+        assert "GPU-only" in specs.policy_skip(dataclasses.replace(bf16_cpu, device="cuda"))
+    headline = specs.Case("nt_xent", "reference", "fwd", 64, 8, "float32", "cpu")
     sweep_small = dataclasses.replace(headline, loss="dcl", headline=False, batch=128)
     sweep_big = dataclasses.replace(sweep_small, batch=1024)
     other = dataclasses.replace(headline, loss="dcl")
     second_dtype = dataclasses.replace(headline, dtype="bfloat16")
-    ordered = sorted([second_dtype, sweep_big, other, sweep_small, headline], key=common.priority)
+    ordered = sorted([second_dtype, sweep_big, other, sweep_small, headline], key=specs.priority)
     assert ordered == [headline, other, sweep_small, sweep_big, second_dtype]
-    assert "Inf-CL computes the CLIP loss only" in common.provider_unavailable("inf_cl", "cuda", "nt_xent")
+    assert "Inf-CL computes the CLIP loss only" in providers.provider_unavailable("inf_cl", "cuda", "nt_xent")
 
 
 def test_rounds_fit_the_target_time() -> None:
