@@ -94,7 +94,7 @@ def case_info(case: specs.Case, peak: "float | str", matmul_peak: dict) -> dict:
         peak_mib=peak,
         peak_method="torch.cuda.max_memory_allocated" if case.device == "cuda" else "rss_growth_helper_process",
         model_flops=flops.model_flops(case),
-        executed_flops=flops.executed_flops(case),
+        route_flops=flops.route_flops(case),
         matmul_peak_tflops=matmul_peak["tflops"],
         matmul_peak=matmul_peak["description"],
         **machine,
@@ -120,7 +120,7 @@ def run_case(benchmark, case: specs.Case, peak_memory, results, matmul_peak: dic
         if failure != "OOM":
             pytest.skip(failure)
         benchmark.extra_info.update(case_info(case, "OOM", matmul_peak), median_s=None, tflops=None,
-                                    fraction_of_peak=None)
+                                    route_tflops=None, fraction_of_peak=None)
         benchmark.pedantic(_oom_placeholder, rounds=1, iterations=1)
         results(case, None, "OOM", None, None)
         return
@@ -137,6 +137,7 @@ def run_case(benchmark, case: specs.Case, peak_memory, results, matmul_peak: dic
 
     median = benchmark.stats.stats.median if benchmark.stats else None  # None under --benchmark-disable
     tflops = flops.model_flops(case) / median / 1e12 if median else None
-    fraction = tflops / matmul_peak["tflops"] if tflops is not None else None
-    benchmark.extra_info.update(median_s=median, tflops=tflops, fraction_of_peak=fraction)
+    route_tflops = flops.route_flops(case) / median / 1e12 if median else None
+    fraction = route_tflops / matmul_peak["tflops"] if route_tflops is not None else None
+    benchmark.extra_info.update(median_s=median, tflops=tflops, route_tflops=route_tflops, fraction_of_peak=fraction)
     results(case, median, peak, tflops, fraction)

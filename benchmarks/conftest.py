@@ -97,8 +97,9 @@ _PEAK: list[str] = []
 def results(matmul_peak) -> Callable[..., None]:
     """results(case, median_s, peak, tflops, fraction): one row of the table printed at the end.
 
-    N is the number of pairs (rows of each view; NT-Xent's Z has 2N rows); fastssl's Frobenius-family
-    providers show their route.
+    tflops: model FLOPs / time; fraction: route FLOPs / time / the matmul peak (flops.py), printed
+    by formatting.format_share. N is the number of pairs (rows of each view; NT-Xent's Z has 2N
+    rows); fastssl's Frobenius-family providers show their route.
     """
     _PEAK[:] = [f"{matmul_peak['description']}: {matmul_peak['tflops']:.3g} TFLOP/s"]
 
@@ -112,7 +113,7 @@ def results(matmul_peak) -> Callable[..., None]:
             "OOM" if peak == "OOM" else ("—" if median_s is None else f"{median_s * 1e3:.2f}"),
             peak if isinstance(peak, str) else f"{peak:.1f}",
             "—" if tflops is None else f"{tflops:.3g}",
-            "—" if fraction is None else f"{100 * fraction:.1f}",
+            formatting.format_share(fraction),
         ])
 
     return add
@@ -120,8 +121,9 @@ def results(matmul_peak) -> Callable[..., None]:
 
 def pytest_terminal_summary(terminalreporter):
     if _ROWS:
-        headers = ["case", "N", "D", "dtype", "implementation", "median ms", "peak MiB", "TFLOP/s", "% peak"]
-        terminalreporter.write_sep("-", "fastssl: time, peak memory above inputs, model TFLOP/s, % of the matmul peak")
+        headers = ["case", "N", "D", "dtype", "implementation", "median ms", "peak MiB", "model TFLOP/s", "% peak"]
+        terminalreporter.write_sep("-", "fastssl: time, peak memory above inputs, model TFLOP/s, % of the matmul peak "
+                                        "(route FLOPs)")
         terminalreporter.write_line(formatting.format_table(headers, _ROWS))
         terminalreporter.write_line(f"matmul peak of this run: {_PEAK[0] if _PEAK else '—'}")
         terminalreporter.write_line(f"benchmark session wall time: {time.perf_counter() - _START:.0f} s")

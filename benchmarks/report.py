@@ -35,6 +35,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works both as a script and with -m
+
+from formatting import SHORT_DTYPE, format_share  # noqa: E402
+
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 #: Row order of implementations within a size (unknown ones follow, sorted).
 PROVIDER_ORDER = (
@@ -45,7 +49,6 @@ MODE_ORDER = ("fwd", "fwd+bwd")
 #: Table order of the losses (the suite's, specs._SPECS); unknown ones follow in JSON order.
 LOSS_ORDER = ("nt_xent", "moco", "dcl", "dclw", "clip", "uniformity", "vicreg_exp", "vicreg_ctr", "arcl_m4", "arcl_m8",
               "barlow_twins", "vicreg", "spectral_contrastive")
-SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +73,7 @@ class Row:
     median_s: Optional[float]
     peak_mib: Optional[float]
     model_flops: int
-    executed_flops: int
+    route_flops: Optional[int]  # None in a JSON written before the suite recorded it
     matmul_peak_tflops: float
     info: dict
 
@@ -85,7 +88,11 @@ class Row:
 
     @property
     def fraction_of_peak(self) -> Optional[float]:
-        return None if self.tflops is None else self.tflops / self.matmul_peak_tflops
+        """Route FLOPs / median / the matmul peak (flops.route_flops): above 1 only if the call's GEMMs
+        really ran faster than the probe's matmul, and then printed as such (format_share)."""
+        if self.median_s is None or self.route_flops is None:
+            return None
+        return self.route_flops / self.median_s / 1e12 / self.matmul_peak_tflops
 
 
 def load(path: "str | Path") -> tuple[dict, list[Row]]:
@@ -115,7 +122,7 @@ def load(path: "str | Path") -> tuple[dict, list[Row]]:
             median_s=median,
             peak_mib=None if oom or isinstance(peak, str) or peak is None else float(peak),
             model_flops=int(info["model_flops"]),
-            executed_flops=int(info.get("executed_flops", info["model_flops"])),
+            route_flops=int(info["route_flops"]) if "route_flops" in info else None,
             matmul_peak_tflops=float(info["matmul_peak_tflops"]),
             info=info,
         ))
@@ -182,8 +189,8 @@ def _size_cells(row: Row) -> list[str]:
     return [f"{row.batch_2n:,}", f"{row.n_pairs:,}", f"{row.dim:,}"]
 
 
-TABLE_HEADERS = ["mode", "dtype", "2N", "N", "D", "implementation", "time ms", "TFLOP/s", "% of peak", "peak MiB",
-                 "vs reference", "vs compile"]
+TABLE_HEADERS = ["mode", "dtype", "2N", "N", "D", "implementation", "time ms", "model TFLOP/s", "% of peak",
+                 "peak MiB", "vs reference", "vs compile"]
 
 
 def markdown_table(headers: list[str], cells: list[list[str]], right: Iterable[int] = ()) -> str:
@@ -206,7 +213,7 @@ def loss_tables(rows: list[Row]) -> dict[str, str]:
             r.mode, SHORT_DTYPE.get(r.dtype, r.dtype), *_size_cells(r), r.implementation,
             "OOM" if r.oom else fmt_ms(r.median_s),
             "OOM" if r.oom else fmt_sig(r.tflops),
-            "OOM" if r.oom else ("—" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.1f}"),
+            "OOM" if r.oom else format_share(r.fraction_of_peak),
             "OOM" if r.oom else ("—" if r.peak_mib is None else f"{r.peak_mib:,.1f}"),
             _vs(r, b.get("reference"), "reference"),
             _vs(r, b.get("reference-compiled"), "reference-compiled"),
@@ -251,14 +258,14 @@ def targets_table(rows: list[Row], max_batch: Optional[dict]) -> str:
                                nt.get("reference"), 4.0))
     cells.append(_ratio_target("same: vs torch.compile(reference)", ours, nt.get("reference-compiled"), 2.0))
     if ours is None:
-        cells.append(["same: fraction of the same-run bf16 matmul peak", "≥ 50%", "not in this run", "—"])
+        cells.append(["same: fraction of the same-run bf16 matmul peak (model FLOPs)", "≥ 50%", "not in this run", "—"])
     else:
+        # NT-Xent's route FLOPs are its model FLOPs: 3 (2N)²·D products, the fused backward's recompute not counted.
         frac = ours.fraction_of_peak
-        executed = ours.executed_flops / ours.median_s / 1e12 / ours.matmul_peak_tflops
-        status = "met" if frac >= 0.5 else f"missed by {0.5 / frac:.2f}× (at {frac:.0%})"
-        cells.append(["same: fraction of the same-run bf16 matmul peak", "≥ 50%",
-                      f"{frac:.1%} of {ours.matmul_peak_tflops:.0f} TFLOP/s (model FLOPs; {executed:.1%} counting "
-                      f"the backward's recompute)", status])
+        share = format_share(frac)
+        status = "met" if frac >= 0.5 else f"missed by {0.5 / frac:.2f}× (at {share}%)"
+        cells.append(["same: fraction of the same-run bf16 matmul peak (model FLOPs)", "≥ 50%",
+                      f"{share}{'%' if frac <= 1 else ''} of {ours.matmul_peak_tflops:.0f} TFLOP/s", status])
     fastssl_max = None
     if max_batch:
         fastssl_max = next((v for k, v in max_batch.get("results", {}).items()
@@ -421,7 +428,7 @@ def header(doc: dict, rows: list[Row], json_name: str) -> str:
         f"{first.get('triton')}, CUDA {first.get('cuda') or '—'}, Python {first.get('python', '?')}, fastssl "
         f"{first.get('fastssl', '?')} (backends {', '.join(first.get('fastssl_backends') or []) or '?'}).",
         f"Same-run matmul peak: {first.get('matmul_peak')} = **{first.get('matmul_peak_tflops'):.3g} TFLOP/s**; "
-        f"% of peak = model TFLOP/s / that.",
+        f"% of peak = route FLOPs / time / that (flops.py).",
         f"Peak memory: {peak_method}. Time: median of the timed rounds (each call synchronises the device), after "
         f"warm-up. {len(timed)} cases timed, {len(rows) - len(timed)} out of memory (OOM). Source: `{json_name}`.",
     ]
@@ -438,12 +445,13 @@ def render(doc: dict, rows: list[Row], json_name: str, max_batch: Optional[dict]
         parts += ["The targets are GPU targets: see the cuda section for their status.", ""]
     if max_batch:
         parts += ["#### Maximum batch (`max_batch.py`)", "", max_batch_table(max_batch), ""]
-    parts += ["Columns: `time ms` median; `TFLOP/s` = model FLOPs (the materialising algorithm's GEMMs, the same "
-              "for every implementation) / time; `% of peak` = that / the matmul peak; `peak MiB` above the inputs; "
-              "`vs reference` / `vs compile` = that baseline's time / this row's time (above 1: faster); OOM = ran "
-              "out of memory (a result, not an error). Model TFLOP/s is an effective rate: it can pass the "
-              "peak where an implementation does less arithmetic than the materialising algorithm (fastssl's "
-              "Gram route when N < D).", ""]
+    parts += ["Columns: `time ms` median; `model TFLOP/s` = model FLOPs (the materialising algorithm's GEMMs, the "
+              "same for every implementation) / time, an effective rate that can pass the peak where an "
+              "implementation does less arithmetic (fastssl's Gram route when N < D); `% of peak` = route FLOPs (the "
+              "GEMMs of the route that ran, recomputation not counted) / time / the matmul peak, never above 100: "
+              "`above the probe (r×)` where those GEMMs ran r times faster than the probe's matmul; `peak MiB` "
+              "above the inputs; `vs reference` / `vs compile` = that baseline's time / this row's time (above 1: "
+              "faster); OOM = ran out of memory (a result, not an error).", ""]
     for loss, table in loss_tables(rows).items():
         parts += [f"#### {loss}", "", table, ""]
     if plots:
