@@ -56,7 +56,7 @@ def _warm_up(case: specs.Case) -> tuple[Optional[Callable[[], None]], Optional[s
     except Exception as exc:
         if memory.is_oom(exc):
             return None, "OOM", 0.0
-        if case.provider == "reference-compiled":
+        if case.provider.endswith("-compiled"):
             return None, f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", 0.0
         if case.provider.startswith("fastssl-") and isinstance(exc, _UNSUPPORTED):
             return None, f"{case.provider} does not implement this op: {str(exc).splitlines()[0][:200]}", 0.0
@@ -107,7 +107,8 @@ def _oom_placeholder() -> None:
 
 def run_case(benchmark, case: specs.Case, peak_memory, results, matmul_peak: dict) -> None:
     """Benchmark one case with pytest-benchmark; extra_info as documented in benchmarks/README.md."""
-    reason = specs.policy_skip(case) or providers.provider_unavailable(case.provider, case.device, case.loss, case.dim)
+    reason = specs.policy_skip(case) or providers.provider_unavailable(case.provider, case.device, case.loss, case.dim,
+                                                                       case.dtype)
     if reason:
         pytest.skip(reason)
     if BUDGET_S and time.perf_counter() - SESSION_START > BUDGET_S:

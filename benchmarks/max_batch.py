@@ -1,6 +1,7 @@
 """The largest batch 2N for which NT-Xent forward+backward runs on this device, fastssl vs the reference.
 
-    python benchmarks/max_batch.py [--json PATH] [--d 128] [--dtype bf16] [--providers fastssl,reference]
+    python benchmarks/max_batch.py [--json PATH] [--d 128] [--dtype bf16]
+                                   [--providers fastssl,reference,materialising-bf16]
                                    [--device cuda|cpu] [--limit 2N] [--start 2N] [--step S] [--max-seconds T]
 
 For each provider, one forward+backward of NT-Xent (2N rows of dimension D, as in the suite:
@@ -40,7 +41,8 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float3
           "fp16": "float16", "float16": "float16"}
 #: --providers names -> suite providers ("fastssl" is the default backend, as a user gets it).
 PROVIDERS = {"fastssl": "fastssl-auto", "fastssl-triton": "fastssl-triton", "fastssl-cuda": "fastssl-cuda",
-             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled"}
+             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled",
+             "materialising-bf16": "materialising-bf16"}
 DEFAULTS = {"cuda": {"start": 4096, "limit": 2**21, "step": 1024}, "cpu": {"start": 256, "limit": 4096, "step": 2}}
 
 
@@ -137,8 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="write the result here (read by report.py)")
     parser.add_argument("--d", type=int, default=128, help="embedding dimension D (default 128)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype (default bf16)")
-    parser.add_argument("--providers", default="fastssl,reference",
-                        help=f"comma-separated, from {', '.join(PROVIDERS)} (default: fastssl,reference)")
+    parser.add_argument("--providers", default="fastssl,reference,materialising-bf16",
+                        help=f"comma-separated, from {', '.join(PROVIDERS)} (default: %(default)s)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
     parser.add_argument("--limit", type=int, help="largest 2N tried (default: 2,097,152 on CUDA, 4096 on the CPU)")
     parser.add_argument("--start", type=int, help="first 2N tried (default: 4096 on CUDA, 256 on the CPU)")
@@ -172,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"most {limit:,}, then bisection to a multiple of {step}")
     for name in names:
         provider = PROVIDERS[name]
-        why = providers.provider_unavailable(provider, device, "nt_xent", args.d)
+        why = providers.provider_unavailable(provider, device, "nt_xent", args.d, dtype)
         if why:
             print(f"{name}: skipped ({why})")
             doc["results"][name] = {"skipped": why}

@@ -38,7 +38,9 @@ import providers  # noqa: E402
 import specs  # noqa: E402
 
 PROVIDERS = {"fastssl": "fastssl-auto", "fastssl-triton": "fastssl-triton", "fastssl-cuda": "fastssl-cuda",
-             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled"}
+             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled",
+             "materialising-bf16": "materialising-bf16",
+             "materialising-bf16-compiled": "materialising-bf16-compiled"}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
@@ -73,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     env.configure_threads(device)
 
     provider = PROVIDERS[args.provider]
-    why = providers.provider_unavailable(provider, device, "nt_xent", args.dim)
+    why = providers.provider_unavailable(provider, device, "nt_xent", args.dim, DTYPES[args.dtype])
     if why:
         parser.error(f"--provider {args.provider}: {why}")
     case = specs.Case("nt_xent", provider, "fwd+bwd", args.batch, args.dim, DTYPES[args.dtype], device)

@@ -1,5 +1,6 @@
 """Who runs each case and how: provider availability, the loss callables (fastssl's backends, the
-reference eager and compiled, lightly, Inf-CL), the inputs, and the timed step.
+fp32 reference and the bf16 materialising baselines, each eager and compiled, lightly, Inf-CL), the
+inputs, and the timed step.
 """
 
 from __future__ import annotations
@@ -13,14 +14,28 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+import baselines
 import env  # noqa: F401  (puts the checkout on sys.path before fastssl is imported)
 import fastssl
 from fastssl import backends, reference
 from specs import SPECS, Case
 
-def provider_unavailable(provider: str, device: str, loss: str, dim: Optional[int] = None) -> Optional[str]:
-    """Why `provider` cannot benchmark `loss` on `device` (with embedding dimension `dim`), or None."""
+#: The bf16 materialising baselines (baselines.py), eager and under torch.compile.
+MATERIALISING = ("materialising-bf16", "materialising-bf16-compiled")
+
+
+def provider_unavailable(provider: str, device: str, loss: str, dim: Optional[int] = None,
+                         dtype: Optional[str] = None) -> Optional[str]:
+    """Why `provider` cannot benchmark `loss` on `device` (with embedding dimension `dim` and input
+    `dtype`, where given), or None."""
     spec = SPECS[loss]
+    if provider in MATERIALISING:
+        if device != "cuda":
+            return ("the bf16 materialising baselines are GPU speed baselines (bf16 tensor-core matmuls); a CPU "
+                    "has no such path, and their formulas are checked on the CPU by tests/benchmarks")
+        if dtype is not None and dtype != "bfloat16":
+            return (f"the bf16 materialising baselines take bf16 inputs (got {dtype}): their matmuls run in the "
+                    f"input dtype, so at fp32 they would be the fp32 reference's computation")
     if provider.startswith("fastssl-"):
         backend = provider[len("fastssl-") :]
         if backend == "triton" and device != "cuda":
@@ -75,13 +90,16 @@ def _inf_cl_clip_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0
 #: What each provider's numbers mean beyond its name (extra_info["provider_note"]).
 PROVIDER_NOTES = {
     "inf_cl": "Inf-CL upcasts to fp32 (TF32 tensor cores) and has no self-mask: CLIP loss only",
+    "reference": "the fp32 spec (upcasts before the matmul): the accuracy baseline",
     "reference-compiled": "torch.compile(reference, dynamic=False): one static graph per shape and dtype",
+    "materialising-bf16": "the formula users write (lightly's where it has the loss): bf16 matmul, fp32 LSE",
+    "materialising-bf16-compiled": "torch.compile(materialising-bf16, dynamic=False): one static graph per shape",
     "lightly": "lightly 1.6 module with the loss's default arguments",
 }
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(function: str) -> Callable:
+def _compiled(function: Callable) -> Callable:
     # Many shapes and dtypes per function: without a higher limit dynamo would silently fall back
     # to eager after 8 recompiles and the "compiled" numbers would be eager ones.
     config = torch._dynamo.config
@@ -90,7 +108,7 @@ def _compiled(function: str) -> Callable:
     else:  # torch < 2.6
         config.cache_size_limit = max(config.cache_size_limit, 64)
     # dynamic=False: one static graph per shape, as a user with a fixed batch size gets.
-    return torch.compile(getattr(reference, function), dynamic=False)
+    return torch.compile(function, dynamic=False)
 
 
 def loss_function(loss: str, provider: str, route: str = "auto") -> Callable:
@@ -100,7 +118,11 @@ def loss_function(loss: str, provider: str, route: str = "auto") -> Callable:
     if provider == "reference":
         return functools.partial(getattr(reference, spec.function), **kwargs)
     if provider == "reference-compiled":
-        return functools.partial(_compiled(spec.function), **kwargs)
+        return functools.partial(_compiled(getattr(reference, spec.function)), **kwargs)
+    if provider == "materialising-bf16":
+        return functools.partial(baselines.BY_LOSS[loss], **kwargs)
+    if provider == "materialising-bf16-compiled":
+        return functools.partial(_compiled(baselines.BY_LOSS[loss]), **kwargs)
     if provider.startswith("fastssl-"):
         if spec.family == "frobenius":
             kwargs["route"] = route

@@ -42,9 +42,20 @@ from formatting import SHORT_DTYPE, format_share  # noqa: E402
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 #: Row order of implementations within a size (unknown ones follow, sorted).
 PROVIDER_ORDER = (
-    "fastssl-triton", "fastssl-cuda", "fastssl-torch", "fastssl-auto", "reference", "reference-compiled", "lightly",
-    "inf_cl",
+    "fastssl-triton", "fastssl-cuda", "fastssl-torch", "fastssl-auto", "reference", "reference-compiled",
+    "materialising-bf16", "materialising-bf16-compiled", "lightly", "inf_cl",
 )
+#: What each row's time is compared with: (provider, column, its name in "<name> OOM"). The first
+#: ALWAYS_SHOWN columns are in every table, the others where the loss has a row of that provider.
+BASELINES = (
+    ("reference", "vs reference", "ref"),
+    ("reference-compiled", "vs compile", "compile"),
+    ("materialising-bf16", "vs bf16 eager", "bf16"),
+    ("materialising-bf16-compiled", "vs bf16 compiled", "bf16 compiled"),
+    ("lightly", "vs lightly", "lightly"),
+    ("inf_cl", "vs Inf-CL", "Inf-CL"),
+)
+ALWAYS_SHOWN = 2
 MODE_ORDER = ("fwd", "fwd+bwd")
 #: Table order of the losses (the suite's, specs._SPECS); unknown ones follow in JSON order.
 LOSS_ORDER = ("nt_xent", "moco", "dcl", "dclw", "clip", "uniformity", "vicreg_exp", "vicreg_ctr", "arcl_m4", "arcl_m8",
@@ -149,9 +160,10 @@ def speedup(row: Row, baseline: Optional[Row]) -> Optional[float]:
 
 
 def _baselines(rows: list[Row]) -> dict[tuple, dict[str, Row]]:
+    providers = {provider for provider, _, _ in BASELINES}
     by_size: dict[tuple, dict[str, Row]] = defaultdict(dict)
     for r in rows:
-        if r.provider in ("reference", "reference-compiled"):
+        if r.provider in providers:
             by_size[r.size_key][r.provider] = r
     return by_size
 
@@ -176,12 +188,12 @@ def fmt_ratio(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
-def _vs(row: Row, baseline: Optional[Row], name: str) -> str:
-    """The speed-up cell: a ratio, "ref OOM" where the baseline ran out of memory, "—" otherwise."""
-    if row.provider == name or row.oom:
+def _vs(row: Row, baseline: Optional[Row], provider: str, short: str) -> str:
+    """The speed-up cell: a ratio, "<short> OOM" where the baseline ran out of memory, "—" otherwise."""
+    if row.provider == provider or row.oom:
         return "—"
     if baseline is not None and baseline.oom:
-        return f"{'ref' if name == 'reference' else 'compile'} OOM"
+        return f"{short} OOM"
     return fmt_ratio(speedup(row, baseline))
 
 
@@ -190,7 +202,7 @@ def _size_cells(row: Row) -> list[str]:
 
 
 TABLE_HEADERS = ["mode", "dtype", "2N", "N", "D", "implementation", "time ms", "model TFLOP/s", "% of peak",
-                 "peak MiB", "vs reference", "vs compile"]
+                 "peak MiB"]  # then one "vs <baseline>" column per BASELINES entry shown
 
 
 def markdown_table(headers: list[str], cells: list[list[str]], right: Iterable[int] = ()) -> str:
@@ -206,6 +218,9 @@ def loss_tables(rows: list[Row]) -> dict[str, str]:
     seen = list(dict.fromkeys(r.loss for r in rows))
     loss_order = [name for name in LOSS_ORDER if name in seen] + [name for name in seen if name not in LOSS_ORDER]
     base = _baselines(rows)
+    present = {(r.loss, r.provider) for r in rows}
+    shown = {loss: [b for i, b in enumerate(BASELINES) if i < ALWAYS_SHOWN or (loss, b[0]) in present]
+             for loss in loss_order}
     tables: dict[str, list[list[str]]] = defaultdict(list)
     for r in sort_rows(rows, loss_order):
         b = base.get(r.size_key, {})
@@ -215,11 +230,14 @@ def loss_tables(rows: list[Row]) -> dict[str, str]:
             "OOM" if r.oom else fmt_sig(r.tflops),
             "OOM" if r.oom else format_share(r.fraction_of_peak),
             "OOM" if r.oom else ("—" if r.peak_mib is None else f"{r.peak_mib:,.1f}"),
-            _vs(r, b.get("reference"), "reference"),
-            _vs(r, b.get("reference-compiled"), "reference-compiled"),
+            *(_vs(r, b.get(provider), provider, short) for provider, _, short in shown[r.loss]),
         ])
-    right = [i for i, h in enumerate(TABLE_HEADERS) if h not in ("mode", "dtype", "implementation")]
-    return {loss: markdown_table(TABLE_HEADERS, cells, right=right) for loss, cells in tables.items()}
+    tables_md = {}
+    for loss, cells in tables.items():
+        headers = TABLE_HEADERS + [column for _, column, _ in shown[loss]]
+        right = [i for i, h in enumerate(headers) if h not in ("mode", "dtype", "implementation")]
+        tables_md[loss] = markdown_table(headers, cells, right=right)
+    return tables_md
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,17 +254,31 @@ def _best_fastssl(found: dict[str, Row]) -> Optional[Row]:
     return min(timed, key=lambda r: r.median_s) if timed else None
 
 
-def _ratio_target(what: str, ours: Optional[Row], baseline: Optional[Row], goal: float) -> list[str]:
+def _ratio_target(what: str, ours: Optional[Row], baseline: Optional[Row], goal: Optional[float]) -> list[str]:
+    """One line of the targets table: fastssl's speed-up over `baseline` against `goal` (None: no
+    target, the ratio is reported for what users would otherwise run)."""
+    goal_cell = "no target" if goal is None else f"≥ {goal:g}×"
     if ours is None or baseline is None:
         missing = "fastssl" if ours is None else "the baseline"
-        return [what, f"≥ {goal:g}×", f"not in this run ({missing} not measured at this size)", "—"]
+        return [what, goal_cell, f"not in this run ({missing} not measured at this size)", "—"]
     if baseline.oom:
-        return [what, f"≥ {goal:g}×", f"{ours.implementation}: {fmt_ms(ours.median_s)} ms; baseline OOM", "met (baseline OOM)"]
+        return [what, goal_cell, f"{ours.implementation}: {fmt_ms(ours.median_s)} ms; baseline OOM",
+                "reported (baseline OOM)" if goal is None else "met (baseline OOM)"]
     ratio = speedup(ours, baseline)
-    status = "met" if ratio >= goal else f"missed by {goal / ratio:.2f}× (reached {ratio / goal:.0%} of the goal)"
-    return [what, f"≥ {goal:g}×",
+    if goal is None:
+        status = "reported"
+    else:
+        status = "met" if ratio >= goal else f"missed by {goal / ratio:.2f}× (reached {ratio / goal:.0%} of the goal)"
+    return [what, goal_cell,
             f"{ratio:.2f}× ({ours.implementation} {fmt_ms(ours.median_s)} ms vs {fmt_ms(baseline.median_s)} ms)",
             status]
+
+
+def _bf16_baseline_lines(found: dict[str, Row], ours: Optional[Row]) -> list[list[str]]:
+    """fastssl's ratio to the bf16 materialising baselines (eager, compiled) at a target's size."""
+    return [_ratio_target(f"same: vs the bf16 materialising baseline{' (torch.compile)' if compiled else ''}", ours,
+                          found.get("materialising-bf16" + ("-compiled" if compiled else "")), None)
+            for compiled in (False, True)]
 
 
 def targets_table(rows: list[Row], max_batch: Optional[dict]) -> str:
@@ -257,6 +289,7 @@ def targets_table(rows: list[Row], max_batch: Optional[dict]) -> str:
     cells.append(_ratio_target("NT-Xent fwd+bwd, 2N = 32,768, D = 256, bf16: vs reference eager", ours,
                                nt.get("reference"), 4.0))
     cells.append(_ratio_target("same: vs torch.compile(reference)", ours, nt.get("reference-compiled"), 2.0))
+    cells += _bf16_baseline_lines(nt, ours)
     if ours is None:
         cells.append(["same: fraction of the same-run bf16 matmul peak (model FLOPs)", "≥ 50%", "not in this run", "—"])
     else:
@@ -281,8 +314,10 @@ def targets_table(rows: list[Row], max_batch: Optional[dict]) -> str:
                       f"{largest:,}{bound} on {max_batch.get('device_name', '?')}", status])
     for loss, name in (("barlow_twins", "Barlow Twins"), ("vicreg", "VICReg")):
         found = _find(rows, loss, "fwd+bwd", "bfloat16", 4096, 8192)
-        cells.append(_ratio_target(f"{name} fwd+bwd, N = 2048, D = 8192, bf16: vs reference eager",
-                                   _best_fastssl(found), found.get("reference"), 3.0))
+        ours = _best_fastssl(found)
+        cells.append(_ratio_target(f"{name} fwd+bwd, N = 2048, D = 8192, bf16: vs reference eager", ours,
+                                   found.get("reference"), 3.0))
+        cells += _bf16_baseline_lines(found, ours)
     return markdown_table(["GPU target", "goal", "measured", "status"], cells)
 
 

@@ -1,9 +1,11 @@
-"""A short summary of what fastssl buys: NT-Xent forward+backward, fastssl vs the reference.
+"""A short summary of what fastssl buys: NT-Xent forward+backward, fastssl vs what users run otherwise.
 
 For each size, ``fastssl.nt_xent_loss`` with the default backend (auto: Triton on CUDA, the
 chunked torch backend on the CPU), ``fastssl.reference.nt_xent_loss`` (materialising the
-2N x 2N logits) and, where it is installed, lightly 1.6's NTXentLoss are timed (median of a few
-forward+backward calls after a warm-up) and their peak memory above the inputs is measured
+2N x 2N logits in fp32), on CUDA the bf16 materialising baseline eager and compiled
+(baselines.nt_xent: lightly's formula, bf16 matmul) and, where it is installed, lightly 1.6's
+NTXentLoss are timed (median of a few forward+backward calls after a warm-up; providers that do
+not run here are listed with the reason) and their peak memory above the inputs is measured
 (CUDA: torch.cuda.max_memory_allocated; CPU: RSS growth in a helper process, see
 memory.PeakRssProbe). No pytest needed:
 
@@ -31,7 +33,7 @@ import specs  # noqa: E402
 from fastssl import backends  # noqa: E402
 
 DEFAULT_SIZES = {"cpu": [2048, 8192], "cuda": [8192, 32768, 131072]}
-PROVIDERS = ("fastssl-auto", "reference", "lightly")  # lightly where it is installed
+PROVIDERS = ("fastssl-auto", "reference", "materialising-bf16", "materialising-bf16-compiled", "lightly")
 
 
 def measure(case: specs.Case, reps: int, probe: memory.PeakRssProbe) -> tuple["float | str", "float | str"]:
@@ -80,6 +82,7 @@ def main(argv: "list[str] | None" = None) -> None:
     print(f"torch {machine['torch']}, triton {machine['triton']}, fastssl {machine['fastssl']}; dtype {dtype}, D = {args.dim}")
     print(f"NT-Xent forward+backward: median of {reps} after 1 warm-up; peak memory above the inputs\n")
 
+    skipped = {p: providers.provider_unavailable(p, device, "nt_xent", args.dim, dtype) for p in PROVIDERS}
     rows = []
     probe = memory.PeakRssProbe()
     try:
@@ -87,7 +90,7 @@ def main(argv: "list[str] | None" = None) -> None:
             results = {
                 p: measure(specs.Case("nt_xent", p, "fwd+bwd", batch, args.dim, dtype, device), reps, probe)
                 for p in PROVIDERS
-                if not providers.provider_unavailable(p, device, "nt_xent")
+                if not skipped[p]
             }
             our_time, our_peak = results["fastssl-auto"]
             for provider, (seconds, peak) in results.items():
@@ -106,6 +109,9 @@ def main(argv: "list[str] | None" = None) -> None:
     headers = ["provider", "2N", "time ms", "peak MiB", "fastssl speed-up", "fastssl memory saving"]
     print(formatting.format_table(headers, rows))
     print("\nOn each baseline's row: speed-up = its time / fastssl's time; memory saving = its peak / fastssl's peak.")
+    for provider, why in skipped.items():
+        if why:
+            print(f"not run: {provider} ({why})")
 
 
 if __name__ == "__main__":

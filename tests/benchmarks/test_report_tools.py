@@ -186,6 +186,8 @@ def test_targets_table_from_rows(suite_json: Path) -> None:
     assert f"| {formatting.format_share(frac)}% of" in table
     barlow = next(line for line in table.splitlines() if "Barlow Twins" in line)
     assert "not in this run" in barlow
+    # The bf16 baselines' lines: no goal, reported where measured.
+    assert "| same: vs the bf16 materialising baseline (torch.compile) | no target | not in this run" in table
 
 
 def test_report_marks_speedup_over_an_oom_baseline(suite_json: Path) -> None:
@@ -263,6 +265,29 @@ def test_suite_table_never_prints_a_share_of_peak_above_100(suite_json: Path) ->
     assert len(shares) == 10
     for cell in shares:
         assert_share_cell(cell)
+
+
+def test_report_gives_fastssl_ratio_to_each_baseline(suite_json: Path) -> None:
+    """Rows of the bf16 baselines (eager, compiled) and Inf-CL get their own "vs" columns: the baseline's
+    time / the row's time, or "<name> OOM"; a loss without such rows keeps only the reference columns."""
+    _, rows = report.load(suite_json)
+    ours = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("fastssl-torch", "fwd+bwd", 512))
+    ref = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("reference", "fwd+bwd", 512))
+    eager = dataclasses.replace(ref, provider="materialising-bf16", implementation="materialising-bf16",
+                                median_s=3 * ours.median_s)
+    compiled = dataclasses.replace(ref, provider="materialising-bf16-compiled",
+                                   implementation="materialising-bf16-compiled", oom=True, median_s=None)
+    clip = [dataclasses.replace(r, loss="clip") for r in (ours, ref)]
+    clip.append(dataclasses.replace(ref, loss="clip", provider="inf_cl", implementation="inf_cl",
+                                    median_s=ours.median_s / 2))
+    tables = report.loss_tables(rows + [eager, compiled] + clip)
+    (row,) = [r for r in _table_rows("#### nt_xent\n" + tables["nt_xent"], "nt_xent")
+              if (r["mode"], r["2N"], r["implementation"]) == ("fwd+bwd", "512", "fastssl-torch")]
+    assert row["vs bf16 eager"] == "3.00×" and row["vs bf16 compiled"] == "bf16 compiled OOM"
+    assert row["vs reference"] == f"{ref.median_s / ours.median_s:.2f}×"
+    assert "vs Inf-CL" not in tables["nt_xent"]
+    (clip_row,) = [r for r in _table_rows("#### clip\n" + tables["clip"], "clip") if r["implementation"] == "fastssl-torch"]
+    assert clip_row["vs Inf-CL"] == "0.50×" and "vs bf16 eager" not in clip_row
 
 
 def test_report_plots(rendered: dict) -> None:
