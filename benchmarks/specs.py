@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 
 from env import default_device
-from fastssl.ops.frobenius import choose_side
 from formatting import SHORT_DTYPE
 
 # --------------------------------------------------------------------------------------------------
@@ -73,18 +72,35 @@ DTYPES = ("bfloat16", "float32")
 
 _CPU_PAIRWISE = [(2048, 128)]
 _CPU_FROBENIUS = [(1024, 2048)]
-# CUDA: the GPU targets' headline size first (2N = 32,768, D = 256; Barlow Twins / VICReg at N = 2048,
-# D = 8192), then sizes past the point where the materialising reference runs out of memory on an
-# 80 GB GPU. The reference upcasts to fp32: at 2N = 131,072 the 2N x 2N logits alone are 64 GiB
-# (and autograd keeps more than one such matrix); at D = 131,072 Barlow Twins' C is 64 GiB.
+# CUDA. Pairwise losses: the GPU targets' headline size first (2N = 32,768, D = 256), then sizes past
+# the point where the materialising reference runs out of memory: it upcasts to fp32, so at
+# 2N = 131,072 the 2N x 2N logits alone are 64 GiB (and autograd keeps more than one such matrix).
 _GPU_N_SWEEP = [(32768, 256), (131072, 256)]
-_GPU_N_SWEEP_LONG = [(32768, 256), (131072, 256), (262144, 256)]  # N x N losses (CLIP, VICReg-ctr, spectral)
-_GPU_D_SWEEP = [(4096, 8192), (4096, 32768), (4096, 131072)]  # N = 2048, D x D losses
+_GPU_N_SWEEP_LONG = [(32768, 256), (131072, 256), (262144, 256)]  # N x N losses (CLIP)
+# The covariance / Gram losses (the Frobenius family, VICReg-exp and VICReg-ctr), as (N, D): the
+# Barlow Twins / VICReg target (2048, 8192) first, then both extremes of the D x D / N x N trade-off,
+# one side 256 times the other (the D x D matrix at (256, 65536) and the N x N one at (65536, 128)
+# are 16 GiB each in fp32), and a middle shape; ascending in N·D after the headline.
+_GPU_COVARIANCE_ND = [(2048, 8192), (65536, 128), (256, 65536), (8192, 2048)]
+_GPU_COVARIANCE = [(2 * n, d) for n, d in _GPU_COVARIANCE_ND]
+COVARIANCE_LOSSES = ("vicreg_exp", "vicreg_ctr", *FROBENIUS_LOSSES)
+# ArCL: N = 65,536 samples (2N = 131,072 anchors), D = 128, m = 4 and 8 views.
+_GPU_ARCL = [(131072, 128)]
+
+_CUDA_LARGE = {
+    **{name: _GPU_N_SWEEP for name in LOSSES},
+    "nt_xent": [(32768, 256), (8192, 256), (16384, 256), (65536, 256), (131072, 256), (262144, 256)],
+    "clip": _GPU_N_SWEEP_LONG,
+    **{name: _GPU_COVARIANCE for name in COVARIANCE_LOSSES},
+    "arcl_m4": _GPU_ARCL,
+    "arcl_m8": _GPU_ARCL,
+}
 
 #: Named size sets, as (2N, D) per loss; the first size of each loss is its *headline* size (the
-#: one also run in the second dtype and, where enabled, with torch.compile). The sweep sizes after
-#: it ascend: fastssl's Triton autotuning keys on coarse size classes, so the first (cheapest)
-#: size of a class is the one that pays for autotuning.
+#: one also run in the second dtype and, where enabled, with torch.compile(reference)). The sweep
+#: sizes after it ascend: fastssl's Triton autotuning keys on coarse size classes, so the first
+#: (cheapest) size of a class is the one that pays for autotuning. CUDA "small" is the headline
+#: size of each loss.
 SIZE_SETS: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {
     ("cpu", "small"): {
         **{name: _CPU_PAIRWISE for name in LOSSES},
@@ -95,22 +111,8 @@ SIZE_SETS: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {
         **{name: [(2048, 128), (8192, 128), (2048, 512), (8192, 512)] for name in LOSSES},
         **{name: [(1024, 8192), (4096, 512)] for name in FROBENIUS_LOSSES},
     },
-    ("cuda", "small"): {
-        **{name: [(32768, 256)] for name in LOSSES},
-        "vicreg_exp": [(4096, 8192)],
-        **{name: [(4096, 8192)] for name in FROBENIUS_LOSSES},
-        "spectral_contrastive": [(32768, 256)],
-    },
-    ("cuda", "large"): {
-        **{name: _GPU_N_SWEEP for name in LOSSES},
-        "nt_xent": [(32768, 256), (8192, 256), (16384, 256), (65536, 256), (131072, 256), (262144, 256)],
-        "clip": _GPU_N_SWEEP_LONG,
-        "vicreg_ctr": _GPU_N_SWEEP_LONG,
-        "vicreg_exp": _GPU_D_SWEEP,  # its logits are D x D: the sweep is over D
-        "barlow_twins": _GPU_D_SWEEP,
-        "vicreg": _GPU_D_SWEEP,
-        "spectral_contrastive": _GPU_N_SWEEP_LONG,  # the reference builds z1 z2ᵀ (N x N)
-    },
+    ("cuda", "small"): {name: sizes[:1] for name, sizes in _CUDA_LARGE.items()},
+    ("cuda", "large"): _CUDA_LARGE,
 }
 #: Losses with a GPU target (and CLIP, Inf-CL's loss): run first, so that a run cut short by
 #: its time budget still has them (conftest.py orders the cases).
@@ -286,10 +288,6 @@ def policy_skip(case: Case) -> Optional[str]:
         if case.provider == "fastssl-torch":
             return ("fastssl-torch on CUDA runs at the headline size only (the fallback backend; it would take "
                     "minutes at the sweep's largest sizes; FASTSSL_BENCH_SWEEP=all runs it)")
-        if case.spec.family == "frobenius" and case.provider.startswith("fastssl-") and \
-                case.route != choose_side(case.n_pairs, case.dim, "auto"):
-            return ("the route that route='auto' does not pick runs at the headline size only on CUDA "
-                    "(FASTSSL_BENCH_SWEEP=all runs it)")
     if case.device == "cpu" and case.dtype == "bfloat16" and not os.environ.get("FASTSSL_BENCH_DTYPE"):
         if case.mode != "fwd+bwd" or case.provider not in ("fastssl-torch", "reference"):
             return "bf16 on the CPU: fwd+bwd of fastssl-torch and reference only (to keep the CPU run short)"

@@ -20,12 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import torch
-
 import flops
 import formatting
 import max_batch
-import providers
 import report
 import specs
 from tests.benchmarks.helpers import assert_share_cell
@@ -388,25 +385,8 @@ def test_profile_helper_runs_on_the_cpu() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# the suite's cases and FLOP formulas
+# the runner
 # --------------------------------------------------------------------------------------------------
-
-
-def test_case_policy_and_order() -> None:
-
-    bf16_cpu = specs.Case("nt_xent", "reference", "fwd", 64, 8, "bfloat16", "cpu")
-    assert "bf16 on the CPU" in specs.policy_skip(bf16_cpu)
-    assert specs.policy_skip(dataclasses.replace(bf16_cpu, mode="fwd+bwd")) is None
-    if not torch.cuda.is_available():
-        assert "GPU-only" in specs.policy_skip(dataclasses.replace(bf16_cpu, device="cuda"))
-    headline = specs.Case("nt_xent", "reference", "fwd", 64, 8, "float32", "cpu")
-    sweep_small = dataclasses.replace(headline, loss="dcl", headline=False, batch=128)
-    sweep_big = dataclasses.replace(sweep_small, batch=1024)
-    other = dataclasses.replace(headline, loss="dcl")
-    second_dtype = dataclasses.replace(headline, dtype="bfloat16")
-    ordered = sorted([second_dtype, sweep_big, other, sweep_small, headline], key=specs.priority)
-    assert ordered == [headline, other, sweep_small, sweep_big, second_dtype]
-    assert "Inf-CL computes the CLIP loss only" in providers.provider_unavailable("inf_cl", "cuda", "nt_xent")
 
 
 def test_rounds_fit_the_target_time() -> None:
