@@ -27,7 +27,7 @@ DEVICE = env.default_device()
 SESSION_START = time.perf_counter()  # imported at collection: the start of the run, near enough
 #: Wall-clock budget of the run in seconds (FASTSSL_BENCH_BUDGET_S; default 300 on CUDA, none on the
 #: CPU; 0 = none): cases that start after it are skipped with the reason, so that a run under an
-#: outer timeout (scripts/gpu_check.sh gives the suite 360 s) still ends and writes its JSON.
+#: outer timeout (scripts/gpu_check.sh sets it below its step's) still ends and writes its JSON.
 BUDGET_S = float(os.environ.get("FASTSSL_BENCH_BUDGET_S") or (300 if DEVICE == "cuda" else 0))
 #: Timed rounds per case: FASTSSL_BENCH_ROUNDS if set; else as many as fit in TARGET_S (from the
 #: warm-up call's time), between MIN_ROUNDS and 10 on CUDA / 3 on the CPU.
