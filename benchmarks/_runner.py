@@ -16,15 +16,18 @@ import time
 from typing import Callable, Optional
 
 import pytest
-import torch
 
-import _common as common
+import env
+import flops
+import memory
+import providers
+import specs
 
-DEVICE = common.default_device()
+DEVICE = env.default_device()
 SESSION_START = time.perf_counter()  # imported at collection: the start of the run, near enough
 #: Wall-clock budget of the run in seconds (FASTSSL_BENCH_BUDGET_S; default 300 on CUDA, none on the
 #: CPU; 0 = none): cases that start after it are skipped with the reason, so that a run under an
-#: outer timeout (scripts/gpu_check.sh gives the suite 360 s) still ends and writes its JSON.
+#: outer timeout (scripts/gpu_check.sh sets it below its step's) still ends and writes its JSON.
 BUDGET_S = float(os.environ.get("FASTSSL_BENCH_BUDGET_S") or (300 if DEVICE == "cuda" else 0))
 #: Timed rounds per case: FASTSSL_BENCH_ROUNDS if set; else as many as fit in TARGET_S (from the
 #: warm-up call's time), between MIN_ROUNDS and 10 on CUDA / 3 on the CPU.
@@ -40,20 +43,20 @@ COMPILE_WARNING_FILTER = pytest.mark.filterwarnings("ignore:`torch.jit.script_me
 _UNSUPPORTED = (NotImplementedError,)
 
 
-def _warm_up(case: common.Case) -> tuple[Optional[Callable[[], None]], Optional[str], float]:
+def _warm_up(case: specs.Case) -> tuple[Optional[Callable[[], None]], Optional[str], float]:
     """(step, None, seconds of the untimed call) or (None, why it cannot run, 0).
 
     The first call absorbs lazy initialisation, torch.compile and Triton autotuning.
     """
     try:
-        step = common.make_step(case)
+        step = providers.make_step(case)
         start = time.perf_counter()
         step()
         return step, None, time.perf_counter() - start
     except Exception as exc:
-        if common.is_oom(exc):
+        if memory.is_oom(exc):
             return None, "OOM", 0.0
-        if case.provider == "reference-compiled":
+        if case.provider.endswith("-compiled"):
             return None, f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", 0.0
         if case.provider.startswith("fastssl-") and isinstance(exc, _UNSUPPORTED):
             return None, f"{case.provider} does not implement this op: {str(exc).splitlines()[0][:200]}", 0.0
@@ -68,15 +71,15 @@ def rounds_for(seconds: float, device: str) -> int:
     return max(MIN_ROUNDS, min(most, math.ceil(TARGET_S / max(seconds, 1e-9))))
 
 
-def case_info(case: common.Case, peak: "float | str", matmul_peak: dict) -> dict:
+def case_info(case: specs.Case, peak: "float | str", matmul_peak: dict) -> dict:
     """extra_info of `case` before timing (README "extra_info"); time-derived fields come after."""
-    env = common.environment(case.device)
+    machine = env.environment(case.device)
     return dict(
         loss=case.loss,
         family=case.spec.family,
         provider=case.provider,
         implementation=case.implementation,
-        provider_note=common.PROVIDER_NOTES.get(case.provider),
+        provider_note=providers.PROVIDER_NOTES.get(case.provider),
         mode=case.mode,
         batch_2n=case.batch,
         n_pairs=case.n_pairs,
@@ -90,11 +93,11 @@ def case_info(case: common.Case, peak: "float | str", matmul_peak: dict) -> dict
         status="OOM" if peak == "OOM" else "ok",
         peak_mib=peak,
         peak_method="torch.cuda.max_memory_allocated" if case.device == "cuda" else "rss_growth_helper_process",
-        model_flops=common.model_flops(case),
-        executed_flops=common.executed_flops(case),
+        model_flops=flops.model_flops(case),
+        route_flops=flops.route_flops(case),
         matmul_peak_tflops=matmul_peak["tflops"],
         matmul_peak=matmul_peak["description"],
-        **env,
+        **machine,
     )
 
 
@@ -102,9 +105,10 @@ def _oom_placeholder() -> None:
     """Timed once for an OOM case, so that the case is in the JSON; its stats mean nothing."""
 
 
-def run_case(benchmark, case: common.Case, peak_memory, results, matmul_peak: dict) -> None:
+def run_case(benchmark, case: specs.Case, peak_memory, results, matmul_peak: dict) -> None:
     """Benchmark one case with pytest-benchmark; extra_info as documented in benchmarks/README.md."""
-    reason = common.policy_skip(case) or common.provider_unavailable(case.provider, case.device, case.loss, case.dim)
+    reason = specs.policy_skip(case) or providers.provider_unavailable(case.provider, case.device, case.loss, case.dim,
+                                                                       case.dtype)
     if reason:
         pytest.skip(reason)
     if BUDGET_S and time.perf_counter() - SESSION_START > BUDGET_S:
@@ -113,11 +117,11 @@ def run_case(benchmark, case: common.Case, peak_memory, results, matmul_peak: di
 
     step, failure, first_s = _warm_up(case)
     if failure is not None:
-        common.free_memory(case.device)  # outside the except block: the failed call's tensors are unreferenced
+        memory.free_memory(case.device)  # outside the except block: the failed call's tensors are unreferenced
         if failure != "OOM":
             pytest.skip(failure)
         benchmark.extra_info.update(case_info(case, "OOM", matmul_peak), median_s=None, tflops=None,
-                                    fraction_of_peak=None)
+                                    route_tflops=None, fraction_of_peak=None)
         benchmark.pedantic(_oom_placeholder, rounds=1, iterations=1)
         results(case, None, "OOM", None, None)
         return
@@ -130,10 +134,11 @@ def run_case(benchmark, case: common.Case, peak_memory, results, matmul_peak: di
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
     del step
     if case.device == "cuda":
-        common.free_memory(case.device)  # the next case may be the one that needs every byte
+        memory.free_memory(case.device)  # the next case may be the one that needs every byte
 
     median = benchmark.stats.stats.median if benchmark.stats else None  # None under --benchmark-disable
-    tflops = common.model_flops(case) / median / 1e12 if median else None
-    fraction = tflops / matmul_peak["tflops"] if tflops is not None else None
-    benchmark.extra_info.update(median_s=median, tflops=tflops, fraction_of_peak=fraction)
+    tflops = flops.model_flops(case) / median / 1e12 if median else None
+    route_tflops = flops.route_flops(case) / median / 1e12 if median else None
+    fraction = route_tflops / matmul_peak["tflops"] if route_tflops is not None else None
+    benchmark.extra_info.update(median_s=median, tflops=tflops, route_tflops=route_tflops, fraction_of_peak=fraction)
     results(case, median, peak, tflops, fraction)

@@ -2,25 +2,25 @@
 CLIP, uniformity, VICReg-exp / VICReg-ctr (the same op on zᵀ, Garrido et al. 2023) and ArCL with m = 4 and
 m = 8 views (Zhao et al. 2023).
 
-Every loss x size x dtype x provider x mode is one benchmark (common.suite_cases lists them and
-common.policy_skip says which are skipped on this machine and why). The timed target is one call
+Every loss x size x dtype x provider x mode is one benchmark (specs.suite_cases lists them and
+specs.policy_skip says which are skipped on this machine and why). The timed target is one call
 (forward, or forward and backward) that synchronises the device; each benchmark's extra_info
 carries its FLOPs, TFLOP/s, fraction of the same-run matmul peak, peak memory, shapes, device and
-versions (benchmarks/README.md). Sizes: common.SIZE_SETS or FASTSSL_BENCH_SIZES.
+versions (benchmarks/README.md). Sizes: specs.SIZE_SETS or FASTSSL_BENCH_SIZES.
 """
 
 from __future__ import annotations
 
 import pytest
 
-import _common as common
+import specs
 from _runner import COMPILE_WARNING_FILTER, run_case
 
 pytestmark = COMPILE_WARNING_FILTER
 
-CASES = common.suite_cases("pairwise")
+CASES = specs.suite_cases("pairwise")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.test_id)
-def test_contrastive(benchmark, case: common.Case, peak_memory, results, matmul_peak) -> None:
+def test_contrastive(benchmark, case: specs.Case, peak_memory, results, matmul_peak) -> None:
     run_case(benchmark, case, peak_memory, results, matmul_peak)

@@ -4,7 +4,7 @@ spectral contrastive loss (HaoChen et al. 2021).
 Every loss x size x dtype x provider x mode is one benchmark; fastssl's providers run once per
 route ("covariance": the D x D side, "gram": the N x N side), so the tables show where each route
 wins. Sizes are (2N, D) as everywhere in benchmarks/ (N x D embeddings per view), from
-common.SIZE_SETS or FASTSSL_BENCH_SIZES. The FLOP model per route is common._frobenius_flops;
+specs.SIZE_SETS or FASTSSL_BENCH_SIZES. The FLOP model per route is in flops.py;
 measurement conventions are in benchmarks/README.md.
 """
 
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import pytest
 
-import _common as common
+import specs
 from _runner import COMPILE_WARNING_FILTER, run_case
 
 pytestmark = COMPILE_WARNING_FILTER
 
-CASES = common.suite_cases("frobenius")
+CASES = specs.suite_cases("frobenius")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.test_id)
-def test_frobenius(benchmark, case: common.Case, peak_memory, results, matmul_peak) -> None:
+def test_frobenius(benchmark, case: specs.Case, peak_memory, results, matmul_peak) -> None:
     run_case(benchmark, case, peak_memory, results, matmul_peak)

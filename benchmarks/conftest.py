@@ -13,13 +13,17 @@ from typing import Callable
 
 import pytest
 
-import _common as common
+import env
+import formatting
+import memory
+import peak
+import specs
 
 _START = time.perf_counter()
 
 
 def pytest_configure(config):
-    common.configure_threads(common.default_device())
+    env.configure_threads(env.default_device())
     # An outer `timeout` sends SIGTERM: turn it into KeyboardInterrupt, which pytest handles by
     # finishing the session, so pytest-benchmark still writes the JSON of the cases that ran.
     if threading.current_thread() is threading.main_thread():
@@ -31,10 +35,10 @@ def _interrupt(signum, frame):
 
 
 def pytest_collection_modifyitems(config, items):
-    # Most important cases first (common.priority): a run cut short by its budget or a timeout keeps them.
+    # Most important cases first (specs.priority): a run cut short by its budget or a timeout keeps them.
     def key(item):
         case = getattr(item, "callspec", None) and item.callspec.params.get("case")
-        return common.priority(case) if isinstance(case, common.Case) else (9, 0)
+        return specs.priority(case) if isinstance(case, specs.Case) else (9, 0)
 
     items.sort(key=key)  # stable: the suites' own order within a tier
 
@@ -47,38 +51,38 @@ def pytest_collect_file(file_path, parent):
 
 
 def pytest_report_header(config):
-    device = common.default_device()
-    env = common.environment(device)
+    device = env.default_device()
+    machine = env.environment(device)
     return [
-        f"fastssl benchmarks: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
-        f"fastssl backends {env['fastssl_backends']}, size set {common.size_set_name(device)!r} "
-        f"(NT-Xent (2N, D): {common.bench_sizes(device)})"
+        f"fastssl benchmarks: {machine['device_name']}, torch {machine['torch']}, triton {machine['triton']}, "
+        f"fastssl backends {machine['fastssl_backends']}, size set {specs.size_set_name(device)!r} "
+        f"(NT-Xent (2N, D): {specs.bench_sizes(device)})"
     ]
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["fastssl"] = common.environment(common.default_device())
+    machine_info["fastssl"] = env.environment(env.default_device())
 
 
 @pytest.fixture(scope="session")
 def matmul_peak() -> dict:
     """The machine's practical peak, measured once in this run: TFLOP/s of one torch.matmul
-    (bf16 8192³ on CUDA, fp32 1024³ on the CPU; common.PEAK_MATMUL says why)."""
-    return common.matmul_peak(common.default_device())
+    (bf16 8192³ on CUDA, fp32 1024³ on the CPU; peak.PEAK_MATMUL says why)."""
+    return peak.matmul_peak(env.default_device())
 
 
 @pytest.fixture(scope="session")
-def peak_memory() -> Callable[[common.Case, Callable[[], None]], "float | str"]:
+def peak_memory() -> Callable[[specs.Case, Callable[[], None]], "float | str"]:
     """peak_memory(case, step) -> MiB (or "OOM") of one call above its inputs.
 
     CUDA: torch.cuda.max_memory_allocated after a reset, in this process. CPU: RSS growth in a
-    helper process (common.PeakRssProbe explains why), which rebuilds the case from its description.
+    helper process (memory.PeakRssProbe explains why), which rebuilds the case from its description.
     """
-    probe = common.PeakRssProbe()
+    probe = memory.PeakRssProbe()
 
-    def measure(case: common.Case, step: Callable[[], None]) -> "float | str":
+    def measure(case: specs.Case, step: Callable[[], None]) -> "float | str":
         if case.device == "cuda":
-            return common.cuda_peak_mib(step)
+            return memory.cuda_peak_mib(step)
         return probe.measure(case)
 
     yield measure
@@ -93,22 +97,23 @@ _PEAK: list[str] = []
 def results(matmul_peak) -> Callable[..., None]:
     """results(case, median_s, peak, tflops, fraction): one row of the table printed at the end.
 
-    N is the number of pairs (rows of each view; NT-Xent's Z has 2N rows); fastssl's Frobenius-family
-    providers show their route.
+    tflops: model FLOPs / time; fraction: route FLOPs / time / the matmul peak (flops.py), printed
+    by formatting.format_share. N is the number of pairs (rows of each view; NT-Xent's Z has 2N
+    rows); fastssl's Frobenius-family providers show their route.
     """
     _PEAK[:] = [f"{matmul_peak['description']}: {matmul_peak['tflops']:.3g} TFLOP/s"]
 
-    def add(case: common.Case, median_s, peak, tflops, fraction) -> None:
+    def add(case: specs.Case, median_s, peak, tflops, fraction) -> None:
         _ROWS.append([
             f"{case.loss} {case.mode}",
             case.n_pairs,
             case.dim,
-            common._SHORT_DTYPE[case.dtype],
+            formatting.SHORT_DTYPE[case.dtype],
             case.implementation,
             "OOM" if peak == "OOM" else ("—" if median_s is None else f"{median_s * 1e3:.2f}"),
             peak if isinstance(peak, str) else f"{peak:.1f}",
             "—" if tflops is None else f"{tflops:.3g}",
-            "—" if fraction is None else f"{100 * fraction:.1f}",
+            formatting.format_share(fraction),
         ])
 
     return add
@@ -116,8 +121,9 @@ def results(matmul_peak) -> Callable[..., None]:
 
 def pytest_terminal_summary(terminalreporter):
     if _ROWS:
-        headers = ["case", "N", "D", "dtype", "implementation", "median ms", "peak MiB", "TFLOP/s", "% peak"]
-        terminalreporter.write_sep("-", "fastssl: time, peak memory above inputs, model TFLOP/s, % of the matmul peak")
-        terminalreporter.write_line(common.format_table(headers, _ROWS))
+        headers = ["case", "N", "D", "dtype", "implementation", "median ms", "peak MiB", "model TFLOP/s", "% peak"]
+        terminalreporter.write_sep("-", "fastssl: time, peak memory above inputs, model TFLOP/s, % of the matmul peak "
+                                        "(route FLOPs)")
+        terminalreporter.write_line(formatting.format_table(headers, _ROWS))
         terminalreporter.write_line(f"matmul peak of this run: {_PEAK[0] if _PEAK else '—'}")
         terminalreporter.write_line(f"benchmark session wall time: {time.perf_counter() - _START:.0f} s")

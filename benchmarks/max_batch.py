@@ -1,17 +1,18 @@
 """The largest batch 2N for which NT-Xent forward+backward runs on this device, fastssl vs the reference.
 
-    python benchmarks/max_batch.py [--json PATH] [--d 128] [--dtype bf16] [--providers fastssl,reference]
+    python benchmarks/max_batch.py [--json PATH] [--d 128] [--dtype bf16]
+                                   [--providers fastssl,reference,materialising-bf16]
                                    [--device cuda|cpu] [--limit 2N] [--start 2N] [--step S] [--max-seconds T]
 
 For each provider, one forward+backward of NT-Xent (2N rows of dimension D, as in the suite:
-common.make_step) is tried at 2N = start, 2·start, 4·start, ... until a try runs out of memory
+providers.make_step) is tried at 2N = start, 2·start, 4·start, ... until a try runs out of memory
 (torch.cuda.OutOfMemoryError, or the CPU allocator's "can't allocate memory") or 2N reaches the
 limit; then bisection between the largest 2N that ran and the smallest that failed, to a multiple
 of `step`. Memory is freed between tries (gc, torch.cuda.empty_cache). fastssl's memory grows as
 O(N·D) but its time as O(N²·D), so the search also stops when the next doubling would take longer
 than --max-seconds (estimated as 4x the last try): the result then says "time", not "oom".
 
-Defaults: on CUDA start 4096, limit 2N = 2,097,152 (the issue's target is 2N ≥ 1,000,000), step
+Defaults: on CUDA start 4096, limit 2N = 2,097,152 (the GPU target is 2N ≥ 1,000,000), step
 1024; on the CPU (``--device cpu``, a quick self-test of the search) start 256, limit 4096, step 2.
 The JSON (``--json``) is read by report.py (``--max-batch``, or max_batch.json beside the suite's JSON).
 """
@@ -31,13 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # works both as a scri
 
 import torch  # noqa: E402
 
-import _common as common  # noqa: E402
+import env  # noqa: E402
+import memory  # noqa: E402
+import providers  # noqa: E402
+import specs  # noqa: E402
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
 #: --providers names -> suite providers ("fastssl" is the default backend, as a user gets it).
 PROVIDERS = {"fastssl": "fastssl-auto", "fastssl-triton": "fastssl-triton", "fastssl-cuda": "fastssl-cuda",
-             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled"}
+             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled",
+             "materialising-bf16": "materialising-bf16"}
 DEFAULTS = {"cuda": {"start": 4096, "limit": 2**21, "step": 1024}, "cpu": {"start": 256, "limit": 4096, "step": 2}}
 
 
@@ -107,12 +112,12 @@ def nt_xent_fits(provider: str, dim: int, dtype: str, device: str) -> Callable[[
     """fits(two_n) for search_max: one NT-Xent forward+backward of the suite's case; OOM is a False."""
 
     def fits(two_n: int) -> dict:
-        case = common.Case("nt_xent", provider, "fwd+bwd", two_n, dim, dtype, device)
+        case = specs.Case("nt_xent", provider, "fwd+bwd", two_n, dim, dtype, device)
         outcome: dict = {}
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
-            step = common.make_step(case)
+            step = providers.make_step(case)
             start = time.perf_counter()
             step()
             outcome = {"ok": True, "seconds": time.perf_counter() - start}
@@ -120,10 +125,10 @@ def nt_xent_fits(provider: str, dim: int, dtype: str, device: str) -> Callable[[
                 outcome["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             del step
         except Exception as exc:
-            if not common.is_oom(exc):
+            if not memory.is_oom(exc):
                 raise
             outcome = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-        common.free_memory(device)  # outside the except block: the failed try's tensors are unreferenced
+        memory.free_memory(device)  # outside the except block: the failed try's tensors are unreferenced
         return outcome
 
     return fits
@@ -134,8 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="write the result here (read by report.py)")
     parser.add_argument("--d", type=int, default=128, help="embedding dimension D (default 128)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype (default bf16)")
-    parser.add_argument("--providers", default="fastssl,reference",
-                        help=f"comma-separated, from {', '.join(PROVIDERS)} (default: fastssl,reference)")
+    parser.add_argument("--providers", default="fastssl,reference,materialising-bf16",
+                        help=f"comma-separated, from {', '.join(PROVIDERS)} (default: %(default)s)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available")
     parser.add_argument("--limit", type=int, help="largest 2N tried (default: 2,097,152 on CUDA, 4096 on the CPU)")
     parser.add_argument("--start", type=int, help="first 2N tried (default: 4096 on CUDA, 256 on the CPU)")
@@ -158,18 +163,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     step = args.step or defaults["step"]
     start = min(args.start or defaults["start"], limit)
     dtype = DTYPES[args.dtype]
-    common.configure_threads(device)
+    env.configure_threads(device)
 
-    env = common.environment(device)
+    machine = env.environment(device)
     doc = {
         "device": device, "d": args.d, "dtype": dtype, "limit": limit, "start": start, "step": step,
-        "max_seconds": args.max_seconds, "date": _dt.date.today().isoformat(), **env, "results": {},
+        "max_seconds": args.max_seconds, "date": _dt.date.today().isoformat(), **machine, "results": {},
     }
-    print(f"{env['device_name']}: NT-Xent forward+backward, D = {args.d}, {dtype}; 2N from {start:,} doubling to at "
+    print(f"{machine['device_name']}: NT-Xent forward+backward, D = {args.d}, {dtype}; 2N from {start:,} doubling to at "
           f"most {limit:,}, then bisection to a multiple of {step}")
     for name in names:
         provider = PROVIDERS[name]
-        why = common.provider_unavailable(provider, device, "nt_xent", args.d)
+        why = providers.provider_unavailable(provider, device, "nt_xent", args.d, dtype)
         if why:
             print(f"{name}: skipped ({why})")
             doc["results"][name] = {"skipped": why}

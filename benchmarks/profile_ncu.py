@@ -3,7 +3,7 @@
     python benchmarks/profile_ncu.py [--provider fastssl] [--batch 32768] [--dim 256] [--dtype bf16]
                                      [--warmup 2] [--iters 1] [--device cuda|cpu]
 
-The defaults are the issue's headline case: 2N = 32,768, D = 256, bf16. The warm-up calls
+The defaults are the GPU targets' headline case: 2N = 32,768, D = 256, bf16. The warm-up calls
 (Triton autotuning, torch.compile, lazy initialisation) run outside the profiled region; the
 measured calls run between ``torch.cuda.profiler.start()`` / ``stop()`` (cudaProfilerStart/Stop),
 the forward inside the NVTX push/pop range ``nt_xent-forward-<provider>`` and the backward inside
@@ -32,10 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # works both as a scri
 
 import torch  # noqa: E402
 
-import _common as common  # noqa: E402
+import env  # noqa: E402
+import flops  # noqa: E402
+import providers  # noqa: E402
+import specs  # noqa: E402
 
 PROVIDERS = {"fastssl": "fastssl-auto", "fastssl-triton": "fastssl-triton", "fastssl-cuda": "fastssl-cuda",
-             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled"}
+             "fastssl-torch": "fastssl-torch", "reference": "reference", "reference-compiled": "reference-compiled",
+             "materialising-bf16": "materialising-bf16",
+             "materialising-bf16-compiled": "materialising-bf16-compiled"}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
@@ -67,15 +72,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.batch < 4 or args.batch % 2:
         parser.error(f"--batch is 2N: an even number >= 4, got {args.batch}")
     cuda = device == "cuda"
-    common.configure_threads(device)
+    env.configure_threads(device)
 
     provider = PROVIDERS[args.provider]
-    why = common.provider_unavailable(provider, device, "nt_xent", args.dim)
+    why = providers.provider_unavailable(provider, device, "nt_xent", args.dim, DTYPES[args.dtype])
     if why:
         parser.error(f"--provider {args.provider}: {why}")
-    case = common.Case("nt_xent", provider, "fwd+bwd", args.batch, args.dim, DTYPES[args.dtype], device)
-    fn = common.loss_function(case.loss, case.provider)
-    z1, z2 = common.make_inputs(case)
+    case = specs.Case("nt_xent", provider, "fwd+bwd", args.batch, args.dim, DTYPES[args.dtype], device)
+    fn = providers.loss_function(case.loss, case.provider)
+    z1, z2 = providers.make_inputs(case)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def call() -> None:
@@ -96,10 +101,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         times.append(time.perf_counter() - start)
     if cuda:
         torch.cuda.profiler.stop()
-    flops = common.model_flops(case)
+    model = flops.model_flops(case)
     best = min(times)
-    print(f"{case.label} ({provider}, {common.device_name(device)}): {best * 1e3:.2f} ms, "
-          f"{flops / best / 1e12:.3g} model TFLOP/s (fastest of {args.iters} profiled call(s); a profiler slows them)")
+    print(f"{case.label} ({provider}, {env.device_name(device)}): {best * 1e3:.2f} ms, "
+          f"{model / best / 1e12:.3g} model TFLOP/s (fastest of {args.iters} profiled call(s); a profiler slows them)")
     return 0
 
 

@@ -7,7 +7,7 @@ Reads the JSON written by ``pytest benchmarks/ --benchmark-only --benchmark-json
 (each benchmark's ``extra_info`` is documented in benchmarks/README.md) and writes:
 
 * ``DIR/report.md``: one table per loss — time, TFLOP/s, % of the same-run matmul peak, peak
-  memory, speed-up vs the eager reference and vs torch.compile(reference) — then the issue's
+  memory, speed-up vs the eager reference and vs torch.compile(reference) — then the GPU
   targets (met, missed by how much, or not in this run) and the maximum batch (max_batch.py's
   JSON: ``--max-batch``, or ``max_batch.json`` beside RESULTS.json when it exists);
 * ``DIR/<loss>_<dtype>_<fixed size>.png``: time and peak memory against the batch size 2N (or
@@ -35,17 +35,31 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works both as a script and with -m
+
+from formatting import SHORT_DTYPE, format_share  # noqa: E402
+
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 #: Row order of implementations within a size (unknown ones follow, sorted).
 PROVIDER_ORDER = (
-    "fastssl-triton", "fastssl-cuda", "fastssl-torch", "fastssl-auto", "reference", "reference-compiled", "lightly",
-    "inf_cl",
+    "fastssl-triton", "fastssl-cuda", "fastssl-torch", "fastssl-auto", "reference", "reference-compiled",
+    "materialising-bf16", "materialising-bf16-compiled", "lightly", "inf_cl",
 )
+#: What each row's time is compared with: (provider, column, its name in "<name> OOM"). The first
+#: ALWAYS_SHOWN columns are in every table, the others where the loss has a row of that provider.
+BASELINES = (
+    ("reference", "vs reference", "ref"),
+    ("reference-compiled", "vs compile", "compile"),
+    ("materialising-bf16", "vs bf16 eager", "bf16"),
+    ("materialising-bf16-compiled", "vs bf16 compiled", "bf16 compiled"),
+    ("lightly", "vs lightly", "lightly"),
+    ("inf_cl", "vs Inf-CL", "Inf-CL"),
+)
+ALWAYS_SHOWN = 2
 MODE_ORDER = ("fwd", "fwd+bwd")
-#: Table order of the losses (the suite's, _common._SPECS); unknown ones follow in JSON order.
+#: Table order of the losses (the suite's, specs._SPECS); unknown ones follow in JSON order.
 LOSS_ORDER = ("nt_xent", "moco", "dcl", "dclw", "clip", "uniformity", "vicreg_exp", "vicreg_ctr", "arcl_m4", "arcl_m8",
               "barlow_twins", "vicreg", "spectral_contrastive")
-SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +84,7 @@ class Row:
     median_s: Optional[float]
     peak_mib: Optional[float]
     model_flops: int
-    executed_flops: int
+    route_flops: Optional[int]  # None in a JSON written before the suite recorded it
     matmul_peak_tflops: float
     info: dict
 
@@ -85,7 +99,11 @@ class Row:
 
     @property
     def fraction_of_peak(self) -> Optional[float]:
-        return None if self.tflops is None else self.tflops / self.matmul_peak_tflops
+        """Route FLOPs / median / the matmul peak (flops.route_flops): above 1 only if the call's GEMMs
+        really ran faster than the probe's matmul, and then printed as such (format_share)."""
+        if self.median_s is None or self.route_flops is None:
+            return None
+        return self.route_flops / self.median_s / 1e12 / self.matmul_peak_tflops
 
 
 def load(path: "str | Path") -> tuple[dict, list[Row]]:
@@ -115,7 +133,7 @@ def load(path: "str | Path") -> tuple[dict, list[Row]]:
             median_s=median,
             peak_mib=None if oom or isinstance(peak, str) or peak is None else float(peak),
             model_flops=int(info["model_flops"]),
-            executed_flops=int(info.get("executed_flops", info["model_flops"])),
+            route_flops=int(info["route_flops"]) if "route_flops" in info else None,
             matmul_peak_tflops=float(info["matmul_peak_tflops"]),
             info=info,
         ))
@@ -142,9 +160,10 @@ def speedup(row: Row, baseline: Optional[Row]) -> Optional[float]:
 
 
 def _baselines(rows: list[Row]) -> dict[tuple, dict[str, Row]]:
+    providers = {provider for provider, _, _ in BASELINES}
     by_size: dict[tuple, dict[str, Row]] = defaultdict(dict)
     for r in rows:
-        if r.provider in ("reference", "reference-compiled"):
+        if r.provider in providers:
             by_size[r.size_key][r.provider] = r
     return by_size
 
@@ -169,12 +188,12 @@ def fmt_ratio(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
-def _vs(row: Row, baseline: Optional[Row], name: str) -> str:
-    """The speed-up cell: a ratio, "ref OOM" where the baseline ran out of memory, "—" otherwise."""
-    if row.provider == name or row.oom:
+def _vs(row: Row, baseline: Optional[Row], provider: str, short: str) -> str:
+    """The speed-up cell: a ratio, "<short> OOM" where the baseline ran out of memory, "—" otherwise."""
+    if row.provider == provider or row.oom:
         return "—"
     if baseline is not None and baseline.oom:
-        return f"{'ref' if name == 'reference' else 'compile'} OOM"
+        return f"{short} OOM"
     return fmt_ratio(speedup(row, baseline))
 
 
@@ -182,8 +201,8 @@ def _size_cells(row: Row) -> list[str]:
     return [f"{row.batch_2n:,}", f"{row.n_pairs:,}", f"{row.dim:,}"]
 
 
-TABLE_HEADERS = ["mode", "dtype", "2N", "N", "D", "implementation", "time ms", "TFLOP/s", "% of peak", "peak MiB",
-                 "vs reference", "vs compile"]
+TABLE_HEADERS = ["mode", "dtype", "2N", "N", "D", "implementation", "time ms", "model TFLOP/s", "% of peak",
+                 "peak MiB"]  # then one "vs <baseline>" column per BASELINES entry shown
 
 
 def markdown_table(headers: list[str], cells: list[list[str]], right: Iterable[int] = ()) -> str:
@@ -199,6 +218,9 @@ def loss_tables(rows: list[Row]) -> dict[str, str]:
     seen = list(dict.fromkeys(r.loss for r in rows))
     loss_order = [name for name in LOSS_ORDER if name in seen] + [name for name in seen if name not in LOSS_ORDER]
     base = _baselines(rows)
+    present = {(r.loss, r.provider) for r in rows}
+    shown = {loss: [b for i, b in enumerate(BASELINES) if i < ALWAYS_SHOWN or (loss, b[0]) in present]
+             for loss in loss_order}
     tables: dict[str, list[list[str]]] = defaultdict(list)
     for r in sort_rows(rows, loss_order):
         b = base.get(r.size_key, {})
@@ -206,17 +228,20 @@ def loss_tables(rows: list[Row]) -> dict[str, str]:
             r.mode, SHORT_DTYPE.get(r.dtype, r.dtype), *_size_cells(r), r.implementation,
             "OOM" if r.oom else fmt_ms(r.median_s),
             "OOM" if r.oom else fmt_sig(r.tflops),
-            "OOM" if r.oom else ("—" if r.fraction_of_peak is None else f"{100 * r.fraction_of_peak:.1f}"),
+            "OOM" if r.oom else format_share(r.fraction_of_peak),
             "OOM" if r.oom else ("—" if r.peak_mib is None else f"{r.peak_mib:,.1f}"),
-            _vs(r, b.get("reference"), "reference"),
-            _vs(r, b.get("reference-compiled"), "reference-compiled"),
+            *(_vs(r, b.get(provider), provider, short) for provider, _, short in shown[r.loss]),
         ])
-    right = [i for i, h in enumerate(TABLE_HEADERS) if h not in ("mode", "dtype", "implementation")]
-    return {loss: markdown_table(TABLE_HEADERS, cells, right=right) for loss, cells in tables.items()}
+    tables_md = {}
+    for loss, cells in tables.items():
+        headers = TABLE_HEADERS + [column for _, column, _ in shown[loss]]
+        right = [i for i, h in enumerate(headers) if h not in ("mode", "dtype", "implementation")]
+        tables_md[loss] = markdown_table(headers, cells, right=right)
+    return tables_md
 
 
 # --------------------------------------------------------------------------------------------------
-# targets of issue 7 and the maximum batch
+# GPU targets and the maximum batch
 # --------------------------------------------------------------------------------------------------
 
 
@@ -229,36 +254,51 @@ def _best_fastssl(found: dict[str, Row]) -> Optional[Row]:
     return min(timed, key=lambda r: r.median_s) if timed else None
 
 
-def _ratio_target(what: str, ours: Optional[Row], baseline: Optional[Row], goal: float) -> list[str]:
+def _ratio_target(what: str, ours: Optional[Row], baseline: Optional[Row], goal: Optional[float]) -> list[str]:
+    """One line of the targets table: fastssl's speed-up over `baseline` against `goal` (None: no
+    target, the ratio is reported for what users would otherwise run)."""
+    goal_cell = "no target" if goal is None else f"≥ {goal:g}×"
     if ours is None or baseline is None:
         missing = "fastssl" if ours is None else "the baseline"
-        return [what, f"≥ {goal:g}×", f"not in this run ({missing} not measured at this size)", "—"]
+        return [what, goal_cell, f"not in this run ({missing} not measured at this size)", "—"]
     if baseline.oom:
-        return [what, f"≥ {goal:g}×", f"{ours.implementation}: {fmt_ms(ours.median_s)} ms; baseline OOM", "met (baseline OOM)"]
+        return [what, goal_cell, f"{ours.implementation}: {fmt_ms(ours.median_s)} ms; baseline OOM",
+                "reported (baseline OOM)" if goal is None else "met (baseline OOM)"]
     ratio = speedup(ours, baseline)
-    status = "met" if ratio >= goal else f"missed by {goal / ratio:.2f}× (reached {ratio / goal:.0%} of the goal)"
-    return [what, f"≥ {goal:g}×",
+    if goal is None:
+        status = "reported"
+    else:
+        status = "met" if ratio >= goal else f"missed by {goal / ratio:.2f}× (reached {ratio / goal:.0%} of the goal)"
+    return [what, goal_cell,
             f"{ratio:.2f}× ({ours.implementation} {fmt_ms(ours.median_s)} ms vs {fmt_ms(baseline.median_s)} ms)",
             status]
 
 
+def _bf16_baseline_lines(found: dict[str, Row], ours: Optional[Row]) -> list[list[str]]:
+    """fastssl's ratio to the bf16 materialising baselines (eager, compiled) at a target's size."""
+    return [_ratio_target(f"same: vs the bf16 materialising baseline{' (torch.compile)' if compiled else ''}", ours,
+                          found.get("materialising-bf16" + ("-compiled" if compiled else "")), None)
+            for compiled in (False, True)]
+
+
 def targets_table(rows: list[Row], max_batch: Optional[dict]) -> str:
-    """The issue's targets, each met / missed by how much / not in this run, from the rows."""
+    """The GPU targets, each met / missed by how much / not in this run, from the rows."""
     cells = []
     nt = _find(rows, "nt_xent", "fwd+bwd", "bfloat16", 32768, 256)
     ours = _best_fastssl(nt)
     cells.append(_ratio_target("NT-Xent fwd+bwd, 2N = 32,768, D = 256, bf16: vs reference eager", ours,
                                nt.get("reference"), 4.0))
     cells.append(_ratio_target("same: vs torch.compile(reference)", ours, nt.get("reference-compiled"), 2.0))
+    cells += _bf16_baseline_lines(nt, ours)
     if ours is None:
-        cells.append(["same: fraction of the same-run bf16 matmul peak", "≥ 50%", "not in this run", "—"])
+        cells.append(["same: fraction of the same-run bf16 matmul peak (model FLOPs)", "≥ 50%", "not in this run", "—"])
     else:
+        # NT-Xent's route FLOPs are its model FLOPs: 3 (2N)²·D products, the fused backward's recompute not counted.
         frac = ours.fraction_of_peak
-        executed = ours.executed_flops / ours.median_s / 1e12 / ours.matmul_peak_tflops
-        status = "met" if frac >= 0.5 else f"missed by {0.5 / frac:.2f}× (at {frac:.0%})"
-        cells.append(["same: fraction of the same-run bf16 matmul peak", "≥ 50%",
-                      f"{frac:.1%} of {ours.matmul_peak_tflops:.0f} TFLOP/s (model FLOPs; {executed:.1%} counting "
-                      f"the backward's recompute)", status])
+        share = format_share(frac)
+        status = "met" if frac >= 0.5 else f"missed by {0.5 / frac:.2f}× (at {share}%)"
+        cells.append(["same: fraction of the same-run bf16 matmul peak (model FLOPs)", "≥ 50%",
+                      f"{share}{'%' if frac <= 1 else ''} of {ours.matmul_peak_tflops:.0f} TFLOP/s", status])
     fastssl_max = None
     if max_batch:
         fastssl_max = next((v for k, v in max_batch.get("results", {}).items()
@@ -274,9 +314,11 @@ def targets_table(rows: list[Row], max_batch: Optional[dict]) -> str:
                       f"{largest:,}{bound} on {max_batch.get('device_name', '?')}", status])
     for loss, name in (("barlow_twins", "Barlow Twins"), ("vicreg", "VICReg")):
         found = _find(rows, loss, "fwd+bwd", "bfloat16", 4096, 8192)
-        cells.append(_ratio_target(f"{name} fwd+bwd, N = 2048, D = 8192, bf16: vs reference eager",
-                                   _best_fastssl(found), found.get("reference"), 3.0))
-    return markdown_table(["target (issue 7)", "goal", "measured", "status"], cells)
+        ours = _best_fastssl(found)
+        cells.append(_ratio_target(f"{name} fwd+bwd, N = 2048, D = 8192, bf16: vs reference eager", ours,
+                                   found.get("reference"), 3.0))
+        cells += _bf16_baseline_lines(found, ours)
+    return markdown_table(["GPU target", "goal", "measured", "status"], cells)
 
 
 def max_batch_table(doc: dict) -> str:
@@ -421,7 +463,7 @@ def header(doc: dict, rows: list[Row], json_name: str) -> str:
         f"{first.get('triton')}, CUDA {first.get('cuda') or '—'}, Python {first.get('python', '?')}, fastssl "
         f"{first.get('fastssl', '?')} (backends {', '.join(first.get('fastssl_backends') or []) or '?'}).",
         f"Same-run matmul peak: {first.get('matmul_peak')} = **{first.get('matmul_peak_tflops'):.3g} TFLOP/s**; "
-        f"% of peak = model TFLOP/s / that.",
+        f"% of peak = route FLOPs / time / that (flops.py).",
         f"Peak memory: {peak_method}. Time: median of the timed rounds (each call synchronises the device), after "
         f"warm-up. {len(timed)} cases timed, {len(rows) - len(timed)} out of memory (OOM). Source: `{json_name}`.",
     ]
@@ -434,16 +476,17 @@ def render(doc: dict, rows: list[Row], json_name: str, max_batch: Optional[dict]
     parts = [header(doc, rows, json_name), ""]
     if _device(rows) == "cuda":
         parts += ["#### Targets", "", targets_table(rows, max_batch), ""]
-    else:  # the issue's targets are GPU sizes and GPU rates: a CPU table would only say "not in this run"
-        parts += ["Issue 7's targets are GPU targets: see the cuda section for their status.", ""]
+    else:  # the targets are GPU sizes and GPU rates: a CPU table would only say "not in this run"
+        parts += ["The targets are GPU targets: see the cuda section for their status.", ""]
     if max_batch:
         parts += ["#### Maximum batch (`max_batch.py`)", "", max_batch_table(max_batch), ""]
-    parts += ["Columns: `time ms` median; `TFLOP/s` = model FLOPs (the materialising algorithm's GEMMs, the same "
-              "for every implementation) / time; `% of peak` = that / the matmul peak; `peak MiB` above the inputs; "
-              "`vs reference` / `vs compile` = that baseline's time / this row's time (above 1: faster); OOM = ran "
-              "out of memory (a result, not an error). Model TFLOP/s is an effective rate: it can pass the "
-              "peak where an implementation does less arithmetic than the materialising algorithm (fastssl's "
-              "Gram route when N < D).", ""]
+    parts += ["Columns: `time ms` median; `model TFLOP/s` = model FLOPs (the materialising algorithm's GEMMs, the "
+              "same for every implementation) / time, an effective rate that can pass the peak where an "
+              "implementation does less arithmetic (fastssl's Gram route when N < D); `% of peak` = route FLOPs (the "
+              "GEMMs of the route that ran, recomputation not counted) / time / the matmul peak, never above 100: "
+              "`above the probe (r×)` where those GEMMs ran r times faster than the probe's matmul; `peak MiB` "
+              "above the inputs; `vs reference` / `vs compile` = that baseline's time / this row's time (above 1: "
+              "faster); OOM = ran out of memory (a result, not an error).", ""]
     for loss, table in loss_tables(rows).items():
         parts += [f"#### {loss}", "", table, ""]
     if plots:

@@ -1,143 +1,172 @@
 #!/usr/bin/env bash
-# One-command GPU check: build the CUDA extension, run the CUDA-marked tests and the whole suite,
-# the benchmarks and their report, the max-batch and trainer-throughput probes, and an Nsight Compute
-# profile of the NT-Xent kernels; logs and JSON go to OUTDIR.
+# One short GPU check, within 9 minutes (a GPU session's command is capped at 10): build the CUDA
+# extension unless a prebuilt one loads, run the cuda-marked tests (each failing test's name printed
+# as it fails), then the headline benchmarks and their report. Logs go to OUTDIR as each step runs.
 #
-#   scripts/gpu_check.sh OUTDIR [STEP ...]
+#   scripts/gpu_check.sh [--dry-run] OUTDIR
 #
-# With STEPs, only those steps run (names as in steps.tsv: nvidia_smi versions nvcc_version
-# build_extension extension_loads tests_cuda tests_all benchmarks report max_batch report_final
-# train_throughput ncu ncu_summary), so that a GPU session whose commands are capped at 10 minutes
-# can split the work: e.g. `build_extension extension_loads tests_cuda tests_all`, then
-# `benchmarks report max_batch report_final train_throughput`, then `ncu ncu_summary`.
+# --dry-run prints the plan (each step, its time limit and command, and what was detected) and
+# runs nothing; its limits assume that every earlier step uses all of its own. OUTDIR receives 8
+# files: steps.tsv (step, exit code or why it did not run, seconds), build.log, tests_cuda.log,
+# benchmarks.log, report.log, benchmarks.json, report.md and RESULTS.md (a copy of
+# benchmarks/RESULTS.md whose cuda section the report refreshed: copy it back and commit it). The
+# machine (nvidia-smi, versions) is printed first.
 #
-# Assumes the preinstalled stack (PyTorch + CUDA, Triton, nvcc, ninja, pytest, pytest-benchmark) and
-# NO network: nothing is pip-installed from an index. Every step runs under its own timeout, a failing
-# step does not stop the others, and every step's exit code is written to OUTDIR/steps.tsv (and
-# summarised at the end). Budget: a hard overall deadline (FASTSSL_DEADLINE_S, default 1380 s = 23
-# min) caps every step's timeout by the time left, and steps that no longer fit are recorded as
-# "skipped-deadline"; per-step limits can be changed with e.g. FASTSSL_T_BENCH=600.
+# Environment: PYTHON (default python3, else python); FASTSSL_CHECK_DEADLINE_S (default 540: every
+# step's limit is cut to the time left, and a step with under 20 s left is recorded as
+# skipped-deadline); FASTSSL_CHECK_WORKERS (pytest-xdist workers, default 4; 0 = none);
+# FASTSSL_CHECK_LOSSES (default the GPU targets' losses and CLIP; "all" = every loss);
+# FASTSSL_CUDA_ARCH_LIST (default: the visible GPU's, else 9.0). Nothing is installed from an index.
+# Exit status: 0 when every step ran and passed, 1 otherwise, 2 on bad usage.
 set -u
 
-if [ $# -lt 1 ]; then
-  echo "usage: $0 OUTDIR [STEP ...]" >&2
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY_RUN=1
+  shift
+fi
+if [ $# -ne 1 ]; then
+  echo "usage: $0 [--dry-run] OUTDIR" >&2
   exit 2
 fi
 OUT="$1"
-shift
-SELECTED=" $* "
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 cd "$(dirname "$0")/.."
-ROOT="$(pwd)"
-PY="${PYTHON:-python}"
-STEPS="$OUT/steps.tsv"
-printf 'step\texit_code\tseconds\n' > "$STEPS"
-START_ALL=$(date +%s)
-DEADLINE=$(( START_ALL + ${FASTSSL_DEADLINE_S:-1380} ))
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+START=$(date +%s)
+CLOCK=$START  # the dry run's clock: advanced by each planned step's limit
+now() { if [ "$DRY_RUN" = 1 ]; then echo "$CLOCK"; else date +%s; fi; }
+DEADLINE=$(( START + ${FASTSSL_CHECK_DEADLINE_S:-540} ))
+MIN_STEP_S=20
+REPORT_S=30  # kept back for the report after the benchmarks
 
-# run NAME TIMEOUT_SECONDS CMD...: stdout+stderr to OUT/NAME.log, exit code to steps.tsv.
-run() {
-  local name="$1" limit="$2"
-  shift 2
-  local t0 rc left
-  if [ "$SELECTED" != "  " ] && [[ "$SELECTED" != *" $name "* ]]; then
-    return 0  # not asked for in this call
-  fi
-  t0=$(date +%s)
-  left=$(( DEADLINE - t0 ))
-  if [ "$left" -lt 30 ]; then
-    printf '%s\t%s\t%s\n' "$name" "skipped-deadline" 0 >> "$STEPS"
-    echo "=== [$name] skipped: the overall deadline is reached"
-    return 0
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "=== [$name] (timeout ${limit}s): $*"
-  timeout --kill-after=30 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$STEPS"
-  echo "    exit $rc after $(( $(date +%s) - t0 ))s (log: $OUT/$name.log)"
-  tail -n 3 "$OUT/$name.log" | sed 's/^/    | /'
-  return 0
-}
+# What is here decides the plan, probed in one Python process: "<prebuilt> <xdist> <timeout> <arch>".
+read -r PREBUILT HAS_XDIST HAS_TIMEOUT GPU_ARCH <<< "$("$PY" - 2> /dev/null <<'PROBE'
+import importlib.util
 
-export FASTSSL_BUILD_CUDA=1
-export FASTSSL_CUDA_ARCH_LIST="${FASTSSL_CUDA_ARCH_LIST:-8.0;9.0}"
-export PYTHONUNBUFFERED=1
 
-# 1. Environment.
-run nvidia_smi 60 nvidia-smi
-run versions 120 "$PY" -c "
-import sys, torch
-print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)
-print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+def has(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a module that fails to import is not there
+        return False
+
+
 try:
-    import triton; print('triton', triton.__version__)
-except Exception as e: print('triton missing', e)
-"
-run nvcc_version 60 nvcc --version
+    from fastssl import _C  # noqa: F401
+    prebuilt = True
+except ImportError:
+    prebuilt = False
+try:
+    import torch
 
-# 2. Build the extension in place (no index access: no build isolation, no dependencies).
-run build_extension "${FASTSSL_T_BUILD:-420}" "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-run extension_loads 120 "$PY" -c "
-import fastssl
-from fastssl.backends import available_backends, cuda_unavailable_reason
-print('available:', available_backends()); print('reason if not:', cuda_unavailable_reason() or '-')
-assert 'cuda' in available_backends()
-"
+    arch = "%d.%d" % torch.cuda.get_device_capability()
+except Exception:  # no GPU visible
+    arch = "-"
+print(int(prebuilt), int(has("xdist")), int(has("pytest_timeout")), arch)
+PROBE
+)"
+BUILD=$([ "${PREBUILT:-0}" = 1 ] && echo reuse || echo build)
+ARCH="${FASTSSL_CUDA_ARCH_LIST:-${GPU_ARCH:--}}"
+[ "$ARCH" = "-" ] && ARCH=9.0
+WORKERS="${FASTSSL_CHECK_WORKERS:-4}"
+PYTEST_OPTS=(-m cuda -v -rf -p no:cacheprovider)
+if [ "$WORKERS" != "0" ] && [ "${HAS_XDIST:-0}" = 1 ]; then
+  PYTEST_OPTS+=(-n "$WORKERS")
+  XDIST="-n $WORKERS"
+else
+  XDIST="not used (pytest-xdist not installed, or FASTSSL_CHECK_WORKERS=0)"
+fi
+if [ "${HAS_TIMEOUT:-0}" = 1 ]; then
+  PYTEST_OPTS+=(--timeout 120)
+  TIMEOUT_PLUGIN="--timeout 120 per test"
+else
+  TIMEOUT_PLUGIN="not used (pytest-timeout not installed)"
+fi
+LOSSES="${FASTSSL_CHECK_LOSSES:-nt_xent,barlow_twins,vicreg,clip}"
+[ "$LOSSES" = "all" ] && LOSSES=""
 
-# 3. Tests: the CUDA layer first (fast feedback), then everything.
-run tests_cuda "${FASTSSL_T_TESTS_CUDA:-360}" "$PY" -m pytest tests -m cuda -q -x --maxfail=20 \
-  --junitxml="$OUT/tests_cuda.xml"
-run tests_all "${FASTSSL_T_TESTS_ALL:-300}" "$PY" -m pytest tests -q --junitxml="$OUT/tests_all.xml"
-
-# 4. Benchmarks, their report, the memory probe and the trainer throughput.
-run benchmarks "${FASTSSL_T_BENCH:-360}" "$PY" -m pytest benchmarks/ --benchmark-only \
-  --benchmark-json "$OUT/benchmarks.json"
-run report 60 "$PY" benchmarks/report.py "$OUT/benchmarks.json" --out "$OUT/report"
-run max_batch "${FASTSSL_T_MAXBATCH:-180}" "$PY" benchmarks/max_batch.py --json "$OUT/max_batch.json"
-# Again, now that max_batch.json sits beside the suite's JSON (the max-batch target), writing the
-# plots where RESULTS.md links them: commit benchmarks/RESULTS.md and benchmarks/results/gpu after.
-run report_final 60 "$PY" benchmarks/report.py "$OUT/benchmarks.json" --out benchmarks/results/gpu
-run train_throughput "${FASTSSL_T_TRAIN:-180}" "$PY" -m fastssl.train.throughput --json "$OUT/train_throughput.json"
-
-# 5. Nsight Compute: the NT-Xent forward/backward kernels at 2N = 32768, D = 256, bf16.
-cat > "$OUT/ncu_target.py" <<'EOF'
-import torch
-import fastssl
-
-n, d = 16384, 256  # 2N = 32768 rows
-z1 = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-z2 = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-for backend in ("cuda", "triton"):
-    for _ in range(2):  # the second iteration is past autotuning / the JIT build
-        loss = fastssl.nt_xent_loss(z1, z2, 0.5, backend=backend)
-        loss.backward()
-    torch.cuda.synchronize()
-    print(backend, float(loss))
-EOF
-if command -v ncu > /dev/null 2>&1; then
-  # The csrc kernels are pairwise_lse_kernel; the Triton ones _pairwise_lse_*; one launch each after warm-up.
-  run ncu "${FASTSSL_T_NCU:-240}" ncu --target-processes all --kernel-name-base demangled \
-    --kernel-name "regex:pairwise_lse" --launch-skip 3 --launch-count 6 --set full \
-    --export "$OUT/ncu_nt_xent" --force-overwrite "$PY" "$OUT/ncu_target.py"
-  run ncu_summary 60 ncu --import "$OUT/ncu_nt_xent.ncu-rep" --print-summary per-kernel
-elif [ "$SELECTED" = "  " ] || [[ "$SELECTED" == *" ncu "* ]]; then
-  printf 'ncu\tnot-found\t0\n' >> "$STEPS"
-  echo "=== [ncu] skipped: ncu is not on PATH"
+echo "gpu_check: python $PY; extension: $BUILD (arch $ARCH); xdist: $XDIST; pytest-timeout: $TIMEOUT_PLUGIN"
+echo "gpu_check: deadline ${FASTSSL_CHECK_DEADLINE_S:-540} s; logs in $OUT"
+if [ "$DRY_RUN" = 0 ]; then
+  mkdir -p "$OUT"
+  OUT="$(cd "$OUT" && pwd)"
+  printf 'step\texit_code\tseconds\n' > "$OUT/steps.tsv"
 fi
 
-TOTAL=$(( $(date +%s) - START_ALL ))
+# step NAME LIMIT_S [--stream REGEX] CMD...: CMD under `timeout`, its output in OUT/NAME.log (with
+# --stream, the lines matching REGEX are also printed as they come); the exit code in steps.tsv.
+step() {
+  local name="$1" limit="$2" pattern="" t0 left rc
+  shift 2
+  if [ "$1" = "--stream" ]; then
+    pattern="$2"
+    shift 2
+  fi
+  t0=$(now)
+  left=$(( DEADLINE - t0 ))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "step $name (at most ${limit}s): $*"
+    CLOCK=$(( CLOCK + limit ))
+    return 0
+  fi
+  if [ "$limit" -lt "$MIN_STEP_S" ]; then
+    printf '%s\tskipped-deadline\t0\n' "$name" >> "$OUT/steps.tsv"
+    echo "=== [$name] skipped: ${left}s left before the deadline"
+    return 0
+  fi
+  echo "=== [$name] (at most ${limit}s): $*"
+  if [ -n "$pattern" ]; then
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep --line-buffered -E "$pattern"
+    rc=${PIPESTATUS[0]}
+  else
+    timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+  fi
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$OUT/steps.tsv"
+  echo "    exit $rc after $(( $(date +%s) - t0 ))s; log $OUT/$name.log"
+  tail -n 3 "$OUT/$name.log" | sed 's/^/    | /'
+}
+
+export PYTHONUNBUFFERED=1
+# The build step is the only place the extension is built: later steps never build it just in time.
+export FASTSSL_CUDA_JIT=0
+
+# 1. The machine, on the console only.
+if [ "$DRY_RUN" = 0 ]; then
+  timeout 30 nvidia-smi || echo "nvidia-smi: not found or failed"
+  timeout 60 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+fi
+
+# 2. The extension: reuse fastssl._C when it loads, else build it in place (no index, no isolation).
+if [ "$BUILD" = "reuse" ]; then
+  step build 60 "$PY" -c "from fastssl import _C; print('fastssl._C prebuilt, reused:', _C.__file__)"
+else
+  step build 210 env FASTSSL_BUILD_CUDA=1 FASTSSL_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 \
+    "$PY" setup.py build_ext --inplace
+fi
+
+# 3. The cuda-marked tests; failures are printed by name as they happen, the summary at the end.
+step tests_cuda 150 --stream '(FAILED|ERROR)( |$)|^=+ .* =+$' "$PY" -m pytest tests "${PYTEST_OPTS[@]}"
+
+# 4. The headline benchmarks (bf16, each loss's headline size), stopping in time for the report:
+#    cases that would start after FASTSSL_BENCH_BUDGET_S are skipped, and the JSON is still written.
+bench_limit=$(( DEADLINE - $(now) - REPORT_S ))
+step benchmarks "$bench_limit" env FASTSSL_BENCH_SIZES=small FASTSSL_BENCH_DTYPE=bfloat16 \
+  FASTSSL_BENCH_LOSSES="$LOSSES" FASTSSL_BENCH_BUDGET_S=$(( bench_limit > 60 ? bench_limit - 45 : 15 )) \
+  "$PY" -m pytest benchmarks/ --benchmark-only -p no:cacheprovider -rs --benchmark-json "$OUT/benchmarks.json"
+
+# 5. The report, into a copy of RESULTS.md (the machine's working tree does not come back).
+step report "$REPORT_S" bash -c "cp benchmarks/RESULTS.md '$OUT/RESULTS.md' && '$PY' benchmarks/report.py \
+'$OUT/benchmarks.json' --out '$OUT' --results-md '$OUT/RESULTS.md' --no-plots"
+
+[ "$DRY_RUN" = 1 ] && exit 0
 echo
-echo "=== summary (total ${TOTAL}s); exit codes in $STEPS"
-column -t "$STEPS" 2> /dev/null || cat "$STEPS"
-"$PY" - "$STEPS" "$OUT/summary.json" "$TOTAL" <<'EOF'
-import csv, json, sys
-rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-json.dump({"total_seconds": int(sys.argv[3]), "steps": rows}, open(sys.argv[2], "w"), indent=2)
-EOF
-# The script's own status: 0 when every step that ran passed.
-if awk -F'\t' 'NR > 1 && $2 != "0" && $2 != "not-found" { bad = 1 } END { exit bad }' "$STEPS"; then
+echo "=== done in $(( $(date +%s) - START ))s; steps:"
+column -t -s $'\t' "$OUT/steps.tsv" 2> /dev/null || cat "$OUT/steps.tsv"
+if awk -F'\t' 'NR > 1 && $2 != "0" { bad = 1 } END { exit bad }' "$OUT/steps.tsv"; then
   exit 0
 fi
 exit 1

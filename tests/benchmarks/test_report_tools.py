@@ -13,17 +13,21 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import flops
+import formatting
+import max_batch
+import report
+import specs
+from tests.benchmarks.helpers import assert_share_cell
 
-import max_batch  # noqa: E402
-import report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 OOM_2N = 131072  # the reference's fp32 2N x 2N logits alone: 64 GiB
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,6 +77,7 @@ def suite_json(tmp_path_factory) -> Path:
     run = _run_limited(3, args, env, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "10 passed" in run.stdout, run.stdout[-3000:]
+    out.with_suffix(".stdout").write_text(run.stdout)  # the table printed at the end of the run
     return out
 
 
@@ -93,7 +98,9 @@ def test_suite_json_records_results_and_oom(suite_json: Path) -> None:
                 # FLOPs by the formula: forward 2·(2N)²·D, fwd+bwd 3x that (dZ through both operands).
                 assert info["model_flops"] == 2 * batch * batch * 16 * (3 if mode == "fwd+bwd" else 1)
                 assert info["tflops"] == pytest.approx(info["model_flops"] / info["median_s"] / 1e12)
-                assert info["fraction_of_peak"] == pytest.approx(info["tflops"] / info["matmul_peak_tflops"])
+                assert info["route_flops"] == info["model_flops"]  # NT-Xent: the same products on every route
+                assert info["route_tflops"] == pytest.approx(info["route_flops"] / info["median_s"] / 1e12)
+                assert info["fraction_of_peak"] == pytest.approx(info["route_tflops"] / info["matmul_peak_tflops"])
                 assert info["matmul_peak"].startswith("fp32 torch.matmul 1024x1024x1024 on cpu")
                 assert info["torch"] and info["device_name"] and info["peak_method"] == "rss_growth_helper_process"
     for mode in ("fwd", "fwd+bwd"):
@@ -144,19 +151,20 @@ def test_report_tables_speedups_and_oom(suite_json: Path, rendered: dict) -> Non
             assert row["vs reference"] == f"{ref / ours:.2f}×"
             assert row["vs compile"] == "—"  # no compiled run in this JSON
             info = _bench(doc, "fastssl-torch", mode, batch)["extra_info"]
-            assert row["TFLOP/s"] == f"{info['model_flops'] / ours / 1e12:.3g}"
-            assert row["% of peak"] == f"{100 * info['model_flops'] / ours / 1e12 / info['matmul_peak_tflops']:.1f}"
+            assert row["model TFLOP/s"] == f"{info['model_flops'] / ours / 1e12:.3g}"
+            share = info["route_flops"] / ours / 1e12 / info["matmul_peak_tflops"]
+            assert row["% of peak"] == formatting.format_share(share)
             assert row["peak MiB"] == f"{info['peak_mib']:,.1f}"
     oom_rows = [r for r in rows if r["2N"] == f"{OOM_2N:,}"]
     assert len(oom_rows) == 2
     for row in oom_rows:
         assert row["implementation"] == "reference"
-        assert row["time ms"] == row["TFLOP/s"] == row["% of peak"] == row["peak MiB"] == "OOM"
+        assert row["time ms"] == row["model TFLOP/s"] == row["% of peak"] == row["peak MiB"] == "OOM"
     assert "#### Maximum batch" in rendered["md"] and "| fastssl | 4,096 | — | limit | 5 |" in rendered["md"]
 
 
 def test_targets_table_from_rows(suite_json: Path) -> None:
-    """The targets' status, computed from the rows' times (the CPU rows re-labelled as the issue's sizes:
+    """The targets' status, computed from the rows' times (the CPU rows re-labelled as the GPU targets' sizes:
     the targets are GPU sizes, and a CPU report leaves them out)."""
     _, rows = report.load(suite_json)
     ours = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("fastssl-torch", "fwd+bwd", 512))
@@ -172,9 +180,11 @@ def test_targets_table_from_rows(suite_json: Path) -> None:
     assert "not in this run" in compile_line  # no compiled row
     assert "| 4,096 (search limit reached, not OOM) on X | missed by 244.14× |" in table  # 1e6 / 4096
     frac = ours.model_flops / ours.median_s / 1e12 / ours.matmul_peak_tflops
-    assert f"{frac:.1%} of" in table
+    assert f"| {formatting.format_share(frac)}% of" in table
     barlow = next(line for line in table.splitlines() if "Barlow Twins" in line)
     assert "not in this run" in barlow
+    # The bf16 baselines' lines: no goal, reported where measured.
+    assert "| same: vs the bf16 materialising baseline (torch.compile) | no target | not in this run" in table
 
 
 def test_report_marks_speedup_over_an_oom_baseline(suite_json: Path) -> None:
@@ -186,6 +196,95 @@ def test_report_marks_speedup_over_an_oom_baseline(suite_json: Path) -> None:
     table = report.loss_tables(rows + [moved])["nt_xent"]
     line = next(line for line in table.splitlines() if f"| {OOM_2N:,} |" in line and "fastssl-torch" in line)
     assert "| ref OOM |" in line
+
+
+def _share_cells(markdown: str) -> list[str]:
+    """Every cell under a "% of peak" header in the Markdown tables of `markdown`."""
+    cells, column = [], None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            column = None
+            continue
+        parts = [c.strip() for c in line.strip().strip("|").split("|")]
+        if column is None:
+            column = parts.index("% of peak") if "% of peak" in parts else -1
+        elif column >= 0 and set(parts[column]) - set("-: "):
+            cells.append(parts[column])
+    return cells
+
+
+def _assert_no_percentage_above_100(text: str) -> None:
+    for number in re.findall(r"([0-9][0-9,]*(?:\.[0-9]+)?)\s*%", text):
+        assert float(number.replace(",", "")) <= 100, f"{number}% printed"
+
+
+def test_report_never_prints_a_share_of_peak_above_100(suite_json: Path) -> None:
+    """Rows built to beat the peak both ways: GEMMs that really ran 2.37x faster than the probe, and
+    VICReg's Gram route at N = 512, D = 2048, whose model FLOPs / time read 237% (a newcomer saw that
+    on the CPU). Neither may print a share above 100, in any table or in the targets."""
+    doc, rows = report.load(suite_json)
+    ours = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("fastssl-torch", "fwd+bwd", 512))
+    peak = ours.matmul_peak_tflops
+    beats_probe = dataclasses.replace(ours, batch_2n=1024, n_pairs=512,
+                                      median_s=ours.route_flops / (2.37 * peak * 1e12))
+    case = specs.Case("vicreg", "fastssl-torch", "fwd", 1024, 2048, route="gram")
+    gram = dataclasses.replace(ours, loss="vicreg", family="frobenius", implementation="fastssl-torch (gram)",
+                               mode="fwd", batch_2n=1024, n_pairs=512, dim=2048, model_flops=flops.model_flops(case),
+                               route_flops=flops.route_flops(case),
+                               median_s=flops.model_flops(case) / (2.37 * peak * 1e12))
+    cpu = report.render(doc, rows + [beats_probe, gram], "x.json", None, [], None)
+    cells = _share_cells(cpu)
+    assert len(cells) == len(rows) + 2
+    for cell in cells:
+        assert_share_cell(cell)
+    assert "above the probe (2.37×)" in cells and "59.2" in cells
+    _assert_no_percentage_above_100(cpu)
+
+    # The GPU section adds the targets: fastssl's NT-Xent at the target size, faster than the probe.
+    ref = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("reference", "fwd+bwd", 512))
+    gpu_rows = [dataclasses.replace(r, dtype="bfloat16", batch_2n=32768, n_pairs=16384, dim=256,
+                                    info=dict(r.info, device="cuda")) for r in (beats_probe, ref)]
+    gpu = report.render(doc, gpu_rows, "x.json", None, [], None)
+    for cell in _share_cells(gpu):
+        assert_share_cell(cell)
+    assert "above the probe (2.37×) of" in gpu
+    _assert_no_percentage_above_100(gpu)
+
+
+def test_suite_table_never_prints_a_share_of_peak_above_100(suite_json: Path) -> None:
+    """The table the suite prints at the end of a run: its "% peak" column comes from format_share too."""
+    stdout = suite_json.with_suffix(".stdout").read_text()
+    table = stdout.split("fastssl: time, peak memory above inputs", 1)[1].split("matmul peak of this run", 1)[0]
+    lines = [line for line in table.splitlines()[1:] if line.strip()]
+    header = re.split(r"\s{2,}", lines[0].strip())
+    assert header[-1] == "% peak"
+    shares = [re.split(r"\s{2,}", line.strip())[-1] for line in lines[2:]]
+    assert len(shares) == 10
+    for cell in shares:
+        assert_share_cell(cell)
+
+
+def test_report_gives_fastssl_ratio_to_each_baseline(suite_json: Path) -> None:
+    """Rows of the bf16 baselines (eager, compiled) and Inf-CL get their own "vs" columns: the baseline's
+    time / the row's time, or "<name> OOM"; a loss without such rows keeps only the reference columns."""
+    _, rows = report.load(suite_json)
+    ours = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("fastssl-torch", "fwd+bwd", 512))
+    ref = next(r for r in rows if (r.provider, r.mode, r.batch_2n) == ("reference", "fwd+bwd", 512))
+    eager = dataclasses.replace(ref, provider="materialising-bf16", implementation="materialising-bf16",
+                                median_s=3 * ours.median_s)
+    compiled = dataclasses.replace(ref, provider="materialising-bf16-compiled",
+                                   implementation="materialising-bf16-compiled", oom=True, median_s=None)
+    clip = [dataclasses.replace(r, loss="clip") for r in (ours, ref)]
+    clip.append(dataclasses.replace(ref, loss="clip", provider="inf_cl", implementation="inf_cl",
+                                    median_s=ours.median_s / 2))
+    tables = report.loss_tables(rows + [eager, compiled] + clip)
+    (row,) = [r for r in _table_rows("#### nt_xent\n" + tables["nt_xent"], "nt_xent")
+              if (r["mode"], r["2N"], r["implementation"]) == ("fwd+bwd", "512", "fastssl-torch")]
+    assert row["vs bf16 eager"] == "3.00×" and row["vs bf16 compiled"] == "bf16 compiled OOM"
+    assert row["vs reference"] == f"{ref.median_s / ours.median_s:.2f}×"
+    assert "vs Inf-CL" not in tables["nt_xent"]
+    (clip_row,) = [r for r in _table_rows("#### clip\n" + tables["clip"], "clip") if r["implementation"] == "fastssl-torch"]
+    assert clip_row["vs Inf-CL"] == "0.50×" and "vs bf16 eager" not in clip_row
 
 
 def test_report_plots(rendered: dict) -> None:
@@ -286,44 +385,8 @@ def test_profile_helper_runs_on_the_cpu() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# the suite's cases and FLOP formulas
+# the runner
 # --------------------------------------------------------------------------------------------------
-
-
-def test_flop_formulas_by_hand() -> None:
-    import _common as common
-
-    def case(loss: str, mode: str, provider: str = "reference", batch: int = 64, dim: int = 8) -> "common.Case":
-        return common.Case(loss, provider, mode, batch, dim)
-
-    n, d = 32, 8
-    assert common.model_flops(case("clip", "fwd")) == 2 * n * n * d
-    assert common.executed_flops(case("clip", "fwd+bwd", "fastssl-torch")) == 2 * (2 * n * n * d) * 4  # 2 passes
-    assert common.model_flops(case("moco", "fwd+bwd")) == 2 * (2 * n * 64 * d)  # K = 2N rows, bank without grad
-    assert common.model_flops(case("vicreg_exp", "fwd")) == 2 * (2 * d * d * n)  # one D x D covariance per view
-    assert common.model_flops(case("vicreg_ctr", "fwd+bwd")) == 3 * 2 * (2 * n * n * d)
-    assert common.model_flops(case("arcl_m4", "fwd")) == 2 * 64 * 64 * d + n * 2 * 4 * 4 * d
-    assert common.model_flops(case("barlow_twins", "fwd+bwd")) == 3 * 2 * n * d * d
-    assert common.model_flops(case("spectral_contrastive", "fwd")) == 2 * n * n * d
-
-
-def test_case_policy_and_order() -> None:
-    import _common as common
-    import torch
-
-    bf16_cpu = common.Case("nt_xent", "reference", "fwd", 64, 8, "bfloat16", "cpu")
-    assert "bf16 on the CPU" in common.policy_skip(bf16_cpu)
-    assert common.policy_skip(dataclasses.replace(bf16_cpu, mode="fwd+bwd")) is None
-    if not torch.cuda.is_available():
-        assert "GPU-only" in common.policy_skip(dataclasses.replace(bf16_cpu, device="cuda"))
-    headline = common.Case("nt_xent", "reference", "fwd", 64, 8, "float32", "cpu")
-    sweep_small = dataclasses.replace(headline, loss="dcl", headline=False, batch=128)
-    sweep_big = dataclasses.replace(sweep_small, batch=1024)
-    other = dataclasses.replace(headline, loss="dcl")
-    second_dtype = dataclasses.replace(headline, dtype="bfloat16")
-    ordered = sorted([second_dtype, sweep_big, other, sweep_small, headline], key=common.priority)
-    assert ordered == [headline, other, sweep_small, sweep_big, second_dtype]
-    assert "Inf-CL computes the CLIP loss only" in common.provider_unavailable("inf_cl", "cuda", "nt_xent")
 
 
 def test_rounds_fit_the_target_time() -> None:
