@@ -132,7 +132,7 @@ def pairwise_lse_backward(
     # is one GEMM instead of two. Each of dx, dy gets half of it: the sum is what the op's caller
     # uses, and Σ x·dx = Σ x·dy = Σ G_ij x_i·x_j·scale still gives d scale (ops/pairwise_lse.py).
     # Only where the M x M transpose-add is cheaper than the GEMM it saves: it stays in cache
-    # (M ≤ _SYMMETRIC_MAX_ROWS) and D ≥ 128 (benchmarks/RESULTS.md, "torch backend on the CPU").
+    # (M ≤ _SYMMETRIC_MAX_ROWS) and D ≥ 128 (benchmarks/RESULTS.md, "Measurements behind design choices").
     symmetric = (
         y is x and want_dx and want_dy and flags.y_negatives and step >= m and m <= _SYMMETRIC_MAX_ROWS
         and x.shape[1] >= 128
