@@ -160,7 +160,7 @@ def _compile(j):
         block_k, single_k, block_dout = K.tile_dims(d, dtype)
         consts = dict(
             _FLAGS[j["flags"]], BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
-            BLOCK_DOUT=block_dout, FP32_PRECISION=precision,
+            BLOCK_DOUT=block_dout, FP32_PRECISION=precision, SPLIT=j.get("split", False),
             # Contiguous inputs: Triton specialises unit strides to constants at launch.
             stride_xd=1, stride_yd=1, stride_bd=1,
         )  # fmt: skip
@@ -170,7 +170,7 @@ def _compile(j):
         for i, name in enumerate(fn.arg_names):
             if name in consts:
                 sig[name] = "constexpr"
-            elif name.isupper() and name not in ("M", "NY", "NB", "D", "ROW_BIN"):
+            elif name.isupper() and name not in ("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT"):
                 sig[name] = "*" + pointee.get(name, "fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]  # as the runtime sees torch allocations
             else:
