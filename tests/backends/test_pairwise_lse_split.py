@@ -1,10 +1,12 @@
-"""The Triton pairwise-LSE forward's column splits (docs/design.md, family 1), under the interpreter
-here and on CUDA tensors where there is a GPU.
+"""The Triton pairwise-LSE forward's column splits and tile masks (docs/design.md, family 1), under
+the interpreter here and on CUDA tensors where there is a GPU.
 
 The split forward (grid axis 1: S programs per row block, each over one run of the column tiles,
 partial LSEs merged by a second kernel) must give the unsplit forward's values to fp32 rounding and
 the float64 oracle's to the usual tolerance, in every mode, with ragged runs and runs without any
-column.
+column. The forward masks only the tiles that hold a dropped column (`_y_tile_needs_mask`); that
+predicate is checked exactly against a brute force, and the forward with other tile shapes (so that
+the diagonal, the positive band and the ragged edge fall at other places) against the oracle.
 """
 
 from __future__ import annotations
@@ -65,6 +67,46 @@ def test_rows_and_columns_differ(m, n_y, offset, exclude_self, include_pos, n_sp
     flags = PairwiseLSEFlags(offset, exclude_self, include_pos, True)
     x, y, bank = unit(m, 12), unit(n_y, 12), unit(21, 12)
     check_forward(x, y, bank, torch.tensor(3.0, device=DEVICE), flags, n_split, f"M={m} Ny={n_y} +{offset}")
+
+
+@pytest.mark.skipif(not interpreting(), reason="replaces the interpreter's single tile config")
+@pytest.mark.parametrize("n_split", [1, 3])
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32), (64, 16)])
+@pytest.mark.parametrize("mode", ["simclr", "clip", "dcl", "bank+batch", "uniformity"])
+def test_tile_masks_with_other_tiles(monkeypatch, mode, block_m, block_n, n_split):
+    """70 columns: tiles without the diagonal, the band or the edge (no mask) beside tiles with them."""
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(T._pairwise_lse_fwd_kernel, "configs", [config])
+    x, y, bank, scale, flags = make_case(mode, 70, 8, torch.float32, device=DEVICE)
+    check_forward(x, y, bank, scale, flags, n_split, f"{mode} {block_m}x{block_n} S={n_split}")
+
+
+@triton.jit
+def _needs_mask_kernel(OUT, NY, pos_offset, EXCLUDE_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):  # fmt: skip
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    start_n = tl.program_id(1) * BLOCK_N
+    hit = T._y_tile_needs_mask(start_n, row0, (row0 + pos_offset) % NY, NY, EXCLUDE_SELF, BLOCK_M, BLOCK_N)
+    tl.store(OUT + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), hit.to(tl.int32))
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16), (16, 64), (64, 16)])
+@pytest.mark.parametrize("n_y", [23, 64])
+def test_tile_mask_predicate_is_exact(n_y, block_m, block_n, exclude_self):
+    """`_y_tile_needs_mask` is true exactly on the tiles with a column past Ny, a positive column or
+    (EXCLUDE_SELF) a self column of any row of the block: never false there (a dropped column would
+    enter the LSE), and never true elsewhere (the tile would pay for masks it does not need)."""
+    row_blocks, col_tiles = triton.cdiv(3 * n_y, block_m), triton.cdiv(n_y, block_n)
+    for offset in sorted({0, 1, n_y // 2, n_y - 1}):
+        got = torch.empty(row_blocks, col_tiles, dtype=torch.int32, device=DEVICE)
+        _needs_mask_kernel[(row_blocks, col_tiles)](got, n_y, offset, EXCLUDE_SELF=exclude_self, BLOCK_M=block_m,
+                                                    BLOCK_N=block_n)  # fmt: skip
+        rows = torch.arange(row_blocks * block_m).view(row_blocks, 1, block_m, 1)
+        cols = torch.arange(col_tiles * block_n).view(1, col_tiles, 1, block_n)
+        dropped = (cols >= n_y) | (cols == (rows + offset) % n_y) | (exclude_self & (cols == rows))
+        want = dropped.any(dim=(2, 3)).to(torch.int32)
+        assert torch.equal(got.cpu(), want), f"Ny={n_y} offset={offset}: predicate\n{got.cpu()}\nbrute force\n{want}"
 
 
 @pytest.mark.parametrize("mode", ["simclr", "moco", "uniformity"])

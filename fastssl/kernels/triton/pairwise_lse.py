@@ -214,6 +214,23 @@ def _split_columns(NY, NB, split, N_SPLIT, Y_NEGATIVES: tl.constexpr, HAS_BANK: 
     return y_lo, y_hi, b_lo, b_hi
 
 
+@triton.jit
+def _y_tile_needs_mask(start_n, row0, p0, NY, EXCLUDE_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Whether y tile [start_n, start_n + BLOCK_N) of the row block [row0, row0 + BLOCK_M) holds a
+    column that the forward drops: one past Ny (the ragged edge), a positive p(i) (the band
+    {p0 + t mod Ny : 0 ≤ t < BLOCK_M}, p0 = p(row0), which wraps past Ny or covers all of y when
+    BLOCK_M ≥ Ny), or, if EXCLUDE_SELF, a column i of the block itself. A scalar, uniform over the
+    program: the other tiles skip the masks (the split loop of Triton's fused-attention tutorial,
+    here a branch per tile, since the diagonal, the band and the edge fall anywhere in the loop).
+    """
+    end = start_n + BLOCK_N
+    hit = (end > NY) | ((start_n < p0 + BLOCK_M) & (end > p0)) | (start_n < p0 + BLOCK_M - NY)
+    if EXCLUDE_SELF:
+        hit = hit | ((start_n < row0 + BLOCK_M) & (end > row0))
+    return hit
+
+
 @autotune(FWD_CONFIGS, INTERPRET_CONFIG, key=[*_KEY, "N_SPLIT"], prune=_prune("fwd"))
 @triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
 def _pairwise_lse_fwd_kernel(
@@ -232,8 +249,9 @@ def _pairwise_lse_fwd_kernel(
     once per row (by split 0); it seeds the running max/sum when INCLUDE_POS. Then (BLOCK_M, BLOCK_N)
     logit tiles x_blk @ y_tileᵀ (if Y_NEGATIVES) and x_blk @ bank_tileᵀ (if HAS_BANK), each a
     BLOCK_K-chunked tl.dot with an fp32 accumulator, folded into an online max/sum in base 2
-    (log2(e) folded into the scale: one FMA and an exp2 per logit), masked (col < Ny, col ≠ p(i),
-    col ≠ i if EXCLUDE_SELF). Stores lse (M,) and pos (M,), nothing else: the backward
+    (log2(e) folded into the scale: one FMA and an exp2 per logit). Only the tiles that hold a
+    dropped column (col ≥ Ny, col = p(i), col = i if EXCLUDE_SELF: `_y_tile_needs_mask`) or the
+    bank's ragged edge are masked. Stores lse (M,) and pos (M,), nothing else: the backward
     recomputes the tiles from lse (its base-2 round trip costs ≤ 0.5 ulp of |lse|, below the logits'
     own fp32 rounding). If SPLIT, each split stores instead its partial LSE in base 2,
     m + log2(l) (−inf for a split without columns), at PART[split, row] ((N_SPLIT, M) fp32), and
@@ -244,6 +262,7 @@ def _pairwise_lse_fwd_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     pcol = (rows + pos_offset) % NY
+    p0 = (row0 + pos_offset) % NY
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E  # base 2 from here on: exp2, and log2(e) rides on the scale
 
@@ -289,10 +308,18 @@ def _pairwise_lse_fwd_kernel(
             else:
                 s = _logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            valid = col_mask[None, :] & (cols[None, :] != pcol[:, None])
-            if EXCLUDE_SELF:
-                valid = valid & (cols[None, :] != rows[:, None])
-            m_i, l_i = _online_update(m_i, l_i, tl.where(valid, s * qk_scale, float("-inf")))
+            # The branch yields the masked tile: with the update in both arms (the dot's result used in
+            # two regions) Triton 3.6's sm_90 pipeliner fails to compile the loop.
+            qk = s * qk_scale
+            if _y_tile_needs_mask(start_n, row0, p0, NY, EXCLUDE_SELF, BLOCK_M, BLOCK_N):
+                # int32 offsets within the tile (all below 2^31): int64 column indices in the logits'
+                # layout take two registers each.
+                offs = tl.arange(0, BLOCK_N)
+                valid = (offs < NY - start_n)[None, :] & (offs[None, :] != (pcol - start_n).to(tl.int32)[:, None])
+                if EXCLUDE_SELF:
+                    valid = valid & (offs[None, :] != (rows - start_n).to(tl.int32)[:, None])
+                qk = tl.where(valid, qk, float("-inf"))
+            m_i, l_i = _online_update(m_i, l_i, qk)
 
     if HAS_BANK:
         for start_n in range(b_lo, b_hi, BLOCK_N):
@@ -305,7 +332,10 @@ def _pairwise_lse_fwd_kernel(
             else:
                 s = _logits_loop(X, B, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_bm, stride_bd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            m_i, l_i = _online_update(m_i, l_i, tl.where(col_mask[None, :], s * qk_scale, float("-inf")))
+            qk = s * qk_scale
+            if start_n + BLOCK_N > NB:  # the ragged edge
+                qk = tl.where((tl.arange(0, BLOCK_N) < NB - start_n)[None, :], qk, float("-inf"))
+            m_i, l_i = _online_update(m_i, l_i, qk)
 
     # An empty column set (e.g. DCL with Ny = 2, or a split without columns) has l = 0: its LSE is
     # -inf, the LSE of nothing.
