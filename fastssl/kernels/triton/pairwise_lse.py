@@ -24,6 +24,11 @@ BLOCK_DOUT-wide slices of the output on grid axis 1; each slice recomputes the f
 the backward does (1 + cdiv(D, BLOCK_DOUT))/2 times the GEMM work of the resident path (e.g. 16.5×
 at D = 4096). Memory stays O((M + Ny + K)·D) in every case.
 
+Small batches. When the row blocks cannot fill the GPU, the forward splits each row block's column
+tiles over grid axis 1 (Flash-Decoding's split-K, Dao et al. 2023): partial base-2 LSEs go to an
+(S, M) fp32 scratch and a merge kernel combines them (`forward_splits` chooses S). In its column loop
+only the tiles holding a dropped column (ragged edge, positive, self) are masked.
+
 Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y),
 read `scale` on the device (no host sync) and launch on the current stream.
 """
