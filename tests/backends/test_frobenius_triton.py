@@ -244,3 +244,27 @@ def test_triangle_coords(j0):
     i_want = pids - j_want * (j_want + 1) // 2
     assert torch.equal(j_out.cpu(), j_want) and torch.equal(i_out.cpu(), i_want)
     assert bool(((0 <= i_want) & (i_want <= j_want)).all())
+
+
+@pytest.mark.parametrize("route", OP_ROUTES)
+def test_forward_sums_every_partial_whatever_config_ran(monkeypatch, route):
+    """The forward's value does not depend on a tile count read back from the autotuner's shared
+    state: with a `best_config` that lies (as when another shape tuned between the launch and the
+    read, or another thread launched) and with a buffer of partials larger than the grid and full of
+    stale NaNs (as a benchmark run of a config with more tiles leaves it), the value is unchanged."""
+    from triton.runtime.autotuner import Autotuner
+
+    r, k = 37, 70
+    a, b = make(r, k, torch.float32, "contiguous", same=False)
+    want = oracle(a.cpu(), b.cpu(), NO_PARAMS, torch.tensor(1.0), route)[0]
+    lie = triton.Config({"BLOCK": 128, "BLOCK_L": 16}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(Autotuner, "best_config", property(lambda self: lie, lambda self, value: None), raising=False)
+    assert F._sq_frobenius_fwd_kernel.best_config is lie
+    check(F.sq_frobenius_forward(a, b, *NO_PARAMS, route), want, torch.float32, f"{route}, best_config lies")
+
+    make_partials = F._partials
+    stale = lambda m, triangle, device: make_partials(3 * m, triangle, device).fill_(float("nan"))  # noqa: E731
+    monkeypatch.setattr(F, "_partials", stale)
+    check(F.sq_frobenius_forward(a, b, *NO_PARAMS, route), want, torch.float32, f"{route}, stale partials")
+    check(F.sq_frobenius_forward(a, None, *NO_PARAMS, route), oracle(a.cpu(), None, NO_PARAMS, torch.tensor(1.0), route)[0],
+          torch.float32, f"{route}, b is a, stale partials")  # fmt: skip

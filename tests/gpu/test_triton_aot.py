@@ -2,14 +2,16 @@
 
 docs/design.md, check 3: no GPU is needed. `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`
 runs the whole compiler (TTIR -> TTGIR -> LLVM -> PTX -> cubin), which catches GPU-only compile
-errors, and lets us assert tensor-core instructions (wgmma on sm_90, mma on sm_80, for bf16/fp16)
-and shared memory within the device limit (and within the estimate the autotuner prunes with).
+errors, and lets us assert tensor-core instructions (wgmma on sm_90, mma on sm_80, for bf16/fp16),
+shared memory within the device limit (and within the estimate the autotuner prunes with), and,
+from `cuobjdump` on the cubin, no register spills in the forward kernels' loops.
 
 The test session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` gives
 interpreted functions that cannot be compiled; so the compilation runs in one subprocess without
 it — this very file run as a script — which prints a JSON report that the tests below check.
-Matrix (44 pairwise-LSE compiles + 50 squared-Frobenius ones, see `_frob_jobs`, + 5 of ArCL's worst-pair kernel: ~30 s on 2 cores,
-~5 s with a warm ~/.triton cache). Pairwise LSE:
+Matrix (55 pairwise-LSE compiles + 4 of its merge kernel + 50 squared-Frobenius ones, see `_frob_jobs`,
++ 5 of ArCL's worst-pair kernel: ~4 min on 2 busy cores, much less with a warm ~/.triton cache).
+Pairwise LSE:
   * every config of every kernel: bf16, SimCLR flags, D = 128 (resident), sm_90;
   * the config with the largest shared-memory estimate that survives pruning at D = 256, the
     largest resident D: bf16 on sm_90, fp16 on sm_80 (the pruning boundary);
@@ -18,7 +20,10 @@ Matrix (44 pairwise-LSE compiles + 50 squared-Frobenius ones, see `_frob_jobs`, 
     (no self mask, no divisibility by 16: unpipelined masked loads);
   * fp32 (CUDA-core dots, FP32_DOT_PRECISION = "ieee": no tensor-core assertion), resident and loop;
     and its tensor-core alternative "tf32x3" (wgmma asserted);
-  * sm_80 (mma.sync), bf16.
+  * sm_80 (mma.sync), bf16;
+  * the split-column forward (SPLIT): every config (bf16, D = 128, sm_90), the D loop with every
+    flag, MoCo fp16, DCL fp32, the D = 256 shared-memory boundary, CLIP D = 70 on sm_80; and the
+    merge kernel with 2 and MAX_SPLIT splits on sm_90 and sm_80.
 """
 
 from __future__ import annotations
@@ -94,7 +99,17 @@ def _jobs():
         jobs.append(job("flags", kind, "bf16", 64, "dcl", 90, cands(kind, "bf16", 64, 90)[3]))
         jobs.append(job("flags", kind, "bf16", 70, "clip", 90, cands(kind, "bf16", 70, 90)[-1]))
         jobs.append(job("sm80", kind, "bf16", 128, "simclr", 80, cands(kind, "bf16", 128, 80)[0]))
-    return _frob_jobs() + _worst_pair_jobs() + jobs
+    # The split-column forward (SPLIT: grid axis 1 walks one run of the column tiles, partial LSEs to
+    # a scratch): every config, then the D loop, the bank, fp32, the smem boundary and sm_80.
+    split = [job("split", "fwd", "bf16", 128, "simclr", 90, c) for c in cands("fwd", "bf16", 128, 90)]
+    split += [job("split", "fwd", "bf16", 512, "all", 90, cands("fwd", "bf16", 512, 90)[0]),
+              job("split", "fwd", "fp16", 128, "moco", 90, cands("fwd", "fp16", 128, 90)[1]),
+              job("split", "fwd", "fp32", 128, "dcl", 90, cands("fwd", "fp32", 128, 90)[-1]),
+              job("split", "fwd", "bf16", 256, "simclr", 90,
+                  max(cands("fwd", "bf16", 256, 90), key=lambda c: estimate("fwd", "bf16", 256, c))),
+              job("split", "fwd", "bf16", 70, "clip", 80, cands("fwd", "bf16", 70, 80)[0])]  # fmt: skip
+    jobs += [dict(j, split=True) for j in split]
+    return _frob_jobs() + _worst_pair_jobs() + _merge_jobs() + jobs
 
 
 def _worst_pair_jobs():
@@ -125,10 +140,67 @@ def _compile_worst_pair(j):
         ptx = compiled.asm["ptx"]
         # A 16 x 16 Gram tile is below wgmma's 64-row minimum: mma.sync is the tensor-core path there.
         rec.update(shared=int(compiled.metadata.shared), wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
-                   has_dot=True)  # fmt: skip
+                   has_dot=True, **_resources(compiled))  # fmt: skip
     except Exception:
         rec["error"] = traceback.format_exc(limit=-6)
     return rec
+
+
+def _merge_jobs():
+    """The split forward's merge kernel: the fewest and the most splits, sm_90 and sm_80."""
+    from fastssl.kernels.triton import pairwise_lse as K
+
+    return [dict(family="merge", group="merge", kind="merge", dtype="fp32", arch=arch, BLOCK_R=K.MERGE_BLOCK_R,
+                 BLOCK_S=block_s, num_warps=4) for arch in (90, 80) for block_s in (2, K.MAX_SPLIT)]  # fmt: skip
+
+
+def _compile_merge(j):
+    import traceback
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastssl.kernels.triton import pairwise_lse as K
+
+    rec = dict(j)
+    try:
+        fn = K._pairwise_lse_merge_kernel
+        consts = dict(BLOCK_R=j["BLOCK_R"], BLOCK_S=j["BLOCK_S"])
+        sig = {"PART": "*fp32", "LSE": "*fp32", "M": "i32", "N_SPLIT": "i32", **{k: "constexpr" for k in consts}}
+        attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                                  target=GPUTarget("cuda", j["arch"], 32), options={"num_warps": j["num_warps"]})  # fmt: skip
+        rec.update(shared=int(compiled.metadata.shared), has_dot=False, wgmma=False, mma=False,
+                   **_resources(compiled))  # fmt: skip
+    except Exception:
+        rec["error"] = traceback.format_exc(limit=-6)
+    return rec
+
+
+def _resources(compiled):
+    """Registers and spills of a compiled kernel, from `cuobjdump` on its cubin (no GPU needed):
+    "registers" per thread, "stack" bytes (Triton kernels have no local arrays: a stack frame is
+    spills) and "loop_spills", the local-memory loads and stores inside a loop (between a backward
+    branch and its target), where a spill costs once per iteration instead of once per program."""
+    import re
+    import tempfile
+
+    from triton import knobs
+
+    tool = knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    code = [(int(addr, 16), op) for addr, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(target, 16), addr) for addr, op in code for target in re.findall(r"\bBRA 0x([0-9a-f]+)", op)
+             if int(target, 16) < addr]  # fmt: skip
+    local = [addr for addr, op in code if re.search(r"\b(STL|LDL)\b", op)]
+    in_loops = sum(any(lo <= addr <= hi for lo, hi in loops) for addr in local)
+    return dict(registers=int(reg), stack=int(stack), loop_spills=in_loops)
 
 
 def _compile(j):
@@ -146,6 +218,8 @@ def _compile(j):
         return _compile_frob(j)
     if j["family"] == "worst":
         return _compile_worst_pair(j)
+    if j["family"] == "merge":
+        return _compile_merge(j)
     rec = dict(j)
     try:
         kernel = {
@@ -160,7 +234,7 @@ def _compile(j):
         block_k, single_k, block_dout = K.tile_dims(d, dtype)
         consts = dict(
             _FLAGS[j["flags"]], BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
-            BLOCK_DOUT=block_dout, FP32_PRECISION=precision,
+            BLOCK_DOUT=block_dout, FP32_PRECISION=precision, SPLIT=j.get("split", False),
             # Contiguous inputs: Triton specialises unit strides to constants at launch.
             stride_xd=1, stride_yd=1, stride_bd=1,
         )  # fmt: skip
@@ -170,7 +244,7 @@ def _compile(j):
         for i, name in enumerate(fn.arg_names):
             if name in consts:
                 sig[name] = "constexpr"
-            elif name.isupper() and name not in ("M", "NY", "NB", "D", "ROW_BIN"):
+            elif name.isupper() and name not in ("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT"):
                 sig[name] = "*" + pointee.get(name, "fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]  # as the runtime sees torch allocations
             else:
@@ -194,6 +268,7 @@ def _compile(j):
             mma="mma.sync" in ptx,
             # Without y negatives the dy kernel only gathers the positive rows: it has no tl.dot.
             has_dot=not (j["kind"] == "dy" and not _FLAGS[j["flags"]]["Y_NEGATIVES"]),
+            **_resources(compiled),
         )
     except Exception:  # reported, not raised: one bad config must not hide the others
         rec["error"] = traceback.format_exc(limit=-6)
@@ -362,6 +437,7 @@ def _compile_frob(j):
             wgmma="wgmma.mma_async" in ptx,
             mma="mma.sync" in ptx,
             has_dot=True,
+            **_resources(compiled),
         )
     except Exception:  # reported, not raised: one bad config must not hide the others
         rec["error"] = traceback.format_exc(limit=-6)
@@ -412,11 +488,13 @@ def report():
 def _name(r):
     if r["family"] == "worst":
         return f"worst_pair {r['dtype']} M_PAD={r['M_PAD']} sm_{r['arch']} warps={r['num_warps']}"
+    if r["family"] == "merge":
+        return f"merge BLOCK_S={r['BLOCK_S']} sm_{r['arch']}"
     if r["family"] == "frob":
         return f"{r['kind']} {r['dtype']} {r['variant']} sm_{r['arch']} {' '.join(r['cfg'])}"
     dtype = r["dtype"] + (f"/{r['precision']}" if "precision" in r else "")
     return (
-        f"{r['kind']} {dtype} D={r['D']} {r['flags']} sm_{r['arch']} "
+        f"{r['kind']}{' split' if r.get('split') else ''} {dtype} D={r['D']} {r['flags']} sm_{r['arch']} "
         f"BLOCK_M={r['BLOCK_M']} BLOCK_N={r['BLOCK_N']} warps={r['num_warps']} stages={r['num_stages']}"
     )
 
@@ -458,6 +536,26 @@ def test_shared_memory(report):
         if "error" not in r and "estimate" in r and r["shared"] > r["estimate"]
     ]
     assert not under, "smem_estimate below the compiled kernel's shared memory:\n" + "\n".join(under)
+
+
+#: (family, kind) of the kernels whose loops must not touch local memory. The backward kernels and
+#: some Frobenius configs (odd sizes, the transform along L) still spill inside their loops; they
+#: join this set once they do not.
+NO_LOOP_SPILLS = {("lse", "fwd"), ("merge", "merge")}
+
+
+def test_no_register_spills(report):
+    """The forward (split and unsplit) and the merge never spill inside a loop; on sm_90 with D a
+    multiple of 16 (vectorised loads) the forward has no stack frame at all. (Unvectorised loads of
+    an odd D, and fp16 D = 256 on sm_80, spill a little before the column loop.)"""
+    checked = [r for r in report["records"] if "error" not in r and (r["family"], r["kind"]) in NO_LOOP_SPILLS]
+    assert len(checked) >= 20, "the forward's records are missing"
+    in_loops = [f"{_name(r)}: {r['loop_spills']} local loads/stores in loops, {r['registers']} registers"
+                for r in checked if r["loop_spills"]]  # fmt: skip
+    assert not in_loops, "register spills inside loops:\n" + "\n".join(in_loops)
+    stack = [f"{_name(r)}: {r['stack']} B of stack, {r['registers']} registers"
+             for r in checked if r["kind"] == "fwd" and r["arch"] == 90 and r["D"] % 16 == 0 and r["stack"]]  # fmt: skip
+    assert not stack, "register spills:\n" + "\n".join(stack)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ outer one (TRANSFORM_ON_L: one chunk of parameters per chunk of L, staged beside
 Forward (`_sq_frobenius_fwd_kernel`): each program owns one (BLOCK, BLOCK) tile of the M x M product
 (or of both Grams), loops over L in BLOCK_L chunks with tl.dot into fp32 accumulators, squares (or
 multiplies) and sums the tile in registers and stores ONE fp32 partial; the launcher sums the
-partials (deterministic, no atomics). Nothing of size M x M is written. Symmetric products (b is a,
+whole buffer of partials (deterministic, no atomics; it is sized for the config with the most tiles
+and the kernel zeroes the slots past its grid, so no tile count comes back from the autotuner's
+shared state). Nothing of size M x M is written. Symmetric products (b is a,
 or any Gram pair: (aaᵀ)∘(bbᵀ) is symmetric) run only the tiles i ≤ j, off-diagonal ones counted
 twice. Parallelism is the number of output tiles: a small M (inner route with a small K) gives few
 programs, each looping over all of L; splitting L would need the unsquared partial tiles in memory.
@@ -177,6 +179,7 @@ def _prune(kind):
 # outer route: L = K), and only a size known to be a multiple of 16 lets those masked loads vectorise
 # into the cp.async copies that pipelining needs (an odd size compiles an unpipelined variant).
 _NO_SPECIALIZE_TILE = ["M_BIN", "L_BIN"]
+_NO_SPECIALIZE_FWD = [*_NO_SPECIALIZE_TILE, "N_PART"]
 _NO_SPECIALIZE_GEMM = ["P_BIN", "Q_BIN", "L_BIN", "coef"]
 # The transform's flags are autotuning keys: the parameters streamed along L take shared memory (the
 # pruning counts them). Without a transform they are all False, so the tuning is what it was.
@@ -286,10 +289,10 @@ def _xty_tile(X, Y, XSH, XSC, YSH, YSC, rows, cols, M, L, stride_xl, stride_xm, 
 
 @autotune(FWD_CONFIGS, INTERPRET_TILE_CONFIG, key=["M_BIN", "L_BIN", "TRIANGLE", "GRAM_PAIR", *_TRANSFORM_KEY],
           prune=_prune("fwd"))  # fmt: skip
-@triton.jit(do_not_specialize=_NO_SPECIALIZE_TILE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE_FWD)
 def _sq_frobenius_fwd_kernel(
     X, Y, XSH, XSC, YSH, YSC, PART,
-    M, L,
+    M, L, N_PART,
     stride_xl, stride_xm, stride_yl, stride_ym,
     M_BIN, L_BIN,
     TRIANGLE: tl.constexpr, GRAM_PAIR: tl.constexpr,
@@ -305,8 +308,11 @@ def _sq_frobenius_fwd_kernel(
     G = (X̂ᵀX̂)[I, J] and H = (ŶᵀŶ)[I, J], one after the other) with BLOCK_L-chunked tl.dot into fp32
     accumulators, and stores w·Σ T² (GRAM_PAIR: w·Σ G∘H) at PART[pid], w = 2 for off-diagonal tiles of
     a TRIANGLE grid (the product is symmetric: X̂ is Ŷ, or a Gram pair), else 1. Masked rows and
-    columns are zeros (after the transform too) and add nothing. Nothing else is stored; the backward
-    recomputes. M_BIN and L_BIN are only autotuning keys.
+    columns are zeros (after the transform too) and add nothing. PART has N_PART ≥ grid slots (the
+    launcher sizes it for the config with the most tiles); program pid also zeroes the slots
+    pid + k·grid past the grid, so that every launch writes every slot and the sum of all of PART
+    is the value whatever config ran. Nothing else is stored; the backward recomputes. M_BIN and
+    L_BIN are only autotuning keys.
     """
     pid = tl.program_id(0).to(tl.int64)
     i, j = _tile_coords(pid, M, TRIANGLE, BLOCK)
@@ -333,6 +339,9 @@ def _sq_frobenius_fwd_kernel(
     if TRIANGLE:
         part = tl.where(i == j, part, 2.0 * part)
     tl.store(PART + pid, part)
+    n_prog = tl.num_programs(0).to(tl.int64)
+    for slot in range(pid + n_prog, N_PART, n_prog):
+        tl.store(PART + slot, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -518,22 +527,27 @@ def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tenso
     if b is None:  # Ŷ is X̂
         b_shift, b_scale = a_shift, a_scale
     flags = {**_flags("X_", a_shift, a_scale), **_flags("Y_", b_shift, b_scale)}
-    kernel = _sq_frobenius_fwd_kernel
-    # One slot per program of the config with the most programs; the sum reads only the slots of the
-    # config that ran (benchmark runs of other configs may leave stale slots behind it).
-    smallest = min(c.kwargs["BLOCK"] for c in kernel.configs)
-    part = torch.empty(_n_tiles(m, smallest, triangle), dtype=torch.float32, device=a.device)
+    part = _partials(m, triangle, a.device)
     grid = lambda META: (_n_tiles(m, META["BLOCK"], triangle),)  # noqa: E731
     with device_ctx(a):
-        kernel[grid](
+        _sq_frobenius_fwd_kernel[grid](
             x, y, a_shift, a_scale, b_shift, b_scale, part,
-            m, l,
+            m, l, part.numel(),
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             _bin(m), _l_bin(l),
             TRIANGLE=triangle, GRAM_PAIR=gram_pair, **flags, TRANSFORM_ON_L=route == "outer" and any(flags.values()),
             FP32_PRECISION=FP32_DOT_PRECISION,
         )  # fmt: skip
-    return part[: _n_tiles(m, kernel.best_config.kwargs["BLOCK"], triangle)].sum()
+    # The kernel writes every slot (zeros past its own grid), so the whole buffer sums to the value
+    # whatever config the autotuner ran: no tile count is read back from the autotuner's state.
+    return part.sum()
+
+
+def _partials(m: int, triangle: bool, device: torch.device) -> Tensor:
+    """The forward's buffer of partials: one fp32 slot per tile of the config with the most tiles
+    (the smallest BLOCK of the kernel's configs), uninitialised (the kernel writes every slot)."""
+    smallest = min(c.kwargs["BLOCK"] for c in _sq_frobenius_fwd_kernel.configs)
+    return torch.empty(_n_tiles(m, smallest, triangle), dtype=torch.float32, device=device)
 
 
 def _matrix(x: Tensor, y: Tensor, x_params: tuple, y_params: tuple, on_l: bool, w: Tensor) -> Tensor:

@@ -24,12 +24,19 @@ BLOCK_DOUT-wide slices of the output on grid axis 1; each slice recomputes the f
 the backward does (1 + cdiv(D, BLOCK_DOUT))/2 times the GEMM work of the resident path (e.g. 16.5×
 at D = 4096). Memory stays O((M + Ny + K)·D) in every case.
 
+Small batches. When the row blocks cannot fill the GPU, the forward splits each row block's column
+tiles over grid axis 1 (Flash-Decoding's split-K, Dao et al. 2023): partial base-2 LSEs go to an
+(S, M) fp32 scratch and a merge kernel combines them (`forward_splits` chooses S). In its column loop
+only the tiles holding a dropped column (ragged edge, positive, self) are masked.
+
 Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y),
 read `scale` on the device (no host sync) and launch on the current stream.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -187,55 +194,116 @@ def _online_update(m_i, l_i, qk):
 # forward
 
 
-@autotune(FWD_CONFIGS, INTERPRET_CONFIG, key=_KEY, prune=_prune("fwd"))
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+@triton.jit
+def _split_columns(NY, NB, split, N_SPLIT, Y_NEGATIVES: tl.constexpr, HAS_BANK: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Column ranges [y_lo, y_hi) of y and [b_lo, b_hi) of the bank walked by column split `split`.
+
+    The y tiles (if Y_NEGATIVES) and then the bank tiles (if HAS_BANK), BLOCK_N columns each, are
+    numbered as one sequence and cut into N_SPLIT runs of ⌈tiles / N_SPLIT⌉ tiles; the last runs may
+    be short or empty (an empty run gives an empty range).
+    """
+    n_y = 0
+    if Y_NEGATIVES:
+        n_y = tl.cdiv(NY, BLOCK_N)
+    n_b = 0
+    if HAS_BANK:
+        n_b = tl.cdiv(NB, BLOCK_N)
+    per = tl.cdiv(n_y + n_b, N_SPLIT)
+    t_lo = tl.minimum(split * per, n_y + n_b)
+    t_hi = tl.minimum(t_lo + per, n_y + n_b)
+    y_lo = tl.minimum(t_lo, n_y) * BLOCK_N
+    y_hi = tl.minimum(t_hi, n_y) * BLOCK_N
+    b_lo = (tl.maximum(t_lo, n_y) - n_y) * BLOCK_N
+    b_hi = (tl.maximum(t_hi, n_y) - n_y) * BLOCK_N
+    return y_lo, y_hi, b_lo, b_hi
+
+
+@triton.jit
+def _y_tile_needs_mask(start_n, row0, p0, NY, EXCLUDE_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Whether y tile [start_n, start_n + BLOCK_N) of the row block [row0, row0 + BLOCK_M) holds a
+    column that the forward drops: one past Ny (the ragged edge), a positive p(i) (the band
+    {p0 + t mod Ny : 0 ≤ t < BLOCK_M}, p0 = p(row0), which wraps past Ny or covers all of y when
+    BLOCK_M ≥ Ny), or, if EXCLUDE_SELF, a column i of the block itself. A scalar, uniform over the
+    program: the other tiles skip the masks (the split loop of Triton's fused-attention tutorial,
+    here a branch per tile, since the diagonal, the band and the edge fall anywhere in the loop).
+    """
+    end = start_n + BLOCK_N
+    hit = (end > NY) | ((start_n < p0 + BLOCK_M) & (end > p0)) | (start_n < p0 + BLOCK_M - NY)
+    if EXCLUDE_SELF:
+        hit = hit | ((start_n < row0 + BLOCK_M) & (end > row0))
+    return hit
+
+
+@autotune(FWD_CONFIGS, INTERPRET_CONFIG, key=[*_KEY, "N_SPLIT"], prune=_prune("fwd"))
+@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
 def _pairwise_lse_fwd_kernel(
-    X, Y, B, SCALE, LSE, POS,
+    X, Y, B, SCALE, LSE, POS, PART,
     M, NY, NB, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd,
-    pos_offset, ROW_BIN,
+    pos_offset, ROW_BIN, N_SPLIT,
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
-    SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """lse_i and pos_i (fp32, natural log) for one block of BLOCK_M rows.
+    """lse_i and pos_i (fp32, natural log) for one block of BLOCK_M rows (grid axis 0) and, if SPLIT,
+    one of N_SPLIT runs of its column tiles (grid axis 1, `_split_columns`).
 
-    pos_i = scale·x_i·y_p(i) by a row-wise dot with the gathered rows y_p(i); it seeds the running
-    max/sum when INCLUDE_POS. Then (BLOCK_M, BLOCK_N) logit tiles x_blk @ y_tileᵀ (if Y_NEGATIVES)
-    and x_blk @ bank_tileᵀ (if HAS_BANK), each a BLOCK_K-chunked tl.dot with an fp32 accumulator,
-    masked (col < Ny, col ≠ p(i), col ≠ i if EXCLUDE_SELF) and folded into an online max/sum in
-    base 2 (log2(e) folded into the scale: one FMA and an exp2 per logit). Stores lse (M,) and
-    pos (M,), nothing else: the backward recomputes the tiles from lse (its base-2 round trip costs
-    ≤ 0.5 ulp of |lse|, below the logits' own fp32 rounding). ROW_BIN is only an autotuning key.
+    pos_i = scale·x_i·y_p(i) by a row-wise dot with the gathered rows y_p(i), computed and stored
+    once per row (by split 0); it seeds the running max/sum when INCLUDE_POS. Then (BLOCK_M, BLOCK_N)
+    logit tiles x_blk @ y_tileᵀ (if Y_NEGATIVES) and x_blk @ bank_tileᵀ (if HAS_BANK), each a
+    BLOCK_K-chunked tl.dot with an fp32 accumulator, folded into an online max/sum in base 2
+    (log2(e) folded into the scale: one FMA and an exp2 per logit). Only the tiles that hold a
+    dropped column (col ≥ Ny, col = p(i), col = i if EXCLUDE_SELF: `_y_tile_needs_mask`) or the
+    bank's ragged edge are masked. Stores lse (M,) and pos (M,), nothing else: the backward
+    recomputes the tiles from lse (its base-2 round trip costs ≤ 0.5 ulp of |lse|, below the logits'
+    own fp32 rounding). If SPLIT, each split stores instead its partial LSE in base 2,
+    m + log2(l) (−inf for a split without columns), at PART[split, row] ((N_SPLIT, M) fp32), and
+    `_pairwise_lse_merge_kernel` combines them into lse. ROW_BIN is only an autotuning key.
     """
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     pcol = (rows + pos_offset) % NY
+    p0 = (row0 + pos_offset) % NY
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E  # base 2 from here on: exp2, and log2(e) rides on the scale
+
+    y_lo = 0
+    y_hi = NY
+    b_lo = 0
+    b_hi = NB
+    first = True  # the program that computes the positive
+    if SPLIT:
+        split = tl.program_id(1)
+        y_lo, y_hi, b_lo, b_hi = _split_columns(NY, NB, split, N_SPLIT, Y_NEGATIVES, HAS_BANK, BLOCK_N)
+        first = split == 0
 
     if SINGLE_K:
         ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
         k_mask = ks < D
         x_blk = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        y_pos = tl.load(Y + pcol[:, None] * stride_ym + ks[None, :] * stride_yd,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        pos_raw = tl.sum(x_blk.to(tl.float32) * y_pos.to(tl.float32), axis=1)
-    else:
-        pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
-                               BLOCK_M, BLOCK_K)
 
-    if INCLUDE_POS:
-        m_i = pos_raw * qk_scale
-        l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-    else:
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if first:
+        if SINGLE_K:
+            y_pos = tl.load(Y + pcol[:, None] * stride_ym + ks[None, :] * stride_yd,
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            pos_raw = tl.sum(x_blk.to(tl.float32) * y_pos.to(tl.float32), axis=1)
+        else:
+            pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
+                                   BLOCK_M, BLOCK_K)
+        tl.store(POS + rows, pos_raw * scale, mask=row_mask)
+        if INCLUDE_POS:
+            m_i = pos_raw * qk_scale
+            l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
 
     if Y_NEGATIVES:
-        for start_n in range(0, NY, BLOCK_N):
+        for start_n in range(y_lo, y_hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             col_mask = cols < NY
             if SINGLE_K:
@@ -245,13 +313,21 @@ def _pairwise_lse_fwd_kernel(
             else:
                 s = _logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            valid = col_mask[None, :] & (cols[None, :] != pcol[:, None])
-            if EXCLUDE_SELF:
-                valid = valid & (cols[None, :] != rows[:, None])
-            m_i, l_i = _online_update(m_i, l_i, tl.where(valid, s * qk_scale, float("-inf")))
+            # The branch yields the masked tile: with the update in both arms (the dot's result used in
+            # two regions) Triton 3.6's sm_90 pipeliner fails to compile the loop.
+            qk = s * qk_scale
+            if _y_tile_needs_mask(start_n, row0, p0, NY, EXCLUDE_SELF, BLOCK_M, BLOCK_N):
+                # int32 offsets within the tile (all below 2^31): int64 column indices in the logits'
+                # layout take two registers each.
+                offs = tl.arange(0, BLOCK_N)
+                valid = (offs < NY - start_n)[None, :] & (offs[None, :] != (pcol - start_n).to(tl.int32)[:, None])
+                if EXCLUDE_SELF:
+                    valid = valid & (offs[None, :] != (rows - start_n).to(tl.int32)[:, None])
+                qk = tl.where(valid, qk, float("-inf"))
+            m_i, l_i = _online_update(m_i, l_i, qk)
 
     if HAS_BANK:
-        for start_n in range(0, NB, BLOCK_N):
+        for start_n in range(b_lo, b_hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             col_mask = cols < NB
             if SINGLE_K:
@@ -261,13 +337,35 @@ def _pairwise_lse_fwd_kernel(
             else:
                 s = _logits_loop(X, B, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_bm, stride_bd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            m_i, l_i = _online_update(m_i, l_i, tl.where(col_mask[None, :], s * qk_scale, float("-inf")))
+            qk = s * qk_scale
+            if start_n + BLOCK_N > NB:  # the ragged edge
+                qk = tl.where((tl.arange(0, BLOCK_N) < NB - start_n)[None, :], qk, float("-inf"))
+            m_i, l_i = _online_update(m_i, l_i, qk)
 
-    # An empty column set (e.g. DCL with Ny = 2) has l = 0: its lse is -inf, the LSE of nothing.
+    # An empty column set (e.g. DCL with Ny = 2, or a split without columns) has l = 0: its LSE is
+    # -inf, the LSE of nothing.
     has_cols = l_i > 0.0
-    lse = tl.where(has_cols, (m_i + tl.log2(tl.where(has_cols, l_i, 1.0))) * LN2, float("-inf"))
-    tl.store(LSE + rows, lse, mask=row_mask)
-    tl.store(POS + rows, pos_raw * scale, mask=row_mask)
+    lse2 = tl.where(has_cols, m_i + tl.log2(tl.where(has_cols, l_i, 1.0)), float("-inf"))
+    if SPLIT:
+        tl.store(PART + tl.program_id(1).to(tl.int64) * M + rows, lse2, mask=row_mask)
+    else:
+        tl.store(LSE + rows, lse2 * LN2, mask=row_mask)
+
+
+@triton.jit
+def _pairwise_lse_merge_kernel(PART, LSE, M, N_SPLIT, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """lse_i = ln 2 · LSE₂ over s of PART[s, i], for one block of BLOCK_R rows: the split forward's
+    partial base-2 LSEs ((N_SPLIT, M) fp32, N_SPLIT ≤ BLOCK_S) merged, −inf where every split is."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    splits = tl.arange(0, BLOCK_S)
+    mask = (splits < N_SPLIT)[:, None] & (rows < M)[None, :]
+    part = tl.load(PART + splits[:, None] * M + rows[None, :], mask=mask, other=float("-inf"))
+    m = tl.max(part, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.exp2(part - m_safe[None, :]), axis=0)
+    has_cols = l > 0.0
+    lse = tl.where(has_cols, (m_safe + tl.log2(tl.where(has_cols, l, 1.0))) * LN2, float("-inf"))
+    tl.store(LSE + rows, lse, mask=rows < M)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -480,30 +578,83 @@ def _common(x, y, bank, scale):
     return m, d, n_y, has_bank, b, n_b, scale, meta, block_dout
 
 
+#: Column splits of the forward (Dao et al. 2023, Flash-Decoding's split-K): at most MAX_SPLIT, with
+#: at least MIN_SPLIT_COLUMNS columns each, and S = 1 once the row blocks alone give
+#: SPLIT_PROGRAMS_PER_SM programs per SM. These are defaults chosen without a GPU measurement; tune
+#: them (FASTSSL_LSE_SPLITS forces S) when one exists.
+MAX_SPLIT = 64
+MIN_SPLIT_COLUMNS = 512
+SPLIT_PROGRAMS_PER_SM = 2
+#: The row block `forward_splits` counts in: the largest BLOCK_M of FWD_CONFIGS, so that S does not
+#: depend on the config the autotuner picks (the merge must know S before the launch).
+SPLIT_ROW_BLOCK = max(c.kwargs["BLOCK_M"] for c in FWD_CONFIGS)
+#: Rows per program of the merge kernel.
+MERGE_BLOCK_R = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def forward_splits(m: int, n_cols: int, device: torch.device) -> int:
+    """S, the number of column splits of the forward for M rows and n_cols columns (y's + the bank's).
+
+    ``FASTSSL_LSE_SPLITS=S`` forces S (clamped to [1, MAX_SPLIT]); the tests use it to run every
+    mode split under the interpreter. Otherwise S = 1 off a GPU, and on one the largest power of two
+    with S·⌈M / SPLIT_ROW_BLOCK⌉ ≤ SPLIT_PROGRAMS_PER_SM·SMs, at most MAX_SPLIT and at most
+    n_cols / MIN_SPLIT_COLUMNS. So S > 1 only when the row blocks cannot fill the GPU, and its
+    scratch of partials, S·M fp32, is then at most SPLIT_PROGRAMS_PER_SM·SMs·SPLIT_ROW_BLOCK·4 bytes
+    (132 KiB on a 132-SM H200) whatever M; a forced S costs S·M·4 bytes.
+    """
+    forced = os.environ.get("FASTSSL_LSE_SPLITS", "")
+    if forced:
+        return min(max(int(forced), 1), MAX_SPLIT)
+    if device.type != "cuda":
+        return 1
+    row_blocks = triton.cdiv(m, SPLIT_ROW_BLOCK)
+    budget = min(SPLIT_PROGRAMS_PER_SM * _sm_count(device.index or 0) // row_blocks, MAX_SPLIT,
+                 n_cols // MIN_SPLIT_COLUMNS)  # fmt: skip
+    return 1 if budget < 2 else 1 << (budget.bit_length() - 1)
+
+
 def pairwise_lse_forward(
     x: Tensor,
     y: Tensor,
     bank: Optional[Tensor],
     scale: Tensor,
     flags: PairwiseLSEFlags,
+    n_split: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    """(lse, pos), each (M,) fp32. x (M, D), y (Ny, D), bank (K, D) or None, scale 0-dim on x's device."""
+    """(lse, pos), each (M,) fp32. x (M, D), y (Ny, D), bank (K, D) or None, scale 0-dim on x's device.
+
+    `n_split`: the column splits S (default `forward_splits`). S > 1 launches S programs per row
+    block, each writing a partial LSE to an (S, M) fp32 scratch, then `_pairwise_lse_merge_kernel`;
+    no host sync either way.
+    """
     m, d, n_y, has_bank, b, n_b, scale, meta, _ = _common(x, y, bank, scale)
     lse = torch.empty(m, dtype=torch.float32, device=x.device)
     pos = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return lse, pos
+    if n_split is None:
+        n_split = forward_splits(m, (n_y if flags.y_negatives else 0) + n_b, x.device)
+    part = torch.empty((n_split, m), dtype=torch.float32, device=x.device) if n_split > 1 else lse
     meta.update(HAS_BANK=has_bank, EXCLUDE_SELF=flags.exclude_self, INCLUDE_POS=flags.include_pos,
-                Y_NEGATIVES=flags.y_negatives)  # fmt: skip
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
+                Y_NEGATIVES=flags.y_negatives, SPLIT=n_split > 1)  # fmt: skip
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), n_split)  # noqa: E731
     with device_ctx(x):
         _pairwise_lse_fwd_kernel[grid](
-            x, y, b, scale, lse, pos,
+            x, y, b, scale, lse, pos, part,
             m, n_y, n_b, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1),
-            flags.pos_offset, _row_bin(max(m, n_y)),
+            flags.pos_offset, _row_bin(max(m, n_y)), n_split,
             **meta,
         )  # fmt: skip
+        if n_split > 1:
+            _pairwise_lse_merge_kernel[(triton.cdiv(m, MERGE_BLOCK_R),)](
+                part, lse, m, n_split, BLOCK_R=MERGE_BLOCK_R, BLOCK_S=triton.next_power_of_2(n_split)
+            )
     return lse, pos
 
 
