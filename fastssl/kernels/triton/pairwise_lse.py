@@ -115,7 +115,7 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
             rows = block_n if kind == "dx" else block_m  # the streamed operand of the output product
             est += itemsize * (rows * block_dout + block_m * block_n)
     if itemsize == 4 and (fp32_precision or FP32_DOT_PRECISION) != "ieee":
-        est = est * 3 // 2  # TF32 splits stage extra operand copies (measured 1.43-1.5x on sm_90)
+        est = est * 3 // 2  # TF32 splits stage extra operand copies (benchmarks/RESULTS.md, "Measurements behind design choices")
     return est
 
 
