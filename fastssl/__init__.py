@@ -44,3 +44,8 @@ __all__ = [
     "nn",
     "reference",
 ]
+
+# --- SigLIP (Zhai et al. 2023) and SupCon (Khosla et al. 2020): appended section ---------------------
+from fastssl.functional import siglip_loss, supcon_loss  # noqa: E402
+
+__all__ += ["siglip_loss", "supcon_loss"]

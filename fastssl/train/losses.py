@@ -92,3 +92,10 @@ def build_criterion(name: str, proj_dim: int, *, backend: str = "auto", temperat
         module = cls(memory_bank_size=(memory_bank, proj_dim), **kwargs)
         return Criterion(name, module, 1, momentum_keys=True, call=lambda mod, zs, keys: mod(zs[0], keys))
     return Criterion(name, cls(**kwargs), 2, call=lambda mod, zs, keys: mod(zs[0], zs[1]))
+
+
+# --- SigLIP (Zhai et al. 2023): appended section -------------------------------------------------------
+# Its learnable t' and b are parameters of the criterion module, which the engine hands to the optimiser
+# (with the model's) and checkpoints. SupCon (fastssl.nn.SupConLoss) is not a choice: it is supervised,
+# and the criterion is called on the views alone, without the batch's labels.
+LOSSES["siglip"] = ("SigLIPLoss", "pairwise sigmoid loss (SigLIP) with learnable t=10 and b=-10 (Zhai et al. 2023)")
