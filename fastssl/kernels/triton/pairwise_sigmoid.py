@@ -77,8 +77,10 @@ def _softplus(u):
 
 @triton.jit
 def _sigmoid(u):
-    """σ(u) = 1/(1 + e^−u) in fp32: 0 (not NaN) as e^−u overflows, 1 as it vanishes."""
-    return 1.0 / (1.0 + tl.exp2(-u * LOG2E))
+    """σ(u) in fp32 from e = exp(−|u|) ≤ 1, which never overflows: 1/(1 + e) or e/(1 + e)."""
+    e = tl.exp2(-tl.abs(u) * LOG2E)
+    r = 1.0 / (1.0 + e)
+    return tl.where(u >= 0.0, r, e * r)
 
 
 # ---------------------------------------------------------------------------------------------------
