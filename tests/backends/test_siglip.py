@@ -138,7 +138,7 @@ def test_module_optimiser_step_moves_t_and_b():
     opt.step()
     assert float(module.logit_scale.detach()) == pytest.approx(t_prime - 0.1 * grads[0])
     assert float(module.logit_bias.detach()) == pytest.approx(b - 0.1 * grads[1])
-    assert float(module(z1, z2)) < float(before)  # a small step down the gradient lowers the loss
+    assert float(module(z1, z2).detach()) < float(before.detach())  # a small step down the gradient lowers the loss
 
 
 def test_module_fixed_parameters_and_repr():
