@@ -17,8 +17,9 @@ the price of computing each logit tile twice in the backward (three times in all
 The positive pair is handled apart from the tiles, as in fastssl/kernels/triton/pairwise_lse.py:
 a row-wise dot of x_i with the gathered y_p(i) gives its logit in every kernel alike, the tile
 masks drop column p(i), and so the tile weights σ(ℓ_ij) stay in [0, 1]. Tiling, block configs,
-autotuning keys and shared-memory pruning are the pairwise-LSE kernels' (the tile shapes are the
-same: one logit tile and, in the backward, one output accumulator per program).
+autotuning keys and the shared-memory estimate are the pairwise-LSE kernels' (the tile shapes are
+the same: one logit tile and, in the backward, one output accumulator per program); the config
+lists are theirs less the configs that spill registers here (CONFIGS).
 
 softplus(u) = max(u, 0) + log1p(exp(−|u|)), with log1p by Goldberg's rewrite (exact to a few ulps,
 from tl.log alone): SigLIP's negatives sit near ℓ = −10, where log(1 + e) of fp32 would keep only
@@ -36,18 +37,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastssl.kernels.triton._utils import autotune, mm, mm_weights, round_to
+from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, mm_weights, round_to
 from fastssl.kernels.triton.pairwise_lse import (
     BWD_DX_CONFIGS,
     BWD_DY_CONFIGS,
     FP32_DOT_PRECISION,
+    FP32_MAX_TILE,
     FWD_CONFIGS,
     INTERPRET_CONFIG,
     _device_ctx,
     _logits_loop,
-    _prune,
     _row_bin,
     _rowdot_loop,
+    smem_estimate,
     tile_dims,
 )
 
@@ -59,6 +61,47 @@ FP16_WEIGHT_SCALE = 4096.0
 
 _KEY = ["ROW_BIN", "BLOCK_K", "SINGLE_K", "HAS_POS"]
 _NO_SPECIALIZE = ["M", "NY", "pos_offset", "ROW_BIN"]
+
+
+def _without(configs, dropped):
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in dropped]
+
+
+# The pairwise-LSE configs (same tile shapes), less those that spill registers here at bf16, D = 128,
+# sm_90 (ptxas -v, tests/gpu/test_pairwise_sigmoid_aot.py): a (BLOCK_M, 128) fp32 accumulator per
+# 4 warps with a 32-wide logit tile (dx 128 x 32), its dy mirror (32 x 128), and dy 64 x 64 with 3
+# stages (its positive pass holds the accumulator, a gathered x tile and y_blk at once).
+CONFIGS = {
+    "fwd": list(FWD_CONFIGS),
+    "dx": _without(BWD_DX_CONFIGS, {(128, 32, 4, 3)}),
+    "dy": _without(BWD_DY_CONFIGS, {(32, 128, 4, 3), (64, 64, 4, 3)}),
+}
+
+
+def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, block_dout: int,
+                      smem_limit: int) -> list:
+    """The configs of kernel `kind` ("fwd", "dx", "dy") autotuning may pick for these tiles: the
+    pairwise-LSE rule (fp32 tiles of at most FP32_MAX_TILE logits, smem_estimate within the limit:
+    the programs hold the same tiles) over this file's CONFIGS."""
+    keep = [
+        c
+        for c in CONFIGS[kind]
+        if (itemsize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= FP32_MAX_TILE)
+        and smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, single_k, itemsize, c.num_stages,
+                          block_dout) <= smem_limit
+    ]
+    smallest = min(CONFIGS[kind], key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+    return keep or [smallest]
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        x = named_args["X"]
+        limit = device_smem_limit(x.device.index or 0)  # CUDA tensors always carry their index
+        return candidate_configs(kind, x.element_size(), kwargs["BLOCK_K"], kwargs["SINGLE_K"],
+                                 kwargs.get("BLOCK_DOUT", 0), limit)
+
+    return prune
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,7 +130,7 @@ def _sigmoid(u):
 # forward
 
 
-@autotune(FWD_CONFIGS, INTERPRET_CONFIG, key=_KEY, prune=_prune("fwd"))
+@autotune(CONFIGS["fwd"], INTERPRET_CONFIG, key=_KEY, prune=_prune("fwd"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _pairwise_sigmoid_fwd_kernel(
     X, Y, SCALE, BIAS, ROWS,
@@ -147,7 +190,7 @@ def _pairwise_sigmoid_fwd_kernel(
 # backward
 
 
-@autotune(BWD_DX_CONFIGS, INTERPRET_CONFIG, key=_KEY, prune=_prune("dx"))
+@autotune(CONFIGS["dx"], INTERPRET_CONFIG, key=_KEY, prune=_prune("dx"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _pairwise_sigmoid_bwd_dx_kernel(
     X, Y, SCALE, BIAS, GRAD, DX, DLOGIT, DSCALE,
@@ -227,7 +270,7 @@ def _pairwise_sigmoid_bwd_dx_kernel(
         tl.store(DSCALE + rows, g * ws_sum, mask=row_mask)
 
 
-@autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_KEY, prune=_prune("dy"))
+@autotune(CONFIGS["dy"], INTERPRET_CONFIG, key=_KEY, prune=_prune("dy"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _pairwise_sigmoid_bwd_dy_kernel(
     X, Y, SCALE, BIAS, GRAD, GRAD_MAX, DY,
