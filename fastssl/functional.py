@@ -791,7 +791,8 @@ def siglip_loss(
     the positive of local row i at global column offset + i; this rank's share of the global mean
     is returned, so the average over ranks is the loss of the whole batch. Under DDP, t and b must
     be averaged over the ranks like any parameter (put the loss module inside the DDP model).
-    "ring" is not offered (see docs/distributed.md).
+    "ring" is not offered yet: the ring exchange (fastssl.distributed.RingLSE) is written for the
+    pairwise-LSE op; SigLIP's would pass the same column blocks and add the row sums.
     """
     _check_pair(z1, z2)
     check_positive("scale", scale)

@@ -22,18 +22,27 @@ from torch import Tensor
 from fastssl.kernels.torch.pairwise_lse import _chunk_rows, _compute_dtype
 
 
-def _signed_logits(xc: Tensor, y: Tensor, scale: Tensor, bias: Tensor, rows: Tensor, pos_offset: int,
-                   has_pos: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(label·ℓ (C, Ny), local row index (C,), positive column (C,)) of one row chunk.
+def _pair_terms(xc: Tensor, y: Tensor, scale: Tensor, bias: Tensor, rows: Tensor, pos_offset: int,
+                has_pos: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(u (C, Ny), local row index (C,), positive column (C,)) of one row chunk, u = −label·ℓ.
 
-    label·ℓ is −ℓ except at the positives, which are written by index: O(C) masking, not O(C·Ny).
+    u is ℓ except at the positives, which are negated by index: O(C) masking, not O(C·Ny). The row
+    term is softplus(u) and its derivative in ℓ is σ(u), negated at the positives.
     """
-    v = ((-scale) * xc @ y.T).sub_(bias)  # the scale rides on the (C, D) rows, not on the chunk
+    u = ((scale * xc) @ y.T).add_(bias)  # the scale rides on the (C, D) rows, not on the chunk
     local = torch.arange(rows.shape[0], device=xc.device)
     pos_col = (rows + pos_offset) % y.shape[0]
     if has_pos:
-        v[local, pos_col] = -v[local, pos_col]
-    return v, local, pos_col
+        u[local, pos_col] = -u[local, pos_col]
+    return u, local, pos_col
+
+
+def _softplus_row_sums(u: Tensor) -> Tensor:
+    """Σ_j softplus(u_ij), overwriting u. F.softplus returns u itself past u = 20, which is exact in
+    fp32 (log1p(e^−20) = 2e-9 < ulp(20)/2) but not in fp64, where −log σ(−u) (no threshold) is used."""
+    if u.dtype == torch.float64:
+        return F.logsigmoid(u.neg_()).sum(1).neg_()
+    return F.softplus(u).sum(1)
 
 
 def _prepare(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor):
@@ -51,9 +60,8 @@ def pairwise_sigmoid_forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, 
     for start in range(0, m, step):
         stop = min(m, start + step)
         rows = torch.arange(start, stop, device=x.device)
-        v, _, _ = _signed_logits(xa[start:stop], ya, sc, b, rows, pos_offset, has_pos)
-        # −log σ(v) has no threshold (F.softplus switches to the identity past 20): exact in fp64 too.
-        out[start:stop] = F.logsigmoid(v).sum(1).neg()
+        u, _, _ = _pair_terms(xa[start:stop], ya, sc, b, rows, pos_offset, has_pos)
+        out[start:stop] = _softplus_row_sums(u)
     return out
 
 
@@ -78,10 +86,10 @@ def pairwise_sigmoid_backward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor,
         stop = min(m, start + step)
         rows = torch.arange(start, stop, device=x.device)
         xc = xa[start:stop]
-        v, local, pos_col = _signed_logits(xc, ya, sc, b, rows, pos_offset, has_pos)
-        # ∂/∂ℓ of −log σ(label·ℓ) is −label·σ(−label·ℓ): σ(−v), negated at the positives. In place:
+        u, local, pos_col = _pair_terms(xc, ya, sc, b, rows, pos_offset, has_pos)
+        # ∂/∂ℓ of softplus(−label·ℓ) is −label·σ(−label·ℓ) = σ(u), negated at the positives. In place:
         # the chunk is the only large buffer held.
-        w = v.neg_().sigmoid_()
+        w = u.sigmoid_()
         if has_pos:
             w[local, pos_col] = -w[local, pos_col]
         g = grad_rows[start:stop, None].to(dt)
