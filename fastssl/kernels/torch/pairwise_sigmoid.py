@@ -70,7 +70,7 @@ def pairwise_sigmoid_backward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor,
     """(dx, dy, dlogit_rows, dscale_rows) of Σ_i grad_rows_i·rows_i.
 
     With G_ij = grad_rows_i·∂rows_i/∂ℓ_ij = grad_rows_i·(−label_ij)·σ(−label_ij·ℓ_ij), i.e.
-    grad_rows_i·σ(ℓ_ij) off the positive and −grad_rows_i·σ(−ℓ_ii') at it:
+    grad_rows_i·σ(ℓ_ij) off the positive and −grad_rows_i·σ(−ℓ_i,p(i)) on it:
     dx_i = scale·Σ_j G_ij y_j, dy_j = scale·Σ_i G_ij x_i (input dtype), and per row, in the compute
     dtype, dlogit_rows_i = Σ_j G_ij (Σ_i of it is d bias) and dscale_rows_i = Σ_j G_ij x_i·y_j
     (Σ_i of it is d scale, with no division by the scale). grad_rows and scale are folded into
