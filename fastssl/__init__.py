@@ -13,19 +13,24 @@ from fastssl.functional import (
     barlow_twins_loss,
     clip_loss,
     dcl_loss,
+    dino_loss,
+    dino_loss_from_logits,
+    directclr_loss,
+    frossl_loss,
+    ibot_patch_loss,
+    ibot_patch_loss_from_logits,
+    koleo_loss,
+    macl_loss,
     moco_loss,
     nt_xent_loss,
+    siglip_loss,
     spectral_contrastive_loss,
+    supcon_loss,
+    tico_loss,
     uniformity,
     vicreg_ctr_loss,
     vicreg_exp_loss,
     vicreg_loss,
-)
-from fastssl.functional import (  # prototype cross-entropy (family 4)
-    dino_loss,
-    dino_loss_from_logits,
-    ibot_patch_loss,
-    ibot_patch_loss_from_logits,
 )
 from fastssl import autograd, distributed, metrics, nn, reference  # noqa: E402  (submodules, after the functions they wrap)
 
@@ -48,14 +53,16 @@ __all__ = [
     "dino_loss_from_logits",
     "ibot_patch_loss",
     "ibot_patch_loss_from_logits",
+    "macl_loss",
+    "directclr_loss",
+    "frossl_loss",
+    "tico_loss",
+    "koleo_loss",
+    "siglip_loss",
+    "supcon_loss",
     "autograd",
     "distributed",
     "metrics",
     "nn",
     "reference",
 ]
-
-# lightly 1.6's further losses (appended section).
-from fastssl.functional import directclr_loss, frossl_loss, koleo_loss, macl_loss, tico_loss  # noqa: E402
-
-__all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]

@@ -141,3 +141,38 @@ def check_norm_degree(p: object) -> None:
     """KoLeo's p: a number > 0 (inf allowed, as torch.pairwise_distance's)."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
         raise ValueError(f"p must be a number > 0 (the norm degree of the distance), got {p!r}")
+
+
+def check_finite_scalar(name: str, value: object) -> None:
+    """A finite float or a 1-element floating tensor (SigLIP's bias, which may be any sign)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a float or a 1-element floating tensor, got {value.dtype} of shape {tuple(value.shape)}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def scalar_tensor(value: Union[float, Tensor], like: Tensor) -> Tensor:
+    """`value` as a 0-dim tensor on `like`'s device (fp32, fp64 for fp64 inputs), differentiable."""
+    dtype = compute_dtype(like)
+    if isinstance(value, Tensor):
+        return value.reshape(()).to(device=like.device, dtype=dtype)
+    return torch.full((), float(value), dtype=dtype, device=like.device)
+
+
+def check_labels(labels: object, z: Tensor) -> Tensor:
+    """labels: an integer (N,) tensor on z's device, N = z's rows."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of integer class ids, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (class ids, −1 for unlabeled), got {labels.dtype} "
+                        f"of shape {tuple(labels.shape)}")  # fmt: skip
+    if labels.dim() != 1 or labels.shape[0] != z.shape[0]:
+        raise ValueError(f"labels must have shape (N,) = ({z.shape[0]},) for z1 of shape {tuple(z.shape)}, "
+                         f"got {tuple(labels.shape)}")  # fmt: skip
+    if labels.device != z.device:
+        raise ValueError(f"labels is on {labels.device} but z1 is on {z.device}")
+    return labels

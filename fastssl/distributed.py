@@ -41,6 +41,7 @@ __all__ = [
     "rank",
     "check_gather",
     "batch_sizes",
+    "row_offset",
     "all_gather",
     "gather_cat",
     "all_reduce",
@@ -118,6 +119,11 @@ def batch_sizes(x: Tensor, group=None) -> list[int]:
         described = [tuple(r[1 : 1 + r[0]]) for r in rows]
         raise ValueError(f"every rank must pass embeddings with the same trailing dimensions, got shapes {described}")
     return [r[1] for r in rows]
+
+
+def row_offset(sizes: Sequence[int], group=None) -> int:
+    """Index of this rank's first row in the concatenation of the ranks' slices (rank order)."""
+    return int(sum(sizes[: rank(group)]))
 
 
 def _pad_rows(x: Tensor, rows: int) -> Tensor:

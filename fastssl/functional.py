@@ -19,6 +19,8 @@ from fastssl._common import compute_dtype
 from fastssl._validation import (
     Temperature,
     check_embeddings,
+    check_finite_scalar,
+    check_labels,
     check_loss_dim,
     check_nonnegative,
     check_norm_degree,
@@ -28,6 +30,7 @@ from fastssl._validation import (
     check_same,
     check_unit_interval,
     inverse_temperature,
+    scalar_tensor,
 )
 from fastssl.backends import resolve
 from fastssl.kernels import PairwiseLSEFlags
@@ -35,6 +38,7 @@ from fastssl.ops.frobenius import choose_side, op_route, sq_frobenius
 from fastssl.ops.pairwise_lse import pairwise_lse
 from fastssl.ops.pairwise_lse_distributed import pairwise_lse_global
 from fastssl.ops.pairwise_max import pairwise_max
+from fastssl.ops.pairwise_sigmoid import pairwise_sigmoid
 from fastssl.ops.prototype_ce import prototype_ce
 from fastssl.ops.reductions import column_dot, column_mean_var
 from fastssl.ops.worst_pair import worst_pair
@@ -62,6 +66,8 @@ __all__ = [
     "DINOLossOutput",
     "ibot_patch_loss",
     "ibot_patch_loss_from_logits",
+    "siglip_loss",
+    "supcon_loss",
 ]
 
 
@@ -1345,3 +1351,127 @@ def ibot_patch_loss_from_logits(
     z_s = student_logits.to(acc) / student_temp
     ce = torch.logsumexp(z_s, dim=-1) - (p_t * z_s).sum(dim=-1)  # −Σ p_t log softmax(z_s), Σ p_t = 1
     return (ce * _token_weights(mask, ce.shape[0], acc)).sum() / mask.shape[0]
+
+# SigLIP (Zhai et al. 2023) and SupCon (Khosla et al. 2020) — appended section.
+# SigLIP is the pairwise-sigmoid op (fastssl/ops/pairwise_sigmoid.py); SupCon is the pairwise-LSE op
+# plus O(N·D) class sums for its positives.
+# ==================================================================================================
+
+def siglip_loss(
+    z1: Tensor,
+    z2: Tensor,
+    scale: Union[float, Tensor] = reference.SIGLIP_INIT_TEMPERATURE,
+    bias: Union[float, Tensor] = reference.SIGLIP_INIT_BIAS,
+    *,
+    gather_distributed: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) between two towers.
+
+    x = n(z1), y = n(z2) (N, D); logits ℓ_ij = t·x_i·y_j + b, labels +1 on the diagonal, −1 elsewhere::
+
+        loss = −1/N Σ_ij log σ(label_ij·ℓ_ij) = 1/N Σ_ij softplus(−label_ij·ℓ_ij)
+
+    Args: z1, z2 (N, D), N ≥ 2; scale t > 0 (the paper's "temperature" t = exp(t'), a multiplier;
+    default 10, its initial value) and bias b (default −10), each a float or a 1-element tensor
+    whose gradient is returned. Returns a 0-dim loss. Memory O(N·D) on the fused backends: the
+    N x N logits are never stored (fastssl.ops.pairwise_sigmoid).
+
+    gather_distributed=True (not in lightly — the single-process objective on the concatenated
+    batch): this rank's rows against every rank's columns (one differentiable all-gather of n(z2)),
+    the positive of local row i at global column offset + i; this rank's share of the global mean
+    is returned, so the average over ranks is the loss of the whole batch. Under DDP, t and b must
+    be averaged over the ranks like any parameter (put the loss module inside the DDP model).
+    "ring" is not offered yet: the ring exchange (fastssl.distributed.RingLSE) is written for the
+    pairwise-LSE op; SigLIP's would pass the same column blocks and add the row sums.
+    """
+    check_pair(z1, z2)
+    check_positive("scale", scale)
+    check_finite_scalar("bias", bias)
+    backend, mode = resolve(backend, z1, gather_distributed, ring=False, op="pairwise_sigmoid")
+    if backend == "reference":
+        return reference.siglip_loss(z1, z2, scale, bias)
+    x, y = _normalize(z1), _normalize(z2)
+    t, b = scalar_tensor(scale, z1), scalar_tensor(bias, z1)
+    if mode is None:
+        return pairwise_sigmoid(x, y, t, b, backend=backend).mean()
+    sizes = distributed.batch_sizes(x)
+    columns = distributed.gather_cat(y, sizes)
+    rows = pairwise_sigmoid(x, columns, t, b, pos_offset=distributed.row_offset(sizes), backend=backend)
+    return distributed.global_mean(rows, sizes)
+
+
+def _class_sums(z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row i: Σ_{a: label_a = label_i} z_a (i itself included) and that class's size; O(R·D).
+
+    Class ids come from a sort (equal labels become one consecutive run), so any integer labels
+    work and nothing waits on the host (no unique, no bincount).
+    """
+    rows = labels.shape[0]
+    sorted_labels, order = torch.sort(labels, stable=True)
+    starts = torch.cat([sorted_labels.new_ones(1, dtype=torch.bool), sorted_labels[1:] != sorted_labels[:-1]])
+    class_of_sorted = torch.cumsum(starts, 0) - 1
+    class_id = torch.empty_like(class_of_sorted).scatter_(0, order, class_of_sorted)
+    sums = z.new_zeros(rows, z.shape[1]).index_add(0, class_id, z)
+    sizes = z.new_zeros(rows).index_add(0, class_id, z.new_ones(rows))
+    return sums[class_id], sizes[class_id]
+
+
+def supcon_loss(
+    z1: Tensor,
+    labels: Tensor,
+    temperature: Temperature = reference.SUPCON_TEMPERATURE,
+    *,
+    z2: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Supervised contrastive loss, L_out (Khosla et al. 2020): a *supervised* loss — it needs labels.
+
+    Z = n(z1) (N rows), or with a second view Z = [n(z1); n(z2)] (2N rows, labels repeated);
+    s_ia = Z_i·Z_a/τ; P(i) = rows a ≠ i with i's label, plus (two views) i's other view::
+
+        ℓ_i  = LSE_{a≠i} s_ia − 1/|P(i)| Σ_{p∈P(i)} s_ip
+        loss = mean of ℓ_i over the anchors with |P(i)| > 0   (0 if there are none)
+
+    Labels < 0 (−1) mark unlabeled rows: their only positive is their other view (none with one
+    view, so they are no anchor), and they are negatives of every other anchor. With two views and
+    every label −1 this is NT-Xent. Anchors without a positive are left out of the mean (Khosla et
+    al.'s code gives them NaN; see fastssl.reference.supcon_loss).
+
+    Memory O(N·D): the LSE is the pairwise-LSE op (self column excluded), and the positive sum is
+    Z_i·(C_label(i) − Z_i)/τ with C the per-class sums of Z, computed in fp32 (fp64 for fp64).
+
+    Args: z1 (N, D), N ≥ 2; labels (N,) integer class ids on z1's device; temperature τ > 0;
+    z2 (N, D) or None. Returns a 0-dim loss.
+    """
+    check_embeddings("z1", z1)
+    if z2 is not None:
+        check_embeddings("z2", z2)
+        check_same("z1", z1, "z2", z2)
+    check_labels(labels, z1)
+    check_positive("temperature", temperature)
+    backend, _ = resolve(backend, z1, False)
+    if backend == "reference":
+        return reference.supcon_loss(z1, labels, temperature, z2)
+    n = z1.shape[0]
+    z = _normalize(z1)
+    lab = labels
+    if z2 is not None:
+        z = torch.cat([z, _normalize(z2)])
+        lab = torch.cat([labels, labels])
+    scale = inverse_temperature(temperature, z1)
+    lse, _ = pairwise_lse(z, z, None, scale, PairwiseLSEFlags(exclude_self=True, include_pos=False), backend=backend)
+    zc = z.to(compute_dtype(z))
+    class_sum, class_size = _class_sums(zc, lab)
+    labelled = lab >= 0
+    if z2 is not None:  # an unlabeled row's one positive: its other view
+        partner = torch.roll(zc, n, dims=0)
+        pos_sum = torch.where(labelled[:, None], class_sum - zc, partner)
+        pos_count = torch.where(labelled, class_size - 1, torch.ones_like(class_size))
+    else:
+        pos_sum = torch.where(labelled[:, None], class_sum - zc, torch.zeros_like(zc))
+        pos_count = torch.where(labelled, class_size - 1, torch.zeros_like(class_size))
+    has_positive = pos_count > 0
+    pos_mean = scale * (zc * pos_sum).sum(1) / pos_count.clamp_min(1)
+    per_anchor = torch.where(has_positive, lse - pos_mean, torch.zeros_like(lse))
+    return per_anchor.sum() / has_positive.sum().clamp_min(1)

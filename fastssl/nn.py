@@ -45,8 +45,15 @@ __all__ = [
     "VICRegExpLoss",
     "VICRegCtrLoss",
     "ArCLLoss",
+    "MACLLoss",
+    "DirectCLRLoss",
+    "FroSSLLoss",
+    "TiCoLoss",
+    "KoLeoLoss",
     "DINOLoss",
     "IBOTPatchLoss",
+    "SigLIPLoss",
+    "SupConLoss",
 ]
 
 
@@ -465,7 +472,6 @@ def _gather_repr(module: nn.Module) -> str:
 # KoLeoLoss — lightly's names, constructor arguments and defaults, plus keyword-only `backend`.
 # ==================================================================================================
 
-__all__ += ["MACLLoss", "DirectCLRLoss", "FroSSLLoss", "TiCoLoss", "KoLeoLoss"]
 
 
 class MACLLoss(nn.Module):
@@ -852,3 +858,90 @@ class IBOTPatchLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"output_dim={self.center.center.shape[-1]}, teacher_temp={self.teacher_temp}, "
                 f"student_temp={self.student_temp}, center_momentum={self.center.momentum}, backend={self.backend!r}")
+
+# SigLIP (Zhai et al. 2023) and SupCon (Khosla et al. 2020) — appended section. Neither is in lightly.
+# ==================================================================================================
+
+
+
+class SigLIPLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (`fastssl.siglip_loss`) with its learnable temperature and bias.
+
+    As in the paper, t = exp(t') is log-parametrised: with `learnable=True` the module owns
+    `logit_scale` = t' (initialised to log(init_temperature)) and `logit_bias` = b (initialised to
+    init_bias), both 0-dim parameters that receive gradients through the fused kernel and must be
+    given to the optimiser (module.parameters()). With `learnable=False` t and b are constants.
+    t multiplies the cosine similarities (it is an inverse temperature in InfoNCE terms).
+
+    Args:
+        init_temperature: t at initialisation, > 0 (default 10, the paper's).
+        init_bias: b at initialisation (default −10, the paper's).
+        learnable: whether t' and b are parameters (default True).
+        gather_distributed: False or True (this rank's rows against every rank's columns; see
+            fastssl.siglip_loss — under DDP, wrap this module with the model so that t' and b are
+            averaged over the ranks).
+        backend: keyword-only.
+    """
+
+    def __init__(self, init_temperature: float = reference.SIGLIP_INIT_TEMPERATURE,
+                 init_bias: float = reference.SIGLIP_INIT_BIAS, learnable: bool = True,
+                 gather_distributed: bool = False, *, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        check_positive("init_temperature", init_temperature)
+        if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)) or not math.isfinite(init_bias):
+            raise ValueError(f"init_bias must be a finite number, got {init_bias!r}")
+        self.learnable = bool(learnable)
+        self.gather_distributed = _check_gather(gather_distributed, ring=False)
+        self.backend = _check_backend(backend)
+        if self.learnable:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(init_temperature)))
+            self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
+        else:
+            self.temperature = float(init_temperature)
+            self.bias = float(init_bias)
+
+    def current_scale(self) -> Union[float, Tensor]:
+        """t now: a float, or exp(logit_scale), a 0-dim tensor that carries the gradient."""
+        return self.logit_scale.exp() if self.learnable else self.temperature
+
+    def current_bias(self) -> Union[float, Tensor]:
+        """b now: a float, or the `logit_bias` parameter."""
+        return self.logit_bias if self.learnable else self.bias
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """out0, out1: (N, D) embeddings of matching pairs (e.g. image and text). Returns the loss (0-dim)."""
+        return functional.siglip_loss(out0, out1, self.current_scale(), self.current_bias(),
+                                      gather_distributed=self.gather_distributed, backend=self.backend)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        if self.learnable:
+            state = f"learnable, t={float(self.logit_scale.detach().exp()):g}, b={float(self.logit_bias.detach()):g}"
+        else:
+            state = f"t={self.temperature:g}, b={self.bias:g}"
+        return f"{state}{_gather_repr(self)}, backend={self.backend!r}"
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss (`fastssl.supcon_loss`, Khosla et al. 2020, L_out): needs class labels.
+
+    `forward(out0, labels, out1=None)`: out0 (N, D) embeddings, labels (N,) integer class ids
+    (−1: unlabeled, whose only positive is its other view), out1 (N, D) a second view or None.
+    Anchors without a positive are left out of the mean.
+
+    Args:
+        temperature: τ > 0 (default 0.1, the paper's).
+        backend: keyword-only.
+    """
+
+    def __init__(self, temperature: float = reference.SUPCON_TEMPERATURE, *, backend: str = "auto"):
+        super().__init__()
+        check_positive("temperature", temperature)
+        self.temperature = temperature
+        self.backend = _check_backend(backend)
+
+    def forward(self, out0: Tensor, labels: Tensor, out1: Optional[Tensor] = None) -> Tensor:
+        """out0 (N, D), labels (N,), out1 (N, D) or None. Returns the loss (0-dim)."""
+        return functional.supcon_loss(out0, labels, self.temperature, z2=out1, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}"

@@ -47,6 +47,17 @@ __all__ = [
     "alignment",
     "uniformity",
     "class_center_divergence",
+    "macl_loss",
+    "directclr_loss",
+    "frossl_loss",
+    "tico_loss",
+    "koleo_loss",
+    "dino_loss_from_logits",
+    "dino_loss",
+    "ibot_patch_loss_from_logits",
+    "ibot_patch_loss",
+    "siglip_loss",
+    "supcon_loss",
 ]
 
 Temperature = Union[float, Tensor]
@@ -431,7 +442,6 @@ def class_center_divergence(z: Tensor, labels: Tensor) -> Tensor:
 # formula of its lightly module written out literally (tests/spec/test_lightly_losses.py checks both).
 # --------------------------------------------------------------------------------------------------
 
-__all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]
 
 
 def macl_loss(
@@ -532,7 +542,6 @@ def koleo_loss(x: Tensor, p: float = 2.0, eps: float = 1e-8) -> Tensor:
 # prototype cross-entropy: DINO (Caron et al. 2021) — family 4, appended section
 # --------------------------------------------------------------------------------------------------
 
-__all__ += ["dino_loss_from_logits", "dino_loss", "ibot_patch_loss_from_logits", "ibot_patch_loss"]
 
 
 def dino_loss_from_logits(
@@ -641,3 +650,75 @@ def ibot_patch_loss(
     teacher_logits = (_up(teacher, dtype) @ w_t.T).detach()
     return ibot_patch_loss_from_logits(teacher_logits, _up(student, dtype) @ w.T, mask, center, student_temp,
                                        teacher_temp)
+
+# ==================================================================================================
+# SigLIP (Zhai et al. 2023) and SupCon (Khosla et al. 2020) — appended section, one place for both.
+# ==================================================================================================
+
+
+#: SigLIP's initialisation (Zhai et al. 2023): t = exp(t') with t' = log 10, and b = −10.
+SIGLIP_INIT_TEMPERATURE = 10.0
+SIGLIP_INIT_BIAS = -10.0
+#: SupCon's temperature (Khosla et al. 2020 train with τ = 0.1).
+SUPCON_TEMPERATURE = 0.1
+
+
+def siglip_loss(z1: Tensor, z2: Tensor, scale: Temperature = SIGLIP_INIT_TEMPERATURE,
+                bias: Union[float, Tensor] = SIGLIP_INIT_BIAS) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023).
+
+    x = n(z1), y = n(z2) (N, D); logits ℓ_ij = t·x_i·y_j + b with t = `scale` (the paper's
+    "temperature", a multiplier: exp of the learnable t') and b = `bias`; labels +1 on the diagonal
+    and −1 elsewhere::
+
+        loss = −1/N Σ_ij log σ(label_ij·ℓ_ij) = 1/N Σ_ij softplus(−label_ij·ℓ_ij)
+
+    Args: z1, z2 (N, D); scale t > 0 and bias b, floats or 1-element tensors (gradients flow to them).
+    """
+    dtype = compute_dtype(z1)
+    x = F.normalize(_up(z1, dtype), dim=1)
+    y = F.normalize(_up(z2, dtype), dim=1)
+    logits = _temp(scale, dtype) * (x @ y.T) + _temp(bias, dtype)
+    labels = 2.0 * torch.eye(x.shape[0], dtype=dtype, device=x.device) - 1.0
+    return -F.logsigmoid(labels * logits).sum() / x.shape[0]
+
+
+def supcon_loss(z1: Tensor, labels: Tensor, temperature: Temperature = SUPCON_TEMPERATURE,
+                z2: Optional[Tensor] = None) -> Tensor:
+    """Supervised contrastive loss, the L_out form (Khosla et al. 2020, eq. 2).
+
+    Rows Z = n(z1) (N rows), or with a second view Z = [n(z1); n(z2)] (2N rows, SimCLR's order) with
+    the labels repeated. s_ia = Z_i·Z_a/τ; A(i) = every row but i; P(i) = the rows a ≠ i with the
+    label of i, and, with two views, the other view of i's sample whatever the label::
+
+        ℓ_i  = LSE_{a∈A(i)} s_ia − 1/|P(i)| Σ_{p∈P(i)} s_ip
+        loss = mean of ℓ_i over the anchors with |P(i)| > 0
+
+    Negative labels (−1) mark unlabeled rows: they share a class with no row, so their only positive
+    is their other view (with two views; with one view they have none), and they are negatives of
+    every other anchor. Anchors with no positive are left out of the mean: Khosla et al.'s code
+    divides by |P(i)| = 0 there (NaN), pytorch-metric-learning's SupConLoss drops them as here.
+    No anchor with a positive at all gives 0 (an empty mean). Khosla et al.'s code also multiplies
+    by τ/τ_base (τ_base = 0.07); the paper's loss, written here, has no such factor.
+
+    Args: z1 (N, D); labels (N,) integers; temperature τ > 0; z2 (N, D) or None. Returns a 0-dim loss.
+    """
+    dtype = compute_dtype(z1)
+    z = F.normalize(_up(z1, dtype), dim=1)
+    lab = labels
+    n = z1.shape[0]
+    if z2 is not None:
+        z = torch.cat([z, F.normalize(_up(z2, dtype), dim=1)])
+        lab = torch.cat([labels, labels])
+    rows = z.shape[0]
+    eye = _eye(rows, z.device)
+    logits = z @ z.T / _temp(temperature, dtype)
+    positive = (lab[:, None] == lab[None, :]) & (lab[:, None] >= 0) & ~eye
+    if z2 is not None:
+        index = torch.arange(rows, device=z.device)
+        positive[index, (index + n) % rows] = True
+    log_prob = logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
+    count = positive.sum(1)
+    mean_log_prob = (log_prob * positive).sum(1) / count.clamp_min(1)
+    has_positive = count > 0
+    return -(mean_log_prob * has_positive).sum() / has_positive.sum().clamp_min(1)

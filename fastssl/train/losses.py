@@ -32,7 +32,16 @@ LOSSES: dict[str, tuple[str, str]] = {
     "vicreg-ctr": ("VICRegCtrLoss", "VICReg-exp on z^T, sample-contrastive (Garrido et al. 2023), tau=0.1"),
     "spectral": ("SpectralContrastiveLoss", "spectral contrastive loss (HaoChen et al.), mu=1"),
     "arcl": ("ArCLLoss", "SimCLR with each sample's worst pair of m views (ArCL), tau=0.5"),
+    "macl": ("MACLLoss", "NT-Xent with a model-aware temperature (MACL, Huang et al. 2023), tau=0.1, alpha=0.5"),
+    "directclr": ("DirectCLRLoss", "NT-Xent on the first loss_dim=64 dimensions (DirectCLR, Jing et al. 2022), tau=0.5"),
+    "frossl": ("FroSSLLoss", "log-Frobenius-norm regulariser + invariance (FroSSL, Skean et al. 2024), weight 1"),
+    "tico": ("TiCoLoss", "invariance + contrast against a running covariance (TiCo, Zhu et al. 2022), beta=0.9, rho=8"),
+    # Its learnable t' and b are parameters of the criterion module: the engine hands them to the
+    # optimiser with the model's and checkpoints them.
+    "siglip": ("SigLIPLoss", "pairwise sigmoid loss (SigLIP, Zhai et al. 2023) with learnable t=10 and b=-10"),
 }
+# Not offered: KoLeo is a regulariser, not a loss on its own; SupCon is supervised (it needs the
+# batch's labels, which the criterion is not given).
 
 
 @dataclass
@@ -92,16 +101,3 @@ def build_criterion(name: str, proj_dim: int, *, backend: str = "auto", temperat
         module = cls(memory_bank_size=(memory_bank, proj_dim), **kwargs)
         return Criterion(name, module, 1, momentum_keys=True, call=lambda mod, zs, keys: mod(zs[0], keys))
     return Criterion(name, cls(**kwargs), 2, call=lambda mod, zs, keys: mod(zs[0], zs[1]))
-
-
-# --------------------------------------------------------------------------------------------------
-# lightly 1.6's further losses (appended section). Each takes the two views as the others do
-# (`module(zs[0], zs[1])`); KoLeo is a regulariser, not a loss on its own, and is not offered here.
-# --------------------------------------------------------------------------------------------------
-
-LOSSES.update({
-    "macl": ("MACLLoss", "NT-Xent with a model-aware temperature (MACL, Huang et al. 2023), tau=0.1, alpha=0.5"),
-    "directclr": ("DirectCLRLoss", "NT-Xent on the first loss_dim=64 dimensions (DirectCLR, Jing et al. 2022), tau=0.5"),
-    "frossl": ("FroSSLLoss", "log-Frobenius-norm regulariser + invariance (FroSSL, Skean et al. 2024), weight 1"),
-    "tico": ("TiCoLoss", "invariance + contrast against a running covariance (TiCo, Zhu et al. 2022), beta=0.9, rho=8"),
-})
