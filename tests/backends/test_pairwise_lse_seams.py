@@ -30,8 +30,8 @@ import torch
 
 import fastssl.kernels.torch.pairwise_lse as torch_kernels
 from fastssl.kernels import PairwiseLSEFlags
-from tests.backends.test_pairwise_lse import MODES, dense_oracle, make_case
-from tests.utils import CPU_BACKENDS, TOLERANCES
+from tests.backends.test_pairwise_lse import MODES, dense_oracle, make_case, run_both
+from tests.utils import CPU_BACKENDS, TOLERANCES, assert_close
 
 TRITON = "triton" in CPU_BACKENDS
 if TRITON:
@@ -186,6 +186,34 @@ def test_one_gradient_only(monkeypatch, backend, route, mode, needs):
     x, y, bank, scale, flags = case(mode, 17, 20, torch.float32, pos_offset=None if mode == "moco" else 4)
     flags = flags._replace(needs_dx=needs[0], needs_dy=needs[1])
     check(module, x, y, bank, scale, flags, f"{backend}/{route}/{mode} needs={needs}")
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODE_NAMES)
+@pytest.mark.parametrize("m,d", [(6, 3), (37, 70)])
+def test_triton_fused_route_fp32_through_the_op(monkeypatch, mode, m, d):
+    """fp32 takes the blocked route by default (backward_route); the fused passes, forced, through
+    the op and autograd against the oracle, d scale included (read off Σ x·dx)."""
+    assert triton_kernels.backward_route(d, torch.float32) == "blocked"
+    _force(monkeypatch, "fused")
+    assert triton_kernels.backward_route(d, torch.float32) == "fused"
+    x, y, bank, scale, flags = make_case(mode, m, d, torch.float32)
+    got, want = run_both("triton", x, y, bank, scale, flags)
+    for name, a, b in zip(("lse", "pos", "dx", "dy", "dscale"), got, want):
+        if b is not None:
+            assert_close(a, b, torch.float32, what=f"fused/{mode} {name} at M={m}, D={d}")
+
+
+@needs_triton
+@pytest.mark.parametrize("route", ["fused", "blocked"])
+@pytest.mark.parametrize("mode", ["simclr", "clip"])
+def test_triton_strided_and_unaligned_rows_fp16(monkeypatch, route, mode):
+    """A transposed view (VICReg-exp) and an odd D: the backward copies such rows into zero-padded,
+    16-byte aligned ones (aligned_rows) and returns gradients of the original width."""
+    _force(monkeypatch, route)
+    x, y, bank, scale, flags = make_case(mode, 26, 37, torch.float16, strided=True)
+    assert not x.is_contiguous() and triton_kernels.aligned_rows(x, 48).shape == (26, 48)
+    check(triton_kernels, x, y, bank, scale, flags, f"{route}/{mode} strided, D = 37")
 
 
 @needs_triton

@@ -29,8 +29,9 @@ kernel writes the weights G into a scratch bounded by SCRATCH_BYTES and torch.ma
 GPU) forms dx = G·y and dy += Gᵀ·x; the logits are computed once there too. Memory stays
 O((M + Ny + K)·D), plus the scratch on the blocked route, in every case.
 
-Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y),
-read `scale` on the device (no host sync) and launch on the current stream.
+Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y; the
+backward first copies rows that are not 16-byte aligned, `aligned_rows`), read `scale` on the device
+(no host sync) and launch on the current stream.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from fastssl._common import device_ctx
 from fastssl.kernels import PairwiseLSEFlags
-from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, mm_weights, round_to
+from fastssl.kernels.triton._utils import autotune, device_smem_limit, interpreting, mm, round_to
 
 #: fp32 inputs must match an fp32 reference to ~1e-5, so their dots run in full fp32 (CUDA cores).
 #: "tf32x3" (three TF32 tensor-core products, ~1e-6 relative per product) is the fast alternative.
@@ -81,15 +82,19 @@ FWD_CONFIGS = _configs(
 # The backward's (see "backward" below). "rows" owns x rows and keeps the dx block in registers next
 # to each transient dy tile; "sym" owns x rows (x is y); "dy" owns y columns (dy only); "weights"
 # writes G tiles for the blocked route. Configs whose live fp32 values would spill are pruned
-# (`live_fp32_per_thread`), so the 128-row ones serve D ≤ 128 only.
+# (`live_fp32_per_thread`): at D = 256 "rows" keeps its 16-column tiles (two (·, 256) fp32 blocks
+# are live), "sym" and "dy" their 8-warp ones. Each list was compiled with ptxas for sm_90 and sm_80
+# (tests/gpu/test_triton_aot.py) and kept only where nothing spills. Row blocks of 64 at least: below,
+# sm_90 has no wgmma for the block's products ("rows"' 16- and 32-column dy products use mma.sync).
 BWD_ROWS_CONFIGS = _configs(
-    [(64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2)]
+    [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (64, 16, 8, 3)]
 )
 BWD_SYM_CONFIGS = _configs(
-    [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3)]
+    [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (64, 32, 8, 3)]
 )
 BWD_DY_CONFIGS = _configs(
-    [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
+    [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 2),
+     (64, 64, 8, 2)]
 )
 BWD_WEIGHTS_CONFIGS = _configs(
     [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4)]
@@ -108,17 +113,21 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
     """Upper estimate of the shared memory (bytes) of one program; the pruning relies on it.
 
     Resident operands (SINGLE_K) count once, streamed ones once per pipeline stage, plus the
-    (BLOCK_M, BLOCK_N) tiles of weights that a backward product reads from shared memory: one, and
-    in "rows" a second for the transposed product of dy. Exact for the resident forward kernel on
+    (BLOCK_M, BLOCK_N) tiles of weights that a backward product reads from shared memory ("rows"
+    stages more: see there). Exact for the resident forward kernel on
     sm_90, above the compiled figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout`
     is no longer read: no kernel slices the output's D since the blocked route took D > resident.
     """
     if single_k:
         if kind == "fwd":
             est = itemsize * block_k * (block_m + stages * block_n)
-        elif kind in ("rows", "sym"):
-            tiles = 2 if kind == "rows" else 1
-            est = itemsize * (block_k * (block_m + stages * block_n) + tiles * block_m * block_n)
+        elif kind == "rows":
+            # x twice (left operand of the logits, right one of dy's product), y once more in the layout
+            # of dx's right operand, two weight tiles and a layout-conversion scratch of one more.
+            est = itemsize * (block_k * (2 * block_m + (stages + 1) * block_n) + 2 * block_m * block_n)
+            est += 4 * block_m * block_n
+        elif kind == "sym":
+            est = itemsize * (block_k * (block_m + stages * block_n) + block_m * block_n)
         else:
             est = itemsize * (block_k * (block_n + stages * block_m) + block_m * block_n)
     else:  # the D loop: "fwd", and "weights", whose G tile is stored straight from registers
@@ -143,10 +152,11 @@ def live_fp32_per_thread(kind: str, block_m: int, block_n: int, block_k: int, nu
     return live // (32 * num_warps)
 
 
-#: Most live fp32 values per thread (`live_fp32_per_thread`) a backward config may have: above it
-#: ptxas spills (255 registers a thread, the rest go to addresses, operands and masks; checked in
-#: tests/gpu/test_triton_aot.py, which compiles every kernel for sm_90 and sm_80 and asserts no spill).
-MAX_LIVE_FP32 = 128
+#: Most live fp32 values per thread (`live_fp32_per_thread`) a backward config may have. Measured
+#: with ptxas (tests/gpu/test_triton_aot.py, sm_90 and sm_80): 104 spilled ("rows" 64 x 32 on 8
+#: warps at D = 256), 84 did not; the other 150-odd of the 255 registers a thread has go to
+#: operands, addresses, masks and the epilogue's gathered rows.
+MAX_LIVE_FP32 = 100
 
 
 def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, block_dout: int,
@@ -341,18 +351,45 @@ WEIGHT_EXP = 14
 #: Weights P·2^15 of the dx-only pass (P ≤ 1 rounds to fp16 normally down to P = 2^-29), and its inverse.
 DX_ONLY_EXP: tl.constexpr = tl.constexpr(15.0)
 DX_ONLY_UNSCALE: tl.constexpr = tl.constexpr(2.0**-15)
+#: Rows per program of the positive-weight pre-pass (one fixed tile: it is O(M·D) work).
+POS_BLOCK_R = 32
 #: Row tiles per group in the "weights" kernel's launch order (they share column tiles in L2).
 WEIGHTS_GROUP_M: tl.constexpr = tl.constexpr(8)
+
+
+@triton.jit(do_not_specialize=["M", "NY", "pos_offset"])
+def _pairwise_lse_bwd_pos_kernel(
+    X, Y, SCALE, LSE, GRAD_LSE, GRAD_POS, W_POS,
+    M, NY, D,
+    stride_xm, stride_xd, stride_ym, stride_yd,
+    pos_offset,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The positive pair's weight of BLOCK_R rows, before the main pass (as FlashAttention's backward
+    computes its row statistic Delta first): w_i = grad_pos_i + grad_lse_i·exp(pos_i − lse_i), with
+    pos_i = scale·x_i·y_p(i) the forward's fp32 row-wise dot. Only launched with the positive in the
+    LSE (else w = grad_pos). O(M·D) reads; it spares every backward pass a row dot in its epilogue,
+    where the fp32 row tiles it needs would sit next to the accumulator and spill."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < M
+    pcol = (rows + pos_offset) % NY
+    pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
+                           BLOCK_R, BLOCK_K)
+    lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E
+    g_lse = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0)
+    w = tl.load(GRAD_POS + rows, mask=row_mask, other=0.0)
+    w += g_lse * tl.exp2(pos_raw * (tl.load(SCALE).to(tl.float32) * LOG2E) - lse2)
+    tl.store(W_POS + rows, w, mask=row_mask)
 
 
 @autotune(BWD_ROWS_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("rows"), reset_to_zero=["DY_ACC"])
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _pairwise_lse_bwd_rows_kernel(
-    X, Y, B, SCALE, LSE, GRAD_LSE, GRAD_POS, WSCALE, DX, DY_ACC,
+    X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC,
     M, NY, NB, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam,
     pos_offset, ROW_BIN,
-    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -362,24 +399,24 @@ def _pairwise_lse_bwd_rows_kernel(
     S = x_I·y_Jᵀ (fp32), the weights W = G·f (masked: col < Ny, col ≠ p(i), col ≠ i if EXCLUDE_SELF)
     rounded to the input dtype, dx_I += W·y_J in registers, and Wᵀ·x_I (BLOCK_N, D) added to the fp32
     buffer DY_ACC at rows J with relaxed atomics: three products per tile, one of them the logits.
-    Bank tiles (HAS_BANK) feed dx alone. The positive pair after the loops: w_i = grad_pos_i +
-    grad_lse_i·exp(pos_i − lse_i)·[INCLUDE_POS] from a row-wise dot; dx_i += w_i·y_p(i), and w_i·f·x_i
-    goes to DY_ACC row p(i). Stores dx_i = scale·(acc_i / f + w_i·y_p(i)); DY_ACC ends as dy·f/scale
-    (the launcher rescales and rounds it). Without NEEDS_DY the weights are P·2^15 (see above) and
-    DY_ACC is never touched.
+    Bank tiles (HAS_BANK) feed dx alone. The positive pair after the loops, with w_i from W_POS
+    (`_pairwise_lse_bwd_pos_kernel`): dx_i += w_i·y_p(i), and w_i·f·x_i goes to DY_ACC row p(i).
+    Stores dx_i = scale·(acc_i / f + w_i·y_p(i)); DY_ACC ends as dy·f/scale (the launcher rescales
+    and rounds it). Without NEEDS_DY the weights are P·2^15 (see above) and DY_ACC is not touched.
+    Indices are int32 in the masks (sizes < 2^31) and int64 in addresses.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
+    rows64 = rows.to(tl.int64)
     pcol = (rows + pos_offset) % NY
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E
-    lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E  # the forward's base-2 lse
-    g_lse = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0)
+    lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E  # the forward's base-2 lse
+    g_lse = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0)
     f = tl.load(WSCALE)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
     k_mask = ks < D
-    x_blk = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
+    x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
     if NEEDS_DY:
         # Rows past M get grad_lse = 0, hence zero weights: they add nothing to dy.
@@ -392,9 +429,10 @@ def _pairwise_lse_bwd_rows_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
         for start_n in range(0, NY, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NY
-            y_t = tl.load(Y + cols[:, None] * stride_ym + ks[None, :] * stride_yd,
+            cols64 = cols.to(tl.int64)
+            y_t = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
                           mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[None, :] & (cols[None, :] != pcol[:, None])
@@ -406,16 +444,16 @@ def _pairwise_lse_bwd_rows_kernel(
                 w = round_to(p * w_row[:, None], y_t.dtype)
                 acc = mm(w, y_t, acc, FP32_PRECISION)
                 dy_t = mm(tl.trans(w), x_blk, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), FP32_PRECISION)
-                tl.atomic_add(DY_ACC + cols[:, None] * stride_dam + ks[None, :], dy_t,
+                tl.atomic_add(DY_ACC + cols64[:, None] * stride_dam + ks[None, :], dy_t,
                               mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
             else:
                 acc = mm(round_to(p, y_t.dtype), y_t, acc, FP32_PRECISION)
 
     if HAS_BANK:
         for start_n in range(0, NB, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            b_t = tl.load(B + cols[:, None] * stride_bm + ks[None, :] * stride_bd,
+            b_t = tl.load(B + cols.to(tl.int64)[:, None] * stride_bm + ks[None, :] * stride_bd,
                           mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - shift2[:, None], float("-inf")))
@@ -424,30 +462,27 @@ def _pairwise_lse_bwd_rows_kernel(
             acc = mm(round_to(p, b_t.dtype), b_t, acc, FP32_PRECISION)
 
     # The positive pair, after the loops so that its (BLOCK_M, D) tile is not held across them.
-    w_pos = tl.load(GRAD_POS + rows, mask=row_mask, other=0.0)
-    y_pos = tl.load(Y + pcol[:, None] * stride_ym + ks[None, :] * stride_yd,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-    if INCLUDE_POS:
-        pos_raw = tl.sum(x_blk.to(tl.float32) * y_pos.to(tl.float32), axis=1)
-        w_pos += g_lse * tl.exp2(pos_raw * qk_scale - lse2)
+    pcol64 = pcol.to(tl.int64)
+    m2 = row_mask[:, None] & k_mask[None, :]
+    w_pos = tl.load(W_POS + rows64, mask=row_mask, other=0.0)
+    y_pos = tl.load(Y + pcol64[:, None] * stride_ym + ks[None, :] * stride_yd, mask=m2, other=0.0)
     if NEEDS_DY:
         dx = scale * (acc * (1.0 / f) + w_pos[:, None] * y_pos.to(tl.float32))
-        tl.atomic_add(DY_ACC + pcol[:, None] * stride_dam + ks[None, :], (w_pos * f)[:, None] * x_blk.to(tl.float32),
-                      mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
+        tl.atomic_add(DY_ACC + pcol64[:, None] * stride_dam + ks[None, :], (w_pos * f)[:, None] * x_blk.to(tl.float32),
+                      mask=m2, sem="relaxed")
     else:
         dx = scale * ((g_lse * DX_ONLY_UNSCALE)[:, None] * acc + w_pos[:, None] * y_pos.to(tl.float32))
-    tl.store(DX + rows[:, None] * stride_dxm + ks[None, :], round_to(dx, DX.dtype.element_ty),
-             mask=row_mask[:, None] & k_mask[None, :])
+    tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(dx, DX.dtype.element_ty), mask=m2)
 
 
 @autotune(BWD_SYM_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("sym"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _pairwise_lse_bwd_sym_kernel(
-    X, B, SCALE, LSE, GRAD_LSE, GRAD_POS, WSCALE, DX, DY,
+    X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY,
     M, NB, D,
     stride_xm, stride_xd, stride_bm, stride_bd, stride_dxm, stride_dym,
     pos_offset, ROW_BIN,
-    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -460,38 +495,42 @@ def _pairwise_lse_bwd_sym_kernel(
     W_IJ = (G_IJ + G_JIᵀ)·f, G_JI from the column rows' lse_J and grad_lse_J under their own masks
     (i ≠ p(j), i ≠ j if EXCLUDE_SELF): two products per tile (the logits and one weighted sum) where
     separate dx and dy passes take four; each output row has one owner, so it is deterministic
-    (csrc/pairwise_lse.cu's kSym shares the tile too, with two accumulators). Positives: row i's own,
-    w_i·x_p(i), and w_q·x_q for the row q = (i − pos_offset) mod M whose positive is i. The op sums dx
-    and dy (ops/pairwise_lse.py), so each gets half: Σ x·dx is then Σ_ij G_ij x_i·x_j·scale, what
-    d scale is read from. Bank columns (HAS_BANK; no loss has them with x is y) feed dx alone: they
-    are added after dy is stored.
+    (csrc/pairwise_lse.cu's kSym shares the tile too, with two accumulators). Positives, weights from
+    W_POS: row i's own, w_i·x_p(i), and w_q·x_q for the row q = (i − pos_offset) mod M whose positive
+    is i. The op sums dx and dy (ops/pairwise_lse.py), so each gets half: Σ x·dx is then
+    Σ_ij G_ij x_i·x_j·scale, what d scale is read from. Bank columns (HAS_BANK; no loss has them with
+    x is y) feed dx alone: they are added after dy is stored.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    # M = Ny and 0 ≤ pos_offset < M: (i ± pos_offset) mod M is one conditional add or subtract.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    pcol = (rows + pos_offset) % M
+    rows64 = rows.to(tl.int64)
+    pcol = rows + pos_offset
+    pcol = tl.where(pcol >= M, pcol - M, pcol)
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E
-    lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E
-    g_lse = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0)
+    lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
     f = tl.load(WSCALE)
-    w_row = g_lse * f
+    w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * f
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = ks < D
-    x_blk = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    m2 = row_mask[:, None] & k_mask[None, :]
+    x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for start_n in range(0, M, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = start_n + tl.arange(0, BLOCK_N)
         col_mask = cols < M
-        x_t = tl.load(X + cols[:, None] * stride_xm + ks[None, :] * stride_xd,
+        cols64 = cols.to(tl.int64)
+        x_t = tl.load(X + cols64[:, None] * stride_xm + ks[None, :] * stride_xd,
                       mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        lse2_c = tl.load(LSE + cols, mask=col_mask, other=0.0) * LOG2E
-        w_col = tl.load(GRAD_LSE + cols, mask=col_mask, other=0.0) * f
+        lse2_c = tl.load(LSE + cols64, mask=col_mask, other=0.0) * LOG2E
+        w_col = tl.load(GRAD_LSE + cols64, mask=col_mask, other=0.0) * f
+        pcol_c = cols + pos_offset
+        pcol_c = tl.where(pcol_c >= M, pcol_c - M, pcol_c)
         t = mm(x_blk, tl.trans(x_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION) * qk_scale
         valid_r = col_mask[None, :] & (cols[None, :] != pcol[:, None])
-        valid_c = col_mask[None, :] & (rows[:, None] != ((cols + pos_offset) % M)[None, :])
+        valid_c = col_mask[None, :] & (rows[:, None] != pcol_c[None, :])
         if EXCLUDE_SELF:
             not_self = cols[None, :] != rows[:, None]
             valid_r = valid_r & not_self
@@ -502,77 +541,73 @@ def _pairwise_lse_bwd_sym_kernel(
         w = round_to(p_r * w_row[:, None] + p_c * w_col[None, :], x_t.dtype)
         acc = mm(w, x_t, acc, FP32_PRECISION)
 
-    # The positives: row i's own (i, p(i)) and (q, i), q the row whose positive column is i.
-    qrow = (rows + (M - pos_offset)) % M  # 0 ≤ pos_offset < M
-    m2 = row_mask[:, None] & k_mask[None, :]
-    x_pos = tl.load(X + pcol[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0).to(tl.float32)
-    x_q = tl.load(X + qrow[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0).to(tl.float32)
-    w_own = tl.load(GRAD_POS + rows, mask=row_mask, other=0.0)
-    w_q = tl.load(GRAD_POS + qrow, mask=row_mask, other=0.0)
-    if INCLUDE_POS:
-        x_f = x_blk.to(tl.float32)
-        w_own += g_lse * tl.exp2(tl.sum(x_f * x_pos, axis=1) * qk_scale - lse2)
-        lse2_q = tl.load(LSE + qrow, mask=row_mask, other=0.0) * LOG2E
-        g_q = tl.load(GRAD_LSE + qrow, mask=row_mask, other=0.0)
-        w_q += g_q * tl.exp2(tl.sum(x_q * x_f, axis=1) * qk_scale - lse2_q)
-    acc = acc * 0.5 + (0.5 * f) * (w_own[:, None] * x_pos + w_q[:, None] * x_q)
+    # Half the sum to each output, then the positives (i, p(i)) and (q, i).
+    qrow = rows - pos_offset
+    qrow64 = tl.where(qrow < 0, qrow + M, qrow).to(tl.int64)
+    pcol64 = pcol.to(tl.int64)
+    half_f = 0.5 * f
+    w_own = tl.load(W_POS + rows64, mask=row_mask, other=0.0) * half_f
+    w_q = tl.load(W_POS + qrow64, mask=row_mask, other=0.0) * half_f
+    x_pos = tl.load(X + pcol64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
+    x_q = tl.load(X + qrow64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
+    acc = acc * 0.5 + w_own[:, None] * x_pos.to(tl.float32) + w_q[:, None] * x_q.to(tl.float32)
     unscale = scale * (1.0 / f)
-    tl.store(DY + rows[:, None] * stride_dym + ks[None, :], round_to(acc * unscale, DY.dtype.element_ty), mask=m2)
+    tl.store(DY + rows64[:, None] * stride_dym + ks[None, :], round_to(acc * unscale, DY.dtype.element_ty), mask=m2)
 
     if HAS_BANK:
         for start_n in range(0, NB, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            b_t = tl.load(B + cols[:, None] * stride_bm + ks[None, :] * stride_bd,
+            b_t = tl.load(B + cols.to(tl.int64)[:, None] * stride_bm + ks[None, :] * stride_bd,
                           mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - lse2[:, None], float("-inf")))
             acc = mm(round_to(p * w_row[:, None], b_t.dtype), b_t, acc, FP32_PRECISION)
-    tl.store(DX + rows[:, None] * stride_dxm + ks[None, :], round_to(acc * unscale, DX.dtype.element_ty), mask=m2)
+    tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(acc * unscale, DX.dtype.element_ty), mask=m2)
 
 
 @autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("dy"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _pairwise_lse_bwd_dy_kernel(
-    X, Y, SCALE, LSE, GRAD_LSE, GRAD_POS, WSCALE, DY,
+    X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY,
     M, NY, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
     pos_offset, ROW_BIN,
-    EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dy alone (dx not asked for: a frozen row tower) for one block of BLOCK_N columns of y.
 
-    dy_j = scale·(Σ_{i: j≠p(i)} grad_lse_i·P_ij x_i + Σ_{i: p(i)=j} w_i x_i), w_i as in the "rows"
-    kernel. Owning the columns keeps dy in registers, with no atomics and no fp32 buffer, which is
-    why this pass stays for the dy-only case. If Y_NEGATIVES, the program streams (BLOCK_M, D) row
-    tiles of x, recomputes the transposed logits y_blk @ x_tileᵀ (BLOCK_N, BLOCK_M) from the stored
-    lse, and accumulates (G·f)ᵀ @ x_tile in fp32, the weights G·f rounded to the input dtype. The
-    positive rows of column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over
-    Ny, usually one), are then gathered and added elementwise. The bank needs no gradient and is not
-    read.
+    dy_j = scale·(Σ_{i: j≠p(i)} grad_lse_i·P_ij x_i + Σ_{i: p(i)=j} w_i x_i), w_i from W_POS. Owning
+    the columns keeps dy in registers, with no atomics and no fp32 buffer, which is why this pass
+    stays for the dy-only case. If Y_NEGATIVES, the program streams (BLOCK_M, D) row tiles of x,
+    recomputes the transposed logits y_blk @ x_tileᵀ (BLOCK_N, BLOCK_M) from the stored lse, and
+    accumulates (G·f)ᵀ @ x_tile in fp32, the weights G·f rounded to the input dtype. The positive
+    rows of column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over Ny,
+    usually one), are then gathered and added elementwise. The bank needs no gradient and is not read.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < NY
+    cols64 = cols.to(tl.int64)
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = ks < D
-    y_blk = tl.load(Y + cols[:, None] * stride_ym + ks[None, :] * stride_yd,
+    y_blk = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
         f = tl.load(WSCALE)
         for start_m in range(0, M, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+            rows = start_m + tl.arange(0, BLOCK_M)
             row_mask = rows < M
+            rows64 = rows.to(tl.int64)
             pcol = (rows + pos_offset) % NY
-            lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E
-            w_row = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0) * f
-            x_t = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
+            lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
+            w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * f
+            x_t = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
                           mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             s_t = mm(y_blk, tl.trans(x_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[:, None] & row_mask[None, :] & (cols[:, None] != pcol[None, :])
@@ -582,21 +617,18 @@ def _pairwise_lse_bwd_dy_kernel(
             acc = mm(round_to(p_t * w_row[None, :], x_t.dtype), x_t, acc, FP32_PRECISION)
         acc = acc * (1.0 / f)
 
-    prow0 = (cols + (NY - pos_offset)) % NY  # 0 ≤ pos_offset < NY, so this is (j − pos_offset) mod Ny
+    prow0 = cols - pos_offset
+    prow0 = tl.where(prow0 < 0, prow0 + NY, prow0)  # (j − pos_offset) mod Ny, as 0 ≤ pos_offset < Ny
     for wrap in range(0, M, NY):
         prow = prow0 + wrap
         p_mask = col_mask & (prow < M)
-        x_pos = tl.load(X + prow[:, None] * stride_xm + ks[None, :] * stride_xd,
+        prow64 = prow.to(tl.int64)
+        x_pos = tl.load(X + prow64[:, None] * stride_xm + ks[None, :] * stride_xd,
                         mask=p_mask[:, None] & k_mask[None, :], other=0.0)
-        w_pos = tl.load(GRAD_POS + prow, mask=p_mask, other=0.0)
-        if INCLUDE_POS:
-            pos_raw = tl.sum(x_pos.to(tl.float32) * y_blk.to(tl.float32), axis=1)
-            lse2 = tl.load(LSE + prow, mask=p_mask, other=0.0) * LOG2E
-            g_lse = tl.load(GRAD_LSE + prow, mask=p_mask, other=0.0)
-            w_pos += g_lse * tl.exp2(pos_raw * qk_scale - lse2)
+        w_pos = tl.load(W_POS + prow64, mask=p_mask, other=0.0)
         acc += w_pos[:, None] * x_pos.to(tl.float32)
 
-    tl.store(DY + cols[:, None] * stride_dym + ks[None, :], round_to(acc * scale, DY.dtype.element_ty),
+    tl.store(DY + cols64[:, None] * stride_dym + ks[None, :], round_to(acc * scale, DY.dtype.element_ty),
              mask=col_mask[:, None] & k_mask[None, :])
 
 
@@ -628,24 +660,26 @@ def _pairwise_lse_bwd_weights_kernel(
     group_rows = tl.minimum(n_m - first_m, WEIGHTS_GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    local = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 in the masks, int64 in addresses
     rows = row0 + local
     row_mask = local < R
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < NC
-    s = _logits_loop(X, C, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_cm, stride_cd, D,
+    cols64 = cols.to(tl.int64)
+    s = _logits_loop(X, C, rows64, cols64, row_mask, col_mask, stride_xm, stride_xd, stride_cm, stride_cd, D,
                      FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     scale = tl.load(SCALE).to(tl.float32)
-    lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E
-    w_row = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0) * tl.load(WSCALE)
+    lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
+    w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * tl.load(WSCALE)
     valid = col_mask[None, :]
     if Y_COLUMNS:
         valid = valid & (cols[None, :] != ((rows + pos_offset) % NY)[:, None])
         if EXCLUDE_SELF:
             valid = valid & (cols[None, :] != rows[:, None])
     p = tl.exp2(tl.where(valid, s * (scale * LOG2E) - lse2[:, None], float("-inf")))
-    tl.store(W + local[:, None] * stride_wm + cols[None, :], round_to(p * w_row[:, None], W.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(W + local.to(tl.int64)[:, None] * stride_wm + cols64[None, :],
+             round_to(p * w_row[:, None], W.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -659,6 +693,11 @@ def tile_dims(d: int, dtype: torch.dtype) -> tuple[int, bool, int]:
     if block <= RESIDENT_D_MAX[itemsize]:
         return block, True, block
     return LOOP_BLOCK_K[itemsize], False, LOOP_BLOCK_DOUT[itemsize]
+
+
+def blocked_block_k(d: int, dtype: torch.dtype) -> int:
+    """BLOCK_K of the blocked route's weights kernel: the D loop's chunk, or less for a small D."""
+    return min(LOOP_BLOCK_K[dtype.itemsize], max(16, triton.next_power_of_2(d)))
 
 
 def _row_bin(n: int) -> int:
@@ -718,15 +757,19 @@ def backward_route(d: int, dtype: torch.dtype) -> str:
     """"fused" (one Triton pass, each logit tile computed once) or "blocked" (weights in a bounded
     scratch, the two products by torch.matmul) for feature size `d` and input `dtype`.
 
-    The default is the fused pass wherever D is resident (one BLOCK_K chunk: D ≤ 256 for bf16/fp16,
-    ≤ 128 for fp32), since its accumulators must hold a full row of D; blocked above. It is a
-    default, not a measurement: no GPU timing of either route exists yet, and this rule is to be
-    replaced by one measured on GPUs (FASTSSL_LSE_BWD_ROUTE forces a route meanwhile).
+    The default is the fused pass for bf16/fp16 wherever D is resident (one BLOCK_K chunk, D ≤ 256),
+    since its accumulators hold a full row of D; blocked above, and for fp32, whose "ieee" dots run
+    on CUDA cores, where every resident backward kernel spills (ptxas, tests/gpu/test_triton_aot.py)
+    and cuBLAS's fp32 GEMM does not. It is a default, not a measurement: no GPU timing of either route
+    exists yet, and this rule is to be replaced by one measured on GPUs. FASTSSL_LSE_BWD_ROUTE forces
+    a route meanwhile ("fused" wherever D is resident, fp32 included).
     """
     resident = tile_dims(d, dtype)[1]
     if BACKWARD_ROUTE == "blocked" or not resident:
         return "blocked"
-    return "fused"
+    if BACKWARD_ROUTE == "fused" or dtype.itemsize == 2:
+        return "fused"
+    return "blocked"
 
 
 def _weight_scale(grad_lse: Tensor, grad_pos: Tensor) -> Tensor:
@@ -736,6 +779,30 @@ def _weight_scale(grad_lse: Tensor, grad_pos: Tensor) -> Tensor:
     g_max = torch.maximum(grad_lse.abs().amax(), grad_pos.abs().amax())
     e = torch.frexp(g_max).exponent.clamp(-100, 100)
     return torch.ldexp(torch.ones((), dtype=torch.float32, device=g_max.device), WEIGHT_EXP - e)
+
+
+def _positive_weights(x, y, scale, lse, grad_lse, grad_pos, flags) -> Tensor:
+    """w_i = grad_pos_i + grad_lse_i·exp(pos_i − lse_i)·[include_pos], (M,) fp32: the positive pair's
+    weight, by `_pairwise_lse_bwd_pos_kernel` (grad_pos itself when the positive is not in the LSE)."""
+    if not flags.include_pos:
+        return grad_pos
+    m, d = x.shape
+    w_pos = torch.empty_like(grad_pos)
+    block_r = 16 if interpreting() else POS_BLOCK_R
+    with device_ctx(x):
+        _pairwise_lse_bwd_pos_kernel[(triton.cdiv(m, block_r),)](
+            x, y, scale, lse, grad_lse, grad_pos, w_pos,
+            m, y.shape[0], d,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            flags.pos_offset,
+            BLOCK_R=block_r, BLOCK_K=pos_block_k(d),
+        )  # fmt: skip
+    return w_pos
+
+
+def pos_block_k(d: int) -> int:
+    """BLOCK_K of `_pairwise_lse_bwd_pos_kernel`: one chunk up to 128, else a loop over D."""
+    return min(128, max(16, triton.next_power_of_2(d)))
 
 
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -750,12 +817,13 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()
 
 
-def _backward_blocked(x, y, bank, scale, lse, grad_lse, grad_pos, wscale, flags, dx, dy):
+def _backward_blocked(x, y, bank, scale, lse, grad_lse, w_pos, wscale, flags, dx, dy):
     """The blocked route, for any D: per block of rows, the weights G·f (the positive excluded) of
     every column are written by `_pairwise_lse_bwd_weights_kernel` into a scratch of at most
     SCRATCH_BYTES in the input dtype; then dx_block = G·y (+ G_bank·bank) and dy += Gᵀ·x_block by
     torch.matmul with fp32 results (`_mm_f32`). The positive pair is handled apart with O(block·D)
-    gathers. Memory: O((M + Ny + K)·D) plus the scratch. Deterministic (no atomics). Fills dx, dy."""
+    gathers (w_pos: the positive's weights, `_positive_weights`). Memory: O((M + Ny + K)·D) plus the
+    scratch. Deterministic (no atomics). Fills dx, dy."""
     m, d = x.shape
     n_y = y.shape[0]
     want_dx, want_dy = flags.needs_dx, flags.needs_dy
@@ -766,7 +834,7 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, grad_pos, wscale, flags,
     scratch = torch.empty((rows_per, n_cols), dtype=x.dtype, device=x.device) if n_cols else None
     unscale = scale.to(torch.float32) / wscale  # scale / f, exact: f is a power of two
     dy_acc = torch.zeros((n_y, d), dtype=torch.float32, device=x.device) if want_dy else None  # units of f/scale
-    block_k = min(LOOP_BLOCK_K[x.element_size()], max(16, triton.next_power_of_2(d)))
+    block_k = blocked_block_k(d, x.dtype)
     row_bin = _row_bin(max(rows_per, n_cols))
 
     def weights(cols, out, row0, n_rows, y_columns):
@@ -784,12 +852,8 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, grad_pos, wscale, flags,
         r1 = min(m, r0 + rows_per)
         xb = x[r0:r1]
         pcol = (torch.arange(r0, r1, device=x.device) + flags.pos_offset) % n_y
-        # The positive: w_i = grad_pos_i + grad_lse_i·exp(pos_i − lse_i)·[include_pos], an fp32 row dot.
         y_pos = y[pcol].to(torch.float32)
-        w_pos = grad_pos[r0:r1]
-        if flags.include_pos:
-            pos = (xb.to(torch.float32) * y_pos).sum(1) * scale
-            w_pos = w_pos + grad_lse[r0:r1] * torch.exp(pos - lse[r0:r1])
+        wb = w_pos[r0:r1]
         g = scratch[: r1 - r0] if n_cols else None
         with device_ctx(x):
             if y_cols:
@@ -797,7 +861,7 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, grad_pos, wscale, flags,
             if has_bank:
                 weights(bank, g[:, y_cols:], r0, r1 - r0, False)
         if want_dx:
-            acc = (scale * w_pos)[:, None] * y_pos
+            acc = (scale * wb)[:, None] * y_pos
             if y_cols:
                 acc += _mm_f32(g[:, :y_cols], y) * unscale
             if has_bank:
@@ -806,7 +870,7 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, grad_pos, wscale, flags,
         if want_dy:
             if y_cols:
                 dy_acc += _mm_f32(g[:, :y_cols].T, xb)
-            dy_acc.index_add_(0, pcol, (w_pos * wscale)[:, None] * xb.to(torch.float32))
+            dy_acc.index_add_(0, pcol, (wb * wscale)[:, None] * xb.to(torch.float32))
     if want_dy:
         dy.copy_(dy_acc.mul_(unscale))
 
@@ -830,28 +894,68 @@ def pairwise_lse_backward(
       * `_pairwise_lse_bwd_rows_kernel` when dx is asked for, with dy through atomics if asked too;
       * `_pairwise_lse_bwd_dy_kernel` when dy alone is.
     """
-    m, d, n_y, has_bank, b, n_b, scale, meta, _ = _common(x, y, bank, scale)
+    m, d = x.shape
+    n_y = y.shape[0]
     want_dx, want_dy = flags.needs_dx, flags.needs_dy
     dx = torch.empty((m if want_dx else 0, d), dtype=x.dtype, device=x.device)
     dy = torch.empty((n_y if want_dy else 0, d), dtype=y.dtype, device=y.device)
     if m == 0 or not (want_dx or want_dy):
         return dx, dy.zero_()
+    same = y is x
+    # Rows the kernels can load 16 bytes at a time (see `aligned_rows`): O(N·D) copies at most.
+    d_pad = padded_width(d)
+    x, bank = aligned_rows(x, d_pad), None if bank is None else aligned_rows(bank, d_pad)
+    y = x if same else aligned_rows(y, d_pad)
+    m, d_k, n_y, has_bank, b, n_b, scale, meta, _ = _common(x, y, bank, scale)
+    dx_k = dx if d_k == d else torch.empty((dx.shape[0], d_k), dtype=dx.dtype, device=dx.device)
+    dy_k = dy if d_k == d else torch.empty((dy.shape[0], d_k), dtype=dy.dtype, device=dy.device)
     # O(M) copies at most: expanded / strided gradients from the autograd graph.
     lse = lse.to(torch.float32).contiguous()
     grad_lse = grad_lse.to(torch.float32).contiguous()
     grad_pos = grad_pos.to(torch.float32).contiguous()
     wscale = _weight_scale(grad_lse, grad_pos)
+    w_pos = _positive_weights(x, y, scale, lse, grad_lse, grad_pos, flags)
     if backward_route(d, x.dtype) == "blocked":
-        _backward_blocked(x, y, bank if has_bank else None, scale, lse, grad_lse, grad_pos, wscale, flags, dx, dy)
-        return dx, dy
+        _backward_blocked(x, y, bank if has_bank else None, scale, lse, grad_lse, w_pos, wscale, flags, dx_k, dy_k)
+    else:
+        _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, wscale, flags, meta, dx_k, dy_k)
+    if d_k != d:
+        dx.copy_(dx_k[:, :d])
+        dy.copy_(dy_k[:, :d])
+    return dx, dy
+
+
+def padded_width(d: int) -> int:
+    """D rounded up to a multiple of 16: the width the backward kernels see (`aligned_rows`)."""
+    return -(-d // 16) * 16
+
+
+def aligned_rows(t: Tensor, width: int) -> Tensor:
+    """`t` itself where its rows are `width` wide, contiguous along D, 16-byte aligned and 16-element
+    strided; else a copy into zero-padded rows of `width` (O(N·D)). The zero columns add nothing to
+    any dot product. Otherwise (an odd D such as uniformity's D + 2 columns, a transposed view) Triton
+    loads element by element through one 64-bit address each, and every backward kernel spills
+    (tests/gpu/test_triton_aot.py: D = 70 spilled, D = 80 did not)."""
+    if t.shape[1] == width and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    out = t.new_zeros((t.shape[0], width))
+    out[:, : t.shape[1]] = t
+    return out
+
+
+def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, wscale, flags, meta, dx, dy):
+    """The fused route: one pass of the symmetric, rows or dy kernel (see pairwise_lse_backward)."""
+    m, d = x.shape
+    n_y = y.shape[0]
+    want_dx, want_dy = flags.needs_dx, flags.needs_dy
     del meta["SINGLE_K"]  # the fused kernels hold D resident, always
-    meta.update(EXCLUDE_SELF=flags.exclude_self, INCLUDE_POS=flags.include_pos)
+    meta.update(EXCLUDE_SELF=flags.exclude_self)
     row_bin = _row_bin(max(m, n_y))
     rows_grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     with device_ctx(x):
-        if y is x and want_dx and want_dy and flags.y_negatives:
+        if same and want_dx and want_dy and flags.y_negatives:
             _pairwise_lse_bwd_sym_kernel[rows_grid](
-                x, b, scale, lse, grad_lse, grad_pos, wscale, dx, dy,
+                x, b, scale, lse, grad_lse, w_pos, wscale, dx, dy,
                 m, n_b, d,
                 x.stride(0), x.stride(1), b.stride(0), b.stride(1), dx.stride(0), dy.stride(0),
                 flags.pos_offset, row_bin,
@@ -861,7 +965,7 @@ def pairwise_lse_backward(
             # dy's fp32 accumulator; a one-element stand-in when dy is not asked for (never written).
             dy_acc = torch.zeros((n_y, d) if want_dy else (1,), dtype=torch.float32, device=x.device)
             _pairwise_lse_bwd_rows_kernel[rows_grid](
-                x, y, b, scale, lse, grad_lse, grad_pos, wscale, dx, dy_acc,
+                x, y, b, scale, lse, grad_lse, w_pos, wscale, dx, dy_acc,
                 m, n_y, n_b, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1), dx.stride(0),
                 dy_acc.stride(0),
@@ -872,7 +976,7 @@ def pairwise_lse_backward(
                 dy.copy_(dy_acc.mul_(scale.to(torch.float32) / wscale))
         else:
             _pairwise_lse_bwd_dy_kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]),)](
-                x, y, scale, lse, grad_lse, grad_pos, wscale, dy,
+                x, y, scale, lse, grad_lse, w_pos, wscale, dy,
                 m, n_y, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0),
                 flags.pos_offset, row_bin,
