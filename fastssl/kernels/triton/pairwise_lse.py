@@ -19,12 +19,13 @@ touches the other columns of y, and the forward and backward see the very same p
 
 Tiling. D ≤ 256 (bf16/fp16) or ≤ 128 (fp32) is "resident": one BLOCK_K = next_pow2(D) chunk, so a
 row block of x (or column block of y) is loaded once and the column loop is the pipelined loop, as
-in FlashAttention. Larger D loops over BLOCK_K chunks inside each logit tile (the forward).
+in FlashAttention. Larger D loops over BLOCK_K chunks inside each logit tile (the forward, and the
+blocked backward's weights kernel).
 
-Backward routes (`backward_route`). "fused", for resident D: one pass recomputes each logit tile
+Backward routes (`backward_route`). "fused", for resident D in bf16/fp16: one pass recomputes each logit tile
 once and feeds dx and dy from it (FlashAttention-2's backward, Dao 2023): with the forward, four
 logit-sized products (forward logits, recomputed logits, dx, dy), three when x is y (the symmetric
-kernel: one weighted sum serves both roles). "blocked", for larger D: per block of rows a Triton
+kernel: one weighted sum serves both roles). "blocked", for larger D and fp32: per block of rows a Triton
 kernel writes the weights G into a scratch bounded by SCRATCH_BYTES and torch.matmul (cuBLAS on a
 GPU) forms dx = G·y and dy += Gᵀ·x; the logits are computed once there too. Memory stays
 O((M + Ny + K)·D), plus the scratch on the blocked route, in every case.
@@ -54,7 +55,8 @@ FP32_DOT_PRECISION = "ieee"
 
 #: Largest D (after rounding up to a power of two) kept resident in one BLOCK_K chunk, per itemsize.
 RESIDENT_D_MAX = {2: 256, 4: 128}
-#: Chunk of D per tl.dot, and width of each output D slice (grid axis 1), when D is not resident.
+#: Chunk of D per tl.dot when D is not resident. LOOP_BLOCK_DOUT, the width of the output D slices of
+#: the former backward, is only returned by `tile_dims` now (no kernel slices D).
 LOOP_BLOCK_K = {2: 64, 4: 32}
 LOOP_BLOCK_DOUT = {2: 128, 4: 128}
 
@@ -84,8 +86,9 @@ FWD_CONFIGS = _configs(
 # writes G tiles for the blocked route. Configs whose live fp32 values would spill are pruned
 # (`live_fp32_per_thread`): at D = 256 "rows" keeps its 16-column tiles (two (·, 256) fp32 blocks
 # are live), "sym" and "dy" their 8-warp ones. Each list was compiled with ptxas for sm_90 and sm_80
-# (tests/gpu/test_triton_aot.py) and kept only where nothing spills. Row blocks of 64 at least: below,
-# sm_90 has no wgmma for the block's products ("rows"' 16- and 32-column dy products use mma.sync).
+# (tests/gpu/test_triton_aot.py) and kept only where nothing spills. A program's own block has 64
+# rows at least: below, sm_90 has no wgmma for its products ("rows"' dy tiles of 16 and 32 columns
+# take mma.sync).
 BWD_ROWS_CONFIGS = _configs(
     [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (64, 16, 8, 3)]
 )
@@ -114,9 +117,9 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
 
     Resident operands (SINGLE_K) count once, streamed ones once per pipeline stage, plus the
     (BLOCK_M, BLOCK_N) tiles of weights that a backward product reads from shared memory ("rows"
-    stages more: see there). Exact for the resident forward kernel on
-    sm_90, above the compiled figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout`
-    is no longer read: no kernel slices the output's D since the blocked route took D > resident.
+    stages more: see there). Exact for the resident forward kernel on sm_90, above the compiled
+    figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout` is no longer read: no
+    kernel slices the output's D since the blocked route took D > resident.
     """
     if single_k:
         if kind == "fwd":
@@ -838,10 +841,11 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, w_pos, wscale, flags, dx
     row_bin = _row_bin(max(rows_per, n_cols))
 
     def weights(cols, out, row0, n_rows, y_columns):
-        grid = lambda META: (triton.cdiv(n_rows, META["BLOCK_M"]) * triton.cdiv(cols.shape[0], META["BLOCK_N"]),)  # noqa: E731
+        width = cols.shape[0]
+        grid = lambda META: (triton.cdiv(n_rows, META["BLOCK_M"]) * triton.cdiv(width, META["BLOCK_N"]),)  # noqa: E731
         _pairwise_lse_bwd_weights_kernel[grid](
             x, cols, scale, lse, grad_lse, wscale, out,
-            n_rows, cols.shape[0], n_y, d, row0,
+            n_rows, width, n_y, d, row0,
             x.stride(0), x.stride(1), cols.stride(0), cols.stride(1), out.stride(0),
             flags.pos_offset, row_bin,
             Y_COLUMNS=y_columns, EXCLUDE_SELF=flags.exclude_self, FP32_PRECISION=FP32_DOT_PRECISION,
