@@ -9,21 +9,29 @@ from `cuobjdump` on the cubin, no register spills in the forward kernels' loops.
 The test session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` gives
 interpreted functions that cannot be compiled; so the compilation runs in one subprocess without
 it — this very file run as a script — which prints a JSON report that the tests below check.
-Matrix (55 pairwise-LSE compiles + 4 of its merge kernel + 50 squared-Frobenius ones, see `_frob_jobs`,
-+ 5 of ArCL's worst-pair kernel: ~4 min on 2 busy cores, much less with a warm ~/.triton cache).
-Pairwise LSE:
-  * every config of every kernel: bf16, SimCLR flags, D = 128 (resident), sm_90;
+Matrix (pairwise-LSE compiles, 4 of its split-forward merge kernel, 50 squared-Frobenius ones, see `_frob_jobs`, + 5 of ArCL's
+worst-pair kernel; a few minutes on 2 cores, seconds with a warm ~/.triton cache). Pairwise LSE, its
+forward ("fwd") and backward kernels ("rows": dx with dy through atomics, or dx alone; "sym": x is y;
+"dy": dy alone; "weights": the blocked route's G tiles, a D loop):
+  * every config of every kernel: bf16, SimCLR flags, D = 128 (resident; "weights" loops), sm_90;
   * the config with the largest shared-memory estimate that survives pruning at D = 256, the
-    largest resident D: bf16 on sm_90, fp16 on sm_80 (the pruning boundary);
-  * the D loop (D = 512) with every flag on (bank + y negatives), bf16;
-  * flag sets: MoCo (fp16, bank, no y negatives), DCL (no positive), CLIP with an odd D = 70
-    (no self mask, no divisibility by 16: unpipelined masked loads);
-  * fp32 (CUDA-core dots, FP32_DOT_PRECISION = "ieee": no tensor-core assertion), resident and loop;
-    and its tensor-core alternative "tf32x3" (wgmma asserted);
-  * sm_80 (mma.sync), bf16;
+    largest resident D: bf16 on sm_90, fp16 on sm_80 (the pruning boundary), and for "rows" the
+    dx-only variant too (its register pruning differs);
+  * the D loop (D = 512) with every flag on (bank + y negatives), bf16: "fwd" and "weights";
+  * every backward config left at D = 256, bf16, sm_90 (where their registers run out);
+  * flag sets: MoCo (fp16, bank, no y negatives; dx only, and dy alone), DCL (no positive), CLIP with
+    an odd D = 70 (no self mask, no divisibility by 16: unpipelined masked loads) for the forward and
+    at its padded width 80 for the backward, which copies odd rows into aligned ones;
+  * fp32 (CUDA-core dots, FP32_DOT_PRECISION = "ieee": no tensor-core assertion): the forward and
+    the blocked backward's weights kernel (fp32 takes that route); the forward's tensor-core
+    alternative "tf32x3" (wgmma asserted);
+  * sm_80 (mma.sync), bf16, every kernel; the backward's positive-weight pre-pass;
   * the split-column forward (SPLIT): every config (bf16, D = 128, sm_90), the D loop with every
     flag, MoCo fp16, DCL fp32, the D = 256 shared-memory boundary, CLIP D = 70 on sm_80; and the
     merge kernel with 2 and MAX_SPLIT splits on sm_90 and sm_80.
+Every compile's cubin is read back with cuobjdump (shipped with Triton) for its registers and stack
+frame: the backward kernels must have none, i.e. no register spills, and the forward and the merge
+must not spill inside their loops (`test_backward_has_no_register_spills`, `test_forward_has_no_loop_spills`).
 """
 
 from __future__ import annotations
@@ -64,40 +72,57 @@ def _jobs():
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-    def cands(kind, dt, d, arch):
-        block_k, single_k, block_dout = K.tile_dims(d, dtypes[dt])
-        return K.candidate_configs(kind, dtypes[dt].itemsize, block_k, single_k, block_dout, SMEM_LIMIT[arch])
+    def cands(kind, dt, d, arch, needs_dy=True):
+        block_k, single_k, block_dout = _tiles(K, kind, d, dtypes[dt])
+        return K.candidate_configs(kind, dtypes[dt].itemsize, block_k, single_k, block_dout, SMEM_LIMIT[arch],
+                                   needs_dy)  # fmt: skip
 
-    def job(group, kind, dt, d, flags, arch, cfg):
+    def job(group, kind, dt, d, flags, arch, cfg, needs_dy=True):
         return dict(family="lse", group=group, kind=kind, dtype=dt, D=d, flags=flags, arch=arch,
                     BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages, cfg=_cfg_key(cfg))  # fmt: skip
+                    num_stages=cfg.num_stages, cfg=_cfg_key(cfg), needs_dy=needs_dy)  # fmt: skip
 
     def estimate(kind, dt, d, cfg):
-        block_k, single_k, block_dout = K.tile_dims(d, dtypes[dt])
+        block_k, single_k, block_dout = _tiles(K, kind, d, dtypes[dt])
         return K.smem_estimate(kind, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], block_k, single_k,
                                dtypes[dt].itemsize, cfg.num_stages, block_dout)  # fmt: skip
 
+    def largest(kind, dt, d, arch, needs_dy=True):
+        return max(cands(kind, dt, d, arch, needs_dy), key=lambda c: estimate(kind, dt, d, c))
+
     jobs = []
-    kinds = ("fwd", "dx", "dy")
+    kinds = ("fwd", "rows", "sym", "dy", "weights")
+    resident = ("fwd", "rows", "sym", "dy")
     # fp32 first: CUDA-core dots compile slowest, and the pool balances better with them up front.
-    for kind, d in (("fwd", 128), ("dx", 300), ("dy", 128)):
+    # The fp32 backward takes the blocked route (backward_route): its weights kernel loops over D.
+    for kind, d in (("fwd", 128), ("weights", 300)):
         jobs.append(job("fp32", kind, "fp32", d, "simclr", 90, cands(kind, "fp32", d, 90)[-1]))
     # The tensor-core alternative for fp32 (FP32_DOT_PRECISION = "tf32x3"): shared memory grows.
-    for kind in ("fwd", "dx"):
-        jobs.append(dict(job("fp32-tf32x3", kind, "fp32", 128, "simclr", 90, cands(kind, "fp32", 128, 90)[0]),
-                         precision="tf32x3"))
+    jobs.append(dict(job("fp32-tf32x3", "fwd", "fp32", 128, "simclr", 90, cands("fwd", "fp32", 128, 90)[0]),
+                     precision="tf32x3"))
     for kind in kinds:
         jobs += [job("all-configs", kind, "bf16", 128, "simclr", 90, c) for c in cands(kind, "bf16", 128, 90)]
     for dt, arch in (("bf16", 90), ("fp16", 80)):
-        for kind in kinds:
-            c = max(cands(kind, dt, 256, arch), key=lambda c: estimate(kind, dt, 256, c))
-            jobs.append(job("smem-boundary", kind, dt, 256, "simclr", arch, c))
-    for kind in kinds:
+        for kind in resident:
+            jobs.append(job("smem-boundary", kind, dt, 256, "simclr", arch, largest(kind, dt, 256, arch)))
+    jobs.append(job("smem-boundary", "rows", "bf16", 256, "moco", 90, largest("rows", "bf16", 256, 90, False),
+                    needs_dy=False))  # fmt: skip
+    # D = 256, the widest resident D, is where the backward's registers run out: every config left.
+    for kind in ("rows", "sym", "dy"):
+        jobs += [job("d256-configs", kind, "bf16", 256, "simclr", 90, c) for c in cands(kind, "bf16", 256, 90)]
+    for kind in ("fwd", "weights"):
         jobs.append(job("d-loop", kind, "bf16", 512, "all", 90, cands(kind, "bf16", 512, 90)[0]))
-        jobs.append(job("flags", kind, "fp16", 128, "moco", 90, cands(kind, "fp16", 128, 90)[1]))
-        jobs.append(job("flags", kind, "bf16", 64, "dcl", 90, cands(kind, "bf16", 64, 90)[3]))
-        jobs.append(job("flags", kind, "bf16", 70, "clip", 90, cands(kind, "bf16", 70, 90)[-1]))
+    # MoCo: the query's dx alone (the key is not trained), and a key tower trained on its own.
+    jobs.append(job("flags", "fwd", "fp16", 128, "moco", 90, cands("fwd", "fp16", 128, 90)[1]))
+    jobs.append(job("flags", "rows", "fp16", 128, "moco", 90, cands("rows", "fp16", 128, 90, False)[1], False))
+    jobs.append(job("flags", "dy", "fp16", 128, "moco", 90, cands("dy", "fp16", 128, 90)[1]))
+    for kind in ("fwd", "sym", "rows"):
+        jobs.append(job("flags", kind, "bf16", 64, "dcl", 90, cands(kind, "bf16", 64, 90)[-1]))
+    # The backward pads an odd D to a multiple of 16 (aligned_rows), so it is compiled at that width.
+    for kind in ("fwd", "rows", "dy", "weights"):
+        d = 70 if kind == "fwd" else K.padded_width(70)
+        jobs.append(job("flags", kind, "bf16", d, "clip", 90, cands(kind, "bf16", d, 90)[-1]))
+    for kind in kinds:
         jobs.append(job("sm80", kind, "bf16", 128, "simclr", 80, cands(kind, "bf16", 128, 80)[0]))
     # The split-column forward (SPLIT: grid axis 1 walks one run of the column tiles, partial LSEs to
     # a scratch): every config, then the D loop, the bank, fp32, the smem boundary and sm_80.
@@ -109,7 +134,45 @@ def _jobs():
                   max(cands("fwd", "bf16", 256, 90), key=lambda c: estimate("fwd", "bf16", 256, c))),
               job("split", "fwd", "bf16", 70, "clip", 80, cands("fwd", "bf16", 70, 80)[0])]  # fmt: skip
     jobs += [dict(j, split=True) for j in split]
+    # The backward's positive-weight pre-pass: one tile shape, row dots (no tl.dot), a D loop past 128.
+    for dt, d, arch in (("bf16", 128, 90), ("fp32", 300, 90), ("fp16", 512, 80)):
+        jobs.append(dict(family="lse", group="pos", kind="pos", dtype=dt, D=d, flags="simclr", arch=arch,
+                         BLOCK_M=K.POS_BLOCK_R, BLOCK_N=0, num_warps=4, num_stages=3, cfg=[], needs_dy=True))
     return _frob_jobs() + _worst_pair_jobs() + _merge_jobs() + jobs
+
+
+def _tiles(K, kind, d, dtype):
+    """(BLOCK_K, SINGLE_K, BLOCK_DOUT) as the launchers pick them: "weights" always loops over D."""
+    if kind == "weights":
+        return K.blocked_block_k(d, dtype), False, 0
+    if kind == "pos":
+        return K.pos_block_k(d), False, 0
+    return K.tile_dims(d, dtype)
+
+
+def _resources(compiled):
+    """Registers and spills of a compiled kernel, from `cuobjdump` on its cubin (no GPU needed):
+    "registers" per thread, "stack" bytes (Triton kernels have no local arrays: a stack frame is
+    spills) and "loop_spills", the local-memory loads and stores inside a loop (between a backward
+    branch and its target), where a spill costs once per iteration instead of once per program."""
+    import re
+    import tempfile
+
+    from triton import knobs
+
+    tool = knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    code = [(int(addr, 16), op) for addr, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(target, 16), addr) for addr, op in code for target in re.findall(r"\bBRA 0x([0-9a-f]+)", op)
+             if int(target, 16) < addr]  # fmt: skip
+    local = [addr for addr, op in code if re.search(r"\b(STL|LDL)\b", op)]
+    in_loops = sum(any(lo <= addr <= hi for lo, hi in loops) for addr in local)
+    return dict(registers=int(reg), stack=int(stack), loop_spills=in_loops)
 
 
 def _worst_pair_jobs():
@@ -178,31 +241,6 @@ def _compile_merge(j):
     return rec
 
 
-def _resources(compiled):
-    """Registers and spills of a compiled kernel, from `cuobjdump` on its cubin (no GPU needed):
-    "registers" per thread, "stack" bytes (Triton kernels have no local arrays: a stack frame is
-    spills) and "loop_spills", the local-memory loads and stores inside a loop (between a backward
-    branch and its target), where a spill costs once per iteration instead of once per program."""
-    import re
-    import tempfile
-
-    from triton import knobs
-
-    tool = knobs.nvidia.cuobjdump.path
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    code = [(int(addr, 16), op) for addr, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    loops = [(int(target, 16), addr) for addr, op in code for target in re.findall(r"\bBRA 0x([0-9a-f]+)", op)
-             if int(target, 16) < addr]  # fmt: skip
-    local = [addr for addr, op in code if re.search(r"\b(STL|LDL)\b", op)]
-    in_loops = sum(any(lo <= addr <= hi for lo, hi in loops) for addr in local)
-    return dict(registers=int(reg), stack=int(stack), loop_spills=in_loops)
-
-
 def _compile(j):
     """Compile one job; return its record (with the error text instead of metrics on failure)."""
     import traceback
@@ -224,27 +262,33 @@ def _compile(j):
     try:
         kernel = {
             "fwd": K._pairwise_lse_fwd_kernel,
-            "dx": K._pairwise_lse_bwd_dx_kernel,
+            "rows": K._pairwise_lse_bwd_rows_kernel,
+            "sym": K._pairwise_lse_bwd_sym_kernel,
             "dy": K._pairwise_lse_bwd_dy_kernel,
+            "weights": K._pairwise_lse_bwd_weights_kernel,
+            "pos": K._pairwise_lse_bwd_pos_kernel,
         }[j["kind"]]
-        fn = getattr(kernel, "fn", kernel)  # the JITFunction under the autotuner
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction, under an autotuner or not
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[j["dtype"]]
         d = j["D"]
         precision = j.get("precision", K.FP32_DOT_PRECISION)
-        block_k, single_k, block_dout = K.tile_dims(d, dtype)
+        block_k, single_k, block_dout = _tiles(K, j["kind"], d, dtype)
+        flags = _FLAGS[j["flags"]]
         consts = dict(
-            _FLAGS[j["flags"]], BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
-            BLOCK_DOUT=block_dout, FP32_PRECISION=precision, SPLIT=j.get("split", False),
+            flags, BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
+            BLOCK_DOUT=block_dout, FP32_PRECISION=precision, NEEDS_DY=j.get("needs_dy", True), BLOCK_R=j["BLOCK_M"],
+            # "weights" is launched on y's columns (Y_COLUMNS) when there are y negatives.
+            Y_COLUMNS=flags["Y_NEGATIVES"], SPLIT=j.get("split", False),
             # Contiguous inputs: Triton specialises unit strides to constants at launch.
-            stride_xd=1, stride_yd=1, stride_bd=1,
+            stride_xd=1, stride_yd=1, stride_bd=1, stride_cd=1,
         )  # fmt: skip
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-        pointee = {"X": j["dtype"], "Y": j["dtype"], "B": j["dtype"], "DX": j["dtype"], "DY": j["dtype"]}
+        pointee = {name: j["dtype"] for name in ("X", "Y", "B", "C", "DX", "DY", "W")}  # the rest: fp32
         sig, attrs = {}, {}
         for i, name in enumerate(fn.arg_names):
             if name in consts:
                 sig[name] = "constexpr"
-            elif name.isupper() and name not in ("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT"):
+            elif name.isupper() and name not in ("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT", "R", "NC"):
                 sig[name] = "*" + pointee.get(name, "fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]  # as the runtime sees torch allocations
             else:
@@ -262,12 +306,13 @@ def _compile(j):
         rec.update(
             seconds=round(time.time() - t0, 2),
             shared=int(compiled.metadata.shared),
-            estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, dtype.itemsize,
-                                     j["num_stages"], block_dout, precision),  # fmt: skip
+            estimate=None if j["kind"] == "pos" else K.smem_estimate(
+                j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, dtype.itemsize, j["num_stages"], block_dout,
+                precision),  # fmt: skip
             wgmma="wgmma.mma_async" in ptx,
             mma="mma.sync" in ptx,
             # Without y negatives the dy kernel only gathers the positive rows: it has no tl.dot.
-            has_dot=not (j["kind"] == "dy" and not _FLAGS[j["flags"]]["Y_NEGATIVES"]),
+            has_dot=j["kind"] != "pos" and not (j["kind"] == "dy" and not _FLAGS[j["flags"]]["Y_NEGATIVES"]),
             **_resources(compiled),
         )
     except Exception:  # reported, not raised: one bad config must not hide the others
@@ -493,8 +538,9 @@ def _name(r):
     if r["family"] == "frob":
         return f"{r['kind']} {r['dtype']} {r['variant']} sm_{r['arch']} {' '.join(r['cfg'])}"
     dtype = r["dtype"] + (f"/{r['precision']}" if "precision" in r else "")
+    kind = r["kind"] + (" (dx only)" if r["kind"] == "rows" and not r["needs_dy"] else "")
     return (
-        f"{r['kind']}{' split' if r.get('split') else ''} {dtype} D={r['D']} {r['flags']} sm_{r['arch']} "
+        f"{kind}{' split' if r.get('split') else ''} {dtype} D={r['D']} {r['flags']} sm_{r['arch']} "
         f"BLOCK_M={r['BLOCK_M']} BLOCK_N={r['BLOCK_N']} warps={r['num_warps']} stages={r['num_stages']}"
     )
 
@@ -533,7 +579,7 @@ def test_shared_memory(report):
     under = [
         f"{_name(r)}: uses {r['shared']} B, estimated {r['estimate']} B"
         for r in report["records"]
-        if "error" not in r and "estimate" in r and r["shared"] > r["estimate"]
+        if "error" not in r and r.get("estimate") is not None and r["shared"] > r["estimate"]
     ]
     assert not under, "smem_estimate below the compiled kernel's shared memory:\n" + "\n".join(under)
 
@@ -544,7 +590,7 @@ def test_shared_memory(report):
 NO_LOOP_SPILLS = {("lse", "fwd"), ("merge", "merge")}
 
 
-def test_no_register_spills(report):
+def test_forward_has_no_loop_spills(report):
     """The forward (split and unsplit) and the merge never spill inside a loop; on sm_90 with D a
     multiple of 16 (vectorised loads) the forward has no stack frame at all. (Unvectorised loads of
     an odd D, and fp16 D = 256 on sm_80, spill a little before the column loop.)"""
@@ -556,6 +602,21 @@ def test_no_register_spills(report):
     stack = [f"{_name(r)}: {r['stack']} B of stack, {r['registers']} registers"
              for r in checked if r["kind"] == "fwd" and r["arch"] == 90 and r["D"] % 16 == 0 and r["stack"]]  # fmt: skip
     assert not stack, "register spills:\n" + "\n".join(stack)
+
+
+#: Kernels whose cubins must have no stack frame: the pairwise-LSE backward. The forward (fp32 "ieee"
+#: dots, D not a multiple of 16) and a few Frobenius configs still spill and are not asserted yet.
+SPILL_FREE_KINDS = ("rows", "sym", "dy", "weights", "pos")
+
+
+def test_backward_has_no_register_spills(report):
+    """No stack frame in the backward's cubins, at any D and arch: ptxas spilled no register."""
+    checked = [r for r in report["records"]
+               if "error" not in r and r["family"] == "lse" and r["kind"] in SPILL_FREE_KINDS]  # fmt: skip
+    assert len(checked) >= 50, "the backward's records are missing"
+    spilled = [f"{_name(r)}: {r['stack']} B of stack ({r['loop_spills']} local loads/stores in loops), "
+               f"{r['registers']} registers" for r in checked if r["stack"] or r["loop_spills"]]  # fmt: skip
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
 
 
 if __name__ == "__main__":

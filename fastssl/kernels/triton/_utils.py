@@ -17,17 +17,19 @@ import triton.language as tl
 from fastssl._common import triton_interpreting as interpreting  # read when a kernel module is imported
 
 
-def autotune(configs, interpret_config, key, prune=None):
+def autotune(configs, interpret_config, key, prune=None, reset_to_zero=None):
     """``triton.autotune`` over `configs` on a GPU, over `[interpret_config]` under the interpreter.
 
     `key` must name bucketed arguments (powers of two, size bins, flags), never raw sizes, so that a
     training run with varying batch sizes does not re-benchmark forever. Tensor dtypes are added to
     the key by Triton itself. `prune(configs, named_args, **kwargs)` drops configs that cannot fit.
+    `reset_to_zero` names the buffers a kernel accumulates into with atomics: benchmarking runs the
+    kernel once per config, so they are zeroed before each run and after the last.
     """
     if interpreting():
         return triton.autotune(configs=[interpret_config], key=key)
     by = {"early_config_prune": prune} if prune is not None else None
-    return triton.autotune(configs=list(configs), key=key, prune_configs_by=by)
+    return triton.autotune(configs=list(configs), key=key, prune_configs_by=by, reset_to_zero=reset_to_zero)
 
 
 #: Shared memory per block when no device can be asked (sm_80's 163 KiB; sm_90 has 227 KiB).

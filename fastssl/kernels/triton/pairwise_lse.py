@@ -19,18 +19,25 @@ touches the other columns of y, and the forward and backward see the very same p
 
 Tiling. D ≤ 256 (bf16/fp16) or ≤ 128 (fp32) is "resident": one BLOCK_K = next_pow2(D) chunk, so a
 row block of x (or column block of y) is loaded once and the column loop is the pipelined loop, as
-in FlashAttention. Larger D loops over BLOCK_K chunks inside each logit tile, and the backward puts
-BLOCK_DOUT-wide slices of the output on grid axis 1; each slice recomputes the full-D logits, so
-the backward does (1 + cdiv(D, BLOCK_DOUT))/2 times the GEMM work of the resident path (e.g. 16.5×
-at D = 4096). Memory stays O((M + Ny + K)·D) in every case.
+in FlashAttention. Larger D loops over BLOCK_K chunks inside each logit tile (the forward, and the
+blocked backward's weights kernel).
+
+Backward routes (`backward_route`). "fused", for resident D in bf16/fp16: one pass recomputes each logit tile
+once and feeds dx and dy from it (FlashAttention-2's backward, Dao 2023): with the forward, four
+logit-sized products (forward logits, recomputed logits, dx, dy), three when x is y (the symmetric
+kernel: one weighted sum serves both roles). "blocked", for larger D and fp32: per block of rows a Triton
+kernel writes the weights G into a scratch bounded by SCRATCH_BYTES and torch.matmul (cuBLAS on a
+GPU) forms dx = G·y and dy += Gᵀ·x; the logits are computed once there too. Memory stays
+O((M + Ny + K)·D), plus the scratch on the blocked route, in every case.
 
 Small batches. When the row blocks cannot fill the GPU, the forward splits each row block's column
 tiles over grid axis 1 (Flash-Decoding's split-K, Dao et al. 2023): partial base-2 LSEs go to an
 (S, M) fp32 scratch and a merge kernel combines them (`forward_splits` chooses S). In its column loop
 only the tiles holding a dropped column (ragged edge, positive, self) are masked.
 
-Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y),
-read `scale` on the device (no host sync) and launch on the current stream.
+Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y; the
+backward first copies rows that are not 16-byte aligned, `aligned_rows`), read `scale` on the device
+(no host sync) and launch on the current stream.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from torch import Tensor
 
 from fastssl._common import device_ctx
 from fastssl.kernels import PairwiseLSEFlags
-from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, mm_weights, round_to
+from fastssl.kernels.triton._utils import autotune, device_smem_limit, interpreting, mm, round_to
 
 #: fp32 inputs must match an fp32 reference to ~1e-5, so their dots run in full fp32 (CUDA cores).
 #: "tf32x3" (three TF32 tensor-core products, ~1e-6 relative per product) is the fast alternative.
@@ -54,7 +61,8 @@ FP32_DOT_PRECISION = "ieee"
 
 #: Largest D (after rounding up to a power of two) kept resident in one BLOCK_K chunk, per itemsize.
 RESIDENT_D_MAX = {2: 256, 4: 128}
-#: Chunk of D per tl.dot, and width of each output D slice (grid axis 1), when D is not resident.
+#: Chunk of D per tl.dot when D is not resident. LOOP_BLOCK_DOUT, the width of the output D slices of
+#: the former backward, is only returned by `tile_dims` now (no kernel slices D).
 LOOP_BLOCK_K = {2: 64, 4: 32}
 LOOP_BLOCK_DOUT = {2: 128, 4: 128}
 
@@ -74,19 +82,34 @@ def _configs(shapes):
     ]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). In the dy kernel BLOCK_N is the y block a program owns
-# and BLOCK_M the x tile it streams. 128 x 128 backward tiles are left out: with two fp32 tiles
-# (logits and a 128-wide output accumulator) live per program they would spill.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M always counts rows of x and BLOCK_N columns of y
+# (or of the bank); which of the two a program owns and which it streams is said per kernel.
 FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 2)]
 )
-BWD_DX_CONFIGS = _configs(
-    [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+# The backward's (see "backward" below). "rows" owns x rows and keeps the dx block in registers next
+# to each transient dy tile; "sym" owns x rows (x is y); "dy" owns y columns (dy only); "weights"
+# writes G tiles for the blocked route. Configs whose live fp32 values would spill are pruned
+# (`live_fp32_per_thread`): at D = 256 "rows" keeps its 16-column tiles (two (·, 256) fp32 blocks
+# are live), "sym" and "dy" their 8-warp ones. Each list was compiled with ptxas for sm_90 and sm_80
+# (tests/gpu/test_triton_aot.py) and kept only where nothing spills. A program's own block has 64
+# rows at least: below, sm_90 has no wgmma for its products ("rows"' dy tiles of 16 and 32 columns
+# take mma.sync).
+BWD_ROWS_CONFIGS = _configs(
+    [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (64, 16, 8, 3)]
+)
+BWD_SYM_CONFIGS = _configs(
+    [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 2), (64, 32, 8, 3)]
 )
 BWD_DY_CONFIGS = _configs(
-    [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
+    [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 2),
+     (64, 64, 8, 2)]
 )
-CONFIGS = {"fwd": FWD_CONFIGS, "dx": BWD_DX_CONFIGS, "dy": BWD_DY_CONFIGS}
+BWD_WEIGHTS_CONFIGS = _configs(
+    [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4)]
+)
+CONFIGS = {"fwd": FWD_CONFIGS, "rows": BWD_ROWS_CONFIGS, "sym": BWD_SYM_CONFIGS, "dy": BWD_DY_CONFIGS,
+           "weights": BWD_WEIGHTS_CONFIGS}  # fmt: skip
 #: Under the interpreter: small tiles, so that the odd test sizes hit several tiles and every mask.
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 #: fp32 dots run on CUDA cores (FP32_DOT_PRECISION = "ieee"): big tiles buy nothing there and take
@@ -98,36 +121,65 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
                   block_dout: int = 0, fp32_precision: Optional[str] = None) -> int:
     """Upper estimate of the shared memory (bytes) of one program; the pruning relies on it.
 
-    Resident operands (SINGLE_K) count once, streamed ones once per pipeline stage, plus one
-    (BLOCK_M, BLOCK_N) tile of weights and, in the D loop, the output operand. Exact for the resident
-    forward kernel on sm_90, above the compiled figure elsewhere (tests/gpu/test_triton_aot.py checks).
+    Resident operands (SINGLE_K) count once, streamed ones once per pipeline stage, plus the
+    (BLOCK_M, BLOCK_N) tiles of weights that a backward product reads from shared memory ("rows"
+    stages more: see there). Exact for the resident forward kernel on sm_90, above the compiled
+    figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout` is no longer read: no
+    kernel slices the output's D since the blocked route took D > resident.
     """
     if single_k:
         if kind == "fwd":
             est = itemsize * block_k * (block_m + stages * block_n)
-        elif kind == "dx":
+        elif kind == "rows":
+            # x twice (left operand of the logits, right one of dy's product), y once more in the layout
+            # of dx's right operand, two weight tiles and a layout-conversion scratch of one more.
+            est = itemsize * (block_k * (2 * block_m + (stages + 1) * block_n) + 2 * block_m * block_n)
+            est += 4 * block_m * block_n
+        elif kind == "sym":
             est = itemsize * (block_k * (block_m + stages * block_n) + block_m * block_n)
         else:
             est = itemsize * (block_k * (block_n + stages * block_m) + block_m * block_n)
-    else:
+    else:  # the D loop: "fwd", and "weights", whose G tile is stored straight from registers
         est = itemsize * stages * block_k * (block_m + block_n)
-        if kind != "fwd":
-            rows = block_n if kind == "dx" else block_m  # the streamed operand of the output product
-            est += itemsize * (rows * block_dout + block_m * block_n)
     if itemsize == 4 and (fp32_precision or FP32_DOT_PRECISION) != "ieee":
         est = est * 3 // 2  # TF32 splits stage extra operand copies (benchmarks/RESULTS.md, "Measurements behind design choices")
     return est
 
 
+def live_fp32_per_thread(kind: str, block_m: int, block_n: int, block_k: int, num_warps: int,
+                         needs_dy: bool = True) -> int:
+    """fp32 values per thread that a backward program keeps live at once: its (rows, D) output
+    accumulator, "rows"' transient (BLOCK_N, D) dy tile, and the (BLOCK_M, BLOCK_N) logit tile (two
+    in "sym": the row and the column weights). 0 for the forward and "weights", whose one tile is
+    bounded by the config lists themselves."""
+    tile = block_m * block_n
+    live = {
+        "rows": block_m * block_k + (block_n * block_k if needs_dy else 0) + tile,
+        "sym": block_m * block_k + 2 * tile,
+        "dy": block_n * block_k + tile,
+    }.get(kind, 0)
+    return live // (32 * num_warps)
+
+
+#: Most live fp32 values per thread (`live_fp32_per_thread`) a backward config may have. Measured
+#: with ptxas (tests/gpu/test_triton_aot.py, sm_90 and sm_80): 104 spilled ("rows" 64 x 32 on 8
+#: warps at D = 256), 84 did not; the other 150-odd of the 255 registers a thread has go to
+#: operands, addresses, masks and the epilogue's gathered rows.
+MAX_LIVE_FP32 = 100
+
+
 def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, block_dout: int,
-                      smem_limit: int) -> list:
-    """The configs of kernel `kind` ("fwd", "dx", "dy") that autotuning may pick for these tiles."""
+                      smem_limit: int, needs_dy: bool = True) -> list:
+    """The configs of kernel `kind` (a key of CONFIGS) that autotuning may pick for these tiles.
+    `needs_dy` only matters to "rows", whose dx-only variant keeps no dy tile."""
     keep = [
         c
         for c in CONFIGS[kind]
         if (itemsize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= FP32_MAX_TILE)
         and smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, single_k, itemsize, c.num_stages,
                           block_dout) <= smem_limit
+        and live_fp32_per_thread(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, c.num_warps,
+                                 needs_dy) <= MAX_LIVE_FP32
     ]
     smallest = min(CONFIGS[kind], key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
     return keep or [smallest]
@@ -138,8 +190,9 @@ def _prune(kind):
     def prune(configs, named_args, **kwargs):
         x = named_args["X"]
         limit = device_smem_limit(x.device.index or 0)  # CUDA tensors always carry their index
-        return candidate_configs(kind, x.element_size(), kwargs["BLOCK_K"], kwargs["SINGLE_K"],
-                                 kwargs.get("BLOCK_DOUT", 0), limit)
+        # The backward kernels have no SINGLE_K: "weights" always loops over D, the others never do.
+        return candidate_configs(kind, x.element_size(), kwargs["BLOCK_K"], kwargs.get("SINGLE_K", kind != "weights"),
+                                 kwargs.get("BLOCK_DOUT", 0), limit, kwargs.get("NEEDS_DY", True))
 
     return prune
 
@@ -370,181 +423,363 @@ def _pairwise_lse_merge_kernel(PART, LSE, M, N_SPLIT, BLOCK_R: tl.constexpr, BLO
 
 # ---------------------------------------------------------------------------------------------------
 # backward
+#
+# Resident D ("fused" route): one pass computes each logit tile once and feeds both products, as in
+# FlashAttention-2's backward (Dao 2023). Which operand a program owns decides which gradient stays
+# in registers and which leaves through fp32 atomics. Programs own rows of x: dx_I accumulates in
+# registers over the y columns *and* the bank columns, and each tile's dy share, a transient
+# (BLOCK_N, D) product, is added to an fp32 (Ny, D) buffer with atomics. FlashAttention-2 owns key
+# columns instead, because there two accumulators (dK, dV) stay in registers against one (dQ) that
+# leaves; here each side has one, and the bank decides: owning columns would send dx through atomics
+# once per column block, and MoCo's bank, up to 65,536 columns that feed dx alone, would cost
+# K / BLOCK_N atomic adds per dx element. Atomics make dy's summation order depend on scheduling, so
+# dy is not bitwise reproducible from run to run (FlashAttention's dQ is not either); dx is.
+#
+# Weights in half precision. The tensor-core products take the weights rounded to the input dtype.
+# The launcher picks a power of two f = 2^(WEIGHT_EXP - e) with max(|grad_lse|, |grad_pos|) < 2^e (a
+# device scalar, no sync): the weights G·f stay below 2^14 (2^15 for "sym"'s sum of two), under fp16's
+# 65504, and a weight reaches fp16's subnormals only 28 binades below the largest |grad_lse|, where
+# P ≈ 1/N alone would reach them past N ≈ 16K columns. Multiplying back by 1/f is exact, so a
+# cotangent scaled by 2^-k gives gradients scaled by exactly 2^-k. Where dx is the only product
+# ("rows" without NEEDS_DY) the weights are P·2^DX_ONLY_EXP instead and grad_lse_i multiplies row i
+# at the end in fp32: exact per row, whatever the other rows' cotangents.
+
+#: Autotuning key of the backward kernels (names a kernel does not take are skipped by Triton).
+_BWD_KEY = ["ROW_BIN", "BLOCK_K", *_FLAGS, "NEEDS_DY"]
+#: The weight scale's exponent: weights G·f < 2^WEIGHT_EXP (read by the launcher).
+WEIGHT_EXP = 14
+#: Weights P·2^15 of the dx-only pass (P ≤ 1 rounds to fp16 normally down to P = 2^-29), and its inverse.
+DX_ONLY_EXP: tl.constexpr = tl.constexpr(15.0)
+DX_ONLY_UNSCALE: tl.constexpr = tl.constexpr(2.0**-15)
+#: Rows per program of the positive-weight pre-pass (one fixed tile: it is O(M·D) work).
+POS_BLOCK_R = 32
+#: Row tiles per group in the "weights" kernel's launch order (they share column tiles in L2).
+WEIGHTS_GROUP_M: tl.constexpr = tl.constexpr(8)
 
 
-@autotune(BWD_DX_CONFIGS, INTERPRET_CONFIG, key=_KEY, prune=_prune("dx"))
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _pairwise_lse_bwd_dx_kernel(
-    X, Y, B, SCALE, LSE, GRAD_LSE, GRAD_POS, DX,
-    M, NY, NB, D,
-    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm,
-    pos_offset, ROW_BIN,
-    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
-    SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DOUT: tl.constexpr,
+@triton.jit(do_not_specialize=["M", "NY", "pos_offset"])
+def _pairwise_lse_bwd_pos_kernel(
+    X, Y, SCALE, LSE, GRAD_LSE, GRAD_POS, W_POS,
+    M, NY, D,
+    stride_xm, stride_xd, stride_ym, stride_yd,
+    pos_offset,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dx for one block of BLOCK_M rows and one BLOCK_DOUT slice of D (grid axis 1).
-
-    dx_i = scale·(grad_lse_i·(Σ_j≠p(i) P_ij y_j + Σ_k P_ik bank_k) + w_i·y_p(i)), with the positive
-    weight w_i = grad_pos_i + grad_lse_i·exp(pos_i − lse_i)·[INCLUDE_POS] from a row-wise dot.
-    Each (BLOCK_M, BLOCK_N) tile of P is recomputed from the stored lse (full-D logits), rounded to
-    the input dtype and multiplied into a (BLOCK_M, BLOCK_DOUT) fp32 accumulator against the
-    (BLOCK_N, BLOCK_DOUT) column tile. grad_lse_i is applied once at the end: P ∈ [0, 1] keeps
-    fp16 away from its subnormals whatever the loss scaling. With SINGLE_K, BLOCK_DOUT = BLOCK_K and
-    the tile loaded for the logits is the one multiplied into dx.
-    """
-    pid = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    """The positive pair's weight of BLOCK_R rows, before the main pass (as FlashAttention's backward
+    computes its row statistic Delta first): w_i = grad_pos_i + grad_lse_i·exp(pos_i − lse_i), with
+    pos_i = scale·x_i·y_p(i) the forward's fp32 row-wise dot. Only launched with the positive in the
+    LSE (else w = grad_pos). O(M·D) reads; it spares every backward pass a row dot in its epilogue,
+    where the fp32 row tiles it needs would sit next to the accumulator and spill."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
+    pcol = (rows + pos_offset) % NY
+    pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
+                           BLOCK_R, BLOCK_K)
+    lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E
+    g_lse = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0)
+    w = tl.load(GRAD_POS + rows, mask=row_mask, other=0.0)
+    w += g_lse * tl.exp2(pos_raw * (tl.load(SCALE).to(tl.float32) * LOG2E) - lse2)
+    tl.store(W_POS + rows, w, mask=row_mask)
+
+
+@autotune(BWD_ROWS_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("rows"), reset_to_zero=["DY_ACC"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_rows_kernel(
+    X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dx for one block of BLOCK_M rows and, with NEEDS_DY, the block's share of dy through atomics.
+
+    The (BLOCK_M, D) row block x_I stays resident; per (BLOCK_N, D) column tile y_J: the logits
+    S = x_I·y_Jᵀ (fp32), the weights W = G·f (masked: col < Ny, col ≠ p(i), col ≠ i if EXCLUDE_SELF)
+    rounded to the input dtype, dx_I += W·y_J in registers, and Wᵀ·x_I (BLOCK_N, D) added to the fp32
+    buffer DY_ACC at rows J with relaxed atomics: three products per tile, one of them the logits.
+    Bank tiles (HAS_BANK) feed dx alone. The positive pair after the loops, with w_i from W_POS
+    (`_pairwise_lse_bwd_pos_kernel`): dx_i += w_i·y_p(i), and w_i·f·x_i goes to DY_ACC row p(i).
+    Stores dx_i = scale·(acc_i / f + w_i·y_p(i)); DY_ACC ends as dy·f/scale (the launcher rescales
+    and rounds it). Without NEEDS_DY the weights are P·2^15 (see above) and DY_ACC is not touched.
+    Indices are int32 in the masks (sizes < 2^31) and int64 in addresses.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
     pcol = (rows + pos_offset) % NY
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E
-    lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E  # the forward's base-2 lse
-    ds = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
-    d_mask = ds < D
-    if SINGLE_K:
-        ks = ds  # one D block: the logit chunk and the output slice coincide
-        k_mask = d_mask
-        x_blk = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E  # the forward's base-2 lse
+    g_lse = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0)
+    f = tl.load(WSCALE)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
+    k_mask = ks < D
+    x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    if NEEDS_DY:
+        # Rows past M get grad_lse = 0, hence zero weights: they add nothing to dy.
+        w_row = g_lse * f
+        shift2 = lse2
+    else:
+        w_row = g_lse  # not read: the weights are P·2^15, grad_lse is applied at the end
+        shift2 = lse2 - DX_ONLY_EXP
 
-    acc = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
         for start_n in range(0, NY, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NY
-            if SINGLE_K:
-                y_t = tl.load(Y + cols[:, None] * stride_ym + ks[None, :] * stride_yd,
-                              mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
-            else:
-                s = _logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
-                                 D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                y_t = tl.load(Y + cols[:, None] * stride_ym + ds[None, :] * stride_yd,
-                              mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            cols64 = cols.to(tl.int64)
+            y_t = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
+                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[None, :] & (cols[None, :] != pcol[:, None])
             if EXCLUDE_SELF:
                 valid = valid & (cols[None, :] != rows[:, None])
             # Mask before exp2: a dropped column (self, positive) may lie far above lse and overflow.
-            p = tl.exp2(tl.where(valid, s * qk_scale - lse2[:, None], float("-inf")))
-            acc = mm_weights(p, y_t, acc, FP32_PRECISION)
+            p = tl.exp2(tl.where(valid, s * qk_scale - shift2[:, None], float("-inf")))
+            if NEEDS_DY:
+                w = round_to(p * w_row[:, None], y_t.dtype)
+                acc = mm(w, y_t, acc, FP32_PRECISION)
+                dy_t = mm(tl.trans(w), x_blk, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), FP32_PRECISION)
+                tl.atomic_add(DY_ACC + cols64[:, None] * stride_dam + ks[None, :], dy_t,
+                              mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+            else:
+                acc = mm(round_to(p, y_t.dtype), y_t, acc, FP32_PRECISION)
 
     if HAS_BANK:
         for start_n in range(0, NB, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+            cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            if SINGLE_K:
-                b_t = tl.load(B + cols[:, None] * stride_bm + ks[None, :] * stride_bd,
-                              mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
-            else:
-                s = _logits_loop(X, B, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_bm, stride_bd,
-                                 D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                b_t = tl.load(B + cols[:, None] * stride_bm + ds[None, :] * stride_bd,
-                              mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            b_t = tl.load(B + cols.to(tl.int64)[:, None] * stride_bm + ks[None, :] * stride_bd,
+                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
+            p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - shift2[:, None], float("-inf")))
+            if NEEDS_DY:
+                p = p * w_row[:, None]
+            acc = mm(round_to(p, b_t.dtype), b_t, acc, FP32_PRECISION)
+
+    # The positive pair, after the loops so that its (BLOCK_M, D) tile is not held across them.
+    pcol64 = pcol.to(tl.int64)
+    m2 = row_mask[:, None] & k_mask[None, :]
+    w_pos = tl.load(W_POS + rows64, mask=row_mask, other=0.0)
+    y_pos = tl.load(Y + pcol64[:, None] * stride_ym + ks[None, :] * stride_yd, mask=m2, other=0.0)
+    if NEEDS_DY:
+        dx = scale * (acc * (1.0 / f) + w_pos[:, None] * y_pos.to(tl.float32))
+        tl.atomic_add(DY_ACC + pcol64[:, None] * stride_dam + ks[None, :], (w_pos * f)[:, None] * x_blk.to(tl.float32),
+                      mask=m2, sem="relaxed")
+    else:
+        dx = scale * ((g_lse * DX_ONLY_UNSCALE)[:, None] * acc + w_pos[:, None] * y_pos.to(tl.float32))
+    tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(dx, DX.dtype.element_ty), mask=m2)
+
+
+@autotune(BWD_SYM_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("sym"))
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_sym_kernel(
+    X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY,
+    M, NB, D,
+    stride_xm, stride_xd, stride_bm, stride_bd, stride_dxm, stride_dym,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """x is y (SimCLR, DCL, ArCL, VICReg-exp): the two roles' gradients of one block of BLOCK_M rows,
+    without atomics.
+
+    The logits are symmetric, so the tile S_IJ = x_I·x_Jᵀ holds row i's logits s_ij and, read by
+    column, row j's s_ji: one tile gives both weights of each pair. x_i's gradient through both roles
+    is scale·Σ_j (G_ij + G_ji)·x_j, so the program accumulates W_IJ·x_J in registers with
+    W_IJ = (G_IJ + G_JIᵀ)·f, G_JI from the column rows' lse_J and grad_lse_J under their own masks
+    (i ≠ p(j), i ≠ j if EXCLUDE_SELF): two products per tile (the logits and one weighted sum) where
+    separate dx and dy passes take four; each output row has one owner, so it is deterministic
+    (csrc/pairwise_lse.cu's kSym shares the tile too, with two accumulators). Positives, weights from
+    W_POS: row i's own, w_i·x_p(i), and w_q·x_q for the row q = (i − pos_offset) mod M whose positive
+    is i. The op sums dx and dy (ops/pairwise_lse.py), so each gets half: Σ x·dx is then
+    Σ_ij G_ij x_i·x_j·scale, what d scale is read from. Bank columns (HAS_BANK; no loss has them with
+    x is y) feed dx alone: they are added after dy is stored.
+    """
+    # M = Ny and 0 ≤ pos_offset < M: (i ± pos_offset) mod M is one conditional add or subtract.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    pcol = rows + pos_offset
+    pcol = tl.where(pcol >= M, pcol - M, pcol)
+    scale = tl.load(SCALE).to(tl.float32)
+    qk_scale = scale * LOG2E
+    lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
+    f = tl.load(WSCALE)
+    w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * f
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    k_mask = ks < D
+    m2 = row_mask[:, None] & k_mask[None, :]
+    x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_mask = cols < M
+        cols64 = cols.to(tl.int64)
+        x_t = tl.load(X + cols64[:, None] * stride_xm + ks[None, :] * stride_xd,
+                      mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        lse2_c = tl.load(LSE + cols64, mask=col_mask, other=0.0) * LOG2E
+        w_col = tl.load(GRAD_LSE + cols64, mask=col_mask, other=0.0) * f
+        pcol_c = cols + pos_offset
+        pcol_c = tl.where(pcol_c >= M, pcol_c - M, pcol_c)
+        t = mm(x_blk, tl.trans(x_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION) * qk_scale
+        valid_r = col_mask[None, :] & (cols[None, :] != pcol[:, None])
+        valid_c = col_mask[None, :] & (rows[:, None] != pcol_c[None, :])
+        if EXCLUDE_SELF:
+            not_self = cols[None, :] != rows[:, None]
+            valid_r = valid_r & not_self
+            valid_c = valid_c & not_self
+        # Rows past M: their weights only reach accumulator rows that are never stored.
+        p_r = tl.exp2(tl.where(valid_r, t - lse2[:, None], float("-inf")))
+        p_c = tl.exp2(tl.where(valid_c, t - lse2_c[None, :], float("-inf")))
+        w = round_to(p_r * w_row[:, None] + p_c * w_col[None, :], x_t.dtype)
+        acc = mm(w, x_t, acc, FP32_PRECISION)
+
+    # Half the sum to each output, then the positives (i, p(i)) and (q, i).
+    qrow = rows - pos_offset
+    qrow64 = tl.where(qrow < 0, qrow + M, qrow).to(tl.int64)
+    pcol64 = pcol.to(tl.int64)
+    half_f = 0.5 * f
+    w_own = tl.load(W_POS + rows64, mask=row_mask, other=0.0) * half_f
+    w_q = tl.load(W_POS + qrow64, mask=row_mask, other=0.0) * half_f
+    x_pos = tl.load(X + pcol64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
+    x_q = tl.load(X + qrow64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
+    acc = acc * 0.5 + w_own[:, None] * x_pos.to(tl.float32) + w_q[:, None] * x_q.to(tl.float32)
+    unscale = scale * (1.0 / f)
+    tl.store(DY + rows64[:, None] * stride_dym + ks[None, :], round_to(acc * unscale, DY.dtype.element_ty), mask=m2)
+
+    if HAS_BANK:
+        for start_n in range(0, NB, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_mask = cols < NB
+            b_t = tl.load(B + cols.to(tl.int64)[:, None] * stride_bm + ks[None, :] * stride_bd,
+                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - lse2[:, None], float("-inf")))
-            acc = mm_weights(p, b_t, acc, FP32_PRECISION)
-
-    # The positive pair, after the loops so that its (BLOCK_M, BLOCK_DOUT) tile is not held across them.
-    g_lse = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0)
-    w_pos = tl.load(GRAD_POS + rows, mask=row_mask, other=0.0)
-    y_pos = tl.load(Y + pcol[:, None] * stride_ym + ds[None, :] * stride_yd,
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-    if INCLUDE_POS:
-        if SINGLE_K:
-            pos_raw = tl.sum(x_blk.to(tl.float32) * y_pos.to(tl.float32), axis=1)
-        else:
-            pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
-                                   BLOCK_M, BLOCK_K)
-        w_pos += g_lse * tl.exp2(pos_raw * qk_scale - lse2)
-    dx = scale * (g_lse[:, None] * acc + w_pos[:, None] * y_pos.to(tl.float32))
-    tl.store(DX + rows[:, None] * stride_dxm + ds[None, :], round_to(dx, DX.dtype.element_ty),
-             mask=row_mask[:, None] & d_mask[None, :])
+            acc = mm(round_to(p * w_row[:, None], b_t.dtype), b_t, acc, FP32_PRECISION)
+    tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(acc * unscale, DX.dtype.element_ty), mask=m2)
 
 
-@autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_KEY, prune=_prune("dy"))
+@autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("dy"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _pairwise_lse_bwd_dy_kernel(
-    X, Y, SCALE, LSE, GRAD_LSE, GRAD_POS, GRAD_LSE_MAX, DY,
+    X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY,
     M, NY, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
     pos_offset, ROW_BIN,
-    EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
-    SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DOUT: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dy for one block of BLOCK_N columns of y and one BLOCK_DOUT slice of D (grid axis 1).
+    """dy alone (dx not asked for: a frozen row tower) for one block of BLOCK_N columns of y.
 
-    dy_j = scale·(Σ_{i: j≠p(i)} grad_lse_i·P_ij x_i + Σ_{i: p(i)=j} w_i x_i), w_i as in the dx kernel.
-    If Y_NEGATIVES, the program streams (BLOCK_M, D) row tiles of x, recomputes the transposed
-    logits y_blk @ x_tileᵀ (BLOCK_N, BLOCK_M) from the stored lse, and accumulates Gᵀ @ x_tile into
-    a (BLOCK_N, BLOCK_DOUT) fp32 accumulator, with G = P·grad_lse/max|grad_lse| rounded to the
-    input dtype: the division by GRAD_LSE_MAX (a device scalar) keeps fp16
-    weights out of the subnormals when the loss is a mean over many rows. The positive rows of
-    column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over Ny, usually one),
-    are then gathered and added elementwise. The bank needs no gradient and is not read.
+    dy_j = scale·(Σ_{i: j≠p(i)} grad_lse_i·P_ij x_i + Σ_{i: p(i)=j} w_i x_i), w_i from W_POS. Owning
+    the columns keeps dy in registers, with no atomics and no fp32 buffer, which is why this pass
+    stays for the dy-only case. If Y_NEGATIVES, the program streams (BLOCK_M, D) row tiles of x,
+    recomputes the transposed logits y_blk @ x_tileᵀ (BLOCK_N, BLOCK_M) from the stored lse, and
+    accumulates (G·f)ᵀ @ x_tile in fp32, the weights G·f rounded to the input dtype. The positive
+    rows of column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over Ny,
+    usually one), are then gathered and added elementwise. The bank needs no gradient and is not read.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < NY
+    cols64 = cols.to(tl.int64)
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E
-    ds = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
-    d_mask = ds < D
-    if SINGLE_K:
-        ks = ds
-        k_mask = d_mask
-        y_blk = tl.load(Y + cols[:, None] * stride_ym + ks[None, :] * stride_yd,
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    k_mask = ks < D
+    y_blk = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
-        g_max = tl.load(GRAD_LSE_MAX).to(tl.float32)
-        g_inv = tl.where(g_max > 0.0, 1.0 / tl.where(g_max > 0.0, g_max, 1.0), 0.0)
+        f = tl.load(WSCALE)
         for start_m in range(0, M, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+            rows = start_m + tl.arange(0, BLOCK_M)
             row_mask = rows < M
+            rows64 = rows.to(tl.int64)
             pcol = (rows + pos_offset) % NY
-            lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E
-            g_rel = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0) * g_inv
-            if SINGLE_K:
-                x_t = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
-                              mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                s_t = mm(y_blk, tl.trans(x_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), FP32_PRECISION)
-            else:
-                s_t = _logits_loop(Y, X, cols, rows, col_mask, row_mask, stride_ym, stride_yd, stride_xm, stride_xd,
-                                   D, FP32_PRECISION, BLOCK_N, BLOCK_M, BLOCK_K)
-                x_t = tl.load(X + rows[:, None] * stride_xm + ds[None, :] * stride_xd,
-                              mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
+            w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * f
+            x_t = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
+                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            s_t = mm(y_blk, tl.trans(x_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[:, None] & row_mask[None, :] & (cols[:, None] != pcol[None, :])
             if EXCLUDE_SELF:
                 valid = valid & (cols[:, None] != rows[None, :])
             p_t = tl.exp2(tl.where(valid, s_t * qk_scale - lse2[None, :], float("-inf")))
-            acc = mm_weights(p_t * g_rel[None, :], x_t, acc, FP32_PRECISION)
-        acc = acc * g_max
+            acc = mm(round_to(p_t * w_row[None, :], x_t.dtype), x_t, acc, FP32_PRECISION)
+        acc = acc * (1.0 / f)
 
-    prow0 = (cols + (NY - pos_offset)) % NY  # 0 ≤ pos_offset < NY, so this is (j − pos_offset) mod Ny
+    prow0 = cols - pos_offset
+    prow0 = tl.where(prow0 < 0, prow0 + NY, prow0)  # (j − pos_offset) mod Ny, as 0 ≤ pos_offset < Ny
     for wrap in range(0, M, NY):
         prow = prow0 + wrap
         p_mask = col_mask & (prow < M)
-        x_pos = tl.load(X + prow[:, None] * stride_xm + ds[None, :] * stride_xd,
-                        mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-        w_pos = tl.load(GRAD_POS + prow, mask=p_mask, other=0.0)
-        if INCLUDE_POS:
-            if SINGLE_K:
-                pos_raw = tl.sum(x_pos.to(tl.float32) * y_blk.to(tl.float32), axis=1)
-            else:
-                pos_raw = _rowdot_loop(X, Y, prow, cols, p_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
-                                       BLOCK_N, BLOCK_K)
-            lse2 = tl.load(LSE + prow, mask=p_mask, other=0.0) * LOG2E
-            g_lse = tl.load(GRAD_LSE + prow, mask=p_mask, other=0.0)
-            w_pos += g_lse * tl.exp2(pos_raw * qk_scale - lse2)
+        prow64 = prow.to(tl.int64)
+        x_pos = tl.load(X + prow64[:, None] * stride_xm + ks[None, :] * stride_xd,
+                        mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+        w_pos = tl.load(W_POS + prow64, mask=p_mask, other=0.0)
         acc += w_pos[:, None] * x_pos.to(tl.float32)
 
-    tl.store(DY + cols[:, None] * stride_dym + ds[None, :], round_to(acc * scale, DY.dtype.element_ty),
-             mask=col_mask[:, None] & d_mask[None, :])
+    tl.store(DY + cols64[:, None] * stride_dym + ks[None, :], round_to(acc * scale, DY.dtype.element_ty),
+             mask=col_mask[:, None] & k_mask[None, :])
+
+
+@autotune(BWD_WEIGHTS_CONFIGS, INTERPRET_CONFIG, key=["ROW_BIN", "BLOCK_K", "Y_COLUMNS", "EXCLUDE_SELF"],
+          prune=_prune("weights"))
+@triton.jit(do_not_specialize=["R", "NC", "NY", "row0", "pos_offset", "ROW_BIN"])
+def _pairwise_lse_bwd_weights_kernel(
+    X, C, SCALE, LSE, GRAD_LSE, WSCALE, W,
+    R, NC, NY, D, row0,
+    stride_xm, stride_xd, stride_cm, stride_cd, stride_wm,
+    pos_offset, ROW_BIN,
+    Y_COLUMNS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The blocked route's weights: W[r, c] = f·grad_lse_i·exp(s_ic − lse_i) for the rows i = row0 + r,
+    r < R, against the NC rows of C (y if Y_COLUMNS, else the bank), rounded to W's dtype.
+
+    One (BLOCK_M, BLOCK_N) tile per program: a GEMM tile over D in BLOCK_K chunks with an fp32
+    accumulator, whose epilogue turns logits into weights; tiles are visited in groups of
+    WEIGHTS_GROUP_M row tiles that share their column tiles in L2 (the Triton matmul tutorial's
+    order). Masked entries (Y_COLUMNS: the positive p(i), and i itself if EXCLUDE_SELF) are written as
+    0: the positive is handled apart by the launcher.
+    """
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(R, BLOCK_M)
+    n_n = tl.cdiv(NC, BLOCK_N)
+    per_group = WEIGHTS_GROUP_M * n_n
+    first_m = (pid // per_group) * WEIGHTS_GROUP_M
+    group_rows = tl.minimum(n_m - first_m, WEIGHTS_GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 in the masks, int64 in addresses
+    rows = row0 + local
+    row_mask = local < R
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < NC
+    cols64 = cols.to(tl.int64)
+    s = _logits_loop(X, C, rows64, cols64, row_mask, col_mask, stride_xm, stride_xd, stride_cm, stride_cd, D,
+                     FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    scale = tl.load(SCALE).to(tl.float32)
+    lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
+    w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * tl.load(WSCALE)
+    valid = col_mask[None, :]
+    if Y_COLUMNS:
+        valid = valid & (cols[None, :] != ((rows + pos_offset) % NY)[:, None])
+        if EXCLUDE_SELF:
+            valid = valid & (cols[None, :] != rows[:, None])
+    p = tl.exp2(tl.where(valid, s * (scale * LOG2E) - lse2[:, None], float("-inf")))
+    tl.store(W + local.to(tl.int64)[:, None] * stride_wm + cols64[None, :],
+             round_to(p * w_row[:, None], W.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -558,6 +793,11 @@ def tile_dims(d: int, dtype: torch.dtype) -> tuple[int, bool, int]:
     if block <= RESIDENT_D_MAX[itemsize]:
         return block, True, block
     return LOOP_BLOCK_K[itemsize], False, LOOP_BLOCK_DOUT[itemsize]
+
+
+def blocked_block_k(d: int, dtype: torch.dtype) -> int:
+    """BLOCK_K of the blocked route's weights kernel: the D loop's chunk, or less for a small D."""
+    return min(LOOP_BLOCK_K[dtype.itemsize], max(16, triton.next_power_of_2(d)))
 
 
 def _row_bin(n: int) -> int:
@@ -658,6 +898,137 @@ def pairwise_lse_forward(
     return lse, pos
 
 
+#: Route of the backward: "auto" (`backward_route`), or "fused" / "blocked" to force one (e.g. to
+#: measure both on a GPU); "fused" is honoured only where D is resident.
+BACKWARD_ROUTE = os.environ.get("FASTSSL_LSE_BWD_ROUTE", "auto")
+#: The blocked route's scratch: at most this many bytes of weights (a block of rows x every column,
+#: in the input dtype) exist at a time; at least one row. 1 GiB unless FASTSSL_LSE_SCRATCH_BYTES says.
+SCRATCH_BYTES = int(os.environ.get("FASTSSL_LSE_SCRATCH_BYTES", str(2**30)))
+
+
+def backward_route(d: int, dtype: torch.dtype) -> str:
+    """"fused" (one Triton pass, each logit tile computed once) or "blocked" (weights in a bounded
+    scratch, the two products by torch.matmul) for feature size `d` and input `dtype`.
+
+    The default is the fused pass for bf16/fp16 wherever D is resident (one BLOCK_K chunk, D ≤ 256),
+    since its accumulators hold a full row of D; blocked above, and for fp32, whose "ieee" dots run
+    on CUDA cores, where every resident backward kernel spills (ptxas, tests/gpu/test_triton_aot.py)
+    and cuBLAS's fp32 GEMM does not. It is a default, not a measurement: no GPU timing of either route
+    exists yet, and this rule is to be replaced by one measured on GPUs. FASTSSL_LSE_BWD_ROUTE forces
+    a route meanwhile ("fused" wherever D is resident, fp32 included).
+    """
+    resident = tile_dims(d, dtype)[1]
+    if BACKWARD_ROUTE == "blocked" or not resident:
+        return "blocked"
+    if BACKWARD_ROUTE == "fused" or dtype.itemsize == 2:
+        return "fused"
+    return "blocked"
+
+
+def _weight_scale(grad_lse: Tensor, grad_pos: Tensor) -> Tensor:
+    """f = 2^(WEIGHT_EXP − e) with max(|grad_lse|, |grad_pos|) < 2^e: a device scalar (no sync), a
+    power of two so that undoing it is exact (see "backward" above). e is clamped so that f and 1/f
+    stay normal fp32 numbers; a zero cotangent gives f = 2^WEIGHT_EXP."""
+    g_max = torch.maximum(grad_lse.abs().amax(), grad_pos.abs().amax())
+    e = torch.frexp(g_max).exponent.clamp(-100, 100)
+    return torch.ldexp(torch.ones((), dtype=torch.float32, device=g_max.device), WEIGHT_EXP - e)
+
+
+def _positive_weights(x, y, scale, lse, grad_lse, grad_pos, flags) -> Tensor:
+    """w_i = grad_pos_i + grad_lse_i·exp(pos_i − lse_i)·[include_pos], (M,) fp32: the positive pair's
+    weight, by `_pairwise_lse_bwd_pos_kernel` (grad_pos itself when the positive is not in the LSE)."""
+    if not flags.include_pos:
+        return grad_pos
+    m, d = x.shape
+    w_pos = torch.empty_like(grad_pos)
+    block_r = 16 if interpreting() else POS_BLOCK_R
+    with device_ctx(x):
+        _pairwise_lse_bwd_pos_kernel[(triton.cdiv(m, block_r),)](
+            x, y, scale, lse, grad_lse, grad_pos, w_pos,
+            m, y.shape[0], d,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            flags.pos_offset,
+            BLOCK_R=block_r, BLOCK_K=pos_block_k(d),
+        )  # fmt: skip
+    return w_pos
+
+
+def pos_block_k(d: int) -> int:
+    """BLOCK_K of `_pairwise_lse_bwd_pos_kernel`: one chunk up to 128, else a loop over D."""
+    return min(128, max(16, triton.next_power_of_2(d)))
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32: fp32 accumulation of the input-dtype products, and an fp32 result (no rounding
+    to, and no overflow of, half precision). cuBLAS's out_dtype overload on a GPU; on the CPU (the
+    interpreter tests), where aten has none, the same exact products upcast. fp32 inputs follow
+    torch's matmul precision setting (full fp32 unless TF32 is allowed)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _backward_blocked(x, y, bank, scale, lse, grad_lse, w_pos, wscale, flags, dx, dy):
+    """The blocked route, for any D: per block of rows, the weights G·f (the positive excluded) of
+    every column are written by `_pairwise_lse_bwd_weights_kernel` into a scratch of at most
+    SCRATCH_BYTES in the input dtype; then dx_block = G·y (+ G_bank·bank) and dy += Gᵀ·x_block by
+    torch.matmul with fp32 results (`_mm_f32`). The positive pair is handled apart with O(block·D)
+    gathers (w_pos: the positive's weights, `_positive_weights`). Memory: O((M + Ny + K)·D) plus the
+    scratch. Deterministic (no atomics). Fills dx, dy."""
+    m, d = x.shape
+    n_y = y.shape[0]
+    want_dx, want_dy = flags.needs_dx, flags.needs_dy
+    has_bank = want_dx and bank is not None and bank.shape[0] > 0
+    y_cols = n_y if flags.y_negatives else 0
+    n_cols = y_cols + (bank.shape[0] if has_bank else 0)
+    rows_per = max(1, min(m, SCRATCH_BYTES // max(1, n_cols * x.element_size())))
+    scratch = torch.empty((rows_per, n_cols), dtype=x.dtype, device=x.device) if n_cols else None
+    unscale = scale.to(torch.float32) / wscale  # scale / f, exact: f is a power of two
+    dy_acc = torch.zeros((n_y, d), dtype=torch.float32, device=x.device) if want_dy else None  # units of f/scale
+    block_k = blocked_block_k(d, x.dtype)
+    row_bin = _row_bin(max(rows_per, n_cols))
+
+    def weights(cols, out, row0, n_rows, y_columns):
+        width = cols.shape[0]
+        grid = lambda META: (triton.cdiv(n_rows, META["BLOCK_M"]) * triton.cdiv(width, META["BLOCK_N"]),)  # noqa: E731
+        _pairwise_lse_bwd_weights_kernel[grid](
+            x, cols, scale, lse, grad_lse, wscale, out,
+            n_rows, width, n_y, d, row0,
+            x.stride(0), x.stride(1), cols.stride(0), cols.stride(1), out.stride(0),
+            flags.pos_offset, row_bin,
+            Y_COLUMNS=y_columns, EXCLUDE_SELF=flags.exclude_self, FP32_PRECISION=FP32_DOT_PRECISION,
+            BLOCK_K=block_k,
+        )  # fmt: skip
+
+    for r0 in range(0, m, rows_per):
+        r1 = min(m, r0 + rows_per)
+        xb = x[r0:r1]
+        pcol = (torch.arange(r0, r1, device=x.device) + flags.pos_offset) % n_y
+        y_pos = y[pcol].to(torch.float32)
+        wb = w_pos[r0:r1]
+        g = scratch[: r1 - r0] if n_cols else None
+        with device_ctx(x):
+            if y_cols:
+                weights(y, g[:, :y_cols], r0, r1 - r0, True)
+            if has_bank:
+                weights(bank, g[:, y_cols:], r0, r1 - r0, False)
+        if want_dx:
+            acc = (scale * wb)[:, None] * y_pos
+            if y_cols:
+                acc += _mm_f32(g[:, :y_cols], y) * unscale
+            if has_bank:
+                acc += _mm_f32(g[:, y_cols:], bank) * unscale
+            dx[r0:r1] = acc
+        if want_dy:
+            if y_cols:
+                dy_acc += _mm_f32(g[:, :y_cols].T, xb)
+            dy_acc.index_add_(0, pcol, (wb * wscale)[:, None] * xb.to(torch.float32))
+    if want_dy:
+        dy.copy_(dy_acc.mul_(unscale))
+
+
 def pairwise_lse_backward(
     x: Tensor,
     y: Tensor,
@@ -670,38 +1041,99 @@ def pairwise_lse_backward(
 ) -> tuple[Tensor, Tensor]:
     """(dx, dy) in the input dtype: the gradients of Σ_i grad_lse_i·lse_i + grad_pos_i·pos_i.
 
-    A gradient the flags do not ask for comes back empty, (0, D), and its kernel is not launched.
+    A gradient the flags do not ask for comes back empty, (0, D), and nothing computes it. Routes
+    (`backward_route`): "blocked" for large D; "fused" otherwise, one pass of
+      * `_pairwise_lse_bwd_sym_kernel` when x is y (the same tensor) and both roles are asked for: dx
+        and dy then each hold half of their sum (see the op's contract);
+      * `_pairwise_lse_bwd_rows_kernel` when dx is asked for, with dy through atomics if asked too;
+      * `_pairwise_lse_bwd_dy_kernel` when dy alone is.
     """
-    m, d, n_y, has_bank, b, n_b, scale, meta, block_dout = _common(x, y, bank, scale)
-    dx = torch.empty((m if flags.needs_dx else 0, d), dtype=x.dtype, device=x.device)
-    dy = torch.empty((n_y if flags.needs_dy else 0, d), dtype=y.dtype, device=y.device)
-    if m == 0:
+    m, d = x.shape
+    n_y = y.shape[0]
+    want_dx, want_dy = flags.needs_dx, flags.needs_dy
+    dx = torch.empty((m if want_dx else 0, d), dtype=x.dtype, device=x.device)
+    dy = torch.empty((n_y if want_dy else 0, d), dtype=y.dtype, device=y.device)
+    if m == 0 or not (want_dx or want_dy):
         return dx, dy.zero_()
+    same = y is x
+    # Rows the kernels can load 16 bytes at a time (see `aligned_rows`): O(N·D) copies at most.
+    d_pad = padded_width(d)
+    x, bank = aligned_rows(x, d_pad), None if bank is None else aligned_rows(bank, d_pad)
+    y = x if same else aligned_rows(y, d_pad)
+    m, d_k, n_y, has_bank, b, n_b, scale, meta, _ = _common(x, y, bank, scale)
+    dx_k = dx if d_k == d else torch.empty((dx.shape[0], d_k), dtype=dx.dtype, device=dx.device)
+    dy_k = dy if d_k == d else torch.empty((dy.shape[0], d_k), dtype=dy.dtype, device=dy.device)
     # O(M) copies at most: expanded / strided gradients from the autograd graph.
     lse = lse.to(torch.float32).contiguous()
     grad_lse = grad_lse.to(torch.float32).contiguous()
     grad_pos = grad_pos.to(torch.float32).contiguous()
-    # A device scalar, no sync: the dy kernel divides its weights by it (fp16 range, see its docstring).
-    grad_lse_max = grad_lse.abs().amax()
-    meta.update(EXCLUDE_SELF=flags.exclude_self, INCLUDE_POS=flags.include_pos, Y_NEGATIVES=flags.y_negatives,
-                BLOCK_DOUT=block_dout)  # fmt: skip
+    wscale = _weight_scale(grad_lse, grad_pos)
+    w_pos = _positive_weights(x, y, scale, lse, grad_lse, grad_pos, flags)
+    if backward_route(d, x.dtype) == "blocked":
+        _backward_blocked(x, y, bank if has_bank else None, scale, lse, grad_lse, w_pos, wscale, flags, dx_k, dy_k)
+    else:
+        _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, wscale, flags, meta, dx_k, dy_k)
+    if d_k != d:
+        dx.copy_(dx_k[:, :d])
+        dy.copy_(dy_k[:, :d])
+    return dx, dy
+
+
+def padded_width(d: int) -> int:
+    """D rounded up to a multiple of 16: the width the backward kernels see (`aligned_rows`)."""
+    return -(-d // 16) * 16
+
+
+def aligned_rows(t: Tensor, width: int) -> Tensor:
+    """`t` itself where its rows are `width` wide, contiguous along D, 16-byte aligned and 16-element
+    strided; else a copy into zero-padded rows of `width` (O(N·D)). The zero columns add nothing to
+    any dot product. Otherwise (an odd D such as uniformity's D + 2 columns, a transposed view) Triton
+    loads element by element through one 64-bit address each, and every backward kernel spills
+    (tests/gpu/test_triton_aot.py: D = 70 spilled, D = 80 did not)."""
+    if t.shape[1] == width and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    out = t.new_zeros((t.shape[0], width))
+    out[:, : t.shape[1]] = t
+    return out
+
+
+def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, wscale, flags, meta, dx, dy):
+    """The fused route: one pass of the symmetric, rows or dy kernel (see pairwise_lse_backward)."""
+    m, d = x.shape
+    n_y = y.shape[0]
+    want_dx, want_dy = flags.needs_dx, flags.needs_dy
+    del meta["SINGLE_K"]  # the fused kernels hold D resident, always
+    meta.update(EXCLUDE_SELF=flags.exclude_self)
     row_bin = _row_bin(max(m, n_y))
-    d_blocks = triton.cdiv(d, block_dout)
+    rows_grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     with device_ctx(x):
-        if flags.needs_dx:
-            _pairwise_lse_bwd_dx_kernel[lambda META: (triton.cdiv(m, META["BLOCK_M"]), d_blocks)](
-                x, y, b, scale, lse, grad_lse, grad_pos, dx,
-                m, n_y, n_b, d,
-                x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1), dx.stride(0),
+        if same and want_dx and want_dy and flags.y_negatives:
+            _pairwise_lse_bwd_sym_kernel[rows_grid](
+                x, b, scale, lse, grad_lse, w_pos, wscale, dx, dy,
+                m, n_b, d,
+                x.stride(0), x.stride(1), b.stride(0), b.stride(1), dx.stride(0), dy.stride(0),
                 flags.pos_offset, row_bin,
                 HAS_BANK=has_bank, **meta,
             )  # fmt: skip
-        if flags.needs_dy:
-            _pairwise_lse_bwd_dy_kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]), d_blocks)](
-                x, y, scale, lse, grad_lse, grad_pos, grad_lse_max, dy,
+        elif want_dx:
+            # dy's fp32 accumulator; a one-element stand-in when dy is not asked for (never written).
+            dy_acc = torch.zeros((n_y, d) if want_dy else (1,), dtype=torch.float32, device=x.device)
+            _pairwise_lse_bwd_rows_kernel[rows_grid](
+                x, y, b, scale, lse, grad_lse, w_pos, wscale, dx, dy_acc,
+                m, n_y, n_b, d,
+                x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1), dx.stride(0),
+                dy_acc.stride(0),
+                flags.pos_offset, row_bin,
+                HAS_BANK=has_bank, Y_NEGATIVES=flags.y_negatives, NEEDS_DY=want_dy, **meta,
+            )  # fmt: skip
+            if want_dy:
+                dy.copy_(dy_acc.mul_(scale.to(torch.float32) / wscale))
+        else:
+            _pairwise_lse_bwd_dy_kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]),)](
+                x, y, scale, lse, grad_lse, w_pos, wscale, dy,
                 m, n_y, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0),
                 flags.pos_offset, row_bin,
-                **meta,
+                Y_NEGATIVES=flags.y_negatives, **meta,
             )  # fmt: skip
     return dx, dy
