@@ -60,7 +60,7 @@ def _jobs():
 
     def estimate(kind, dt, d, cfg):
         block_k, single_k, block_dout = L.tile_dims(d, dtypes[dt])
-        return L.smem_estimate(kind, cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], block_k, single_k,
+        return L.smem_estimate(K._SMEM_LIKE[kind], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], block_k, single_k,
                                dtypes[dt].itemsize, cfg.num_stages, block_dout)  # fmt: skip
 
     def job(group, kind, dt, d, arch, cfg, has_pos=True):

@@ -94,8 +94,44 @@ def mm_weights(w, b, acc, FP32_PRECISION: tl.constexpr):
     """acc + w @ b for fp32 weights `w` (softmax probabilities) rounded to b's dtype (tensor cores).
 
     As in FlashAttention's backward. The rounding (2^-9 relative per weight in bf16) averages out
-    over the columns: measured dx/dy errors stay within 1.7x (bf16) and 1.05x (fp16) those of an
-    fp32 computation rounded to the input dtype, so splitting w into hi + lo halves (one more MMA
-    per tile) buys nothing.
+    over the columns, within the accuracy rule of docs/design.md (the measured ratio is in
+    benchmarks/RESULTS.md, "Measurements behind design choices"), so splitting w into hi + lo halves
+    (one more MMA per tile) buys nothing.
     """
     return mm(round_to(w, b.dtype), b, acc, FP32_PRECISION)
+
+
+def row_bin(n: int) -> int:
+    # Coarse size classes for the autotuning key: small grids favour small tiles, large ones big tiles.
+    return 0 if n <= 4096 else (1 if n <= 32768 else 2)
+
+
+@triton.jit
+def logits_loop(A, B, a_idx, b_idx, a_mask, b_mask, stride_am, stride_ad, stride_bm, stride_bd, D,
+                FP32_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """(BLOCK_A, BLOCK_B) fp32 tile of A[a_idx] @ B[b_idx]ᵀ, looping over D in BLOCK_K chunks."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = ks < D
+        a = tl.load(A + a_idx[:, None] * stride_am + ks[None, :] * stride_ad,
+                    mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(B + b_idx[None, :] * stride_bm + ks[:, None] * stride_bd,
+                    mask=b_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = mm(a, b, acc, FP32_PRECISION)
+    return acc
+
+
+@triton.jit
+def rowdot_loop(A, B, a_idx, b_idx, mask, stride_am, stride_ad, stride_bm, stride_bd, D,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_R,) fp32 row-wise dots A[a_idx[r]]·B[b_idx[r]], looping over D in BLOCK_K chunks."""
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        m2 = mask[:, None] & (ks < D)[None, :]
+        a = tl.load(A + a_idx[:, None] * stride_am + ks[None, :] * stride_ad, mask=m2, other=0.0)
+        b = tl.load(B + b_idx[:, None] * stride_bm + ks[None, :] * stride_bd, mask=m2, other=0.0)
+        acc += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)
+    return acc

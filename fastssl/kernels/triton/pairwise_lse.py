@@ -53,7 +53,16 @@ from torch import Tensor
 
 from fastssl._common import device_ctx
 from fastssl.kernels import PairwiseLSEFlags
-from fastssl.kernels.triton._utils import autotune, device_smem_limit, interpreting, mm, round_to
+from fastssl.kernels.triton._utils import (
+    autotune,
+    device_smem_limit,
+    interpreting,
+    logits_loop,
+    mm,
+    round_to,
+    row_bin,
+    rowdot_loop,
+)
 
 #: fp32 inputs must match an fp32 reference to ~1e-5, so their dots run in full fp32 (CUDA cores).
 #: "tf32x3" (three TF32 tensor-core products, ~1e-6 relative per product) is the fast alternative.
@@ -202,37 +211,6 @@ def _prune(kind):
 
 
 @triton.jit
-def _logits_loop(A, B, a_idx, b_idx, a_mask, b_mask, stride_am, stride_ad, stride_bm, stride_bd, D,
-                 FP32_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """(BLOCK_A, BLOCK_B) fp32 tile of A[a_idx] @ B[b_idx]ᵀ, looping over D in BLOCK_K chunks."""
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = ks < D
-        a = tl.load(A + a_idx[:, None] * stride_am + ks[None, :] * stride_ad,
-                    mask=a_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(B + b_idx[None, :] * stride_bm + ks[:, None] * stride_bd,
-                    mask=b_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = mm(a, b, acc, FP32_PRECISION)
-    return acc
-
-
-@triton.jit
-def _rowdot_loop(A, B, a_idx, b_idx, mask, stride_am, stride_ad, stride_bm, stride_bd, D,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_R,) fp32 row-wise dots A[a_idx[r]]·B[b_idx[r]], looping over D in BLOCK_K chunks."""
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        m2 = mask[:, None] & (ks < D)[None, :]
-        a = tl.load(A + a_idx[:, None] * stride_am + ks[None, :] * stride_ad, mask=m2, other=0.0)
-        b = tl.load(B + b_idx[:, None] * stride_bm + ks[None, :] * stride_bd, mask=m2, other=0.0)
-        acc += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)
-    return acc
-
-
-@triton.jit
 def _online_update(m_i, l_i, qk):
     """Fold a (BLOCK_M, BLOCK_N) tile of base-2 logits (-inf where masked) into the running max/sum."""
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -348,7 +326,7 @@ def _pairwise_lse_fwd_kernel(
                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             pos_raw = tl.sum(x_blk.to(tl.float32) * y_pos.to(tl.float32), axis=1)
         else:
-            pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
+            pos_raw = rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
                                    BLOCK_M, BLOCK_K)
         tl.store(POS + rows, pos_raw * scale, mask=row_mask)
         if INCLUDE_POS:
@@ -364,7 +342,7 @@ def _pairwise_lse_fwd_kernel(
                               mask=col_mask[:, None] & k_mask[None, :], other=0.0)
                 s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             else:
-                s = _logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
+                s = logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             # The branch yields the masked tile: with the update in both arms (the dot's result used in
             # two regions) Triton 3.6's sm_90 pipeliner fails to compile the loop.
@@ -388,7 +366,7 @@ def _pairwise_lse_fwd_kernel(
                               mask=col_mask[:, None] & k_mask[None, :], other=0.0)
                 s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             else:
-                s = _logits_loop(X, B, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_bm, stride_bd,
+                s = logits_loop(X, B, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_bm, stride_bd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             qk = s * qk_scale
             if start_n + BLOCK_N > NB:  # the ragged edge
@@ -473,7 +451,7 @@ def _pairwise_lse_bwd_pos_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
     pcol = (rows + pos_offset) % NY
-    pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
+    pos_raw = rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
                            BLOCK_R, BLOCK_K)
     lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E
     g_lse = tl.load(GRAD_LSE + rows, mask=row_mask, other=0.0)
@@ -767,7 +745,7 @@ def _pairwise_lse_bwd_weights_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < NC
     cols64 = cols.to(tl.int64)
-    s = _logits_loop(X, C, rows64, cols64, row_mask, col_mask, stride_xm, stride_xd, stride_cm, stride_cd, D,
+    s = logits_loop(X, C, rows64, cols64, row_mask, col_mask, stride_xm, stride_xd, stride_cm, stride_cd, D,
                      FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     scale = tl.load(SCALE).to(tl.float32)
     lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
@@ -798,11 +776,6 @@ def tile_dims(d: int, dtype: torch.dtype) -> tuple[int, bool, int]:
 def blocked_block_k(d: int, dtype: torch.dtype) -> int:
     """BLOCK_K of the blocked route's weights kernel: the D loop's chunk, or less for a small D."""
     return min(LOOP_BLOCK_K[dtype.itemsize], max(16, triton.next_power_of_2(d)))
-
-
-def _row_bin(n: int) -> int:
-    # Coarse size classes for the autotuning key: small grids favour small tiles, large ones big tiles.
-    return 0 if n <= 4096 else (1 if n <= 32768 else 2)
 
 
 def _common(x, y, bank, scale):
@@ -888,7 +861,7 @@ def pairwise_lse_forward(
             x, y, b, scale, lse, pos, part,
             m, n_y, n_b, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1),
-            flags.pos_offset, _row_bin(max(m, n_y)), n_split,
+            flags.pos_offset, row_bin(max(m, n_y)), n_split,
             **meta,
         )  # fmt: skip
         if n_split > 1:
@@ -988,7 +961,7 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, w_pos, wscale, flags, dx
     unscale = scale.to(torch.float32) / wscale  # scale / f, exact: f is a power of two
     dy_acc = torch.zeros((n_y, d), dtype=torch.float32, device=x.device) if want_dy else None  # units of f/scale
     block_k = blocked_block_k(d, x.dtype)
-    row_bin = _row_bin(max(rows_per, n_cols))
+    size_bin = row_bin(max(rows_per, n_cols))
 
     def weights(cols, out, row0, n_rows, y_columns):
         width = cols.shape[0]
@@ -997,7 +970,7 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, w_pos, wscale, flags, dx
             x, cols, scale, lse, grad_lse, wscale, out,
             n_rows, width, n_y, d, row0,
             x.stride(0), x.stride(1), cols.stride(0), cols.stride(1), out.stride(0),
-            flags.pos_offset, row_bin,
+            flags.pos_offset, size_bin,
             Y_COLUMNS=y_columns, EXCLUDE_SELF=flags.exclude_self, FP32_PRECISION=FP32_DOT_PRECISION,
             BLOCK_K=block_k,
         )  # fmt: skip
@@ -1104,7 +1077,7 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
     want_dx, want_dy = flags.needs_dx, flags.needs_dy
     del meta["SINGLE_K"]  # the fused kernels hold D resident, always
     meta.update(EXCLUDE_SELF=flags.exclude_self)
-    row_bin = _row_bin(max(m, n_y))
+    size_bin = row_bin(max(m, n_y))
     rows_grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     with device_ctx(x):
         if same and want_dx and want_dy and flags.y_negatives:
@@ -1112,7 +1085,7 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
                 x, b, scale, lse, grad_lse, w_pos, wscale, dx, dy,
                 m, n_b, d,
                 x.stride(0), x.stride(1), b.stride(0), b.stride(1), dx.stride(0), dy.stride(0),
-                flags.pos_offset, row_bin,
+                flags.pos_offset, size_bin,
                 HAS_BANK=has_bank, **meta,
             )  # fmt: skip
         elif want_dx:
@@ -1123,7 +1096,7 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
                 m, n_y, n_b, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1), dx.stride(0),
                 dy_acc.stride(0),
-                flags.pos_offset, row_bin,
+                flags.pos_offset, size_bin,
                 HAS_BANK=has_bank, Y_NEGATIVES=flags.y_negatives, NEEDS_DY=want_dy, **meta,
             )  # fmt: skip
             if want_dy:
@@ -1133,7 +1106,7 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
                 x, y, scale, lse, grad_lse, w_pos, wscale, dy,
                 m, n_y, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0),
-                flags.pos_offset, row_bin,
+                flags.pos_offset, size_bin,
                 Y_NEGATIVES=flags.y_negatives, **meta,
             )  # fmt: skip
     return dx, dy

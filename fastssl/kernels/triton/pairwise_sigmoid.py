@@ -38,17 +38,21 @@ import triton.language as tl
 from torch import Tensor
 
 from fastssl._common import device_ctx
-from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, mm_weights, round_to
+from fastssl.kernels.triton._utils import (
+    autotune,
+    device_smem_limit,
+    logits_loop,
+    mm,
+    mm_weights,
+    round_to,
+    row_bin,
+    rowdot_loop,
+)
 from fastssl.kernels.triton.pairwise_lse import (
-    BWD_DX_CONFIGS,
-    BWD_DY_CONFIGS,
     FP32_DOT_PRECISION,
     FP32_MAX_TILE,
     FWD_CONFIGS,
     INTERPRET_CONFIG,
-    _logits_loop,
-    _row_bin,
-    _rowdot_loop,
     smem_estimate,
     tile_dims,
 )
@@ -63,19 +67,24 @@ _KEY = ["ROW_BIN", "BLOCK_K", "SINGLE_K", "HAS_POS"]
 _NO_SPECIALIZE = ["M", "NY", "pos_offset", "ROW_BIN"]
 
 
-def _without(configs, dropped):
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) not in dropped]
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-# The pairwise-LSE configs (same tile shapes), less those that spill registers here at bf16, D = 128,
-# sm_90 (ptxas -v, tests/gpu/test_pairwise_sigmoid_aot.py): a (BLOCK_M, 128) fp32 accumulator per
-# 4 warps with a 32-wide logit tile (dx 128 x 32), its dy mirror (32 x 128), and dy 64 x 64 with 3
-# stages (its positive pass holds the accumulator, a gathered x tile and y_blk at once).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the forward's are pairwise-LSE's. The backward's are the
+# tile shapes of a two-kernel backward (dx: a program owns x rows and streams y; dy the mirror),
+# less those that spill registers here at bf16, D = 128, sm_90 (ptxas -v,
+# tests/gpu/test_pairwise_sigmoid_aot.py): a (BLOCK_M, 128) fp32 accumulator per 4 warps with a
+# 32-wide logit tile (dx 128 x 32), its dy mirror (32 x 128), and dy 64 x 64 with 3 stages (its
+# positive pass holds the accumulator, a gathered x tile and y_blk at once).
 CONFIGS = {
     "fwd": list(FWD_CONFIGS),
-    "dx": _without(BWD_DX_CONFIGS, {(128, 32, 4, 3)}),
-    "dy": _without(BWD_DY_CONFIGS, {(32, 128, 4, 3), (64, 64, 4, 3)}),
+    "dx": _configs([(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]),
+    "dy": _configs([(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)]),
 }
+#: The pairwise-LSE kernel whose shared-memory layout each kernel here has (resident and streamed
+#: operands, one weight tile): the estimate is that kernel's.
+_SMEM_LIKE = {"fwd": "fwd", "dx": "sym", "dy": "dy"}
 
 
 def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, block_dout: int,
@@ -87,8 +96,8 @@ def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, bl
         c
         for c in CONFIGS[kind]
         if (itemsize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= FP32_MAX_TILE)
-        and smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, single_k, itemsize, c.num_stages,
-                          block_dout) <= smem_limit
+        and smem_estimate(_SMEM_LIKE[kind], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, single_k, itemsize,
+                          c.num_stages, block_dout) <= smem_limit
     ]
     smallest = min(CONFIGS[kind], key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
     return keep or [smallest]
@@ -167,7 +176,7 @@ def _pairwise_sigmoid_fwd_kernel(
                           mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
         else:
-            s = _logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
+            s = logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
                              D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         valid = col_mask[None, :]
         if HAS_POS:
@@ -180,7 +189,7 @@ def _pairwise_sigmoid_fwd_kernel(
                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             pos_raw = tl.sum(x_blk.to(tl.float32) * y_pos.to(tl.float32), axis=1)
         else:
-            pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
+            pos_raw = rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
                                    BLOCK_M, BLOCK_K)
         acc += _softplus(-(pos_raw * scale + bias))
     tl.store(ROWS + rows, acc, mask=row_mask)
@@ -235,7 +244,7 @@ def _pairwise_sigmoid_bwd_dx_kernel(
                           mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
         else:
-            s = _logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
+            s = logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
                              D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             y_t = tl.load(Y + cols[:, None] * stride_ym + ds[None, :] * stride_yd,
                           mask=col_mask[:, None] & d_mask[None, :], other=0.0)
@@ -254,7 +263,7 @@ def _pairwise_sigmoid_bwd_dx_kernel(
         if SINGLE_K:
             pos_raw = tl.sum(x_blk.to(tl.float32) * y_pos.to(tl.float32), axis=1)
         else:
-            pos_raw = _rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
+            pos_raw = rowdot_loop(X, Y, rows, pcol, row_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
                                    BLOCK_M, BLOCK_K)
         w_pos = -_sigmoid(-(pos_raw * scale + bias))
         acc += w_pos[:, None] * y_pos.to(tl.float32)
@@ -316,7 +325,7 @@ def _pairwise_sigmoid_bwd_dy_kernel(
                           mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             s_t = mm(y_blk, tl.trans(x_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), FP32_PRECISION)
         else:
-            s_t = _logits_loop(Y, X, cols, rows, col_mask, row_mask, stride_ym, stride_yd, stride_xm, stride_xd,
+            s_t = logits_loop(Y, X, cols, rows, col_mask, row_mask, stride_ym, stride_yd, stride_xm, stride_xd,
                                D, FP32_PRECISION, BLOCK_N, BLOCK_M, BLOCK_K)
             x_t = tl.load(X + rows[:, None] * stride_xm + ds[None, :] * stride_xd,
                           mask=row_mask[:, None] & d_mask[None, :], other=0.0)
@@ -337,7 +346,7 @@ def _pairwise_sigmoid_bwd_dy_kernel(
             if SINGLE_K:
                 pos_raw = tl.sum(x_pos.to(tl.float32) * y_blk.to(tl.float32), axis=1)
             else:
-                pos_raw = _rowdot_loop(X, Y, prow, cols, p_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
+                pos_raw = rowdot_loop(X, Y, prow, cols, p_mask, stride_xm, stride_xd, stride_ym, stride_yd, D,
                                        BLOCK_N, BLOCK_K)
             g = tl.load(GRAD + prow, mask=p_mask, other=0.0)
             w_pos = -g * _sigmoid(-(pos_raw * scale + bias))
@@ -357,7 +366,7 @@ def _common(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, pos_offset: int, 
     scale, bias = scale.to(x.device), bias.to(x.device)
     block_k, single_k, block_dout = tile_dims(d, x.dtype)
     meta = dict(BLOCK_K=block_k, SINGLE_K=single_k, FP32_PRECISION=FP32_DOT_PRECISION, HAS_POS=bool(has_pos))
-    return m, d, n_y, scale, bias, meta, block_dout, pos_offset % n_y, _row_bin(max(m, n_y))
+    return m, d, n_y, scale, bias, meta, block_dout, pos_offset % n_y, row_bin(max(m, n_y))
 
 
 def pairwise_sigmoid_forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, pos_offset: int,

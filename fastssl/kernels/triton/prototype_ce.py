@@ -39,9 +39,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastssl.kernels.triton._utils import autotune, device_smem_limit, mm, mm_weights, round_to
 from fastssl._common import device_ctx
-from fastssl.kernels.triton.pairwise_lse import FP32_DOT_PRECISION, _logits_loop, tile_dims
+from fastssl.kernels.triton._utils import autotune, device_smem_limit, logits_loop, mm, mm_weights, round_to, row_bin
+from fastssl.kernels.triton.pairwise_lse import FP32_DOT_PRECISION, tile_dims
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -187,7 +187,7 @@ def _prototype_ce_fwd_kernel(
                           mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             s = mm(x_blk, tl.trans(a_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
         else:
-            s = _logits_loop(X, A, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_am, stride_ad, D,
+            s = logits_loop(X, A, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_am, stride_ad, D,
                              FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_CENTER:
             s = s - tl.load(C + cols, mask=col_mask, other=0.0)[None, :]
@@ -239,7 +239,7 @@ def _accumulate_rows(acc, X, A, C, OUT, LSE, COEF, cols, col_mask, a_blk, ds, d_
                           mask=row_mask[:, None] & d_mask[None, :], other=0.0)
             s_t = mm(a_blk, tl.trans(x_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), FP32_PRECISION)
         else:
-            s_t = _logits_loop(A, X, cols, rows, col_mask, row_mask, stride_am, stride_ad, stride_xm, stride_xd,
+            s_t = logits_loop(A, X, cols, rows, col_mask, row_mask, stride_am, stride_ad, stride_xm, stride_xd,
                                D, FP32_PRECISION, BLOCK_N, BLOCK_M, BLOCK_K)
         lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * LOG2E
         z = (s_t - c_tile[:, None]) * qk_scale - lse2[None, :]
@@ -315,11 +315,6 @@ def _prototype_ce_bwd_kernel(
 # launchers
 
 
-def _row_bin(n: int) -> int:
-    # Coarse size classes for the autotuning key: small grids favour small tiles, large ones big tiles.
-    return 0 if n <= 4096 else (1 if n <= 32768 else 2)
-
-
 def _row_stats(x: Tensor, a: Tensor, v: Optional[Tensor], center: Optional[Tensor], scale: Tensor):
     """(lse (M,), mean (M, D) or None) of rows x against the prototypes a (values v)."""
     m, d = x.shape
@@ -339,7 +334,7 @@ def _row_stats(x: Tensor, a: Tensor, v: Optional[Tensor], center: Optional[Tenso
             m, k, d,
             x.stride(0), x.stride(1), a.stride(0), a.stride(1), vv.stride(0), vv.stride(1),
             0 if mean is None else mean.stride(0),
-            _row_bin(m),
+            row_bin(m),
             HAS_CENTER=center is not None, HAS_MEAN=v is not None, V_IS_A=v is a,
             SINGLE_K=single_k, FP32_PRECISION=FP32_DOT_PRECISION, BLOCK_K=block_k, BLOCK_DOUT=block_dout,
         )  # fmt: skip
@@ -409,7 +404,7 @@ def prototype_ce_backward(
             lse_s, lse_t, g, g_mean, g_max, dw,
             n, n_t, k, d,
             s.stride(0), s.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1), w_t.stride(0),
-            w_t.stride(1), g_mean.stride(0), dw.stride(0), _row_bin(max(n, n_t)),
+            w_t.stride(1), g_mean.stride(0), dw.stride(0), row_bin(max(n, n_t)),
             HAS_CENTER=center is not None, HAS_STUDENT=has_student, HAS_TEACHER=has_teacher,
             SINGLE_K=single_k, FP32_PRECISION=FP32_DOT_PRECISION, BLOCK_K=block_k, BLOCK_DOUT=block_dout,
         )  # fmt: skip
