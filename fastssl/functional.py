@@ -1111,6 +1111,36 @@ def _dino_pair_counts(n_student: int, n_teacher: int) -> int:
     return n_terms
 
 
+def _head_args(
+    student: Tensor, prototypes: object, teacher_prototypes: object, center: object, student_temp: object,
+    teacher_temp: object, normalize_prototypes: bool,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:  # fmt: skip
+    """The head's arguments of DINO and iBOT, checked: (W, W_t, centre). W is normalised per row when
+    `normalize_prototypes` (DINO's weight-normalised last layer); W_t is the teacher's prototypes,
+    or W, without gradient either way."""
+    check_embeddings("prototypes", prototypes, min_rows=1)
+    check_same("student", student, "prototypes", prototypes, dims="D")
+    if teacher_prototypes is not None:
+        check_embeddings("teacher_prototypes", teacher_prototypes, min_rows=1)
+        check_same("prototypes", prototypes, "teacher_prototypes", teacher_prototypes)
+    center = _check_center(center, prototypes.shape[0], student)
+    _fixed_temperature("student_temp", student_temp)
+    _fixed_temperature("teacher_temp", teacher_temp)
+    w = F.normalize(prototypes, dim=1) if normalize_prototypes else prototypes
+    w_t = w.detach() if teacher_prototypes is None else teacher_prototypes.detach()
+    if normalize_prototypes and teacher_prototypes is not None:
+        w_t = F.normalize(w_t, dim=1)
+    return w, w_t, center
+
+
+def _batch_center(w_t: Tensor, teacher_rows: Tensor) -> Tensor:
+    """mean_j t_j·W_tᵀ (K,): the batch-mean teacher logit of DINO's centre update, as one (K, D) x (D,)
+    product (the mean is linear), without gradient."""
+    with torch.no_grad():
+        acc = compute_dtype(teacher_rows)
+        return w_t.to(acc) @ teacher_rows.to(acc).mean(0)
+
+
 def dino_loss(
     student: Union[Tensor, Sequence[Tensor]],
     teacher: Union[Tensor, Sequence[Tensor]],
@@ -1153,23 +1183,12 @@ def dino_loss(
     """
     s3, t3 = _crop_views("student", student), _crop_views("teacher", teacher)
     _check_crop_pair(("student", "teacher"), s3, t3)
-    check_embeddings("prototypes", prototypes, min_rows=1)
-    check_same("student", s3, "prototypes", prototypes, dims="D")
-    if teacher_prototypes is not None:
-        check_embeddings("teacher_prototypes", teacher_prototypes, min_rows=1)
-        check_same("prototypes", prototypes, "teacher_prototypes", teacher_prototypes)
-    center = _check_center(center, prototypes.shape[0], s3)
-    _fixed_temperature("student_temp", student_temp)
-    _fixed_temperature("teacher_temp", teacher_temp)
+    w, w_t, center = _head_args(s3, prototypes, teacher_prototypes, center, student_temp, teacher_temp,
+                                normalize_prototypes)  # fmt: skip
     n_student, n_images, d = s3.shape
     n_teacher = t3.shape[0]
     n_terms = _dino_pair_counts(n_student, n_teacher)
     backend, _ = resolve(backend, s3, False, op="prototype_ce")
-
-    w = F.normalize(prototypes, dim=1) if normalize_prototypes else prototypes
-    w_t = w.detach() if teacher_prototypes is None else teacher_prototypes.detach()
-    if normalize_prototypes and teacher_prototypes is not None:
-        w_t = F.normalize(w_t, dim=1)
 
     if backend == "reference":
         loss = reference.dino_loss(s3, t3, w, center, student_temp, teacher_temp, w_t)
@@ -1189,12 +1208,7 @@ def dino_loss(
         s_acc = s3.to(acc)
         cross = (s_acc * p_t.sum(0)).sum() - (s_acc[:own] * p_t[:own]).sum()
         loss = ((views_met * lse_s).sum() - scale_s * cross) / (n_terms * n_images)
-    if not return_batch_center:
-        return loss
-    with torch.no_grad():
-        acc = compute_dtype(s3)
-        batch_center = w_t.to(acc) @ t3.reshape(-1, d).to(acc).mean(0)
-    return DINOLossOutput(loss, batch_center)
+    return DINOLossOutput(loss, _batch_center(w_t, t3.reshape(-1, d))) if return_batch_center else loss
 
 
 def dino_loss_from_logits(
@@ -1293,21 +1307,10 @@ def ibot_patch_loss(
     check_embeddings("student", student, min_rows=1)
     check_embeddings("teacher", teacher, min_rows=1)
     check_same("student", student, "teacher", teacher)
-    check_embeddings("prototypes", prototypes, min_rows=1)
-    check_same("student", student, "prototypes", prototypes, dims="D")
-    if teacher_prototypes is not None:
-        check_embeddings("teacher_prototypes", teacher_prototypes, min_rows=1)
-        check_same("prototypes", prototypes, "teacher_prototypes", teacher_prototypes)
     mask = _check_token_mask(mask, student)
-    center = _check_center(center, prototypes.shape[0], student)
-    _fixed_temperature("student_temp", student_temp)
-    _fixed_temperature("teacher_temp", teacher_temp)
+    w, w_t, center = _head_args(student, prototypes, teacher_prototypes, center, student_temp, teacher_temp,
+                                normalize_prototypes)  # fmt: skip
     backend, _ = resolve(backend, student, False, op="prototype_ce")
-
-    w = F.normalize(prototypes, dim=1) if normalize_prototypes else prototypes
-    w_t = w.detach() if teacher_prototypes is None else teacher_prototypes.detach()
-    if normalize_prototypes and teacher_prototypes is not None:
-        w_t = F.normalize(w_t, dim=1)
 
     if backend == "reference":
         loss = reference.ibot_patch_loss(student, teacher, w, mask, center, student_temp, teacher_temp, w_t)
@@ -1318,12 +1321,7 @@ def ibot_patch_loss(
                                   backend=backend)  # fmt: skip
         ce = lse_s - scale_s * (student.to(p_t.dtype) * p_t).sum(dim=1)
         loss = (ce * _token_weights(mask, ce.shape[0], ce.dtype)).sum() / mask.shape[0]
-    if not return_batch_center:
-        return loss
-    with torch.no_grad():
-        acc = compute_dtype(student)
-        batch_center = w_t.to(acc) @ teacher.to(acc).mean(0)
-    return DINOLossOutput(loss, batch_center)
+    return DINOLossOutput(loss, _batch_center(w_t, teacher)) if return_batch_center else loss
 
 
 def ibot_patch_loss_from_logits(
