@@ -59,3 +59,8 @@ __all__ = [
 from fastssl.functional import directclr_loss, frossl_loss, koleo_loss, macl_loss, tico_loss  # noqa: E402
 
 __all__ += ["macl_loss", "directclr_loss", "frossl_loss", "tico_loss", "koleo_loss"]
+
+# SwaV and MSN: prototype codes (family 4, appended section).
+from fastssl.functional import msn_loss, swav_loss, swav_loss_from_scores  # noqa: E402
+
+__all__ += ["swav_loss", "swav_loss_from_scores", "msn_loss"]
