@@ -1507,6 +1507,7 @@ def swav_loss(
     check_embeddings("prototypes", prototypes, min_rows=1)
     check_same("high_resolution[0]", highs[0], "prototypes", prototypes, dims="D")
     _check_swav_args(temperature, sinkhorn_iterations, sinkhorn_epsilon)
+    distributed.check_gather(sinkhorn_gather_distributed, ring=False, name="sinkhorn_gather_distributed")
     backend, mode = resolve(backend, highs[0], sinkhorn_gather_distributed, ring=False, op="prototype_ce")
     crops = torch.stack(highs + lows)  # (V, B, D), one O(V·B·D) copy
     if backend == "reference":
