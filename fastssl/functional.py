@@ -1422,6 +1422,8 @@ def _swav_codes_from_scores(rows: Tensor, epsilon: float, iterations: int, gathe
                 u = lse_over_ranks(u)
             if step + 1 < iterations:
                 v = torch.logsumexp(z - u, dim=1, keepdim=True)
+                if gather:  # lightly: each rank's columns are divided by its rows x ranks
+                    v = v + math.log(z.shape[0])
         return torch.softmax(z - u, dim=1)
 
 

@@ -97,7 +97,9 @@ def sinkhorn_scaling(
     code runs them (the module docstring); rows_first: Q = softmax(scale·x·wᵀ) instead (MSN's
     sharpened target probabilities, normalised per sample before the first step). gather: every
     prototype's total runs over the rows of all ranks (SwaV's and MSN's distributed codes), which
-    costs one all-gather of K numbers per iteration.
+    costs one all-gather of K numbers per iteration; as in lightly 1.6, each sample step leaves each
+    rank's batch the total mass 1/W (its columns are divided by local rows x ranks), so with unequal
+    batches a rank's rows weigh as 1/(its rows) in the prototypes' totals.
 
     center None: no centre (T = 0); mass None: every row has mass 1 (T ≥ 1, or MSN's T = 0).
     fp32 (fp64 for fp64 inputs).
@@ -121,6 +123,8 @@ def sinkhorn_scaling(
             u = lse_over_ranks(u)
         if step + 1 < iterations:
             v = prototype_lse(x, w, u / scale, scale, backend)
+            if gather:  # lightly's per-rank column mass 1/(local rows x ranks): log(local rows), the rest cancels
+                v = v + math.log(x.shape[0])
     return u / scale, None
 
 
