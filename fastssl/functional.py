@@ -1520,16 +1520,18 @@ def swav_loss(
     acc = compute_dtype(crops)
     scale_s = inverse_temperature(temperature, crops)
     scale_t = inverse_temperature(sinkhorn_epsilon, crops)
-    w_fixed = prototypes.detach()
+    students = crops.reshape(-1, d)
     lse_s, expected, mass = None, [], []
     for i in range(n_high):
         rows = highs[i].detach() if queues is None else torch.cat([highs[i].detach(), queues[i].detach()])
-        center, m = sinkhorn_scaling(rows, w_fixed, scale_t, sinkhorn_iterations, gather=mode is not None,
+        center, m = sinkhorn_scaling(rows, prototypes, scale_t, sinkhorn_iterations, gather=mode is not None,
                                      backend=backend)  # fmt: skip
-        # The student rows enter once (with view 0's codes); the other views' calls score only the teacher.
-        students = crops.reshape(-1, d) if i == 0 else crops.reshape(-1, d)[:0]
-        lse, p_t = prototype_ce(students, prototypes, highs[i], scale_s, scale_t, center=center, backend=backend)
-        lse_s = lse if i == 0 else lse_s
+        # View i's codes are a teacher softmax with centre c_i. The student rows enter the first call
+        # only (their LSE does not depend on the codes); the later calls score just the teacher rows.
+        lse, p_t = prototype_ce(students if i == 0 else students[:0], prototypes, highs[i], scale_s, scale_t,
+                                center=center, backend=backend)  # fmt: skip
+        if i == 0:
+            lse_s = lse
         mass.append(torch.ones(b, dtype=acc, device=crops.device) if m is None else m[:b].to(acc))
         expected.append(p_t if m is None else p_t * mass[-1][:, None])
     mass_t, p_all = torch.stack(mass), torch.stack(expected)  # (H, B), (H, B, D)

@@ -369,3 +369,31 @@ def test_msn_torch_backend_never_holds_rows_by_prototypes(monkeypatch):
     for a, b_ in zip(chunked, whole):
         torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-13)
     assert spy.largest < b * k, f"a tensor of {spy.largest} entries (B x K = {b * k})"
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize("name", ["swav", "msn"])
+def test_compile_fullgraph_matches_eager(name):
+    """The custom ops and the Sinkhorn loop trace without graph breaks (the torch backend here; the
+    Triton-backed ops in tests/gpu/test_swav_msn_gpu.py)."""
+    torch._dynamo.reset()
+    if name == "swav":
+        case = swav_case(2, 2, 6, 17, 8, 5, torch.float32)
+        fn = lambda x, w: fastssl.swav_loss(x[:2], x[2:], w, case["queue"], backend="torch")  # noqa: E731
+        x = torch.cat([case["high"], case["low"]])
+        w = case["prototypes"]
+    else:
+        case = msn_case(3, 4, 13, 8, torch.float32)
+        fn = lambda x, w: fastssl.msn_loss(x, case["targets"], w, backend="torch")  # noqa: E731
+        x, w = case["anchors"], case["prototypes"]
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = f(xr, wr)
+        loss.backward()
+        results.append((loss, xr.grad, wr.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
