@@ -40,6 +40,7 @@ from fastssl.ops.pairwise_lse_distributed import pairwise_lse_global
 from fastssl.ops.pairwise_max import pairwise_max
 from fastssl.ops.pairwise_sigmoid import pairwise_sigmoid
 from fastssl.ops.prototype_ce import prototype_ce
+from fastssl.ops.prototype_codes import lse_over_ranks, prototype_mean_probs, sinkhorn_scaling
 from fastssl.ops.reductions import column_dot, column_mean_var
 from fastssl.ops.worst_pair import worst_pair
 
@@ -68,6 +69,9 @@ __all__ = [
     "ibot_patch_loss_from_logits",
     "siglip_loss",
     "supcon_loss",
+    "swav_loss",
+    "swav_loss_from_scores",
+    "msn_loss",
 ]
 
 
@@ -1473,3 +1477,262 @@ def supcon_loss(
     pos_mean = scale * (zc * pos_sum).sum(1) / pos_count.clamp_min(1)
     per_anchor = torch.where(has_positive, lse - pos_mean, torch.zeros_like(lse))
     return per_anchor.sum() / has_positive.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prototype codes (docs/design.md, family 4): SwaV (Caron et al. 2020) and MSN (Assran et al. 2022).
+# Appended section: the codes come from fastssl.ops.prototype_codes (Sinkhorn-Knopp in tiles, as a
+# centre of the prototype-CE op's teacher softmax), the cross-entropies from fastssl.ops.prototype_ce.
+# --------------------------------------------------------------------------------------------------
+
+
+
+def _check_iterations(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _check_swav_args(temperature: object, sinkhorn_iterations: object, sinkhorn_epsilon: object) -> None:
+    for name, value in (("temperature", temperature), ("sinkhorn_epsilon", sinkhorn_epsilon)):
+        if isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a float (it gets no gradient in the SwaV loss), got a tensor")
+        check_positive(name, value)
+    _check_iterations("sinkhorn_iterations", sinkhorn_iterations)
+
+
+def _swav_views(high: object, low: object, queue: object, names: tuple[str, str, str]):
+    """(high H x (B, ·), low L x (B, ·), queue H x (Bq, ·) or None) as lists, checked. low may be None,
+    an empty list or a (0, B, ·) tensor: no low-resolution crops."""
+    highs = _view_list(names[0], high)
+    empty = low is None or (isinstance(low, (list, tuple)) and len(low) == 0) or (
+        isinstance(low, Tensor) and low.dim() == 3 and low.shape[0] == 0)
+    lows = [] if empty else _view_list(names[1], low)
+    if lows:
+        _check_crop_pair((f"{names[1]}[0]", f"{names[0]}[0]"), lows[0], highs[0])
+    queues = None
+    if queue is not None:
+        queues = _view_list(names[2], queue)
+        check_same(f"{names[2]}[0]", queues[0], f"{names[0]}[0]", highs[0], dims="D")
+        if len(queues) != len(highs):
+            raise ValueError(f"{names[2]} needs one view per high-resolution view: got {len(queues)} for "
+                             f"{len(highs)} views of {names[0]}")  # fmt: skip
+    if len(highs) + len(lows) < 2:
+        raise ValueError(f"the SwaV loss needs at least two crops (views), got {len(highs)} high-resolution and "
+                         f"{len(lows)} low-resolution view(s)")  # fmt: skip
+    return highs, lows, queues
+
+
+def _swav_codes_from_scores(rows: Tensor, epsilon: float, iterations: int, gather: bool) -> Tensor:
+    """SwaV's codes (N, K) of finished scores (N, K) in the log domain (fastssl.ops.prototype_codes'
+    iteration on the whole matrix: the scores exist already). No gradient."""
+    with torch.no_grad():
+        z = rows.detach().to(compute_dtype(rows)) / epsilon
+        if iterations == 0:
+            v = torch.logsumexp(z, dim=1)
+            total = torch.logsumexp(v, 0)
+            if gather:
+                total = lse_over_ranks(total.reshape(1))[0]
+            n_global = z.shape[0] * (distributed.world_size() if gather else 1)
+            return torch.exp(z - total + math.log(n_global))
+        v = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
+        for step in range(iterations):
+            u = torch.logsumexp(z - v, dim=0)
+            if gather:
+                u = lse_over_ranks(u)
+            if step + 1 < iterations:
+                v = torch.logsumexp(z - u, dim=1, keepdim=True)
+                if gather:  # lightly: each rank's columns are divided by its rows x ranks
+                    v = v + math.log(z.shape[0])
+        return torch.softmax(z - u, dim=1)
+
+
+def swav_loss_from_scores(
+    high_resolution_outputs: Union[Tensor, Sequence[Tensor]],
+    low_resolution_outputs: Union[Tensor, Sequence[Tensor], None] = (),
+    queue_outputs: Union[Tensor, Sequence[Tensor], None] = None,
+    *,
+    temperature: float = 0.1,
+    sinkhorn_iterations: int = 3,
+    sinkhorn_epsilon: float = 0.05,
+    sinkhorn_gather_distributed: bool = False,
+) -> Tensor:
+    """SwaV's loss (Caron et al. 2020) on finished prototype scores: lightly 1.6's SwaVLoss.forward.
+
+    high_resolution_outputs: H views of (B, K) scores z = x·Wᵀ (a list or an (H, B, K) tensor);
+    low_resolution_outputs: L views (B, K) (may be empty); queue_outputs: H views (Bq, K) of the
+    queue's scores, or None. For each high-resolution view i, codes q_i (B, K) without gradient::
+
+        q_i = Sinkhorn-Knopp(exp([z_i; queue_i]/ε), sinkhorn_iterations)[:B]     (rows sum to 1)
+        CE(z, q) = −(1/B) Σ_b Σ_k q_bk·log_softmax_k(z_b/τ)
+        loss = 1/H Σ_i 1/(H + L − 1) Σ_{v ≠ i} CE(z_v, q_i)
+
+    The Sinkhorn-Knopp steps (fastssl.reference.swav_sinkhorn) run in the log domain, so scores
+    past 88·ε do not overflow (lightly's exp does). The scores exist already: nothing is fused
+    (:func:`swav_loss` is the fused path from embeddings). sinkhorn_gather_distributed: the
+    prototypes' totals run over every rank's rows (lightly's all_reduce). Gradients reach every
+    score tensor through log_softmax. Returns a 0-dim loss (fp32; fp64 for fp64 inputs).
+    """
+    highs, lows, queues = _swav_views(high_resolution_outputs, low_resolution_outputs, queue_outputs,
+                                      ("high_resolution_outputs", "low_resolution_outputs", "queue_outputs"))
+    _check_swav_args(temperature, sinkhorn_iterations, sinkhorn_epsilon)
+    mode = distributed.check_gather(sinkhorn_gather_distributed, ring=False, name="sinkhorn_gather_distributed")
+    gather = distributed.is_active(mode)
+    acc = compute_dtype(highs[0])
+    log_probs = [torch.log_softmax(z.to(acc) / temperature, dim=1) for z in highs + lows]
+    n_views, b = len(log_probs), highs[0].shape[0]
+    total = 0.0
+    for i, z_i in enumerate(highs):
+        rows = z_i if queues is None else torch.cat([z_i.detach(), queues[i].detach()])
+        q = _swav_codes_from_scores(rows, sinkhorn_epsilon, sinkhorn_iterations, gather)[:b]
+        for v, log_p in enumerate(log_probs):
+            if v != i:
+                total = total - torch.dot(q.flatten(), log_p.flatten())
+    return total / (len(highs) * (n_views - 1) * b)
+
+
+def swav_loss(
+    high_resolution: Union[Tensor, Sequence[Tensor]],
+    low_resolution: Union[Tensor, Sequence[Tensor], None],
+    prototypes: Tensor,
+    queue: Union[Tensor, Sequence[Tensor], None] = None,
+    *,
+    temperature: float = 0.1,
+    sinkhorn_iterations: int = 3,
+    sinkhorn_epsilon: float = 0.05,
+    sinkhorn_gather_distributed: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """SwaV's loss (Caron et al. 2020) from the embeddings that enter the prototype layer, fused.
+
+    high_resolution (H, B, D) and low_resolution (L, B, D) (lists of (B, D) tensors, or None / []
+    for no low-resolution crop) are the crops' embeddings, W = prototypes (K, D), queue None or H
+    views (Bq, D) of queued embeddings. The loss is :func:`swav_loss_from_scores` on the scores
+    x·Wᵀ — lightly 1.6's SwaVLoss on the prototype layer's output, same value and gradients — but no
+    (B, K) score matrix is ever stored:
+
+        codes of view i: q_i,bk = softmax_k((x_i,b·W_k − c_i,k)/ε)     (T ≥ 1 Sinkhorn steps; no gradient)
+        CE(v, i, b) = LSE_k(x_v,b·W_k/τ) − x_v,b·P_i,b/τ,   P_i,b = Σ_k q_i,bk·W_k
+
+    c_i (K,) is the Sinkhorn-Knopp scaling of the scores [x_i; queue_i]·Wᵀ, found in LSE passes
+    tiled over the prototypes (fastssl.ops.prototype_codes); the LSE and the expected prototype P
+    are the prototype-CE op's (fastssl.ops.prototype_ce) with c_i as the teacher's centre, and the
+    pairs v ≠ i are summed as DINO's are: O(D) per pair. Memory O((H + L)·B·D + Bq·D + K·D) plus a
+    chunk or tile. Gradients reach the crops' embeddings and W (W through the student's LSE and as
+    the value of P, not through the codes); the queue gets none. T = 0 (lightly's unnormalised
+    codes) multiplies each code row by its mass.
+
+    Returns a 0-dim loss (fp32; fp64 for fp64 inputs).
+    """
+    highs, lows, queues = _swav_views(high_resolution, low_resolution, queue,
+                                      ("high_resolution", "low_resolution", "queue"))
+    check_embeddings("prototypes", prototypes, min_rows=1)
+    check_same("high_resolution[0]", highs[0], "prototypes", prototypes, dims="D")
+    _check_swav_args(temperature, sinkhorn_iterations, sinkhorn_epsilon)
+    distributed.check_gather(sinkhorn_gather_distributed, ring=False, name="sinkhorn_gather_distributed")
+    backend, mode = resolve(backend, highs[0], sinkhorn_gather_distributed, ring=False, op="prototype_ce")
+    crops = torch.stack(highs + lows)  # (V, B, D), one O(V·B·D) copy
+    if backend == "reference":
+        return reference.swav_loss(crops[: len(highs)], crops[len(highs):], prototypes,
+                                   None if queues is None else torch.stack(queues), temperature,
+                                   sinkhorn_iterations, sinkhorn_epsilon)  # fmt: skip
+    n_high, (n_views, b, d) = len(highs), crops.shape
+    acc = compute_dtype(crops)
+    scale_s = inverse_temperature(temperature, crops)
+    scale_t = inverse_temperature(sinkhorn_epsilon, crops)
+    students = crops.reshape(-1, d)
+    lse_s, expected, mass = None, [], []
+    for i in range(n_high):
+        rows = highs[i].detach() if queues is None else torch.cat([highs[i].detach(), queues[i].detach()])
+        center, m = sinkhorn_scaling(rows, prototypes, scale_t, sinkhorn_iterations, gather=mode is not None,
+                                     backend=backend)  # fmt: skip
+        # View i's codes are a teacher softmax with centre c_i. The student rows enter the first call
+        # only (their LSE does not depend on the codes); the later calls score just the teacher rows.
+        lse, p_t = prototype_ce(students if i == 0 else students[:0], prototypes, highs[i], scale_s, scale_t,
+                                center=center, backend=backend)  # fmt: skip
+        if i == 0:
+            lse_s = lse
+        mass.append(torch.ones(b, dtype=acc, device=crops.device) if m is None else m[:b].to(acc))
+        expected.append(p_t if m is None else p_t * mass[-1][:, None])
+    mass_t, p_all = torch.stack(mass), torch.stack(expected)  # (H, B), (H, B, D)
+    # Σ over pairs (i, v ≠ i, b) of m_ib·lse_s[v, b] − x[v, b]·P̃[i, b]/τ, P̃ = m·P: view v meets every
+    # high-resolution view but itself, so Σ_{i≠v} P̃[i] = Σ_i P̃[i] − P̃[v] (the last only for v < H).
+    weights = mass_t.sum(0).expand(n_views, b).clone()
+    weights[:n_high] -= mass_t
+    x = crops.to(acc)
+    cross = (x * p_all.sum(0)).sum() - (x[:n_high] * p_all).sum()
+    return ((weights * lse_s.view(n_views, b)).sum() - scale_s * cross) / (n_high * (n_views - 1) * b)
+
+
+def msn_loss(
+    anchors: Tensor,
+    targets: Tensor,
+    prototypes: Tensor,
+    target_sharpen_temperature: float = 0.25,
+    *,
+    temperature: float = 0.1,
+    sinkhorn_iterations: int = 3,
+    regularization_weight: float = 1.0,
+    gather_distributed: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """MSN's loss (Assran et al. 2022): lightly 1.6's MSNLoss.forward, fused.
+
+    anchors (V·B, D): V views of B images, view-major (anchor i belongs to image i mod B); targets
+    (B, D); prototypes (K, D). n(·) normalises rows, τ = temperature, T = target_sharpen_temperature,
+    λ = regularization_weight::
+
+        p_i = softmax_k(n(a_i)·n(W_k)/τ)                         anchor probabilities (no V·B x K stored)
+        t_b = Sinkhorn-Knopp(softmax_k(n(t_b)·n(W_k)/(τ·T)))     sharpened targets, no gradient
+        loss = mean_i −Σ_k t_(i mod B),k·log p_ik + λ·(Σ_k p̄_k·log p̄_k + log K),   p̄ = mean_i p_i
+
+    (sharpening p^(1/T)/Σ p^(1/T) of a softmax at 1/τ is the softmax at 1/(τ·T)). The Sinkhorn-Knopp
+    steps are fastssl.ops.prototype_codes' (rows first), the cross-entropy is the prototype-CE op's
+    with the targets as the teacher, and p̄ (K,) is accumulated over tiles
+    (fastssl.ops.prototype_codes.prototype_mean_probs); λ ≤ 0 drops the regulariser (as lightly).
+    Memory O((V·B + K)·D) plus a chunk or tile. Gradients reach anchors and prototypes; targets get
+    none. gather_distributed: the Sinkhorn-Knopp prototype totals run over every rank's targets (as
+    lightly's). Returns a 0-dim loss (fp32; fp64 for fp64 inputs).
+    """
+    check_embeddings("anchors", anchors, min_rows=1)
+    check_embeddings("targets", targets, min_rows=1)
+    check_embeddings("prototypes", prototypes, min_rows=1)
+    check_same("anchors", anchors, "targets", targets, dims="D")
+    check_same("anchors", anchors, "prototypes", prototypes, dims="D")
+    if anchors.shape[0] % targets.shape[0] != 0:
+        raise ValueError(f"anchors must have V·B rows (V views of the B = {targets.shape[0]} target images), got "
+                         f"anchors {tuple(anchors.shape)} and targets {tuple(targets.shape)}")  # fmt: skip
+    for name, value in (("temperature", temperature), ("target_sharpen_temperature", target_sharpen_temperature)):
+        if isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a float (it gets no gradient in the MSN loss), got a tensor")
+        check_positive(name, value)
+    _check_iterations("sinkhorn_iterations", sinkhorn_iterations)
+    weight = _check_number("regularization_weight", regularization_weight)
+    backend, mode = resolve(backend, anchors, gather_distributed, ring=False, op="prototype_ce")
+    if backend == "reference":
+        return reference.msn_loss(anchors, targets, prototypes, target_sharpen_temperature, temperature,
+                                  sinkhorn_iterations, weight)  # fmt: skip
+    a, t = _normalize(anchors), _normalize(targets).detach()
+    w = _normalize(prototypes)
+    scale = inverse_temperature(temperature, anchors)
+    scale_t = inverse_temperature(temperature * target_sharpen_temperature, anchors)
+    center, _ = sinkhorn_scaling(t, w, scale_t, sinkhorn_iterations, rows_first=True, gather=mode is not None,
+                                 backend=backend)  # fmt: skip
+    lse, p_t = prototype_ce(a, w, t, scale, scale_t, center=center, backend=backend)
+    n, (b, d) = a.shape[0], t.shape
+    cross = (a.to(p_t.dtype).view(n // b, b, d) * p_t).sum()
+    loss = (lse.sum() - scale * cross) / n
+    if weight > 0:
+        mean_probs = prototype_mean_probs(a, w, scale, backend=backend)
+        loss = loss + weight * (torch.special.xlogy(mean_probs, mean_probs).sum() + math.log(w.shape[0]))
+    return loss

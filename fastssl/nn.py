@@ -54,6 +54,8 @@ __all__ = [
     "IBOTPatchLoss",
     "SigLIPLoss",
     "SupConLoss",
+    "SwaVLoss",
+    "MSNLoss",
 ]
 
 
@@ -945,3 +947,116 @@ class SupConLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, backend={self.backend!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Prototype codes (docs/design.md, family 4): SwaV, MSN. Appended section.
+# --------------------------------------------------------------------------------------------------
+
+
+
+class SwaVLoss(nn.Module):
+    """SwaV's loss (Caron et al. 2020) with lightly 1.6's constructor, `subloss` and `forward`.
+
+    `forward(high_resolution_outputs, low_resolution_outputs, queue_outputs=None)` takes the prototype
+    layer's scores, lists of (B, K) tensors (queue: one (Bq, K) per high-resolution view), as
+    lightly's does, and returns the same value and gradients (`fastssl.swav_loss_from_scores`; the
+    Sinkhorn-Knopp steps run in the log domain).
+
+    `forward_fused(high_resolution_embeddings, low_resolution_embeddings, prototypes,
+    queue_embeddings=None)` takes instead what enters the prototype layer, (B, D) per view (queue:
+    (Bq, D) per high-resolution view), and its weight W (K, D): the loss of `forward` on the scores
+    x·Wᵀ, without ever storing a (B, K) score matrix (`fastssl.swav_loss`).
+
+    Args (lightly's): temperature τ (0.1), sinkhorn_iterations (3), sinkhorn_epsilon ε (0.05),
+    sinkhorn_gather_distributed (False: the codes of each rank's batch; True: the prototypes' totals
+    over every rank's rows). backend: keyword-only, used by forward_fused. The loss is 0-dim
+    (lightly's is a 1-element tensor of the same value).
+    """
+
+    def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
+                 sinkhorn_gather_distributed: bool = False, *, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        functional._check_swav_args(temperature, sinkhorn_iterations, sinkhorn_epsilon)
+        self.temperature = temperature
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.sinkhorn_epsilon = sinkhorn_epsilon
+        self.sinkhorn_gather_distributed = distributed.check_gather(
+            sinkhorn_gather_distributed, ring=False, name="sinkhorn_gather_distributed"
+        )
+        self.backend = _check_backend(backend)
+
+    def _kwargs(self) -> dict:
+        return dict(temperature=self.temperature, sinkhorn_iterations=self.sinkhorn_iterations,
+                    sinkhorn_epsilon=self.sinkhorn_epsilon,
+                    sinkhorn_gather_distributed=self.sinkhorn_gather_distributed)  # fmt: skip
+
+    def subloss(self, z: Tensor, q: Tensor) -> Tensor:
+        """−mean_b Σ_k q_bk·log_softmax_k(z_b/τ): the cross-entropy of scores z (B, K) against codes q (B, K)."""
+        acc = compute_dtype(z)
+        return -(q.to(acc) * torch.log_softmax(z.to(acc) / self.temperature, dim=1)).sum(dim=1).mean()
+
+    def forward(self, high_resolution_outputs: Sequence[Tensor], low_resolution_outputs: Sequence[Tensor],
+                queue_outputs: Optional[Sequence[Tensor]] = None) -> Tensor:  # fmt: skip
+        """H views of (B, K) scores, L views of (B, K) scores, and H views of (Bq, K) queue scores or
+        None. Returns the loss averaged over the H x (H + L − 1) view pairs (0-dim)."""
+        return functional.swav_loss_from_scores(high_resolution_outputs, low_resolution_outputs, queue_outputs,
+                                                **self._kwargs())  # fmt: skip
+
+    def forward_fused(self, high_resolution_embeddings: Union[Tensor, Sequence[Tensor]],
+                      low_resolution_embeddings: Union[Tensor, Sequence[Tensor], None], prototypes: Tensor,
+                      queue_embeddings: Union[Tensor, Sequence[Tensor], None] = None) -> Tensor:  # fmt: skip
+        """The loss of `forward` on the scores x·Wᵀ, from the embeddings (H, L views of (B, D); queue
+        H views of (Bq, D)) and W (K, D), never storing the scores. Returns the loss (0-dim)."""
+        return functional.swav_loss(high_resolution_embeddings, low_resolution_embeddings, prototypes,
+                                    queue_embeddings, backend=self.backend, **self._kwargs())  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
+                f"sinkhorn_epsilon={self.sinkhorn_epsilon}, "
+                f"sinkhorn_gather_distributed={self.sinkhorn_gather_distributed}, backend={self.backend!r}")  # fmt: skip
+
+
+class MSNLoss(nn.Module):
+    """MSN's loss (Assran et al. 2022) with lightly 1.6's constructor, `forward` and `regularization_loss`.
+
+    `forward(anchors, targets, prototypes, target_sharpen_temperature=0.25)`: anchors (V·B, D) (V
+    views of the B images, view-major), targets (B, D), prototypes (K, D), as lightly's; the same
+    value and gradients, computed by `fastssl.msn_loss` without the V·B x K and B x K probability
+    matrices.
+
+    Args (lightly's): temperature τ (0.1), sinkhorn_iterations (3; 0 disables Sinkhorn-Knopp),
+    regularization_weight λ (1.0; ≤ 0 disables the mean-entropy regulariser), gather_distributed
+    (False; True: the Sinkhorn-Knopp totals over every rank's targets). backend: keyword-only.
+    """
+
+    def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, regularization_weight: float = 1.0,
+                 gather_distributed: bool = False, *, backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        check_positive("temperature", temperature)
+        functional._check_iterations("sinkhorn_iterations", sinkhorn_iterations)
+        functional._check_number("regularization_weight", regularization_weight)
+        self.temperature = temperature
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.regularization_weight = regularization_weight
+        self.gather_distributed = distributed.check_gather(gather_distributed, ring=False)
+        self.backend = _check_backend(backend)
+
+    def forward(self, anchors: Tensor, targets: Tensor, prototypes: Tensor,
+                target_sharpen_temperature: float = 0.25) -> Tensor:  # fmt: skip
+        """The mean cross-entropy of the anchors against their images' sharpened targets, plus λ times
+        the mean-entropy regulariser (0-dim)."""
+        return functional.msn_loss(
+            anchors, targets, prototypes, target_sharpen_temperature, temperature=self.temperature,
+            sinkhorn_iterations=self.sinkhorn_iterations, regularization_weight=self.regularization_weight,
+            gather_distributed=self.gather_distributed, backend=self.backend,
+        )  # fmt: skip
+
+    def regularization_loss(self, mean_anchor_probs: Tensor) -> Tensor:
+        """Σ_k p̄_k·log p̄_k + log K of the mean anchor probabilities p̄ (K,) (lightly's; 0·log 0 = 0)."""
+        return torch.special.xlogy(mean_anchor_probs, mean_anchor_probs).sum() + math.log(float(len(mean_anchor_probs)))
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
+                f"regularization_weight={self.regularization_weight}, gather_distributed={self.gather_distributed}, "
+                f"backend={self.backend!r}")  # fmt: skip

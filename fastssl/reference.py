@@ -58,6 +58,11 @@ __all__ = [
     "ibot_patch_loss",
     "siglip_loss",
     "supcon_loss",
+    "swav_sinkhorn",
+    "swav_loss_from_scores",
+    "swav_loss",
+    "msn_sinkhorn",
+    "msn_loss",
 ]
 
 Temperature = Union[float, Tensor]
@@ -722,3 +727,133 @@ def supcon_loss(z1: Tensor, labels: Tensor, temperature: Temperature = SUPCON_TE
     mean_log_prob = (log_prob * positive).sum(1) / count.clamp_min(1)
     has_positive = count > 0
     return -(mean_log_prob * has_positive).sum() / has_positive.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# prototype codes: SwaV (Caron et al. 2020) and MSN (Assran et al. 2022) — family 4, appended section
+# --------------------------------------------------------------------------------------------------
+
+
+
+def swav_sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tensor:
+    """SwaV's codes (N, K) of scores (N, K): Sinkhorn-Knopp (Cuturi 2013) as SwaV's code runs it.
+
+        Q = exp(scoresᵀ/ε)/Σ (K x N);  T times: each prototype's row /= its sum, then each sample's
+        column /= its sum and /= N;  codes = N·Qᵀ
+
+    exp(s/ε − max s/ε) stands for exp(s/ε): the constant factor cancels in the first normalisation
+    (lightly 1.6's `sinkhorn` takes no max and overflows fp32 for scores past 88·ε). No gradient.
+    """
+    z = _up(scores).detach() / epsilon
+    q = torch.exp(z - z.max()).T
+    q = q / q.sum()
+    n = q.shape[1]
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True)
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).T
+
+
+def swav_loss_from_scores(
+    high_resolution: Union[Tensor, Sequence[Tensor]],
+    low_resolution: Union[Tensor, Sequence[Tensor]] = (),
+    queue: Optional[Union[Tensor, Sequence[Tensor]]] = None,
+    temperature: float = 0.1,
+    sinkhorn_iterations: int = 3,
+    sinkhorn_epsilon: float = 0.05,
+) -> Tensor:
+    """SwaV's swapped prediction (Caron et al. 2020) on prototype scores: lightly 1.6's ``SwaVLoss.forward``.
+
+    high_resolution: H views (B, K) of scores z = x·Wᵀ, low_resolution: L views (B, K), queue: H
+    views (Bq, K) of the queue's scores (or None). For each high-resolution view i the codes
+    q_i = swav_sinkhorn([z_i; queue_i])[:B] (no gradient), and with V = H + L views::
+
+        CE(z, q) = −(1/B) Σ_b Σ_k q_bk·log_softmax_k(z_b/τ)
+        loss = 1/H Σ_i 1/(V − 1) Σ_{v ≠ i} CE(z_v, q_i)
+
+    Gradients reach every score tensor through log_softmax (not through the codes).
+    """
+    high, low = list(high_resolution), list(low_resolution)
+    dtype = compute_dtype(high[0])
+    n_views = len(high) + len(low)
+    total = 0.0
+    for i, z_i in enumerate(high):
+        rows = z_i if queue is None else torch.cat([z_i, queue[i]])
+        q = swav_sinkhorn(rows.to(dtype), sinkhorn_iterations, sinkhorn_epsilon)[: z_i.shape[0]]
+        sub = 0.0
+        for v, z_v in enumerate(high + low):
+            if v != i:
+                sub = sub - (q * torch.log_softmax(_up(z_v, dtype) / temperature, dim=1)).sum(dim=1).mean()
+        total = total + sub / (n_views - 1)
+    return total / len(high)
+
+
+def swav_loss(
+    high_resolution: Tensor,
+    low_resolution: Optional[Tensor],
+    prototypes: Tensor,
+    queue: Optional[Tensor] = None,
+    temperature: float = 0.1,
+    sinkhorn_iterations: int = 3,
+    sinkhorn_epsilon: float = 0.05,
+) -> Tensor:
+    """SwaV's loss from the embeddings x (H, B, D), (L, B, D) (or None) and the prototypes W (K, D): the
+    scores x·Wᵀ (queue (H, Bq, D) likewise), materialised, then :func:`swav_loss_from_scores`."""
+    dtype = compute_dtype(high_resolution)
+    w = _up(prototypes, dtype)
+    low = () if low_resolution is None else _up(low_resolution, dtype) @ w.T
+    q = None if queue is None else _up(queue, dtype) @ w.T
+    return swav_loss_from_scores(_up(high_resolution, dtype) @ w.T, low, q, temperature, sinkhorn_iterations,
+                                 sinkhorn_epsilon)
+
+
+def msn_sinkhorn(probabilities: Tensor, iterations: int = 3) -> Tensor:
+    """MSN's Sinkhorn-Knopp on probabilities P (B, K), as MSN's code runs it (no gradient)::
+
+        Q = Pᵀ/ΣP (K x B);  T times: each prototype's row /= its sum and /= K, then each sample's
+        column /= its sum and /= B;  codes = B·Qᵀ          (T = 0: P unchanged)
+    """
+    if iterations <= 0:
+        return probabilities
+    q = probabilities.detach().T
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).T
+
+
+def msn_loss(
+    anchors: Tensor,
+    targets: Tensor,
+    prototypes: Tensor,
+    target_sharpen_temperature: float = 0.25,
+    temperature: float = 0.1,
+    sinkhorn_iterations: int = 3,
+    regularization_weight: float = 1.0,
+) -> Tensor:
+    """MSN's loss (Assran et al. 2022): lightly 1.6's ``MSNLoss.forward``.
+
+    anchors (V·B, D) are V views of B images (view-major: anchor i is image i mod B), targets (B, D),
+    prototypes (K, D); n(·) normalises rows, τ = temperature, T = target_sharpen_temperature::
+
+        p_i = softmax(n(a_i)·n(W)ᵀ/τ)                               anchor probabilities (V·B, K)
+        t_b = msn_sinkhorn(sharpen(softmax(n(t_b)·n(W)ᵀ/τ), T))     targets, no gradient
+        sharpen(p, T) = p^(1/T)/Σ_k p_k^(1/T)
+        loss = mean_i −Σ_k t_(i mod B),k·log p_ik + λ·(Σ_k p̄_k·log p̄_k + log K),   p̄ = mean_i p_i
+    """
+    dtype = compute_dtype(anchors)
+    a = F.normalize(_up(anchors, dtype), dim=1)
+    t = F.normalize(_up(targets, dtype), dim=1)
+    w = F.normalize(_up(prototypes, dtype), dim=1)
+    probs = torch.softmax(a @ w.T / temperature, dim=1)
+    with torch.no_grad():
+        target = torch.softmax(t @ w.T / temperature, dim=1) ** (1.0 / target_sharpen_temperature)
+        target = msn_sinkhorn(target / target.sum(dim=1, keepdim=True), sinkhorn_iterations)
+        target = target.repeat(anchors.shape[0] // targets.shape[0], 1)
+    loss = -(target * torch.log(probs)).sum(dim=1).mean()
+    if regularization_weight > 0:
+        mean_probs = probs.mean(dim=0)
+        loss = loss + regularization_weight * ((mean_probs * torch.log(mean_probs)).sum() + math.log(w.shape[0]))
+    return loss
