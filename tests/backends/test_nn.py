@@ -195,7 +195,8 @@ BAD_ARGUMENTS = (
        (fnn.DCLLoss, "weight_fn", 0, TypeError, "must be a callable or None, got int"),
        (fnn.CLIPLoss, "learnable_temperature", 1, TypeError, "must be True or False, got int"),
        (fnn.CLIPLoss, "learnable_temperature", "yes", TypeError, "must be True or False, got str")]
-    + [(cls, "backend", value, exc, text) for cls in POSITIVE_ARGS.keys() | NONNEGATIVE_ARGS.keys()
+    # every module, in a fixed order (not a set's): xdist workers must collect the same list
+    + [(cls, "backend", value, exc, text) for cls in dict.fromkeys([*POSITIVE_ARGS, *NONNEGATIVE_ARGS])
        for value, exc, text in [("gpu", ValueError, "must be one of .*, got 'gpu'"),
                                 (None, TypeError, "must be one of .*, got NoneType")]]
 )
