@@ -13,7 +13,10 @@ Embedding values (NaN/inf inputs) are checked only when FASTSSL_CHECK_FINITE=1.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
+from collections.abc import Iterable
 from typing import Union
 
 import torch
@@ -176,3 +179,77 @@ def check_labels(labels: object, z: Tensor) -> Tensor:
     if labels.device != z.device:
         raise ValueError(f"labels is on {labels.device} but z1 is on {z.device}")
     return labels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Constructor arguments of fastssl.nn: each returns the value to store, or raises naming the argument.
+# ---------------------------------------------------------------------------------------------------
+
+def _python_number(value: object) -> object:
+    """A numpy real scalar (np.float32, np.int64, ...) as the Python float/int it holds; anything else as is.
+
+    lightly's modules take numpy scalars; the checks above and the kernels take Python numbers. Bools
+    stay bools, for the checks to refuse.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
+
+
+def positive_number(name: str, value: object) -> Temperature:
+    """check_positive on `value` (a numpy scalar becomes a Python number); returns it."""
+    value = _python_number(value)
+    check_positive(name, value)
+    return value
+
+
+def nonnegative_number(name: str, value: object) -> float:
+    """check_nonnegative on `value` (a numpy scalar becomes a Python number); returns it."""
+    value = _python_number(value)
+    check_nonnegative(name, value)
+    return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    """True or False, nothing else (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+def check_optional_callable(name: str, value: object) -> object:
+    """None or a callable."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
+    return value
+
+
+def check_memory_bank_size(name: str, size: object) -> tuple:
+    """lightly 1.6's memory-bank sizes, as a tuple of Python ints: 0 or (0,) (no bank), or (K, D) with
+    integer entries K ≥ 0 (K = 0: no bank) and D ≥ 1 when K > 0 (lightly fails later, in the forward)."""
+    expected = f"{name} must be 0 or a (K, D) pair of ints"
+    if isinstance(size, bool):
+        raise TypeError(f"{expected}, got bool")
+    if isinstance(size, int):  # lightly's test; a numpy integer is not a size there either
+        if size < 0:
+            raise ValueError(f"{name} must be >= 0, got {size}")
+        if size > 0:
+            raise ValueError(f"{name}={size} does not give the embedding dimension: pass {name}=({size}, D), "
+                             f"or 0 to disable the memory bank (as in lightly 1.6)")
+        return (0,)
+    if isinstance(size, (str, bytes)) or not isinstance(size, Iterable):
+        raise TypeError(f"{expected}, got {type(size).__name__}")
+    entries = tuple(size)
+    for entry in entries:
+        if isinstance(entry, bool) or not hasattr(type(entry), "__index__"):
+            raise TypeError(f"{expected}, got {entries!r} (an entry of type {type(entry).__name__})")
+    ints = tuple(operator.index(entry) for entry in entries)
+    if any(v < 0 for v in ints):
+        raise ValueError(f"{name} entries must be >= 0, got {ints}")
+    if ints == (0,):
+        return ints
+    if len(ints) != 2:
+        raise ValueError(f"{expected}, got {len(ints)} entries {ints}")
+    if ints[0] > 0 and ints[1] < 1:
+        raise ValueError(f"{name}={ints}: the embedding dimension D must be >= 1 for a bank of K = {ints[0]} rows")
+    return ints

@@ -23,13 +23,18 @@ from torch import Tensor, nn
 from fastssl import distributed, functional, reference
 from fastssl._common import compute_dtype
 from fastssl._validation import (
+    check_flag,
     check_loss_dim,
+    check_memory_bank_size,
     check_nonnegative,
     check_norm_degree,
+    check_optional_callable,
     check_pair,
     check_positive,
     check_route,
     check_unit_interval,
+    nonnegative_number,
+    positive_number,
 )
 from fastssl.backends import BACKENDS, resolve
 
@@ -60,6 +65,8 @@ __all__ = [
 
 
 def _check_backend(backend: str) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be one of {BACKENDS}, got {type(backend).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
@@ -84,16 +91,7 @@ class MemoryBankModule(nn.Module):
     def __init__(self, size: Union[int, Sequence[int]] = 0, gather_distributed: Union[bool, str] = False):
         super().__init__()
         self.gather_distributed = _check_gather(gather_distributed)
-        size_tuple = (size,) if isinstance(size, int) else tuple(size)
-        if any(s < 0 for s in size_tuple):
-            raise ValueError(f"memory_bank_size must be non-negative, got {size}")
-        if isinstance(size, int) and size > 0:
-            raise ValueError(
-                f"memory_bank_size={size} does not give the embedding dimension: pass "
-                f"memory_bank_size=({size}, D), or 0 to disable the memory bank (as in lightly 1.6)"
-            )
-        if size_tuple != (0,) and len(size_tuple) != 2:
-            raise ValueError(f"memory_bank_size must be 0 or a (K, D) tuple, got {size}")
+        size_tuple = check_memory_bank_size("size", size)
         self.size = size_tuple
         self.register_buffer("bank", torch.empty(size_tuple, dtype=torch.float), persistent=False)
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
@@ -157,10 +155,10 @@ class NTXentLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and abs(temperature) < 1e-8:
-            raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
-        check_positive("temperature", temperature)
-        self.temperature = temperature
+        self.temperature = positive_number("temperature", temperature)
+        if float(self.temperature) < 1e-8:  # lightly's NTXentLoss refuses |τ| < 1e-8 (a tensor τ too)
+            raise ValueError(f"temperature must be >= 1e-8 (as in lightly 1.6's NTXentLoss), got {float(temperature)}")
+        memory_bank_size = check_memory_bank_size("memory_bank_size", memory_bank_size)
         self.gather_distributed = _check_gather(gather_distributed)
         self.backend = _check_backend(backend)
         self.memory_bank = MemoryBankModule(size=memory_bank_size, gather_distributed=gather_distributed)
@@ -207,9 +205,8 @@ class DCLLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        check_positive("temperature", temperature)
-        self.temperature = temperature
-        self.weight_fn = weight_fn
+        self.temperature = positive_number("temperature", temperature)
+        self.weight_fn = check_optional_callable("weight_fn", weight_fn)
         self.sigma: Optional[float] = None  # set by DCLWLoss, whose weights the reference knows
         self.gather_distributed = _check_gather(gather_distributed)
         self.backend = _check_backend(backend)
@@ -238,7 +235,7 @@ class DCLWLoss(DCLLoss):
         *,
         backend: str = "auto",
     ):
-        check_positive("sigma", sigma)
+        sigma = positive_number("sigma", sigma)
         super().__init__(
             temperature=temperature,
             weight_fn=functional._mises_fisher_weights(sigma),
@@ -263,9 +260,9 @@ class CLIPLoss(nn.Module):
     def __init__(self, temperature: float = 0.07, learnable_temperature: bool = False, *,
                  gather_distributed: Union[bool, str] = False, backend: str = "auto"):  # fmt: skip
         super().__init__()
-        check_positive("temperature", temperature)
+        temperature = positive_number("temperature", temperature)
         self.gather_distributed = _check_gather(gather_distributed)
-        self.learnable_temperature = learnable_temperature
+        self.learnable_temperature = check_flag("learnable_temperature", learnable_temperature)
         self.backend = _check_backend(backend)
         if learnable_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
@@ -302,8 +299,7 @@ class BarlowTwinsLoss(nn.Module):
     def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False, *, route: str = "auto",
                  backend: str = "auto"):  # fmt: skip
         super().__init__()
-        check_nonnegative("lambda_param", lambda_param)
-        self.lambda_param = lambda_param
+        self.lambda_param = nonnegative_number("lambda_param", lambda_param)
         self.gather_distributed = _check_gather(gather_distributed, ring=False)
         self.route = check_route(route)
         self.backend = _check_backend(backend)
@@ -340,10 +336,10 @@ class VICRegLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
-            check_nonnegative(name, value)
-        check_positive("eps", eps)
-        self.lambda_param, self.mu_param, self.nu_param, self.eps = lambda_param, mu_param, nu_param, eps
+        self.lambda_param = nonnegative_number("lambda_param", lambda_param)
+        self.mu_param = nonnegative_number("mu_param", mu_param)
+        self.nu_param = nonnegative_number("nu_param", nu_param)
+        self.eps = positive_number("eps", eps)
         self.gather_distributed = _check_gather(gather_distributed, ring=False)
         self.route = check_route(route)
         self.backend = _check_backend(backend)
@@ -371,8 +367,7 @@ class SpectralContrastiveLoss(nn.Module):
     def __init__(self, mu: float = 1.0, *, gather_distributed: bool = False, route: str = "auto",
                  backend: str = "auto"):  # fmt: skip
         super().__init__()
-        check_positive("mu", mu)
-        self.mu = mu
+        self.mu = positive_number("mu", mu)
         self.gather_distributed = _check_gather(gather_distributed, ring=False)
         self.route = check_route(route)
         self.backend = _check_backend(backend)
@@ -406,12 +401,11 @@ class VICRegExpLoss(nn.Module):
                  gather_distributed: Union[bool, str] = False, backend: str = "auto"):  # fmt: skip
         super().__init__()
         self.gather_distributed = _check_gather(gather_distributed, ring=self._ring)
-        check_positive("temperature", temperature)
-        for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
-            check_nonnegative(name, value)
-        check_positive("eps", eps)
-        self.temperature, self.eps = temperature, eps
-        self.lambda_param, self.mu_param, self.nu_param = lambda_param, mu_param, nu_param
+        self.temperature = positive_number("temperature", temperature)
+        self.lambda_param = nonnegative_number("lambda_param", lambda_param)
+        self.mu_param = nonnegative_number("mu_param", mu_param)
+        self.nu_param = nonnegative_number("nu_param", nu_param)
+        self.eps = positive_number("eps", eps)
         self.backend = _check_backend(backend)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -448,8 +442,7 @@ class ArCLLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, *, gather_distributed: Union[bool, str] = False,
                  backend: str = "auto"):  # fmt: skip
         super().__init__()
-        check_positive("temperature", temperature)
-        self.temperature = temperature
+        self.temperature = positive_number("temperature", temperature)
         self.gather_distributed = _check_gather(gather_distributed)
         self.backend = _check_backend(backend)
 

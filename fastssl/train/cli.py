@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     r.add_argument("--threads", type=int, default=_D.threads, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--out", default=_D.out, metavar="DIR", help="run folder (default: %(default)s)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the same options; a larger --epochs "
+                        "extends it (the warm-up + cosine LR schedule is re-planned for the new total)")
     r.add_argument("--save-every", type=int, default=_D.save_every, metavar="E",
                    help="checkpoint every E epochs and at the end; 0 = never (default: %(default)s)")
     r.add_argument("--log-every", type=int, default=_D.log_every, metavar="S",

@@ -360,6 +360,24 @@ def _check_config(cfg: Config) -> None:
     need(cfg.threads is None or cfg.threads >= 1, f"--threads must be >= 1, got {cfg.threads}")
 
 
+def _check_resumable(cfg: Config, saved: Config, epochs_done: int, out: Path) -> None:
+    """--resume continues the same run: every option that changes what is computed must match, except
+    --epochs, which may grow (or shrink to no fewer than the epochs already trained): train() re-plans
+    the learning-rate schedule for the new total."""
+    now, before = cfg.to_dict(), saved.to_dict()
+    diff = [k for k in before if k not in Config.RUNTIME and k != "epochs" and before[k] != now[k]]
+    if diff:
+        raise TrainError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in diff)} differ(s) from the run "
+                         f"in {out} (resume continues the same run; its options are in {out / SUMMARY} or the checkpoint)")
+    if cfg.epochs < epochs_done:
+        raise TrainError(f"--resume: the run in {out} has already trained {_plural(epochs_done, 'epoch')}; "
+                         f"--epochs must be >= {epochs_done} to continue it, got {cfg.epochs}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _print(msg: str, progress: bool) -> None:
     if progress:
         from tqdm import tqdm
@@ -383,11 +401,7 @@ def train(cfg: Config) -> dict:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:  # a foreign or damaged file: one line, not a traceback
             raise TrainError(f"--resume: cannot read {ckpt_path} ({type(e).__name__}: {e})") from None
-        saved = Config.from_dict(ckpt["config"])
-        diff = [k for k in saved.to_dict() if k not in Config.RUNTIME and saved.to_dict()[k] != cfg.to_dict()[k]]
-        if diff:
-            raise TrainError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in diff)} differ(s) from the run "
-                             f"in {out} (resume continues the same run; its options are in {out / SUMMARY} or the checkpoint)")
+        _check_resumable(cfg, Config.from_dict(ckpt["config"]), ckpt["epoch"], out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -428,7 +442,6 @@ def train(cfg: Config) -> dict:
     lr, wd = cfg.resolved_lr(), cfg.resolved_wd()
     groups = _param_groups([model, crit.module], wd)
     opt = (torch.optim.AdamW(groups, lr=lr) if cfg.optimizer == "adamw" else LARS(groups, lr=lr))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup))
     data_gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
@@ -437,7 +450,6 @@ def train(cfg: Config) -> dict:
         model.load_state_dict(ckpt["model"])
         init_encoder = ckpt["init_encoder"]
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         crit.module.load_state_dict(ckpt["criterion"])
         with torch.no_grad():
             for k, b in crit.module.named_buffers():  # non-persistent buffers too (the MoCo bank)
@@ -449,6 +461,11 @@ def train(cfg: Config) -> dict:
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
         elapsed_before = ckpt["seconds"]
+    # The schedule is a function of the step, planned for this run's --epochs: built after the
+    # checkpoint is loaded, at its step, so a resume with more epochs stretches the cosine to the new
+    # total (the saved scheduler state is kept in the checkpoint for inspection only).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup),
+                                              last_epoch=step - 1)
     log = _Log(out / LOG, ckpt["log_offset"] if ckpt is not None else None)
 
     def save(epoch: int, seconds: float) -> None:
@@ -470,10 +487,20 @@ def train(cfg: Config) -> dict:
         rec.update(representation_metrics(encoder, test_x, test_y, aug, device, seed=cfg.seed + 2, autocast=autocast))
         return rec
 
-    if not cfg.resume:
+    if ckpt is not None:
+        planned = ckpt["config"]["epochs"]
+        msg = f"fastssl.train: resuming {out} after epoch {start_epoch}/{planned} (step {step})"
+        if planned != cfg.epochs:
+            was = lr * warmup_cosine(step, steps_per_epoch * planned, warmup)
+            msg += (f"; --epochs {planned} -> {cfg.epochs}: the learning-rate schedule (warm-up "
+                    f"{_plural(warmup, 'step')} + cosine) is re-planned for {total_steps} steps, lr now "
+                    f"{sched.get_last_lr()[0]:.3g} (was {was:.3g})")
+        _print(msg, cfg.progress)
+    else:
         _print(f"fastssl.train: {cfg.loss} on {ds.name} ({n_train} train / {test_x.shape[0]} test images, "
-               f"{ds.image_size}x{ds.image_size}), {cfg.model}, {cfg.epochs} epochs x {steps_per_epoch} steps of "
-               f"{batch}, {cfg.optimizer} lr {lr:g}, device {device}, out {out}", cfg.progress)
+               f"{ds.image_size}x{ds.image_size}), {cfg.model}, {_plural(cfg.epochs, 'epoch')} x "
+               f"{_plural(steps_per_epoch, 'step')} of {batch}, {cfg.optimizer} lr {lr:g}, device {device}, "
+               f"out {out}", cfg.progress)
         if cfg.eval_every:
             rec = {"type": "epoch", "epoch": 0, "step": 0, **evaluate(model.encoder)}
             history.append(rec)
@@ -597,7 +624,7 @@ def report(s: dict) -> str:
     gain = 100 * (s["linear_probe_acc"] - s["baseline_linear_probe_acc"])
     buf = io.StringIO()
     w = buf.write
-    w(f"\n== fastssl.train: {c['loss']} on {s['dataset']['name']} ({c['model']}, {s['epochs']} epochs, "
+    w(f"\n== fastssl.train: {c['loss']} on {s['dataset']['name']} ({c['model']}, {_plural(s['epochs'], 'epoch')}, "
       f"{s['seconds']:.0f} s on {s['device']}) ==\n")
     w(f"{'':28s}{'SSL encoder':>14s}{'random init':>14s}\n")
     w(f"{'linear probe accuracy':28s}{s['linear_probe_acc']:14.3f}{s['baseline_linear_probe_acc']:14.3f}\n")

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fastssl.train import engine
 from fastssl.train.cli import build_parser, main
@@ -98,6 +99,47 @@ def test_resume_refuses_other_options_and_missing_checkpoint(tmp_path):
     train(Config(epochs=1, out=str(tmp_path), eval_every=0, **TINY))
     with pytest.raises(TrainError, match="--lr"):
         train(Config(epochs=1, out=str(tmp_path), resume=True, lr=0.5, **TINY))
+
+
+def test_resume_a_finished_run_to_more_epochs(tmp_path, capsys):
+    cfg = dict(out=str(tmp_path), warmup_epochs=0.5, eval_every=0, log_every=1, **TINY)  # 2 steps/epoch, warm-up 1
+    train(Config(epochs=1, **cfg))
+    out = capsys.readouterr().out
+    assert "1 epoch x 2 steps of 32" in out and "(small-cnn, 1 epoch," in out  # singular, not "1 epochs"
+    first_log = (tmp_path / "log.jsonl").read_text().splitlines()
+
+    used = []  # the learning rate each step of the trainer's AdamW actually applies (the probe uses LBFGS)
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]) if type(opt) is torch.optim.AdamW else None)
+    try:
+        s = train(Config(epochs=3, resume=True, **cfg))
+    finally:
+        hook.remove()
+
+    # the schedule is re-planned for 3 x 2 = 6 steps and picks up at the saved step 2 (the old plan ended at lr 0)
+    lr = Config().resolved_lr()
+    assert used == pytest.approx([lr * engine.warmup_cosine(k, 6, 1) for k in range(2, 6)], rel=1e-12)
+    assert all(u > 0 for u in used)
+    out = capsys.readouterr().out
+    assert "resuming" in out and "--epochs 1 -> 3" in out and "re-planned for 6 steps" in out
+    assert "(small-cnn, 3 epochs," in out
+    assert s["epochs"] == 3 and s["steps"] == 6
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 3
+    ck = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["epoch"] == 3 and ck["step"] == 6 and ck["config"]["epochs"] == 3
+
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert lines[:len(first_log) - 1] == first_log[:-1]  # the first run's records, minus its summary
+    recs = [json.loads(x) for x in lines]
+    assert [r["step"] for r in recs if r["type"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [1, 2, 3]
+    assert [r["type"] for r in recs].count("summary") == 1 and recs[-1]["type"] == "summary"
+    # each step record logs the lr of the next step: the old plan up to step 2, the new one after
+    logged = [r["lr"] for r in recs if r["type"] == "step"]
+    assert logged[2:] == pytest.approx([lr * engine.warmup_cosine(k, 6, 1) for k in range(3, 7)], rel=1e-12, abs=1e-15)
+
+    with pytest.raises(TrainError, match="already trained 3 epochs; --epochs must be >= 3 to continue it, got 2"):
+        train(Config(epochs=2, resume=True, **cfg))
 
 
 def test_save_atomic_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
