@@ -99,7 +99,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"],
+        "test": ["pytest>=7", "pytest-xdist>=3.2", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib"],
         "plot": ["matplotlib"],
         "images": ["pillow"],  # the trainer's --dataset folder
     },

@@ -57,7 +57,9 @@ def _run_limited(headroom_gib: float, args: list[str], env: dict, timeout: int) 
 
 
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTSSL_BENCH_")}
+    # PYTEST_XDIST_*: a test run under pytest-xdist must not make the child's pytest-benchmark think it is
+    # an xdist worker too (it would turn itself off and refuse --benchmark-only)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTSSL_BENCH_", "PYTEST_XDIST_"))}
     env.pop("TRITON_INTERPRET", None)  # as a plain benchmark run: no Triton interpreter
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU runs, also on a machine with a GPU
     env.update(extra)
