@@ -22,25 +22,42 @@ if not torch.cuda.is_available():
 
 NO_CUDA_REASON = "needs a CUDA GPU; this machine has none (tests/backends runs the same checks on the CPU: docs/design.md, \"Correctness without a GPU\")"
 
-#: Test modules whose tests share one xdist worker under `--dist loadgroup` (the README's command), and why.
+#: Test modules whose tests share one xdist worker under `--dist loadgroup` (the README's command), and why;
+#: `_xdist_group` adds the modules that follow a pattern.
 XDIST_GROUPS = {
-    # one subprocess per case whose peak RSS (~1 GiB) is measured: one at a time, not beside each other
-    "tests/backends/test_large.py": "peak-rss",
     # module-level work that a second worker would redo: the gloo launch of each world size (a module
-    # cache), a benchmark-suite subprocess, the AOT compile of every Triton kernel, nvcc builds of csrc/
+    # cache), a benchmark-suite subprocess, the nvcc builds of csrc/
     "tests/distributed/test_distributed.py": "distributed",
     "tests/benchmarks/test_report_tools.py": "benchmark-suite",
-    "tests/gpu/test_triton_aot.py": "triton-aot",
     "tests/csrc/test_cuda_backend.py": "nvcc",
 }
-#: The longest group (minutes on one worker): under xdist its tests are collected, and so started, first.
-XDIST_FIRST = "tests/backends/test_large.py"
+
+
+def _xdist_group(path: str):
+    """The xdist group of a test module (None: xdist's default, per test)."""
+    if path in XDIST_GROUPS:
+        return XDIST_GROUPS[path]
+    if path.startswith("tests/gpu/") and path.endswith("_aot.py"):
+        return path  # one AOT compile of a kernel family per module (its fixture), one worker each
+    if path.endswith("_large.py") or path.startswith("tests/distributed/"):
+        return path  # one subprocess launch per case: the module's cases on one worker, in order
+    return None
+
+
+def _starts_first(nodeid: str) -> bool:
+    """The longest groups (the large-size subprocess cases, minutes each): under xdist they are
+    collected, and so started, first."""
+    return nodeid.split("::", 1)[0].endswith("_large.py")
 
 #: Tests marked `slow` here, besides those marked in their files (tests/backends/test_large.py): the
 #: compiler runs, seconds to half a minute each on an idle 2-core machine. CI runs them;
 #: `pytest -m "not slow"` leaves them out of a quick local loop.
 SLOW = (
     "tests/gpu/test_triton_aot.py::",  # one AOT compile of ~100 Triton kernel configurations, ~30 s
+    "tests/gpu/test_pairwise_max_aot.py::",  # the AOT compiles of the other kernel families
+    "tests/gpu/test_pairwise_sigmoid_aot.py::",
+    "tests/gpu/test_prototype_ce_aot.py::",
+    "tests/gpu/test_prototype_codes_aot.py::",
     "tests/csrc/test_cuda_backend.py::test_cu_files_compile_without_spills",  # nvcc, per architecture
     "tests/csrc/test_cuda_backend.py::test_cu_uses_tensor_cores",  # nvcc to PTX
     "tests/csrc/test_cuda_backend.py::test_bindings_compile_against_installed_torch_headers",  # g++ on torch's headers
@@ -71,18 +88,18 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadGroupScheduling
 
-    config.option.loadscopereorder = False  # work in collection order (XDIST_FIRST first), not largest group first
+    config.option.loadscopereorder = False  # work in collection order (the large cases first), not largest group first
 
     class Scheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return XDIST_GROUPS.get(nodeid.split("::", 1)[0]) or super()._split_scope(nodeid)
+            return _xdist_group(nodeid.split("::", 1)[0]) or super()._split_scope(nodeid)
 
     return Scheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers collect; the scheduler keeps their order
-        items.sort(key=lambda item: not item.nodeid.startswith(XDIST_FIRST + "::"))  # stable: the rest keep theirs
+        items.sort(key=lambda item: not _starts_first(item.nodeid))  # stable: the rest keep their order
     skip_no_cuda = None if torch.cuda.is_available() else pytest.mark.skip(reason=NO_CUDA_REASON)
     for item in items:
         if item.nodeid.startswith(SLOW):

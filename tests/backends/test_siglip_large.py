@@ -1,7 +1,9 @@
-"""SigLIP at N = 65,536, D = 128 on the CPU default (torch) backend: the O(N·D) memory promise.
+"""SigLIP at N = 32,768, D = 128 on the CPU default (torch) backend: the O(N·D) memory promise.
 
-A materialising implementation builds the N x N logits, 16 GiB in fp32 (and their sigmoid for the
-backward). The case runs in a fresh process (tests/scripts/large_siglip.py) so that its peak
+A materialising implementation builds the N x N logits, 4 GiB in fp32 here (and their sigmoid for the
+backward), twice the limit checked. The headline size, N = 65,536 (16 GiB of logits), ran in
+0.67 GiB (benchmarks/RESULTS.md); it is the same code path at 4x the run time, so CI runs this one
+and `python tests/scripts/large_siglip.py 65536 128` repeats the headline. The case runs in a fresh process (tests/scripts/large_siglip.py) so that its peak
 resident set is its own, and checks forward + backward within 2 GiB peak RSS, the fp32 value within
 1e-4 (relative) of the float64 one, and finite, non-zero gradients for z1, t and b.
 """
@@ -19,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "scripts" / "large_siglip.py"
 GIB = 2**30
-N, D, LIMIT_GIB = 65536, 128, 2
+N, D, LIMIT_GIB = 32768, 128, 2
 
 
 @pytest.mark.slow
