@@ -122,7 +122,9 @@ def test_real_run_keeps_its_deadline_and_books_every_step(tmp_path: Path) -> Non
         ran = status != "skipped-deadline"
         assert status.isdigit() or not ran, status
         assert (out / f"{name}.log").exists() == ran
-    assert rows[-1][1] == "skipped-deadline"  # nothing was left for the report
+    # 32 s cannot hold the benchmarks, so the deadline skipped something; which steps ran (the cheap
+    # report may still fit after a skipped step) depends on the machine's speed.
+    assert any(status == "skipped-deadline" for _name, status, _seconds in rows), rows
     if rows[0][1] != "skipped-deadline":
         assert rows[0][1] != "0" and "CUDA extension cannot be built" in (out / "build.log").read_text()
     assert "nvidia-smi: not found or failed" in run.stdout and "| torch" in run.stdout  # the machine, first
