@@ -41,6 +41,13 @@ struct PairwiseLseProblem {
 cudaError_t pairwise_lse_forward(const PairwiseLseProblem& p, DType dtype, float* lse, float* pos,
                                  cudaStream_t stream);
 
+// The same forward on Hopper (pairwise_lse_sm90.cu, built for sm_90a only): TMA, mbarrier pipeline,
+// wgmma. `supported`: bf16/fp16, D <= 512, and operands TMA can read (row-contiguous, 16-byte aligned
+// base and row stride); the launcher returns cudaErrorInvalidValue for anything else.
+bool pairwise_lse_sm90_supported(const PairwiseLseProblem& p, DType dtype);
+cudaError_t pairwise_lse_forward_sm90(const PairwiseLseProblem& p, DType dtype, float* lse, float* pos,
+                                      cudaStream_t stream);
+
 // Which gradient(s) one backward launch computes.
 //   kRows: dx (M, D) from the row side (y and bank columns);
 //   kCols: dy (Ny, D) from the column side (the bank gets no gradient);

@@ -62,15 +62,6 @@ struct KernelArgs {
   double inv_ny;    // 1 / Ny, for mod_ny
 };
 
-// a mod n for 0 <= a < 2^52, without the int64 division subroutine (its call frame shows up as
-// register spills in ptxas -v): a double-precision quotient, off by at most one, then corrected.
-__device__ __forceinline__ int64_t mod_ny(int64_t a, int64_t n, double inv_n) {
-  int64_t r = a - static_cast<int64_t>(static_cast<double>(a) * inv_n) * n;
-  while (r < 0) r += n;
-  while (r >= n) r -= n;
-  return r;
-}
-
 // s (warp's 16 x 64 logits) += A[wr0 : wr0 + 16, 0 : kBK] · B[0 : 64, 0 : kBK]ᵀ.
 template <typename T>
 __device__ __forceinline__ void logits_chunk(float (&s)[8][4], const T* sA, int lda, const T* sB, int ldb, int wr0,
