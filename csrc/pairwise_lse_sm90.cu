@@ -77,7 +77,7 @@ struct Stage {
   uint32_t index;
   uint32_t parity;
 };
-__device__ __forceinline__ Stage stage_of(uint32_t it) { return {it % kStages, (it / kStages) & 1u}; }
+__host__ __device__ constexpr Stage stage_of(uint32_t it) { return {it % kStages, (it / kStages) & 1u}; }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_fwd_sm90_kernel(const __grid_constant__ Sm90Args args) {

@@ -29,11 +29,6 @@ constexpr int kSwizzleAtomBytes = 8 * kSwizzleRowBytes;
 // One wgmma k16 step is 16 elements = 32 bytes further along the (pre-swizzle) row.
 constexpr int kKStepBytes = 32;
 
-// Byte offset of element (row, k) (k < 64, 2-byte elements) in a 128-byte-swizzled tile.
-__host__ __device__ constexpr uint32_t swizzled_offset(uint32_t row, uint32_t k) {
-  return row * kSwizzleRowBytes + (((k >> 3) ^ (row & 7)) << 4) + (k & 7) * 2;
-}
-
 // wgmma matrix descriptor of a K-major operand with 128-byte swizzle whose (pre-swizzle) first
 // element is at shared address `addr`: start address (bits 0-13, in 16-byte units), leading-dimension
 // byte offset (bits 16-29; unused by swizzled K-major layouts, 1 by convention), stride-dimension byte

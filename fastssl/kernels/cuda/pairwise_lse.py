@@ -12,11 +12,16 @@ max|grad_lse| that keeps fp16 weights out of the subnormals) and calls `fastssl.
 shapes, reads strided inputs in place and launches on the current stream. When y is x (SimCLR, DCL)
 in bf16/fp16 the backward is one symmetric launch that computes each logit tile once for both dx
 and dy (csrc/README.md). Nothing of size M x Ny is allocated; no host synchronisation.
+
+On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` runs the forward on the Hopper kernel of
+csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; it is off by default until a GPU run has verified it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from types import ModuleType
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +45,24 @@ def _scale32(scale: Tensor, x: Tensor) -> Tensor:
     return scale.detach().to(device=x.device, dtype=torch.float32).reshape(())
 
 
+#: Set to 1 to run the forward on csrc/pairwise_lse_sm90.cu on sm_90 devices (csrc/README.md).
+SM90_ENV = "FASTSSL_CUDA_SM90"
+
+
+def forward_launcher(ext: ModuleType, capability: tuple[int, int]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The extension's forward for a device of compute `capability`: the sm_90a kernel only on sm_90
+    with FASTSSL_CUDA_SM90=1 (it falls back to the sm_80 kernel itself for inputs TMA cannot read)."""
+    if os.environ.get(SM90_ENV, "0") != "1" or capability != (9, 0):
+        return ext.pairwise_lse_forward
+    if not hasattr(ext, "pairwise_lse_forward_sm90"):
+        raise RuntimeError(
+            f"{SM90_ENV}=1 but this fastssl._C was built without csrc/pairwise_lse_sm90.cu (it is compiled for a "
+            "single-arch 9.0 build: the just-in-time build on the GPU, or python -m fastssl.kernels.cuda.prebuild "
+            f"--arch 90); unset {SM90_ENV} to use the default kernel"
+        )
+    return ext.pairwise_lse_forward_sm90
+
+
 def pairwise_lse_forward(
     x: Tensor,
     y: Tensor,
@@ -49,7 +72,8 @@ def pairwise_lse_forward(
 ) -> tuple[Tensor, Tensor]:
     """Per-row (lse, pos), each (M,) fp32. x (M, D), y (Ny, D), bank (K, D) or None, scale 0-dim."""
     _check(x)
-    return extension().pairwise_lse_forward(
+    forward = forward_launcher(extension(), torch.cuda.get_device_capability(x.device))
+    return forward(
         x, y, bank, _scale32(scale, x), flags.pos_offset, flags.exclude_self, flags.include_pos, flags.y_negatives
     )
 
