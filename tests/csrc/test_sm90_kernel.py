@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 import types
 from pathlib import Path
 
@@ -133,6 +134,22 @@ def test_prebuild_and_jit_build_it_for_arch_90_only(tmp_path, monkeypatch):
     for s in _ext.kernel_sources_for("80"):
         (folder / (Path(s).stem + ".o")).write_bytes(b"")
     assert _ext.prebuilt_objects(["80"], tmp_path / "objects") is not None
+
+
+#: The bound on a full ahead-of-time build (every kernel for sm_80 and sm_90) on a 2-core machine.
+PREBUILD_BUDGET_S = 300
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
+def test_full_prebuild_of_both_archs_stays_within_budget(tmp_path):
+    start = time.monotonic()
+    objects = prebuild.prebuild(tmp_path, ["80", "90"], jobs=2)
+    elapsed = time.monotonic() - start
+    want = [f"sm_{a}/{Path(s).stem}.o" for a in ("80", "90") for s in _ext.kernel_sources_for(a)]
+    assert sorted(o.relative_to(tmp_path).as_posix() for o in objects) == sorted(want)
+    assert all(o.stat().st_size > 0 for o in objects)
+    assert elapsed < PREBUILD_BUDGET_S, f"prebuild --arch 80 --arch 90 took {elapsed:.0f} s"
 
 
 def test_forward_selection_is_opt_in_and_sm90_only(monkeypatch):
