@@ -58,6 +58,7 @@ def sm90a_build(tmp_path_factory):
     return proc.stderr, out
 
 
+@pytest.mark.slow  # nvcc
 def test_compiles_for_sm90a_without_spills(sm90a_build):
     report, _ = sm90a_build
     kernels = re.findall(r"Compiling entry function '([^']+)' for 'sm_90a'", report)
@@ -68,6 +69,7 @@ def test_compiles_for_sm90a_without_spills(sm90a_build):
     assert "serialized" not in report, f"ptxas serialises the wgmma:\n{report}"
 
 
+@pytest.mark.slow  # nvcc
 def test_sass_uses_wgmma_tma_and_mbarriers(sm90a_build):
     tool = _cuobjdump()
     if tool is None:
@@ -85,6 +87,7 @@ def test_sass_uses_wgmma_tma_and_mbarriers(sm90a_build):
     assert not re.search(r"\bHMMA\.", sass), "mma.sync (HMMA) in the sm_90a kernel"
 
 
+@pytest.mark.slow  # nvcc
 def test_plain_sm90_is_refused(tmp_path):
     """Without the arch-specific target nvcc stops at the file's #error (not at an obscure ptxas error)."""
     if NVCC is None:
@@ -96,6 +99,7 @@ def test_plain_sm90_is_refused(tmp_path):
     assert "compile it with -gencode=arch=compute_90a,code=sm_90a only" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # nvcc
 def test_object_reaches_the_driver_through_the_runtime(sm90a_build):
     """cuTensorMapEncodeTiled comes from cudaGetDriverEntryPoint*: the object links no libcuda symbol,
     and defines the launchers bindings.cpp calls."""

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the host probe is an nvcc run (seconds), as the other compiler tests
+
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NVCC = shutil.which("nvcc")
 SMEM_LIMIT = 227 * 1024  # sm_90 dynamic shared memory per block
