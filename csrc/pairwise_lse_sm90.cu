@@ -174,8 +174,8 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_fwd_sm90_kernel(cons
       const uint32_t b = ring_addr + st.index * kChunkBytes;
 #pragma unroll
       for (int ks = 0; ks < kBK / 16; ++ks)
-        sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes), sm90::sw128_desc(b + ks * sm90::kKStepBytes),
-                            kc > 0 || ks > 0);
+        sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
+                            sm90::sw128_desc(b + ks * sm90::kKStepBytes), kc > 0 || ks > 0);
       sm90::wgmma_commit();
       if (kc > 0) {
         sm90::wgmma_wait<1>();
@@ -261,7 +261,8 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     void* ptr = nullptr;
     cudaDriverEntryPointQueryResult found{};
 #if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
 #else
     const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
 #endif
@@ -281,8 +282,9 @@ cudaError_t encode_map(CUtensorMap* map, const Matrix& m, DType dtype) {
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(m.stride_r) * 2};  // bytes, the outer dimension
   const cuuint32_t box[2] = {kBK, kBM};
   const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode(map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                            2, const_cast<void*>(m.ptr), dims, strides, box, element_strides,
+  const CUtensorMapDataType type =
+      dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult r = encode(map, type, 2, const_cast<void*>(m.ptr), dims, strides, box, element_strides,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
@@ -290,10 +292,12 @@ cudaError_t encode_map(CUtensorMap* map, const Matrix& m, DType dtype) {
 
 template <typename T>
 cudaError_t launch(const Sm90Args& args, int64_t blocks, cudaStream_t stream) {
-  constexpr size_t kSmemBytes = sm90::kSwizzleAtomBytes /* alignment slack */ + (kMaxChunks + kStages) * size_t{kChunkBytes} +
+  // The alignment slack, the x tile, the ring and the barriers.
+  constexpr size_t kSmemBytes = sm90::kSwizzleAtomBytes + (kMaxChunks + kStages) * size_t{kChunkBytes} +
                                 (1 + 2 * kStages) * sizeof(uint64_t);
   auto kernel = pairwise_lse_fwd_sm90_kernel<T>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
   if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(args);
   return cudaGetLastError();

@@ -63,7 +63,8 @@ int main() {
     for (int r = 0; r < 64; ++r)
       std::printf("%s[%d, %d]", t + r ? ", " : "", sm90::acc_row(t, r), sm90::acc_col(t, r));
   std::printf("],\n\"stage\": [");
-  for (uint32_t it = 0; it < 64; ++it) std::printf("%s[%u, %u]", it ? ", " : "", stage_of(it).index, stage_of(it).parity);
+  for (uint32_t it = 0; it < 64; ++it)
+    std::printf("%s[%u, %u]", it ? ", " : "", stage_of(it).index, stage_of(it).parity);
   std::printf("],\n\"desc\": [");
   for (uint32_t addr = 0; addr < 256 * 1024; addr += 16)
     std::printf("%s%llu", addr ? ", " : "", static_cast<unsigned long long>(sm90::sw128_desc(addr)));
