@@ -39,6 +39,14 @@ __host__ __device__ constexpr uint64_t sw128_desc(uint32_t addr) {
          (static_cast<uint64_t>(kSwizzleAtomBytes >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
+// The same for an MN-major operand (wgmma with the transpose flag): 64 elements of M or N in one
+// 128-byte row, 8 consecutive rows are 8 k; leading byte offset (bits 16-29) = the distance from one
+// 64-element block of M/N to the next, stride byte offset = 1024 from one 8-row group of k to the next.
+__host__ __device__ constexpr uint64_t sw128_mn_desc(uint32_t addr, uint32_t mn_block_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((mn_block_bytes >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>(kSwizzleAtomBytes >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
 // ---- wgmma accumulator fragment (m64nNk16, fp32) -------------------------------------------------
 // Thread `thread` (0-127) of the warpgroup holds, in register `reg` of its N/2 fp32 registers, element
 // (row, col) of the 64 x N tile: warp w = thread/32 owns rows 16w..16w+15; within a warp, lane
@@ -49,6 +57,12 @@ __host__ __device__ constexpr int acc_row(int thread, int reg) {
 __host__ __device__ constexpr int acc_col(int thread, int reg) {
   return 8 * (reg >> 2) + 2 * (thread & 3) + (reg & 1);
 }
+
+// wgmma's A operand in registers (m64nNk16, 16-bit): per warp as mma.m16n8k16's A, register q of a
+// thread holds row g + 8·(q % 2), columns 2t + 8·(q / 2) and the next one. Those are exactly the
+// accumulator registers 8kk + 2q and 8kk + 2q + 1 of columns 16kk..16kk+15 (FlashAttention's reuse of
+// the logit tile as the next GEMM's A operand): `half` 0 is the lower column.
+__host__ __device__ constexpr int acc_reg_of_a(int kk, int q, int half) { return 8 * kk + 2 * q + half; }
 
 // ---- device-side PTX ------------------------------------------------------------------------------
 
@@ -132,6 +146,28 @@ __device__ __forceinline__ void wgmma_wait() {
         "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])          \
       : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
+// d (64 x 128) (+)= A (64 x 16, registers a[0..3], layout of acc_reg_of_a) · B (16 x 128, MN-major
+// descriptor, transpose flag set).
+#define FASTSSL_WGMMA_M64N128K16_RS(TYPE)                                                                  \
+  asm volatile(                                                                                           \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                        \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                     \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                   \
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                   \
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"                                  \
+      " {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                      \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),         \
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),         \
+        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),         \
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),         \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])          \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+
 template <typename T>
 struct Wgmma;
 
@@ -140,6 +176,10 @@ struct Wgmma<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     FASTSSL_WGMMA_M64N128K16("bf16");
   }
+  static __device__ __forceinline__ void run_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                int accumulate) {
+    FASTSSL_WGMMA_M64N128K16_RS("bf16");
+  }
 };
 
 template <>
@@ -147,9 +187,14 @@ struct Wgmma<__half> {
   static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     FASTSSL_WGMMA_M64N128K16("f16");
   }
+  static __device__ __forceinline__ void run_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                int accumulate) {
+    FASTSSL_WGMMA_M64N128K16_RS("f16");
+  }
 };
 
 #undef FASTSSL_WGMMA_M64N128K16
+#undef FASTSSL_WGMMA_M64N128K16_RS
 
 }  // namespace sm90
 }  // namespace fastssl

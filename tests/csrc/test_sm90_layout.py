@@ -52,22 +52,45 @@ _HOST_PROGRAM = r"""
 #include "pairwise_lse_sm90.cu"
 #include <cstdio>
 
+using namespace fastssl;
+
+template <int KIND>
+void print_plan(const char* name) {
+  using P = SmemPlan<KIND>;
+  std::printf("\"%s\": {\"max_chunks\": %d, \"ring\": %u, \"slices\": %u, \"barriers\": %u, \"n_barriers\": %d, "
+              "\"bytes\": %zu},\n", name, P::kMaxChunks, P::kRingOffset, P::kSliceOffset, P::kBarrierOffset,
+              P::kBarriers, P::kBytes);
+}
+
 int main() {
-  using namespace fastssl;
-  std::printf("{\"bm\": %d, \"bn\": %d, \"bk\": %d, \"stages\": %d, \"max_chunks\": %d, \"consumers\": %d, "
-              "\"chunk_bytes\": %u, \"consumer_row_bytes\": %u, \"kstep_bytes\": %d, \"atom_bytes\": %d,\n",
-              kBM, kBN, kBK, kStages, kMaxChunks, kConsumers, kChunkBytes, kConsumerRowBytes, sm90::kKStepBytes,
-              sm90::kSwizzleAtomBytes);
+  std::printf("{\"bm\": %d, \"bn\": %d, \"bk\": %d, \"stages\": %d, \"consumers\": %d, \"dv\": %d, \"vstages\": %d, "
+              "\"chunk_bytes\": %u, \"consumer_row_bytes\": %u, \"vstage_bytes\": %u, \"kstep_bytes\": %d, "
+              "\"atom_bytes\": %d,\n",
+              kBM, kBN, kBK, kStages, kConsumers, kDV, kVStages, kChunkBytes, kConsumerRowBytes, kVStageBytes,
+              sm90::kKStepBytes, sm90::kSwizzleAtomBytes);
+  print_plan<kFwd>("fwd");
+  print_plan<kRows>("rows");
   std::printf("\"acc\": [");
   for (int t = 0; t < 128; ++t)
     for (int r = 0; r < 64; ++r)
       std::printf("%s[%d, %d]", t + r ? ", " : "", sm90::acc_row(t, r), sm90::acc_col(t, r));
+  std::printf("],\n\"a_reg\": [");
+  for (int kk = 0; kk < 8; ++kk)
+    for (int q = 0; q < 4; ++q)
+      for (int half = 0; half < 2; ++half)
+        std::printf("%s%d", kk + q + half ? ", " : "", sm90::acc_reg_of_a(kk, q, half));
   std::printf("],\n\"stage\": [");
   for (uint32_t it = 0; it < 64; ++it)
-    std::printf("%s[%u, %u]", it ? ", " : "", stage_of(it).index, stage_of(it).parity);
+    std::printf("%s[%u, %u]", it ? ", " : "", stage_of<kStages>(it).index, stage_of<kStages>(it).parity);
+  std::printf("],\n\"vstage\": [");
+  for (uint32_t it = 0; it < 64; ++it)
+    std::printf("%s[%u, %u]", it ? ", " : "", stage_of<kVStages>(it).index, stage_of<kVStages>(it).parity);
   std::printf("],\n\"desc\": [");
   for (uint32_t addr = 0; addr < 256 * 1024; addr += 16)
     std::printf("%s%llu", addr ? ", " : "", static_cast<unsigned long long>(sm90::sw128_desc(addr)));
+  std::printf("],\n\"mn_desc\": [");  // as the dx kernel builds them: N blocks one chunk apart
+  for (uint32_t addr = 0; addr < 256 * 1024; addr += 16)
+    std::printf("%s%llu", addr ? ", " : "", static_cast<unsigned long long>(sm90::sw128_mn_desc(addr, kChunkBytes)));
   std::printf("]}\n");
   return 0;
 }
@@ -90,6 +113,7 @@ def kernel(tmp_path_factory):
     assert run.returncode == 0, run.stderr[-2000:]
     info = json.loads(run.stdout)
     info["acc"] = np.array(info["acc"]).reshape(128, 64, 2)
+    info["a_reg"] = np.array(info["a_reg"]).reshape(8, 4, 2)
     return info
 
 
@@ -177,15 +201,20 @@ def test_descriptors_encode_the_isa_fields(kernel):
         assert d == {"start": addr, "lbo": 16, "sbo": kernel["atom_bytes"], "base_offset": 0, "swizzle": 1}, (addr, d)
 
 
-def test_shared_memory_map_fits_and_is_atom_aligned(kernel):
-    atom, chunk = kernel["atom_bytes"], kernel["chunk_bytes"]
+@pytest.mark.parametrize("kind", ["fwd", "rows"])
+def test_shared_memory_plan_fits_and_is_atom_aligned(kernel, kind):
+    atom, chunk, plan = kernel["atom_bytes"], kernel["chunk_bytes"], kernel[kind]
     assert atom == 8 * 128 and chunk == kernel["bm"] * kernel["bk"] * 2 == kernel["bn"] * kernel["bk"] * 2
     assert kernel["bk"] * 2 == 128, "one chunk row must be exactly the 128-byte swizzle span"
     assert chunk % atom == 0 and kernel["consumer_row_bytes"] % atom == 0
     assert kernel["consumer_row_bytes"] * kernel["consumers"] == chunk
-    barriers = 8 * (1 + 2 * kernel["stages"])
-    total = atom + (kernel["max_chunks"] + kernel["stages"]) * chunk + barriers  # launch<T>'s kSmemBytes
-    assert total <= SMEM_LIMIT, total
+    assert plan["ring"] == plan["max_chunks"] * chunk and plan["slices"] == plan["ring"] + kernel["stages"] * chunk
+    slice_bytes = kernel["vstages"] * kernel["vstage_bytes"] if kind == "rows" else 0
+    assert plan["barriers"] == plan["slices"] + slice_bytes and plan["barriers"] % 8 == 0
+    assert kernel["vstage_bytes"] == kernel["dv"] // kernel["bk"] * chunk
+    n_barriers = 1 + 2 * kernel["stages"] + (2 * kernel["vstages"] if kind == "rows" else 0)
+    assert plan["n_barriers"] == n_barriers
+    assert plan["bytes"] == atom + plan["barriers"] + 8 * n_barriers <= SMEM_LIMIT, plan
 
 
 @pytest.mark.parametrize("rows_x,rows_y,depth", [(128, 128, 64), (100, 77, 150), (128, 128, 512)])
@@ -200,7 +229,7 @@ def test_emulated_tile_gemm_lands_where_the_masks_look(kernel, rows_x, rows_y, d
     chunks = -(-depth // bk)
     smem = np.full(SMEM_LIMIT // 2, np.nan)
     x_tile = SMEM_BASE
-    ring = SMEM_BASE + kernel["max_chunks"] * chunk
+    ring = SMEM_BASE + kernel["fwd"]["ring"]
     for kc in range(chunks):
         tma_store(smem, x_tile + kc * chunk, zero_filled_box(x, 0, kc * bk, bm))
     want = x @ y.T
@@ -222,6 +251,83 @@ def test_emulated_tile_gemm_lands_where_the_masks_look(kernel, rows_x, rows_y, d
                 row, col = 64 * consumer + acc[thread, reg, 0], acc[thread, reg, 1]
                 expected = want[row, col] if row < rows_x and col < rows_y else 0.0
                 assert held == expected, (consumer, thread, reg, row, col, held, expected)
+
+
+def isa_a(thread: int, q: int, half: int) -> tuple[int, int]:
+    """PTX ISA: (row, k) of the A element in register q (its lower or upper 16 bits, `half`) of
+    warpgroup thread `thread`, wgmma m64nNk16 with A in registers (16-bit types)."""
+    warp, lane = divmod(thread, 32)
+    g, t = divmod(lane, 4)
+    return 16 * warp + g + 8 * (q % 2), 2 * t + half + 8 * (q // 2)
+
+
+def wgmma_operand_mn(smem: np.ndarray, desc: int, mn: int) -> np.ndarray:
+    """The 16 x mn MN-major operand (k, n) a wgmma reads through `desc` with the transpose flag, 128-byte
+    swizzle: CuTe's canonical ((8, n), (8, k)) : ((1, LBO), (8, SBO)) in 16-byte units (make_gmma_desc)."""
+    d = decode_desc(desc)
+    assert d["swizzle"] == 1 and d["base_offset"] == 0, d
+    k, n = np.meshgrid(np.arange(16), np.arange(mn), indexing="ij")
+    unit = n // 8
+    addr = d["start"] + (unit % 8) * 16 + (unit // 8) * d["lbo"] + (k % 8) * 128 + (k // 8) * d["sbo"] + (n % 8) * 2
+    return smem[swizzle128(addr) // 2]
+
+
+def test_kernel_a_fragment_is_the_isa_layout(kernel):
+    """The dx kernel feeds accumulator registers acc_reg_of_a(kk, q, half) of the logit tile to wgmma as
+    A register q: they must hold the A element the ISA puts there (columns 16kk.. of the tile)."""
+    acc, a_reg = kernel["acc"], kernel["a_reg"]
+    for thread in range(128):
+        for kk in range(8):
+            for q in range(4):
+                for half in range(2):
+                    row, col = acc[thread, a_reg[kk, q, half]]
+                    want_row, want_k = isa_a(thread, q, half)
+                    assert (row, col) == (want_row, 16 * kk + want_k), (thread, kk, q, half)
+
+
+def test_mn_descriptors_encode_the_isa_fields(kernel):
+    for addr in (0, 1024, 2048 * 3, 65536 + 1024):
+        d = decode_desc(kernel["mn_desc"][addr // 16])
+        assert d == {"start": addr, "lbo": kernel["chunk_bytes"], "sbo": kernel["atom_bytes"], "base_offset": 0,
+                     "swizzle": 1}, (addr, d)  # fmt: skip
+
+
+@pytest.mark.parametrize("rows_y,depth,slice_index", [(128, 128, 0), (77, 200, 1), (128, 256, 1)])
+def test_emulated_dx_gemm_lands_where_the_epilogue_looks(kernel, rows_y, depth, slice_index):
+    """The dx kernel's second GEMM: the weights P in the logit accumulators (the kernel's fragment map),
+    packed into A registers by acc_reg_of_a and read as the ISA's A fragment; the slice of the column
+    tile TMA-stored as two chunks and read MN-major through the kernel's descriptors; the product handed
+    out by the accumulator table must be P · Y[:, slice] at each register's (acc_row, acc_col)."""
+    rng = np.random.default_rng(2)
+    bn, bk, dv, chunk = kernel["bn"], kernel["bk"], kernel["dv"], kernel["chunk_bytes"]
+    y = rng.integers(-8, 8, size=(rows_y, depth)).astype(np.float64)
+    weights = rng.integers(-4, 4, size=(64, bn)).astype(np.float64)
+    weights[:, rows_y:] = 0.0  # the masks zero the columns past the tile
+    acc_map, a_reg = kernel["acc"], kernel["a_reg"]
+    regs = np.array([[weights[tuple(acc_map[t, r])] for r in range(64)] for t in range(128)])  # s[] per thread
+    smem = np.full(SMEM_LIMIT // 2, np.nan)
+    stage = 1
+    base = SMEM_BASE + kernel["rows"]["slices"] + stage * kernel["vstage_bytes"]
+    dv0 = slice_index * dv
+    for h in range(dv // bk):
+        tma_store(smem, base + h * chunk, zero_filled_box(y, 0, dv0 + h * bk, bn))
+    d = np.zeros((64, dv))
+    for kk in range(bn // 16):
+        a = np.full((64, 16), np.nan)
+        for thread in range(128):
+            for q in range(4):
+                for half in range(2):
+                    a[isa_a(thread, q, half)] = regs[thread, a_reg[kk, q, half]]
+        b = wgmma_operand_mn(smem, kernel["mn_desc"][(base + kk * 16 * 128) // 16], dv)
+        assert not np.isnan(a).any() and not np.isnan(b).any()
+        d += a @ b
+    padded = np.zeros((bn, dv))
+    part = y[:, dv0 : dv0 + dv]
+    padded[: part.shape[0], : part.shape[1]] = part
+    want = weights @ padded
+    for thread in range(128):
+        for reg in range(64):
+            assert d[isa_acc(thread, reg)] == want[tuple(acc_map[thread, reg])], (thread, reg)
 
 
 def test_emulation_detects_a_wrong_swizzle_or_step(kernel):
@@ -272,51 +378,65 @@ class Barrier:
 
 
 def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int, seed: int,
-                     producer_flip: int = 1, consumer_flip: int = 0) -> None:  # fmt: skip
+                     vstage=None, vstages: int = 0, producer_flip: int = 1, consumer_flip: int = 0) -> None:  # fmt: skip
     """Run the kernel's producer and consumer loops under a random interleaving, with TMA copies that
     land at random later times; raise Deadlock if nothing can move, AssertionError on a data race
-    (a stage refilled while a consumer still reads it, or a consumer reading another load's data)."""
+    (a stage refilled while a consumer still reads it, or a consumer reading another load's data).
+    With `vstage` (the dx kernel) each tile also sends its slice through the second ring."""
     rnd = random.Random(seed)
-    chunk = 1
     x_full = Barrier(1)
-    full = [Barrier(1) for _ in range(stages)]
-    empty = [Barrier(consumers) for _ in range(stages)]
-    content = [None] * stages  # which load `it` a stage holds
-    readers = [set() for _ in range(stages)]  # consumers whose wgmma may still read the stage
-    in_flight = []  # TMA copies issued, not landed: (barrier, stage or None, it)
+    rings = {"chunk": (stage, stages), "slice": (vstage, vstages)}
+    full = {r: [Barrier(1) for _ in range(n)] for r, (_, n) in rings.items()}
+    empty = {r: [Barrier(consumers) for _ in range(n)] for r, (_, n) in rings.items()}
+    content = {r: [None] * n for r, (_, n) in rings.items()}  # which load a stage holds
+    readers = {r: [set() for _ in range(n)] for r, (_, n) in rings.items()}  # consumers still reading it
+    in_flight = []  # TMA copies issued, not landed: (barrier, ring, stage, load)
+
+    def produce(ring, it):
+        s, parity = rings[ring][0][it]
+        yield lambda: empty[ring][s].try_wait(parity ^ producer_flip)
+        assert not readers[ring][s], f"{ring} stage {s} refilled (load {it}) while {readers[ring][s]} read it"
+        full[ring][s].arrive(expect_tx=1)
+        in_flight.append((full[ring][s], ring, s, it))
 
     def producer():
-        x_full.arrive(expect_tx=chunks * chunk)
-        in_flight.append((x_full, None, None, chunks * chunk))
+        x_full.arrive(expect_tx=1)
+        in_flight.append((x_full, None, None, None))
         it = 0
-        for _ in range(tiles):
+        for tile in range(tiles):
             for _ in range(chunks):
-                s, parity = stage[it]
-                yield lambda s=s, parity=parity: empty[s].try_wait(parity ^ producer_flip)
-                assert not readers[s], f"stage {s} refilled (load {it}) while consumers {readers[s]} read it"
-                full[s].arrive(expect_tx=chunk)
-                in_flight.append((full[s], s, it, chunk))
+                yield from produce("chunk", it)
                 it += 1
+            if vstage is not None:
+                yield from produce("slice", tile)
+
+    def acquire(ring, it, me):
+        s, parity = rings[ring][0][it]
+        yield lambda: full[ring][s].try_wait(parity ^ consumer_flip)
+        assert content[ring][s] == it, f"consumer {me} read {ring} stage {s} holding load {content[ring][s]}, wanted {it}"
+        readers[ring][s].add(me)
+        return s
+
+    def release(ring, s, it, me):  # after the wgmma reading it retired
+        assert content[ring][s] == it
+        readers[ring][s].discard(me)
+        empty[ring][s].arrive()
 
     def consumer(me):
         yield lambda: x_full.try_wait(0)
         it = 0
-        for _ in range(tiles):
+        for tile in range(tiles):
             prev = None
             for kc in range(chunks):
-                s, parity = stage[it]
-                yield lambda s=s, parity=parity: full[s].try_wait(parity ^ consumer_flip)
-                assert content[s] == it, f"consumer {me} read stage {s} holding load {content[s]}, wanted {it}"
-                readers[s].add(me)
+                s = yield from acquire("chunk", it, me)
                 if kc > 0:  # wait_group 1: the previous chunk's wgmma retired
-                    assert content[prev[0]] == prev[1]
-                    readers[prev[0]].discard(me)
-                    empty[prev[0]].arrive()
+                    release("chunk", *prev, me)
                 prev = (s, it)
                 it += 1
-            assert content[prev[0]] == prev[1]
-            readers[prev[0]].discard(me)
-            empty[prev[0]].arrive()
+            release("chunk", *prev, me)
+            if vstage is not None:
+                s = yield from acquire("slice", tile, me)
+                release("slice", s, tile, me)
 
     agents = {"producer": producer(), **{f"consumer{c}": consumer(c) for c in range(consumers)}}
     waiting = {name: None for name in agents}
@@ -327,10 +447,10 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
             raise Deadlock(f"stuck: {sorted(agents)} wait, no copy in flight")
         pick = rnd.choice(choices)
         if pick == "tma":
-            bar, s, it, nbytes = in_flight.pop(rnd.randrange(len(in_flight)))
-            if s is not None:
-                content[s] = it
-            bar.complete_tx(nbytes)
+            bar, ring, s, it = in_flight.pop(rnd.randrange(len(in_flight)))
+            if ring is not None:
+                content[ring][s] = it
+            bar.complete_tx(1)
             continue
         try:
             waiting[pick] = next(agents[pick])
@@ -338,17 +458,19 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
             del agents[pick], waiting[pick]
 
 
+@pytest.mark.parametrize("kind", ["fwd", "rows"])
 @pytest.mark.parametrize("tiles,chunks", [(1, 1), (3, 1), (3, 3), (2, 8), (5, 4), (7, 5)])
-def test_pipeline_never_hangs_or_races(kernel, tiles, chunks):
+def test_pipeline_never_hangs_or_races(kernel, kind, tiles, chunks):
     stage = kernel["stage"]
     assert tiles * chunks <= len(stage)
+    slices = {"vstage": kernel["vstage"], "vstages": kernel["vstages"]} if kind == "rows" else {}
     for seed in range(30):
-        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed)
+        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, **slices)
 
 
 def test_stage_function_is_round_robin_with_flipping_parity(kernel):
-    stages = kernel["stages"]
-    assert kernel["stage"] == [[it % stages, (it // stages) % 2] for it in range(64)]
+    for key, stages in (("stage", kernel["stages"]), ("vstage", kernel["vstages"])):
+        assert kernel[key] == [[it % stages, (it // stages) % 2] for it in range(64)]
 
 
 def test_pipeline_emulation_detects_wrong_parities(kernel):
@@ -357,6 +479,6 @@ def test_pipeline_emulation_detects_wrong_parities(kernel):
     stage, stages, consumers = kernel["stage"], kernel["stages"], kernel["consumers"]
     with pytest.raises(Deadlock):
         emulate_pipeline(stage, stages, 2, 3, consumers, seed=0, producer_flip=0)
-    with pytest.raises(AssertionError, match="read stage"):
+    with pytest.raises(AssertionError, match="read chunk stage"):
         for seed in range(30):
             emulate_pipeline(stage, stages, 2, 3, consumers, seed=seed, consumer_flip=1)
