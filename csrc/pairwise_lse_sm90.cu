@@ -1,12 +1,14 @@
-// Pairwise LogSumExp forward for Hopper (sm_90a): TMA, an mbarrier pipeline and wgmma.
+// Pairwise LogSumExp on Hopper (sm_90a): the forward and the backward's dx, with TMA, an mbarrier
+// pipeline and wgmma.
 //
-// Same contract as pairwise_lse.cu's kFwd role and fastssl/kernels/torch/pairwise_lse.py (the
-// oracle): lse_i over {s_i,p(i)} (include_pos) ∪ {s_ij : j ≠ p(i), j ≠ i if exclude_self}
+// Same contract as pairwise_lse.cu's kFwd and kRows roles and fastssl/kernels/torch/pairwise_lse.py
+// (the oracle): lse_i over {s_i,p(i)} (include_pos) ∪ {s_ij : j ≠ p(i), j ≠ i if exclude_self}
 // (y_negatives) ∪ {scale·x_i·bank_k}, pos_i = s_i,p(i), with s_ij = scale·x_i·y_j and
-// p(i) = (i + pos_offset) mod Ny. bf16/fp16 inputs whose rows TMA can read (row-contiguous,
-// 16-byte aligned base and row stride) and D ≤ kMaxD; everything else runs pairwise_lse.cu.
+// p(i) = (i + pos_offset) mod Ny; dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k). bf16/fp16 inputs
+// whose rows TMA can read (row-contiguous, 16-byte aligned base and row stride) and D ≤ 512 (forward)
+// or 256 (dx); everything else runs pairwise_lse.cu.
 //
-// Structure (FlashAttention-3's, Shah et al. 2024, forward only):
+// Structure (FlashAttention-3's, Shah et al. 2024):
 //   * A CTA owns kBM = 128 rows of x and has three warpgroups. Warpgroup 0 is the producer: one
 //     thread issues TMA copies. Warpgroups 1 and 2 are consumers, each owning 64 of the rows.
 //   * The x tile (128 x D) is loaded once and stays resident, as D/64 chunks of 128 x 64 elements.
@@ -15,7 +17,10 @@
 //     warpgroups finished reading it).
 //   * Per column tile each consumer issues 4 wgmma m64n128k16 per chunk (operands straight from shared
 //     memory through descriptors), keeps one wgmma group in flight while releasing the previous chunk,
-//     then applies the masks and the online max/sum (base 2) on the accumulator registers.
+//     then works on the accumulator registers: kFwd applies the masks and the online max/sum (base 2);
+//     kRows turns them into P = exp(s − lse) and issues dx_I += P·V_J with P as wgmma's register A
+//     operand and V_J, this CTA's 128-wide slice of D of the column tile (grid.y), MN-major from a
+//     second TMA ring.
 //   * The positive logit is the fp32 row dot of pairwise_lse.cu (the masks drop column p(i)), so both
 //     kernels and the backward see the same number.
 #include <math_constants.h>
