@@ -55,6 +55,11 @@ constexpr int kDV = 128;     // kRows: the dx slice, two chunks of the column ti
 constexpr int kVStages = 2;  // kRows: column-tile slices in flight
 constexpr int kConsumers = 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
+// The register file split (setmaxnreg): the producer's one thread needs few; the consumers hold a
+// 64 x 128 fp32 tile (kRows: two) per warpgroup.
+constexpr int kProducerRegisters = 40;
+constexpr int kConsumerRegisters = 232;
+static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= 64 * 1024, "register file");
 constexpr uint32_t kChunkBytes = kBM * kBK * 2;  // x chunk and column chunk alike: 16 KiB
 constexpr uint32_t kConsumerRowBytes = 64 * sm90::kSwizzleRowBytes;  // a consumer's 64 rows of a chunk
 constexpr uint32_t kVStageBytes = (kDV / kBK) * kChunkBytes;
@@ -155,6 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
 
   if (warpgroup == 0) {
     // Producer: the resident x tile, then per column tile its chunks (and, kRows, its slice).
+    sm90::setmaxnreg_dec<kProducerRegisters>();
     if (threadIdx.x != 0 || tiles == 0) return;
     sm90::prefetch_tensor_map(&args.x_map);
     sm90::prefetch_tensor_map(&args.y_map);
@@ -187,6 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
 
   // Consumers. Both warpgroups walk every chunk (the empty barriers count both), even when all their
   // rows are past M.
+  sm90::setmaxnreg_inc<kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4;
@@ -281,25 +288,29 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
     } else {
       // Row weights P_ij = exp(s_ij − lse_i) (grad_lse_i is a row scale in the epilogue), then
       // acc += P · V_J with P as wgmma's register A operand and the slice V_J MN-major from shared memory.
-#pragma unroll
-      for (int r = 0; r < 64; ++r) {
-        const int h = (r >> 1) & 1;
-        const float w = exp2f(s[r] * qk - row_lse2[h]);  // unconditional: no divergent path near the wgmma
-        s[r] = in_lse(h, r) ? w : 0.0f;
-      }
       const Stage st = stage_of<kVStages>(tile);
       sm90::mbarrier_wait(&slice_full[st.index], st.parity);
+      // P straight into the A fragments, all written before the fence: a register written inside the
+      // wgmma sequence (or after a wait loop) makes ptxas serialise it.
+      auto weight = [&](int r) {
+        const int h = (r >> 1) & 1;
+        const float w = exp2f(s[r] * qk - row_lse2[h]);  // unconditional: no divergent path near the wgmma
+        return in_lse(h, r) ? w : 0.0f;
+      };
+      uint32_t pa[kBN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          pa[kk][q] = pack_floats<T>(weight(sm90::acc_reg_of_a(kk, q, 0)), weight(sm90::acc_reg_of_a(kk, q, 1)));
+      sm90::wgmma_fence();
       const uint32_t v = sm90::smem_u32(slices) + st.index * kVStageBytes;
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        uint32_t a[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          a[q] = pack_floats<T>(s[sm90::acc_reg_of_a(kk, q, 0)], s[sm90::acc_reg_of_a(kk, q, 1)]);
-        sm90::wgmma_fence();  // the A registers were just written
         // 16 column-tile rows (k) = 2 groups of 8 rows of 128 bytes; the slice's two chunks are its
         // two 64-wide blocks of N.
-        sm90::Wgmma<T>::run_rs(acc, a, sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes), 1);
+        sm90::Wgmma<T>::run_rs(acc, pa[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
+                               1);
       }
       sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
