@@ -290,8 +290,8 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
       // acc += P · V_J with P as wgmma's register A operand and the slice V_J MN-major from shared memory.
       const Stage st = stage_of<kVStages>(tile);
       sm90::mbarrier_wait(&slice_full[st.index], st.parity);
-      // P straight into the A fragments, all written before the fence: a register written inside the
-      // wgmma sequence (or after a wait loop) makes ptxas serialise it.
+      // P straight into the A fragments, all written before the fence (an A register written between
+      // the fence and its wgmma makes ptxas serialise the sequence).
       auto weight = [&](int r) {
         const int h = (r >> 1) & 1;
         const float w = exp2f(s[r] * qk - row_lse2[h]);  // unconditional: no divergent path near the wgmma
