@@ -179,11 +179,14 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
         sm90::tma_load_2d(ring + st.index * kChunkBytes, map, &full[st.index], kc * kBK, c0);
       }
       if constexpr (KIND == kRows) {
-        // The slice [dv0, dv0 + kDV) of the same column tile, as two chunks (zeros past D).
+        // The slice [dv0, dv0 + kDV) of the same column tile, as chunks (zeros past D). A chunk wholly
+        // past D is not loaded: it only feeds dx columns that are never stored.
+        const int64_t chunks_left = (p.x.cols - dv0 + kBK - 1) / kBK;  // dv0 < D: at least 1
+        const int slice_chunks = chunks_left < kDV / kBK ? static_cast<int>(chunks_left) : kDV / kBK;
         const Stage st = stage_of<kVStages>(tile);
         sm90::mbarrier_wait(&slice_empty[st.index], st.parity ^ 1u);
-        sm90::mbarrier_arrive_expect_tx(&slice_full[st.index], kVStageBytes);
-        for (int h = 0; h < kDV / kBK; ++h)
+        sm90::mbarrier_arrive_expect_tx(&slice_full[st.index], slice_chunks * kChunkBytes);
+        for (int h = 0; h < slice_chunks; ++h)
           sm90::tma_load_2d(slices + st.index * kVStageBytes + h * kChunkBytes, map, &slice_full[st.index],
                             dv0 + h * kBK, c0);
       }
