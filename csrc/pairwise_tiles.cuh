@@ -5,7 +5,7 @@
 // of its tile (lane g = l / 4, t = l % 4; mma_utils.cuh has the fragment tables).
 //
 // `logits_chunk` and `weighted_sum` are the fragment loads of csrc/pairwise_lse.cu, character for
-// character (tests/csrc/test_pairwise_sigmoid_max_compile.py checks that), so the CPU emulation of
+// character (tests/csrc/test_pairwise_sigmoid_max_build.py checks that), so the CPU emulation of
 // those layouts in tests/csrc/test_mma_layout.py covers them too.
 #pragma once
 
