@@ -343,3 +343,17 @@ def test_koleo_loss_cuda_matches_float64_spec(cuda_backend, dtype, n, d):
     assert value.dtype == torch.float32 and grad.dtype == dtype
     assert_close(value, want, dtype, what=f"{what} value", scale=max(1.0, float(want.abs())))
     assert_close(grad, want_grad, dtype, what=f"{what} grad", scale=float(want_grad.abs().max()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_custom_ops_opcheck_on_cuda(cuda_backend, dtype):
+    """The custom ops' schemas and fake kernels (shapes, dtypes, strides) agree with the cuda kernels."""
+    x = torch.randn(70, 24, device="cuda").to(dtype)
+    y = torch.randn(90, 24, device="cuda").to(dtype)
+    s, b = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
+    grad = torch.randn(70, device="cuda")
+    torch.library.opcheck(torch.ops.fastssl.pairwise_sigmoid_fwd.default, (x, y, s, b, 3, True, cuda_backend))
+    torch.library.opcheck(torch.ops.fastssl.pairwise_sigmoid_bwd.default, (x, y, s, b, grad, 3, True, cuda_backend))
+    for args in ((x, y, False, cuda_backend), (x, None, True, cuda_backend)):
+        torch.library.opcheck(torch.ops.fastssl.pairwise_max_fwd.default, args)
