@@ -30,7 +30,8 @@ from fastssl.ops.pairwise_max import pairwise_max
 from fastssl.ops.pairwise_sigmoid import pairwise_sigmoid
 from tests.backends.test_new_losses import _pairs_of_neighbours
 from tests.backends.test_pairwise_sigmoid import dense_oracle
-from tests.csrc.test_cuda_backend import cuda_backend  # noqa: F401 -- the fixture: skip without a GPU, fail if cuda does not load
+# The fixture: skip without a GPU, fail when a GPU is present but the extension does not load.
+from tests.csrc.test_cuda_backend import cuda_backend  # noqa: F401
 from tests.utils import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -168,7 +169,8 @@ def test_pairwise_sigmoid_cuda_fp16_tiny_weights_keep_precision(cuda_backend):
 @pytest.mark.parametrize("n,d", [(2, 1), (70, 33), (200, 300)])
 def test_siglip_loss_cuda_matches_float64_spec(cuda_backend, dtype, n, d):
     gen = torch.Generator().manual_seed(n + d)
-    z1, z2 = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    z2 = torch.randn(n, d, generator=gen, dtype=torch.float64)
     t, b = 10.0, -10.0
 
     def run(fn, a, c, stat, device):
