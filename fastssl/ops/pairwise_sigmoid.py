@@ -27,6 +27,7 @@ from fastssl.ops._dispatch import kernel_module
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.pairwise_sigmoid",
     "triton": "fastssl.kernels.triton.pairwise_sigmoid",
+    "cuda": "fastssl.kernels.cuda.pairwise_sigmoid",
 }
 
 

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 
 #: The kernel sources, in the order setup.py compiles them.
-SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu")
+SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu", "pairwise_sigmoid.cu",
+           "pairwise_max.cu")
 #: The torch-free kernel sources, which nvcc can compile ahead of time (prebuild.py).
 KERNEL_SOURCES = tuple(s for s in SOURCES if s.endswith(".cu"))
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
