@@ -1,12 +1,11 @@
-// The logit-tile GEMMs shared by the pairwise kernels of pairwise_sigmoid.cu and pairwise_max.cu
-// (no torch headers). A CTA of 4 warps owns kTileM = 64 rows (16 per warp) of one operand and streams
-// kTileN = 64-row tiles of the other through shared memory; a warp's 16 x 64 logits live in
+// The logit-tile GEMMs shared by the pairwise kernels of pairwise_lse.cu, pairwise_sigmoid.cu and
+// pairwise_max.cu (no torch headers). A CTA of 4 warps owns kBM = 64 rows (16 per warp) of one
+// operand and streams kBN = 64-row tiles of the other through shared memory; a warp's 16 x 64 logits live in
 // registers in the mma accumulator layout: s[nb][e] is element (g + 8·(e >> 1), nb·8 + 2t + (e & 1))
 // of its tile (lane g = l / 4, t = l % 4; mma_utils.cuh has the fragment tables).
 //
-// `logits_chunk` and `weighted_sum` are the fragment loads of csrc/pairwise_lse.cu, character for
-// character (tests/csrc/test_pairwise_sigmoid_max_build.py checks that), so the CPU emulation of
-// those layouts in tests/csrc/test_mma_layout.py covers them too.
+// The CPU emulation of `logits_chunk`'s and `weighted_sum`'s fragment loads is
+// tests/csrc/test_mma_layout.py.
 #pragma once
 
 #include <cstdint>

@@ -4,8 +4,8 @@ ptxas and cuobjdump can check without a GPU, and the wiring of backend="cuda" fo
 * nvcc compiles both files for sm_80 and sm_90; ptxas -v reports every kernel (3 roles x 3 dtypes of
   the sigmoid template, 3 dtypes of the max) with 0 spill bytes; the SASS (cuobjdump) has the
   tensor-core instructions of each dtype: HMMA.16816 for bf16 and fp16, HMMA.1688 .TF32 for fp32.
-* csrc/pairwise_tiles.cuh's tile GEMMs are pairwise_lse.cu's, character for character, so the CPU
-  emulation of their fragment layouts (tests/csrc/test_mma_layout.py) covers the new kernels too.
+* the tile GEMMs live once, in csrc/pairwise_tiles.cuh, which pairwise_lse.cu includes too, so the CPU
+  emulation of their fragment layouts (tests/csrc/test_mma_layout.py) covers every pairwise kernel.
 * the ops dispatch "cuda" to the new adapters; setup.py builds the same sources as the JIT loader;
   every extension function the adapters call is defined in bindings.cpp; `auto` keeps triton.
 """
@@ -98,21 +98,16 @@ def test_new_kernels_use_tensor_cores(build, source):
         assert mnemonic in proc.stdout, f"sm_{arch} {source}: no {mnemonic.strip()} ({dtype} tensor cores) in the SASS"
 
 
-def _function(source: str, name: str) -> str:
-    """The text of function template `name` in `source`: from its template line to the closing brace
-    at column 0."""
-    m = re.search(rf"^template <[^\n]*>\n__device__ __forceinline__ void {name}\(.*?^}}\n", source, re.S | re.M)
-    assert m, f"{name} not found"
-    return m.group(0)
-
-
-@pytest.mark.parametrize("name", ["logits_chunk", "weighted_sum"])
-def test_shared_tile_gemms_are_pairwise_lse_ones(name):
-    """The layouts tests/csrc/test_mma_layout.py emulates are those of pairwise_lse.cu: the copies in
-    pairwise_tiles.cuh must not drift from them."""
+@pytest.mark.parametrize("name", ["logits_chunk", "weighted_sum", "mod_ny", "vec_ok"])
+def test_pairwise_lse_uses_the_shared_tile_helpers(name):
+    """The layouts tests/csrc/test_mma_layout.py emulates are the tile GEMMs of pairwise_tiles.cuh, which
+    pairwise_lse.cu includes: it must not keep a copy of its own that could drift from them."""
     lse = (CSRC / "pairwise_lse.cu").read_text()
     tiles = (CSRC / "pairwise_tiles.cuh").read_text()
-    assert _function(tiles, name) == _function(lse, name)
+    assert '#include "pairwise_tiles.cuh"' in lse and "using namespace tiles;" in lse
+    assert re.search(rf"\b{name}\(", tiles), f"{name} is not defined in pairwise_tiles.cuh"
+    assert not re.search(rf"^(?:__device__ __forceinline__ |inline )?\w[\w:<>]* {name}\(", lse, re.M), (
+        f"pairwise_lse.cu defines its own {name}")
 
 
 def test_setup_builds_the_loader_sources():
