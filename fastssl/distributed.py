@@ -16,6 +16,7 @@ lightly's objective), and the gradients come out right after DDP's averaging:
 * :func:`global_mean` turns per-anchor terms of this rank into its share of the global mean,
   Σ_{i on r} ℓ_i · W/N, so that the average over ranks is (1/N) Σ_i ℓ_i even when the per-rank
   batch sizes differ (with equal sizes it is the local mean, as in lightly).
+* :func:`peer` names a ring neighbour for point-to-point sends.
 * :func:`ring_blocks` and :func:`ring_reduce` are the ring schedule (mode "ring"): every other
   rank's column block visits this rank by point-to-point send/recv, once in the forward and once
   more in the backward with a gradient accumulator that ends at the block's owner. They move blocks
@@ -263,6 +264,8 @@ def ring_reduce(
     `acc_dtype`. A rank holds at most three blocks and the accumulators of the last two.
     """
     w, r = len(sizes), rank(group)
+    if w == 1:
+        return torch.zeros(y.shape, dtype=acc_dtype, device=y.device)
     nxt, prv = peer(r + 1, group), peer(r - 1, group)
     block, acc = y.detach().contiguous(), None
     for k in range(1, w):
@@ -283,11 +286,8 @@ def ring_reduce(
         acc += block_grad(block).to(acc_dtype)
     # The last hop: rank r holds the block of rank r + 1 with every other rank's contribution.
     home = torch.empty(y.shape, dtype=acc_dtype, device=y.device)
-    if w > 1:
-        for request in dist.batch_isend_irecv(
-            [dist.P2POp(dist.isend, acc.contiguous(), nxt, group), dist.P2POp(dist.irecv, home, prv, group)]
-        ):
-            request.wait()
-    else:
-        home.zero_()
+    for request in dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, acc.contiguous(), nxt, group), dist.P2POp(dist.irecv, home, prv, group)]
+    ):
+        request.wait()
     return home
