@@ -9,7 +9,7 @@ The O(M) row sums are all that is kept; the backward recomputes the logits tile 
 sum of independent pair terms: no row statistic is needed to do so, unlike the pairwise LSE).
 Single-process SigLIP is pos_offset = 0 with M = Ny; under gather_distributed, this rank's rows
 against every rank's columns put the positive at the rank's row offset; a block of another rank
-only (a ring step) has has_pos = False.
+only (a ring step) has has_pos = False. Both are in fastssl/ops/pairwise_sigmoid_distributed.py.
 
 `fastssl::pairwise_sigmoid_fwd` and `fastssl::pairwise_sigmoid_bwd` are `torch.library` custom ops
 with fake (meta) implementations, composed by the public autograd Function `PairwiseSigmoid`, so
