@@ -97,7 +97,7 @@ def pairwise_sigmoid(
     has_pos: bool = True,
     backend: str,
 ) -> Tensor:
-    """Differentiable rows (M,) of the module docstring; `backend` is "torch" or "triton".
+    """Differentiable rows (M,) of the module docstring; `backend` is "torch", "triton" or "cuda".
 
     Shapes: x (M, D), y (Ny, D), scale and bias 0-dim (cast here to fp32, fp64 for fp64 inputs).
     Callers (fastssl.functional) validate user input; this checks only what the kernels rely on.
