@@ -51,7 +51,8 @@ def materialising_gemms(case: Case) -> list[Gemm]:
     view (D x D); spectral: z1 z2ᵀ (N x N). The recent losses: MACL, SupCon: Z Zᵀ over 2N rows;
     DirectCLR: the same over its first 64 dimensions; SigLIP: n(z1) n(z2)ᵀ; KoLeo: Z Zᵀ without a
     backward product (the neighbour is an argmax); FroSSL: one Gram per view on the smaller side;
-    TiCo: B = aᵀa (no gradient) and a·C; the prototype family: rows x K logits (_prototype_gemms).
+    TiCo: B = aᵀa (no gradient) and a·C; the prototype family: rows x K logits (_prototype_gemms),
+    and DINO's cross-entropy over crop pairs (T x S over B·K).
     """
     n, d, two_n = case.n_pairs, case.dim, case.batch
     loss = case.loss
@@ -100,7 +101,10 @@ def _prototype_gemms(case: Case) -> list[Gemm]:
     k, d, rows = case.prototypes, case.dim, case.batch
     student = Gemm(rows, k, d)
     teacher_rows = {"dino": case.spec.global_views * case.images, "ibot": rows, "msn": case.images}.get(case.loss, 0)
-    return [student, Gemm(teacher_rows, k, d, grads=0)] if teacher_rows else [student]
+    gemms = [student, Gemm(teacher_rows, k, d, grads=0)] if teacher_rows else [student]
+    if case.loss == "dino":  # the cross-entropy of every (teacher, student) crop pair: an einsum over B·K
+        gemms.append(Gemm(case.spec.global_views, case.spec.views, case.images * k, grads=1))
+    return gemms
 
 
 def route_gemms(case: Case) -> list[Gemm]:
