@@ -14,6 +14,7 @@ import torch
 import fastssl
 import flops
 import providers
+import report
 import specs
 from tests.benchmarks.helpers import tiny_case
 from tests.utils import TOLERANCES
@@ -221,3 +222,24 @@ def test_the_dino_baseline_is_the_weight_normalised_head_then_the_loss() -> None
     torch.testing.assert_close(fn(student, teacher, v * scale, v_t / scale, center), fn(student, teacher, v, v_t, center))
     shifted = center + torch.arange(v.shape[0]) / v.shape[0]  # the teacher's centre enters the loss
     assert not torch.allclose(fn(student, teacher, v, v_t, center), fn(student, teacher, v, v_t, shifted))
+
+
+def _row(provider: str, seconds: float, prototypes: int = 4096) -> report.Row:
+    return report.Row(loss="dino", family="prototype", provider=provider, implementation=provider, mode="fwd+bwd",
+                      dtype="float32", batch_2n=768, n_pairs=384, dim=128, prototypes=prototypes, oom=False,
+                      median_s=seconds, peak_mib=10.0, model_flops=10**9, route_flops=10**9, matmul_peak_tflops=1.0,
+                      info={})  # fmt: skip
+
+
+def test_report_tables_of_the_prototype_family() -> None:
+    """rows, K, D columns; the formula baselines' columns; a size with another K is another size."""
+    rows = [_row("fastssl-torch", 0.1), _row("reference", 0.2), _row("materialising", 0.3),
+            _row("materialising-compiled", 0.25), _row("materialising", 0.05, prototypes=8192)]
+    lines = report.loss_tables(rows)["dino"].splitlines()
+    headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert headers[2:5] == ["rows", "K", "D"]
+    assert "vs formula eager" in headers and "vs formula compiled" in headers
+    ours = next(line for line in lines if "fastssl-torch" in line)
+    cells = dict(zip(headers, (cell.strip() for cell in ours.strip("|").split("|"))))
+    assert (cells["K"], cells["vs reference"], cells["vs formula eager"], cells["vs formula compiled"]) == (
+        "4,096", "2.00×", "3.00×", "2.50×")
