@@ -1,5 +1,6 @@
 """FLOP models of the benchmarked calls: the GEMMs of docs/design.md's kernel families 1 (pairwise
-LSE) and 2 (off-diagonal Frobenius). Elementwise work (exp, LSE, normalisation) is not counted.
+LSE, with its sigmoid and max variants), 2 (off-diagonal Frobenius) and 4 (prototype cross-entropy).
+Elementwise work (exp, LSE, normalisation, Sinkhorn's scalings) is not counted.
 
 Two counts per case (benchmarks/README.md, "FLOPs"):
 

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import baselines
-import env
-import specs  # noqa: F401  (puts the checkout on sys.path before fastssl is imported)
+import env  # noqa: F401  (puts the checkout on sys.path before fastssl is imported)
 import fastssl
 from fastssl import backends, reference
-from specs import SPECS, Case
+from specs import IBOT_MASKED_PER_IMAGE, IBOT_PATCHES, SPECS, Case
 
 #: The bf16 materialising baselines (baselines.py), eager and under torch.compile.
 MATERIALISING = ("materialising-bf16", "materialising-bf16-compiled")
@@ -253,16 +252,16 @@ def _prototype_inputs(case: Case, leaf: Callable[..., torch.Tensor], gen: torch.
     if spec.inputs == "crops":
         teacher_views = spec.global_views
         return (leaf(spec.views, b, d, normalise=True), leaf(teacher_views, b, d, grad=False, normalise=True),
-                leaf(k, d), leaf(k, d, grad=False), 0.1 * leaf(k, grad=False).detach())
+                leaf(k, d), leaf(k, d, grad=False), 0.1 * leaf(k, grad=False))
     if spec.inputs == "tokens":
         m = case.batch
-        mask = torch.zeros(b, specs.IBOT_PATCHES ** 2, dtype=torch.bool)
+        mask = torch.zeros(b, IBOT_PATCHES ** 2, dtype=torch.bool)
         for image in range(b):
-            masked = min(specs.IBOT_MASKED_PER_IMAGE, m - image * specs.IBOT_MASKED_PER_IMAGE)
-            mask[image, torch.randperm(specs.IBOT_PATCHES ** 2, generator=gen)[:masked]] = True
-        mask = mask.view(b, specs.IBOT_PATCHES, specs.IBOT_PATCHES).to(case.device)
+            masked = min(IBOT_MASKED_PER_IMAGE, m - image * IBOT_MASKED_PER_IMAGE)
+            mask[image, torch.randperm(IBOT_PATCHES ** 2, generator=gen)[:masked]] = True
+        mask = mask.view(b, IBOT_PATCHES, IBOT_PATCHES).to(case.device)
         return (leaf(m, d, normalise=True), leaf(m, d, grad=False, normalise=True), leaf(k, d), leaf(k, d, grad=False),
-                0.1 * leaf(k, grad=False).detach(), mask)
+                0.1 * leaf(k, grad=False), mask)
     if spec.inputs == "swav":
         high = spec.global_views
         return (leaf(high, b, d, normalise=True), leaf(spec.views - high, b, d, normalise=True),
