@@ -24,7 +24,8 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "fastssl" / "__init__.py").read_text(), re.M).group(1)
-CSRC_SOURCES = ["csrc/bindings.cpp", "csrc/pairwise_lse.cu", "csrc/frobenius.cu", "csrc/worst_pair.cu"]
+CSRC_SOURCES = ["csrc/bindings.cpp", "csrc/pairwise_lse.cu", "csrc/frobenius.cu", "csrc/worst_pair.cu",
+                "csrc/pairwise_sigmoid.cu", "csrc/pairwise_max.cu"]
 
 
 def _gencode_flags(arch_list: str) -> list:

@@ -86,6 +86,7 @@ def case_info(case: specs.Case, peak: "float | str", matmul_peak: dict) -> dict:
         dim=case.dim,
         bank_rows=case.bank_rows,
         views=case.spec.views,
+        prototypes=case.prototypes,
         route=case.route,
         dtype=case.dtype,
         device=case.device,

@@ -1,6 +1,8 @@
 """Benchmarks of the pairwise-LSE family (docs/design.md kernel family 1): NT-Xent, MoCo, DCL, DCLW,
-CLIP, uniformity, VICReg-exp / VICReg-ctr (the same op on zᵀ, Garrido et al. 2023) and ArCL with m = 4 and
-m = 8 views (Zhao et al. 2023).
+CLIP, uniformity, VICReg-exp / VICReg-ctr (the same op on zᵀ, Garrido et al. 2023), ArCL with m = 4 and
+m = 8 views (Zhao et al. 2023), MACL (Huang et al. 2023), DirectCLR (Jing et al. 2022) and SupCon
+(Khosla et al. 2020); with them the same tiling's other reductions: SigLIP's pairwise sigmoid (Zhai et
+al. 2023) and KoLeo's nearest neighbour (Sablayrolles et al. 2019).
 
 Every loss x size x dtype x provider x mode is one benchmark (specs.suite_cases lists them and
 specs.policy_skip says which are skipped on this machine and why). The timed target is one call

@@ -1,5 +1,5 @@
 """Benchmarks of the off-diagonal Frobenius family (docs/design.md kernel family 2): Barlow Twins, VICReg,
-spectral contrastive loss (HaoChen et al. 2021).
+spectral contrastive loss (HaoChen et al. 2021), FroSSL (Skean et al. 2024) and TiCo (Zhu et al. 2022).
 
 Every loss x size x dtype x provider x mode is one benchmark; fastssl's providers run once per
 route ("covariance": the D x D side, "gram": the N x N side), so the tables show where each route

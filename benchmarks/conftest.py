@@ -99,14 +99,15 @@ def results(matmul_peak) -> Callable[..., None]:
 
     tflops: model FLOPs / time; fraction: route FLOPs / time / the matmul peak (flops.py), printed
     by formatting.format_share. N is the number of pairs (rows of each view; NT-Xent's Z has 2N
-    rows); fastssl's Frobenius-family providers show their route.
+    rows), or for the prototype family the student rows and K; fastssl's Frobenius-family providers
+    show their route.
     """
     _PEAK[:] = [f"{matmul_peak['description']}: {matmul_peak['tflops']:.3g} TFLOP/s"]
 
     def add(case: specs.Case, median_s, peak, tflops, fraction) -> None:
         _ROWS.append([
             f"{case.loss} {case.mode}",
-            case.n_pairs,
+            f"{case.batch} rows, K {case.prototypes}" if case.spec.family == "prototype" else case.n_pairs,
             case.dim,
             formatting.SHORT_DTYPE[case.dtype],
             case.implementation,

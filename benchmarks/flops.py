@@ -1,5 +1,6 @@
 """FLOP models of the benchmarked calls: the GEMMs of docs/design.md's kernel families 1 (pairwise
-LSE) and 2 (off-diagonal Frobenius). Elementwise work (exp, LSE, normalisation) is not counted.
+LSE, with its sigmoid and max variants), 2 (off-diagonal Frobenius) and 4 (prototype cross-entropy).
+Elementwise work (exp, LSE, normalisation, Sinkhorn's scalings) is not counted.
 
 Two counts per case (benchmarks/README.md, "FLOPs"):
 
@@ -48,7 +49,11 @@ def materialising_gemms(case: Case) -> list[Gemm]:
     q bankᵀ (N x K), the bank without gradient; VICReg-exp: one D x D covariance per view (over the
     N rows); VICReg-ctr: one N x N Gram per view (over D); ArCL: Z Zᵀ over views 0 and 1 plus each
     sample's m x m Gram of its views; Barlow Twins: C = AᵀB (D x D); VICReg: one covariance XᵀX per
-    view (D x D); spectral: z1 z2ᵀ (N x N).
+    view (D x D); spectral: z1 z2ᵀ (N x N). The recent losses: MACL, SupCon: Z Zᵀ over 2N rows;
+    DirectCLR: the same over its first 64 dimensions; SigLIP: n(z1) n(z2)ᵀ; KoLeo: Z Zᵀ without a
+    backward product (the neighbour is an argmax); FroSSL: one Gram per view on the smaller side;
+    TiCo: B = aᵀa (no gradient) and a·C; the prototype family: rows x K logits (_prototype_gemms),
+    and DINO's cross-entropy over crop pairs (T x S over B·K).
     """
     n, d, two_n = case.n_pairs, case.dim, case.batch
     loss = case.loss
@@ -67,7 +72,40 @@ def materialising_gemms(case: Case) -> list[Gemm]:
         return [Gemm(two_n, two_n, d), Gemm(m, m, d, count=n)]
     if loss == "barlow_twins":
         return [Gemm(d, d, n)]
+    if loss in ("macl", "supcon"):
+        return [Gemm(two_n, two_n, d)]
+    if loss == "directclr":
+        return [Gemm(two_n, two_n, min(d, DIRECTCLR_DIM))]
+    if loss == "siglip":
+        return [Gemm(n, n, d)]
+    if loss == "koleo":
+        return [Gemm(two_n, two_n, d, grads=0)]  # the neighbour search: argmax carries no gradient
+    if loss == "frossl":  # one Gram per view, on the smaller side (as lightly picks it)
+        side, other = min(n, d), max(n, d)
+        return [Gemm(side, side, other, count=2)]
+    if loss == "tico":  # B = aᵀa without gradient, then a·C (C without gradient)
+        return [Gemm(d, d, n, grads=0), Gemm(n, d, d, grads=1)]
+    if case.spec.family == "prototype":
+        return _prototype_gemms(case)
     raise ValueError(f"no FLOP model for {loss!r}")
+
+
+#: DirectCLR's loss_dim default: the loss runs on the first 64 dimensions.
+DIRECTCLR_DIM = 64
+
+
+def _prototype_gemms(case: Case) -> list[Gemm]:
+    """The logits of the prototype family: every student row against the K prototypes (gradient to
+    the rows and to the prototypes), the teacher's rows against them without gradient (DINO's
+    global crops, iBOT's tokens, MSN's targets). SwaV's codes come from the same scores as its
+    high-resolution crops' predictions, so it has the student product only."""
+    k, d, rows = case.prototypes, case.dim, case.batch
+    student = Gemm(rows, k, d)
+    teacher_rows = {"dino": case.spec.global_views * case.images, "ibot": rows, "msn": case.images}.get(case.loss, 0)
+    gemms = [student, Gemm(teacher_rows, k, d, grads=0)] if teacher_rows else [student]
+    if case.loss == "dino":  # the cross-entropy of every (teacher, student) crop pair: an einsum over B·K
+        gemms.append(Gemm(case.spec.global_views, case.spec.views, case.images * k, grads=1))
+    return gemms
 
 
 def route_gemms(case: Case) -> list[Gemm]:
@@ -83,6 +121,8 @@ def route_gemms(case: Case) -> list[Gemm]:
     products (fastssl's pairwise-LSE op computes the same logits, tile by tile).
     """
     fastssl = case.provider.startswith("fastssl-")
+    if fastssl and case.loss in ("frossl", "tico"):
+        return _recent_frobenius_route_gemms(case)
     if fastssl and case.loss.startswith("arcl"):
         logits, views = materialising_gemms(case)
         return [logits, dataclasses.replace(views, grads=0)]
@@ -97,6 +137,18 @@ def route_gemms(case: Case) -> list[Gemm]:
     if one_cross_product:
         return [Gemm(size, size, other)]
     return [Gemm(size, size, other, grads=1, count=2)]
+
+
+def _recent_frobenius_route_gemms(case: Case) -> list[Gemm]:
+    """fastssl's FroSSL and TiCo: the squared-Frobenius op on one side (S x S over the other dimension)
+    with the operand as its own partner, its gradient one product (as VICReg's Gram); FroSSL once per
+    view; TiCo once for ‖aaᵀ‖², plus the N x D product with the running covariance."""
+    n, d = case.n_pairs, case.dim
+    side = choose_side(n, d, case.route)
+    size, other = (d, n) if side == "covariance" else (n, d)
+    if case.loss == "frossl":
+        return [Gemm(size, size, other, grads=1, count=2)]
+    return [Gemm(size, size, other, grads=1), Gemm(n, d, d, grads=1)]
 
 
 def _total(gemms: list[Gemm], mode: str) -> int:

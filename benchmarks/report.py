@@ -43,13 +43,15 @@ RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 #: Row order of implementations within a size (unknown ones follow, sorted).
 PROVIDER_ORDER = (
     "fastssl-triton", "fastssl-cuda", "fastssl-torch", "fastssl-auto", "reference", "reference-compiled",
-    "materialising-bf16", "materialising-bf16-compiled", "lightly", "inf_cl",
+    "materialising", "materialising-compiled", "materialising-bf16", "materialising-bf16-compiled", "lightly", "inf_cl",
 )
 #: What each row's time is compared with: (provider, column, its name in "<name> OOM"). The first
 #: ALWAYS_SHOWN columns are in every table, the others where the loss has a row of that provider.
 BASELINES = (
     ("reference", "vs reference", "ref"),
     ("reference-compiled", "vs compile", "compile"),
+    ("materialising", "vs formula eager", "formula"),
+    ("materialising-compiled", "vs formula compiled", "formula compiled"),
     ("materialising-bf16", "vs bf16 eager", "bf16"),
     ("materialising-bf16-compiled", "vs bf16 compiled", "bf16 compiled"),
     ("lightly", "vs lightly", "lightly"),
@@ -59,7 +61,8 @@ ALWAYS_SHOWN = 2
 MODE_ORDER = ("fwd", "fwd+bwd")
 #: Table order of the losses (the suite's, specs._SPECS); unknown ones follow in JSON order.
 LOSS_ORDER = ("nt_xent", "moco", "dcl", "dclw", "clip", "uniformity", "vicreg_exp", "vicreg_ctr", "arcl_m4", "arcl_m8",
-              "barlow_twins", "vicreg", "spectral_contrastive")
+              "barlow_twins", "vicreg", "spectral_contrastive", "macl", "directclr", "siglip", "supcon", "koleo",
+              "frossl", "tico", "dino", "ibot", "swav", "msn")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +83,7 @@ class Row:
     batch_2n: int
     n_pairs: int
     dim: int
+    prototypes: int  # K of the prototype family, else 0
     oom: bool
     median_s: Optional[float]
     peak_mib: Optional[float]
@@ -90,7 +94,7 @@ class Row:
 
     @property
     def size_key(self) -> tuple:
-        return (self.loss, self.mode, self.dtype, self.batch_2n, self.dim)
+        return (self.loss, self.mode, self.dtype, self.batch_2n, self.dim, self.prototypes)
 
     @property
     def tflops(self) -> Optional[float]:
@@ -129,6 +133,7 @@ def load(path: "str | Path") -> tuple[dict, list[Row]]:
             batch_2n=int(info["batch_2n"]),
             n_pairs=int(info.get("n_pairs", int(info["batch_2n"]) // 2)),
             dim=int(info["dim"]),
+            prototypes=int(info.get("prototypes", 0)),
             oom=oom,
             median_s=median,
             peak_mib=None if oom or isinstance(peak, str) or peak is None else float(peak),
@@ -198,11 +203,15 @@ def _vs(row: Row, baseline: Optional[Row], provider: str, short: str) -> str:
 
 
 def _size_cells(row: Row) -> list[str]:
+    if row.family == "prototype":
+        return [f"{row.batch_2n:,}", f"{row.prototypes:,}", f"{row.dim:,}"]
     return [f"{row.batch_2n:,}", f"{row.n_pairs:,}", f"{row.dim:,}"]
 
 
 TABLE_HEADERS = ["mode", "dtype", "2N", "N", "D", "implementation", "time ms", "model TFLOP/s", "% of peak",
                  "peak MiB"]  # then one "vs <baseline>" column per BASELINES entry shown
+#: The prototype family's size columns: student rows, prototypes, D.
+PROTOTYPE_SIZE_HEADERS = ["rows", "K", "D"]
 
 
 def markdown_table(headers: list[str], cells: list[list[str]], right: Iterable[int] = ()) -> str:
@@ -233,8 +242,11 @@ def loss_tables(rows: list[Row]) -> dict[str, str]:
             *(_vs(r, b.get(provider), provider, short) for provider, _, short in shown[r.loss]),
         ])
     tables_md = {}
+    families = {r.loss: r.family for r in rows}
     for loss, cells in tables.items():
         headers = TABLE_HEADERS + [column for _, column, _ in shown[loss]]
+        if families[loss] == "prototype":
+            headers[2:5] = PROTOTYPE_SIZE_HEADERS
         right = [i for i, h in enumerate(headers) if h not in ("mode", "dtype", "implementation")]
         tables_md[loss] = markdown_table(headers, cells, right=right)
     return tables_md
@@ -246,7 +258,7 @@ def loss_tables(rows: list[Row]) -> dict[str, str]:
 
 
 def _find(rows: list[Row], loss: str, mode: str, dtype: str, batch: int, dim: int) -> dict[str, Row]:
-    return {r.implementation: r for r in rows if r.size_key == (loss, mode, dtype, batch, dim)}
+    return {r.implementation: r for r in rows if r.size_key[:5] == (loss, mode, dtype, batch, dim)}
 
 
 def _best_fastssl(found: dict[str, Row]) -> Optional[Row]:

@@ -3,7 +3,9 @@
 The losses and their reference (materialising) formulas are those of docs/design.md, "The losses
 (the spec)". Size convention: a case's ``batch`` is 2N, the number of rows of NT-Xent's
 Z = [n(z1); n(z2)]; every two-view loss gets N = batch/2 pairs of (N, D) embeddings, MoCo a bank of
-K = 2N rows, uniformity one (2N, D) matrix and ArCL (N, m, D) views.
+K = 2N rows, uniformity and KoLeo one (2N, D) matrix and ArCL (N, m, D) views. In the prototype
+family (DINO, iBOT, SwaV, MSN) ``batch`` is the number of student rows scored against the case's
+``prototypes`` (K) rows of the head's last layer (providers.make_inputs says how they split into crops).
 """
 
 from __future__ import annotations
@@ -29,11 +31,16 @@ class LossSpec:
 
     name: str  # the suite's key (test ids, extra_info["loss"], report tables)
     function: str  # fastssl.<function> and fastssl.reference.<function>
-    family: str  # "pairwise" (docs/design.md family 1, bench_contrastive.py) or "frobenius" (family 2)
-    inputs: str = "pair"  # "pair": z1, z2 (N, D); "moco": + bank (K, D); "single": z (2N, D); "views": (N, m, D)
+    family: str  # "pairwise" (bench_contrastive.py), "frobenius" (bench_frobenius.py), "prototype" (bench_prototype.py)
+    # "pair": z1, z2 (N, D); "moco": + bank (K, D); "single": z (2N, D); "views": (N, m, D);
+    # "labelled": z1, z2 + labels (N,); "tico": z_a, z_b + covariance (D, D); "crops", "tokens", "swav",
+    # "msn": the prototype family's (providers.make_inputs)
+    inputs: str = "pair"
     kwargs: tuple[tuple[str, object], ...] = ()  # extra keyword arguments, the same for every provider
-    views: int = 0  # m, for inputs == "views"
+    views: int = 0  # m for inputs == "views"; crops per image for "crops", "swav", "msn"
+    global_views: int = 0  # DINO's teacher (global) crops; SwaV's high-resolution crops (of `views`)
     lightly: Optional[str] = None  # lightly 1.6's module taking the same inputs, constructed with `kwargs`
+    op: str = "pairwise_lse"  # the fastssl.ops module of its kernels (which backends it has)
 
 
 _SPECS = [
@@ -50,18 +57,39 @@ _SPECS = [
     LossSpec("barlow_twins", "barlow_twins_loss", "frobenius", lightly="BarlowTwinsLoss"),
     LossSpec("vicreg", "vicreg_loss", "frobenius", lightly="VICRegLoss"),
     LossSpec("spectral_contrastive", "spectral_contrastive_loss", "frobenius"),
+    # The losses added after the first suite: lightly 1.6's MACL, DirectCLR, KoLeo, FroSSL, TiCo, DINO,
+    # iBOT, SwaV and MSN, and SigLIP and SupCon, which lightly lacks.
+    LossSpec("macl", "macl_loss", "pairwise", lightly="MACLLoss"),
+    LossSpec("directclr", "directclr_loss", "pairwise", lightly="DirectCLRLoss"),  # loss_dim 64 of D
+    LossSpec("siglip", "siglip_loss", "pairwise", op="pairwise_sigmoid"),
+    LossSpec("supcon", "supcon_loss", "pairwise", inputs="labelled"),  # two views, labels repeated
+    LossSpec("koleo", "koleo_loss", "pairwise", inputs="single", lightly="KoLeoLoss", op="pairwise_max"),
+    LossSpec("frossl", "frossl_loss", "frobenius"),  # two views
+    LossSpec("tico", "tico_loss", "frobenius", inputs="tico"),  # a step with the running covariance
+    # DINO: 2 global + 10 local crops (Caron et al. 2021); iBOT: masked patch tokens; SwaV: 2 + 6 crops
+    # (Caron et al. 2020); MSN: 11 anchor views (1 random + 10 focal, Assran et al. 2022).
+    LossSpec("dino", "dino_loss", "prototype", inputs="crops", views=12, global_views=2, op="prototype_ce"),
+    LossSpec("ibot", "ibot_patch_loss", "prototype", inputs="tokens", op="prototype_ce"),
+    LossSpec("swav", "swav_loss", "prototype", inputs="swav", views=8, global_views=2, op="prototype_ce"),
+    LossSpec("msn", "msn_loss", "prototype", inputs="msn", views=11, op="prototype_ce"),
 ]
 #: Every benchmarked loss, by key.
 SPECS = {spec.name: spec for spec in _SPECS}
 LOSSES = tuple(spec.name for spec in _SPECS if spec.family == "pairwise")
 #: The off-diagonal Frobenius family (bench_frobenius.py); fastssl runs them on each `route`.
 FROBENIUS_LOSSES = tuple(spec.name for spec in _SPECS if spec.family == "frobenius")
+#: The prototype cross-entropy family (bench_prototype.py): rows scored against K prototypes.
+PROTOTYPE_LOSSES = tuple(spec.name for spec in _SPECS if spec.family == "prototype")
+#: The losses added after the first suite (each has a lightly-formula or paper baseline in baselines.py).
+RECENT_LOSSES = ("macl", "directclr", "siglip", "supcon", "koleo", "frossl", "tico", "dino", "ibot", "swav", "msn")
+#: iBOT's images have 14 x 14 patch tokens, 64 of them masked (about a third, as iBOT's block masking).
+IBOT_PATCHES, IBOT_MASKED_PER_IMAGE = 14, 64
 FROBENIUS_ROUTES = ("covariance", "gram")
 #: The suite's providers. "fastssl-<backend>" calls fastssl.<function>(..., backend=<backend>);
 #: the summary also uses "fastssl-auto", the backend a user gets by default.
 PROVIDERS = (
-    "fastssl-triton", "fastssl-cuda", "fastssl-torch", "reference", "reference-compiled", "materialising-bf16",
-    "materialising-bf16-compiled", "lightly", "inf_cl",
+    "fastssl-triton", "fastssl-cuda", "fastssl-torch", "reference", "reference-compiled", "materialising",
+    "materialising-compiled", "materialising-bf16", "materialising-bf16-compiled", "lightly", "inf_cl",
 )
 MODES = ("fwd", "fwd+bwd")
 DTYPES = ("bfloat16", "float32")
@@ -72,6 +100,9 @@ DTYPES = ("bfloat16", "float32")
 
 _CPU_PAIRWISE = [(2048, 128)]
 _CPU_FROBENIUS = [(1024, 2048)]
+# Prototype family (rows, D): DINO 64 images x 12 crops, iBOT 16 images x 64 masked tokens, SwaV
+# 128 images x 8 crops, MSN 64 images x 11 anchor views.
+_CPU_PROTOTYPE = {"dino": [(768, 128)], "ibot": [(1024, 128)], "swav": [(1024, 128)], "msn": [(704, 128)]}
 # CUDA. Pairwise losses: the GPU targets' headline size first (2N = 32,768, D = 256), then sizes past
 # the point where the materialising reference runs out of memory: it upcasts to fp32, so at
 # 2N = 131,072 the 2N x 2N logits alone are 64 GiB (and autograd keeps more than one such matrix).
@@ -87,6 +118,19 @@ COVARIANCE_LOSSES = ("vicreg_exp", "vicreg_ctr", *FROBENIUS_LOSSES)
 # ArCL: N = 65,536 samples (2N = 131,072 anchors), D = 128, m = 4 and 8 views.
 _GPU_ARCL = [(131072, 128)]
 
+# The recent losses at one GPU size each, the scale their papers train at: the pairwise ones at the
+# GPU targets' 2N = 32,768, D = 256; SigLIP at N = 32,768 (its paper's batch), D = 512; FroSSL and
+# TiCo at the Barlow Twins / VICReg target. Prototype family, as (rows, D) with K in PROTOTYPES:
+# DINO 1,024 images x 12 crops = 12,288 student rows (lightly's student logits alone are 3.2 GB in
+# fp32 at K = 65,536); iBOT 512 images x 64 masked tokens; SwaV 4,096 images x 8 crops; MSN 1,024
+# images x 11 anchor views.
+_GPU_RECENT = {
+    "macl": [(32768, 256)], "directclr": [(32768, 256)], "supcon": [(32768, 256)], "koleo": [(32768, 256)],
+    "siglip": [(65536, 512)],
+    "frossl": [(4096, 8192)], "tico": [(4096, 8192)],
+    "dino": [(12288, 256)], "ibot": [(32768, 256)], "swav": [(32768, 128)], "msn": [(11264, 256)],
+}
+
 _CUDA_LARGE = {
     **{name: _GPU_N_SWEEP for name in LOSSES},
     "nt_xent": [(32768, 256), (8192, 256), (16384, 256), (65536, 256), (131072, 256), (262144, 256)],
@@ -94,6 +138,15 @@ _CUDA_LARGE = {
     **{name: _GPU_COVARIANCE for name in COVARIANCE_LOSSES},
     "arcl_m4": _GPU_ARCL,
     "arcl_m8": _GPU_ARCL,
+    **_GPU_RECENT,
+}
+
+#: K, the prototypes (rows of the head's last layer) of the prototype family, by device: DINO and
+#: iBOT 65,536 (DINO's and DINOv2's heads), SwaV 3,000, MSN 1,024 (their papers'); on the CPU
+#: small enough that each case takes well under a second.
+PROTOTYPES = {
+    "cuda": {"dino": 65536, "ibot": 65536, "swav": 3000, "msn": 1024},
+    "cpu": {"dino": 4096, "ibot": 4096, "swav": 3000, "msn": 1024},
 }
 
 #: Named size sets, as (2N, D) per loss; the first size of each loss is its *headline* size (the
@@ -106,10 +159,12 @@ SIZE_SETS: dict[tuple[str, str], dict[str, list[tuple[int, int]]]] = {
         **{name: _CPU_PAIRWISE for name in LOSSES},
         "nt_xent": [(2048, 128), (1024, 128), (4096, 128)],  # three points: the CPU run's plot has lines
         **{name: _CPU_FROBENIUS for name in FROBENIUS_LOSSES},
+        **_CPU_PROTOTYPE,
     },
     ("cpu", "large"): {
         **{name: [(2048, 128), (8192, 128), (2048, 512), (8192, 512)] for name in LOSSES},
         **{name: [(1024, 8192), (4096, 512)] for name in FROBENIUS_LOSSES},
+        **{name: [(rows, dim), (4 * rows, dim)] for name, [(rows, dim)] in _CPU_PROTOTYPE.items()},
     },
     ("cuda", "small"): {name: sizes[:1] for name, sizes in _CUDA_LARGE.items()},
     ("cuda", "large"): _CUDA_LARGE,
@@ -169,6 +224,15 @@ class Case:
     device: str = "cpu"
     route: str = "auto"  # the Frobenius family's route (fastssl providers only)
     headline: bool = True  # the loss's first (headline) size in its size set
+    prototypes: int = 0  # K, the prototype family's head rows (0 for the other families)
+
+    def __post_init__(self) -> None:
+        if (self.spec.family == "prototype") != (self.prototypes > 0):
+            raise ValueError(f"{self.loss}: prototypes (K) must be > 0 exactly for the prototype family, "
+                             f"got {self.prototypes}")  # fmt: skip
+        if self.spec.views and self.spec.inputs != "views" and self.batch % self.spec.views:
+            raise ValueError(f"{self.loss}: {self.batch} rows are not a whole number of images of "
+                             f"{self.spec.views} crops")  # fmt: skip
 
     @property
     def spec(self) -> LossSpec:
@@ -190,15 +254,25 @@ class Case:
         return self.provider
 
     @property
+    def images(self) -> int:
+        """The prototype family's images: B of DINO's, SwaV's and MSN's crops, iBOT's masked images."""
+        if self.spec.inputs == "tokens":
+            return -(-self.batch // IBOT_MASKED_PER_IMAGE)
+        return self.batch // self.spec.views if self.spec.family == "prototype" else 0
+
+    @property
     def label(self) -> str:
         if self.spec.family == "frobenius":
             return f"{self.loss} {self.mode} N={self.n_pairs} D={self.dim} {self.dtype}"
+        if self.spec.family == "prototype":
+            return f"{self.loss} {self.mode} rows={self.batch} K={self.prototypes} D={self.dim} {self.dtype}"
         return f"{self.loss} {self.mode} 2N={self.batch} D={self.dim} {self.dtype}"
 
     @property
     def test_id(self) -> str:
         route = f"-{self.route}" if self.spec.family == "frobenius" and self.provider.startswith("fastssl-") else ""
-        size = f"N{self.n_pairs}" if self.spec.family == "frobenius" else f"2N{self.batch}"
+        size = {"frobenius": f"N{self.n_pairs}", "prototype": f"R{self.batch}-K{self.prototypes}"}.get(
+            self.spec.family, f"2N{self.batch}")
         return f"{self.loss}-{self.provider}{route}-{self.mode}-{size}-D{self.dim}-{SHORT_DTYPE[self.dtype]}-{self.device}"
 
     def to_json(self) -> str:
@@ -211,7 +285,7 @@ class Case:
 
 
 def suite_cases(family: str, device: Optional[str] = None) -> list[Case]:
-    """Every case of `family` ("pairwise" or "frobenius") that the suite collects on this machine.
+    """Every case of `family` ("pairwise", "frobenius" or "prototype") that the suite collects on this machine.
 
     On a machine without CUDA the CUDA size set is collected as well, so that `--collect-only`
     shows the GPU run; policy_skip skips those cases with the reason. Dtypes: FASTSSL_BENCH_DTYPE
@@ -231,14 +305,18 @@ def suite_cases(family: str, device: Optional[str] = None) -> list[Case]:
         for spec in _SPECS:
             if spec.family != family or spec.name not in losses:
                 continue
+            prototypes = PROTOTYPES[dev].get(spec.name, 0)
             for index, (batch, dim) in enumerate(bench_sizes(dev, spec.name)):
+                if spec.family == "prototype" and spec.views:  # whole images (an explicit size may not be)
+                    batch = max(spec.views, batch // spec.views * spec.views)
                 dtypes = [forced] if forced else [main_dtype] + ([second_dtype] if index == 0 else [])
                 for dtype in dtypes:
                     for provider in providers:
-                        routes = FROBENIUS_ROUTES if family == "frobenius" and provider.startswith("fastssl-") else ("auto",)
-                        for route in routes:
+                        frobenius_route = family == "frobenius" and provider.startswith("fastssl-")
+                        for route in FROBENIUS_ROUTES if frobenius_route else ("auto",):
                             for mode in MODES:
-                                cases.append(Case(spec.name, provider, mode, batch, dim, dtype, dev, route, index == 0))
+                                cases.append(Case(spec.name, provider, mode, batch, dim, dtype, dev, route, index == 0,
+                                                  prototypes))
     return cases
 
 
@@ -277,12 +355,16 @@ def policy_skip(case: Case) -> Optional[str]:
     compile_setting = os.environ.get("FASTSSL_BENCH_COMPILE", "")
     if case.provider.endswith("-compiled") and compile_setting == "none":
         return "torch.compile cases disabled (FASTSSL_BENCH_COMPILE=none)"
-    # The bf16 baseline is compiled wherever it runs (what a user who compiles gets); the fp32
-    # reference, the accuracy baseline, only where COMPILE_LOSSES says.
-    if case.provider == "reference-compiled" and compile_setting != "all":
+    # The bf16 baseline is compiled wherever it runs (what a user who compiles gets), and so is the
+    # fp32 formula on CUDA; the fp32 reference, the accuracy baseline, only where COMPILE_LOSSES says,
+    # and the fp32 formula on the CPU likewise (each CPU compile takes 5-30 s).
+    compiled_by_table = case.provider == "reference-compiled" or (
+        case.provider == "materialising-compiled" and case.device == "cpu")
+    if compiled_by_table and compile_setting != "all":
         main_dtype = "bfloat16" if case.device == "cuda" else "float32"
         if not (case.headline and case.dtype == main_dtype and case.loss in COMPILE_LOSSES[case.device]):
-            return (f"torch.compile(reference) runs only at the headline size of {', '.join(COMPILE_LOSSES[case.device])}"
+            return (f"torch.compile of the fp32 reference or formula runs only at the headline size of "
+                    f"{', '.join(COMPILE_LOSSES[case.device])}"
                     f" on {case.device} (each compile takes seconds; FASTSSL_BENCH_COMPILE=all runs every case)")
     if case.device == "cuda" and not case.headline and os.environ.get("FASTSSL_BENCH_SWEEP", "") != "all":
         if case.provider == "fastssl-torch":

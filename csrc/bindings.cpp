@@ -329,6 +329,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> worst_pair_forward(const at::Tens
   return {sims, first, second};
 }
 
+// ---- pairwise sigmoid (SigLIP) and pairwise max (KoLeo's nearest neighbour) ----
+
+// x (M, D) and y (Ny, D): CUDA, one device, one dtype, equal D > 0, Ny > 0.
+void check_rows_and_columns(const at::Tensor& x, const at::Tensor& y) {
+  CHECK_CUDA(x, "x");
+  CHECK_2D(x, "x");
+  CHECK_2D(y, "y");
+  CHECK_SAME_DEVICE(x, y, "x", "y");
+  TORCH_CHECK_VALUE(x.size(1) == y.size(1), "fastssl._C: x ", shape_of(x), " and y ", shape_of(y),
+                    " must have the same number of columns D");
+  TORCH_CHECK_VALUE(x.size(1) > 0, "fastssl._C: D must be positive, got x ", shape_of(x));
+  TORCH_CHECK_VALUE(y.size(0) > 0, "fastssl._C: y needs at least one row, got ", shape_of(y));
+  TORCH_CHECK_TYPE(x.scalar_type() == y.scalar_type(), "fastssl._C: x (", c10::toString(x.scalar_type()),
+                   ") and y (", c10::toString(y.scalar_type()), ") must have the same dtype");
+}
+
+// A one-value fp32 tensor on x's device (the kernels read it there: no host sync).
+const float* device_scalar(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  CHECK_SAME_DEVICE(x, t, "x", name);
+  CHECK_DTYPE(t, at::kFloat, name);
+  TORCH_CHECK_VALUE(t.numel() == 1, "fastssl._C: ", name, " must hold one value, got shape ", shape_of(t));
+  return t.data_ptr<float>();
+}
+
+fastssl::PairwiseSigmoidProblem make_sigmoid_problem(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                                                     const at::Tensor& bias, int64_t pos_offset, bool has_pos) {
+  check_rows_and_columns(x, y);
+  TORCH_CHECK_VALUE(pos_offset >= 0 && pos_offset < y.size(0), "fastssl._C: pos_offset must be in [0, Ny = ",
+                    y.size(0), "), got ", pos_offset);
+  fastssl::PairwiseSigmoidProblem p;
+  p.x = as_matrix(x);
+  p.y = as_matrix(y);
+  p.scale = device_scalar(scale, x, "scale");
+  p.bias = device_scalar(bias, x, "bias");
+  p.pos_offset = pos_offset;
+  p.has_pos = has_pos;
+  return p;
+}
+
+// rows (M,) fp32: Σ_j softplus(−label_ij·(scale·x_i·y_j + bias)).
+at::Tensor pairwise_sigmoid_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                                    const at::Tensor& bias, int64_t pos_offset, bool has_pos) {
+  const fastssl::PairwiseSigmoidProblem p = make_sigmoid_problem(x, y, scale, bias, pos_offset, has_pos);
+  const fastssl::DType dt = dtype_of(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor rows = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  if (x.size(0) == 0) return rows;
+  CHECK_CUDA_OK(fastssl::pairwise_sigmoid_forward(p, dt, rows.data_ptr<float>(),
+                                                  c10::cuda::getCurrentCUDAStream().stream()));
+  return rows;
+}
+
+// (dx, dy) in the input dtype and per-row (dlogit, dscale) in fp32, for Σ_i grad_rows_i·rows_i.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_sigmoid_backward(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, const at::Tensor& bias,
+    const at::Tensor& grad_rows, const at::Tensor& grad_absmax, int64_t pos_offset, bool has_pos) {
+  const fastssl::PairwiseSigmoidProblem p = make_sigmoid_problem(x, y, scale, bias, pos_offset, has_pos);
+  const fastssl::DType dt = dtype_of(x, "x");
+  const int64_t m = x.size(0);
+  CHECK_SAME_DEVICE(x, grad_rows, "x", "grad_rows");
+  CHECK_DTYPE(grad_rows, at::kFloat, "grad_rows");
+  CHECK_VECTOR(grad_rows, m, "grad_rows");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty({m, x.size(1)}, x.options());
+  at::Tensor dy = at::empty({y.size(0), y.size(1)}, y.options());
+  at::Tensor dlogit = at::empty({m}, x.options().dtype(at::kFloat));
+  at::Tensor dscale = at::empty({m}, x.options().dtype(at::kFloat));
+  if (m == 0) {
+    dy.zero_();
+    return {dx, dy, dlogit, dscale};
+  }
+  fastssl::PairwiseSigmoidGrads g;
+  g.grad_rows = grad_rows.data_ptr<float>();
+  g.grad_absmax = device_scalar(grad_absmax, x, "grad_absmax");
+  g.dx = dx.data_ptr();
+  g.dy = dy.data_ptr();
+  g.dlogit = dlogit.data_ptr<float>();
+  g.dscale = dscale.data_ptr<float>();
+  CHECK_CUDA_OK(fastssl::pairwise_sigmoid_backward(p, g, dt, c10::cuda::getCurrentCUDAStream().stream()));
+  return {dx, dy, dlogit, dscale};
+}
+
+// (value (M,) fp32, index (M,) int64): max_j x_i·y_j (j ≠ i when exclude_self) and its first argmax.
+std::tuple<at::Tensor, at::Tensor> pairwise_max_forward(const at::Tensor& x, const at::Tensor& y, bool exclude_self) {
+  check_rows_and_columns(x, y);
+  const fastssl::DType dt = dtype_of(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor value = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  at::Tensor index = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  if (x.size(0) == 0) return {value, index};
+  CHECK_CUDA_OK(fastssl::pairwise_max_forward(as_matrix(x), as_matrix(y), exclude_self, dt, value.data_ptr<float>(),
+                                              index.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return {value, index};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -360,4 +455,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("worst_pair_forward", &worst_pair_forward, "ArCL's worst pair per sample: (sim fp32, j, k)", py::arg("views"));
   m.def("column_mean_var", &column_mean_var, "per-column mean and variance (fp32)", py::arg("a"),
         py::arg("correction"));
+  // pairwise sigmoid (SigLIP) and pairwise max (KoLeo)
+  m.def("pairwise_sigmoid_forward", &pairwise_sigmoid_forward, "per-row SigLIP sums (fp32)", py::arg("x"), py::arg("y"),
+        py::arg("scale"), py::arg("bias"), py::arg("pos_offset"), py::arg("has_pos"));
+  m.def("pairwise_sigmoid_backward", &pairwise_sigmoid_backward,
+        "(dx, dy) in the input dtype, per-row (dlogit, dscale) in fp32", py::arg("x"), py::arg("y"), py::arg("scale"),
+        py::arg("bias"), py::arg("grad_rows"), py::arg("grad_absmax"), py::arg("pos_offset"), py::arg("has_pos"));
+  m.def("pairwise_max_forward", &pairwise_max_forward, "per-row max x_i.y_j (fp32) and its first argmax (int64)",
+        py::arg("x"), py::arg("y"), py::arg("exclude_self"));
 }

@@ -108,4 +108,39 @@ struct Views {
 cudaError_t worst_pair_forward(const Views& v, DType dtype, float* sims, int64_t* first, int64_t* second,
                                cudaStream_t stream);
 
+// Pairwise sigmoid (SigLIP, Zhai et al. 2023; contract of fastssl/kernels/torch/pairwise_sigmoid.py).
+// Rows x (M, D), columns y (Ny, D), logits l_ij = scale·x_i·y_j + bias; when has_pos, row i's
+// positive column is p(i) = (i + pos_offset) mod Ny (label +1, every other pair −1), 0 <= pos_offset < Ny.
+struct PairwiseSigmoidProblem {
+  Matrix x, y;
+  const float* scale = nullptr;  // device fp32 scalars (no host sync)
+  const float* bias = nullptr;
+  int64_t pos_offset = 0;
+  bool has_pos = true;
+};
+
+// Forward: rows[i] = Σ_j softplus(−label_ij·l_ij), (M,) fp32.
+cudaError_t pairwise_sigmoid_forward(const PairwiseSigmoidProblem& p, DType dtype, float* rows, cudaStream_t stream);
+
+// Backward of Σ_i grad_rows_i·rows_i, G_ij = grad_rows_i·(−label_ij)·σ(−label_ij·l_ij):
+// dx_i = scale·Σ_j G_ij y_j, dy_j = scale·Σ_i G_ij x_i (input dtype, contiguous), and per row
+// dlogit_i = Σ_j G_ij, dscale_i = Σ_j G_ij·x_i·y_j (fp32; their sums are d bias and d scale).
+struct PairwiseSigmoidGrads {
+  const float* grad_rows = nullptr;     // (M,)
+  const float* grad_absmax = nullptr;   // device scalar max_i |grad_rows_i| (fp16 range guard)
+  void* dx = nullptr;                   // (M, D)
+  void* dy = nullptr;                   // (Ny, D)
+  float* dlogit = nullptr;              // (M,)
+  float* dscale = nullptr;              // (M,)
+};
+
+cudaError_t pairwise_sigmoid_backward(const PairwiseSigmoidProblem& p, const PairwiseSigmoidGrads& g, DType dtype,
+                                      cudaStream_t stream);
+
+// Pairwise max (KoLeo's nearest neighbour, Sablayrolles et al. 2019; contract of
+// fastssl/kernels/torch/pairwise_max.py): s_ij = x_i·y_j, value[i] = max_j s_ij with s_ii = −inf when
+// exclude_self, index[i] = the first j attaining it; NaN ranks above every number (torch.argmax).
+cudaError_t pairwise_max_forward(const Matrix& x, const Matrix& y, bool exclude_self, DType dtype, float* value,
+                                 int64_t* index, cudaStream_t stream);
+
 }  // namespace fastssl

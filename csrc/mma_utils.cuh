@@ -144,15 +144,6 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const void* base, int6
   }
 }
 
-// a mod n for 0 <= a < 2^52, without the int64 division subroutine (its call frame shows up as
-// register spills in ptxas -v): a double-precision quotient, off by at most one, then corrected.
-__device__ __forceinline__ int64_t mod_ny(int64_t a, int64_t n, double inv_n) {
-  int64_t r = a - static_cast<int64_t>(static_cast<double>(a) * inv_n) * n;
-  while (r < 0) r += n;
-  while (r >= n) r -= n;
-  return r;
-}
-
 // Σ_d a[ra, d]·b[rb, d] in fp32, the whole warp cooperating; every lane gets the sum.
 template <typename T>
 __device__ __forceinline__ float warp_rowdot(const void* a, int64_t sar, int64_t sac, int64_t ra, const void* b,

@@ -29,6 +29,7 @@
 
 #include "fastssl_kernels.h"
 #include "mma_utils.cuh"
+#include "pairwise_tiles.cuh"  // mod_ny
 #include "sm90_utils.cuh"
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -39,7 +40,7 @@ namespace fastssl {
 namespace {
 
 using detail::from_float;
-using detail::mod_ny;
+using tiles::mod_ny;
 using detail::pack_floats;
 using detail::to_float;
 using detail::warp_rowdot;

@@ -88,7 +88,8 @@ def auto_gpu_backend(op: str, x: torch.Tensor) -> str:
 def resolve_backend(backend: str, x: torch.Tensor, op: str = "pairwise_lse") -> str:
     """Turn a user's `backend=` into a concrete backend for tensors like `x`, or raise ValueError.
 
-    `op` ("pairwise_lse" or "sq_frobenius") only matters to `auto` on CUDA tensors (AUTO_GPU_TABLE).
+    `op` (an AUTO_GPU_TABLE key, e.g. "pairwise_lse") only matters to `auto` on CUDA tensors: an op
+    without rules there gets triton.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -17,9 +17,15 @@ lightly's objective), and the gradients come out right after DDP's averaging:
   Σ_{i on r} ℓ_i · W/N, so that the average over ranks is (1/N) Σ_i ℓ_i even when the per-rank
   batch sizes differ (with equal sizes it is the local mean, as in lightly).
 * :func:`peer` names a ring neighbour for point-to-point sends.
+* :func:`ring_blocks` and :func:`ring_reduce` are the ring schedule (mode "ring"): every other
+  rank's column block visits this rank by point-to-point send/recv, once in the forward and once
+  more in the backward with a gradient accumulator that ends at the block's owner. They move blocks
+  only; what is computed on a visiting block is the caller's (the pairwise-LSE and pairwise-sigmoid
+  ops), so both ring modes share one schedule.
 
-The pairwise-LSE op over every rank's columns (one all-gather, or the ring) is built on these in
-fastssl/ops/pairwise_lse_distributed.py; this module holds only the collectives.
+The pairwise ops over every rank's columns (one all-gather, or the ring) are built on these in
+fastssl/ops/pairwise_lse_distributed.py and fastssl/ops/pairwise_sigmoid_distributed.py; this
+module holds only the collectives.
 
 Uses only torch.distributed (gloo on CPUs, NCCL on GPUs) on the default process group (or the
 `group` given). When torch.distributed is not initialised, or the world has one rank, every loss
@@ -28,7 +34,7 @@ computes exactly its single-process value, as lightly's losses do.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -47,6 +53,8 @@ __all__ = [
     "all_reduce",
     "global_mean",
     "peer",
+    "ring_blocks",
+    "ring_reduce",
 ]
 
 GatherMode = Union[bool, str]
@@ -79,8 +87,8 @@ def check_gather(value: object, *, ring: bool = True, name: str = "gather_distri
         raise ValueError(f"{name} must be False, True or 'ring', got {value!r}")
     if value == "ring" and not ring:
         raise ValueError(
-            f"{name}='ring' is for the pairwise-LSE (contrastive) losses, whose columns can travel "
-            "round the ranks; this loss needs statistics of the whole batch: use gather_distributed=True"
+            f"{name}='ring' is for the pairwise-LSE (contrastive) losses and SigLIP, whose columns can "
+            "travel round the ranks; this loss needs statistics of the whole batch: use gather_distributed=True"
         )
     if value and not dist.is_available():
         raise ValueError(
@@ -214,3 +222,72 @@ def peer(index: int, group=None) -> int:
     """The global rank of group rank `index mod W` (point-to-point ops take global ranks)."""
     local = index % world_size(group)
     return local if group is None else dist.get_global_rank(group, local)
+
+
+def ring_blocks(y: Tensor, sizes: Sequence[int], group=None) -> Iterator[Tensor]:
+    """Every other rank's block of `y`, one at a time: the forward half of the ring schedule.
+
+    Rank r sends to r + 1 and receives from r − 1 (mod W), so the k-th block yielded (k = 1 … W − 1)
+    is rank r − k's. Every block but the last is yielded while it is being sent on, so the caller's
+    work on it overlaps the next transfer. A rank holds at most three blocks: its own, the one it
+    sends and the one arriving. Nothing is differentiable here (the caller's autograd Function
+    routes the gradients with :func:`ring_reduce`). Shapes: y (n_r, ...), block k (n_{r−k}, ...).
+    """
+    w, r = len(sizes), rank(group)
+    nxt, prv = peer(r + 1, group), peer(r - 1, group)
+    current = y.detach().contiguous()
+    for k in range(1, w):
+        incoming = y.new_empty((sizes[(r - k) % w], *y.shape[1:]))
+        requests = dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, current, nxt, group), dist.P2POp(dist.irecv, incoming, prv, group)]
+        )
+        if k > 1:  # the block that arrived last step is computed on while it is sent on
+            yield current
+        for request in requests:
+            request.wait()
+        current = incoming
+    if w > 1:
+        yield current
+
+
+def ring_reduce(
+    y: Tensor, sizes: Sequence[int], block_grad: Callable[[Tensor], Tensor], acc_dtype: torch.dtype, group=None
+) -> Tensor:
+    """Σ over the other ranks s of the gradient that rank s's terms give to this rank's `y` block:
+    the backward half of the ring schedule.
+
+    The blocks go round as in :func:`ring_blocks` (rank r − k's block at step k), each with an
+    accumulator in `acc_dtype`: at every step this rank adds `block_grad(block)` — the gradient its
+    own terms give to the visiting block, (n_s, ...) — to the block's accumulator and passes both on;
+    after W − 1 steps one last hop brings every accumulator home. The caller's `block_grad` also
+    collects whatever it needs locally (its rows' gradient, a temperature's). Returns (n_r, ...) in
+    `acc_dtype`. A rank holds at most three blocks and the accumulators of the last two.
+    """
+    w, r = len(sizes), rank(group)
+    if w == 1:
+        return torch.zeros(y.shape, dtype=acc_dtype, device=y.device)
+    nxt, prv = peer(r + 1, group), peer(r - 1, group)
+    block, acc = y.detach().contiguous(), None
+    for k in range(1, w):
+        owner_rows = sizes[(r - k) % w]
+        incoming = y.new_empty((owner_rows, *y.shape[1:]))
+        ops = [dist.P2POp(dist.isend, block, nxt, group), dist.P2POp(dist.irecv, incoming, prv, group)]
+        incoming_acc = None
+        if k > 1:  # the block's accumulator travels with it (none yet on the first hop)
+            incoming_acc = torch.empty(incoming.shape, dtype=acc_dtype, device=y.device)
+            ops += [
+                dist.P2POp(dist.isend, acc, nxt, group, tag=1),
+                dist.P2POp(dist.irecv, incoming_acc, prv, group, tag=1),
+            ]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        block = incoming
+        acc = torch.zeros_like(incoming, dtype=acc_dtype) if incoming_acc is None else incoming_acc
+        acc += block_grad(block).to(acc_dtype)
+    # The last hop: rank r holds the block of rank r + 1 with every other rank's contribution.
+    home = torch.empty(y.shape, dtype=acc_dtype, device=y.device)
+    for request in dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, acc.contiguous(), nxt, group), dist.P2POp(dist.irecv, home, prv, group)]
+    ):
+        request.wait()
+    return home

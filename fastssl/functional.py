@@ -39,6 +39,7 @@ from fastssl.ops.pairwise_lse import pairwise_lse
 from fastssl.ops.pairwise_lse_distributed import pairwise_lse_global
 from fastssl.ops.pairwise_max import pairwise_max
 from fastssl.ops.pairwise_sigmoid import pairwise_sigmoid
+from fastssl.ops.pairwise_sigmoid_distributed import pairwise_sigmoid_global
 from fastssl.ops.prototype_ce import prototype_ce
 from fastssl.ops.prototype_codes import lse_over_ranks, prototype_mean_probs, sinkhorn_scaling
 from fastssl.ops.reductions import column_dot, column_mean_var
@@ -1365,7 +1366,7 @@ def siglip_loss(
     scale: Union[float, Tensor] = reference.SIGLIP_INIT_TEMPERATURE,
     bias: Union[float, Tensor] = reference.SIGLIP_INIT_BIAS,
     *,
-    gather_distributed: bool = False,
+    gather_distributed: Union[bool, str] = False,
     backend: str = "auto",
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) between two towers.
@@ -1379,18 +1380,19 @@ def siglip_loss(
     whose gradient is returned. Returns a 0-dim loss. Memory O(N·D) on the fused backends: the
     N x N logits are never stored (fastssl.ops.pairwise_sigmoid).
 
-    gather_distributed=True (not in lightly — the single-process objective on the concatenated
-    batch): this rank's rows against every rank's columns (one differentiable all-gather of n(z2)),
-    the positive of local row i at global column offset + i; this rank's share of the global mean
-    is returned, so the average over ranks is the loss of the whole batch. Under DDP, t and b must
-    be averaged over the ranks like any parameter (put the loss module inside the DDP model).
-    "ring" is not offered yet: the ring exchange (fastssl.distributed.RingLSE) is written for the
-    pairwise-LSE op; SigLIP's would pass the same column blocks and add the row sums.
+    gather_distributed (True or "ring"; not in lightly — the single-process objective on the
+    concatenated batch): this rank's rows against every rank's columns, the positive of local row i
+    being this rank's column i; this rank's share of the global mean is returned, so the average
+    over ranks is the loss of the whole batch. True gathers n(z2) by one differentiable all-gather
+    (O(N·D) per rank); "ring" sends the other ranks' column blocks round a ring instead (at most
+    three blocks of n_r rows held; fastssl.ops.pairwise_sigmoid_distributed). The gradients of t and
+    b are this rank's terms in both modes; under DDP they must be averaged over the ranks like any
+    parameter (put the loss module inside the DDP model).
     """
     check_pair(z1, z2)
     check_positive("scale", scale)
     check_finite_scalar("bias", bias)
-    backend, mode = resolve(backend, z1, gather_distributed, ring=False, op="pairwise_sigmoid")
+    backend, mode = resolve(backend, z1, gather_distributed, op="pairwise_sigmoid")
     if backend == "reference":
         return reference.siglip_loss(z1, z2, scale, bias)
     x, y = _normalize(z1), _normalize(z2)
@@ -1398,8 +1400,7 @@ def siglip_loss(
     if mode is None:
         return pairwise_sigmoid(x, y, t, b, backend=backend).mean()
     sizes = distributed.batch_sizes(x)
-    columns = distributed.gather_cat(y, sizes)
-    rows = pairwise_sigmoid(x, columns, t, b, pos_offset=distributed.row_offset(sizes), backend=backend)
+    rows = pairwise_sigmoid_global(x, y, t, b, mode=mode, sizes=sizes, backend=backend)
     return distributed.global_mean(rows, sizes)
 
 

@@ -73,7 +73,7 @@ def _check_backend(backend: str) -> str:
 
 
 def _check_gather(gather_distributed: object, *, ring: bool = True) -> Union[bool, str]:
-    """False, True or (contrastive losses) "ring"; ValueError if torch.distributed is missing (as lightly)."""
+    """False, True or (contrastive losses, SigLIP) "ring"; ValueError if torch.distributed is missing (as lightly)."""
     return distributed.check_gather(gather_distributed, ring=ring)
 
 
@@ -872,21 +872,22 @@ class SigLIPLoss(nn.Module):
         init_temperature: t at initialisation, > 0 (default 10, the paper's).
         init_bias: b at initialisation (default −10, the paper's).
         learnable: whether t' and b are parameters (default True).
-        gather_distributed: False or True (this rank's rows against every rank's columns; see
-            fastssl.siglip_loss — under DDP, wrap this module with the model so that t' and b are
-            averaged over the ranks).
+        gather_distributed: False, True (this rank's rows against every rank's columns, gathered)
+            or "ring" (the same loss, the columns sent round a ring: no all-gather, at most three
+            blocks held); see fastssl.siglip_loss — under DDP, wrap this module with the model so
+            that t' and b are averaged over the ranks.
         backend: keyword-only.
     """
 
     def __init__(self, init_temperature: float = reference.SIGLIP_INIT_TEMPERATURE,
                  init_bias: float = reference.SIGLIP_INIT_BIAS, learnable: bool = True,
-                 gather_distributed: bool = False, *, backend: str = "auto"):  # fmt: skip
+                 gather_distributed: Union[bool, str] = False, *, backend: str = "auto"):  # fmt: skip
         super().__init__()
         check_positive("init_temperature", init_temperature)
         if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)) or not math.isfinite(init_bias):
             raise ValueError(f"init_bias must be a finite number, got {init_bias!r}")
         self.learnable = bool(learnable)
-        self.gather_distributed = _check_gather(gather_distributed, ring=False)
+        self.gather_distributed = _check_gather(gather_distributed)
         self.backend = _check_backend(backend)
         if self.learnable:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(init_temperature)))

@@ -6,7 +6,9 @@ masks (self column i, positive (i + pos_offset) mod n_own), every other rank's b
 negatives, and the LSE over the union is the logaddexp of the per-block LSEs. The other ranks'
 blocks either arrive by one differentiable all-gather (mode True) or travel round a ring by
 point-to-point send/recv (mode "ring", :class:`RingLSE`), so that a rank holds at most three blocks
-at a time. The collectives are fastssl.distributed's.
+at a time. The collectives and the ring schedule (:func:`fastssl.distributed.ring_blocks`,
+:func:`fastssl.distributed.ring_reduce`, shared with the pairwise-sigmoid ring) are
+fastssl.distributed's.
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from fastssl._common import compute_dtype
-from fastssl.distributed import GatherMode, all_gather, batch_sizes, is_active, rank
-from fastssl.distributed import peer as dist_peer
+from fastssl.distributed import GatherMode, all_gather, batch_sizes, is_active, rank, ring_blocks, ring_reduce
 from fastssl.kernels import PairwiseLSEFlags
 from fastssl.ops.pairwise_lse import pairwise_lse
 
@@ -40,13 +40,14 @@ class RingLSE(torch.autograd.Function):
     scale·x_i·y'_j over every column y' of every *other* rank's `y` block, with no rank holding more
     than three blocks.
 
-    Ring: rank r sends to r + 1 and receives from r − 1 (mod W). Forward: W − 1 steps; at step k the
-    block of rank r − k arrives while the previous one is sent on, and each block's LSE (the
-    pairwise-LSE op) is merged with logaddexp. Only x, y, scale and the merged LSE are kept.
-    Backward: the blocks go round again, each with an fp32 accumulator of its gradient; at step k
-    rank r adds ∂/∂y of its rows' terms (the op's backward against the saved global LSE, so the
-    softmax weights are the global ones) and passes (block, accumulator) on; after W − 1 steps one
-    last send brings each accumulator home. dx sums over the visiting blocks locally.
+    Ring (the schedule of fastssl.distributed.ring_blocks and ring_reduce): rank r sends to r + 1
+    and receives from r − 1 (mod W). Forward: W − 1 steps; at step k the block of rank r − k arrives
+    while the previous one is sent on, and each block's LSE (the pairwise-LSE op) is merged with
+    logaddexp. Only x, y, scale and the merged LSE are kept. Backward: the blocks go round again,
+    each with an fp32 accumulator of its gradient; at step k rank r adds ∂/∂y of its rows' terms
+    (the op's backward against the saved global LSE, so the softmax weights are the global ones)
+    and passes (block, accumulator) on; after W − 1 steps one last send brings each accumulator
+    home. dx sums over the visiting blocks locally.
 
     Shapes: x (M, D), y (n_r, D) this rank's column block, scale 0-dim; sizes: every rank's block
     rows. The caller combines this with the own block's masked LSE (:func:`pairwise_lse_global`).
@@ -54,23 +55,10 @@ class RingLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, scale, sizes, backend, group):
-        w, r = len(sizes), rank(group)
-        nxt, prv = dist_peer(r + 1, group), dist_peer(r - 1, group)
         lse = None
-        cur = y.detach().contiguous()
-        for k in range(1, w):
-            incoming = y.new_empty((sizes[(r - k) % w], y.shape[1]))
-            reqs = dist.batch_isend_irecv(
-                [dist.P2POp(dist.isend, cur, nxt, group), dist.P2POp(dist.irecv, incoming, prv, group)]
-            )
-            if k > 1:  # overlap: the block that arrived last step is computed while it is sent on
-                part = _remote_lse_fwd(x, cur, scale, backend)
-                lse = part if lse is None else torch.logaddexp(lse, part)
-            for req in reqs:
-                req.wait()
-            cur = incoming
-        part = _remote_lse_fwd(x, cur, scale, backend)
-        lse = part if lse is None else torch.logaddexp(lse, part)
+        for block in ring_blocks(y, sizes, group):
+            part = _remote_lse_fwd(x, block, scale, backend)
+            lse = part if lse is None else torch.logaddexp(lse, part)
         ctx.save_for_backward(x, y, scale, lse)
         ctx.sizes, ctx.backend, ctx.group = list(sizes), backend, group
         return lse
@@ -78,37 +66,21 @@ class RingLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse):
         x, y, scale, lse = ctx.saved_tensors
-        sizes, backend, group = ctx.sizes, ctx.backend, ctx.group
-        w, r = len(sizes), rank(group)
-        nxt, prv = dist_peer(r + 1, group), dist_peer(r - 1, group)
+        backend = ctx.backend
         acc_dtype = compute_dtype(x)
         grad_lse = grad_lse.contiguous()
         grad_pos = torch.zeros_like(grad_lse)
         dx = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
-        block, acc = y.detach().contiguous(), None
-        for k in range(1, w):
-            owner_rows = sizes[(r - k) % w]
-            incoming = y.new_empty((owner_rows, y.shape[1]))
-            ops = [dist.P2POp(dist.isend, block, nxt, group), dist.P2POp(dist.irecv, incoming, prv, group)]
-            incoming_acc = None
-            if k > 1:  # the block's accumulator travels with it (none yet on the first hop)
-                incoming_acc = torch.empty((owner_rows, y.shape[1]), dtype=acc_dtype, device=y.device)
-                ops += [dist.P2POp(dist.isend, acc, nxt, group, tag=1), dist.P2POp(dist.irecv, incoming_acc, prv, group, tag=1)]
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-            block = incoming
-            acc = torch.zeros_like(incoming, dtype=acc_dtype) if incoming_acc is None else incoming_acc
+
+        def block_grad(block: Tensor) -> Tensor:
+            # The op's backward against the saved global LSE, so the softmax weights are the global ones.
             dx_k, dy_k = torch.ops.fastssl.pairwise_lse_bwd(
                 x, block, None, scale, lse, grad_lse, grad_pos, _ALL_COLUMNS.to_list(), backend
             )
-            dx += dx_k.to(acc_dtype)
-            acc += dy_k.to(acc_dtype)
-        # The last hop: rank r holds the block of rank r + 1 with every other rank's contribution.
-        home = torch.empty(y.shape, dtype=acc_dtype, device=y.device)
-        for req in dist.batch_isend_irecv(
-            [dist.P2POp(dist.isend, acc.contiguous(), nxt, group), dist.P2POp(dist.irecv, home, prv, group)]
-        ):
-            req.wait()
+            dx.add_(dx_k.to(acc_dtype))
+            return dy_k
+
+        home = ring_reduce(y, ctx.sizes, block_grad, acc_dtype, ctx.group)
         d_scale = None
         if ctx.needs_input_grad[2]:
             # logits are scale·x·y: d scale = Σ_ij G_ij x_i·y_j = Σ_i x_i·dx_i / scale.

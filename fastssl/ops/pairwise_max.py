@@ -28,8 +28,7 @@ from fastssl.ops.reductions import compute_dtype
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.pairwise_max",
     "triton": "fastssl.kernels.triton.pairwise_max",
-    # One GEMM-shaped pass with a max: the Triton kernel serves CUDA tensors for both GPU backends.
-    "cuda": "fastssl.kernels.triton.pairwise_max",
+    "cuda": "fastssl.kernels.cuda.pairwise_max",
 }
 
 

@@ -9,7 +9,7 @@ The O(M) row sums are all that is kept; the backward recomputes the logits tile 
 sum of independent pair terms: no row statistic is needed to do so, unlike the pairwise LSE).
 Single-process SigLIP is pos_offset = 0 with M = Ny; under gather_distributed, this rank's rows
 against every rank's columns put the positive at the rank's row offset; a block of another rank
-only (a ring step) has has_pos = False.
+only (a ring step) has has_pos = False. Both are in fastssl/ops/pairwise_sigmoid_distributed.py.
 
 `fastssl::pairwise_sigmoid_fwd` and `fastssl::pairwise_sigmoid_bwd` are `torch.library` custom ops
 with fake (meta) implementations, composed by the public autograd Function `PairwiseSigmoid`, so
@@ -27,6 +27,7 @@ from fastssl.ops._dispatch import kernel_module
 _KERNEL_MODULES = {
     "torch": "fastssl.kernels.torch.pairwise_sigmoid",
     "triton": "fastssl.kernels.triton.pairwise_sigmoid",
+    "cuda": "fastssl.kernels.cuda.pairwise_sigmoid",
 }
 
 
@@ -96,7 +97,7 @@ def pairwise_sigmoid(
     has_pos: bool = True,
     backend: str,
 ) -> Tensor:
-    """Differentiable rows (M,) of the module docstring; `backend` is "torch" or "triton".
+    """Differentiable rows (M,) of the module docstring; `backend` is "torch", "triton" or "cuda".
 
     Shapes: x (M, D), y (Ny, D), scale and bias 0-dim (cast here to fp32, fp64 for fp64 inputs).
     Callers (fastssl.functional) validate user input; this checks only what the kernels rely on.

@@ -452,6 +452,27 @@ def test_pairwise_max_ties_go_to_the_first_column(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_pairwise_max_nan_ranks_above_every_number(backend, exclude_self):
+    """As torch.argmax: the first NaN similarity of a row is its selection (value NaN), in a later tile
+    too, so a NaN embedding makes KoLeo NaN instead of a plausible number."""
+    from fastssl.ops.pairwise_max import pairwise_max
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(-2, 3, (20, 8), generator=gen).float()
+    y = torch.randint(-2, 3, (40, 8), generator=gen).float()
+    x[5, 0] = float("nan")  # row 5: every similarity NaN, column 0 (column 1 when 0 is itself) wins
+    y[9, 7] = y[33, 2] = float("nan")  # columns 9 and 33 (a later tile): 9 wins for every other row
+    value, index = pairwise_max(x, y, exclude_self=exclude_self, backend=backend)
+    want_value, want_index = _brute_force_max(x, y, exclude_self)
+    assert torch.equal(index, want_index), (index.tolist(), want_index.tolist())
+    assert torch.isnan(value).all() and torch.isnan(want_value).all()
+    value, index = pairwise_max(x[6:], y[10:], exclude_self=exclude_self, backend=backend)  # NaN in tile 2 only
+    assert torch.equal(index, torch.full((14,), 23)) and torch.isnan(value).all()
+    assert torch.isnan(fastssl.koleo_loss(x, backend=backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("same", [True, False])
 def test_pairwise_max_gradient_flows_through_the_selected_pair(backend, same):
     from fastssl.ops.pairwise_max import pairwise_max

@@ -15,6 +15,21 @@ _GEMM_OPERANDS = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2)
                   "aten::baddbmm": (1, 2), "aten::baddbmm_": (1, 2)}
 
 
+#: K of the prototype family in the tiny cases of these tests.
+TINY_PROTOTYPES = 24
+
+
+def tiny_case(loss: str, provider: str, mode: str = "fwd+bwd", dtype: str = "float32", route: str = "auto",
+              batch: int = 48, dim: int = 40) -> specs.Case:
+    """A case small enough for any test: `batch` rows (rounded up to whole images of the loss's crops
+    for the prototype family, which also gets K = TINY_PROTOTYPES)."""
+    spec = specs.SPECS[loss]
+    prototypes = TINY_PROTOTYPES if spec.family == "prototype" else 0
+    if spec.family == "prototype" and spec.views:
+        batch = -(-batch // spec.views) * spec.views
+    return specs.Case(loss, provider, mode, batch, dim, dtype, route=route, prototypes=prototypes)
+
+
 def gemm_flops_run(case: specs.Case) -> int:
     """GEMM FLOPs of one `case.mode` call of `case`, summed from the profiler's GEMM events (outermost
     only: an addmm that calls mm is counted once); 2·m·k·n per (m, k) x (k, n) product, per batch."""

@@ -5,6 +5,8 @@ torch.compile, and the providers' skip reasons where they do not run."""
 from __future__ import annotations
 
 import collections
+import contextlib
+from typing import Optional
 
 import pytest
 import torch
@@ -14,13 +16,19 @@ import baselines
 import flops
 import providers
 import specs
-from tests.benchmarks.helpers import gemm_flops_run
+from tests.benchmarks.helpers import gemm_flops_run, tiny_case
 from tests.utils import TOLERANCES
 
 LOSSES = list(specs.SPECS)
 _GEMMS = {"mm", "bmm", "addmm", "baddbmm", "matmul"}
-#: Ops that exponentiate logits: an LSE, a softmax or its log; their inputs must be fp32.
-_EXPONENTIAL = {"exp", "logsumexp", "_softmax", "_log_softmax"}
+#: Ops that exponentiate logits: an LSE, a softmax or its log, a log-sigmoid; their inputs must be fp32.
+_EXPONENTIAL = {"exp", "logsumexp", "_softmax", "_log_softmax", "log_sigmoid_forward"}
+#: Pairwise losses that exponentiate nothing: KoLeo's reduction of its logits is an argmax.
+_NO_EXPONENTIAL = {"koleo"}
+#: Products after the softmax, in fp32 as the softmax's output: lightly's DINO sums its cross-entropy
+#: over crop pairs with an einsum of the probabilities (T·S·B·K, against the logits' S·B·K·D); one
+#: product forward and one backward.
+_FP32_PRODUCTS_AFTER_SOFTMAX = {"dino": 2}
 
 
 class _DtypeRecorder(TorchDispatchMode):
@@ -36,11 +44,14 @@ class _DtypeRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _run(loss: str, provider: str, dtype: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    case = specs.Case(loss, provider, "fwd+bwd", 48, 40, dtype)
+def _run(loss: str, provider: str, dtype: str, recorder: Optional[TorchDispatchMode] = None
+         ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The loss and its gradients; the call alone (not building the inputs) under `recorder`."""
+    case = tiny_case(loss, provider, "fwd+bwd", dtype)
     inputs = providers.make_inputs(case)
-    value = providers.loss_function(loss, provider)(*inputs)
-    return value, torch.autograd.grad(value, [t for t in inputs if t.requires_grad])
+    with recorder or contextlib.nullcontext():
+        value = providers.loss_function(loss, provider)(*inputs)
+        return value, torch.autograd.grad(value, [t for t in inputs if t.requires_grad])
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -58,15 +69,17 @@ def test_baseline_is_the_spec_in_fp32(loss: str) -> None:
 @pytest.mark.parametrize("loss", LOSSES)
 def test_bf16_baseline_multiplies_in_bf16_and_exponentiates_in_fp32(loss: str) -> None:
     recorder = _DtypeRecorder()
-    with recorder:
-        value, grads = _run(loss, "materialising-bf16", "bfloat16")
-    gemms = [dtypes for (name, dtypes) in recorder.calls if name in _GEMMS]
-    assert gemms, "no matmul recorded"
-    assert all(set(dtypes) == {torch.bfloat16} for dtypes in gemms), f"matmul operand dtypes {gemms}"
+    value, grads = _run(loss, "materialising-bf16", "bfloat16", recorder)
+    gemms = {(name, dtypes): count for (name, dtypes), count in recorder.calls.items() if name in _GEMMS}
+    bf16 = [key for key in gemms if set(key[1]) == {torch.bfloat16}]
+    assert bf16, f"no bf16 matmul recorded: {gemms}"
+    after_softmax = sum(count for key, count in gemms.items() if set(key[1]) == {torch.float32})
+    assert after_softmax == _FP32_PRODUCTS_AFTER_SOFTMAX.get(loss, 0), f"matmul operand dtypes {gemms}"
+    assert len(bf16) + (after_softmax > 0) == len(gemms), f"matmul operand dtypes {gemms}"
     exponentials = [(name, dtypes) for (name, dtypes) in recorder.calls if name in _EXPONENTIAL]
     assert all(set(dtypes) == {torch.float32} for _, dtypes in exponentials), exponentials
-    if specs.SPECS[loss].family == "pairwise":
-        assert exponentials, "a pairwise loss without an LSE or softmax"
+    if specs.SPECS[loss].family in ("pairwise", "prototype") and loss not in _NO_EXPONENTIAL:
+        assert exponentials, "a pairwise or prototype loss without an LSE or softmax"
     assert value.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
     # bf16 logits cost accuracy, not correctness: the spec's value and gradients within bf16 tolerance.
     ref_value, ref_grads = _run(loss, "reference", "bfloat16")
@@ -79,7 +92,7 @@ def test_bf16_baseline_multiplies_in_bf16_and_exponentiates_in_fp32(loss: str) -
 @pytest.mark.parametrize("mode", specs.MODES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_baseline_runs_exactly_the_model_flops(loss: str, mode: str) -> None:
-    case = specs.Case(loss, "materialising-bf16", mode, 48, 40, "bfloat16")
+    case = tiny_case(loss, "materialising-bf16", mode, "bfloat16")
     assert gemm_flops_run(case) == flops.model_flops(case) == flops.route_flops(case)
 
 

@@ -13,10 +13,11 @@ import pytest
 import flops
 import formatting
 import specs
-from tests.benchmarks.helpers import assert_share_cell, gemm_flops_run
+from tests.benchmarks.helpers import assert_share_cell, gemm_flops_run, tiny_case
+
 
 def _case(loss: str, provider: str, mode: str, route: str = "auto", batch: int = 48, dim: int = 40) -> specs.Case:
-    return specs.Case(loss, provider, mode, batch, dim, route=route)
+    return tiny_case(loss, provider, mode, route=route, batch=batch, dim=dim)
 
 
 MODES = specs.MODES

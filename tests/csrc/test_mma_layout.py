@@ -1,4 +1,4 @@
-"""CPU emulation of the mma.sync fragment layouts of csrc/pairwise_lse.cu (no GPU needed).
+"""CPU emulation of the mma.sync fragment layouts of the pairwise kernels (csrc/pairwise_tiles.cuh; no GPU needed).
 
 The hand-written CUDA kernels keep the logits in registers between their two GEMMs, so every lane's
 register must hold exactly the matrix element the PTX ISA says it holds. This file checks that
@@ -9,9 +9,9 @@ independently of the kernel), multiplies, and compares the accumulator each lane
 against the (row, column) the kernel's masks and epilogues assume for it.
 
 What is mirrored (keep in sync when those lines change):
-  * `logits_chunk`, csrc/pairwise_lse.cu (the bf16/fp16 branch: the pa/pb loads a[0..3], b[0..1];
+  * `logits_chunk`, csrc/pairwise_tiles.cuh (the bf16/fp16 branch: the pa/pb loads a[0..3], b[0..1];
     the fp32 branch: the split_tf32 loads of pa[0], pa[8*lda], pa[4], pa[8*lda+4] and pb[0], pb[4]);
-  * `weighted_sum`, csrc/pairwise_lse.cu (bf16/fp16: a[i] = pack(w(2kk + i/2, 2(i%2)), ...) and the
+  * `weighted_sum`, csrc/pairwise_tiles.cuh (bf16/fp16: a[i] = pack(w(2kk + i/2, 2(i%2)), ...) and the
     q[0], q[ldv], q[8*ldv], q[9*ldv] B loads; fp32: the k permutation {t -> 2t, t+4 -> 2t+1} in
     w(kk, 0), w(kk, 2), w(kk, 1), w(kk, 3) and pv[nb*8], pv[ldv + nb*8]);
   * the accumulator meaning used by the masks (`tv`, `w_row`, `w_col`) and the epilogues:
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 LANES = 32
-KBN = 64  # streamed-tile rows (kBN in pairwise_lse.cu)
+KBN = 64  # streamed-tile rows (kBN in pairwise_tiles.cuh)
 KBK = 32  # k chunk of the logit GEMM (kBK)
 
 
@@ -89,7 +89,7 @@ def mma(c_regs, a_regs, b_regs, a_map, b_map, k):
             c_regs[lane][i] += d[ptx_c(lane, i)]
 
 
-# ---- the kernel's fragment loads (mirrors of csrc/pairwise_lse.cu) -----------------------------
+# ---- the kernel's fragment loads (mirrors of csrc/pairwise_tiles.cuh) -----------------------------
 
 
 def logits_chunk(s, s_a, s_b, wr0, half, a_order=(0, 1, 2, 3)):

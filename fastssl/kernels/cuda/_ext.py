@@ -27,14 +27,16 @@ from typing import Optional
 
 import torch
 
-#: The kernel sources (setup.py compiles the portable ones, in this order).
-SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu", "pairwise_lse_sm90.cu")
-#: The torch-free kernel sources, which nvcc can compile ahead of time (prebuild.py).
-KERNEL_SOURCES = tuple(s for s in SOURCES if s.endswith(".cu"))
-#: Sources built for one architecture only, as its arch-specific variant (wgmma and TMA need sm_90a).
-#: Linking one defines BINDINGS_DEFINES[source] in bindings.cpp, which then exposes its launchers.
+#: The portable kernel sources (every arch), in the order setup.py compiles them.
+SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu", "pairwise_sigmoid.cu",
+           "pairwise_max.cu")
+#: Sources built for one architecture only, as its arch-specific variant (wgmma and TMA need sm_90a):
+#: prebuild.py and the JIT loader build them, setup.py's one multi-arch flag set cannot. Linking one
+#: defines BINDINGS_DEFINES[source] in bindings.cpp, which then exposes its launchers.
 ARCH_SPECIFIC_SOURCES = {"pairwise_lse_sm90.cu": "90"}
 BINDINGS_DEFINES = {"pairwise_lse_sm90.cu": "-DFASTSSL_WITH_SM90"}
+#: The torch-free kernel sources, which nvcc can compile ahead of time (prebuild.py).
+KERNEL_SOURCES = (*(s for s in SOURCES if s.endswith(".cu")), *ARCH_SPECIFIC_SOURCES)
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
 #: Where prebuild.py puts kernel objects by default: <checkout>/build/csrc/sm_<arch>/<name>.o.
 OBJECTS_DIR = CSRC.parent / "build" / "csrc"

@@ -9,6 +9,8 @@ One program owns BLOCK_M rows and streams (BLOCK_N, D) column tiles: each (BLOCK
 similarities is a tl.dot with an fp32 accumulator (tensor cores for bf16/fp16), masked, reduced to
 its row max and first argmax in registers, and merged into the running best only where strictly
 greater — so the earliest column wins a tie across tiles as well as within one, as torch.argmax.
+As there, a NaN similarity ranks above every number (the first NaN column is selected, value NaN),
+so a NaN embedding gives a NaN loss rather than a plausible one.
 Only value (M,) fp32 and index (M,) int64 are written: no M x Ny matrix exists. The backward is two
 row gathers (fastssl/ops/pairwise_max.py), no kernel.
 
@@ -78,10 +80,16 @@ def _pairwise_max_fwd_kernel(
         if EXCLUDE_SELF:
             valid = valid & (cols[None, :] != rows[:, None])
         s = tl.where(valid, s, float("-inf"))
+        # NaN ranks above every number and the first NaN wins (torch.argmax): the tile's first NaN
+        # column, then the max over the rest. Once best is NaN no comparison can replace it.
+        is_nan = s != s
+        first_nan = tl.min(tl.where(is_nan, cols[None, :], NY), axis=1)
+        new_nan = (first_nan < NY) & (best == best)
+        s = tl.where(is_nan, float("-inf"), s)
         tile_best, tile_index = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best  # strict: an earlier tile keeps a tie
-        best_index = tl.where(better, start_n + tile_index.to(tl.int64), best_index)
-        best = tl.where(better, tile_best, best)
+        best_index = tl.where(new_nan, first_nan, tl.where(better, start_n + tile_index.to(tl.int64), best_index))
+        best = tl.where(new_nan, float("nan"), tl.where(better, tile_best, best))
     tl.store(VALUE + rows, best, mask=row_mask)
     tl.store(INDEX + rows, best_index, mask=row_mask)
 
