@@ -100,7 +100,7 @@ def prebuilt_objects(archs: list[str], root: Optional[Path] = None) -> Optional[
 def _jit_build() -> ModuleType:
     from torch.utils import cpp_extension
 
-    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    missing = [s for s in (*SOURCES, *ARCH_SPECIFIC_SOURCES) if not (CSRC / s).is_file()]
     if missing:
         raise RuntimeError(f"the csrc/ sources are not installed ({', '.join(missing)} missing under {CSRC})")
     if shutil.which("nvcc") is None and cpp_extension.CUDA_HOME is None:

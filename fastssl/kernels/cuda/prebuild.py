@@ -7,8 +7,7 @@ objects (fastssl/kernels/cuda/_ext.py looks for them), which turns minutes of nv
     python -m fastssl.kernels.cuda.prebuild [--arch 90 --arch 80] [--out build/csrc] [--jobs 2]
 
 writes ``<out>/sm_<arch>/<name>.o`` (the Hopper kernels of pairwise_lse_sm90.cu only for arch 90, as
-sm_90a) and rebuilds only what is older than its source or any csrc
-header (incremental). ``FASTSSL_CSRC_OBJECTS`` points the extension loader at another ``<out>``.
+sm_90a) and rebuilds only what is older than its source or any csrc header (incremental). ``FASTSSL_CSRC_OBJECTS`` points the extension loader at another ``<out>``.
 """
 
 from __future__ import annotations
