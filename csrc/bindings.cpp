@@ -123,11 +123,62 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_forward(const at::Tensor& x, con
   return {lse, pos};
 }
 
-// (dx, dy) in the input dtype. `same`: y is x, and the caller adds dx + dy.
-std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
+#ifdef FASTSSL_WITH_SM90
+// The sm_90a code runs on sm_90 devices only.
+void check_sm90_device(const at::Tensor& x) {
+  int major = 0, minor = 0;
+  CHECK_CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
+  CHECK_CUDA_OK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device()));
+  TORCH_CHECK_VALUE(major == 9 && minor == 0, "fastssl._C: the sm_90a kernels need an sm_90 GPU, x is on sm_", major,
+                    minor);
+}
+
+// The Hopper forward (pairwise_lse_sm90.cu, linked only into builds for sm_90): the same (lse, pos) as
+// pairwise_lse_forward. Inputs it cannot take (fp32, rows TMA cannot read, D > 512) run the sm_80
+// kernel; a device other than sm_90 is an error (its sm_90a code runs nowhere else).
+std::tuple<at::Tensor, at::Tensor> pairwise_lse_forward_sm90(const at::Tensor& x, const at::Tensor& y,
+                                                             const std::optional<at::Tensor>& bank,
+                                                             const at::Tensor& scale, int64_t pos_offset,
+                                                             bool exclude_self, bool include_pos, bool y_negatives) {
+  const Problem pr = make_problem(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
+  if (!fastssl::pairwise_lse_sm90_supported(pr.p, pr.dtype)) {
+    return pairwise_lse_forward(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_sm90_device(x);
+  auto opts = x.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({x.size(0)}, opts);
+  at::Tensor pos = at::empty({x.size(0)}, opts);
+  if (x.size(0) == 0) return {lse, pos};
+  CHECK_CUDA_OK(fastssl::pairwise_lse_forward_sm90(pr.p, pr.dtype, lse.data_ptr<float>(), pos.data_ptr<float>(),
+                                                   c10::cuda::getCurrentCUDAStream().stream()));
+  return {lse, pos};
+}
+
+// Whether pairwise_lse_forward_sm90 (`rows`: pairwise_lse_backward_sm90's dx) runs the Hopper kernel on
+// these inputs (else the sm_80 one).
+bool pairwise_lse_sm90_supported(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank,
+                                 bool rows) {
+  CHECK_2D(x, "x");
+  CHECK_2D(y, "y");
+  fastssl::PairwiseLseProblem p;
+  p.x = as_matrix(x);
+  p.y = as_matrix(y);
+  if (bank.has_value() && bank->numel() > 0) {
+    CHECK_2D(*bank, "bank");
+    p.bank = as_matrix(*bank);
+  }
+  const fastssl::DType dtype = dtype_of(x, "x");
+  return rows ? fastssl::pairwise_lse_rows_sm90_supported(p, dtype) : fastssl::pairwise_lse_sm90_supported(p, dtype);
+}
+#endif  // FASTSSL_WITH_SM90
+
+// (dx, dy) in the input dtype. `same`: y is x, and the caller adds dx + dy. `hopper_rows`: dx by the
+// sm_90a kernel where it applies (pairwise_lse_backward_sm90 below).
+std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
     const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
-    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same) {
+    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same, bool hopper_rows) {
   const Problem pr = make_problem(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
   const int64_t m = x.size(0);
   auto check_stat = [&](const at::Tensor& t, const char* name) {
@@ -158,6 +209,16 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
   g.dx = dx.data_ptr();
   g.dy = dy.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+#ifdef FASTSSL_WITH_SM90
+  if (hopper_rows && fastssl::pairwise_lse_rows_sm90_supported(pr.p, pr.dtype)) {
+    check_sm90_device(x);
+    CHECK_CUDA_OK(fastssl::pairwise_lse_backward_rows_sm90(pr.p, g, pr.dtype, stream));
+    CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kCols, pr.dtype, stream));
+    return {dx, dy};
+  }
+#else
+  TORCH_CHECK(!hopper_rows, "fastssl._C: built without the sm_90a kernels");
+#endif
   const bool symmetric = same && y_negatives && pr.p.bank.rows == 0 && pr.dtype != fastssl::DType::kFloat32;
   if (symmetric) {
     CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kSymmetric, pr.dtype, stream));
@@ -167,6 +228,26 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
   }
   return {dx, dy};
 }
+
+std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
+    const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
+    const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
+    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same) {
+  return backward(x, y, bank, scale, lse, grad_lse, grad_pos, grad_lse_absmax, pos_offset, exclude_self, include_pos,
+                  y_negatives, same, false);
+}
+
+#ifdef FASTSSL_WITH_SM90
+// The backward with dx by the sm_90a kernel (D <= 256 and what TMA can read; else as
+// pairwise_lse_backward) and dy by the sm_80 column kernel: no symmetric x = y launch.
+std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward_sm90(
+    const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
+    const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
+    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same) {
+  return backward(x, y, bank, scale, lse, grad_lse, grad_pos, grad_lse_absmax, pos_offset, exclude_self, include_pos,
+                  y_negatives, same, true);
+}
+#endif
 
 std::optional<const float*> vec_ptr(const std::optional<at::Tensor>& t, const at::Tensor& a, int64_t k,
                                     const char* name) {
@@ -354,6 +435,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bank"), py::arg("scale"), py::arg("lse"), py::arg("grad_lse"), py::arg("grad_pos"),
         py::arg("grad_lse_absmax"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
         py::arg("y_negatives"), py::arg("same"));
+#ifdef FASTSSL_WITH_SM90
+  m.def("pairwise_lse_forward_sm90", &pairwise_lse_forward_sm90,
+        "per-row (lse, pos) in fp32 by the sm_90a kernel where it applies (else the sm_80 one)", py::arg("x"),
+        py::arg("y"), py::arg("bank"), py::arg("scale"), py::arg("pos_offset"), py::arg("exclude_self"),
+        py::arg("include_pos"), py::arg("y_negatives"));
+  m.def("pairwise_lse_backward_sm90", &pairwise_lse_backward_sm90,
+        "(dx, dy): dx by the sm_90a kernel where it applies, dy by the sm_80 one", py::arg("x"), py::arg("y"),
+        py::arg("bank"), py::arg("scale"), py::arg("lse"), py::arg("grad_lse"), py::arg("grad_pos"),
+        py::arg("grad_lse_absmax"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
+        py::arg("y_negatives"), py::arg("same"));
+  m.def("pairwise_lse_sm90_supported", &pairwise_lse_sm90_supported,
+        "whether the sm_90a forward (rows=True: the dx kernel) takes these inputs", py::arg("x"), py::arg("y"),
+        py::arg("bank"), py::arg("rows") = false);
+#endif
   m.def("affine_columns", &affine_columns, "per-column (a - shift) * scale, rounded to a's dtype", py::arg("a"),
         py::arg("shift"), py::arg("scale"), py::arg("out_fp32"));
   m.def("sum_product", &sum_product, "deterministic sum of u * v (fp32)", py::arg("u"), py::arg("v"));

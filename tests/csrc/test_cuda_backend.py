@@ -26,11 +26,14 @@ import torch
 
 import fastssl
 from fastssl.backends import available_backends, cuda_extension_usable, resolve_backend
+from fastssl.kernels.cuda._ext import ARCH_SPECIFIC_SOURCES
+from fastssl.kernels.cuda.pairwise_lse import SM90_ENV
 from tests.utils import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-CU_FILES = sorted(CSRC.glob("*.cu"))
+#: The portable kernel sources (every arch); the arch-specific ones (sm_90a) are tests/csrc/test_sm90_kernel.py's.
+CU_FILES = sorted(p for p in CSRC.glob("*.cu") if p.name not in ARCH_SPECIFIC_SOURCES)
 NVCC = shutil.which("nvcc")
 NO_NVCC = "nvcc is not on PATH: the CUDA sources cannot be compiled here"
 
@@ -93,9 +96,11 @@ def test_kernel_sources_include_no_torch():
         assert not bad, f"{path.name} includes torch/pybind11 headers {bad}; only bindings.cpp may"
 
 
-def test_bindings_compile_against_installed_torch_headers(tmp_path):
+@pytest.mark.parametrize("defines", [[], ["-DFASTSSL_WITH_SM90"]], ids=["portable", "with-sm90"])
+def test_bindings_compile_against_installed_torch_headers(tmp_path, defines):
     """Syntax check of csrc/bindings.cpp with g++ (a CPU-only torch ships the c10/cuda headers but
-    not the CMake-generated c10/cuda/impl/cuda_cmake_macros.h, which a one-line shim stands in for)."""
+    not the CMake-generated c10/cuda/impl/cuda_cmake_macros.h, which a one-line shim stands in for),
+    without and with the block of the sm_90a forward (compiled when pairwise_lse_sm90.cu is linked)."""
     from torch.utils.cpp_extension import include_paths
 
     gxx = shutil.which("g++")
@@ -114,7 +119,7 @@ def test_bindings_compile_against_installed_torch_headers(tmp_path):
         shim = [f"-I{tmp_path}"]
     cmd = [gxx, "-fsyntax-only", "-std=c++20", *shim, *(f"-I{p}" for p in torch_includes),
            f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", f"-I{CSRC}", "-DTORCH_EXTENSION_NAME=_C",
-           str(CSRC / "bindings.cpp")]  # fmt: skip
+           *defines, str(CSRC / "bindings.cpp")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"bindings.cpp does not compile:\n{proc.stderr[-4000:]}"
 
@@ -157,6 +162,20 @@ def cuda_backend():
     return "cuda"
 
 
+@pytest.fixture(params=["default", "sm90"])
+def forward_kernel(request, monkeypatch, cuda_backend):
+    """Each pairwise-LSE test runs both forwards: the default kernel, and (FASTSSL_CUDA_SM90=1) the
+    sm_90a kernel of csrc/pairwise_lse_sm90.cu, which exists only on sm_90 GPUs."""
+    if request.param == "sm90":
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) != (9, 0):
+            pytest.skip(f"the sm_90a forward runs only on sm_90 GPUs (H100/H200); this one is sm_{major}{minor}")
+        monkeypatch.setenv(SM90_ENV, "1")
+    else:
+        monkeypatch.delenv(SM90_ENV, raising=False)
+    return request.param
+
+
 def _compare(backend, mode, m, d, dtype, **kwargs):
     from tests.backends.test_pairwise_lse import make_case, run_both
 
@@ -177,7 +196,7 @@ MODES = ["simclr", "clip", "dcl", "moco", "bank+batch", "uniformity"]
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("m,d", [(2, 1), (3, 7), (65, 33), (130, 257), (1000, 64), (513, 300), (257, 1100)])
-def test_pairwise_lse_cuda_fp32(cuda_backend, mode, m, d):
+def test_pairwise_lse_cuda_fp32(cuda_backend, forward_kernel, mode, m, d):
     if mode == "dcl" and m == 2:
         pytest.skip("DCL over one pair has no negatives (the public API requires N >= 2 pairs)")
     _compare(cuda_backend, mode, m, d, torch.float32)
@@ -187,21 +206,21 @@ def test_pairwise_lse_cuda_fp32(cuda_backend, mode, m, d):
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("m,d", [(33, 40), (1000, 128), (300, 256), (129, 300), (300, 1024)])
-def test_pairwise_lse_cuda_half(cuda_backend, dtype, mode, m, d):
+def test_pairwise_lse_cuda_half(cuda_backend, forward_kernel, dtype, mode, m, d):
     _compare(cuda_backend, mode, m, d, dtype)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 2.0])
-def test_pairwise_lse_cuda_strided(cuda_backend, dtype, temperature):
+def test_pairwise_lse_cuda_strided(cuda_backend, forward_kernel, dtype, temperature):
     _compare(cuda_backend, "clip", 300, 96, dtype, temperature=temperature, strided=True)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("mode", ["simclr", "dcl"])
-def test_symmetric_backward_matches_two_kernel_path(cuda_backend, dtype, mode):
+def test_symmetric_backward_matches_two_kernel_path(cuda_backend, forward_kernel, dtype, mode):
     """x = y in half precision runs the symmetric kernel; the same math through a copy of x (two
     distinct tensors) runs the row and column kernels. dx and dy must agree to rounding."""
     from fastssl.kernels import PairwiseLSEFlags
@@ -224,7 +243,7 @@ def test_symmetric_backward_matches_two_kernel_path(cuda_backend, dtype, mode):
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF])
 @pytest.mark.parametrize("loss", ["nt_xent", "moco", "dcl", "dclw", "clip", "uniformity"])
 @pytest.mark.parametrize("n,d", [(2, 1), (33, 257), (1000, 128)])
-def test_losses_cuda(cuda_backend, dtype, loss, n, d):
+def test_losses_cuda(cuda_backend, forward_kernel, dtype, loss, n, d):
     from tests.backends.test_losses import check_against_reference
 
     check_against_reference(loss, cuda_backend, n, d, 0.5, dtype=dtype, device="cuda")

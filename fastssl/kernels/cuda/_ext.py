@@ -7,6 +7,8 @@ torch were present, or with ``FASTSSL_BUILD_CUDA=1``); (2) a just-in-time build 
 When kernel objects for this GPU's arch were compiled ahead of time (``python -m
 fastssl.kernels.cuda.prebuild``, on any machine with nvcc; ``FASTSSL_CSRC_OBJECTS`` or
 ``build/csrc`` of the checkout), the JIT build compiles only bindings.cpp and links them.
+csrc/pairwise_lse_sm90.cu (wgmma, TMA) is compiled only for sm_90, as sm_90a: by prebuild.py, or by a
+just-in-time build for a single arch 90; bindings.cpp exposes its launcher only when it is linked.
 The JIT build needs a CUDA GPU, a CUDA build of torch, nvcc and the csrc/ sources (a source
 checkout or editable install); ``FASTSSL_CUDA_JIT=0`` turns it off. Whatever fails is remembered
 and reported by :func:`unavailable_reason`, so ``backend="cuda"`` can say why it cannot run.
@@ -25,11 +27,16 @@ from typing import Optional
 
 import torch
 
-#: The kernel sources, in the order setup.py compiles them.
+#: The portable kernel sources (every arch), in the order setup.py compiles them.
 SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu", "pairwise_sigmoid.cu",
            "pairwise_max.cu")
+#: Sources built for one architecture only, as its arch-specific variant (wgmma and TMA need sm_90a):
+#: prebuild.py and the JIT loader build them, setup.py's one multi-arch flag set cannot. Linking one
+#: defines BINDINGS_DEFINES[source] in bindings.cpp, which then exposes its launchers.
+ARCH_SPECIFIC_SOURCES = {"pairwise_lse_sm90.cu": "90"}
+BINDINGS_DEFINES = {"pairwise_lse_sm90.cu": "-DFASTSSL_WITH_SM90"}
 #: The torch-free kernel sources, which nvcc can compile ahead of time (prebuild.py).
-KERNEL_SOURCES = tuple(s for s in SOURCES if s.endswith(".cu"))
+KERNEL_SOURCES = (*(s for s in SOURCES if s.endswith(".cu")), *ARCH_SPECIFIC_SOURCES)
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
 #: Where prebuild.py puts kernel objects by default: <checkout>/build/csrc/sm_<arch>/<name>.o.
 OBJECTS_DIR = CSRC.parent / "build" / "csrc"
@@ -46,8 +53,33 @@ def _archs() -> list[str]:
     return [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
 
 
-def _arch_flags() -> list[str]:
-    return [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in _archs()]
+def kernel_sources_for(arch: str) -> tuple[str, ...]:
+    """The kernel sources compiled for sm_<arch>: the portable ones and that arch's own."""
+    return tuple(s for s in KERNEL_SOURCES if ARCH_SPECIFIC_SOURCES.get(s, arch) == arch)
+
+
+def gencode_flag(arch: str, arch_specific: bool = False) -> str:
+    """nvcc's -gencode for sm_<arch>, or for its arch-specific variant (sm_90a) when a source needs it."""
+    target = f"{arch}a" if arch_specific else arch
+    return f"-gencode=arch=compute_{target},code=sm_{target}"
+
+
+def _jit_sources(archs: list[str]) -> tuple[str, ...]:
+    # One set of nvcc flags covers every .cu of a JIT build, so an arch-specific source joins only a
+    # single-arch build for its arch, which then compiles every file for that arch's variant.
+    if len(archs) == 1:
+        return kernel_sources_for(archs[0])
+    return tuple(s for s in KERNEL_SOURCES if s not in ARCH_SPECIFIC_SOURCES)
+
+
+def _arch_flags(sources: tuple[str, ...]) -> list[str]:
+    arch_specific = any(s in ARCH_SPECIFIC_SOURCES for s in sources)
+    return [gencode_flag(arch, arch_specific) for arch in _archs()]
+
+
+def bindings_defines(sources: list[str]) -> list[str]:
+    """The -D flags bindings.cpp needs for the arch-specific kernel sources (or objects) linked with it."""
+    return [BINDINGS_DEFINES[Path(s).stem + ".cu"] for s in sources if Path(s).stem + ".cu" in BINDINGS_DEFINES]
 
 
 def prebuilt_objects(archs: list[str], root: Optional[Path] = None) -> Optional[list[Path]]:
@@ -56,8 +88,9 @@ def prebuilt_objects(archs: list[str], root: Optional[Path] = None) -> Optional[
     root = Path(os.environ.get("FASTSSL_CSRC_OBJECTS", OBJECTS_DIR)) if root is None else root
     if len(archs) != 1:
         return None
-    objects = [root / f"sm_{archs[0]}" / (Path(s).stem + ".o") for s in KERNEL_SOURCES]
-    newest_source = max(p.stat().st_mtime for p in [*(CSRC / s for s in KERNEL_SOURCES), *CSRC.glob("*.h"),
+    sources = kernel_sources_for(archs[0])
+    objects = [root / f"sm_{archs[0]}" / (Path(s).stem + ".o") for s in sources]
+    newest_source = max(p.stat().st_mtime for p in [*(CSRC / s for s in sources), *CSRC.glob("*.h"),
                                                       *CSRC.glob("*.cuh")])  # fmt: skip
     if not all(o.is_file() and o.stat().st_mtime >= newest_source for o in objects):
         return None
@@ -67,7 +100,7 @@ def prebuilt_objects(archs: list[str], root: Optional[Path] = None) -> Optional[
 def _jit_build() -> ModuleType:
     from torch.utils import cpp_extension
 
-    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    missing = [s for s in (*SOURCES, *ARCH_SPECIFIC_SOURCES) if not (CSRC / s).is_file()]
     if missing:
         raise RuntimeError(f"the csrc/ sources are not installed ({', '.join(missing)} missing under {CSRC})")
     if shutil.which("nvcc") is None and cpp_extension.CUDA_HOME is None:
@@ -86,17 +119,18 @@ def _jit_build() -> ModuleType:
         return cpp_extension.load(
             name=f"fastssl_C_{stamp}",
             sources=[str(CSRC / "bindings.cpp")],
-            extra_cflags=["-O3"],
+            extra_cflags=["-O3", *bindings_defines([o.name for o in objects])],
             extra_ldflags=[str(o) for o in objects],
             extra_include_paths=[str(CSRC)],
             with_cuda=True,
             verbose=os.environ.get("FASTSSL_CUDA_VERBOSE", "0") not in ("", "0"),
         )
+    sources = _jit_sources(_archs())
     return cpp_extension.load(
         name="fastssl_C",
-        sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo", *_arch_flags()],
+        sources=[str(CSRC / s) for s in ("bindings.cpp", *sources)],
+        extra_cflags=["-O3", *bindings_defines(list(sources))],
+        extra_cuda_cflags=["-O3", "-lineinfo", *_arch_flags(sources)],
         extra_include_paths=[str(CSRC)],
         verbose=os.environ.get("FASTSSL_CUDA_VERBOSE", "0") not in ("", "0"),
     )

@@ -12,11 +12,16 @@ max|grad_lse| that keeps fp16 weights out of the subnormals) and calls `fastssl.
 shapes, reads strided inputs in place and launches on the current stream. When y is x (SimCLR, DCL)
 in bf16/fp16 the backward is one symmetric launch that computes each logit tile once for both dx
 and dy (csrc/README.md). Nothing of size M x Ny is allocated; no host synchronisation.
+
+On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` runs the forward and the backward's dx on the Hopper kernels of
+csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; it is off by default until a GPU run has verified them.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from types import ModuleType
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +45,25 @@ def _scale32(scale: Tensor, x: Tensor) -> Tensor:
     return scale.detach().to(device=x.device, dtype=torch.float32).reshape(())
 
 
+#: Set to 1 to run csrc/pairwise_lse_sm90.cu on sm_90 devices (csrc/README.md).
+SM90_ENV = "FASTSSL_CUDA_SM90"
+
+
+def launcher(ext: ModuleType, capability: tuple[int, int], name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The extension's `name` ("pairwise_lse_forward" or "pairwise_lse_backward") for a device of compute
+    `capability`: its sm_90a variant only on sm_90 with FASTSSL_CUDA_SM90=1 (which falls back to the
+    sm_80 kernels itself for inputs TMA cannot read)."""
+    if os.environ.get(SM90_ENV, "0") != "1" or capability != (9, 0):
+        return getattr(ext, name)
+    if not hasattr(ext, f"{name}_sm90"):
+        raise RuntimeError(
+            f"{SM90_ENV}=1 but this fastssl._C was built without csrc/pairwise_lse_sm90.cu (it is compiled for a "
+            "single-arch 9.0 build: the just-in-time build on the GPU, or python -m fastssl.kernels.cuda.prebuild "
+            f"--arch 90); unset {SM90_ENV} to use the default kernels"
+        )
+    return getattr(ext, f"{name}_sm90")
+
+
 def pairwise_lse_forward(
     x: Tensor,
     y: Tensor,
@@ -49,7 +73,8 @@ def pairwise_lse_forward(
 ) -> tuple[Tensor, Tensor]:
     """Per-row (lse, pos), each (M,) fp32. x (M, D), y (Ny, D), bank (K, D) or None, scale 0-dim."""
     _check(x)
-    return extension().pairwise_lse_forward(
+    forward = launcher(extension(), torch.cuda.get_device_capability(x.device), "pairwise_lse_forward")
+    return forward(
         x, y, bank, _scale32(scale, x), flags.pos_offset, flags.exclude_self, flags.include_pos, flags.y_negatives
     )
 
@@ -72,7 +97,8 @@ def pairwise_lse_backward(
     _check(x)
     grad_lse = grad_lse.to(torch.float32).contiguous()
     absmax = grad_lse.abs().amax() if grad_lse.numel() else grad_lse.new_zeros(())
-    dx, dy = extension().pairwise_lse_backward(
+    backward = launcher(extension(), torch.cuda.get_device_capability(x.device), "pairwise_lse_backward")
+    dx, dy = backward(
         x, y, bank, _scale32(scale, x), lse.to(torch.float32).contiguous(), grad_lse,
         grad_pos.to(torch.float32).contiguous(), absmax, flags.pos_offset, flags.exclude_self,
         flags.include_pos, flags.y_negatives, y is x,

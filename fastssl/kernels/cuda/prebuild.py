@@ -6,8 +6,8 @@ objects (fastssl/kernels/cuda/_ext.py looks for them), which turns minutes of nv
 
     python -m fastssl.kernels.cuda.prebuild [--arch 90 --arch 80] [--out build/csrc] [--jobs 2]
 
-writes ``<out>/sm_<arch>/<name>.o`` and rebuilds only what is older than its source or any csrc
-header (incremental). ``FASTSSL_CSRC_OBJECTS`` points the extension loader at another ``<out>``.
+writes ``<out>/sm_<arch>/<name>.o`` (the Hopper kernels of pairwise_lse_sm90.cu only for arch 90, as
+sm_90a) and rebuilds only what is older than its source or any csrc header (incremental). ``FASTSSL_CSRC_OBJECTS`` points the extension loader at another ``<out>``.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fastssl.kernels.cuda._ext import CSRC, KERNEL_SOURCES, OBJECTS_DIR
+from fastssl.kernels.cuda._ext import ARCH_SPECIFIC_SOURCES, CSRC, KERNEL_SOURCES, OBJECTS_DIR, gencode_flag
 
 #: nvcc flags for an object that links into a Python extension (position-independent host code).
 NVCC_FLAGS = ("-std=c++17", "-O3", "-lineinfo", "-Xcompiler", "-fPIC")
 
 
 def nvcc_command(nvcc: str, source: Path, output: Path, arch: str) -> list[str]:
-    """The nvcc call that compiles one kernel source for sm_<arch> into `output`."""
-    return [nvcc, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{CSRC}", "-c", str(source),
-            "-o", str(output)]  # fmt: skip
+    """The nvcc call that compiles one kernel source for sm_<arch> (sm_90a for the Hopper kernels) into `output`."""
+    return [nvcc, *NVCC_FLAGS, gencode_flag(arch, source.name in ARCH_SPECIFIC_SOURCES), f"-I{CSRC}", "-c",
+            str(source), "-o", str(output)]  # fmt: skip
 
 
 def stale(source: Path, output: Path) -> bool:
@@ -51,6 +51,8 @@ def prebuild(out: Path, archs: Sequence[str], jobs: int = 2, nvcc: Optional[str]
         folder = out / f"sm_{arch}"
         folder.mkdir(parents=True, exist_ok=True)
         for name in sources:
+            if ARCH_SPECIFIC_SOURCES.get(name, arch) != arch:
+                continue  # another arch's kernel (pairwise_lse_sm90.cu is built for 90 only)
             source, output = CSRC / name, folder / (Path(name).stem + ".o")
             outputs.append(output)
             if stale(source, output):

@@ -1,0 +1,489 @@
+// Pairwise LogSumExp on Hopper (sm_90a): the forward and the backward's dx, with TMA, an mbarrier
+// pipeline and wgmma.
+//
+// Same contract as pairwise_lse.cu's kFwd and kRows roles and fastssl/kernels/torch/pairwise_lse.py
+// (the oracle): lse_i over {s_i,p(i)} (include_pos) ∪ {s_ij : j ≠ p(i), j ≠ i if exclude_self}
+// (y_negatives) ∪ {scale·x_i·bank_k}, pos_i = s_i,p(i), with s_ij = scale·x_i·y_j and
+// p(i) = (i + pos_offset) mod Ny; dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k). bf16/fp16 inputs
+// whose rows TMA can read (row-contiguous, 16-byte aligned base and row stride) and D ≤ 512 (forward)
+// or 256 (dx); everything else runs pairwise_lse.cu.
+//
+// Structure (FlashAttention-3's, Shah et al. 2024):
+//   * A CTA owns kBM = 128 rows of x and has three warpgroups. Warpgroup 0 is the producer: one
+//     thread issues TMA copies. Warpgroups 1 and 2 are consumers, each owning 64 of the rows.
+//   * The x tile (128 x D) is loaded once and stays resident, as D/64 chunks of 128 x 64 elements.
+//   * The column tiles (kBN = 128 rows of y, then of the bank) stream through a ring of kStages
+//     128 x 64 chunks; each chunk has a "full" barrier (TMA landed) and an "empty" one (both consumer
+//     warpgroups finished reading it).
+//   * Per column tile each consumer issues 4 wgmma m64n128k16 per chunk (operands straight from shared
+//     memory through descriptors), keeps one wgmma group in flight while releasing the previous chunk,
+//     then works on the accumulator registers: kFwd applies the masks and the online max/sum (base 2);
+//     kRows turns them into P = exp(s − lse) and issues dx_I += P·V_J with P as wgmma's register A
+//     operand and V_J, this CTA's 128-wide slice of D of the column tile (grid.y), MN-major from a
+//     second TMA ring.
+//   * The positive logit is the fp32 row dot of pairwise_lse.cu (the masks drop column p(i)), so both
+//     kernels and the backward see the same number.
+#include <math_constants.h>
+
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include "fastssl_kernels.h"
+#include "mma_utils.cuh"
+#include "pairwise_tiles.cuh"  // mod_ny
+#include "sm90_utils.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "pairwise_lse_sm90.cu uses wgmma and TMA: compile it with -gencode=arch=compute_90a,code=sm_90a only"
+#endif
+
+namespace fastssl {
+namespace {
+
+using detail::from_float;
+using tiles::mod_ny;
+using detail::pack_floats;
+using detail::to_float;
+using detail::warp_rowdot;
+
+// The two roles: kFwd (lse, pos) and kRows (dx, one kDV-wide slice of D per grid.y), as in pairwise_lse.cu.
+enum Kind : int { kFwd = 0, kRows = 1 };
+
+constexpr int kBM = 128;     // x rows per CTA (two consumer warpgroups of 64)
+constexpr int kBN = 128;     // columns per tile (wgmma n128)
+constexpr int kBK = 64;      // elements per chunk: one 128-byte swizzled row
+constexpr int kStages = 4;   // column chunks in flight (the logit GEMM's B)
+constexpr int kDV = 128;     // kRows: the dx slice, two chunks of the column tile (the second GEMM's B)
+constexpr int kVStages = 2;  // kRows: column-tile slices in flight
+constexpr int kConsumers = 2;
+constexpr int kThreads = 128 * (1 + kConsumers);
+// The register file split (setmaxnreg): the producer's one thread needs few; the consumers hold a
+// 64 x 128 fp32 tile (kRows: two) per warpgroup.
+constexpr int kProducerRegisters = 40;
+constexpr int kConsumerRegisters = 232;
+static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= 64 * 1024, "register file");
+constexpr uint32_t kChunkBytes = kBM * kBK * 2;  // x chunk and column chunk alike: 16 KiB
+constexpr uint32_t kConsumerRowBytes = 64 * sm90::kSwizzleRowBytes;  // a consumer's 64 rows of a chunk
+constexpr uint32_t kVStageBytes = (kDV / kBK) * kChunkBytes;
+static_assert(kBM == kBN, "x chunks and column chunks share kChunkBytes and the TMA box");
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Shared memory of a role: the resident x tile (at most kMaxChunks chunks, so D ≤ kMaxD), the chunk
+// ring, (kRows) the slice ring, then the barriers. kFwd: 128 + 64 KiB; kRows: 64 + 64 + 64 KiB.
+template <int KIND>
+struct SmemPlan {
+  static constexpr int kMaxChunks = KIND == kFwd ? 8 : 4;
+  static constexpr int64_t kMaxD = int64_t{kMaxChunks} * kBK;
+  static constexpr uint32_t kRingOffset = kMaxChunks * kChunkBytes;
+  static constexpr uint32_t kSliceOffset = kRingOffset + kStages * kChunkBytes;
+  static constexpr uint32_t kBarrierOffset = kSliceOffset + (KIND == kRows ? kVStages * kVStageBytes : 0);
+  static constexpr int kBarriers = 1 + 2 * kStages + (KIND == kRows ? 2 * kVStages : 0);
+  // With the slack that aligns the base to 1024 bytes.
+  static constexpr size_t kBytes = sm90::kSwizzleAtomBytes + kBarrierOffset + kBarriers * sizeof(uint64_t);
+};
+
+struct Sm90Args {
+  CUtensorMap x_map;  // boxes of kBK x kBM, 128-byte swizzle (64-byte aligned, passed __grid_constant__)
+  CUtensorMap y_map;
+  CUtensorMap bank_map;  // unused when the bank is empty
+  PairwiseLseProblem p;  // raw operands for the positive row dot; flags; device scale
+  PairwiseLseGrads g;    // kRows
+  float* lse_out;        // kFwd
+  float* pos_out;
+  double inv_ny;   // 1 / Ny, for mod_ny
+  int chunks;      // ceil(D / kBK)
+  int y_tiles;     // column tiles of y in the LSE (0 without y negatives)
+  int bank_tiles;  // column tiles of the bank
+};
+
+// Pipeline phases. The loads of a ring are numbered it = 0, 1, 2, ... in the one order producer and
+// consumers both walk (column tile by column tile, chunk by chunk; the slice ring: tile by tile); load
+// `it` uses stage it % S and is that stage's use number u = it / S. Each use completes exactly one
+// phase of each of the stage's barriers: "full" when its one expect_tx arrival and the TMA bytes are
+// in, "empty" when both consumer warpgroups arrived after their wgmma reading it retired. So consumers
+// wait on full with parity u & 1. The producer, before use u, waits for empty's phase u − 1, i.e.
+// parity (u & 1) ^ 1; for u = 0 that is the phase before a fresh barrier's first, which
+// try_wait.parity reports complete. A barrier never runs two phases ahead of a waiter (the producer
+// cannot refill a stage before both consumers released it; a consumer cannot release what it has not
+// waited for), so a parity always names the intended phase, and every awaited phase has its arrivals
+// issued by construction. The producer issues tile t's slice after tile t's chunks, the order in
+// which consumers need them, so neither ring waits on a load that is queued behind it.
+struct Stage {
+  uint32_t index;
+  uint32_t parity;
+};
+template <int S>
+__host__ __device__ constexpr Stage stage_of(uint32_t it) { return {it % S, (it / S) & 1u}; }
+
+__device__ __forceinline__ float lse2_of(float lse) {
+  // As pairwise_lse.cu: a row without any column has lse = -inf; exp(s − lse) must then be 0, not NaN.
+  return lse == -CUDART_INF_F ? CUDART_INF_F : lse * kLog2e;
+}
+
+template <typename T, int KIND>
+__global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __grid_constant__ Sm90Args args) {
+  using Plan = SmemPlan<KIND>;
+  extern __shared__ unsigned char smem_raw[];
+  // TMA's 128-byte swizzle and the descriptors (base offset 0) need 1024-byte aligned tiles.
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + sm90::kSwizzleAtomBytes - 1) & ~uintptr_t(sm90::kSwizzleAtomBytes - 1));
+  unsigned char* x_tile = smem;  // args.chunks x kChunkBytes
+  unsigned char* ring = smem + Plan::kRingOffset;
+  unsigned char* slices = smem + Plan::kSliceOffset;
+  uint64_t* x_full = reinterpret_cast<uint64_t*>(smem + Plan::kBarrierOffset);
+  uint64_t* full = x_full + 1;
+  uint64_t* empty = full + kStages;
+  uint64_t* slice_full = empty + kStages;  // kRows
+  uint64_t* slice_empty = slice_full + kVStages;
+
+  const PairwiseLseProblem& p = args.p;
+  const int chunks = args.chunks;
+  const int tiles = args.y_tiles + args.bank_tiles;
+  const int warpgroup = threadIdx.x / 128;
+  const int64_t block_row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int32_t dv0 = static_cast<int32_t>(blockIdx.y) * kDV;  // kRows: this CTA's slice of D
+
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_init(x_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(&full[s], 1);
+      sm90::mbarrier_init(&empty[s], kConsumers);
+    }
+    if constexpr (KIND == kRows) {
+      for (int s = 0; s < kVStages; ++s) {
+        sm90::mbarrier_init(&slice_full[s], 1);
+        sm90::mbarrier_init(&slice_empty[s], kConsumers);
+      }
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();  // the only CTA-wide barrier: the producer warpgroup leaves after its loop
+
+  if (warpgroup == 0) {
+    // Producer: the resident x tile, then per column tile its chunks (and, kRows, its slice).
+    sm90::setmaxnreg_dec<kProducerRegisters>();
+    if (threadIdx.x != 0 || tiles == 0) return;
+    sm90::prefetch_tensor_map(&args.x_map);
+    sm90::prefetch_tensor_map(&args.y_map);
+    sm90::mbarrier_arrive_expect_tx(x_full, chunks * kChunkBytes);
+    for (int kc = 0; kc < chunks; ++kc)
+      sm90::tma_load_2d(x_tile + kc * kChunkBytes, &args.x_map, x_full, kc * kBK, static_cast<int32_t>(block_row0));
+    uint32_t it = 0;
+    for (int tile = 0; tile < tiles; ++tile) {
+      const bool is_bank = tile >= args.y_tiles;
+      const CUtensorMap* map = is_bank ? &args.bank_map : &args.y_map;
+      const int32_t c0 = (is_bank ? tile - args.y_tiles : tile) * kBN;
+      for (int kc = 0; kc < chunks; ++kc, ++it) {
+        const Stage st = stage_of<kStages>(it);
+        sm90::mbarrier_wait(&empty[st.index], st.parity ^ 1u);
+        sm90::mbarrier_arrive_expect_tx(&full[st.index], kChunkBytes);
+        sm90::tma_load_2d(ring + st.index * kChunkBytes, map, &full[st.index], kc * kBK, c0);
+      }
+      if constexpr (KIND == kRows) {
+        // The slice [dv0, dv0 + kDV) of the same column tile, as chunks (zeros past D). A chunk wholly
+        // past D is not loaded: it only feeds dx columns that are never stored.
+        const int64_t chunks_left = (p.x.cols - dv0 + kBK - 1) / kBK;  // dv0 < D: at least 1
+        const int slice_chunks = chunks_left < kDV / kBK ? static_cast<int>(chunks_left) : kDV / kBK;
+        const Stage st = stage_of<kVStages>(tile);
+        sm90::mbarrier_wait(&slice_empty[st.index], st.parity ^ 1u);
+        sm90::mbarrier_arrive_expect_tx(&slice_full[st.index], slice_chunks * kChunkBytes);
+        for (int h = 0; h < slice_chunks; ++h)
+          sm90::tma_load_2d(slices + st.index * kVStageBytes + h * kChunkBytes, map, &slice_full[st.index],
+                            dv0 + h * kBK, c0);
+      }
+    }
+    return;
+  }
+
+  // Consumers. Both warpgroups walk every chunk (the empty barriers count both), even when all their
+  // rows are past M.
+  sm90::setmaxnreg_inc<kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4;
+  const int64_t M = p.x.rows, NY = p.y.rows, D = p.x.cols;
+  const int64_t row0 = block_row0 + 64 * consumer;  // this warpgroup's first row
+  const float scale = *p.scale;
+  const float qk = scale * kLog2e;
+
+  // The two rows of this thread (fragment registers 0-1 and 2-3 of every 8-column block).
+  int64_t row[2], pcol[2];
+  float row_lse2[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row[h] = row0 + sm90::acc_row(tid, 2 * h);
+    pcol[h] = row[h] < M ? mod_ny(row[h] + p.pos_offset, NY, args.inv_ny) : -1;
+    if constexpr (KIND == kRows) row_lse2[h] = row[h] < M ? lse2_of(args.g.lse[row[h]]) : 0.0f;
+  }
+  float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F}, l_run[2] = {0.0f, 0.0f};  // kFwd
+  float acc[KIND == kRows ? 64 : 1];                                          // kRows: dx slice
+#pragma unroll
+  for (int r = 0; r < (KIND == kRows ? 64 : 1); ++r) acc[r] = 0.0f;
+
+  if (tiles > 0) sm90::mbarrier_wait(x_full, 0);
+  const uint32_t x_addr = sm90::smem_u32(x_tile) + consumer * kConsumerRowBytes;
+  const uint32_t ring_addr = sm90::smem_u32(ring);
+  float s[64];
+#pragma unroll
+  for (int r = 0; r < 64; ++r) s[r] = 0.0f;
+
+  uint32_t it = 0;
+  for (int tile = 0; tile < tiles; ++tile) {
+    const bool is_bank = tile >= args.y_tiles;
+    const int64_t c0 = static_cast<int64_t>(is_bank ? tile - args.y_tiles : tile) * kBN;
+    const int64_t n_cols = is_bank ? p.bank.rows : NY;
+
+    // S = X_I · C_Jᵀ over the chunks; chunk kc's stage is released once the wgmma group of chunk
+    // kc + 1 is issued and kc's has retired (wait_group 1), so the tensor cores never idle on a release.
+    uint32_t prev_stage = 0;
+    for (int kc = 0; kc < chunks; ++kc, ++it) {
+      const Stage st = stage_of<kStages>(it);
+      sm90::mbarrier_wait(&full[st.index], st.parity);
+      sm90::wgmma_fence();
+      const uint32_t a = x_addr + kc * kChunkBytes;
+      const uint32_t b = ring_addr + st.index * kChunkBytes;
+#pragma unroll
+      for (int ks = 0; ks < kBK / 16; ++ks)
+        sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
+                            sm90::sw128_desc(b + ks * sm90::kKStepBytes), kc > 0 || ks > 0);
+      sm90::wgmma_commit();
+      if (kc > 0) {
+        sm90::wgmma_wait<1>();
+        if (tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+      }
+      prev_stage = st.index;
+    }
+    sm90::wgmma_wait<0>();
+    if (tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+
+    // Which logits enter row h's LSE: the masks of pairwise_lse.cu, at each register's (row, column).
+    auto in_lse = [&](int h, int r) {
+      const int64_t col = c0 + sm90::acc_col(tid, r);
+      bool ok = row[h] < M && col < n_cols;
+      if (!is_bank) ok = ok && col != pcol[h] && !(p.exclude_self && col == row[h]);
+      return ok;
+    };
+
+    if constexpr (KIND == kFwd) {
+      // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row).
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = -CUDART_INF_F;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 4 * j + 2 * h + e;
+            s[r] = in_lse(h, r) ? s[r] * qk : -CUDART_INF_F;
+            mx = fmaxf(mx, s[r]);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[h], mx);
+        const float m_use = m_new == -CUDART_INF_F ? 0.0f : m_new;
+        float sum = l_run[h] * exp2f(m_run[h] - m_use);
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) sum += exp2f(s[4 * j + 2 * h + e] - m_use);
+        l_run[h] = sum;
+        m_run[h] = m_new;
+      }
+    } else {
+      // Row weights P_ij = exp(s_ij − lse_i) (grad_lse_i is a row scale in the epilogue), then
+      // acc += P · V_J with P as wgmma's register A operand and the slice V_J MN-major from shared memory.
+      const Stage st = stage_of<kVStages>(tile);
+      sm90::mbarrier_wait(&slice_full[st.index], st.parity);
+      // P straight into the A fragments, all written before the fence (an A register written between
+      // the fence and its wgmma makes ptxas serialise the sequence).
+      auto weight = [&](int r) {
+        const int h = (r >> 1) & 1;
+        const float w = exp2f(s[r] * qk - row_lse2[h]);  // unconditional: no divergent path near the wgmma
+        return in_lse(h, r) ? w : 0.0f;
+      };
+      uint32_t pa[kBN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          pa[kk][q] = pack_floats<T>(weight(sm90::acc_reg_of_a(kk, q, 0)), weight(sm90::acc_reg_of_a(kk, q, 1)));
+      sm90::wgmma_fence();
+      const uint32_t v = sm90::smem_u32(slices) + st.index * kVStageBytes;
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        // 16 column-tile rows (k) = 2 groups of 8 rows of 128 bytes; the slice's two chunks are its
+        // two 64-wide blocks of N.
+        sm90::Wgmma<T>::run_rs(acc, pa[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
+                               1);
+      }
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      if (tid == 0) sm90::mbarrier_arrive(&slice_empty[st.index]);
+    }
+  }
+
+  if constexpr (KIND == kFwd) {
+    // Epilogue: the row sums of the 4 lanes of a row, the positive as an fp32 row dot, lse and pos.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+      l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+    }
+    float pos_raw[2] = {0.0f, 0.0f};
+    for (int rr = 0; rr < 16; ++rr) {
+      const int64_t i = row0 + 16 * warp + rr;
+      if (i >= M) break;  // warp-uniform
+      const float v = warp_rowdot<T>(p.x.ptr, p.x.stride_r, p.x.stride_c, i, p.y.ptr, p.y.stride_r, p.y.stride_c,
+                                     mod_ny(i + p.pos_offset, NY, args.inv_ny), D, lane);
+      if (rr == g) pos_raw[0] = v;
+      if (rr == g + 8) pos_raw[1] = v;
+    }
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (row[h] >= M) continue;
+        float m2 = m_run[h], l2 = l_run[h];
+        if (p.include_pos) {
+          const float pos2 = pos_raw[h] * qk;
+          const float mm = fmaxf(m2, pos2);
+          l2 = l2 * exp2f(m2 - mm) + exp2f(pos2 - mm);
+          m2 = mm;
+        }
+        args.lse_out[row[h]] = m2 == -CUDART_INF_F ? -CUDART_INF_F : (m2 + log2f(l2)) * kLn2;
+        args.pos_out[row[h]] = pos_raw[h] * scale;
+      }
+    }
+  } else {
+    // Epilogue, as pairwise_lse.cu's kRows: dx_i = scale·(grad_lse_i·acc_i + coef_i·y_p(i)),
+    // coef_i = grad_pos_i + grad_lse_i·P_i,p(i) (the positive is not in the tiles).
+    float coef[2] = {0.0f, 0.0f}, gl[2] = {0.0f, 0.0f};
+    for (int rr = 0; rr < 16; ++rr) {
+      const int64_t i = row0 + 16 * warp + rr;
+      if (i >= M) break;  // warp-uniform
+      float c = args.g.grad_pos[i];
+      if (p.include_pos) {
+        const float pr = warp_rowdot<T>(p.x.ptr, p.x.stride_r, p.x.stride_c, i, p.y.ptr, p.y.stride_r, p.y.stride_c,
+                                        mod_ny(i + p.pos_offset, NY, args.inv_ny), D, lane);
+        c += args.g.grad_lse[i] * exp2f(pr * qk - lse2_of(args.g.lse[i]));
+      }
+      if (rr == g) { coef[0] = c; gl[0] = args.g.grad_lse[i]; }
+      if (rr == g + 8) { coef[1] = c; gl[1] = args.g.grad_lse[i]; }
+    }
+    const T* y = static_cast<const T*>(p.y.ptr);
+    T* dx = static_cast<T*>(args.g.dx);
+#pragma unroll
+    for (int r = 0; r < 64; ++r) {
+      const int h = (r >> 1) & 1;
+      const int64_t col = dv0 + sm90::acc_col(tid, r);
+      if (row[h] >= M || col >= D) continue;
+      const float yp = to_float(y[pcol[h] * p.y.stride_r + col * p.y.stride_c]);
+      dx[row[h] * D + col] = from_float<T>(scale * (gl[h] * acc[r] + coef[h] * yp));
+    }
+  }
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+
+// What TMA can read: row-contiguous, 16-byte aligned base and row stride, int32 row coordinates.
+bool tma_readable(const Matrix& m) {
+  return m.ptr != nullptr && (m.stride_c == 1 || m.cols == 1) && reinterpret_cast<uintptr_t>(m.ptr) % 16 == 0 &&
+         (m.stride_r * 2) % 16 == 0 && m.stride_r >= m.cols && m.rows < (int64_t{1} << 31);
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  // Through the runtime's driver entry point, so nothing links libcuda directly.
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
+#endif
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr)
+               : nullptr;
+  }();
+  return fn;
+}
+
+// A 2-D map over m (rows x cols, 2-byte elements) with kBK x 128 boxes and the 128-byte swizzle the
+// descriptors assume; out-of-range elements read as zeros.
+cudaError_t encode_map(CUtensorMap* map, const Matrix& m, DType dtype) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(m.cols), static_cast<cuuint64_t>(m.rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(m.stride_r) * 2};  // bytes, the outer dimension
+  const cuuint32_t box[2] = {kBK, kBM};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUtensorMapDataType type =
+      dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult r = encode(map, type, 2, const_cast<void*>(m.ptr), dims, strides, box, element_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename T, int KIND>
+cudaError_t launch(const Sm90Args& args, int64_t blocks, int64_t slices, cudaStream_t stream) {
+  constexpr size_t kSmemBytes = SmemPlan<KIND>::kBytes;
+  auto kernel = pairwise_lse_sm90_kernel<T, KIND>;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes));
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(slices)), kThreads, kSmemBytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <int KIND>
+bool supported(const PairwiseLseProblem& p, DType dtype) {
+  return dtype != DType::kFloat32 && p.x.cols >= 1 && p.x.cols <= SmemPlan<KIND>::kMaxD && tma_readable(p.x) &&
+         tma_readable(p.y) && (p.bank.rows == 0 || tma_readable(p.bank));
+}
+
+// The tensor maps and tile counts of a problem, then the launch over ceil(M / kBM) x slices CTAs.
+template <int KIND>
+cudaError_t run(Sm90Args a, DType dtype, cudaStream_t stream) {
+  const PairwiseLseProblem& p = a.p;
+  if (!supported<KIND>(p, dtype)) return cudaErrorInvalidValue;
+  const int64_t blocks = (p.x.rows + kBM - 1) / kBM;
+  const int64_t slices = KIND == kFwd ? 1 : (p.x.cols + kDV - 1) / kDV;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  a.inv_ny = 1.0 / static_cast<double>(p.y.rows > 0 ? p.y.rows : 1);
+  a.chunks = static_cast<int>((p.x.cols + kBK - 1) / kBK);
+  a.y_tiles = p.y_negatives ? static_cast<int>((p.y.rows + kBN - 1) / kBN) : 0;
+  a.bank_tiles = static_cast<int>((p.bank.rows + kBN - 1) / kBN);
+  cudaError_t err = encode_map(&a.x_map, p.x, dtype);
+  if (err == cudaSuccess) err = encode_map(&a.y_map, p.y, dtype);
+  if (err == cudaSuccess && p.bank.rows > 0) err = encode_map(&a.bank_map, p.bank, dtype);
+  if (err != cudaSuccess) return err;
+  return dtype == DType::kBFloat16 ? launch<__nv_bfloat16, KIND>(a, blocks, slices, stream)
+                                   : launch<__half, KIND>(a, blocks, slices, stream);
+}
+
+}  // namespace
+
+bool pairwise_lse_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kFwd>(p, dtype); }
+
+bool pairwise_lse_rows_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kRows>(p, dtype); }
+
+cudaError_t pairwise_lse_forward_sm90(const PairwiseLseProblem& p, DType dtype, float* lse, float* pos,
+                                      cudaStream_t stream) {
+  Sm90Args a{};
+  a.p = p;
+  a.lse_out = lse;
+  a.pos_out = pos;
+  return run<kFwd>(a, dtype, stream);
+}
+
+cudaError_t pairwise_lse_backward_rows_sm90(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                            cudaStream_t stream) {
+  Sm90Args a{};
+  a.p = p;
+  a.g = g;
+  return run<kRows>(a, dtype, stream);
+}
+
+}  // namespace fastssl

@@ -1,0 +1,484 @@
+"""CPU emulation of the data layouts and the pipeline of csrc/pairwise_lse_sm90.cu (no GPU needed).
+
+The Hopper forward never sees its operands in registers: TMA writes them to shared memory with the
+128-byte swizzle, wgmma reads them through matrix descriptors, and the accumulators come back in
+wgmma's fragment layout, on which the kernel applies its masks. A mistake in any of these is silent
+garbage on a GPU, so each is checked here against the documentation, with the kernel's own values:
+a small host program includes csrc/pairwise_lse_sm90.cu and prints its tile constants, its
+descriptors (`sw128_desc`), its fragment map (`acc_row`, `acc_col`) and its pipeline stage/phase
+function (`stage_of`); everything else below is written from the documents, independently:
+
+  * TMA, CU_TENSOR_MAP_SWIZZLE_128B (CUDA programming guide, "swizzle modes" of the tensor memory
+    accelerator): the 16-byte chunk index (address bits 4-6) is XORed with address bits 7-9, the row
+    within the 1024-byte span of 8 rows of 128 bytes; out-of-bounds elements are filled with zeros.
+  * The wgmma matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address bits 0-13,
+    leading byte offset 16-29, stride byte offset 32-45, base offset 49-51, swizzle mode 62-63
+    (1 = 128-byte), addresses in 16-byte units; the K-major 128-byte-swizzle canonical layout
+    ((8, m), (T, 2k)) : ((8T, SBO), (1, T)) with T = 8 16-bit elements, the swizzle applied to the
+    resulting address (the leading byte offset is unused: a k16 step never leaves a 128-byte row).
+  * The accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment layout for accumulator
+    matrix D"): warp w of the warpgroup holds rows 16w..16w+15; within it, lane (g = lane/4,
+    t = lane%4) holds d[4j + i] at row g + 8·(i/2), column 8j + 2t + i%2. Cross-checked against
+    CuTe's SM90 accumulator layout ((4, 8, 4), (2, 2, N/8)) : ((128, 1, 16), (64, 8, 512)).
+  * mbarrier phases (PTX ISA, "mbarrier.try_wait"): a phase completes when its pending arrivals and
+    its transaction count reach zero; try_wait.parity(P) succeeds once the phase of parity P is the
+    last completed one (on a fresh barrier, P = 1 succeeds at once).
+
+What is mirrored from the kernel (keep in sync): the shared-memory map (x tile at the aligned base,
+the ring after kMaxChunks chunks), the operand addresses `x_addr + kc·kChunkBytes + ks·kKStepBytes`
+(x_addr = tile base + consumer·kConsumerRowBytes) and `ring + stage·kChunkBytes + ks·kKStepBytes`,
+and the producer/consumer loops with their waits and arrivals.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # the host probe is an nvcc run (seconds), as the other compiler tests
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+NVCC = shutil.which("nvcc")
+SMEM_LIMIT = 227 * 1024  # sm_90 dynamic shared memory per block
+SMEM_BASE = 4096  # an aligned dynamic shared-memory base for the emulation
+
+_HOST_PROGRAM = r"""
+#include "pairwise_lse_sm90.cu"
+#include <cstdio>
+
+using namespace fastssl;
+
+template <int KIND>
+void print_plan(const char* name) {
+  using P = SmemPlan<KIND>;
+  std::printf("\"%s\": {\"max_chunks\": %d, \"ring\": %u, \"slices\": %u, \"barriers\": %u, \"n_barriers\": %d, "
+              "\"bytes\": %zu},\n", name, P::kMaxChunks, P::kRingOffset, P::kSliceOffset, P::kBarrierOffset,
+              P::kBarriers, P::kBytes);
+}
+
+int main() {
+  std::printf("{\"bm\": %d, \"bn\": %d, \"bk\": %d, \"stages\": %d, \"consumers\": %d, \"dv\": %d, \"vstages\": %d, "
+              "\"chunk_bytes\": %u, \"consumer_row_bytes\": %u, \"vstage_bytes\": %u, \"kstep_bytes\": %d, "
+              "\"atom_bytes\": %d,\n",
+              kBM, kBN, kBK, kStages, kConsumers, kDV, kVStages, kChunkBytes, kConsumerRowBytes, kVStageBytes,
+              sm90::kKStepBytes, sm90::kSwizzleAtomBytes);
+  print_plan<kFwd>("fwd");
+  print_plan<kRows>("rows");
+  std::printf("\"acc\": [");
+  for (int t = 0; t < 128; ++t)
+    for (int r = 0; r < 64; ++r)
+      std::printf("%s[%d, %d]", t + r ? ", " : "", sm90::acc_row(t, r), sm90::acc_col(t, r));
+  std::printf("],\n\"a_reg\": [");
+  for (int kk = 0; kk < 8; ++kk)
+    for (int q = 0; q < 4; ++q)
+      for (int half = 0; half < 2; ++half)
+        std::printf("%s%d", kk + q + half ? ", " : "", sm90::acc_reg_of_a(kk, q, half));
+  std::printf("],\n\"stage\": [");
+  for (uint32_t it = 0; it < 64; ++it)
+    std::printf("%s[%u, %u]", it ? ", " : "", stage_of<kStages>(it).index, stage_of<kStages>(it).parity);
+  std::printf("],\n\"vstage\": [");
+  for (uint32_t it = 0; it < 64; ++it)
+    std::printf("%s[%u, %u]", it ? ", " : "", stage_of<kVStages>(it).index, stage_of<kVStages>(it).parity);
+  std::printf("],\n\"desc\": [");
+  for (uint32_t addr = 0; addr < 256 * 1024; addr += 16)
+    std::printf("%s%llu", addr ? ", " : "", static_cast<unsigned long long>(sm90::sw128_desc(addr)));
+  std::printf("],\n\"mn_desc\": [");  // as the dx kernel builds them: N blocks one chunk apart
+  for (uint32_t addr = 0; addr < 256 * 1024; addr += 16)
+    std::printf("%s%llu", addr ? ", " : "", static_cast<unsigned long long>(sm90::sw128_mn_desc(addr, kChunkBytes)));
+  std::printf("]}\n");
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """The kernel's constants, fragment map, stage function and descriptors, printed by a host program."""
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH: the kernel's host-side layout functions cannot be compiled here")
+    folder = tmp_path_factory.mktemp("sm90_layout")
+    (folder / "probe.cu").write_text(_HOST_PROGRAM)
+    # PTX only for the device side (no ptxas): the host program never launches the kernel.
+    cmd = [NVCC, "-std=c++17", "-gencode=arch=compute_90a,code=compute_90a", f"-I{CSRC}", str(folder / "probe.cu"),
+           "-o", str(folder / "probe")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = subprocess.run([str(folder / "probe")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    info = json.loads(run.stdout)
+    info["acc"] = np.array(info["acc"]).reshape(128, 64, 2)
+    info["a_reg"] = np.array(info["a_reg"]).reshape(8, 4, 2)
+    return info
+
+
+# ---- the documents, in Python ---------------------------------------------------------------------
+
+
+def isa_acc(thread: int, reg: int) -> tuple[int, int]:
+    """PTX ISA: (row, col) of accumulator register `reg` of warpgroup thread `thread` (m64nN, fp32)."""
+    warp, lane = divmod(thread, 32)
+    g, t = divmod(lane, 4)
+    j, i = divmod(reg, 4)
+    return 16 * warp + g + 8 * (i // 2), 8 * j + 2 * t + i % 2
+
+
+def cute_acc(thread: int, reg: int) -> tuple[int, int]:
+    """CuTe's SM90 CLayout_64xN ((4,8,4),(2,2,N/8)):((128,1,16),(64,8,512)) -> (m, n), column-major 64 x N."""
+    t0, t1, t2 = thread % 4, (thread // 4) % 8, thread // 32
+    v0, v1, v2 = reg % 2, (reg // 2) % 2, reg // 4
+    index = 128 * t0 + t1 + 16 * t2 + 64 * v0 + 8 * v1 + 512 * v2
+    return index % 64, index // 64
+
+
+def swizzle128(addr: np.ndarray) -> np.ndarray:
+    """The 128-byte swizzle on shared-memory byte addresses: bits 4-6 ^= bits 7-9."""
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+
+def tma_store(smem: np.ndarray, base: int, tile: np.ndarray) -> None:
+    """TMA box (rows x 64 two-byte elements, zero-filled past the tensor) into byte-addressed `smem`
+    (one value per 2-byte element slot), 128-byte swizzle."""
+    rows, cols = tile.shape
+    r, k = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    addr = swizzle128(base + r * 128 + 2 * k)
+    smem[addr // 2] = tile
+
+
+def decode_desc(desc: int) -> dict:
+    return {
+        "start": (desc & 0x3FFF) << 4,
+        "lbo": ((desc >> 16) & 0x3FFF) << 4,
+        "sbo": ((desc >> 32) & 0x3FFF) << 4,
+        "base_offset": (desc >> 49) & 7,
+        "swizzle": desc >> 62,
+    }
+
+
+def wgmma_operand(smem: np.ndarray, desc: int, rows: int) -> np.ndarray:
+    """The rows x 16 K-major operand a wgmma reads through `desc` (128-byte swizzle)."""
+    d = decode_desc(desc)
+    assert d["swizzle"] == 1 and d["base_offset"] == 0, d
+    r, k = np.meshgrid(np.arange(rows), np.arange(16), indexing="ij")
+    addr = d["start"] + (r // 8) * d["sbo"] + (r % 8) * 128 + 2 * k
+    return smem[swizzle128(addr) // 2]
+
+
+def zero_filled_box(m: np.ndarray, row0: int, k0: int, rows: int) -> np.ndarray:
+    box = np.zeros((rows, 64))
+    part = m[row0 : row0 + rows, k0 : k0 + 64]
+    box[: part.shape[0], : part.shape[1]] = part
+    return box
+
+
+# ---- layouts --------------------------------------------------------------------------------------
+
+
+def test_isa_and_cute_accumulator_tables_agree():
+    for thread in range(128):
+        for reg in range(64):
+            assert isa_acc(thread, reg) == cute_acc(thread, reg), (thread, reg)
+
+
+def test_kernel_fragment_map_is_the_isa_layout(kernel):
+    acc = kernel["acc"]
+    for thread in range(128):
+        for reg in range(64):
+            assert tuple(acc[thread, reg]) == isa_acc(thread, reg), (thread, reg)
+    # Each of the 64 x 128 elements is held once, and the masks' "two rows per thread" holds.
+    assert len({tuple(x) for x in acc.reshape(-1, 2)}) == 64 * 128
+    assert (acc[:, 0::4, 0] == acc[:, 1::4, 0]).all() and (acc[:, 2::4, 0] == acc[:, 0::4, 0] + 8).all()
+
+
+def test_descriptors_encode_the_isa_fields(kernel):
+    for addr in (0, 1024, 1024 + 32, 65536 + 96, 200 * 1024):
+        d = decode_desc(kernel["desc"][addr // 16])
+        assert d == {"start": addr, "lbo": 16, "sbo": kernel["atom_bytes"], "base_offset": 0, "swizzle": 1}, (addr, d)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "rows"])
+def test_shared_memory_plan_fits_and_is_atom_aligned(kernel, kind):
+    atom, chunk, plan = kernel["atom_bytes"], kernel["chunk_bytes"], kernel[kind]
+    assert atom == 8 * 128 and chunk == kernel["bm"] * kernel["bk"] * 2 == kernel["bn"] * kernel["bk"] * 2
+    assert kernel["bk"] * 2 == 128, "one chunk row must be exactly the 128-byte swizzle span"
+    assert chunk % atom == 0 and kernel["consumer_row_bytes"] % atom == 0
+    assert kernel["consumer_row_bytes"] * kernel["consumers"] == chunk
+    assert plan["ring"] == plan["max_chunks"] * chunk and plan["slices"] == plan["ring"] + kernel["stages"] * chunk
+    slice_bytes = kernel["vstages"] * kernel["vstage_bytes"] if kind == "rows" else 0
+    assert plan["barriers"] == plan["slices"] + slice_bytes and plan["barriers"] % 8 == 0
+    assert kernel["vstage_bytes"] == kernel["dv"] // kernel["bk"] * chunk
+    n_barriers = 1 + 2 * kernel["stages"] + (2 * kernel["vstages"] if kind == "rows" else 0)
+    assert plan["n_barriers"] == n_barriers
+    assert plan["bytes"] == atom + plan["barriers"] + 8 * n_barriers <= SMEM_LIMIT, plan
+
+
+@pytest.mark.parametrize("rows_x,rows_y,depth", [(128, 128, 64), (100, 77, 150), (128, 128, 512)])
+def test_emulated_tile_gemm_lands_where_the_masks_look(kernel, rows_x, rows_y, depth):
+    """TMA-store x and one column tile (zero-filled past the tensor), read them back through the
+    kernel's descriptors and addresses, multiply as wgmma does, hand the result out by the ISA's
+    fragment table, and compare each thread's registers with X·Yᵀ at the kernel's (acc_row, acc_col)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-8, 8, size=(rows_x, depth)).astype(np.float64)  # exact in bf16 and in the sums
+    y = rng.integers(-8, 8, size=(rows_y, depth)).astype(np.float64)
+    bm, bn, bk, chunk = kernel["bm"], kernel["bn"], kernel["bk"], kernel["chunk_bytes"]
+    chunks = -(-depth // bk)
+    smem = np.full(SMEM_LIMIT // 2, np.nan)
+    x_tile = SMEM_BASE
+    ring = SMEM_BASE + kernel["fwd"]["ring"]
+    for kc in range(chunks):
+        tma_store(smem, x_tile + kc * chunk, zero_filled_box(x, 0, kc * bk, bm))
+    want = x @ y.T
+    acc = kernel["acc"]
+    for consumer in range(kernel["consumers"]):
+        d = np.zeros((64, bn))
+        x_addr = x_tile + consumer * kernel["consumer_row_bytes"]
+        for kc in range(chunks):
+            stage, _ = kernel["stage"][kc]
+            tma_store(smem, ring + stage * chunk, zero_filled_box(y, 0, kc * bk, bn))
+            for ks in range(bk // 16):
+                a = wgmma_operand(smem, kernel["desc"][(x_addr + kc * chunk + ks * kernel["kstep_bytes"]) // 16], 64)
+                b = wgmma_operand(smem, kernel["desc"][(ring + stage * chunk + ks * kernel["kstep_bytes"]) // 16], bn)
+                assert not np.isnan(a).any() and not np.isnan(b).any(), "read outside what TMA wrote"
+                d += a @ b.T
+        for thread in range(128):
+            for reg in range(64):
+                held = d[isa_acc(thread, reg)]
+                row, col = 64 * consumer + acc[thread, reg, 0], acc[thread, reg, 1]
+                expected = want[row, col] if row < rows_x and col < rows_y else 0.0
+                assert held == expected, (consumer, thread, reg, row, col, held, expected)
+
+
+def isa_a(thread: int, q: int, half: int) -> tuple[int, int]:
+    """PTX ISA: (row, k) of the A element in register q (its lower or upper 16 bits, `half`) of
+    warpgroup thread `thread`, wgmma m64nNk16 with A in registers (16-bit types)."""
+    warp, lane = divmod(thread, 32)
+    g, t = divmod(lane, 4)
+    return 16 * warp + g + 8 * (q % 2), 2 * t + half + 8 * (q // 2)
+
+
+def wgmma_operand_mn(smem: np.ndarray, desc: int, mn: int) -> np.ndarray:
+    """The 16 x mn MN-major operand (k, n) a wgmma reads through `desc` with the transpose flag, 128-byte
+    swizzle: CuTe's canonical ((8, n), (8, k)) : ((1, LBO), (8, SBO)) in 16-byte units (make_gmma_desc)."""
+    d = decode_desc(desc)
+    assert d["swizzle"] == 1 and d["base_offset"] == 0, d
+    k, n = np.meshgrid(np.arange(16), np.arange(mn), indexing="ij")
+    unit = n // 8
+    addr = d["start"] + (unit % 8) * 16 + (unit // 8) * d["lbo"] + (k % 8) * 128 + (k // 8) * d["sbo"] + (n % 8) * 2
+    return smem[swizzle128(addr) // 2]
+
+
+def test_kernel_a_fragment_is_the_isa_layout(kernel):
+    """The dx kernel feeds accumulator registers acc_reg_of_a(kk, q, half) of the logit tile to wgmma as
+    A register q: they must hold the A element the ISA puts there (columns 16kk.. of the tile)."""
+    acc, a_reg = kernel["acc"], kernel["a_reg"]
+    for thread in range(128):
+        for kk in range(8):
+            for q in range(4):
+                for half in range(2):
+                    row, col = acc[thread, a_reg[kk, q, half]]
+                    want_row, want_k = isa_a(thread, q, half)
+                    assert (row, col) == (want_row, 16 * kk + want_k), (thread, kk, q, half)
+
+
+def test_mn_descriptors_encode_the_isa_fields(kernel):
+    for addr in (0, 1024, 2048 * 3, 65536 + 1024):
+        d = decode_desc(kernel["mn_desc"][addr // 16])
+        assert d == {"start": addr, "lbo": kernel["chunk_bytes"], "sbo": kernel["atom_bytes"], "base_offset": 0,
+                     "swizzle": 1}, (addr, d)  # fmt: skip
+
+
+@pytest.mark.parametrize("rows_y,depth,slice_index", [(128, 128, 0), (77, 200, 1), (128, 256, 1)])
+def test_emulated_dx_gemm_lands_where_the_epilogue_looks(kernel, rows_y, depth, slice_index):
+    """The dx kernel's second GEMM: the weights P in the logit accumulators (the kernel's fragment map),
+    packed into A registers by acc_reg_of_a and read as the ISA's A fragment; the slice of the column
+    tile TMA-stored as two chunks and read MN-major through the kernel's descriptors; the product handed
+    out by the accumulator table must be P · Y[:, slice] at each register's (acc_row, acc_col)."""
+    rng = np.random.default_rng(2)
+    bn, bk, dv, chunk = kernel["bn"], kernel["bk"], kernel["dv"], kernel["chunk_bytes"]
+    y = rng.integers(-8, 8, size=(rows_y, depth)).astype(np.float64)
+    weights = rng.integers(-4, 4, size=(64, bn)).astype(np.float64)
+    weights[:, rows_y:] = 0.0  # the masks zero the columns past the tile
+    acc_map, a_reg = kernel["acc"], kernel["a_reg"]
+    regs = np.array([[weights[tuple(acc_map[t, r])] for r in range(64)] for t in range(128)])  # s[] per thread
+    smem = np.full(SMEM_LIMIT // 2, np.nan)
+    stage = 1
+    base = SMEM_BASE + kernel["rows"]["slices"] + stage * kernel["vstage_bytes"]
+    dv0 = slice_index * dv
+    for h in range(dv // bk):
+        tma_store(smem, base + h * chunk, zero_filled_box(y, 0, dv0 + h * bk, bn))
+    d = np.zeros((64, dv))
+    for kk in range(bn // 16):
+        a = np.full((64, 16), np.nan)
+        for thread in range(128):
+            for q in range(4):
+                for half in range(2):
+                    a[isa_a(thread, q, half)] = regs[thread, a_reg[kk, q, half]]
+        b = wgmma_operand_mn(smem, kernel["mn_desc"][(base + kk * 16 * 128) // 16], dv)
+        assert not np.isnan(a).any() and not np.isnan(b).any()
+        d += a @ b
+    padded = np.zeros((bn, dv))
+    part = y[:, dv0 : dv0 + dv]
+    padded[: part.shape[0], : part.shape[1]] = part
+    want = weights @ padded
+    for thread in range(128):
+        for reg in range(64):
+            assert d[isa_acc(thread, reg)] == want[tuple(acc_map[thread, reg])], (thread, reg)
+
+
+def test_emulation_detects_a_wrong_swizzle_or_step(kernel):
+    """The check has teeth: a 64-byte k step (or no swizzle on the read side) reads other elements."""
+    rng = np.random.default_rng(1)
+    tile = rng.integers(-8, 8, size=(64, 64)).astype(np.float64)
+    smem = np.full(SMEM_LIMIT // 2, np.nan)
+    tma_store(smem, SMEM_BASE, tile)
+    right = wgmma_operand(smem, kernel["desc"][(SMEM_BASE + 32) // 16], 64)
+    assert (right == tile[:, 16:32]).all()
+    wrong_step = wgmma_operand(smem, kernel["desc"][(SMEM_BASE + 64) // 16], 64)
+    assert not (wrong_step == tile[:, 16:32]).all()
+    r, k = np.meshgrid(np.arange(64), np.arange(16), indexing="ij")
+    unswizzled = smem[(SMEM_BASE + r * 128 + 32 + 2 * k) // 2]
+    assert not (unswizzled == tile[:, 16:32]).all()
+
+
+# ---- the mbarrier pipeline --------------------------------------------------------------------------
+
+
+class Deadlock(Exception):
+    pass
+
+
+class Barrier:
+    """An mbarrier: `count` arrivals plus a transaction count complete a phase (PTX ISA semantics)."""
+
+    def __init__(self, count: int):
+        self.count, self.pending, self.tx, self.completed = count, count, 0, 0
+
+    def _maybe_complete(self) -> None:
+        if self.pending == 0 and self.tx == 0:
+            self.completed += 1
+            self.pending = self.count
+
+    def arrive(self, expect_tx: int = 0) -> None:
+        self.tx += expect_tx
+        self.pending -= 1
+        assert self.pending >= 0
+        self._maybe_complete()
+
+    def complete_tx(self, nbytes: int) -> None:
+        self.tx -= nbytes
+        self._maybe_complete()
+
+    def try_wait(self, parity: int) -> bool:
+        return (self.completed & 1) != parity
+
+
+def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int, seed: int,
+                     vstage=None, vstages: int = 0, producer_flip: int = 1, consumer_flip: int = 0) -> None:  # fmt: skip
+    """Run the kernel's producer and consumer loops under a random interleaving, with TMA copies that
+    land at random later times; raise Deadlock if nothing can move, AssertionError on a data race
+    (a stage refilled while a consumer still reads it, or a consumer reading another load's data).
+    With `vstage` (the dx kernel) each tile also sends its slice through the second ring."""
+    rnd = random.Random(seed)
+    x_full = Barrier(1)
+    rings = {"chunk": (stage, stages), "slice": (vstage, vstages)}
+    full = {r: [Barrier(1) for _ in range(n)] for r, (_, n) in rings.items()}
+    empty = {r: [Barrier(consumers) for _ in range(n)] for r, (_, n) in rings.items()}
+    content = {r: [None] * n for r, (_, n) in rings.items()}  # which load a stage holds
+    readers = {r: [set() for _ in range(n)] for r, (_, n) in rings.items()}  # consumers still reading it
+    in_flight = []  # TMA copies issued, not landed: (barrier, ring, stage, load)
+
+    def produce(ring, it):
+        s, parity = rings[ring][0][it]
+        yield lambda: empty[ring][s].try_wait(parity ^ producer_flip)
+        assert not readers[ring][s], f"{ring} stage {s} refilled (load {it}) while {readers[ring][s]} read it"
+        full[ring][s].arrive(expect_tx=1)
+        in_flight.append((full[ring][s], ring, s, it))
+
+    def producer():
+        x_full.arrive(expect_tx=1)
+        in_flight.append((x_full, None, None, None))
+        it = 0
+        for tile in range(tiles):
+            for _ in range(chunks):
+                yield from produce("chunk", it)
+                it += 1
+            if vstage is not None:
+                yield from produce("slice", tile)
+
+    def acquire(ring, it, me):
+        s, parity = rings[ring][0][it]
+        yield lambda: full[ring][s].try_wait(parity ^ consumer_flip)
+        assert content[ring][s] == it, f"consumer {me} read {ring} stage {s} holding load {content[ring][s]}, wanted {it}"
+        readers[ring][s].add(me)
+        return s
+
+    def release(ring, s, it, me):  # after the wgmma reading it retired
+        assert content[ring][s] == it
+        readers[ring][s].discard(me)
+        empty[ring][s].arrive()
+
+    def consumer(me):
+        yield lambda: x_full.try_wait(0)
+        it = 0
+        for tile in range(tiles):
+            prev = None
+            for kc in range(chunks):
+                s = yield from acquire("chunk", it, me)
+                if kc > 0:  # wait_group 1: the previous chunk's wgmma retired
+                    release("chunk", *prev, me)
+                prev = (s, it)
+                it += 1
+            release("chunk", *prev, me)
+            if vstage is not None:
+                s = yield from acquire("slice", tile, me)
+                release("slice", s, tile, me)
+
+    agents = {"producer": producer(), **{f"consumer{c}": consumer(c) for c in range(consumers)}}
+    waiting = {name: None for name in agents}
+    while agents or in_flight:
+        runnable = [n for n in agents if waiting[n] is None or waiting[n]()]
+        choices = runnable + (["tma"] if in_flight else [])
+        if not choices:
+            raise Deadlock(f"stuck: {sorted(agents)} wait, no copy in flight")
+        pick = rnd.choice(choices)
+        if pick == "tma":
+            bar, ring, s, it = in_flight.pop(rnd.randrange(len(in_flight)))
+            if ring is not None:
+                content[ring][s] = it
+            bar.complete_tx(1)
+            continue
+        try:
+            waiting[pick] = next(agents[pick])
+        except StopIteration:
+            del agents[pick], waiting[pick]
+
+
+@pytest.mark.parametrize("kind", ["fwd", "rows"])
+@pytest.mark.parametrize("tiles,chunks", [(1, 1), (3, 1), (3, 3), (2, 8), (5, 4), (7, 5)])
+def test_pipeline_never_hangs_or_races(kernel, kind, tiles, chunks):
+    stage = kernel["stage"]
+    assert tiles * chunks <= len(stage)
+    slices = {"vstage": kernel["vstage"], "vstages": kernel["vstages"]} if kind == "rows" else {}
+    for seed in range(30):
+        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, **slices)
+
+
+def test_stage_function_is_round_robin_with_flipping_parity(kernel):
+    for key, stages in (("stage", kernel["stages"]), ("vstage", kernel["vstages"])):
+        assert kernel[key] == [[it % stages, (it // stages) % 2] for it in range(64)]
+
+
+def test_pipeline_emulation_detects_wrong_parities(kernel):
+    """The check has teeth: the producer waiting on the phase itself (no flip) deadlocks at once; a
+    consumer waiting on the flipped parity reads a stage before its data landed."""
+    stage, stages, consumers = kernel["stage"], kernel["stages"], kernel["consumers"]
+    with pytest.raises(Deadlock):
+        emulate_pipeline(stage, stages, 2, 3, consumers, seed=0, producer_flip=0)
+    with pytest.raises(AssertionError, match="read chunk stage"):
+        for seed in range(30):
+            emulate_pipeline(stage, stages, 2, 3, consumers, seed=seed, consumer_flip=1)
