@@ -30,6 +30,9 @@ XDIST_GROUPS = {
     "tests/distributed/test_distributed.py": "distributed",
     "tests/benchmarks/test_report_tools.py": "benchmark-suite",
     "tests/csrc/test_cuda_backend.py": "nvcc",
+    "tests/csrc/test_sm90_kernel.py": "nvcc-sm90",  # one sm_90a object, compiled by a module fixture
+    "tests/csrc/test_sm90_layout.py": "nvcc-sm90-probe",  # one host probe of the kernel's layouts
+    "tests/csrc/test_pairwise_sigmoid_max_build.py": "nvcc-sigmoid-max",
 }
 
 
