@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STEPS = ["build", "tests_cuda", "benchmarks", "report"]
+STEPS = ["build", "tests_cuda", "hopper_variants", "benchmarks", "benchmarks_new", "report"]
 _STEP_LINE = re.compile(r"^step (\w+) \(at most (\d+)s\): (.*)$")
 
 
@@ -48,20 +48,29 @@ def test_dry_run_plan_here(tmp_path: Path) -> None:
     text, steps = _plan(out, _env())
     assert not out.exists()  # a dry run writes nothing
     assert sum(limit for limit, _ in steps.values()) <= 540  # every step at its limit still ends in 9 minutes
-    _, build = steps["build"]
-    assert "FASTSSL_BUILD_CUDA=1" in build and "setup.py build_ext --inplace" in build  # no prebuilt fastssl._C
+    build_limit, build = steps["build"]
+    # no prebuilt fastssl._C: the just-in-time loader builds it, with the sm_90a kernels on an sm_90 GPU
+    assert "FASTSSL_CUDA_JIT=1" in build and "_ext.load()" in build and "pairwise_lse_forward_sm90" in build
+    assert build_limit == (90 if (ROOT / "build" / "csrc" / "sm_90").is_dir() else 150)  # carried objects: a link
     _, tests = steps["tests_cuda"]
     assert tests.startswith(f"{sys.executable} -m pytest tests -m cuda") and "-rf" in tests
     assert "-p no:cacheprovider" in tests
-    assert ("-n 4" in tests) == _has("xdist") and ("--timeout 120" in tests) == _has("pytest_timeout")
+    assert ("-n 8" in tests) == _has("xdist") and ("--timeout 120" in tests) == _has("pytest_timeout")
     bench_limit, bench = steps["benchmarks"]
     assert "FASTSSL_BENCH_SIZES=small FASTSSL_BENCH_DTYPE=bfloat16" in bench
     assert "FASTSSL_BENCH_LOSSES=nt_xent,barlow_twins,vicreg,clip" in bench
     assert f"--benchmark-json {out}/benchmarks.json" in bench and "--benchmark-only" in bench
     budget = int(re.search(r"FASTSSL_BENCH_BUDGET_S=(\d+)", bench).group(1))
     assert 0 < budget < bench_limit  # the suite stops starting cases before its step's timeout
+    _, hopper = steps["hopper_variants"]
+    assert hopper.endswith(f"benchmarks/hopper_variants.py --json {out}/hopper_variants.json --budget-s 70")
+    new_limit, new = steps["benchmarks_new"]
+    assert "FASTSSL_BENCH_LOSSES=dino,siglip" in new and f"--benchmark-json {out}/benchmarks_new.json" in new
+    assert "(dino and R12288-K65536-D256) or (siglip and 2N65536-D512)" in new
+    assert 0 < int(re.search(r"FASTSSL_BENCH_BUDGET_S=(\d+)", new).group(1)) < new_limit
     _, report = steps["report"]
     assert f"--results-md '{out}/RESULTS.md'" in report and f"--out '{out}'" in report
+    assert f"'{out}/benchmarks_new.json' --out '{out}/new' --no-results-md" in report
     assert "extension: build" in text
 
 
