@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,14 +52,18 @@ def compile_report(test_file: str, timeout_s: int) -> dict:
     """The JSON report that `test_file` prints when run as a script without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    try:
-        proc = subprocess.run([sys.executable, str(Path(test_file).resolve())], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"AOT compilation did not finish in {timeout_s} s; stderr tail:\n{(e.stderr or '')[-3000:]}")
+    # A session of its own, so that a timeout ends the script's pool of compile workers too.
+    with subprocess.Popen([sys.executable, str(Path(test_file).resolve())], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as proc:  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, stderr = proc.communicate()
+            pytest.fail(f"AOT compilation did not finish in {timeout_s} s; stderr tail:\n{stderr[-3000:]}")
     if proc.returncode != 0:
-        pytest.fail(f"AOT compile subprocess failed (rc={proc.returncode}); stderr tail:\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout)
+        pytest.fail(f"AOT compile subprocess failed (rc={proc.returncode}); stderr tail:\n{stderr[-5000:]}")
+    return json.loads(stdout)
 
 
 # ------------------------------------------------------------------------------------------------
