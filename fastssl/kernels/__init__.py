@@ -49,7 +49,7 @@ class PrototypeCEFlags(NamedTuple):
 
     - ``needs_ds``: the forward also returns P_s_i = Σ_k softmax_k(α_s·s_i·Wᵀ)·W_k (N, D), from which
       the backward forms ds = g·α_s·P_s; else P_s is returned empty, (0, D), and costs nothing (s needs
-      no gradient: SwaV's teacher-only calls, a frozen student).
+      no gradient: a frozen student, an evaluation under torch.no_grad).
 
     The teacher's prototypes and centre are optional tensors, not flags: None is their "off". One
     hashable value, as :class:`PairwiseLSEFlags`, so that an option is added in one place; the custom
