@@ -1,7 +1,9 @@
 """Kernels, one file per family and backend. Nothing here imports from fastssl.ops.
 
 :class:`PairwiseLSEFlags` is the contract of the pairwise-LSE family (docs/design.md, family 1) that
-every backend's `pairwise_lse_forward` / `pairwise_lse_backward` receives.
+every backend's `pairwise_lse_forward` / `pairwise_lse_backward` receives; :class:`PrototypeCEFlags`
+is the options of the prototype cross-entropy family (family 4) that every `prototype_ce_forward`
+receives.
 """
 
 from __future__ import annotations
@@ -40,3 +42,25 @@ class PairwiseLSEFlags(NamedTuple):
     def from_list(cls, values: Sequence[int]) -> "PairwiseLSEFlags":
         offset, *switches = values
         return cls(int(offset), *(bool(v) for v in switches))
+
+
+class PrototypeCEFlags(NamedTuple):
+    """What the prototype cross-entropy forward computes besides lse_s, lse_t and P_t.
+
+    - ``needs_ds``: the forward also returns P_s_i = Σ_k softmax_k(α_s·s_i·Wᵀ)·W_k (N, D), from which
+      the backward forms ds = g·α_s·P_s; else P_s is returned empty, (0, D), and costs nothing (s needs
+      no gradient: a frozen student, an evaluation under torch.no_grad).
+
+    The teacher's prototypes and centre are optional tensors, not flags: None is their "off". One
+    hashable value, as :class:`PairwiseLSEFlags`, so that an option is added in one place; the custom
+    ops carry it as a list of ints (:meth:`to_list` / :meth:`from_list`).
+    """
+
+    needs_ds: bool = True
+
+    def to_list(self) -> list[int]:
+        return [int(value) for value in self]
+
+    @classmethod
+    def from_list(cls, values: Sequence[int]) -> "PrototypeCEFlags":
+        return cls(*(bool(v) for v in values))

@@ -41,6 +41,8 @@ caller computes it, not this pass.
 
 `fastssl::prototype_ce_fwd` and `fastssl::prototype_ce_bwd` are `torch.library` custom ops with
 fake implementations, composed by the autograd Function `PrototypeCE` (the pairwise-LSE pattern).
+The forward's options are one :class:`~fastssl.kernels.PrototypeCEFlags`, which crosses the
+custom-op boundary as a list of ints.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch
 from torch import Tensor
 
 from fastssl._common import compute_dtype
+from fastssl.kernels import PrototypeCEFlags
 from fastssl.ops._dispatch import kernel_module
 
 _KERNEL_MODULES = {
@@ -72,18 +75,20 @@ def prototype_ce_fwd(
     center: Optional[Tensor],
     scale_s: Tensor,
     scale_t: Tensor,
-    student_mean: bool,
+    flags: list[int],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(lse_s (N,), P_s (N, D) if student_mean else (0, D), lse_t (Nt,), P_t (Nt, D)), fp32 (fp64 for
-    fp64 inputs); w_t=None means W."""
-    return _kernels(backend).prototype_ce_forward(s, w, t, w_t, center, scale_s, scale_t, student_mean)
+    """(lse_s (N,), P_s (N, D) if flags' needs_ds else (0, D), lse_t (Nt,), P_t (Nt, D)), fp32 (fp64
+    for fp64 inputs); w_t=None means W; `flags` is `PrototypeCEFlags.to_list()`."""
+    return _kernels(backend).prototype_ce_forward(
+        s, w, t, w_t, center, scale_s, scale_t, PrototypeCEFlags.from_list(flags)
+    )
 
 
 @prototype_ce_fwd.register_fake
-def _(s, w, t, w_t, center, scale_s, scale_t, student_mean, backend):
+def _(s, w, t, w_t, center, scale_s, scale_t, flags, backend):
     dt, d = compute_dtype(s), s.shape[1]
-    n_mean = s.shape[0] if student_mean else 0
+    n_mean = s.shape[0] if PrototypeCEFlags.from_list(flags).needs_ds else 0
     return (s.new_empty(s.shape[0], dtype=dt), s.new_empty(n_mean, d, dtype=dt), s.new_empty(t.shape[0], dtype=dt),
             s.new_empty(t.shape[0], d, dtype=dt))  # fmt: skip
 
@@ -120,8 +125,9 @@ class PrototypeCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, w, t, w_t, center, scale_s, scale_t, backend):
+        flags = PrototypeCEFlags(needs_ds=bool(ctx.needs_input_grad[0]))
         lse_s, mean_s, lse_t, mean_t = torch.ops.fastssl.prototype_ce_fwd(
-            s, w, t, w_t, center, scale_s, scale_t, bool(ctx.needs_input_grad[0]), backend
+            s, w, t, w_t, center, scale_s, scale_t, flags.to_list(), backend
         )
         ctx.save_for_backward(s, w, t, w_t, center, scale_s, scale_t, lse_s, mean_s, lse_t)
         ctx.backend = backend

@@ -16,6 +16,7 @@ import fastssl
 import fastssl.kernels.torch.prototype_ce as torch_kernels
 import fastssl.nn as fnn
 from fastssl import reference
+from fastssl.kernels import PrototypeCEFlags
 from fastssl.ops.prototype_ce import prototype_ce
 from tests.utils import CPU_BACKENDS, assert_close
 
@@ -154,10 +155,35 @@ def test_inputs_not_modified(backend):
 def test_opcheck_torch_ops():
     case = make_case(7, 3, 10, 5, torch.float32)
     args = (case["s"], case["w"], case["t"], case["w_t"], case["center"], case["scale_s"], case["scale_t"])
-    torch.library.opcheck(torch.ops.fastssl.prototype_ce_fwd.default, (*args, True, "torch"))
-    lse_s, _, lse_t, _ = torch.ops.fastssl.prototype_ce_fwd(*args, False, "torch")
+    for flags in (PrototypeCEFlags(), PrototypeCEFlags(needs_ds=False)):
+        torch.library.opcheck(torch.ops.fastssl.prototype_ce_fwd.default, (*args, flags.to_list(), "torch"))
+    lse_s, _, lse_t, _ = torch.ops.fastssl.prototype_ce_fwd(*args, PrototypeCEFlags().to_list(), "torch")
     grads = (torch.randn(7), torch.randn(3, 5))
     torch.library.opcheck(torch.ops.fastssl.prototype_ce_bwd.default, (*args, lse_s, lse_t, *grads, "torch"))
+
+
+@pytest.mark.parametrize("student_grad", [True, False])
+def test_forward_computes_the_student_mean_only_for_ds(monkeypatch, student_grad):
+    """The forward is asked for P_s (the backward's ds) exactly when s needs a gradient, and a P_s
+    it is not asked for comes back empty."""
+    calls = []
+    real = torch_kernels.prototype_ce_forward
+
+    def spy(*args):
+        calls.append(args[-1])
+        out = real(*args)
+        calls.append(out[1].shape)
+        return out
+
+    monkeypatch.setattr(torch_kernels, "prototype_ce_forward", spy)
+    case = make_case(7, 3, 10, 5, torch.float32)
+    s = case["s"].clone().requires_grad_(student_grad)
+    w = case["w"].clone().requires_grad_()
+    lse_s, p_t = prototype_ce(s, w, case["t"], case["scale_s"], case["scale_t"], teacher_prototypes=case["w_t"],
+                              center=case["center"], backend="torch")  # fmt: skip
+    (lse_s.sum() + p_t.sum()).backward()
+    assert calls == [PrototypeCEFlags(needs_ds=student_grad), torch.Size([7 if student_grad else 0, 5])]
+    assert (s.grad is not None) == student_grad and w.grad is not None
 
 
 # --------------------------------------------------------------------------------------------------

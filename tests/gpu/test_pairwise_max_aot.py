@@ -11,19 +11,12 @@ stays within each device's limit.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.gpu import _aot
 
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[2]
-#: Max dynamic shared memory per block (bytes): 227 KiB on sm_90, 163 KiB on sm_80.
-SMEM_LIMIT = {90: 232448, 80: 166912}
 TIMEOUT_S = 600
 
 #: (dtype, D, EXCLUDE_SELF, arch)
@@ -37,64 +30,48 @@ JOBS = [
 ]
 
 
-def _compile(dtype: str, d: int, exclude_self: bool, arch: int) -> dict:
-    import traceback
+def _jobs():
+    return [dict(dtype=dt, D=d, exclude_self=exclude_self, arch=arch) for dt, d, exclude_self, arch in JOBS]
 
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
+def _measure(j):
     from fastssl.kernels.triton import pairwise_max as K
 
-    rec = dict(dtype=dtype, D=d, exclude_self=exclude_self, arch=arch)
-    try:
-        meta = K.tile_config(d, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
-        options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
-        consts = dict(meta, EXCLUDE_SELF=exclude_self, FP32_PRECISION=K.FP32_DOT_PRECISION, stride_xd=1, stride_yd=1)
-        fn = K._pairwise_max_fwd_kernel
-        pointee = {"X": dtype, "Y": dtype, "VALUE": "fp32", "INDEX": "i64"}
-        sig = {name: "constexpr" if name in consts else ("*" + pointee[name] if name in pointee else "i32")
-               for name in fn.arg_names}  # fmt: skip
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", arch, 32), options=options)  # fmt: skip
-        ptx = compiled.asm["ptx"]
-        rec.update(shared=int(compiled.metadata.shared), wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
-                   single_k=meta["SINGLE_K"])  # fmt: skip
-    except Exception:
-        rec["error"] = traceback.format_exc(limit=-6)
-    return rec
+    meta = K.tile_config(j["D"], _aot.DTYPES[j["dtype"]])
+    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+    consts = dict(meta, EXCLUDE_SELF=j["exclude_self"], FP32_PRECISION=K.FP32_DOT_PRECISION, stride_xd=1,
+                  stride_yd=1)  # fmt: skip
+    fn = K._pairwise_max_fwd_kernel
+    sig, attrs = _aot.signature(fn, consts, {"X": j["dtype"], "Y": j["dtype"], "VALUE": "fp32", "INDEX": "i64"},
+                                aligned=False)  # fmt: skip
+    _, measured = _aot.compile_kernel(fn, sig, consts, attrs, j["arch"], options)
+    return dict(measured, single_k=meta["SINGLE_K"])
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    try:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"AOT compilation did not finish in {TIMEOUT_S} s; stderr tail:\n{(e.stderr or '')[-3000:]}")
-    assert proc.returncode == 0, f"the compile subprocess failed:\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _aot.compile_report(__file__, TIMEOUT_S)
+
+
+def _name(r):
+    return f"{r['dtype']} D={r['D']} sm_{r['arch']}"
 
 
 def test_every_job_compiles(report):
-    failed = [f"{r['dtype']} D={r['D']} sm_{r['arch']}:\n{r['error']}" for r in report if "error" in r]
-    assert not failed, "\n\n".join(failed)
-    assert len(report) == len(JOBS) and {r["single_k"] for r in report} == {True, False}  # both tilings
+    _aot.assert_all_compiled(report, _name)
+    records = report["records"]
+    assert len(records) == len(JOBS) and {r["single_k"] for r in records} == {True, False}  # both tilings
 
 
 def test_half_precision_uses_tensor_cores(report):
-    for r in report:
-        if r["dtype"] != "fp32":
-            assert r["wgmma"] if r["arch"] == 90 else r["mma"], f"no tensor-core dot: {r}"
+    _aot.assert_tensor_cores([r for r in report["records"] if r["dtype"] != "fp32"], _name)
 
 
 def test_shared_memory_within_the_device(report):
-    for r in report:
-        assert 0 < r["shared"] <= SMEM_LIMIT[r["arch"]], r
+    records = report["records"]
+    assert all(r["shared"] > 0 for r in records), records
+    _aot.assert_shared_memory(records, _name)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    print(json.dumps([_compile(*job) for job in JOBS]))
+    _aot.main(_jobs, _measure)

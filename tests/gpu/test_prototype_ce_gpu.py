@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fastssl
 from fastssl import reference
+from fastssl.kernels import PrototypeCEFlags
 from tests.backends.test_prototype_ce import OUTPUTS, make_case, run_both
 from tests.utils import assert_close
 
@@ -42,8 +43,9 @@ def test_op_low_temperature(temp):
 def test_opcheck_triton_ops():
     case = make_case(70, 20, 300, 64, torch.bfloat16, device="cuda")
     args = (case["s"], case["w"], case["t"], case["w_t"], case["center"], case["scale_s"], case["scale_t"])
-    torch.library.opcheck(torch.ops.fastssl.prototype_ce_fwd.default, (*args, True, "triton"))
-    lse_s, _, lse_t, _ = torch.ops.fastssl.prototype_ce_fwd(*args, False, "triton")
+    for flags in (PrototypeCEFlags(), PrototypeCEFlags(needs_ds=False)):
+        torch.library.opcheck(torch.ops.fastssl.prototype_ce_fwd.default, (*args, flags.to_list(), "triton"))
+    lse_s, _, lse_t, _ = torch.ops.fastssl.prototype_ce_fwd(*args, PrototypeCEFlags().to_list(), "triton")
     grads = (torch.randn(70, device="cuda"), torch.randn(20, 64, device="cuda"))
     torch.library.opcheck(torch.ops.fastssl.prototype_ce_bwd.default, (*args, lse_s, lse_t, *grads, "triton"))
 

@@ -8,7 +8,8 @@ from `cuobjdump` on the cubin, no register spills in the forward kernels' loops.
 
 The test session runs with TRITON_INTERPRET=1 (tests/conftest.py), under which `@triton.jit` gives
 interpreted functions that cannot be compiled; so the compilation runs in one subprocess without
-it — this very file run as a script — which prints a JSON report that the tests below check.
+it — this very file run as a script — which prints a JSON report that the tests below check (the
+shared machinery: tests/gpu/_aot.py).
 Matrix (pairwise-LSE compiles, 4 of its split-forward merge kernel, 50 squared-Frobenius ones, see `_frob_jobs`, + 5 of ArCL's
 worst-pair kernel; a few minutes on 2 cores, seconds with a warm ~/.triton cache). Pairwise LSE, its
 forward ("fwd") and backward kernels ("rows": dx with dy through atomics, or dx alone; "sym": x is y;
@@ -36,20 +37,12 @@ must not spill inside their loops (`test_backward_has_no_register_spills`, `test
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
+
+from tests.gpu import _aot
 
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[2]
-#: Max dynamic shared memory per block (bytes): 227 KiB on sm_90, 163 KiB on sm_80.
-SMEM_LIMIT = {90: 232448, 80: 166912}
 TIMEOUT_S = 600
 
 _FLAGS = {
@@ -66,21 +59,19 @@ _FLAGS = {
 
 
 def _jobs():
-    import torch
-
     from fastssl.kernels.triton import pairwise_lse as K
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = _aot.DTYPES
 
     def cands(kind, dt, d, arch, needs_dy=True):
         block_k, single_k, block_dout = _tiles(K, kind, d, dtypes[dt])
-        return K.candidate_configs(kind, dtypes[dt].itemsize, block_k, single_k, block_dout, SMEM_LIMIT[arch],
+        return K.candidate_configs(kind, dtypes[dt].itemsize, block_k, single_k, block_dout, _aot.SMEM_LIMIT[arch],
                                    needs_dy)  # fmt: skip
 
     def job(group, kind, dt, d, flags, arch, cfg, needs_dy=True):
         return dict(family="lse", group=group, kind=kind, dtype=dt, D=d, flags=flags, arch=arch,
                     BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages, cfg=_cfg_key(cfg), needs_dy=needs_dy)  # fmt: skip
+                    num_stages=cfg.num_stages, cfg=_aot.cfg_key(cfg), needs_dy=needs_dy)  # fmt: skip
 
     def estimate(kind, dt, d, cfg):
         block_k, single_k, block_dout = _tiles(K, kind, d, dtypes[dt])
@@ -150,31 +141,6 @@ def _tiles(K, kind, d, dtype):
     return K.tile_dims(d, dtype)
 
 
-def _resources(compiled):
-    """Registers and spills of a compiled kernel, from `cuobjdump` on its cubin (no GPU needed):
-    "registers" per thread, "stack" bytes (Triton kernels have no local arrays: a stack frame is
-    spills) and "loop_spills", the local-memory loads and stores inside a loop (between a backward
-    branch and its target), where a spill costs once per iteration instead of once per program."""
-    import re
-    import tempfile
-
-    from triton import knobs
-
-    tool = knobs.nvidia.cuobjdump.path
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    code = [(int(addr, 16), op) for addr, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    loops = [(int(target, 16), addr) for addr, op in code for target in re.findall(r"\bBRA 0x([0-9a-f]+)", op)
-             if int(target, 16) < addr]  # fmt: skip
-    local = [addr for addr, op in code if re.search(r"\b(STL|LDL)\b", op)]
-    in_loops = sum(any(lo <= addr <= hi for lo, hi in loops) for addr in local)
-    return dict(registers=int(reg), stack=int(stack), loop_spills=in_loops)
-
-
 def _worst_pair_jobs():
     """ArCL's worst-pair kernel: m ≤ 16 (M_PAD 16) and m = 64 (M_PAD 64), every input dtype."""
     cases = (("bf16", 90, 16), ("fp16", 80, 16), ("fp32", 90, 16), ("bf16", 90, 64), ("bf16", 80, 64))
@@ -182,31 +148,15 @@ def _worst_pair_jobs():
                  num_warps=4 if m_pad <= 16 else 8) for dt, arch, m_pad in cases]  # fmt: skip
 
 
-def _compile_worst_pair(j):
-    import traceback
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _measure_worst_pair(j):
     from fastssl.kernels.triton import worst_pair as W
 
-    rec = dict(j)
-    try:
-        fn = W._worst_pair_fwd_kernel
-        consts = dict(M_PAD=j["M_PAD"], BLOCK_D=j["BLOCK_D"], FP32_PRECISION="ieee", stride_d=1)
-        pointee = {"v_ptr": j["dtype"], "sim_ptr": "fp32", "first_ptr": "i64", "second_ptr": "i64"}
-        sig = {name: "constexpr" if name in consts else pointee.get(name, "i32") for name in fn.arg_names}
-        sig = {name: ("*" + t if name in pointee else t) for name, t in sig.items()}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", j["arch"], 32), options={"num_warps": j["num_warps"]})  # fmt: skip
-        ptx = compiled.asm["ptx"]
-        # A 16 x 16 Gram tile is below wgmma's 64-row minimum: mma.sync is the tensor-core path there.
-        rec.update(shared=int(compiled.metadata.shared), wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
-                   has_dot=True, **_resources(compiled))  # fmt: skip
-    except Exception:
-        rec["error"] = traceback.format_exc(limit=-6)
-    return rec
+    fn = W._worst_pair_fwd_kernel
+    consts = dict(M_PAD=j["M_PAD"], BLOCK_D=j["BLOCK_D"], FP32_PRECISION="ieee", stride_d=1)
+    pointers = {"v_ptr": j["dtype"], "sim_ptr": "fp32", "first_ptr": "i64", "second_ptr": "i64"}
+    sig, attrs = _aot.signature(fn, consts, pointers, aligned=False)
+    compiled, measured = _aot.compile_kernel(fn, sig, consts, attrs, j["arch"], {"num_warps": j["num_warps"]})
+    return dict(measured, has_dot=True, **_aot.cubin_resources(compiled))
 
 
 def _merge_jobs():
@@ -217,112 +167,63 @@ def _merge_jobs():
                  BLOCK_S=block_s, num_warps=4) for arch in (90, 80) for block_s in (2, K.MAX_SPLIT)]  # fmt: skip
 
 
-def _compile_merge(j):
-    import traceback
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _measure_merge(j):
     from fastssl.kernels.triton import pairwise_lse as K
 
-    rec = dict(j)
-    try:
-        fn = K._pairwise_lse_merge_kernel
-        consts = dict(BLOCK_R=j["BLOCK_R"], BLOCK_S=j["BLOCK_S"])
-        sig = {"PART": "*fp32", "LSE": "*fp32", "M": "i32", "N_SPLIT": "i32", **{k: "constexpr" for k in consts}}
-        attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", j["arch"], 32), options={"num_warps": j["num_warps"]})  # fmt: skip
-        rec.update(shared=int(compiled.metadata.shared), has_dot=False, wgmma=False, mma=False,
-                   **_resources(compiled))  # fmt: skip
-    except Exception:
-        rec["error"] = traceback.format_exc(limit=-6)
-    return rec
+    fn = K._pairwise_lse_merge_kernel
+    consts = dict(BLOCK_R=j["BLOCK_R"], BLOCK_S=j["BLOCK_S"])
+    sig, attrs = _aot.signature(fn, consts, {"PART": "fp32", "LSE": "fp32"})
+    compiled, measured = _aot.compile_kernel(fn, sig, consts, attrs, j["arch"], {"num_warps": j["num_warps"]})
+    return dict(measured, has_dot=False, wgmma=False, mma=False, **_aot.cubin_resources(compiled))
 
 
-def _compile(j):
-    """Compile one job; return its record (with the error text instead of metrics on failure)."""
-    import traceback
-
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _measure(j):
+    """Compile one job of any family as its launcher would; what the tests check of it."""
     from fastssl.kernels.triton import pairwise_lse as K
 
     if j["family"] == "frob":
-        return _compile_frob(j)
+        return _measure_frob(j)
     if j["family"] == "worst":
-        return _compile_worst_pair(j)
+        return _measure_worst_pair(j)
     if j["family"] == "merge":
-        return _compile_merge(j)
-    rec = dict(j)
-    try:
-        kernel = {
-            "fwd": K._pairwise_lse_fwd_kernel,
-            "rows": K._pairwise_lse_bwd_rows_kernel,
-            "sym": K._pairwise_lse_bwd_sym_kernel,
-            "dy": K._pairwise_lse_bwd_dy_kernel,
-            "weights": K._pairwise_lse_bwd_weights_kernel,
-            "pos": K._pairwise_lse_bwd_pos_kernel,
-        }[j["kind"]]
-        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction, under an autotuner or not
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[j["dtype"]]
-        d = j["D"]
-        precision = j.get("precision", K.FP32_DOT_PRECISION)
-        block_k, single_k, block_dout = _tiles(K, j["kind"], d, dtype)
-        flags = _FLAGS[j["flags"]]
-        consts = dict(
-            flags, BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
-            BLOCK_DOUT=block_dout, FP32_PRECISION=precision, NEEDS_DY=j.get("needs_dy", True), BLOCK_R=j["BLOCK_M"],
-            # "weights" is launched on y's columns (Y_COLUMNS) when there are y negatives.
-            Y_COLUMNS=flags["Y_NEGATIVES"], SPLIT=j.get("split", False),
-            # Contiguous inputs: Triton specialises unit strides to constants at launch.
-            stride_xd=1, stride_yd=1, stride_bd=1, stride_cd=1,
-        )  # fmt: skip
-        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-        pointee = {name: j["dtype"] for name in ("X", "Y", "B", "C", "DX", "DY", "W")}  # the rest: fp32
-        sig, attrs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.isupper() and name not in ("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT", "R", "NC"):
-                sig[name] = "*" + pointee.get(name, "fp32")
-                attrs[(i,)] = [["tt.divisibility", 16]]  # as the runtime sees torch allocations
-            else:
-                sig[name] = "i32"
-                # Row strides (= D when contiguous) and D itself carry the runtime's %16 hint.
-                if d % 16 == 0 and (name == "D" or name.startswith("stride_") and name.endswith("m")):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        t0 = time.time()
-        compiled = triton.compile(
-            ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-            target=GPUTarget("cuda", j["arch"], 32),
-            options={"num_warps": j["num_warps"], "num_stages": j["num_stages"]},
-        )
-        ptx = compiled.asm["ptx"]
-        rec.update(
-            seconds=round(time.time() - t0, 2),
-            shared=int(compiled.metadata.shared),
-            estimate=None if j["kind"] == "pos" else K.smem_estimate(
-                j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, dtype.itemsize, j["num_stages"], block_dout,
-                precision),  # fmt: skip
-            wgmma="wgmma.mma_async" in ptx,
-            mma="mma.sync" in ptx,
-            # Without y negatives the dy kernel only gathers the positive rows: it has no tl.dot.
-            has_dot=j["kind"] != "pos" and not (j["kind"] == "dy" and not _FLAGS[j["flags"]]["Y_NEGATIVES"]),
-            **_resources(compiled),
-        )
-    except Exception:  # reported, not raised: one bad config must not hide the others
-        rec["error"] = traceback.format_exc(limit=-6)
-    return rec
-
-
-def _cfg_key(cfg):
-    """A config as a JSON-able list, e.g. ["BLOCK_M=128", "BLOCK_N=64", "warps=8", "stages=3"]."""
-    return [f"{k}={v}" for k, v in sorted(cfg.kwargs.items())] + [f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"]
+        return _measure_merge(j)
+    kernel = {
+        "fwd": K._pairwise_lse_fwd_kernel,
+        "rows": K._pairwise_lse_bwd_rows_kernel,
+        "sym": K._pairwise_lse_bwd_sym_kernel,
+        "dy": K._pairwise_lse_bwd_dy_kernel,
+        "weights": K._pairwise_lse_bwd_weights_kernel,
+        "pos": K._pairwise_lse_bwd_pos_kernel,
+    }[j["kind"]]
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction, under an autotuner or not
+    dtype = _aot.DTYPES[j["dtype"]]
+    d = j["D"]
+    precision = j.get("precision", K.FP32_DOT_PRECISION)
+    block_k, single_k, block_dout = _tiles(K, j["kind"], d, dtype)
+    flags = _FLAGS[j["flags"]]
+    consts = dict(
+        flags, BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
+        BLOCK_DOUT=block_dout, FP32_PRECISION=precision, NEEDS_DY=j.get("needs_dy", True), BLOCK_R=j["BLOCK_M"],
+        # "weights" is launched on y's columns (Y_COLUMNS) when there are y negatives.
+        Y_COLUMNS=flags["Y_NEGATIVES"], SPLIT=j.get("split", False),
+        # Contiguous inputs: Triton specialises unit strides to constants at launch.
+        stride_xd=1, stride_yd=1, stride_bd=1, stride_cd=1,
+    )  # fmt: skip
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    pointers = _aot.upper_case_pointers(fn, consts, sizes=("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT", "R", "NC"),
+                                        inputs=("X", "Y", "B", "C", "DX", "DY", "W"), dtype=j["dtype"])  # fmt: skip
+    sig, attrs = _aot.signature(fn, consts, pointers, hinted=_aot.row_stride_hints(fn, d))
+    compiled, measured = _aot.compile_kernel(fn, sig, consts, attrs, j["arch"],
+                                             {"num_warps": j["num_warps"], "num_stages": j["num_stages"]})
+    return dict(
+        measured,
+        estimate=None if j["kind"] == "pos" else K.smem_estimate(
+            j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, dtype.itemsize, j["num_stages"], block_dout,
+            precision),  # fmt: skip
+        # Without y negatives the dy kernel only gathers the positive rows: it has no tl.dot.
+        has_dot=j["kind"] != "pos" and not (j["kind"] == "dy" and not flags["Y_NEGATIVES"]),
+        **_aot.cubin_resources(compiled),
+    )
 
 
 # Squared-Frobenius kernels (fastssl/kernels/triton/frobenius.py): per (kernel, variant), the constexpr
@@ -375,15 +276,13 @@ def _frob_jobs():
     * the per-column transform on, both routes (TRANSFORM_ON_L off and on) of every kernel, bf16
       sm_90 in the config with the largest shared-memory estimate; the Gram pair on sm_80.
     """
-    import torch
-
     from fastssl.kernels.triton import frobenius as F
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = _aot.DTYPES
 
     def cands(kind, variant, dt, arch):
         flags = _FROB_VARIANTS[(kind, variant)][0]
-        return F.candidate_configs(kind[5:], dtypes[dt].itemsize, SMEM_LIMIT[arch], flags.get("GRAM_PAIR", False),
+        return F.candidate_configs(kind[5:], dtypes[dt].itemsize, _aot.SMEM_LIMIT[arch], flags.get("GRAM_PAIR", False),
                                    flags.get("W_LEFT", False), F.transform_l_params(kind[5:], flags))  # fmt: skip
 
     def estimate(kind, variant, dt, cfg):
@@ -395,7 +294,7 @@ def _frob_jobs():
 
     def job(group, kind, variant, dt, arch, cfg, div16=True):
         return dict(family="frob", group=group, kind=kind, variant=variant, dtype=dt, arch=arch, div16=div16,
-                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages, cfg=_cfg_key(cfg))
+                    meta=dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages, cfg=_aot.cfg_key(cfg))
 
     jobs = []
     # fp32 first: CUDA-core dots compile slowest, and the pool balances better with them up front.
@@ -424,90 +323,49 @@ def _frob_jobs():
     return jobs
 
 
-def _compile_frob(j):
-    """Compile one squared-Frobenius job; return its record (the error text instead on failure)."""
-    import traceback
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _measure_frob(j):
+    """Compile one squared-Frobenius job as its launcher would; what the tests check of it."""
     from fastssl.kernels.triton import frobenius as F
 
-    rec = dict(j)
-    try:
-        kind = j["kind"][5:]
-        kernel = {"fwd": F._sq_frobenius_fwd_kernel, "matrix": F._sq_frobenius_bwd_matrix_kernel,
-                  "grad": F._sq_frobenius_bwd_grad_kernel}[kind]  # fmt: skip
-        fn = getattr(kernel, "fn", kernel)  # the JITFunction under the autotuner
-        flags, unit = _FROB_VARIANTS[(j["kind"], j["variant"])]
-        dt = j["dtype"]
-        w_left = flags.get("W_LEFT", False)
-        flags = dict(flags, SCALE_W=dt == "fp16") if kind == "grad" else flags
-        flags = dict(_FROB_TF_FLAGS[kind], **flags)
-        absent = {p: None for p, flag in _FROB_TF_POINTERS.items() if flag in flags and not flags[flag]}
-        consts = dict(flags, **absent, **j["meta"], FP32_PRECISION=F.FP32_DOT_PRECISION, **{name: 1 for name in unit})
-        pointers = {"X": dt, "Y": dt, "PART": "fp32", "W": "fp32", "GRAD": "fp32", "WMAX": "fp32", "OUT": dt}
-        pointers.update({p: "fp32" for p in _FROB_TF_POINTERS})  # shifts and scales: contiguous fp32 (K,)
-        if kind == "grad":  # the fp32 matrix W is X or Y
-            pointers.update(X="fp32" if w_left else dt, Y=dt if w_left else "fp32")
-        sig, attrs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in pointers:
-                sig[name] = "*" + pointers[name]
-                attrs[(i,)] = [["tt.divisibility", 16]]  # as the runtime sees torch allocations
-            elif name == "coef":
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-                # With R, K multiples of 16, sizes and non-unit strides carry the runtime's %16 hint.
-                if j["div16"] and (name in ("M", "L", "P", "Q") or name.startswith("stride_")):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        t0 = time.time()
-        compiled = triton.compile(
-            ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-            target=GPUTarget("cuda", j["arch"], 32),
-            options={"num_warps": j["num_warps"], "num_stages": j["num_stages"]},
-        )
-        ptx = compiled.asm["ptx"]
-        m = j["meta"]
-        shape = (m["BLOCK_P"], m["BLOCK_Q"], m["BLOCK_L"]) if kind == "grad" else (m["BLOCK"], m["BLOCK"], m["BLOCK_L"])
-        rec.update(
-            seconds=round(time.time() - t0, 2),
-            shared=int(compiled.metadata.shared),
-            estimate=F.smem_estimate(kind, *shape, {"bf16": 2, "fp16": 2, "fp32": 4}[dt], j["num_stages"], w_left,
-                                     F.transform_l_params(kind, flags)),  # fmt: skip
-            wgmma="wgmma.mma_async" in ptx,
-            mma="mma.sync" in ptx,
-            has_dot=True,
-            **_resources(compiled),
-        )
-    except Exception:  # reported, not raised: one bad config must not hide the others
-        rec["error"] = traceback.format_exc(limit=-6)
-    return rec
+    kind = j["kind"][5:]
+    kernel = {"fwd": F._sq_frobenius_fwd_kernel, "matrix": F._sq_frobenius_bwd_matrix_kernel,
+              "grad": F._sq_frobenius_bwd_grad_kernel}[kind]  # fmt: skip
+    fn = getattr(kernel, "fn", kernel)  # the JITFunction under the autotuner
+    flags, unit = _FROB_VARIANTS[(j["kind"], j["variant"])]
+    dt = j["dtype"]
+    w_left = flags.get("W_LEFT", False)
+    flags = dict(flags, SCALE_W=dt == "fp16") if kind == "grad" else flags
+    flags = dict(_FROB_TF_FLAGS[kind], **flags)
+    absent = {p: None for p, flag in _FROB_TF_POINTERS.items() if flag in flags and not flags[flag]}
+    consts = dict(flags, **absent, **j["meta"], FP32_PRECISION=F.FP32_DOT_PRECISION, **{name: 1 for name in unit})
+    pointers = {"X": dt, "Y": dt, "PART": "fp32", "W": "fp32", "GRAD": "fp32", "WMAX": "fp32", "OUT": dt}
+    pointers.update({p: "fp32" for p in _FROB_TF_POINTERS})  # shifts and scales: contiguous fp32 (K,)
+    if kind == "grad":  # the fp32 matrix W is X or Y
+        pointers.update(X="fp32" if w_left else dt, Y=dt if w_left else "fp32")
+    # With R, K multiples of 16, sizes and non-unit strides carry the runtime's %16 hint.
+    hinted = [name for name in fn.arg_names if name in ("M", "L", "P", "Q") or name.startswith("stride_")]
+    sig, attrs = _aot.signature(fn, consts, pointers, scalars={"coef": "fp32"}, hinted=hinted if j["div16"] else ())
+    compiled, measured = _aot.compile_kernel(fn, sig, consts, attrs, j["arch"],
+                                             {"num_warps": j["num_warps"], "num_stages": j["num_stages"]})
+    m = j["meta"]
+    shape = (m["BLOCK_P"], m["BLOCK_Q"], m["BLOCK_L"]) if kind == "grad" else (m["BLOCK"], m["BLOCK"], m["BLOCK_L"])
+    return dict(
+        measured,
+        estimate=F.smem_estimate(kind, *shape, _aot.DTYPES[dt].itemsize, j["num_stages"], w_left,
+                                 F.transform_l_params(kind, flags)),  # fmt: skip
+        has_dot=True,
+        **_aot.cubin_resources(compiled),
+    )
 
 
-def _main():
-    sys.path.insert(0, str(REPO))
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("run without TRITON_INTERPRET: the interpreter's @triton.jit cannot be compiled")
+def _configs():
+    """Every config of every kernel, for the coverage test."""
     from fastssl.kernels.triton import frobenius as F
     from fastssl.kernels.triton import pairwise_lse as K
 
-    jobs = _jobs()
-    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
-    t0 = time.time()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-        records = list(pool.map(_compile, jobs))
-    configs = {kind: [_cfg_key(c) for c in cs] for kind, cs in K.CONFIGS.items()}
-    configs.update({f"frob-{kind}": [_cfg_key(c) for c in cs] for kind, cs in F.CONFIGS.items()})
-    json.dump(dict(records=records, configs=configs, workers=workers, seconds=round(time.time() - t0, 1)),
-              sys.stdout)  # fmt: skip
+    configs = {kind: [_aot.cfg_key(c) for c in cs] for kind, cs in K.CONFIGS.items()}
+    configs.update({f"frob-{kind}": [_aot.cfg_key(c) for c in cs] for kind, cs in F.CONFIGS.items()})
+    return dict(configs=configs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,18 +374,7 @@ def _main():
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env, capture_output=True, text=True,
-            timeout=TIMEOUT_S,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"AOT compilation did not finish in {TIMEOUT_S} s; stderr tail:\n{(e.stderr or '')[-3000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"AOT compile subprocess failed (rc={proc.returncode}); stderr tail:\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout)
+    return _aot.compile_report(__file__, TIMEOUT_S)
 
 
 def _name(r):
@@ -546,42 +393,24 @@ def _name(r):
 
 
 def test_every_kernel_compiles(report):
-    failed = [f"{_name(r)}:\n{r['error']}" for r in report["records"] if "error" in r]
-    assert not failed, f"{len(failed)} of {len(report['records'])} compiles failed:\n\n" + "\n\n".join(failed)
+    _aot.assert_all_compiled(report, _name)
 
 
 def test_every_config_is_covered(report):
-    seen = {(r["kind"], *r["cfg"]) for r in report["records"] if r["group"] == "all-configs"}
-    missing = [(kind, *c) for kind, cs in report["configs"].items() for c in cs if (kind, *c) not in seen]
-    assert not missing, f"configs never compiled (pruned at bf16/sm_90?): {missing}"
+    _aot.assert_every_config_compiled(report)
 
 
 def test_tensor_cores(report):
-    bad = [
-        _name(r)
-        for r in report["records"]
-        if "error" not in r
-        and r["has_dot"]
-        and (r["dtype"] != "fp32" or r.get("precision", "ieee") != "ieee")
-        and not (r["wgmma"] if r["arch"] == 90 and r["family"] != "worst" else r["mma"] or r["wgmma"])
-    ]
-    assert not bad, "no tensor-core instruction (wgmma on sm_90, mma.sync on sm_80) in:\n" + "\n".join(bad)
+    with_dots = [r for r in _aot.compiled(report)
+                 if r["has_dot"] and (r["dtype"] != "fp32" or r.get("precision", "ieee") != "ieee")]  # fmt: skip
+    _aot.assert_tensor_cores([r for r in with_dots if r["family"] != "worst"], _name)
+    # ArCL's 16 x 16 Gram tile is below wgmma's 64-row minimum: mma.sync is the tensor-core path there.
+    _aot.assert_tensor_cores([r for r in with_dots if r["family"] == "worst"], _name, below_wgmma_size=True)
 
 
 def test_shared_memory(report):
-    over = [
-        f"{_name(r)}: {r['shared']} B > {SMEM_LIMIT[r['arch']]} B"
-        for r in report["records"]
-        if "error" not in r and r["shared"] > SMEM_LIMIT[r["arch"]]
-    ]
-    assert not over, "shared memory over the device limit:\n" + "\n".join(over)
-    # The autotuner prunes with smem_estimate: it must never underestimate.
-    under = [
-        f"{_name(r)}: uses {r['shared']} B, estimated {r['estimate']} B"
-        for r in report["records"]
-        if "error" not in r and r.get("estimate") is not None and r["shared"] > r["estimate"]
-    ]
-    assert not under, "smem_estimate below the compiled kernel's shared memory:\n" + "\n".join(under)
+    # The autotuner prunes with smem_estimate: it must never underestimate ("pos" has no estimate).
+    _aot.assert_shared_memory(_aot.compiled(report), _name)
 
 
 #: (family, kind) of the kernels whose loops must not touch local memory. The backward kernels and
@@ -594,7 +423,7 @@ def test_forward_has_no_loop_spills(report):
     """The forward (split and unsplit) and the merge never spill inside a loop; on sm_90 with D a
     multiple of 16 (vectorised loads) the forward has no stack frame at all. (Unvectorised loads of
     an odd D, and fp16 D = 256 on sm_80, spill a little before the column loop.)"""
-    checked = [r for r in report["records"] if "error" not in r and (r["family"], r["kind"]) in NO_LOOP_SPILLS]
+    checked = [r for r in _aot.compiled(report) if (r["family"], r["kind"]) in NO_LOOP_SPILLS]
     assert len(checked) >= 20, "the forward's records are missing"
     in_loops = [f"{_name(r)}: {r['loop_spills']} local loads/stores in loops, {r['registers']} registers"
                 for r in checked if r["loop_spills"]]  # fmt: skip
@@ -611,8 +440,7 @@ SPILL_FREE_KINDS = ("rows", "sym", "dy", "weights", "pos")
 
 def test_backward_has_no_register_spills(report):
     """No stack frame in the backward's cubins, at any D and arch: ptxas spilled no register."""
-    checked = [r for r in report["records"]
-               if "error" not in r and r["family"] == "lse" and r["kind"] in SPILL_FREE_KINDS]  # fmt: skip
+    checked = [r for r in _aot.compiled(report) if r["family"] == "lse" and r["kind"] in SPILL_FREE_KINDS]
     assert len(checked) >= 50, "the backward's records are missing"
     spilled = [f"{_name(r)}: {r['stack']} B of stack ({r['loop_spills']} local loads/stores in loops), "
                f"{r['registers']} registers" for r in checked if r["stack"] or r["loop_spills"]]  # fmt: skip
@@ -620,4 +448,4 @@ def test_backward_has_no_register_spills(report):
 
 
 if __name__ == "__main__":
-    _main()
+    _aot.main(_jobs, _measure, _configs)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastssl._common import compute_dtype
+from fastssl.kernels import PrototypeCEFlags
 
 #: Upper bound on the bytes of one chunk of logits (the only large buffer held at a time).
 _CHUNK_BYTES = int(os.environ.get("FASTSSL_TORCH_CHUNK_BYTES", str(64 * 2**20)))
@@ -84,16 +85,16 @@ def prototype_ce_forward(
     center: Optional[Tensor],
     scale_s: Tensor,
     scale_t: Tensor,
-    student_mean: bool,
+    flags: PrototypeCEFlags,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(lse_s (N,), mean_s (N, D) or (0, D), lse_t (Nt,), mean_t (Nt, D)), fp32 (fp64 for fp64 inputs).
 
-    lse_s_i = LSE_k scale_s·s_i·w_k; mean_s_i = Σ_k softmax_ik·w_k (only if student_mean: the
+    lse_s_i = LSE_k scale_s·s_i·w_k; mean_s_i = Σ_k softmax_ik·w_k (only if flags.needs_ds: the
     backward's ds). lse_t_j = LSE_k scale_t·(t_j·w_t,k − c_k); mean_t_j = Σ_k p_t,jk·w_k.
     w_t None means w.
     """
     dt, sc, wc, tc, wtc, cc = _prepare(s, w, t, w_t, center)
-    lse_s, mean_s = _softmax_stats(sc, wc, None, scale_s.to(dt), wc if student_mean else None)
+    lse_s, mean_s = _softmax_stats(sc, wc, None, scale_s.to(dt), wc if flags.needs_ds else None)
     if mean_s is None:
         mean_s = sc.new_empty(0, sc.shape[1])
     lse_t, mean_t = _softmax_stats(tc, wtc, cc, scale_t.to(dt), wc)

@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastssl._common import device_ctx
+from fastssl.kernels import PrototypeCEFlags
 from fastssl.kernels.triton._utils import autotune, device_smem_limit, logits_loop, mm, mm_weights, round_to, row_bin
 from fastssl.kernels.triton.pairwise_lse import FP32_DOT_PRECISION, tile_dims
 
@@ -349,12 +350,13 @@ def prototype_ce_forward(
     center: Optional[Tensor],
     scale_s: Tensor,
     scale_t: Tensor,
-    student_mean: bool,
+    flags: PrototypeCEFlags,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(lse_s (N,), mean_s (N, D) or (0, D), lse_t (Nt,), mean_t (Nt, D)), fp32; w_t None means w."""
+    """(lse_s (N,), mean_s (N, D) if flags.needs_ds else (0, D), lse_t (Nt,), mean_t (Nt, D)), fp32;
+    w_t None means w."""
     scale_s, scale_t = scale_s.to(s.device), scale_t.to(s.device)
     center = None if center is None else center.to(device=s.device, dtype=torch.float32).contiguous()
-    lse_s, mean_s = _row_stats(s, w, w if student_mean else None, None, scale_s)
+    lse_s, mean_s = _row_stats(s, w, w if flags.needs_ds else None, None, scale_s)
     if mean_s is None:
         mean_s = torch.empty(0, s.shape[1], dtype=torch.float32, device=s.device)
     lse_t, mean_t = _row_stats(t, w if w_t is None else w_t, w, center, scale_t)
