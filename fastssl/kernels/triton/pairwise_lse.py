@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -119,6 +119,16 @@ BWD_WEIGHTS_CONFIGS = _configs(
 )
 CONFIGS = {"fwd": FWD_CONFIGS, "rows": BWD_ROWS_CONFIGS, "sym": BWD_SYM_CONFIGS, "dy": BWD_DY_CONFIGS,
            "weights": BWD_WEIGHTS_CONFIGS}  # fmt: skip
+#: The "wide" Hopper variant's lists (`HopperVariant`): larger tiles and more warps for sm_90, each
+#: compiled for sm_90 without spills and within its shared memory (tests/gpu/test_triton_hopper_aot.py).
+#: They go through the same pruning; "weights" keeps its list (the blocked route is cuBLAS-bound).
+HOPPER_CONFIGS = {
+    "fwd": _configs([(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (256, 64, 8, 3)]),
+    "rows": _configs([(128, 64, 16, 2), (128, 32, 8, 3), (64, 128, 8, 2)]),
+    "sym": _configs([(128, 64, 16, 2), (64, 128, 8, 2), (128, 32, 8, 3)]),
+    "dy": _configs([(128, 128, 16, 2), (128, 64, 8, 3)]),
+    "weights": BWD_WEIGHTS_CONFIGS,
+}
 #: Under the interpreter: small tiles, so that the odd test sizes hit several tiles and every mask.
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 #: fp32 dots run on CUDA cores (FP32_DOT_PRECISION = "ieee"): big tiles buy nothing there and take
@@ -178,21 +188,22 @@ MAX_LIVE_FP32 = 100
 
 
 def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, block_dout: int,
-                      smem_limit: int, needs_dy: bool = True) -> list:
-    """The configs of kernel `kind` (a key of CONFIGS) that autotuning may pick for these tiles.
+                      smem_limit: int, needs_dy: bool = True, configs: Optional[list] = None) -> list:
+    """The configs of kernel `kind` (a key of CONFIGS) that autotuning may pick for these tiles, out of
+    `configs` (default CONFIGS[kind]; HOPPER_CONFIGS[kind] for the "wide" variant).
     `needs_dy` only matters to "rows", whose dx-only variant keeps no dy tile."""
+    configs = CONFIGS[kind] if configs is None else configs
     keep = [
         c
-        for c in CONFIGS[kind]
+        for c in configs
         if (itemsize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= FP32_MAX_TILE)
         and smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, single_k, itemsize, c.num_stages,
                           block_dout) <= smem_limit
         and live_fp32_per_thread(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, c.num_warps,
                                  needs_dy) <= MAX_LIVE_FP32
     ]
-    smallest = min(CONFIGS[kind], key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
     return keep or [smallest]
-
 
 
 def _prune(kind):
@@ -201,7 +212,7 @@ def _prune(kind):
         limit = device_smem_limit(x.device.index or 0)  # CUDA tensors always carry their index
         # The backward kernels have no SINGLE_K: "weights" always loops over D, the others never do.
         return candidate_configs(kind, x.element_size(), kwargs["BLOCK_K"], kwargs.get("SINGLE_K", kind != "weights"),
-                                 kwargs.get("BLOCK_DOUT", 0), limit, kwargs.get("NEEDS_DY", True))
+                                 kwargs.get("BLOCK_DOUT", 0), limit, kwargs.get("NEEDS_DY", True), configs)
 
     return prune
 
@@ -267,9 +278,43 @@ def _y_tile_needs_mask(start_n, row0, p0, NY, EXCLUDE_SELF: tl.constexpr, BLOCK_
     return hit
 
 
-@autotune(FWD_CONFIGS, INTERPRET_CONFIG, key=[*_KEY, "N_SPLIT"], prune=_prune("fwd"))
-@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
-def _pairwise_lse_fwd_kernel(
+@triton.jit
+def _row_tiles(P, N, D, stride_m, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    """What `_tile` loads (BLOCK_R, BLOCK_K) tiles of the (N, D) rows of P through: with TMA a tensor
+    descriptor (a TMA copy on sm_90; out-of-bounds rows and columns read as zero), else P itself. The
+    launcher passes TMA only for rows that `tma_eligible` accepts (unit stride along D, 16-byte
+    aligned base and row stride)."""
+    tiles = P
+    if TMA:
+        tiles = tl.make_tensor_descriptor(P, shape=[N, D], strides=[stride_m, 1], block_shape=[BLOCK_R, BLOCK_K])
+    return tiles
+
+
+@triton.jit
+def _tile(tiles, start, k0, P, idx, mask, stride_m, stride_d, ks, k_mask, TMA: tl.constexpr):
+    """Rows idx = start + arange(BLOCK_R) of P, columns ks = k0 + arange(BLOCK_K): a descriptor load
+    with TMA (`tiles` from `_row_tiles`), else a masked pointer load (0 outside `mask` and `k_mask`)."""
+    if TMA:
+        t = tiles.load([start, k0])
+    else:
+        t = tl.load(P + idx[:, None] * stride_m + ks[None, :] * stride_d, mask=mask[:, None] & k_mask[None, :],
+                    other=0.0)
+    return t
+
+
+@triton.jit
+def _logits_loop_tma(a_tiles, b_tiles, a0, b0, D, FP32_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`logits_loop` through descriptors: the (BLOCK_A, BLOCK_B) fp32 tile of rows a0.. of A times rows
+    b0.. of B transposed, over D in BLOCK_K chunks (zero past D: the descriptors' bounds)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        acc = mm(a_tiles.load([a0, k0]), tl.trans(b_tiles.load([b0, k0])), acc, FP32_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd_program(
     X, Y, B, SCALE, LSE, POS, PART,
     M, NY, NB, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd,
@@ -277,6 +322,7 @@ def _pairwise_lse_fwd_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """lse_i and pos_i (fp32, natural log) for one block of BLOCK_M rows (grid axis 0) and, if SPLIT,
     one of N_SPLIT runs of its column tiles (grid axis 1, `_split_columns`).
@@ -292,9 +338,11 @@ def _pairwise_lse_fwd_kernel(
     own fp32 rounding). If SPLIT, each split stores instead its partial LSE in base 2,
     m + log2(l) (−inf for a split without columns), at PART[split, row] ((N_SPLIT, M) fp32), and
     `_pairwise_lse_merge_kernel` combines them into lse. ROW_BIN is only an autotuning key.
+    TMA: the x, y and bank tiles through tensor descriptors (`_row_tiles`); LOOP_STAGES: the column
+    loops' tl.range num_stages (None: the compiler's default, which pipelines the dot operands).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    row0 = pid * BLOCK_M
+    row0_32 = tl.program_id(0) * BLOCK_M  # descriptor offsets are int32 (M < 2^31)
+    row0 = row0_32.to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     pcol = (rows + pos_offset) % NY
@@ -312,11 +360,13 @@ def _pairwise_lse_fwd_kernel(
         y_lo, y_hi, b_lo, b_hi = _split_columns(NY, NB, split, N_SPLIT, Y_NEGATIVES, HAS_BANK, BLOCK_N)
         first = split == 0
 
+    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA)
+    y_tiles = _row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA)
+    b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK)
     if SINGLE_K:
         ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
         k_mask = ks < D
-        x_blk = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x_blk = _tile(x_tiles, row0_32, 0, X, rows, row_mask, stride_xm, stride_xd, ks, k_mask, TMA)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -334,13 +384,14 @@ def _pairwise_lse_fwd_kernel(
             l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
 
     if Y_NEGATIVES:
-        for start_n in range(y_lo, y_hi, BLOCK_N):
+        for start_n in tl.range(y_lo, y_hi, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             col_mask = cols < NY
             if SINGLE_K:
-                y_t = tl.load(Y + cols[:, None] * stride_ym + ks[None, :] * stride_yd,
-                              mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                y_t = _tile(y_tiles, start_n, 0, Y, cols, col_mask, stride_ym, stride_yd, ks, k_mask, TMA)
                 s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
+            elif TMA:
+                s = _logits_loop_tma(x_tiles, y_tiles, row0_32, start_n, D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             else:
                 s = logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -358,13 +409,14 @@ def _pairwise_lse_fwd_kernel(
             m_i, l_i = _online_update(m_i, l_i, qk)
 
     if HAS_BANK:
-        for start_n in range(b_lo, b_hi, BLOCK_N):
+        for start_n in tl.range(b_lo, b_hi, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             col_mask = cols < NB
             if SINGLE_K:
-                b_t = tl.load(B + cols[:, None] * stride_bm + ks[None, :] * stride_bd,
-                              mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                b_t = _tile(b_tiles, start_n, 0, B, cols, col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
                 s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
+            elif TMA:
+                s = _logits_loop_tma(x_tiles, b_tiles, row0_32, start_n, D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             else:
                 s = logits_loop(X, B, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_bm, stride_bd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -381,6 +433,41 @@ def _pairwise_lse_fwd_kernel(
         tl.store(PART + tl.program_id(1).to(tl.int64) * M + rows, lse2, mask=row_mask)
     else:
         tl.store(LSE + rows, lse2 * LN2, mask=row_mask)
+
+
+@autotune(FWD_CONFIGS, INTERPRET_CONFIG, key=[*_KEY, "N_SPLIT"], prune=_prune("fwd"))
+@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
+def _pairwise_lse_fwd_kernel(
+    X, Y, B, SCALE, LSE, POS, PART,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd,
+    pos_offset, ROW_BIN, N_SPLIT,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel: `_fwd_program` with pointer loads and the compiler's own loop pipelining."""
+    _fwd_program(X, Y, B, SCALE, LSE, POS, PART, M, NY, NB, D, stride_xm, stride_xd, stride_ym, stride_yd,
+            stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
+            SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
+
+
+@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
+def _pairwise_lse_fwd_hopper_kernel(
+    X, Y, B, SCALE, LSE, POS, PART,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd,
+    pos_offset, ROW_BIN, N_SPLIT,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_fwd_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    _fwd_program(X, Y, B, SCALE, LSE, POS, PART, M, NY, NB, D, stride_xm, stride_xd, stride_ym, stride_yd,
+            stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
+            SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
+
 
 
 @triton.jit
@@ -460,9 +547,8 @@ def _pairwise_lse_bwd_pos_kernel(
     tl.store(W_POS + rows, w, mask=row_mask)
 
 
-@autotune(BWD_ROWS_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("rows"), reset_to_zero=["DY_ACC"])
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _pairwise_lse_bwd_rows_kernel(
+@triton.jit
+def _rows_program(
     X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC,
     M, NY, NB, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam,
@@ -470,6 +556,7 @@ def _pairwise_lse_bwd_rows_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """dx for one block of BLOCK_M rows and, with NEEDS_DY, the block's share of dy through atomics.
 
@@ -483,7 +570,8 @@ def _pairwise_lse_bwd_rows_kernel(
     and rounds it). Without NEEDS_DY the weights are P·2^15 (see above) and DY_ACC is not touched.
     Indices are int32 in the masks (sizes < 2^31) and int64 in addresses.
     """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
     pcol = (rows + pos_offset) % NY
@@ -494,8 +582,10 @@ def _pairwise_lse_bwd_rows_kernel(
     f = tl.load(WSCALE)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
     k_mask = ks < D
-    x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    y_tiles = _row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA)
+    b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK)
+    x_blk = _tile(_row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA), row0, 0, X, rows64, row_mask, stride_xm,
+                  stride_xd, ks, k_mask, TMA)
     if NEEDS_DY:
         # Rows past M get grad_lse = 0, hence zero weights: they add nothing to dy.
         w_row = g_lse * f
@@ -506,12 +596,11 @@ def _pairwise_lse_bwd_rows_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
-        for start_n in range(0, NY, BLOCK_N):
+        for start_n in tl.range(0, NY, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NY
             cols64 = cols.to(tl.int64)
-            y_t = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
-                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            y_t = _tile(y_tiles, start_n, 0, Y, cols64, col_mask, stride_ym, stride_yd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[None, :] & (cols[None, :] != pcol[:, None])
             if EXCLUDE_SELF:
@@ -528,11 +617,10 @@ def _pairwise_lse_bwd_rows_kernel(
                 acc = mm(round_to(p, y_t.dtype), y_t, acc, FP32_PRECISION)
 
     if HAS_BANK:
-        for start_n in range(0, NB, BLOCK_N):
+        for start_n in tl.range(0, NB, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            b_t = tl.load(B + cols.to(tl.int64)[:, None] * stride_bm + ks[None, :] * stride_bd,
-                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            b_t = _tile(b_tiles, start_n, 0, B, cols.to(tl.int64), col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - shift2[:, None], float("-inf")))
             if NEEDS_DY:
@@ -553,9 +641,45 @@ def _pairwise_lse_bwd_rows_kernel(
     tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(dx, DX.dtype.element_ty), mask=m2)
 
 
-@autotune(BWD_SYM_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("sym"))
+@autotune(BWD_ROWS_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("rows"), reset_to_zero=["DY_ACC"])
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _pairwise_lse_bwd_sym_kernel(
+def _pairwise_lse_bwd_rows_kernel(
+    X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel: `_rows_program` with pointer loads and the compiler's own loop pipelining."""
+    _rows_program(X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC, M, NY, NB, D, stride_xm, stride_xd,
+            stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
+            EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False,
+            LOOP_STAGES=None)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_rows_hopper_kernel(
+    X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_rows_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    _rows_program(X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC, M, NY, NB, D, stride_xm, stride_xd,
+            stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
+            EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA,
+            LOOP_STAGES=LOOP_STAGES)
+
+
+
+@triton.jit
+def _sym_program(
     X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY,
     M, NB, D,
     stride_xm, stride_xd, stride_bm, stride_bd, stride_dxm, stride_dym,
@@ -563,6 +687,7 @@ def _pairwise_lse_bwd_sym_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """x is y (SimCLR, DCL, ArCL, VICReg-exp): the two roles' gradients of one block of BLOCK_M rows,
     without atomics.
@@ -580,7 +705,8 @@ def _pairwise_lse_bwd_sym_kernel(
     x is y) feed dx alone: they are added after dy is stored.
     """
     # M = Ny and 0 ≤ pos_offset < M: (i ± pos_offset) mod M is one conditional add or subtract.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
     pcol = rows + pos_offset
@@ -593,15 +719,16 @@ def _pairwise_lse_bwd_sym_kernel(
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = ks < D
     m2 = row_mask[:, None] & k_mask[None, :]
-    x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
+    x_blk = _tile(_row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA), row0, 0, X, rows64, row_mask, stride_xm,
+                  stride_xd, ks, k_mask, TMA)
+    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_N, BLOCK_K, TMA)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
+    for start_n in tl.range(0, M, BLOCK_N, num_stages=LOOP_STAGES):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_mask = cols < M
         cols64 = cols.to(tl.int64)
-        x_t = tl.load(X + cols64[:, None] * stride_xm + ks[None, :] * stride_xd,
-                      mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        x_t = _tile(x_tiles, start_n, 0, X, cols64, col_mask, stride_xm, stride_xd, ks, k_mask, TMA)
         lse2_c = tl.load(LSE + cols64, mask=col_mask, other=0.0) * LOG2E
         w_col = tl.load(GRAD_LSE + cols64, mask=col_mask, other=0.0) * f
         pcol_c = cols + pos_offset
@@ -633,20 +760,54 @@ def _pairwise_lse_bwd_sym_kernel(
     tl.store(DY + rows64[:, None] * stride_dym + ks[None, :], round_to(acc * unscale, DY.dtype.element_ty), mask=m2)
 
     if HAS_BANK:
-        for start_n in range(0, NB, BLOCK_N):
+        b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA)
+        for start_n in tl.range(0, NB, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            b_t = tl.load(B + cols.to(tl.int64)[:, None] * stride_bm + ks[None, :] * stride_bd,
-                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            b_t = _tile(b_tiles, start_n, 0, B, cols.to(tl.int64), col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - lse2[:, None], float("-inf")))
             acc = mm(round_to(p * w_row[:, None], b_t.dtype), b_t, acc, FP32_PRECISION)
     tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(acc * unscale, DX.dtype.element_ty), mask=m2)
 
 
-@autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("dy"))
+@autotune(BWD_SYM_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("sym"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _pairwise_lse_bwd_dy_kernel(
+def _pairwise_lse_bwd_sym_kernel(
+    X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY,
+    M, NB, D,
+    stride_xm, stride_xd, stride_bm, stride_bd, stride_dxm, stride_dym,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel: `_sym_program` with pointer loads and the compiler's own loop pipelining."""
+    _sym_program(X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY, M, NB, D, stride_xm, stride_xd, stride_bm,
+            stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
+            BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_sym_hopper_kernel(
+    X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY,
+    M, NB, D,
+    stride_xm, stride_xd, stride_bm, stride_bd, stride_dxm, stride_dym,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_sym_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    _sym_program(X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY, M, NB, D, stride_xm, stride_xd, stride_bm,
+            stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
+            BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
+
+
+
+@triton.jit
+def _dy_program(
     X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY,
     M, NY, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
@@ -654,6 +815,7 @@ def _pairwise_lse_bwd_dy_kernel(
     EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """dy alone (dx not asked for: a frozen row tower) for one block of BLOCK_N columns of y.
 
@@ -665,28 +827,29 @@ def _pairwise_lse_bwd_dy_kernel(
     rows of column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over Ny,
     usually one), are then gathered and added elementwise. The bank needs no gradient and is not read.
     """
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(0) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     col_mask = cols < NY
     cols64 = cols.to(tl.int64)
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = ks < D
-    y_blk = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
-                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+    y_blk = _tile(_row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA), col0, 0, Y, cols64, col_mask, stride_ym,
+                  stride_yd, ks, k_mask, TMA)
+    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
         f = tl.load(WSCALE)
-        for start_m in range(0, M, BLOCK_M):
+        for start_m in tl.range(0, M, BLOCK_M, num_stages=LOOP_STAGES):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_mask = rows < M
             rows64 = rows.to(tl.int64)
             pcol = (rows + pos_offset) % NY
             lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
             w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * f
-            x_t = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
-                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            x_t = _tile(x_tiles, start_m, 0, X, rows64, row_mask, stride_xm, stride_xd, ks, k_mask, TMA)
             s_t = mm(y_blk, tl.trans(x_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[:, None] & row_mask[None, :] & (cols[:, None] != pcol[None, :])
             if EXCLUDE_SELF:
@@ -708,6 +871,41 @@ def _pairwise_lse_bwd_dy_kernel(
 
     tl.store(DY + cols64[:, None] * stride_dym + ks[None, :], round_to(acc * scale, DY.dtype.element_ty),
              mask=col_mask[:, None] & k_mask[None, :])
+
+
+@autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("dy"))
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_dy_kernel(
+    X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY,
+    M, NY, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
+    pos_offset, ROW_BIN,
+    EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel: `_dy_program` with pointer loads and the compiler's own loop pipelining."""
+    _dy_program(X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY, M, NY, D, stride_xm, stride_xd, stride_ym, stride_yd,
+            stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            TMA=False, LOOP_STAGES=None)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_dy_hopper_kernel(
+    X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY,
+    M, NY, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
+    pos_offset, ROW_BIN,
+    EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_dy_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    _dy_program(X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY, M, NY, D, stride_xm, stride_xd, stride_ym, stride_yd,
+            stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            TMA=TMA, LOOP_STAGES=LOOP_STAGES)
+
 
 
 @autotune(BWD_WEIGHTS_CONFIGS, INTERPRET_CONFIG, key=["ROW_BIN", "BLOCK_K", "Y_COLUMNS", "EXCLUDE_SELF"],
@@ -856,19 +1054,120 @@ def pairwise_lse_forward(
     meta.update(HAS_BANK=has_bank, EXCLUDE_SELF=flags.exclude_self, INCLUDE_POS=flags.include_pos,
                 Y_NEGATIVES=flags.y_negatives, SPLIT=n_split > 1)  # fmt: skip
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), n_split)  # noqa: E731
+    kernel, extra = variant_kernel("fwd", (x, y, b if has_bank else None))
     with device_ctx(x):
-        _pairwise_lse_fwd_kernel[grid](
+        kernel[grid](
             x, y, b, scale, lse, pos, part,
             m, n_y, n_b, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1),
             flags.pos_offset, row_bin(max(m, n_y)), n_split,
-            **meta,
+            **meta, **extra,
         )  # fmt: skip
         if n_split > 1:
             _pairwise_lse_merge_kernel[(triton.cdiv(m, MERGE_BLOCK_R),)](
                 part, lse, m, n_split, BLOCK_R=MERGE_BLOCK_R, BLOCK_S=triton.next_power_of_2(n_split)
             )
     return lse, pos
+
+
+class HopperVariant(NamedTuple):
+    """Opt-in variants of the resident kernels for sm_90 (forward, and the fused backward's "rows",
+    "sym" and "dy"), all off by default: the default stays today's kernels until a GPU run measures
+    them (benchmarks/hopper_variants.py). Set by ``FASTSSL_LSE_HOPPER`` (`parse_hopper_variant`).
+
+    tma: x, y and bank tiles through device-side tensor descriptors (TMA copies), where
+        `tma_eligible` accepts every input of the launch; otherwise the pointer path, always. The
+        forward's D loop (D past resident) takes them too; gathers (the positives) stay pointer loads.
+    pipeline: the column loops as tl.range(num_stages = the config's num_stages), which pipelines
+        every load of the loop (the symmetric pass's column lse and grad_lse too), not only the
+        operands of its dots as the kernel-wide num_stages does.
+    wide: the autotuner picks from HOPPER_CONFIGS (larger tiles, 8 and 16 warps) instead of CONFIGS.
+
+    Triton 3.6's warp specialisation (tl.range(warp_specialize=True)) is not offered: on sm_90 it
+    compiles to the very same PTX as without (it targets Blackwell), see test_triton_hopper_aot.py.
+    """
+
+    tma: bool = False
+    pipeline: bool = False
+    wide: bool = False
+
+
+def parse_hopper_variant(text: str) -> HopperVariant:
+    """`HopperVariant` from a comma-separated list of its field names ("" or "default": none), e.g.
+    "tma,pipeline"; an unknown name raises ValueError rather than be ignored."""
+    names = {n.strip() for n in text.split(",")} - {"", "default"}
+    unknown = names - set(HopperVariant._fields)
+    if unknown:
+        raise ValueError(f"FASTSSL_LSE_HOPPER: unknown variant(s) {sorted(unknown)}; known: {HopperVariant._fields}")
+    return HopperVariant(**{n: True for n in names})
+
+
+#: The variant the launchers use, read from FASTSSL_LSE_HOPPER here and nowhere else (a benchmark
+#: may assign this attribute to switch variants in one process).
+HOPPER_VARIANT = parse_hopper_variant(os.environ.get("FASTSSL_LSE_HOPPER", ""))
+#: Benchmarks only: kind (a key of CONFIGS) -> the one triton.Config to launch, with no autotuning.
+PINNED_CONFIGS: dict = {}
+
+
+def tma_eligible(*tensors: Optional[Tensor]) -> bool:
+    """Whether every given (N, D) tensor (None: absent) can be read through a tensor descriptor: unit
+    stride along D, the row stride and the base address multiples of 16 bytes (TMA's rules), on a
+    GPU with TMA (sm_90 or later) or under the interpreter. Anything else takes the pointer path."""
+    present = [t for t in tensors if t is not None]
+    if not interpreting() and not all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+                                      for t in present):  # fmt: skip
+        return False
+    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in present)  # fmt: skip
+
+
+def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    """Global memory for device-side descriptors (128 bytes each per program), from torch's allocator."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side descriptors need triton.set_allocator; a user's own allocator is left in place."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
+
+
+_DEFAULT_KERNELS = {"fwd": _pairwise_lse_fwd_kernel, "rows": _pairwise_lse_bwd_rows_kernel,
+                    "sym": _pairwise_lse_bwd_sym_kernel, "dy": _pairwise_lse_bwd_dy_kernel}  # fmt: skip
+_HOPPER_KERNELS = {"fwd": _pairwise_lse_fwd_hopper_kernel, "rows": _pairwise_lse_bwd_rows_hopper_kernel,
+                   "sym": _pairwise_lse_bwd_sym_hopper_kernel, "dy": _pairwise_lse_bwd_dy_hopper_kernel}  # fmt: skip
+_KEYS = {"fwd": [*_KEY, "N_SPLIT"], "rows": _BWD_KEY, "sym": _BWD_KEY, "dy": _BWD_KEY}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, shapes: tuple):
+    """The Hopper entry of kernel `kind` autotuned over configs given as (BLOCK_M, BLOCK_N, num_warps,
+    num_stages, LOOP_STAGES) tuples: one autotuner (and one cache of its choices) per list."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LOOP_STAGES": loop}, num_warps=w, num_stages=st)
+               for bm, bn, w, st, loop in shapes]  # fmt: skip
+    interpret = triton.Config({**INTERPRET_CONFIG.kwargs, "LOOP_STAGES": shapes[0][4]}, num_warps=4, num_stages=1)
+    reset = ["DY_ACC"] if kind == "rows" else None
+    return autotune(configs, interpret, key=_KEYS[kind] + ["TMA"], prune=_prune(kind),
+                    reset_to_zero=reset)(_HOPPER_KERNELS[kind])  # fmt: skip
+
+
+def variant_kernel(kind: str, tensors: tuple) -> tuple:
+    """(kernel, extra meta) that launches `kind` on `tensors` (x, y, bank or None) under HOPPER_VARIANT
+    and PINNED_CONFIGS: today's autotuned kernel when neither is set, else the Hopper entry with
+    TMA = variant.tma and `tma_eligible(*tensors)`, its configs carrying LOOP_STAGES."""
+    variant = HOPPER_VARIANT
+    pinned = PINNED_CONFIGS.get(kind)
+    if variant == HopperVariant() and pinned is None:
+        return _DEFAULT_KERNELS[kind], {}
+    configs = [pinned] if pinned is not None else (HOPPER_CONFIGS if variant.wide else CONFIGS)[kind]
+    shapes = tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                    c.num_stages if variant.pipeline else None) for c in configs)  # fmt: skip
+    tma = variant.tma and tma_eligible(*tensors)
+    if tma and not interpreting():
+        _ensure_tma_allocator()
+    return _tuned(kind, shapes), {"TMA": tma}
 
 
 #: Route of the backward: "auto" (`backward_route`), or "fused" / "blocked" to force one (e.g. to
@@ -1079,34 +1378,38 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
     meta.update(EXCLUDE_SELF=flags.exclude_self)
     size_bin = row_bin(max(m, n_y))
     rows_grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
+    inputs = (x, y, b if has_bank else None)
     with device_ctx(x):
         if same and want_dx and want_dy and flags.y_negatives:
-            _pairwise_lse_bwd_sym_kernel[rows_grid](
+            kernel, extra = variant_kernel("sym", inputs)
+            kernel[rows_grid](
                 x, b, scale, lse, grad_lse, w_pos, wscale, dx, dy,
                 m, n_b, d,
                 x.stride(0), x.stride(1), b.stride(0), b.stride(1), dx.stride(0), dy.stride(0),
                 flags.pos_offset, size_bin,
-                HAS_BANK=has_bank, **meta,
+                HAS_BANK=has_bank, **meta, **extra,
             )  # fmt: skip
         elif want_dx:
             # dy's fp32 accumulator; a one-element stand-in when dy is not asked for (never written).
             dy_acc = torch.zeros((n_y, d) if want_dy else (1,), dtype=torch.float32, device=x.device)
-            _pairwise_lse_bwd_rows_kernel[rows_grid](
+            kernel, extra = variant_kernel("rows", inputs)
+            kernel[rows_grid](
                 x, y, b, scale, lse, grad_lse, w_pos, wscale, dx, dy_acc,
                 m, n_y, n_b, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1), dx.stride(0),
                 dy_acc.stride(0),
                 flags.pos_offset, size_bin,
-                HAS_BANK=has_bank, Y_NEGATIVES=flags.y_negatives, NEEDS_DY=want_dy, **meta,
+                HAS_BANK=has_bank, Y_NEGATIVES=flags.y_negatives, NEEDS_DY=want_dy, **meta, **extra,
             )  # fmt: skip
             if want_dy:
                 dy.copy_(dy_acc.mul_(scale.to(torch.float32) / wscale))
         else:
-            _pairwise_lse_bwd_dy_kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]),)](
+            kernel, extra = variant_kernel("dy", (x, y))
+            kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]),)](
                 x, y, scale, lse, grad_lse, w_pos, wscale, dy,
                 m, n_y, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0),
                 flags.pos_offset, size_bin,
-                Y_NEGATIVES=flags.y_negatives, **meta,
+                Y_NEGATIVES=flags.y_negatives, **meta, **extra,
             )  # fmt: skip
     return dx, dy
