@@ -119,12 +119,17 @@ BWD_WEIGHTS_CONFIGS = _configs(
 )
 CONFIGS = {"fwd": FWD_CONFIGS, "rows": BWD_ROWS_CONFIGS, "sym": BWD_SYM_CONFIGS, "dy": BWD_DY_CONFIGS,
            "weights": BWD_WEIGHTS_CONFIGS}  # fmt: skip
+#: The forward's configs for fp32 inputs, any D: 8 warps. CUDA-core ("ieee") dots hold a 64 x 64 fp32
+#: tile on 128 threads at up to 255 registers, and FWD_CONFIGS' 4-warp (64, 64, 4, 3) spilled at D = 128
+#: (sm_90); these compile without spills at D = 70, 128 and 300 (tests/gpu/test_triton_hopper_aot.py).
+#: Half precision keeps FWD_CONFIGS.
+FWD_FP32_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3)])
 #: The "wide" Hopper variant's lists (`HopperVariant`): larger tiles and more warps for sm_90, each
 #: compiled for sm_90 without spills and within its shared memory (tests/gpu/test_triton_hopper_aot.py).
 #: They go through the same pruning; "weights" keeps its list (the blocked route is cuBLAS-bound).
 HOPPER_CONFIGS = {
     "fwd": _configs([(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (256, 64, 8, 3)]),
-    "rows": _configs([(128, 64, 16, 2), (128, 32, 8, 3), (64, 128, 8, 2)]),
+    "rows": _configs([(128, 64, 16, 2), (128, 32, 8, 3)]),
     "sym": _configs([(128, 64, 16, 2), (64, 128, 8, 2), (128, 32, 8, 3)]),
     "dy": _configs([(128, 128, 16, 2), (128, 64, 8, 3)]),
     "weights": BWD_WEIGHTS_CONFIGS,
@@ -1135,35 +1140,53 @@ def _ensure_tma_allocator() -> None:
 
 
 _DEFAULT_KERNELS = {"fwd": _pairwise_lse_fwd_kernel, "rows": _pairwise_lse_bwd_rows_kernel,
-                    "sym": _pairwise_lse_bwd_sym_kernel, "dy": _pairwise_lse_bwd_dy_kernel}  # fmt: skip
+                    "sym": _pairwise_lse_bwd_sym_kernel, "dy": _pairwise_lse_bwd_dy_kernel,
+                    "weights": _pairwise_lse_bwd_weights_kernel}  # fmt: skip
 _HOPPER_KERNELS = {"fwd": _pairwise_lse_fwd_hopper_kernel, "rows": _pairwise_lse_bwd_rows_hopper_kernel,
                    "sym": _pairwise_lse_bwd_sym_hopper_kernel, "dy": _pairwise_lse_bwd_dy_hopper_kernel}  # fmt: skip
-_KEYS = {"fwd": [*_KEY, "N_SPLIT"], "rows": _BWD_KEY, "sym": _BWD_KEY, "dy": _BWD_KEY}
+_KEYS = {"fwd": [*_KEY, "N_SPLIT"], "rows": _BWD_KEY, "sym": _BWD_KEY, "dy": _BWD_KEY,
+         "weights": ["ROW_BIN", "BLOCK_K", "Y_COLUMNS", "EXCLUDE_SELF"]}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, shapes: tuple):
-    """The Hopper entry of kernel `kind` autotuned over configs given as (BLOCK_M, BLOCK_N, num_warps,
-    num_stages, LOOP_STAGES) tuples: one autotuner (and one cache of its choices) per list."""
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LOOP_STAGES": loop}, num_warps=w, num_stages=st)
-               for bm, bn, w, st, loop in shapes]  # fmt: skip
-    interpret = triton.Config({**INTERPRET_CONFIG.kwargs, "LOOP_STAGES": shapes[0][4]}, num_warps=4, num_stages=1)
+    """Kernel `kind` autotuned over configs given as (BLOCK_M, BLOCK_N, num_warps, num_stages,
+    LOOP_STAGES) tuples, one autotuner (and one cache of its choices) per list: the Hopper entry, or
+    for "weights" (no variant) today's kernel, whose configs carry no LOOP_STAGES."""
+    hopper = kind in _HOPPER_KERNELS
+    loop = lambda stages: {"LOOP_STAGES": stages} if hopper else {}  # noqa: E731
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **loop(ls)}, num_warps=w, num_stages=st)
+               for bm, bn, w, st, ls in shapes]  # fmt: skip
+    interpret = triton.Config({**INTERPRET_CONFIG.kwargs, **loop(shapes[0][4])}, num_warps=4, num_stages=1)
     reset = ["DY_ACC"] if kind == "rows" else None
-    return autotune(configs, interpret, key=_KEYS[kind] + ["TMA"], prune=_prune(kind),
-                    reset_to_zero=reset)(_HOPPER_KERNELS[kind])  # fmt: skip
+    fn = _HOPPER_KERNELS[kind] if hopper else _DEFAULT_KERNELS[kind].fn
+    return autotune(configs, interpret, key=_KEYS[kind] + (["TMA"] if hopper else []), prune=_prune(kind),
+                    reset_to_zero=reset)(fn)  # fmt: skip
 
 
 def variant_kernel(kind: str, tensors: tuple) -> tuple:
     """(kernel, extra meta) that launches `kind` on `tensors` (x, y, bank or None) under HOPPER_VARIANT
     and PINNED_CONFIGS: today's autotuned kernel when neither is set, else the Hopper entry with
-    TMA = variant.tma and `tma_eligible(*tensors)`, its configs carrying LOOP_STAGES."""
-    variant = HOPPER_VARIANT
+    TMA = variant.tma and `tma_eligible(*tensors)`, its configs carrying LOOP_STAGES. On a GPU the fp32
+    forward always takes the Hopper entry, over FWD_FP32_CONFIGS (TMA off, LOOP_STAGES None: today's code).
+    "weights" has no variant: only a pinned config changes its launch."""
+    variant = HOPPER_VARIANT if kind in _HOPPER_KERNELS else HopperVariant()  # "weights" has none
     pinned = PINNED_CONFIGS.get(kind)
-    if variant == HopperVariant() and pinned is None:
+    # Under the interpreter every autotuner runs INTERPRET_CONFIG: the fp32 forward keeps today's entry
+    # there (tests swap its tiles).
+    fp32_fwd = kind == "fwd" and tensors[0].element_size() == 4 and not interpreting()
+    if variant == HopperVariant() and pinned is None and not fp32_fwd:
         return _DEFAULT_KERNELS[kind], {}
-    configs = [pinned] if pinned is not None else (HOPPER_CONFIGS if variant.wide else CONFIGS)[kind]
+    if pinned is not None:
+        configs = [pinned]
+    elif fp32_fwd:
+        configs = FWD_FP32_CONFIGS
+    else:
+        configs = (HOPPER_CONFIGS if variant.wide else CONFIGS)[kind]
     shapes = tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                     c.num_stages if variant.pipeline else None) for c in configs)  # fmt: skip
+    if kind not in _HOPPER_KERNELS:
+        return _tuned(kind, shapes), {}
     tma = variant.tma and tma_eligible(*tensors)
     if tma and not interpreting():
         _ensure_tma_allocator()
@@ -1265,7 +1288,7 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, w_pos, wscale, flags, dx
     def weights(cols, out, row0, n_rows, y_columns):
         width = cols.shape[0]
         grid = lambda META: (triton.cdiv(n_rows, META["BLOCK_M"]) * triton.cdiv(width, META["BLOCK_N"]),)  # noqa: E731
-        _pairwise_lse_bwd_weights_kernel[grid](
+        variant_kernel("weights", (x,))[0][grid](
             x, cols, scale, lse, grad_lse, wscale, out,
             n_rows, width, n_y, d, row0,
             x.stride(0), x.stride(1), cols.stride(0), cols.stride(1), out.stride(0),
