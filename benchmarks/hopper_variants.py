@@ -59,19 +59,20 @@ def plan(d: int, dtype_itemsize: int = 2, smem_limit: int = 232448) -> list:
     bwd = "sym" if single_k else "weights"
     bwd_k = block_k if single_k else K.blocked_block_k(d, dtype)
 
-    def first(kind, lists, k, single, n=1):
-        configs = K.candidate_configs(kind, dtype_itemsize, k, single, block_dout, smem_limit, True, lists[kind])
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs[:n]]
+    def shapes(configs):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
 
-    today = {"fwd": first("fwd", K.CONFIGS, block_k, single_k)[0], bwd: first(bwd, K.CONFIGS, bwd_k, bwd == "sym")[0]}
-    wide_fwd = first("fwd", K.HOPPER_CONFIGS, block_k, single_k, 2)
-    wide_bwd = first(bwd, K.HOPPER_CONFIGS, bwd_k, bwd == "sym", 2)
+    today = {"fwd": shapes(K.candidate_configs("fwd", dtype_itemsize, block_k, single_k, block_dout, smem_limit))[0],
+             bwd: shapes(K.candidate_configs(bwd, dtype_itemsize, bwd_k, single_k, block_dout, smem_limit))[0]}
+    wide_fwd = shapes(K.wide_candidates("fwd", dtype_itemsize, block_k, single_k, smem_limit))[:2]
+    # The blocked route's "weights" has no wide configs: today's, there.
+    wide_bwd = shapes(K.wide_candidates(bwd, dtype_itemsize, bwd_k, single_k, smem_limit)) if single_k else []
     rows = [("today", "", today), ("tma", "tma", today), ("pipeline", "pipeline", today),
             ("tma+pipeline", "tma,pipeline", today)]  # fmt: skip
-    for i, fwd in enumerate(wide_fwd):
-        rows.append((f"tma+pipeline wide{i}", "tma,pipeline", {"fwd": fwd, bwd: wide_bwd[min(i, len(wide_bwd) - 1)]}))
-    rows.append(("pointers wide0", "", {"fwd": wide_fwd[0], bwd: wide_bwd[0]}))
-    return rows
+    wide = [{"fwd": fwd, bwd: wide_bwd[min(i, len(wide_bwd) - 1)] if wide_bwd else today[bwd]}
+            for i, fwd in enumerate(wide_fwd)]  # fmt: skip
+    rows += [(f"tma+pipeline wide{i}", "tma,pipeline", configs) for i, configs in enumerate(wide)]
+    return rows + [("pointers wide0", "", wide[0])] if wide else rows
 
 
 def _config(shape):

@@ -45,8 +45,11 @@ def test_plan(d):
         K.parse_hopper_variant(text)  # a valid setting
     today = rows[0][2]
     assert all(configs == today for _, _, configs in rows[:4]), "the switches are timed in today's configs"
-    wide = [tuple(c.kwargs.values())[:2] + (c.num_warps, c.num_stages) for c in K.HOPPER_CONFIGS["fwd"]]
+    wide = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in K.HOPPER_CONFIGS["fwd"]]
     assert rows[4][2]["fwd"] in wide and rows[-1][2] == rows[4][2]
+    wide_bwd = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in K.HOPPER_CONFIGS.get(bwd, [])]  # "weights" has none
+    assert rows[4][2][bwd] in wide_bwd + [today[bwd]], "the backward's wide config, else today's where none fits"
 
 
 def test_dry_run_walks_the_plan(tmp_path):

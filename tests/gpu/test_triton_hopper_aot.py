@@ -5,7 +5,8 @@ kernels; this file runs its own compiles in one subprocess without TRITON_INTERP
 Matrix, bf16 with SimCLR's flags unless said, sm_90, through each kernel's Hopper entry:
   * "tma", "pipeline" and both, in the first config of today's list, for the forward and the fused
     backward's "rows", "sym" and "dy" at D = 128 and D = 256 (the widest resident D);
-  * both, in every config of HOPPER_CONFIGS ("wide") that survives pruning, at D = 128 and 256;
+  * both, in every config of HOPPER_CONFIGS ("wide") that pruning keeps (`wide_candidates`), at
+    D = 128 and 256;
   * the forward's D loop (D = 512, bank and y negatives) through descriptors; MoCo (bank, fp16) and
     "rows" without dy;
   * the fp32 forward in each FWD_FP32_CONFIGS entry at D = 70 (an odd D), 128 and 300 (the D loop),
@@ -70,8 +71,9 @@ def _jobs():
             first = cands(kind, "bf16", d)[0]
             for tma, pipeline in ((True, False), (False, True), (True, True)):
                 jobs.append(job("variants", kind, "bf16", d, "simclr", first, tma, pipeline))
+            block_k, single_k, _ = K.tile_dims(d, torch.bfloat16)
             jobs += [job("wide", kind, "bf16", d, "simclr", c, True, True)
-                     for c in cands(kind, "bf16", d, K.HOPPER_CONFIGS[kind])]  # fmt: skip
+                     for c in K.wide_candidates(kind, 2, block_k, single_k, SMEM_LIMIT_SM90)]  # fmt: skip
     jobs.append(job("d-loop", "fwd", "bf16", 512, "all", cands("fwd", "bf16", 512)[0], True, True))
     jobs.append(job("flags", "fwd", "fp16", 128, "moco", cands("fwd", "fp16", 128)[0], True, True))
     jobs.append(job("flags", "rows", "fp16", 128, "moco", cands("rows", "fp16", 128, needs_dy=False)[0], True, True,
@@ -130,7 +132,7 @@ def _compile(j):
         ptx = compiled.asm["ptx"]
         rec.update(seconds=round(time.time() - t0, 2), shared=int(compiled.metadata.shared),
                    estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, DTYPES[j["dtype"]],
-                                            j["num_stages"], block_dout),
+                                            j["num_stages"], block_dout, tma=j["tma"]),
                    tma_copies="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx,
                    **_resources(compiled))  # fmt: skip
     except Exception:  # reported, not raised: one bad config must not hide the others

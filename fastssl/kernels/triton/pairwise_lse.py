@@ -124,15 +124,15 @@ CONFIGS = {"fwd": FWD_CONFIGS, "rows": BWD_ROWS_CONFIGS, "sym": BWD_SYM_CONFIGS,
 #: (sm_90); these compile without spills at D = 70, 128 and 300 (tests/gpu/test_triton_hopper_aot.py).
 #: Half precision keeps FWD_CONFIGS.
 FWD_FP32_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3)])
-#: The "wide" Hopper variant's lists (`HopperVariant`): larger tiles and more warps for sm_90, each
-#: compiled for sm_90 without spills and within its shared memory (tests/gpu/test_triton_hopper_aot.py).
-#: They go through the same pruning; "weights" keeps its list (the blocked route is cuBLAS-bound).
+#: The "wide" Hopper variant's extra configs (`HopperVariant`), autotuned together with CONFIGS: larger
+#: tiles, each compiled for sm_90 without spills where pruning keeps it (tests/gpu/test_triton_hopper_aot.py).
+#: 16 warps cap a thread at 128 registers and spilled in every backward kernel; "dy" had no larger
+#: tile that did not spill.
 HOPPER_CONFIGS = {
     "fwd": _configs([(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (256, 64, 8, 3)]),
-    "rows": _configs([(128, 64, 16, 2), (128, 32, 8, 3)]),
-    "sym": _configs([(128, 64, 16, 2), (64, 128, 8, 2), (128, 32, 8, 3)]),
-    "dy": _configs([(128, 128, 16, 2), (128, 64, 8, 3)]),
-    "weights": BWD_WEIGHTS_CONFIGS,
+    "rows": _configs([(128, 32, 8, 3)]),
+    "sym": _configs([(128, 32, 8, 3)]),
+    "dy": [],
 }
 #: Under the interpreter: small tiles, so that the odd test sizes hit several tiles and every mask.
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
@@ -142,14 +142,15 @@ FP32_MAX_TILE = 64 * 64
 
 
 def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k: bool, itemsize: int, stages: int,
-                  block_dout: int = 0, fp32_precision: Optional[str] = None) -> int:
+                  block_dout: int = 0, fp32_precision: Optional[str] = None, tma: bool = False) -> int:
     """Upper estimate of the shared memory (bytes) of one program; the pruning relies on it.
 
     Resident operands (SINGLE_K) count once, streamed ones once per pipeline stage, plus the
     (BLOCK_M, BLOCK_N) tiles of weights that a backward product reads from shared memory ("rows"
     stages more: see there). Exact for the resident forward kernel on sm_90, above the compiled
     figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout` is no longer read: no
-    kernel slices the output's D since the blocked route took D > resident.
+    kernel slices the output's D since the blocked route took D > resident. `tma`: the TMA copies'
+    barriers, one 8-byte mbarrier per stage (test_triton_hopper_aot.py), plus one to spare.
     """
     if single_k:
         if kind == "fwd":
@@ -167,6 +168,8 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
         est = itemsize * stages * block_k * (block_m + block_n)
     if itemsize == 4 and (fp32_precision or FP32_DOT_PRECISION) != "ieee":
         est = est * 3 // 2  # TF32 splits stage extra operand copies (benchmarks/RESULTS.md, "Measurements behind design choices")
+    if tma:
+        est += 8 * (stages + 1)
     return est
 
 
@@ -193,22 +196,30 @@ MAX_LIVE_FP32 = 100
 
 
 def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, block_dout: int,
-                      smem_limit: int, needs_dy: bool = True, configs: Optional[list] = None) -> list:
+                      smem_limit: int, needs_dy: bool = True, configs: Optional[list] = None, tma: bool = False) -> list:
     """The configs of kernel `kind` (a key of CONFIGS) that autotuning may pick for these tiles, out of
-    `configs` (default CONFIGS[kind]; HOPPER_CONFIGS[kind] for the "wide" variant).
-    `needs_dy` only matters to "rows", whose dx-only variant keeps no dy tile."""
+    `configs` (default CONFIGS[kind]; the "wide" variant adds HOPPER_CONFIGS[kind]); `tma`: loads
+    through descriptors. `needs_dy` only matters to "rows", whose dx-only variant keeps no dy tile."""
     configs = CONFIGS[kind] if configs is None else configs
     keep = [
         c
         for c in configs
         if (itemsize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= FP32_MAX_TILE)
         and smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, single_k, itemsize, c.num_stages,
-                          block_dout) <= smem_limit
+                          block_dout, tma=tma) <= smem_limit
         and live_fp32_per_thread(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, c.num_warps,
                                  needs_dy) <= MAX_LIVE_FP32
     ]
     smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
     return keep or [smallest]
+
+
+def wide_candidates(kind: str, itemsize: int, block_k: int, single_k: bool, smem_limit: int,
+                    needs_dy: bool = True) -> list:
+    """The HOPPER_CONFIGS of `kind` that the "wide" variant's pruning keeps for these tiles (with TMA)."""
+    kept = candidate_configs(kind, itemsize, block_k, single_k, 0, smem_limit, needs_dy,
+                             HOPPER_CONFIGS[kind] + CONFIGS[kind], tma=True)  # fmt: skip
+    return [c for c in kept if any(c is h for h in HOPPER_CONFIGS[kind])]
 
 
 def _prune(kind):
@@ -217,7 +228,8 @@ def _prune(kind):
         limit = device_smem_limit(x.device.index or 0)  # CUDA tensors always carry their index
         # The backward kernels have no SINGLE_K: "weights" always loops over D, the others never do.
         return candidate_configs(kind, x.element_size(), kwargs["BLOCK_K"], kwargs.get("SINGLE_K", kind != "weights"),
-                                 kwargs.get("BLOCK_DOUT", 0), limit, kwargs.get("NEEDS_DY", True), configs)
+                                 kwargs.get("BLOCK_DOUT", 0), limit, kwargs.get("NEEDS_DY", True), configs,
+                                 kwargs.get("TMA", False))  # fmt: skip
 
     return prune
 
@@ -288,7 +300,9 @@ def _row_tiles(P, N, D, stride_m, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, 
     """What `_tile` loads (BLOCK_R, BLOCK_K) tiles of the (N, D) rows of P through: with TMA a tensor
     descriptor (a TMA copy on sm_90; out-of-bounds rows and columns read as zero), else P itself. The
     launcher passes TMA only for rows that `tma_eligible` accepts (unit stride along D, 16-byte
-    aligned base and row stride)."""
+    aligned base and row stride). Only streamed tiles take descriptors: a kernel's resident block,
+    loaded once, stays a pointer load, which the dots read from shared memory (a descriptor load of
+    it lands in registers: the forward at D = 256 spilled, tests/gpu/test_triton_hopper_aot.py)."""
     tiles = P
     if TMA:
         tiles = tl.make_tensor_descriptor(P, shape=[N, D], strides=[stride_m, 1], block_shape=[BLOCK_R, BLOCK_K])
@@ -346,8 +360,9 @@ def _fwd_program(
     TMA: the x, y and bank tiles through tensor descriptors (`_row_tiles`); LOOP_STAGES: the column
     loops' tl.range num_stages (None: the compiler's default, which pipelines the dot operands).
     """
-    row0_32 = tl.program_id(0) * BLOCK_M  # descriptor offsets are int32 (M < 2^31)
-    row0 = row0_32.to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    row0 = pid * BLOCK_M
+    row0_32 = row0.to(tl.int32)  # descriptor offsets are int32 (M < 2^31)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     pcol = (rows + pos_offset) % NY
@@ -365,13 +380,15 @@ def _fwd_program(
         y_lo, y_hi, b_lo, b_hi = _split_columns(NY, NB, split, N_SPLIT, Y_NEGATIVES, HAS_BANK, BLOCK_N)
         first = split == 0
 
-    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA)
+    # The streamed tiles through descriptors; the resident row block (SINGLE_K) by pointers, once.
+    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA and not SINGLE_K)
     y_tiles = _row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA)
     b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK)
     if SINGLE_K:
         ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
         k_mask = ks < D
-        x_blk = _tile(x_tiles, row0_32, 0, X, rows, row_mask, stride_xm, stride_xd, ks, k_mask, TMA)
+        x_blk = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xd,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -575,8 +592,7 @@ def _rows_program(
     and rounds it). Without NEEDS_DY the weights are P·2^15 (see above) and DY_ACC is not touched.
     Indices are int32 in the masks (sizes < 2^31) and int64 in addresses.
     """
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
     pcol = (rows + pos_offset) % NY
@@ -589,8 +605,8 @@ def _rows_program(
     k_mask = ks < D
     y_tiles = _row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA)
     b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK)
-    x_blk = _tile(_row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA), row0, 0, X, rows64, row_mask, stride_xm,
-                  stride_xd, ks, k_mask, TMA)
+    x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
     if NEEDS_DY:
         # Rows past M get grad_lse = 0, hence zero weights: they add nothing to dy.
         w_row = g_lse * f
@@ -710,8 +726,7 @@ def _sym_program(
     x is y) feed dx alone: they are added after dy is stored.
     """
     # M = Ny and 0 ≤ pos_offset < M: (i ± pos_offset) mod M is one conditional add or subtract.
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
     pcol = rows + pos_offset
@@ -724,8 +739,7 @@ def _sym_program(
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = ks < D
     m2 = row_mask[:, None] & k_mask[None, :]
-    x_blk = _tile(_row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA), row0, 0, X, rows64, row_mask, stride_xm,
-                  stride_xd, ks, k_mask, TMA)
+    x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
     x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_N, BLOCK_K, TMA)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -832,16 +846,15 @@ def _dy_program(
     rows of column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over Ny,
     usually one), are then gathered and added elementwise. The bank needs no gradient and is not read.
     """
-    col0 = tl.program_id(0) * BLOCK_N
-    cols = col0 + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < NY
     cols64 = cols.to(tl.int64)
     scale = tl.load(SCALE).to(tl.float32)
     qk_scale = scale * LOG2E
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = ks < D
-    y_blk = _tile(_row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA), col0, 0, Y, cols64, col_mask, stride_ym,
-                  stride_yd, ks, k_mask, TMA)
+    y_blk = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
     x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -1086,7 +1099,7 @@ class HopperVariant(NamedTuple):
     pipeline: the column loops as tl.range(num_stages = the config's num_stages), which pipelines
         every load of the loop (the symmetric pass's column lse and grad_lse too), not only the
         operands of its dots as the kernel-wide num_stages does.
-    wide: the autotuner picks from HOPPER_CONFIGS (larger tiles, 8 and 16 warps) instead of CONFIGS.
+    wide: the autotuner picks from HOPPER_CONFIGS (larger tiles) as well as CONFIGS.
 
     Triton 3.6's warp specialisation (tl.range(warp_specialize=True)) is not offered: on sm_90 it
     compiles to the very same PTX as without (it targets Blackwell), see test_triton_hopper_aot.py.
@@ -1182,7 +1195,7 @@ def variant_kernel(kind: str, tensors: tuple) -> tuple:
     elif fp32_fwd:
         configs = FWD_FP32_CONFIGS
     else:
-        configs = (HOPPER_CONFIGS if variant.wide else CONFIGS)[kind]
+        configs = (HOPPER_CONFIGS[kind] if variant.wide else []) + CONFIGS[kind]
     shapes = tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                     c.num_stages if variant.pipeline else None) for c in configs)  # fmt: skip
     if kind not in _HOPPER_KERNELS:
