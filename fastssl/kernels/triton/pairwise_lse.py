@@ -119,15 +119,13 @@ BWD_WEIGHTS_CONFIGS = _configs(
 )
 CONFIGS = {"fwd": FWD_CONFIGS, "rows": BWD_ROWS_CONFIGS, "sym": BWD_SYM_CONFIGS, "dy": BWD_DY_CONFIGS,
            "weights": BWD_WEIGHTS_CONFIGS}  # fmt: skip
-#: The forward's configs for fp32 inputs, any D: 8 warps. CUDA-core ("ieee") dots hold a 64 x 64 fp32
-#: tile on 128 threads at up to 255 registers, and FWD_CONFIGS' 4-warp (64, 64, 4, 3) spilled at D = 128
-#: (sm_90); these compile without spills at D = 70, 128 and 300 (tests/gpu/test_triton_hopper_aot.py).
-#: Half precision keeps FWD_CONFIGS.
+#: The forward's configs for fp32 inputs, any D, on a GPU: 8 warps, since CUDA-core ("ieee") dots on 4
+#: warps ran out of registers and spilled; these do not (benchmarks/RESULTS.md, "Measurements behind
+#: design choices"; tests/gpu/test_triton_hopper_aot.py). Half precision keeps FWD_CONFIGS.
 FWD_FP32_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3)])
 #: The "wide" Hopper variant's extra configs (`HopperVariant`), autotuned together with CONFIGS: larger
 #: tiles, each compiled for sm_90 without spills where pruning keeps it (tests/gpu/test_triton_hopper_aot.py).
-#: 16 warps cap a thread at 128 registers and spilled in every backward kernel; "dy" had no larger
-#: tile that did not spill.
+#: No 16-warp ones (128 registers a thread) and none for "dy": those spilled (benchmarks/RESULTS.md).
 HOPPER_CONFIGS = {
     "fwd": _configs([(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (256, 64, 8, 3)]),
     "rows": _configs([(128, 32, 8, 3)]),
@@ -150,7 +148,7 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
     stages more: see there). Exact for the resident forward kernel on sm_90, above the compiled
     figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout` is no longer read: no
     kernel slices the output's D since the blocked route took D > resident. `tma`: the TMA copies'
-    barriers, one 8-byte mbarrier per stage (test_triton_hopper_aot.py), plus one to spare.
+    barriers, one 8-byte mbarrier per stage (benchmarks/RESULTS.md), plus one to spare.
     """
     if single_k:
         if kind == "fwd":
@@ -301,8 +299,8 @@ def _row_tiles(P, N, D, stride_m, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, 
     descriptor (a TMA copy on sm_90; out-of-bounds rows and columns read as zero), else P itself. The
     launcher passes TMA only for rows that `tma_eligible` accepts (unit stride along D, 16-byte
     aligned base and row stride). Only streamed tiles take descriptors: a kernel's resident block,
-    loaded once, stays a pointer load, which the dots read from shared memory (a descriptor load of
-    it lands in registers: the forward at D = 256 spilled, tests/gpu/test_triton_hopper_aot.py)."""
+    loaded once, stays a pointer load, since a descriptor load of it lands in registers, where the
+    forward at D = 256 spilled (benchmarks/RESULTS.md, "Measurements behind design choices")."""
     tiles = P
     if TMA:
         tiles = tl.make_tensor_descriptor(P, shape=[N, D], strides=[stride_m, 1], block_shape=[BLOCK_R, BLOCK_K])
@@ -1102,7 +1100,7 @@ class HopperVariant(NamedTuple):
     wide: the autotuner picks from HOPPER_CONFIGS (larger tiles) as well as CONFIGS.
 
     Triton 3.6's warp specialisation (tl.range(warp_specialize=True)) is not offered: on sm_90 it
-    compiles to the very same PTX as without (it targets Blackwell), see test_triton_hopper_aot.py.
+    compiles to the very same PTX as without (it targets Blackwell; tests/gpu/test_triton_hopper_aot.py).
     """
 
     tma: bool = False
