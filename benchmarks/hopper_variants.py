@@ -7,8 +7,8 @@ fastssl/kernels/triton/pairwise_lse.py), on one GPU, in one short run.
 NT-Xent forward + backward (backend="triton", bf16) at 2N ∈ {8192, 32768} and D ∈ {128, 256, 512};
 per shape, each row of `plan` — a variant and one pinned config per kernel (PINNED_CONFIGS: no
 autotuning sweep, one compile per kernel and row) — is timed with CUDA events (median of --reps
-after one warm-up call, which compiles; --dry-run times its one call) and its loss and gradients are compared with the first row,
-today's kernels in today's first config, on the same inputs. Rows that do not fit in --budget-s are
+after one warm-up call, which compiles; --dry-run times its one call), and its loss and gradients
+are compared with the first row's, today's kernels in today's first config, on the same inputs. Rows that do not fit in --budget-s are
 listed as skipped, not timed. Prints a table and writes the JSON file.
 
 The rows: today's kernels; "tma", "pipeline" and both in the same configs (what each switch buys);

@@ -131,8 +131,8 @@ def _compile(j):
                                   options={"num_warps": j["num_warps"], "num_stages": j["num_stages"]})  # fmt: skip
         ptx = compiled.asm["ptx"]
         rec.update(seconds=round(time.time() - t0, 2), shared=int(compiled.metadata.shared),
-                   estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, DTYPES[j["dtype"]],
-                                            j["num_stages"], block_dout, tma=j["tma"]),
+                   estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k,
+                                            DTYPES[j["dtype"]], j["num_stages"], block_dout, tma=j["tma"]),
                    tma_copies="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx,
                    **_resources(compiled))  # fmt: skip
     except Exception:  # reported, not raised: one bad config must not hide the others

@@ -194,7 +194,8 @@ MAX_LIVE_FP32 = 100
 
 
 def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, block_dout: int,
-                      smem_limit: int, needs_dy: bool = True, configs: Optional[list] = None, tma: bool = False) -> list:
+                      smem_limit: int, needs_dy: bool = True, configs: Optional[list] = None,
+                      tma: bool = False) -> list:
     """The configs of kernel `kind` (a key of CONFIGS) that autotuning may pick for these tiles, out of
     `configs` (default CONFIGS[kind]; the "wide" variant adds HOPPER_CONFIGS[kind]); `tma`: loads
     through descriptors. `needs_dy` only matters to "rows", whose dx-only variant keeps no dy tile."""
@@ -308,11 +309,11 @@ def _row_tiles(P, N, D, stride_m, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, 
 
 
 @triton.jit
-def _tile(tiles, start, k0, P, idx, mask, stride_m, stride_d, ks, k_mask, TMA: tl.constexpr):
-    """Rows idx = start + arange(BLOCK_R) of P, columns ks = k0 + arange(BLOCK_K): a descriptor load
-    with TMA (`tiles` from `_row_tiles`), else a masked pointer load (0 outside `mask` and `k_mask`)."""
+def _tile(tiles, start, P, idx, mask, stride_m, stride_d, ks, k_mask, TMA: tl.constexpr):
+    """Rows idx = start + arange(BLOCK_R) of P, columns ks = arange(BLOCK_K): a descriptor load with
+    TMA (`tiles` from `_row_tiles`), else a masked pointer load (0 outside `mask` and `k_mask`)."""
     if TMA:
-        t = tiles.load([start, k0])
+        t = tiles.load([start, 0])
     else:
         t = tl.load(P + idx[:, None] * stride_m + ks[None, :] * stride_d, mask=mask[:, None] & k_mask[None, :],
                     other=0.0)
@@ -408,7 +409,7 @@ def _fwd_program(
             cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             col_mask = cols < NY
             if SINGLE_K:
-                y_t = _tile(y_tiles, start_n, 0, Y, cols, col_mask, stride_ym, stride_yd, ks, k_mask, TMA)
+                y_t = _tile(y_tiles, start_n, Y, cols, col_mask, stride_ym, stride_yd, ks, k_mask, TMA)
                 s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             elif TMA:
                 s = _logits_loop_tma(x_tiles, y_tiles, row0_32, start_n, D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -433,7 +434,7 @@ def _fwd_program(
             cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             col_mask = cols < NB
             if SINGLE_K:
-                b_t = _tile(b_tiles, start_n, 0, B, cols, col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
+                b_t = _tile(b_tiles, start_n, B, cols, col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
                 s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             elif TMA:
                 s = _logits_loop_tma(x_tiles, b_tiles, row0_32, start_n, D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -468,8 +469,8 @@ def _pairwise_lse_fwd_kernel(
 ):  # fmt: skip
     """Today's kernel: `_fwd_program` with pointer loads and the compiler's own loop pipelining."""
     _fwd_program(X, Y, B, SCALE, LSE, POS, PART, M, NY, NB, D, stride_xm, stride_xd, stride_ym, stride_yd,
-            stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
-            SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
+        stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
+        SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
 
 
 @triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
@@ -485,9 +486,8 @@ def _pairwise_lse_fwd_hopper_kernel(
 ):  # fmt: skip
     """`_fwd_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
     _fwd_program(X, Y, B, SCALE, LSE, POS, PART, M, NY, NB, D, stride_xm, stride_xd, stride_ym, stride_yd,
-            stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
-            SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
-
+        stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
+        SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
 
 
 @triton.jit
@@ -619,7 +619,7 @@ def _rows_program(
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NY
             cols64 = cols.to(tl.int64)
-            y_t = _tile(y_tiles, start_n, 0, Y, cols64, col_mask, stride_ym, stride_yd, ks, k_mask, TMA)
+            y_t = _tile(y_tiles, start_n, Y, cols64, col_mask, stride_ym, stride_yd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[None, :] & (cols[None, :] != pcol[:, None])
             if EXCLUDE_SELF:
@@ -639,7 +639,7 @@ def _rows_program(
         for start_n in tl.range(0, NB, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            b_t = _tile(b_tiles, start_n, 0, B, cols.to(tl.int64), col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
+            b_t = _tile(b_tiles, start_n, B, cols.to(tl.int64), col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - shift2[:, None], float("-inf")))
             if NEEDS_DY:
@@ -673,9 +673,9 @@ def _pairwise_lse_bwd_rows_kernel(
 ):  # fmt: skip
     """Today's kernel: `_rows_program` with pointer loads and the compiler's own loop pipelining."""
     _rows_program(X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC, M, NY, NB, D, stride_xm, stride_xd,
-            stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
-            EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False,
-            LOOP_STAGES=None)
+        stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
+        EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False,
+        LOOP_STAGES=None)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -691,10 +691,9 @@ def _pairwise_lse_bwd_rows_hopper_kernel(
 ):  # fmt: skip
     """`_rows_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
     _rows_program(X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC, M, NY, NB, D, stride_xm, stride_xd,
-            stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
-            EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA,
-            LOOP_STAGES=LOOP_STAGES)
-
+        stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
+        EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA,
+        LOOP_STAGES=LOOP_STAGES)
 
 
 @triton.jit
@@ -745,7 +744,7 @@ def _sym_program(
         cols = start_n + tl.arange(0, BLOCK_N)
         col_mask = cols < M
         cols64 = cols.to(tl.int64)
-        x_t = _tile(x_tiles, start_n, 0, X, cols64, col_mask, stride_xm, stride_xd, ks, k_mask, TMA)
+        x_t = _tile(x_tiles, start_n, X, cols64, col_mask, stride_xm, stride_xd, ks, k_mask, TMA)
         lse2_c = tl.load(LSE + cols64, mask=col_mask, other=0.0) * LOG2E
         w_col = tl.load(GRAD_LSE + cols64, mask=col_mask, other=0.0) * f
         pcol_c = cols + pos_offset
@@ -781,7 +780,7 @@ def _sym_program(
         for start_n in tl.range(0, NB, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            b_t = _tile(b_tiles, start_n, 0, B, cols.to(tl.int64), col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
+            b_t = _tile(b_tiles, start_n, B, cols.to(tl.int64), col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - lse2[:, None], float("-inf")))
             acc = mm(round_to(p * w_row[:, None], b_t.dtype), b_t, acc, FP32_PRECISION)
@@ -801,7 +800,7 @@ def _pairwise_lse_bwd_sym_kernel(
 ):  # fmt: skip
     """Today's kernel: `_sym_program` with pointer loads and the compiler's own loop pipelining."""
     _sym_program(X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY, M, NB, D, stride_xm, stride_xd, stride_bm,
-            stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
+        stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
             BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
 
 
@@ -818,9 +817,8 @@ def _pairwise_lse_bwd_sym_hopper_kernel(
 ):  # fmt: skip
     """`_sym_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
     _sym_program(X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY, M, NB, D, stride_xm, stride_xd, stride_bm,
-            stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
+        stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
             BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
-
 
 
 @triton.jit
@@ -865,7 +863,7 @@ def _dy_program(
             pcol = (rows + pos_offset) % NY
             lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
             w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * f
-            x_t = _tile(x_tiles, start_m, 0, X, rows64, row_mask, stride_xm, stride_xd, ks, k_mask, TMA)
+            x_t = _tile(x_tiles, start_m, X, rows64, row_mask, stride_xm, stride_xd, ks, k_mask, TMA)
             s_t = mm(y_blk, tl.trans(x_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[:, None] & row_mask[None, :] & (cols[:, None] != pcol[None, :])
             if EXCLUDE_SELF:
@@ -902,7 +900,7 @@ def _pairwise_lse_bwd_dy_kernel(
 ):  # fmt: skip
     """Today's kernel: `_dy_program` with pointer loads and the compiler's own loop pipelining."""
     _dy_program(X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY, M, NY, D, stride_xm, stride_xd, stride_ym, stride_yd,
-            stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             TMA=False, LOOP_STAGES=None)
 
 
@@ -919,9 +917,8 @@ def _pairwise_lse_bwd_dy_hopper_kernel(
 ):  # fmt: skip
     """`_dy_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
     _dy_program(X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY, M, NY, D, stride_xm, stride_xd, stride_ym, stride_yd,
-            stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             TMA=TMA, LOOP_STAGES=LOOP_STAGES)
-
 
 
 @autotune(BWD_WEIGHTS_CONFIGS, INTERPRET_CONFIG, key=["ROW_BIN", "BLOCK_K", "Y_COLUMNS", "EXCLUDE_SELF"],
