@@ -10,9 +10,11 @@ Matrix, bf16 with SimCLR's flags unless said, sm_90, through each kernel's Hoppe
   * the forward's D loop (D = 512, bank and y negatives) through descriptors; MoCo (bank, fp16) and
     "rows" without dy;
   * the fp32 forward in each FWD_FP32_CONFIGS entry at D = 70 (an odd D), 128 and 300 (the D loop),
-    and split at D = 70: the pointer path, as launched (TMA off, no LOOP_STAGES).
+    and split at D = 70: the pointer path, as launched (TMA off, no LOOP_STAGES);
+  * each kernel's Hopper entry with both switches off next to today's kernel (same flags, config).
 Asserted: TMA copies (cp.async.bulk.tensor) wherever TMA is on, wgmma, no stack frame (no register
-spills), shared memory within sm_90's 227 KiB and within `smem_estimate` (the pruning's figure).
+spills), shared memory within sm_90's 227 KiB and within `smem_estimate` (the pruning's figure), and
+the same PTX (debug information aside) for the Hopper entry with both switches off as for today's kernel.
 Also: Triton 3.6's warp specialisation leaves sm_90 code unchanged, the reason it is not a variant.
 """
 
@@ -83,6 +85,15 @@ def _jobs():
     for d, flags in ((70, "clip"), (128, "simclr"), (300, "all")):
         jobs += [job("fp32", "fwd", "fp32", d, flags, c, False, False) for c in K.FWD_FP32_CONFIGS]
     jobs.append(dict(job("fp32", "fwd", "fp32", 70, "clip", K.FWD_FP32_CONFIGS[-1], False, False), split=True))
+    # The Hopper entry with both switches off against today's kernel: the same code (what ineligible
+    # inputs and, on a GPU, the fp32 forward run).
+    for kind, dt, d, flags, cfg in (("fwd", "bf16", 128, "all", cands("fwd", "bf16", 128)[0]),
+                                    ("fwd", "fp32", 70, "clip", K.FWD_FP32_CONFIGS[0]),
+                                    ("rows", "bf16", 128, "all", cands("rows", "bf16", 128)[0]),
+                                    ("sym", "bf16", 256, "simclr", cands("sym", "bf16", 256)[0]),
+                                    ("dy", "fp16", 128, "clip", cands("dy", "fp16", 128)[0])):  # fmt: skip
+        for entry in ("default", "hopper"):
+            jobs.append(job("same-code", kind, dt, d, flags, cfg, False, False, entry=entry))
     return jobs
 
 
@@ -133,11 +144,22 @@ def _compile(j):
         rec.update(seconds=round(time.time() - t0, 2), shared=int(compiled.metadata.shared),
                    estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k,
                                             DTYPES[j["dtype"]], j["num_stages"], block_dout, tma=j["tma"]),
-                   tma_copies="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx,
+                   tma_copies="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx, code=_code_hash(ptx, fn.__name__),
                    **_resources(compiled))  # fmt: skip
     except Exception:  # reported, not raised: one bad config must not hide the others
         rec["error"] = traceback.format_exc(limit=-6)
     return rec
+
+
+def _code_hash(ptx, name):
+    """A hash of the PTX without its debug information (source lines, debug labels and sections) and
+    with the kernel's name (`name`) replaced, so that two entries of one body can be compared."""
+    import hashlib
+    import re
+
+    lines = [line for line in ptx.split(".section\t.debug")[0].splitlines()
+             if not re.match(r"\s*(\.loc|\.file|//|\$L__tmp\d+:)", line)]  # fmt: skip
+    return hashlib.sha256("\n".join(lines).replace(name, "KERNEL").encode()).hexdigest()
 
 
 def _resources(compiled):
@@ -277,6 +299,18 @@ def test_shared_memory(report):
     under = [f"{_name(r)}: uses {r['shared']} B, estimated {r['estimate']} B" for r in _ok(report)
              if r["shared"] > r["estimate"]]  # fmt: skip
     assert not under, "smem_estimate below the compiled kernel's shared memory:\n" + "\n".join(under)
+
+
+def test_switches_off_compile_to_todays_kernels(report):
+    """The Hopper entry without TMA and LOOP_STAGES gives today's kernel's very PTX: the pointer path
+    of a variant is today's code, not a look-alike."""
+    pairs = {}
+    for r in _ok(report):
+        if r["group"] == "same-code":
+            pairs.setdefault(_name(r), {})[r["entry"]] = r["code"]
+    assert len(pairs) == 5 and all(len(p) == 2 for p in pairs.values()), "the same-code records are missing"
+    differ = [name for name, p in pairs.items() if p["default"] != p["hopper"]]
+    assert not differ, "the Hopper entry with both switches off compiles to other code than today's:\n" + "\n".join(differ)
 
 
 def test_warp_specialize_is_a_no_op_on_sm90(report):
