@@ -130,6 +130,31 @@ def test_tma_eligible_rule():
     assert not T.tma_eligible(x[:, 1:9]), "a base 2 bytes past an aligned one"
     assert T.tma_eligible(x[:, 8:16]), "a base 16 bytes past an aligned one, 64-byte rows"
     assert not T.tma_eligible(x, torch.randn(40, 70, dtype=torch.bfloat16)), "one ineligible input decides"
+    assert T.tma_eligible(x.half()) and not T.tma_eligible(x.float()), "half precision only"
+
+
+def test_forward_configs_rule(monkeypatch):
+    """Where today's forward configs spilled (fp32; half-precision rows loaded element by element),
+    a GPU launch takes `forward_configs`' lists through the Hopper entry (TMA off); elsewhere today's
+    kernel. (The interpreter itself keeps today's entry: it runs one tile config anyway.)"""
+    bf16 = torch.bfloat16
+    assert T.forward_configs(torch.randn(8, 64)) is T.FWD_FP32_CONFIGS
+    assert T.forward_configs(torch.randn(8, 64, dtype=bf16), torch.randn(9, 64, dtype=bf16)) is None
+    assert T.forward_configs(torch.randn(8, 70, dtype=bf16)) is T.FWD_UNALIGNED_CONFIGS
+    assert T.forward_configs(torch.randn(8, 300, dtype=bf16)) is T.FWD_UNALIGNED_CONFIGS, "the D loop"
+    assert T.forward_configs(torch.randn(8, 200, dtype=bf16)) is T.FWD_UNALIGNED_WIDE_K_CONFIGS
+    transposed = torch.randn(64, 8, dtype=bf16).T
+    assert T.forward_configs(transposed) is T.FWD_UNALIGNED_CONFIGS, "no unit stride along D"
+    bank = torch.randn(5, 72, dtype=bf16)[:, :64]  # rows 72 elements apart
+    assert T.forward_configs(torch.randn(8, 64, dtype=bf16), None, bank) is T.FWD_UNALIGNED_CONFIGS, "any input"
+    x = torch.randn(8, 70, dtype=bf16)
+    assert T.variant_kernel("fwd", (x, x, None)) == (T._DEFAULT_KERNELS["fwd"], {})
+    monkeypatch.setattr(T, "interpreting", lambda: False)  # what a GPU launch decides
+    shapes = tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, None)
+                   for c in T.FWD_UNALIGNED_CONFIGS)  # fmt: skip
+    assert T.variant_kernel("fwd", (x, x, None)) == (T._tuned("fwd", shapes), {"TMA": False})
+    aligned = torch.randn(8, 64, dtype=bf16)
+    assert T.variant_kernel("fwd", (aligned, aligned, None)) == (T._DEFAULT_KERNELS["fwd"], {})
 
 
 @pytest.mark.parametrize("what", ["odd D", "transposed view"])
@@ -153,8 +178,9 @@ def test_ineligible_inputs_take_the_pointer_path(variant, what):
 @pytest.mark.parametrize("mode", MODE_NAMES)
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_every_mode(monkeypatch, variant, name, mode, dtype):
-    """Resident D (37 rows in 16-row tiles: ragged edges, bank tiles); the fused backward in fp32
-    too (forced: fp32 takes the blocked route by default, which no variant touches)."""
+    """Resident D (37 rows in 16-row tiles: ragged edges, bank tiles). fp32, whose rows TMA does not
+    take (`tma_eligible`), runs the Hopper entry's pointer path, through the fused backward too
+    (forced: fp32 takes the blocked route by default, which no variant touches)."""
     monkeypatch.setattr(T, "BACKWARD_ROUTE", "fused")
     x, y, bank, scale, flags = make_case(mode, 37, 24, dtype)
     want = run(x, y, bank, scale, flags)
@@ -188,15 +214,16 @@ def test_tma_split_forward(variant, mode):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), mode
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["simclr", "moco", "bank+batch", "uniformity"])
 def test_tma_forward_d_loop(variant, mode, dtype):
-    """D = 304, past the resident width: the forward's D loop reads BLOCK_K chunks through
-    descriptors. The same products summed in the same order, but the interpreter's matmul of a
-    transposed operand may round differently: the torch backend's tolerance, not bits."""
-    x, y, bank, scale, flags = make_case(mode, 33, 304, dtype)
+    """D = 304 and 264, past the resident width (256): the forward's D loop reads BLOCK_K chunks
+    through descriptors (a ragged last chunk). The same products summed in the same order, but the
+    interpreter's matmul of a transposed operand may round differently: the torch backend's
+    tolerance, not bits."""
+    x, y, bank, scale, flags = make_case(mode, 33, 304 if dtype == torch.bfloat16 else 264, dtype)
     variant("tma")
-    assert not T.tile_dims(304, dtype)[1] and T.variant_kernel("fwd", (x, y, bank))[1] == {"TMA": True}
+    assert not T.tile_dims(x.shape[1], dtype)[1] and T.variant_kernel("fwd", (x, y, bank))[1] == {"TMA": True}
     assert_matches_torch(run(x, y, bank, scale, flags), x, y, bank, scale, flags, f"tma D-loop/{mode}")
 
 

@@ -52,6 +52,7 @@ def test_plan(d):
     assert rows[4][2][bwd] in wide_bwd + [today[bwd]], "the backward's wide config, else today's where none fits"
 
 
+@pytest.mark.slow  # about a minute of interpreted kernels on 2 cores
 def test_dry_run_walks_the_plan(tmp_path):
     proc, result = _run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,11 +10,15 @@ Matrix, bf16 with SimCLR's flags unless said, sm_90, through each kernel's Hoppe
   * the forward's D loop (D = 512, bank and y negatives) through descriptors; MoCo (bank, fp16) and
     "rows" without dy;
   * the fp32 forward in each FWD_FP32_CONFIGS entry at D = 70 (an odd D), 128 and 300 (the D loop),
-    and split at D = 70: the pointer path, as launched (TMA off, no LOOP_STAGES);
+    and split at D = 70: the pointer path, as launched (TMA off, no LOOP_STAGES: `tma_eligible`
+    takes half precision only);
+  * the forward of half-precision rows that Triton loads element by element (D = 70, 100, 200, 300:
+    no divisibility hints) in each FWD_UNALIGNED config `forward_configs` picks for them, split too;
   * each kernel's Hopper entry with both switches off next to today's kernel (same flags, config).
-Asserted: TMA copies (cp.async.bulk.tensor) wherever TMA is on, wgmma, no stack frame (no register
-spills), shared memory within sm_90's 227 KiB and within `smem_estimate` (the pruning's figure), and
-the same PTX (debug information aside) for the Hopper entry with both switches off as for today's kernel.
+Asserted: TMA copies (cp.async.bulk.tensor) wherever TMA is on, wgmma (mma.sync for a forward block
+below 64 rows), no stack frame (no register spills), shared memory within sm_90's 227 KiB and within
+`smem_estimate` (the pruning's figure), and the same PTX (debug information aside) for the Hopper
+entry with both switches off as for today's kernel.
 Also: Triton 3.6's warp specialisation leaves sm_90 code unchanged, the reason it is not a variant.
 """
 
@@ -85,6 +89,13 @@ def _jobs():
     for d, flags in ((70, "clip"), (128, "simclr"), (300, "all")):
         jobs += [job("fp32", "fwd", "fp32", d, flags, c, False, False) for c in K.FWD_FP32_CONFIGS]
     jobs.append(dict(job("fp32", "fwd", "fp32", 70, "clip", K.FWD_FP32_CONFIGS[-1], False, False), split=True))
+    # Half-precision rows loaded element by element (D not a multiple of 16: no divisibility hints),
+    # in the lists `forward_configs` gives them: D = 70 and 100 (BLOCK_K 128), 200 (256), 300 (the D loop).
+    for dt, d, configs in (("bf16", 70, K.FWD_UNALIGNED_CONFIGS), ("fp16", 100, K.FWD_UNALIGNED_CONFIGS),
+                           ("bf16", 200, K.FWD_UNALIGNED_WIDE_K_CONFIGS), ("bf16", 300, K.FWD_UNALIGNED_CONFIGS)):
+        jobs += [job("unaligned", "fwd", dt, d, "clip", c, False, False) for c in configs]
+    jobs += [dict(job("unaligned", "fwd", "bf16", d, "clip", c[0], False, False), split=True)
+             for d, c in ((70, K.FWD_UNALIGNED_CONFIGS), (200, K.FWD_UNALIGNED_WIDE_K_CONFIGS))]
     # The Hopper entry with both switches off against today's kernel: the same code (what ineligible
     # inputs and, on a GPU, the fp32 forward run).
     for kind, dt, d, flags, cfg in (("fwd", "bf16", 128, "all", cands("fwd", "bf16", 128)[0]),
@@ -144,7 +155,8 @@ def _compile(j):
         rec.update(seconds=round(time.time() - t0, 2), shared=int(compiled.metadata.shared),
                    estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k,
                                             DTYPES[j["dtype"]], j["num_stages"], block_dout, tma=j["tma"]),
-                   tma_copies="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx, code=_code_hash(ptx, fn.__name__),
+                   tma_copies="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
+                   code=_code_hash(ptx, fn.__name__),
                    **_resources(compiled))  # fmt: skip
     except Exception:  # reported, not raised: one bad config must not hide the others
         rec["error"] = traceback.format_exc(limit=-6)
@@ -282,8 +294,10 @@ def test_tma_copies_and_tensor_cores(report):
     assert len(tma) >= 20, "the TMA records are missing"
     no_tma = [_name(r) for r in tma if not r["tma_copies"]]
     assert not no_tma, "TMA on, but no cp.async.bulk.tensor in the PTX:\n" + "\n".join(no_tma)
-    no_wgmma = [_name(r) for r in _ok(report) if r["dtype"] != "fp32" and not r["wgmma"]]
-    assert not no_wgmma, "no wgmma in:\n" + "\n".join(no_wgmma)
+    # A forward block of fewer than 64 rows is below wgmma's minimum: mma.sync is sm_90's tensor-core path there.
+    no_tensor_cores = [_name(r) for r in _ok(report) if r["dtype"] != "fp32"
+                       and not (r["wgmma"] or r["kind"] == "fwd" and r["BLOCK_M"] < 64 and r["mma"])]  # fmt: skip
+    assert not no_tensor_cores, "no wgmma (nor mma.sync for a block below 64 rows) in:\n" + "\n".join(no_tensor_cores)
     pointers = [_name(r) for r in _ok(report) if not r["tma"] and r["tma_copies"]]
     assert not pointers, "TMA off, yet TMA copies in:\n" + "\n".join(pointers)
 
@@ -310,7 +324,7 @@ def test_switches_off_compile_to_todays_kernels(report):
             pairs.setdefault(_name(r), {})[r["entry"]] = r["code"]
     assert len(pairs) == 5 and all(len(p) == 2 for p in pairs.values()), "the same-code records are missing"
     differ = [name for name, p in pairs.items() if p["default"] != p["hopper"]]
-    assert not differ, "the Hopper entry with both switches off compiles to other code than today's:\n" + "\n".join(differ)
+    assert not differ, "the Hopper entry, switches off, compiles to other code than today's:\n" + "\n".join(differ)
 
 
 def test_warp_specialize_is_a_no_op_on_sm90(report):

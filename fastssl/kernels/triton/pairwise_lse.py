@@ -119,10 +119,15 @@ BWD_WEIGHTS_CONFIGS = _configs(
 )
 CONFIGS = {"fwd": FWD_CONFIGS, "rows": BWD_ROWS_CONFIGS, "sym": BWD_SYM_CONFIGS, "dy": BWD_DY_CONFIGS,
            "weights": BWD_WEIGHTS_CONFIGS}  # fmt: skip
-#: The forward's configs for fp32 inputs, any D, on a GPU: 8 warps, since CUDA-core ("ieee") dots on 4
-#: warps ran out of registers and spilled; these do not (benchmarks/RESULTS.md, "Measurements behind
-#: design choices"; tests/gpu/test_triton_hopper_aot.py). Half precision keeps FWD_CONFIGS.
+#: The forward's configs for fp32 inputs, any D, on a GPU (`forward_configs`): 8 warps, since CUDA-core
+#: ("ieee") dots on 4 warps ran out of registers and spilled; these do not (benchmarks/RESULTS.md,
+#: "Measurements behind design choices"; tests/gpu/test_triton_hopper_aot.py).
 FWD_FP32_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3)])
+#: The forward's configs for half-precision rows that Triton loads element by element (`vector_rows`
+#: fails: an odd D such as 70, one 64-bit address per element), where today's spilled: 8 warps, and
+#: 32-row blocks at the widest resident chunk (BLOCK_K = 256). Same sources as FWD_FP32_CONFIGS.
+FWD_UNALIGNED_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3)])
+FWD_UNALIGNED_WIDE_K_CONFIGS = _configs([(32, 64, 8, 2), (32, 64, 4, 2)])
 #: The "wide" Hopper variant's extra configs (`HopperVariant`), autotuned together with CONFIGS: larger
 #: tiles, each compiled for sm_90 without spills where pruning keeps it (tests/gpu/test_triton_hopper_aot.py).
 #: No 16-warp ones (128 registers a thread) and none for "dy": those spilled (benchmarks/RESULTS.md).
@@ -1089,7 +1094,8 @@ class HopperVariant(NamedTuple):
     them (benchmarks/hopper_variants.py). Set by ``FASTSSL_LSE_HOPPER`` (`parse_hopper_variant`).
 
     tma: x, y and bank tiles through device-side tensor descriptors (TMA copies), where
-        `tma_eligible` accepts every input of the launch; otherwise the pointer path, always. The
+        `tma_eligible` accepts every input of the launch (bf16/fp16 rows, 16-byte aligned);
+        otherwise the pointer path, always. The
         forward's D loop (D past resident) takes them too; gathers (the positives) stay pointer loads.
     pipeline: the column loops as tl.range(num_stages = the config's num_stages), which pipelines
         every load of the loop (the symmetric pass's column lse and grad_lse too), not only the
@@ -1123,15 +1129,35 @@ PINNED_CONFIGS: dict = {}
 
 
 def tma_eligible(*tensors: Optional[Tensor]) -> bool:
-    """Whether every given (N, D) tensor (None: absent) can be read through a tensor descriptor: unit
-    stride along D, the row stride and the base address multiples of 16 bytes (TMA's rules), on a
-    GPU with TMA (sm_90 or later) or under the interpreter. Anything else takes the pointer path."""
+    """Whether every given (N, D) tensor (None: absent) can be read through a tensor descriptor: half
+    precision (fp32's CUDA-core dots spilled on descriptor tiles, benchmarks/RESULTS.md), unit stride
+    along D, the row stride and the base address multiples of 16 bytes (TMA's rules), on a GPU with
+    TMA (sm_90 or later) or under the interpreter. Anything else takes the pointer path."""
     present = [t for t in tensors if t is not None]
     if not interpreting() and not all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
                                       for t in present):  # fmt: skip
         return False
-    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in present)  # fmt: skip
+    return all(t.element_size() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in present)  # fmt: skip
+
+
+def vector_rows(*tensors: Optional[Tensor]) -> bool:
+    """Whether Triton can load every given (N, D) tensor's rows 16 bytes at a time: D and the row
+    stride multiples of 16 elements, unit stride along D and a 16-byte aligned base (what its
+    launch-time divisibility hints see). `aligned_rows` makes rows so for the backward."""
+    return all(t.shape[1] % 16 == 0 and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in tensors if t is not None)  # fmt: skip
+
+
+def forward_configs(x: Tensor, *others: Optional[Tensor]) -> Optional[list]:
+    """The forward's configs on a GPU where FWD_CONFIGS spilled: fp32 (FWD_FP32_CONFIGS) and
+    half-precision rows that are not `vector_rows` (the FWD_UNALIGNED lists); None elsewhere."""
+    if x.element_size() == 4:
+        return FWD_FP32_CONFIGS
+    if vector_rows(x, *others):
+        return None
+    block_k, single_k, _ = tile_dims(x.shape[1], x.dtype)
+    return FWD_UNALIGNED_WIDE_K_CONFIGS if single_k and block_k == 256 else FWD_UNALIGNED_CONFIGS
 
 
 def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
@@ -1175,20 +1201,21 @@ def _tuned(kind: str, shapes: tuple):
 def variant_kernel(kind: str, tensors: tuple) -> tuple:
     """(kernel, extra meta) that launches `kind` on `tensors` (x, y, bank or None) under HOPPER_VARIANT
     and PINNED_CONFIGS: today's autotuned kernel when neither is set, else the Hopper entry with
-    TMA = variant.tma and `tma_eligible(*tensors)`, its configs carrying LOOP_STAGES. On a GPU the fp32
-    forward always takes the Hopper entry, over FWD_FP32_CONFIGS (TMA off, LOOP_STAGES None: today's code).
-    "weights" has no variant: only a pinned config changes its launch."""
+    TMA = variant.tma and `tma_eligible(*tensors)`, its configs carrying LOOP_STAGES. On a GPU a
+    forward that `forward_configs` gives its own configs takes the Hopper entry over them (TMA off
+    unless asked and eligible, LOOP_STAGES None: today's code otherwise). "weights" has no variant:
+    only a pinned config changes its launch."""
     variant = HOPPER_VARIANT if kind in _HOPPER_KERNELS else HopperVariant()  # "weights" has none
     pinned = PINNED_CONFIGS.get(kind)
-    # Under the interpreter every autotuner runs INTERPRET_CONFIG: the fp32 forward keeps today's entry
+    # Under the interpreter every autotuner runs INTERPRET_CONFIG: the forward keeps today's entry
     # there (tests swap its tiles).
-    fp32_fwd = kind == "fwd" and tensors[0].element_size() == 4 and not interpreting()
-    if variant == HopperVariant() and pinned is None and not fp32_fwd:
+    own = forward_configs(*tensors) if kind == "fwd" and not interpreting() else None
+    if variant == HopperVariant() and pinned is None and own is None:
         return _DEFAULT_KERNELS[kind], {}
     if pinned is not None:
         configs = [pinned]
-    elif fp32_fwd:
-        configs = FWD_FP32_CONFIGS
+    elif own is not None:
+        configs = own
     else:
         configs = (HOPPER_CONFIGS[kind] if variant.wide else []) + CONFIGS[kind]
     shapes = tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
