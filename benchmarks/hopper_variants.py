@@ -8,8 +8,10 @@ NT-Xent forward + backward (backend="triton", bf16) at 2N ∈ {8192, 32768} and 
 per shape, each row of `plan` — a variant and one pinned config per kernel (PINNED_CONFIGS: no
 autotuning sweep, one compile per kernel and row) — is timed with CUDA events (median of --reps
 after one warm-up call, which compiles; --dry-run times its one call), and its loss and gradients
-are compared with the first row's, today's kernels in today's first config, on the same inputs. Rows that do not fit in --budget-s are
-listed as skipped, not timed. Prints a table and writes the JSON file.
+are compared with the first row's, today's kernels in today's first config, on the same inputs.
+Rows past --budget-s are listed as skipped, a row that fails records its error, and the others run
+on. Prints each row as it is measured, then the table; the JSON file is rewritten after every row.
+Exit status 1 if a row failed or disagrees.
 
 The rows: today's kernels; "tma", "pipeline" and both in the same configs (what each switch buys);
 both in each of the first two "wide" configs that survive pruning (HOPPER_CONFIGS); today's pointer
@@ -103,7 +105,38 @@ def _time_ms(step, reps: int, cuda: bool) -> list:
     return times
 
 
-def run(dry_run: bool, reps: int, budget_s: float) -> dict:
+def _row(nt_xent_loss, K, text: str, configs: dict, two_n: int, d: int, device: str, reps: int) -> tuple:
+    """(times in ms, loss, gradients of [z1; z2] in fp32) of one row at one shape."""
+    import torch
+
+    gen = torch.Generator().manual_seed(two_n + d)
+    z = torch.randn(two_n, d, generator=gen).to(device, torch.bfloat16)
+    z1 = z[: two_n // 2].clone().requires_grad_()
+    z2 = z[two_n // 2 :].clone().requires_grad_()
+
+    def step():
+        z1.grad = z2.grad = None
+        loss = nt_xent_loss(z1, z2, TEMPERATURE, backend="triton")
+        loss.backward()
+        return loss
+
+    K.HOPPER_VARIANT = K.parse_hopper_variant(text)
+    K.PINNED_CONFIGS = {kind: _config(shape) for kind, shape in configs.items()}
+    try:
+        t0 = time.perf_counter()
+        loss = float(step().detach())  # on a GPU the warm-up, which compiles this row's kernels
+        warm_ms = (time.perf_counter() - t0) * 1e3
+        grads = torch.cat([z1.grad, z2.grad]).float()
+        # The interpreter compiles nothing: its one call is the timed one.
+        times = _time_ms(step, reps, True) if device == "cuda" else [warm_ms]
+    finally:
+        K.HOPPER_VARIANT, K.PINNED_CONFIGS = K.HopperVariant(), {}
+    return times, loss, grads
+
+
+def run(dry_run: bool, reps: int, budget_s: float, json_path: Path) -> dict:
+    """Every row of `plan` at every shape; the JSON file is rewritten after each, so that a run cut
+    short keeps what it measured. A row that fails records its error and the run goes on."""
     import torch
     import triton
 
@@ -114,53 +147,49 @@ def run(dry_run: bool, reps: int, budget_s: float) -> dict:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no GPU: run with --dry-run for the CPU walk-through")
     device = "cuda" if cuda else "cpu"
+    result = dict(
+        device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter, --dry-run)",
+        torch=torch.__version__, triton=triton.__version__, temperature=TEMPERATURE, reps=reps, budget_s=budget_s,
+        agreement=dict(loss_rtol=LOSS_RTOL, grad_rtol=GRAD_RTOL), seconds=0.0, records=[],
+    )  # fmt: skip
     t_start = time.perf_counter()
-    records = []
-    for d in sorted({d for _, d in SHAPES["dry-run" if dry_run else "gpu"]}):
-        shapes = [s for s in SHAPES["dry-run" if dry_run else "gpu"] if s[1] == d]
-        reference = {}
+    all_shapes = SHAPES["dry-run" if dry_run else "gpu"]
+    for d in sorted({d for _, d in all_shapes}):
+        reference = {}  # 2N -> the first row's (loss, gradients)
         for label, text, configs in plan(d):
-            for two_n, _ in shapes:
+            for two_n in [n for n, dd in all_shapes if dd == d]:
                 rec = dict(label=label, variant=text or "default", configs={k: list(v) for k, v in configs.items()},
                            two_n=two_n, d=d)  # fmt: skip
                 if time.perf_counter() - t_start > budget_s:
-                    records.append(dict(rec, skipped=f"over the {budget_s:.0f} s budget"))
-                    continue
-                gen = torch.Generator().manual_seed(two_n + d)
-                z = torch.randn(two_n, d, generator=gen).to(device, torch.bfloat16)
-                z1 = z[: two_n // 2].clone().requires_grad_()
-                z2 = z[two_n // 2 :].clone().requires_grad_()
-                K.HOPPER_VARIANT = K.parse_hopper_variant(text)
-                K.PINNED_CONFIGS = {kind: _config(shape) for kind, shape in configs.items()}
-                try:
+                    rec["skipped"] = f"over the {budget_s:.0f} s budget"
+                else:
+                    try:
+                        times, loss, grads = _row(nt_xent_loss, K, text, configs, two_n, d, device, reps)
+                    except Exception as e:  # recorded, not raised: the other rows still run
+                        rec["error"] = f"{type(e).__name__}: {e}"[:1000]
+                    else:
+                        ms = statistics.median(times)
+                        rec.update(ms=ms, ms_all=times, loss=loss, tflops=6 * two_n**2 * d / (ms * 1e-3) / 1e12)
+                        ref_loss, ref_grads = reference.setdefault(two_n, (loss, grads))
+                        rec["loss_rel_diff"] = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
+                        worst = (grads - ref_grads).abs().max() / ref_grads.abs().max().clamp_min(1e-30)
+                        rec["grad_rel_diff"] = float(worst)
+                        rec["agrees"] = rec["loss_rel_diff"] <= LOSS_RTOL and rec["grad_rel_diff"] <= GRAD_RTOL
+                result["records"].append(rec)
+                result["seconds"] = round(time.perf_counter() - t_start, 1)
+                json_path.write_text(json.dumps(result, indent=1))
+                print(_line(rec, None), flush=True)
+    return result
 
-                    def step():
-                        z1.grad = z2.grad = None
-                        loss = nt_xent_loss(z1, z2, TEMPERATURE, backend="triton")
-                        loss.backward()
-                        return loss
 
-                    t0 = time.perf_counter()
-                    loss = step().detach()  # on a GPU the warm-up, which compiles this row's kernels
-                    warm_ms = (time.perf_counter() - t0) * 1e3
-                    grads = torch.cat([z1.grad, z2.grad]).float()
-                    # The interpreter compiles nothing: its one call is the timed one.
-                    times = _time_ms(step, reps, cuda) if cuda else [warm_ms]
-                finally:
-                    K.HOPPER_VARIANT, K.PINNED_CONFIGS = K.HopperVariant(), {}
-                ms = statistics.median(times)
-                rec.update(ms=ms, ms_all=times, loss=float(loss), tflops=6 * two_n**2 * d / (ms * 1e-3) / 1e12)
-                ref = reference.setdefault(two_n, (float(loss), grads))
-                rec["loss_rel_diff"] = abs(float(loss) - ref[0]) / max(abs(ref[0]), 1e-30)
-                rec["grad_rel_diff"] = float((grads - ref[1]).abs().max() / ref[1].abs().max().clamp_min(1e-30))
-                rec["agrees"] = rec["loss_rel_diff"] <= LOSS_RTOL and rec["grad_rel_diff"] <= GRAD_RTOL
-                records.append(rec)
-    return dict(
-        device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter, --dry-run)",
-        torch=torch.__version__, triton=triton.__version__, temperature=TEMPERATURE, reps=reps,
-        budget_s=budget_s, seconds=round(time.perf_counter() - t_start, 1), records=records,
-        agreement=dict(loss_rtol=LOSS_RTOL, grad_rtol=GRAD_RTOL),
-    )  # fmt: skip
+def _line(r: dict, today_ms) -> str:
+    configs = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in r["configs"].items())
+    head = f"| {r['two_n']} | {r['d']} | {r['label']} | {configs} |"
+    if "skipped" in r or "error" in r:
+        return f"{head} {'skipped: ' + r['skipped'] if 'skipped' in r else 'FAILED: ' + r['error'][:200]} | | | |"
+    speedup = f"{today_ms / r['ms']:.2f}x" if today_ms else ""
+    return (f"{head} {r['ms']:.3f} | {r['tflops']:.1f} | {speedup} | {'yes' if r['agrees'] else 'NO'} "
+            f"({r['loss_rel_diff']:.1e}, {r['grad_rel_diff']:.1e}) |")
 
 
 def table(result: dict) -> str:
@@ -170,16 +199,7 @@ def table(result: dict) -> str:
              f"median of {result['reps']}; {result['seconds']} s in all",
              "", "| 2N | D | row | configs | ms | TFLOP/s | vs today | agrees (loss, grad rel. diff) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in result["records"]:
-        configs = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in r["configs"].items())
-        if "skipped" in r:
-            lines.append(f"| {r['two_n']} | {r['d']} | {r['label']} | {configs} | skipped: {r['skipped']} | | | |")
-            continue
-        base = today.get((r["two_n"], r["d"]))
-        speedup = f"{base / r['ms']:.2f}x" if base else ""
-        lines.append(f"| {r['two_n']} | {r['d']} | {r['label']} | {configs} | {r['ms']:.3f} | {r['tflops']:.1f} | "
-                     f"{speedup} | {'yes' if r['agrees'] else 'NO'} ({r['loss_rel_diff']:.1e}, "
-                     f"{r['grad_rel_diff']:.1e}) |")  # fmt: skip
+    lines += [_line(r, today.get((r["two_n"], r["d"]))) for r in result["records"]]
     return "\n".join(lines)
 
 
@@ -191,13 +211,13 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=85.0, help="rows past this many seconds are skipped")
     args = parser.parse_args(argv)
     _setup(args.dry_run)
-    result = run(args.dry_run, args.reps, args.budget_s)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(table(result))
-    disagree = [f"{r['label']} at 2N={r['two_n']} D={r['d']}" for r in result["records"] if r.get("agrees") is False]
-    if disagree:
-        print("rows that disagree with today's kernels: " + ", ".join(disagree), file=sys.stderr)
-    return 1 if disagree else 0
+    result = run(args.dry_run, args.reps, args.budget_s, Path(args.json))
+    print("\n" + table(result))
+    bad = [f"{r['label']} at 2N={r['two_n']} D={r['d']}" for r in result["records"]
+           if r.get("agrees") is False or "error" in r]  # fmt: skip
+    if bad:
+        print("rows that failed or disagree with today's kernels: " + ", ".join(bad), file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

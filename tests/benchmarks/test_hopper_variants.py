@@ -72,3 +72,25 @@ def test_budget_skips_rows_and_says_so(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert result["records"] and all(r["skipped"] == "over the 0 s budget" for r in result["records"])
     assert "skipped: over the 0 s budget" in proc.stdout
+
+
+def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """One row raising (a compile error on the GPU, say) leaves its error in the JSON and the table,
+    the other rows run, the file is written, and the exit status says so."""
+    import torch
+
+    def fake_row(nt_xent_loss, K, text, configs, two_n, d, device, reps):
+        if text == "tma":
+            raise RuntimeError("PassManager::run failed")
+        return [1.0], 2.0, torch.ones(two_n, d)
+
+    monkeypatch.setattr(hopper_variants, "_row", fake_row)
+    monkeypatch.setitem(hopper_variants.SHAPES, "dry-run", [(32, 16)])
+    out = tmp_path / "variants.json"
+    assert hopper_variants.main(["--dry-run", "--json", str(out)]) == 1
+    records = json.loads(out.read_text())["records"]
+    failed = [r for r in records if "error" in r]
+    assert [r["label"] for r in failed] == ["tma"] and "PassManager" in failed[0]["error"]
+    assert all(r["agrees"] for r in records if "error" not in r) and len(records) == len(hopper_variants.plan(16))
+    printed = capsys.readouterr()
+    assert "FAILED: RuntimeError: PassManager::run failed" in printed.out and "tma at 2N=32 D=16" in printed.err
