@@ -2,6 +2,7 @@
 fastssl/kernels/triton/pairwise_lse.py), on one GPU, in one short run.
 
     python benchmarks/hopper_variants.py [--json hopper_variants.json] [--budget-s 85] [--reps 5]
+    python benchmarks/hopper_variants.py --rows tma,tma+pipeline   # these rows (and today's) only
     python benchmarks/hopper_variants.py --dry-run     # the same plan, tiny sizes, interpreter, CPU
 
 NT-Xent forward + backward (backend="triton", bf16) at 2N ∈ {8192, 32768} and D ∈ {128, 256, 512};
@@ -134,9 +135,10 @@ def _row(nt_xent_loss, K, text: str, configs: dict, two_n: int, d: int, device: 
     return times, loss, grads
 
 
-def run(dry_run: bool, reps: int, budget_s: float, json_path: Path) -> dict:
-    """Every row of `plan` at every shape; the JSON file is rewritten after each, so that a run cut
-    short keeps what it measured. A row that fails records its error and the run goes on."""
+def run(dry_run: bool, reps: int, budget_s: float, json_path: Path, only_rows=None) -> dict:
+    """Every row of `plan` (those labelled in `only_rows`, if given) at every shape; the JSON file is
+    rewritten after each, so that a run cut short keeps what it measured. A row that fails records
+    its error and the run goes on. The first row must be "today": the others are compared with it."""
     import torch
     import triton
 
@@ -157,6 +159,8 @@ def run(dry_run: bool, reps: int, budget_s: float, json_path: Path) -> dict:
     for d in sorted({d for _, d in all_shapes}):
         reference = {}  # 2N -> the first row's (loss, gradients)
         for label, text, configs in plan(d):
+            if only_rows and label not in only_rows:
+                continue
             for two_n in [n for n, dd in all_shapes if dd == d]:
                 rec = dict(label=label, variant=text or "default", configs={k: list(v) for k, v in configs.items()},
                            two_n=two_n, d=d)  # fmt: skip
@@ -209,9 +213,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="hopper_variants.json", help="where to write the records")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per row and shape (after one warm-up)")
     parser.add_argument("--budget-s", type=float, default=85.0, help="rows past this many seconds are skipped")
+    parser.add_argument("--rows", default="", help="comma-separated row labels to run (today's always runs)")
     args = parser.parse_args(argv)
     _setup(args.dry_run)
-    result = run(args.dry_run, args.reps, args.budget_s, Path(args.json))
+    only_rows = {"today", *args.rows.split(",")} if args.rows else None
+    result = run(args.dry_run, args.reps, args.budget_s, Path(args.json), only_rows)
     print("\n" + table(result))
     bad = [f"{r['label']} at 2N={r['two_n']} D={r['d']}" for r in result["records"]
            if r.get("agrees") is False or "error" in r]  # fmt: skip

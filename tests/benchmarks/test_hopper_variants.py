@@ -94,3 +94,16 @@ def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, ca
     assert all(r["agrees"] for r in records if "error" not in r) and len(records) == len(hopper_variants.plan(16))
     printed = capsys.readouterr()
     assert "FAILED: RuntimeError: PassManager::run failed" in printed.out and "tma at 2N=32 D=16" in printed.err
+
+
+def test_rows_filter_keeps_todays_row(tmp_path, monkeypatch):
+    """--rows runs the rows named (and today's, their reference) in the plan's order."""
+    import torch
+
+    monkeypatch.setattr(hopper_variants, "_row", lambda *a: ([1.0], 2.0, torch.ones(4, 4)))
+    monkeypatch.setitem(hopper_variants.SHAPES, "dry-run", [(32, 16), (48, 16)])
+    out = tmp_path / "variants.json"
+    assert hopper_variants.main(["--dry-run", "--json", str(out), "--rows", "tma+pipeline,tma"]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["label"], r["two_n"]) for r in records] == [
+        ("today", 32), ("today", 48), ("tma", 32), ("tma", 48), ("tma+pipeline", 32), ("tma+pipeline", 48)]
