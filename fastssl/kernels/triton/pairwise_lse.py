@@ -35,6 +35,12 @@ tiles over grid axis 1 (Flash-Decoding's split-K, Dao et al. 2023): partial base
 (S, M) fp32 scratch and a merge kernel combines them (`forward_splits` chooses S). In its column loop
 only the tiles holding a dropped column (ragged edge, positive, self) are masked.
 
+Hopper variants. Each resident kernel is one jit body (`_fwd_program`, ...) with two entries: today's
+kernel, and a Hopper entry with two switches, TMA descriptors for the streamed tiles and per-loop
+pipelining, on only when FASTSSL_LSE_HOPPER asks (`HopperVariant`, `variant_kernel`). With both off it
+is today's code, which the forward also runs on a GPU in its own configs where today's spilled
+(fp32, odd D: `forward_configs`).
+
 Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y; the
 backward first copies rows that are not 16-byte aligned, `aligned_rows`), read `scale` on the device
 (no host sync) and launch on the current stream.
@@ -361,7 +367,7 @@ def _fwd_program(
     own fp32 rounding). If SPLIT, each split stores instead its partial LSE in base 2,
     m + log2(l) (−inf for a split without columns), at PART[split, row] ((N_SPLIT, M) fp32), and
     `_pairwise_lse_merge_kernel` combines them into lse. ROW_BIN is only an autotuning key.
-    TMA: the x, y and bank tiles through tensor descriptors (`_row_tiles`); LOOP_STAGES: the column
+    TMA: the streamed tiles through tensor descriptors (`_row_tiles`); LOOP_STAGES: the column
     loops' tl.range num_stages (None: the compiler's default, which pipelines the dot operands).
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -594,6 +600,7 @@ def _rows_program(
     Stores dx_i = scale·(acc_i / f + w_i·y_p(i)); DY_ACC ends as dy·f/scale (the launcher rescales
     and rounds it). Without NEEDS_DY the weights are P·2^15 (see above) and DY_ACC is not touched.
     Indices are int32 in the masks (sizes < 2^31) and int64 in addresses.
+    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -726,6 +733,7 @@ def _sym_program(
     is i. The op sums dx and dy (ops/pairwise_lse.py), so each gets half: Σ x·dx is then
     Σ_ij G_ij x_i·x_j·scale, what d scale is read from. Bank columns (HAS_BANK; no loss has them with
     x is y) feed dx alone: they are added after dy is stored.
+    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
     """
     # M = Ny and 0 ≤ pos_offset < M: (i ± pos_offset) mod M is one conditional add or subtract.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -846,6 +854,7 @@ def _dy_program(
     accumulates (G·f)ᵀ @ x_tile in fp32, the weights G·f rounded to the input dtype. The positive
     rows of column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over Ny,
     usually one), are then gathered and added elementwise. The bank needs no gradient and is not read.
+    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < NY
@@ -1093,10 +1102,10 @@ class HopperVariant(NamedTuple):
     "sym" and "dy"), all off by default: the default stays today's kernels until a GPU run measures
     them (benchmarks/hopper_variants.py). Set by ``FASTSSL_LSE_HOPPER`` (`parse_hopper_variant`).
 
-    tma: x, y and bank tiles through device-side tensor descriptors (TMA copies), where
-        `tma_eligible` accepts every input of the launch (bf16/fp16 rows, 16-byte aligned);
-        otherwise the pointer path, always. The
-        forward's D loop (D past resident) takes them too; gathers (the positives) stay pointer loads.
+    tma: the tiles each loop streams (y, bank, or x rows in "sym" and "dy"; x and y chunks in the
+        forward's D loop) through device-side tensor descriptors (TMA copies), where `tma_eligible`
+        accepts every input of the launch (bf16/fp16 rows, 16-byte aligned); otherwise the pointer
+        path, always. A program's resident block and the gathered positives stay pointer loads.
     pipeline: the column loops as tl.range(num_stages = the config's num_stages), which pipelines
         every load of the loop (the symmetric pass's column lse and grad_lse too), not only the
         operands of its dots as the kernel-wide num_stages does.
