@@ -35,6 +35,12 @@ tiles over grid axis 1 (Flash-Decoding's split-K, Dao et al. 2023): partial base
 (S, M) fp32 scratch and a merge kernel combines them (`forward_splits` chooses S). In its column loop
 only the tiles holding a dropped column (ragged edge, positive, self) are masked.
 
+Hopper variants. Each resident kernel is one jit body (`_fwd_program`, ...) with two entries: today's
+kernel, and a Hopper entry with two switches, TMA descriptors for the streamed tiles and per-loop
+pipelining, on only when FASTSSL_LSE_HOPPER asks (`HopperVariant`, `variant_kernel`). With both off it
+is today's code, which the forward also runs on a GPU in its own configs where today's spilled
+(fp32, odd D: `forward_configs`).
+
 Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y; the
 backward first copies rows that are not 16-byte aligned, `aligned_rows`), read `scale` on the device
 (no host sync) and launch on the current stream.
@@ -44,7 +50,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -119,6 +125,24 @@ BWD_WEIGHTS_CONFIGS = _configs(
 )
 CONFIGS = {"fwd": FWD_CONFIGS, "rows": BWD_ROWS_CONFIGS, "sym": BWD_SYM_CONFIGS, "dy": BWD_DY_CONFIGS,
            "weights": BWD_WEIGHTS_CONFIGS}  # fmt: skip
+#: The forward's configs for fp32 inputs, any D, on a GPU (`forward_configs`): 8 warps, since CUDA-core
+#: ("ieee") dots on 4 warps ran out of registers and spilled; these do not (benchmarks/RESULTS.md,
+#: "Measurements behind design choices"; tests/gpu/test_triton_hopper_aot.py).
+FWD_FP32_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3)])
+#: The forward's configs for half-precision rows that Triton loads element by element (`vector_rows`
+#: fails: an odd D such as 70, one 64-bit address per element), where today's spilled: 8 warps, and
+#: 32-row blocks at the widest resident chunk (BLOCK_K = 256). Same sources as FWD_FP32_CONFIGS.
+FWD_UNALIGNED_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3)])
+FWD_UNALIGNED_WIDE_K_CONFIGS = _configs([(32, 64, 8, 2), (32, 64, 4, 2)])
+#: The "wide" Hopper variant's extra configs (`HopperVariant`), autotuned together with CONFIGS: larger
+#: tiles, each compiled for sm_90 without spills where pruning keeps it (tests/gpu/test_triton_hopper_aot.py).
+#: No 16-warp ones (128 registers a thread) and none for "dy": those spilled (benchmarks/RESULTS.md).
+HOPPER_CONFIGS = {
+    "fwd": _configs([(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (256, 64, 8, 3)]),
+    "rows": _configs([(128, 32, 8, 3)]),
+    "sym": _configs([(128, 32, 8, 3)]),
+    "dy": [],
+}
 #: Under the interpreter: small tiles, so that the odd test sizes hit several tiles and every mask.
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 #: fp32 dots run on CUDA cores (FP32_DOT_PRECISION = "ieee"): big tiles buy nothing there and take
@@ -127,14 +151,15 @@ FP32_MAX_TILE = 64 * 64
 
 
 def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k: bool, itemsize: int, stages: int,
-                  block_dout: int = 0, fp32_precision: Optional[str] = None) -> int:
+                  block_dout: int = 0, fp32_precision: Optional[str] = None, tma: bool = False) -> int:
     """Upper estimate of the shared memory (bytes) of one program; the pruning relies on it.
 
     Resident operands (SINGLE_K) count once, streamed ones once per pipeline stage, plus the
     (BLOCK_M, BLOCK_N) tiles of weights that a backward product reads from shared memory ("rows"
     stages more: see there). Exact for the resident forward kernel on sm_90, above the compiled
     figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout` is no longer read: no
-    kernel slices the output's D since the blocked route took D > resident.
+    kernel slices the output's D since the blocked route took D > resident. `tma`: the TMA copies'
+    barriers, one 8-byte mbarrier per stage (benchmarks/RESULTS.md), plus one to spare.
     """
     if single_k:
         if kind == "fwd":
@@ -152,6 +177,8 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
         est = itemsize * stages * block_k * (block_m + block_n)
     if itemsize == 4 and (fp32_precision or FP32_DOT_PRECISION) != "ieee":
         est = est * 3 // 2  # TF32 splits stage extra operand copies (benchmarks/RESULTS.md, "Measurements behind design choices")
+    if tma:
+        est += 8 * (stages + 1)
     return est
 
 
@@ -178,21 +205,31 @@ MAX_LIVE_FP32 = 100
 
 
 def candidate_configs(kind: str, itemsize: int, block_k: int, single_k: bool, block_dout: int,
-                      smem_limit: int, needs_dy: bool = True) -> list:
-    """The configs of kernel `kind` (a key of CONFIGS) that autotuning may pick for these tiles.
-    `needs_dy` only matters to "rows", whose dx-only variant keeps no dy tile."""
+                      smem_limit: int, needs_dy: bool = True, configs: Optional[list] = None,
+                      tma: bool = False) -> list:
+    """The configs of kernel `kind` (a key of CONFIGS) that autotuning may pick for these tiles, out of
+    `configs` (default CONFIGS[kind]; the "wide" variant adds HOPPER_CONFIGS[kind]); `tma`: loads
+    through descriptors. `needs_dy` only matters to "rows", whose dx-only variant keeps no dy tile."""
+    configs = CONFIGS[kind] if configs is None else configs
     keep = [
         c
-        for c in CONFIGS[kind]
+        for c in configs
         if (itemsize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= FP32_MAX_TILE)
         and smem_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, single_k, itemsize, c.num_stages,
-                          block_dout) <= smem_limit
+                          block_dout, tma=tma) <= smem_limit
         and live_fp32_per_thread(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_k, c.num_warps,
                                  needs_dy) <= MAX_LIVE_FP32
     ]
-    smallest = min(CONFIGS[kind], key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
     return keep or [smallest]
 
+
+def wide_candidates(kind: str, itemsize: int, block_k: int, single_k: bool, smem_limit: int,
+                    needs_dy: bool = True) -> list:
+    """The HOPPER_CONFIGS of `kind` that the "wide" variant's pruning keeps for these tiles (with TMA)."""
+    kept = candidate_configs(kind, itemsize, block_k, single_k, 0, smem_limit, needs_dy,
+                             HOPPER_CONFIGS[kind] + CONFIGS[kind], tma=True)  # fmt: skip
+    return [c for c in kept if any(c is h for h in HOPPER_CONFIGS[kind])]
 
 
 def _prune(kind):
@@ -201,7 +238,8 @@ def _prune(kind):
         limit = device_smem_limit(x.device.index or 0)  # CUDA tensors always carry their index
         # The backward kernels have no SINGLE_K: "weights" always loops over D, the others never do.
         return candidate_configs(kind, x.element_size(), kwargs["BLOCK_K"], kwargs.get("SINGLE_K", kind != "weights"),
-                                 kwargs.get("BLOCK_DOUT", 0), limit, kwargs.get("NEEDS_DY", True))
+                                 kwargs.get("BLOCK_DOUT", 0), limit, kwargs.get("NEEDS_DY", True), configs,
+                                 kwargs.get("TMA", False))  # fmt: skip
 
     return prune
 
@@ -267,9 +305,45 @@ def _y_tile_needs_mask(start_n, row0, p0, NY, EXCLUDE_SELF: tl.constexpr, BLOCK_
     return hit
 
 
-@autotune(FWD_CONFIGS, INTERPRET_CONFIG, key=[*_KEY, "N_SPLIT"], prune=_prune("fwd"))
-@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
-def _pairwise_lse_fwd_kernel(
+@triton.jit
+def _row_tiles(P, N, D, stride_m, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    """What `_tile` loads (BLOCK_R, BLOCK_K) tiles of the (N, D) rows of P through: with TMA a tensor
+    descriptor (a TMA copy on sm_90; out-of-bounds rows and columns read as zero), else P itself. The
+    launcher passes TMA only for rows that `tma_eligible` accepts (unit stride along D, 16-byte
+    aligned base and row stride). Only streamed tiles take descriptors: a kernel's resident block,
+    loaded once, stays a pointer load, since a descriptor load of it lands in registers, where the
+    forward at D = 256 spilled (benchmarks/RESULTS.md, "Measurements behind design choices")."""
+    tiles = P
+    if TMA:
+        tiles = tl.make_tensor_descriptor(P, shape=[N, D], strides=[stride_m, 1], block_shape=[BLOCK_R, BLOCK_K])
+    return tiles
+
+
+@triton.jit
+def _tile(tiles, start, P, idx, mask, stride_m, stride_d, ks, k_mask, TMA: tl.constexpr):
+    """Rows idx = start + arange(BLOCK_R) of P, columns ks = arange(BLOCK_K): a descriptor load with
+    TMA (`tiles` from `_row_tiles`), else a masked pointer load (0 outside `mask` and `k_mask`)."""
+    if TMA:
+        t = tiles.load([start, 0])
+    else:
+        t = tl.load(P + idx[:, None] * stride_m + ks[None, :] * stride_d, mask=mask[:, None] & k_mask[None, :],
+                    other=0.0)
+    return t
+
+
+@triton.jit
+def _logits_loop_tma(a_tiles, b_tiles, a0, b0, D, FP32_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`logits_loop` through descriptors: the (BLOCK_A, BLOCK_B) fp32 tile of rows a0.. of A times rows
+    b0.. of B transposed, over D in BLOCK_K chunks (zero past D: the descriptors' bounds)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        acc = mm(a_tiles.load([a0, k0]), tl.trans(b_tiles.load([b0, k0])), acc, FP32_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd_program(
     X, Y, B, SCALE, LSE, POS, PART,
     M, NY, NB, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd,
@@ -277,6 +351,7 @@ def _pairwise_lse_fwd_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """lse_i and pos_i (fp32, natural log) for one block of BLOCK_M rows (grid axis 0) and, if SPLIT,
     one of N_SPLIT runs of its column tiles (grid axis 1, `_split_columns`).
@@ -292,9 +367,12 @@ def _pairwise_lse_fwd_kernel(
     own fp32 rounding). If SPLIT, each split stores instead its partial LSE in base 2,
     m + log2(l) (−inf for a split without columns), at PART[split, row] ((N_SPLIT, M) fp32), and
     `_pairwise_lse_merge_kernel` combines them into lse. ROW_BIN is only an autotuning key.
+    TMA: the streamed tiles through tensor descriptors (`_row_tiles`); LOOP_STAGES: the column
+    loops' tl.range num_stages (None: the compiler's default, which pipelines the dot operands).
     """
     pid = tl.program_id(0).to(tl.int64)
     row0 = pid * BLOCK_M
+    row0_32 = row0.to(tl.int32)  # descriptor offsets are int32 (M < 2^31)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     pcol = (rows + pos_offset) % NY
@@ -312,6 +390,10 @@ def _pairwise_lse_fwd_kernel(
         y_lo, y_hi, b_lo, b_hi = _split_columns(NY, NB, split, N_SPLIT, Y_NEGATIVES, HAS_BANK, BLOCK_N)
         first = split == 0
 
+    # The streamed tiles through descriptors; the resident row block (SINGLE_K) by pointers, once.
+    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA and not SINGLE_K)
+    y_tiles = _row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA)
+    b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK)
     if SINGLE_K:
         ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
         k_mask = ks < D
@@ -334,13 +416,14 @@ def _pairwise_lse_fwd_kernel(
             l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
 
     if Y_NEGATIVES:
-        for start_n in range(y_lo, y_hi, BLOCK_N):
+        for start_n in tl.range(y_lo, y_hi, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             col_mask = cols < NY
             if SINGLE_K:
-                y_t = tl.load(Y + cols[:, None] * stride_ym + ks[None, :] * stride_yd,
-                              mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                y_t = _tile(y_tiles, start_n, Y, cols, col_mask, stride_ym, stride_yd, ks, k_mask, TMA)
                 s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
+            elif TMA:
+                s = _logits_loop_tma(x_tiles, y_tiles, row0_32, start_n, D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             else:
                 s = logits_loop(X, Y, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_ym, stride_yd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -358,13 +441,14 @@ def _pairwise_lse_fwd_kernel(
             m_i, l_i = _online_update(m_i, l_i, qk)
 
     if HAS_BANK:
-        for start_n in range(b_lo, b_hi, BLOCK_N):
+        for start_n in tl.range(b_lo, b_hi, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
             col_mask = cols < NB
             if SINGLE_K:
-                b_t = tl.load(B + cols[:, None] * stride_bm + ks[None, :] * stride_bd,
-                              mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                b_t = _tile(b_tiles, start_n, B, cols, col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
                 s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
+            elif TMA:
+                s = _logits_loop_tma(x_tiles, b_tiles, row0_32, start_n, D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             else:
                 s = logits_loop(X, B, rows, cols, row_mask, col_mask, stride_xm, stride_xd, stride_bm, stride_bd,
                                  D, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -381,6 +465,40 @@ def _pairwise_lse_fwd_kernel(
         tl.store(PART + tl.program_id(1).to(tl.int64) * M + rows, lse2, mask=row_mask)
     else:
         tl.store(LSE + rows, lse2 * LN2, mask=row_mask)
+
+
+@autotune(FWD_CONFIGS, INTERPRET_CONFIG, key=[*_KEY, "N_SPLIT"], prune=_prune("fwd"))
+@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
+def _pairwise_lse_fwd_kernel(
+    X, Y, B, SCALE, LSE, POS, PART,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd,
+    pos_offset, ROW_BIN, N_SPLIT,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel: `_fwd_program` with pointer loads and the compiler's own loop pipelining."""
+    _fwd_program(X, Y, B, SCALE, LSE, POS, PART, M, NY, NB, D, stride_xm, stride_xd, stride_ym, stride_yd,
+        stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
+        SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
+
+
+@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
+def _pairwise_lse_fwd_hopper_kernel(
+    X, Y, B, SCALE, LSE, POS, PART,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd,
+    pos_offset, ROW_BIN, N_SPLIT,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_fwd_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    _fwd_program(X, Y, B, SCALE, LSE, POS, PART, M, NY, NB, D, stride_xm, stride_xd, stride_ym, stride_yd,
+        stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
+        SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
 
 
 @triton.jit
@@ -460,9 +578,8 @@ def _pairwise_lse_bwd_pos_kernel(
     tl.store(W_POS + rows, w, mask=row_mask)
 
 
-@autotune(BWD_ROWS_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("rows"), reset_to_zero=["DY_ACC"])
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _pairwise_lse_bwd_rows_kernel(
+@triton.jit
+def _rows_program(
     X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC,
     M, NY, NB, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam,
@@ -470,6 +587,7 @@ def _pairwise_lse_bwd_rows_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """dx for one block of BLOCK_M rows and, with NEEDS_DY, the block's share of dy through atomics.
 
@@ -482,6 +600,7 @@ def _pairwise_lse_bwd_rows_kernel(
     Stores dx_i = scale·(acc_i / f + w_i·y_p(i)); DY_ACC ends as dy·f/scale (the launcher rescales
     and rounds it). Without NEEDS_DY the weights are P·2^15 (see above) and DY_ACC is not touched.
     Indices are int32 in the masks (sizes < 2^31) and int64 in addresses.
+    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -494,6 +613,8 @@ def _pairwise_lse_bwd_rows_kernel(
     f = tl.load(WSCALE)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
     k_mask = ks < D
+    y_tiles = _row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA)
+    b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK)
     x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
     if NEEDS_DY:
@@ -506,12 +627,11 @@ def _pairwise_lse_bwd_rows_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
-        for start_n in range(0, NY, BLOCK_N):
+        for start_n in tl.range(0, NY, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NY
             cols64 = cols.to(tl.int64)
-            y_t = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
-                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            y_t = _tile(y_tiles, start_n, Y, cols64, col_mask, stride_ym, stride_yd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(y_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[None, :] & (cols[None, :] != pcol[:, None])
             if EXCLUDE_SELF:
@@ -528,11 +648,10 @@ def _pairwise_lse_bwd_rows_kernel(
                 acc = mm(round_to(p, y_t.dtype), y_t, acc, FP32_PRECISION)
 
     if HAS_BANK:
-        for start_n in range(0, NB, BLOCK_N):
+        for start_n in tl.range(0, NB, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            b_t = tl.load(B + cols.to(tl.int64)[:, None] * stride_bm + ks[None, :] * stride_bd,
-                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            b_t = _tile(b_tiles, start_n, B, cols.to(tl.int64), col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - shift2[:, None], float("-inf")))
             if NEEDS_DY:
@@ -553,9 +672,44 @@ def _pairwise_lse_bwd_rows_kernel(
     tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(dx, DX.dtype.element_ty), mask=m2)
 
 
-@autotune(BWD_SYM_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("sym"))
+@autotune(BWD_ROWS_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("rows"), reset_to_zero=["DY_ACC"])
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _pairwise_lse_bwd_sym_kernel(
+def _pairwise_lse_bwd_rows_kernel(
+    X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel: `_rows_program` with pointer loads and the compiler's own loop pipelining."""
+    _rows_program(X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC, M, NY, NB, D, stride_xm, stride_xd,
+        stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
+        EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False,
+        LOOP_STAGES=None)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_rows_hopper_kernel(
+    X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC,
+    M, NY, NB, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_rows_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    _rows_program(X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC, M, NY, NB, D, stride_xm, stride_xd,
+        stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
+        EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA,
+        LOOP_STAGES=LOOP_STAGES)
+
+
+@triton.jit
+def _sym_program(
     X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY,
     M, NB, D,
     stride_xm, stride_xd, stride_bm, stride_bd, stride_dxm, stride_dym,
@@ -563,6 +717,7 @@ def _pairwise_lse_bwd_sym_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """x is y (SimCLR, DCL, ArCL, VICReg-exp): the two roles' gradients of one block of BLOCK_M rows,
     without atomics.
@@ -578,6 +733,7 @@ def _pairwise_lse_bwd_sym_kernel(
     is i. The op sums dx and dy (ops/pairwise_lse.py), so each gets half: Σ x·dx is then
     Σ_ij G_ij x_i·x_j·scale, what d scale is read from. Bank columns (HAS_BANK; no loss has them with
     x is y) feed dx alone: they are added after dy is stored.
+    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
     """
     # M = Ny and 0 ≤ pos_offset < M: (i ± pos_offset) mod M is one conditional add or subtract.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -594,14 +750,14 @@ def _pairwise_lse_bwd_sym_kernel(
     k_mask = ks < D
     m2 = row_mask[:, None] & k_mask[None, :]
     x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
+    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_N, BLOCK_K, TMA)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
+    for start_n in tl.range(0, M, BLOCK_N, num_stages=LOOP_STAGES):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_mask = cols < M
         cols64 = cols.to(tl.int64)
-        x_t = tl.load(X + cols64[:, None] * stride_xm + ks[None, :] * stride_xd,
-                      mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        x_t = _tile(x_tiles, start_n, X, cols64, col_mask, stride_xm, stride_xd, ks, k_mask, TMA)
         lse2_c = tl.load(LSE + cols64, mask=col_mask, other=0.0) * LOG2E
         w_col = tl.load(GRAD_LSE + cols64, mask=col_mask, other=0.0) * f
         pcol_c = cols + pos_offset
@@ -633,20 +789,53 @@ def _pairwise_lse_bwd_sym_kernel(
     tl.store(DY + rows64[:, None] * stride_dym + ks[None, :], round_to(acc * unscale, DY.dtype.element_ty), mask=m2)
 
     if HAS_BANK:
-        for start_n in range(0, NB, BLOCK_N):
+        b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA)
+        for start_n in tl.range(0, NB, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
-            b_t = tl.load(B + cols.to(tl.int64)[:, None] * stride_bm + ks[None, :] * stride_bd,
-                          mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            b_t = _tile(b_tiles, start_n, B, cols.to(tl.int64), col_mask, stride_bm, stride_bd, ks, k_mask, TMA)
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - lse2[:, None], float("-inf")))
             acc = mm(round_to(p * w_row[:, None], b_t.dtype), b_t, acc, FP32_PRECISION)
     tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(acc * unscale, DX.dtype.element_ty), mask=m2)
 
 
-@autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("dy"))
+@autotune(BWD_SYM_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("sym"))
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _pairwise_lse_bwd_dy_kernel(
+def _pairwise_lse_bwd_sym_kernel(
+    X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY,
+    M, NB, D,
+    stride_xm, stride_xd, stride_bm, stride_bd, stride_dxm, stride_dym,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel: `_sym_program` with pointer loads and the compiler's own loop pipelining."""
+    _sym_program(X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY, M, NB, D, stride_xm, stride_xd, stride_bm,
+        stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
+            BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_sym_hopper_kernel(
+    X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY,
+    M, NB, D,
+    stride_xm, stride_xd, stride_bm, stride_bd, stride_dxm, stride_dym,
+    pos_offset, ROW_BIN,
+    HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_sym_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    _sym_program(X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY, M, NB, D, stride_xm, stride_xd, stride_bm,
+        stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
+            BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
+
+
+@triton.jit
+def _dy_program(
     X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY,
     M, NY, D,
     stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
@@ -654,6 +843,7 @@ def _pairwise_lse_bwd_dy_kernel(
     EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """dy alone (dx not asked for: a frozen row tower) for one block of BLOCK_N columns of y.
 
@@ -664,6 +854,7 @@ def _pairwise_lse_bwd_dy_kernel(
     accumulates (G·f)ᵀ @ x_tile in fp32, the weights G·f rounded to the input dtype. The positive
     rows of column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over Ny,
     usually one), are then gathered and added elementwise. The bank needs no gradient and is not read.
+    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < NY
@@ -674,19 +865,19 @@ def _pairwise_lse_bwd_dy_kernel(
     k_mask = ks < D
     y_blk = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
         f = tl.load(WSCALE)
-        for start_m in range(0, M, BLOCK_M):
+        for start_m in tl.range(0, M, BLOCK_M, num_stages=LOOP_STAGES):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_mask = rows < M
             rows64 = rows.to(tl.int64)
             pcol = (rows + pos_offset) % NY
             lse2 = tl.load(LSE + rows64, mask=row_mask, other=0.0) * LOG2E
             w_row = tl.load(GRAD_LSE + rows64, mask=row_mask, other=0.0) * f
-            x_t = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
-                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            x_t = _tile(x_tiles, start_m, X, rows64, row_mask, stride_xm, stride_xd, ks, k_mask, TMA)
             s_t = mm(y_blk, tl.trans(x_t), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), FP32_PRECISION)
             valid = col_mask[:, None] & row_mask[None, :] & (cols[:, None] != pcol[None, :])
             if EXCLUDE_SELF:
@@ -708,6 +899,40 @@ def _pairwise_lse_bwd_dy_kernel(
 
     tl.store(DY + cols64[:, None] * stride_dym + ks[None, :], round_to(acc * scale, DY.dtype.element_ty),
              mask=col_mask[:, None] & k_mask[None, :])
+
+
+@autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("dy"))
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_dy_kernel(
+    X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY,
+    M, NY, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
+    pos_offset, ROW_BIN,
+    EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Today's kernel: `_dy_program` with pointer loads and the compiler's own loop pipelining."""
+    _dy_program(X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY, M, NY, D, stride_xm, stride_xd, stride_ym, stride_yd,
+        stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            TMA=False, LOOP_STAGES=None)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _pairwise_lse_bwd_dy_hopper_kernel(
+    X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY,
+    M, NY, D,
+    stride_xm, stride_xd, stride_ym, stride_yd, stride_dym,
+    pos_offset, ROW_BIN,
+    EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """`_dy_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    _dy_program(X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY, M, NY, D, stride_xm, stride_xd, stride_ym, stride_yd,
+        stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            TMA=TMA, LOOP_STAGES=LOOP_STAGES)
 
 
 @autotune(BWD_WEIGHTS_CONFIGS, INTERPRET_CONFIG, key=["ROW_BIN", "BLOCK_K", "Y_COLUMNS", "EXCLUDE_SELF"],
@@ -856,19 +1081,160 @@ def pairwise_lse_forward(
     meta.update(HAS_BANK=has_bank, EXCLUDE_SELF=flags.exclude_self, INCLUDE_POS=flags.include_pos,
                 Y_NEGATIVES=flags.y_negatives, SPLIT=n_split > 1)  # fmt: skip
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), n_split)  # noqa: E731
+    kernel, extra = variant_kernel("fwd", (x, y, b if has_bank else None))
     with device_ctx(x):
-        _pairwise_lse_fwd_kernel[grid](
+        kernel[grid](
             x, y, b, scale, lse, pos, part,
             m, n_y, n_b, d,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1),
             flags.pos_offset, row_bin(max(m, n_y)), n_split,
-            **meta,
+            **meta, **extra,
         )  # fmt: skip
         if n_split > 1:
             _pairwise_lse_merge_kernel[(triton.cdiv(m, MERGE_BLOCK_R),)](
                 part, lse, m, n_split, BLOCK_R=MERGE_BLOCK_R, BLOCK_S=triton.next_power_of_2(n_split)
             )
     return lse, pos
+
+
+class HopperVariant(NamedTuple):
+    """Opt-in variants of the resident kernels for sm_90 (forward, and the fused backward's "rows",
+    "sym" and "dy"), all off by default: the default stays today's kernels until a GPU run measures
+    them (benchmarks/hopper_variants.py). Set by ``FASTSSL_LSE_HOPPER`` (`parse_hopper_variant`).
+
+    tma: the tiles each loop streams (y, bank, or x rows in "sym" and "dy"; x and y chunks in the
+        forward's D loop) through device-side tensor descriptors (TMA copies), where `tma_eligible`
+        accepts every input of the launch (bf16/fp16 rows, 16-byte aligned); otherwise the pointer
+        path, always. A program's resident block and the gathered positives stay pointer loads.
+    pipeline: the column loops as tl.range(num_stages = the config's num_stages), which pipelines
+        every load of the loop (the symmetric pass's column lse and grad_lse too), not only the
+        operands of its dots as the kernel-wide num_stages does.
+    wide: the autotuner picks from HOPPER_CONFIGS (larger tiles) as well as CONFIGS.
+
+    Triton 3.6's warp specialisation (tl.range(warp_specialize=True)) is not offered: on sm_90 it
+    compiles to the very same PTX as without (it targets Blackwell; tests/gpu/test_triton_hopper_aot.py).
+    """
+
+    tma: bool = False
+    pipeline: bool = False
+    wide: bool = False
+
+
+def parse_hopper_variant(text: str) -> HopperVariant:
+    """`HopperVariant` from a comma-separated list of its field names ("" or "default": none), e.g.
+    "tma,pipeline"; an unknown name raises ValueError rather than be ignored."""
+    names = {n.strip() for n in text.split(",")} - {"", "default"}
+    unknown = names - set(HopperVariant._fields)
+    if unknown:
+        raise ValueError(f"FASTSSL_LSE_HOPPER: unknown variant(s) {sorted(unknown)}; known: {HopperVariant._fields}")
+    return HopperVariant(**{n: True for n in names})
+
+
+#: The variant the launchers use, read from FASTSSL_LSE_HOPPER here and nowhere else (a benchmark
+#: may assign this attribute to switch variants in one process).
+HOPPER_VARIANT = parse_hopper_variant(os.environ.get("FASTSSL_LSE_HOPPER", ""))
+#: Benchmarks only: kind (a key of CONFIGS) -> the one triton.Config to launch, with no autotuning.
+PINNED_CONFIGS: dict = {}
+
+
+def tma_eligible(*tensors: Optional[Tensor]) -> bool:
+    """Whether every given (N, D) tensor (None: absent) can be read through a tensor descriptor: half
+    precision (fp32's CUDA-core dots spilled on descriptor tiles, benchmarks/RESULTS.md), unit stride
+    along D, the row stride and the base address multiples of 16 bytes (TMA's rules), on a GPU with
+    TMA (sm_90 or later) or under the interpreter. Anything else takes the pointer path."""
+    present = [t for t in tensors if t is not None]
+    if not interpreting() and not all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+                                      for t in present):  # fmt: skip
+        return False
+    return all(t.element_size() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in present)  # fmt: skip
+
+
+def vector_rows(*tensors: Optional[Tensor]) -> bool:
+    """Whether Triton can load every given (N, D) tensor's rows 16 bytes at a time: D and the row
+    stride multiples of 16 elements, unit stride along D and a 16-byte aligned base (what its
+    launch-time divisibility hints see). `aligned_rows` makes rows so for the backward."""
+    return all(t.shape[1] % 16 == 0 and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in tensors if t is not None)  # fmt: skip
+
+
+def forward_configs(x: Tensor, *others: Optional[Tensor]) -> Optional[list]:
+    """The forward's configs on a GPU where FWD_CONFIGS spilled: fp32 (FWD_FP32_CONFIGS) and
+    half-precision rows that are not `vector_rows` (the FWD_UNALIGNED lists); None elsewhere."""
+    if x.element_size() == 4:
+        return FWD_FP32_CONFIGS
+    if vector_rows(x, *others):
+        return None
+    block_k, single_k, _ = tile_dims(x.shape[1], x.dtype)
+    return FWD_UNALIGNED_WIDE_K_CONFIGS if single_k and block_k == 256 else FWD_UNALIGNED_CONFIGS
+
+
+def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    """Global memory for device-side descriptors (128 bytes each per program), from torch's allocator."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side descriptors need triton.set_allocator; a user's own allocator is left in place."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
+
+
+_DEFAULT_KERNELS = {"fwd": _pairwise_lse_fwd_kernel, "rows": _pairwise_lse_bwd_rows_kernel,
+                    "sym": _pairwise_lse_bwd_sym_kernel, "dy": _pairwise_lse_bwd_dy_kernel,
+                    "weights": _pairwise_lse_bwd_weights_kernel}  # fmt: skip
+_HOPPER_KERNELS = {"fwd": _pairwise_lse_fwd_hopper_kernel, "rows": _pairwise_lse_bwd_rows_hopper_kernel,
+                   "sym": _pairwise_lse_bwd_sym_hopper_kernel, "dy": _pairwise_lse_bwd_dy_hopper_kernel}  # fmt: skip
+_KEYS = {"fwd": [*_KEY, "N_SPLIT"], "rows": _BWD_KEY, "sym": _BWD_KEY, "dy": _BWD_KEY,
+         "weights": ["ROW_BIN", "BLOCK_K", "Y_COLUMNS", "EXCLUDE_SELF"]}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, shapes: tuple):
+    """Kernel `kind` autotuned over configs given as (BLOCK_M, BLOCK_N, num_warps, num_stages,
+    LOOP_STAGES) tuples, one autotuner (and one cache of its choices) per list: the Hopper entry, or
+    for "weights" (no variant) today's kernel, whose configs carry no LOOP_STAGES."""
+    hopper = kind in _HOPPER_KERNELS
+    loop = lambda stages: {"LOOP_STAGES": stages} if hopper else {}  # noqa: E731
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **loop(ls)}, num_warps=w, num_stages=st)
+               for bm, bn, w, st, ls in shapes]  # fmt: skip
+    interpret = triton.Config({**INTERPRET_CONFIG.kwargs, **loop(shapes[0][4])}, num_warps=4, num_stages=1)
+    reset = ["DY_ACC"] if kind == "rows" else None
+    fn = _HOPPER_KERNELS[kind] if hopper else _DEFAULT_KERNELS[kind].fn
+    return autotune(configs, interpret, key=_KEYS[kind] + (["TMA"] if hopper else []), prune=_prune(kind),
+                    reset_to_zero=reset)(fn)  # fmt: skip
+
+
+def variant_kernel(kind: str, tensors: tuple) -> tuple:
+    """(kernel, extra meta) that launches `kind` on `tensors` (x, y, bank or None) under HOPPER_VARIANT
+    and PINNED_CONFIGS: today's autotuned kernel when neither is set, else the Hopper entry with
+    TMA = variant.tma and `tma_eligible(*tensors)`, its configs carrying LOOP_STAGES. On a GPU a
+    forward that `forward_configs` gives its own configs takes the Hopper entry over them (TMA off
+    unless asked and eligible, LOOP_STAGES None: today's code otherwise). "weights" has no variant:
+    only a pinned config changes its launch."""
+    variant = HOPPER_VARIANT if kind in _HOPPER_KERNELS else HopperVariant()  # "weights" has none
+    pinned = PINNED_CONFIGS.get(kind)
+    # Under the interpreter every autotuner runs INTERPRET_CONFIG: the forward keeps today's entry
+    # there (tests swap its tiles).
+    own = forward_configs(*tensors) if kind == "fwd" and not interpreting() else None
+    if variant == HopperVariant() and pinned is None and own is None:
+        return _DEFAULT_KERNELS[kind], {}
+    if pinned is not None:
+        configs = [pinned]
+    elif own is not None:
+        configs = own
+    else:
+        configs = (HOPPER_CONFIGS[kind] if variant.wide else []) + CONFIGS[kind]
+    shapes = tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                    c.num_stages if variant.pipeline else None) for c in configs)  # fmt: skip
+    if kind not in _HOPPER_KERNELS:
+        return _tuned(kind, shapes), {}
+    tma = variant.tma and tma_eligible(*tensors)
+    if tma and not interpreting():
+        _ensure_tma_allocator()
+    return _tuned(kind, shapes), {"TMA": tma}
 
 
 #: Route of the backward: "auto" (`backward_route`), or "fused" / "blocked" to force one (e.g. to
@@ -966,7 +1332,7 @@ def _backward_blocked(x, y, bank, scale, lse, grad_lse, w_pos, wscale, flags, dx
     def weights(cols, out, row0, n_rows, y_columns):
         width = cols.shape[0]
         grid = lambda META: (triton.cdiv(n_rows, META["BLOCK_M"]) * triton.cdiv(width, META["BLOCK_N"]),)  # noqa: E731
-        _pairwise_lse_bwd_weights_kernel[grid](
+        variant_kernel("weights", (x,))[0][grid](
             x, cols, scale, lse, grad_lse, wscale, out,
             n_rows, width, n_y, d, row0,
             x.stride(0), x.stride(1), cols.stride(0), cols.stride(1), out.stride(0),
@@ -1079,34 +1445,38 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
     meta.update(EXCLUDE_SELF=flags.exclude_self)
     size_bin = row_bin(max(m, n_y))
     rows_grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
+    inputs = (x, y, b if has_bank else None)
     with device_ctx(x):
         if same and want_dx and want_dy and flags.y_negatives:
-            _pairwise_lse_bwd_sym_kernel[rows_grid](
+            kernel, extra = variant_kernel("sym", inputs)
+            kernel[rows_grid](
                 x, b, scale, lse, grad_lse, w_pos, wscale, dx, dy,
                 m, n_b, d,
                 x.stride(0), x.stride(1), b.stride(0), b.stride(1), dx.stride(0), dy.stride(0),
                 flags.pos_offset, size_bin,
-                HAS_BANK=has_bank, **meta,
+                HAS_BANK=has_bank, **meta, **extra,
             )  # fmt: skip
         elif want_dx:
             # dy's fp32 accumulator; a one-element stand-in when dy is not asked for (never written).
             dy_acc = torch.zeros((n_y, d) if want_dy else (1,), dtype=torch.float32, device=x.device)
-            _pairwise_lse_bwd_rows_kernel[rows_grid](
+            kernel, extra = variant_kernel("rows", inputs)
+            kernel[rows_grid](
                 x, y, b, scale, lse, grad_lse, w_pos, wscale, dx, dy_acc,
                 m, n_y, n_b, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), b.stride(0), b.stride(1), dx.stride(0),
                 dy_acc.stride(0),
                 flags.pos_offset, size_bin,
-                HAS_BANK=has_bank, Y_NEGATIVES=flags.y_negatives, NEEDS_DY=want_dy, **meta,
+                HAS_BANK=has_bank, Y_NEGATIVES=flags.y_negatives, NEEDS_DY=want_dy, **meta, **extra,
             )  # fmt: skip
             if want_dy:
                 dy.copy_(dy_acc.mul_(scale.to(torch.float32) / wscale))
         else:
-            _pairwise_lse_bwd_dy_kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]),)](
+            kernel, extra = variant_kernel("dy", (x, y))
+            kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]),)](
                 x, y, scale, lse, grad_lse, w_pos, wscale, dy,
                 m, n_y, d,
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0),
                 flags.pos_offset, size_bin,
-                Y_NEGATIVES=flags.y_negatives, **meta,
+                Y_NEGATIVES=flags.y_negatives, **meta, **extra,
             )  # fmt: skip
     return dx, dy
