@@ -45,7 +45,7 @@ from fastssl.train import data as data_mod
 from fastssl.train.augment import Augment
 from fastssl.train.evaluate import (calibrate_batchnorm, extract_features, knn_accuracy, linear_probe_accuracy,
                                     representation_metrics)
-from fastssl.train.losses import Criterion, build_criterion
+from fastssl.train.losses import Criterion, build_criterion, head_prototypes
 from fastssl.train.models import build_model
 
 __all__ = ["Config", "TrainError", "LARS", "warmup_cosine", "ema_momentum", "ema_update", "ssl_backward",
@@ -85,7 +85,7 @@ class Config:
     teacher_momentum: float = 0.99
     local_crops: Optional[int] = None
     local_size: int = 16
-    local_scale: tuple = (0.1, 0.4)
+    local_scale: tuple = (0.3, 0.6)
     loss_options: dict = field(default_factory=dict)
     # optimisation
     epochs: int = 40
@@ -470,16 +470,18 @@ def train(cfg: Config) -> dict:
                   brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter, hue=cfg.hue, gray_p=cfg.gray_p,
                   blur_p=cfg.blur_p, mean=ds.mean, std=ds.std)
 
+    # The model first: its initial encoder (the random-init baseline) is then the same for every loss, and
+    # a loss that draws its initial state (MoCo's bank) draws it after.
+    model = build_model(cfg.model, width=cfg.width, norm=cfg.norm, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                        prototypes=head_prototypes(cfg.loss, cfg.loss_options)).to(device)
+    init_encoder = copy.deepcopy(model.encoder.state_dict())
     crit: Criterion = build_criterion(cfg.loss, cfg.proj_dim, backend=cfg.backend, temperature=cfg.temperature,
                                       views=cfg.views, memory_bank=cfg.memory_bank, local_crops=cfg.local_crops,
                                       options=cfg.loss_options)
     crit.module.to(device)
     plan = crit.views
-    # DINO's local crops: small crops of a small part of the image (multi-crop), same colour augmentations
+    # DINO's local crops: a part of the image at a smaller size (multi-crop), the same colour augmentations
     local_aug = replace(aug, size=cfg.local_size, crop_scale=cfg.local_scale) if plan.local_views else None
-    model = build_model(cfg.model, width=cfg.width, norm=cfg.norm, proj_hidden=cfg.proj_hidden,
-                        proj_dim=cfg.proj_dim, prototypes=crit.prototypes).to(device)
-    init_encoder = copy.deepcopy(model.encoder.state_dict())
     teacher = None  # the EMA of the student (MoCo's key encoder, DINO's teacher): no gradient, not optimised
     if plan.has_teacher:
         teacher = copy.deepcopy(model)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fastssl import nn as fnn
 
-__all__ = ["LOSSES", "DINO_DEFAULTS", "ViewPlan", "Criterion", "build_criterion"]
+__all__ = ["LOSSES", "DINO_DEFAULTS", "ViewPlan", "Criterion", "build_criterion", "head_prototypes"]
 
 #: name -> (module class name in fastssl.nn, short description)
 LOSSES: dict[str, tuple[str, str]] = {
@@ -47,11 +47,13 @@ LOSSES: dict[str, tuple[str, str]] = {
                          "Caron et al. 2021), student tau 0.1, teacher tau 0.04 -> 0.07"),
 }
 
-#: The trainer's DINOLoss arguments where they differ from the module's (lightly's), which are sized for
-#: ImageNet: K = 65,536 prototypes and a 30-epoch teacher-temperature warm-up. --loss-option overrides.
-DINO_DEFAULTS = dict(output_dim=256, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=10)
 # Not offered: KoLeo is a regulariser, not a loss on its own; SupCon is supervised (it needs the
 # batch's labels, which the criterion is not given).
+
+#: The trainer's DINOLoss arguments where they differ from the module's (lightly's): K = 256 prototypes
+#: instead of ImageNet's 65,536, and DINO's warm-up of the teacher temperature from 0.04 to 0.07 (over the
+#: module's 30 epochs). --loss-option overrides them.
+DINO_DEFAULTS = dict(output_dim=256, warmup_teacher_temp=0.04, teacher_temp=0.07)
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,6 @@ class Criterion:
     name: str
     module: nn.Module
     views: ViewPlan
-    # K of a prototype head (DINO): the model's projector ends in K prototypes (K, D) that the engine
-    # passes to the loss, the student's and the teacher's; 0: a plain projector.
-    prototypes: int = 0
     call: Callable = field(default=None, repr=False)
 
     def __call__(self, zs: list, teacher_zs: Optional[Tensor] = None, *, prototypes: Optional[Tensor] = None,
@@ -130,6 +129,17 @@ def _module_kwargs(cls, temperature, options: dict, backend: str) -> dict:
     return kwargs
 
 
+def head_prototypes(name: str, options: Optional[dict] = None) -> int:
+    """K of the prototype head that `--loss name` needs (DINO: its output_dim), 0 for a plain projector.
+    The engine passes such a head's prototypes, the student's and the teacher's, to the loss."""
+    if name != "dino":
+        return 0
+    k = {**DINO_DEFAULTS, **(options or {})}["output_dim"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"loss option output_dim must be a positive integer (K, the number of prototypes), got {k!r}")
+    return k
+
+
 def build_criterion(name: str, proj_dim: int, *, backend: str = "auto", temperature: Optional[float] = None,
                     views: Optional[int] = None, memory_bank: int = 4096, local_crops: Optional[int] = None,
                     options: Optional[dict] = None) -> Criterion:
@@ -137,7 +147,7 @@ def build_criterion(name: str, proj_dim: int, *, backend: str = "auto", temperat
 
     views: number of views for ArCL (default 4, must be >= 2); the other losses take exactly 2.
     memory_bank: K, the MoCo queue length (the bank is (K, proj_dim)).
-    local_crops: DINO's small crops per image besides its 2 global ones (default 4, >= 0).
+    local_crops: DINO's small crops per image besides its 2 global ones (default 2, >= 0).
     """
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {name!r}")
@@ -164,10 +174,10 @@ def build_criterion(name: str, proj_dim: int, *, backend: str = "auto", temperat
         module = cls(memory_bank_size=(memory_bank, proj_dim), **kwargs)
         return Criterion(name, module, ViewPlan(2, student=slice(0, 1), teacher=slice(1, 2)), call=_moco)
     if name == "dino":
-        local = 4 if local_crops is None else local_crops
+        local = 2 if local_crops is None else local_crops
         if isinstance(local, bool) or not isinstance(local, int) or local < 0:
             raise ValueError(f"--local-crops must be an integer >= 0, got {local!r}")
         module = cls(**kwargs)
         plan = ViewPlan(2, student=slice(0, 2), teacher=slice(0, 2), local_views=local)
-        return Criterion(name, module, plan, prototypes=module.center.shape[-1], call=_dino)
+        return Criterion(name, module, plan, call=_dino)
     return Criterion(name, cls(**kwargs), ViewPlan(2, slice(0, 2)), call=_two_views)

@@ -21,7 +21,7 @@ import torch
 
 from fastssl.train.augment import Augment
 from fastssl.train.engine import TrainError, _autocast_factory, _embed, Config, resolve_device, ssl_backward
-from fastssl.train.losses import LOSSES, build_criterion
+from fastssl.train.losses import LOSSES, build_criterion, head_prototypes
 from fastssl.train.models import build_model
 
 __all__ = ["measure", "main"]
@@ -48,7 +48,7 @@ def measure(loss: str, backend: str, *, model: str = "resnet18", batch: int = 51
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g, device=dev)
     aug = Augment(size=32, blur_p=0.0)
     plan = crit.views
-    if plan.local_views or crit.prototypes:
+    if plan.local_views or head_prototypes(loss):
         raise ValueError(f"the throughput tool times the losses of one projector output per view; {loss} needs "
                          "a prototype head and multi-crop (time it with python -m fastssl.train --loss dino)")
     key_net = net if plan.has_teacher else None  # keys from the same network: the loss is what is timed
