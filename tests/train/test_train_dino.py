@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fastssl.train import engine
+from fastssl.train.cli import main
 from fastssl.train.engine import Config, ema_momentum, ema_update, train
 from fastssl.train.losses import DINO_DEFAULTS, build_criterion, head_prototypes
 from fastssl.train.models import DINOHead, build_model
@@ -232,3 +233,15 @@ def test_a_short_dino_run_learns_what_only_the_right_teacher_teaches(tmp_path, m
 def _run(out, cfg):
     train(Config(out=str(out), **cfg))
     return out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--local-crops", "2"], "--local-crops 2 is only for --loss dino"),
+    (["--loss", "dino", "--local-scale", "0,0.5"], "--local-scale must be MIN,MAX with 0 < MIN <= MAX <= 1"),
+    (["--loss", "dino", "--teacher-momentum", "1.5"], "--teacher-momentum must be in [0, 1]"),
+    (["--loss", "dino", "--loss-option", "output_dim=0"], "output_dim must be a positive integer"),
+])
+def test_cli_errors_of_the_dino_options_are_one_line(tmp_path, capsys, argv, match):
+    assert main(argv + ["--limit", "40", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
