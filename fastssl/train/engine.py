@@ -562,6 +562,7 @@ def train(cfg: Config) -> dict:
 
     t_run = time.perf_counter()
     last_loss = float("nan")
+    head = _prototype_args(model, teacher)  # DINO: the student's and the teacher's prototypes, for the loss
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t_epoch = time.perf_counter()
@@ -584,7 +585,6 @@ def train(cfg: Config) -> dict:
                 with torch.no_grad():
                     teacher_zs = torch.cat([_embed(teacher, global_views[plan.teacher, sl], autocast)
                                             for sl in _chunk_slices(batch, cfg.chunks)], dim=1)
-            head = _prototype_args(model, teacher)
 
             def loss_fn(zs: list) -> Tensor:
                 return crit(zs, teacher_zs, **head, epoch=epoch)
