@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="moco: memory bank length (default: %(default)s)")
     lo.add_argument("--moco-momentum", type=float, default=_D.moco_momentum,
                     help="moco: EMA momentum of the key encoder (default: %(default)s)")
+    lo.add_argument("--teacher-momentum", type=float, default=_D.teacher_momentum, metavar="M0",
+                    help="dino: EMA momentum of the teacher at the first step, rising to 1 on a cosine over the run "
+                         "(default: %(default)s)")
+    lo.add_argument("--local-crops", type=int, default=_D.local_crops, metavar="L",
+                    help="dino: small crops per image besides the 2 global views; the student sees them, the teacher "
+                         "does not (default: 2)")
+    lo.add_argument("--local-size", type=int, default=_D.local_size, metavar="PX",
+                    help="dino: side of the local crops in pixels (default: %(default)s)")
+    lo.add_argument("--local-scale", type=_pair, default=_D.local_scale, metavar="MIN,MAX",
+                    help="dino: area fraction of the image a local crop covers (default: 0.3,0.6)")
     lo.add_argument("--loss-option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                     help="any other constructor argument of the loss module, repeatable, e.g. lambda_param=0.01 "
                          "(default: none)")

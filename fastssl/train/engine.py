@@ -2,7 +2,15 @@
 
 `train(Config(...))` runs one SSL training and returns its summary (also written to OUT/summary.json).
 The pieces a researcher may want on their own are public: `LARS`, `warmup_cosine`, `ssl_backward`
-(one forward + backward of the SSL objective, optionally in GradCache chunks), `save_atomic`.
+(one forward + backward of the SSL objective, optionally in GradCache chunks), `ema_momentum` and
+`ema_update` (the EMA teacher of MoCo and DINO), `save_atomic`.
+
+One step: the criterion's `ViewPlan` (fastssl.train.losses) says which crops to draw and who embeds
+them. The EMA teacher, if the plan has one, embeds its views under no_grad; the student embeds its own
+(full-size views, then the small local crops of multi-crop, one forward per resolution) and the loss
+gets both, plus the prototypes of a DINO head; after the optimizer step the teacher follows the student,
+θt ← m·θt + (1 − m)·θs (MoCo: m constant; DINO: m on a cosine from --teacher-momentum to 1). The
+teacher is not in the optimizer and never receives a gradient.
 
 GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"),
 `chunks = K`: (1) embed the batch in K chunks under no_grad; (2) run the loss and its backward on the
@@ -26,9 +34,9 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,11 +45,11 @@ from fastssl.train import data as data_mod
 from fastssl.train.augment import Augment
 from fastssl.train.evaluate import (calibrate_batchnorm, extract_features, knn_accuracy, linear_probe_accuracy,
                                     representation_metrics)
-from fastssl.train.losses import Criterion, build_criterion
+from fastssl.train.losses import Criterion, build_criterion, head_prototypes
 from fastssl.train.models import build_model
 
-__all__ = ["Config", "TrainError", "LARS", "warmup_cosine", "ssl_backward", "save_atomic", "train",
-           "resolve_device", "CHECKPOINT", "SUMMARY", "LOG"]
+__all__ = ["Config", "TrainError", "LARS", "warmup_cosine", "ema_momentum", "ema_update", "ssl_backward",
+           "save_atomic", "train", "resolve_device", "CHECKPOINT", "SUMMARY", "LOG"]
 
 CHECKPOINT, SUMMARY, LOG = "checkpoint.pt", "summary.json", "log.jsonl"
 
@@ -74,6 +82,10 @@ class Config:
     views: Optional[int] = None
     memory_bank: int = 1024
     moco_momentum: float = 0.99
+    teacher_momentum: float = 0.99
+    local_crops: Optional[int] = None
+    local_size: int = 16
+    local_scale: tuple = (0.3, 0.6)
     loss_options: dict = field(default_factory=dict)
     # optimisation
     epochs: int = 40
@@ -122,15 +134,16 @@ class Config:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["crop_scale"] = list(self.crop_scale)
+        d["crop_scale"], d["local_scale"] = list(self.crop_scale), list(self.local_scale)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        if "crop_scale" in kw:
-            kw["crop_scale"] = tuple(kw["crop_scale"])
+        for name in ("crop_scale", "local_scale"):
+            if name in kw:
+                kw[name] = tuple(kw[name])
         return cls(**kw)
 
 
@@ -186,6 +199,22 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def ema_momentum(step: int, total: int, base: float, final: float = 1.0) -> float:
+    """EMA momentum of step `step` (0-based) of `total`: final − (final − base)·(1 + cos(π·step/total))/2,
+    DINO's cosine schedule, base at step 0 rising to final at `total`. base == final: a constant (MoCo)."""
+    return final - (final - base) * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """θt ← θt + (1 − m)·(θs − θt) = m·θt + (1 − m)·θs for every parameter (in place, on the teacher);
+    buffers (BatchNorm running statistics) are copied from the student. Both nets have one architecture."""
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.lerp_(ps, 1.0 - momentum)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        bt.copy_(bs)
+
+
 def _param_groups(modules: list[nn.Module], wd: float) -> list[dict]:
     decay, no_decay = [], []
     for m in modules:
@@ -219,33 +248,42 @@ def _embed(model: nn.Module, x: Tensor, autocast: Callable) -> Tensor:
     return z.view(m, n, -1)
 
 
-def ssl_backward(model: nn.Module, views: Tensor, loss_fn: Callable[[list], Tensor], chunks: int = 1,
-                 autocast: Callable = contextlib.nullcontext) -> Tensor:
+def _embed_groups(model: nn.Module, groups: list[Tensor], sl: slice, autocast: Callable) -> Tensor:
+    """Samples `sl` of every group of views, one forward per group: (Σ m_g, n, D), in group order."""
+    zs = [_embed(model, g[:, sl], autocast) for g in groups]
+    return zs[0] if len(zs) == 1 else torch.cat(zs)
+
+
+def ssl_backward(model: nn.Module, views: Union[Tensor, Sequence[Tensor]], loss_fn: Callable[[list], Tensor],
+                 chunks: int = 1, autocast: Callable = contextlib.nullcontext) -> Tensor:
     """Forward + backward of loss_fn([z_0, ..., z_{m-1}]), z_v = model(views[v]) (N, D); returns the loss.
 
-    views: (m, N, 3, H, W). Gradients are accumulated into the parameters' .grad (call zero_grad before).
+    views: (m, N, 3, H, W), or a list of such groups with one N and a resolution each (multi-crop: the
+    global views, then the local crops), each group embedded in one forward; z_v in group order.
+    Gradients are accumulated into the parameters' .grad (call zero_grad before).
     chunks = K > 1 runs GradCache over K chunks of the N samples (each chunk holds all m views of its
     samples); the parameter gradients equal the unchunked ones for per-sample encoders (module docstring).
     """
-    if views.dim() != 5:
-        raise ValueError(f"views must be (m, N, 3, H, W), got {tuple(views.shape)}")
-    n = views.shape[1]
+    groups = [views] if isinstance(views, Tensor) else list(views)
+    if not groups or any(g.dim() != 5 or g.shape[1] != groups[0].shape[1] for g in groups):
+        raise ValueError(f"views must be (m, N, 3, H, W), or a list of them with one N, got "
+                         f"{[tuple(g.shape) for g in groups]}")
+    n = groups[0].shape[1]
     if not 1 <= chunks <= n:
         raise ValueError(f"chunks must be in [1, N = {n}], got {chunks}")
     if chunks == 1:
-        z = _embed(model, views, autocast)
+        z = _embed_groups(model, groups, slice(None), autocast)
         loss = loss_fn(list(z.unbind(0)))
         loss.backward()
         return loss.detach()
-    device = views.device
-    bounds = [round(i * n / chunks) for i in range(chunks + 1)]
-    slices = [slice(bounds[i], bounds[i + 1]) for i in range(chunks)]
+    device = groups[0].device
+    slices = _chunk_slices(n, chunks)
     buffers = {k: b.clone() for k, b in model.named_buffers()}  # BN running stats: update once, in pass 2
     states, parts = [], []
     with torch.no_grad():
         for sl in slices:
             states.append(_rng_state(device))
-            parts.append(_embed(model, views[:, sl], autocast))
+            parts.append(_embed_groups(model, groups, sl, autocast))
     with torch.no_grad():
         for k, b in model.named_buffers():
             b.copy_(buffers[k])
@@ -256,7 +294,7 @@ def ssl_backward(model: nn.Module, views: Tensor, loss_fn: Callable[[list], Tens
     grad = z.grad
     for sl, state in zip(slices, states):
         _set_rng_state(state, device)
-        _embed(model, views[:, sl], autocast).backward(grad[:, sl])
+        _embed_groups(model, groups, sl, autocast).backward(grad[:, sl])
     _set_rng_state(after, device)
     return loss.detach()
 
@@ -354,6 +392,10 @@ def _check_config(cfg: Config) -> None:
     need(cfg.copies >= 1, f"--copies must be >= 1, got {cfg.copies}")
     need(cfg.limit is None or cfg.limit >= 2, f"--limit must be >= 2, got {cfg.limit}")
     need(0 <= cfg.moco_momentum < 1, f"--moco-momentum must be in [0, 1), got {cfg.moco_momentum}")
+    need(0 <= cfg.teacher_momentum <= 1, f"--teacher-momentum must be in [0, 1], got {cfg.teacher_momentum}")
+    need(cfg.local_size >= 1, f"--local-size must be >= 1, got {cfg.local_size}")
+    need(len(cfg.local_scale) == 2 and 0 < cfg.local_scale[0] <= cfg.local_scale[1] <= 1,
+         f"--local-scale must be MIN,MAX with 0 < MIN <= MAX <= 1, got {cfg.local_scale}")
     need(cfg.knn_k >= 1, f"--knn-k must be >= 1, got {cfg.knn_k}")
     need(cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.log_every >= 1,
          "--eval-every and --save-every must be >= 0, --log-every >= 1")
@@ -428,17 +470,22 @@ def train(cfg: Config) -> dict:
                   brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter, hue=cfg.hue, gray_p=cfg.gray_p,
                   blur_p=cfg.blur_p, mean=ds.mean, std=ds.std)
 
-    model = build_model(cfg.model, width=cfg.width, norm=cfg.norm, proj_hidden=cfg.proj_hidden,
-                        proj_dim=cfg.proj_dim).to(device)
+    # The model first: its initial encoder (the random-init baseline) is then the same for every loss, and
+    # a loss that draws its initial state (MoCo's bank) draws it after.
+    model = build_model(cfg.model, width=cfg.width, norm=cfg.norm, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                        prototypes=head_prototypes(cfg.loss, cfg.loss_options)).to(device)
     init_encoder = copy.deepcopy(model.encoder.state_dict())
     crit: Criterion = build_criterion(cfg.loss, cfg.proj_dim, backend=cfg.backend, temperature=cfg.temperature,
-                                      views=cfg.views, memory_bank=cfg.memory_bank, options=cfg.loss_options)
+                                      views=cfg.views, memory_bank=cfg.memory_bank, local_crops=cfg.local_crops,
+                                      options=cfg.loss_options)
     crit.module.to(device)
-    ema = None
-    if crit.momentum_keys:
-        ema = copy.deepcopy(model)
-        for p in ema.parameters():
-            p.requires_grad_(False)
+    plan = crit.views
+    # DINO's local crops: a part of the image at a smaller size (multi-crop), the same colour augmentations
+    local_aug = replace(aug, size=cfg.local_size, crop_scale=cfg.local_scale) if plan.local_views else None
+    teacher = None  # the EMA of the student (MoCo's key encoder, DINO's teacher): no gradient, not optimised
+    if plan.has_teacher:
+        teacher = copy.deepcopy(model)
+        teacher.requires_grad_(False)
     lr, wd = cfg.resolved_lr(), cfg.resolved_wd()
     groups = _param_groups([model, crit.module], wd)
     opt = (torch.optim.AdamW(groups, lr=lr) if cfg.optimizer == "adamw" else LARS(groups, lr=lr))
@@ -454,8 +501,8 @@ def train(cfg: Config) -> dict:
         with torch.no_grad():
             for k, b in crit.module.named_buffers():  # non-persistent buffers too (the MoCo bank)
                 b.copy_(ckpt["criterion_buffers"][k])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["ema"])
         data_gen.set_state(ckpt["data_gen"])
         aug_gen.set_state(ckpt["aug_gen"].to(aug_gen.get_state().device))
         torch.set_rng_state(ckpt["torch_rng"])
@@ -468,13 +515,18 @@ def train(cfg: Config) -> dict:
                                               last_epoch=step - 1)
     log = _Log(out / LOG, ckpt["log_offset"] if ckpt is not None else None)
 
+    def momentum_at(step: int) -> float:
+        if cfg.loss == "moco":
+            return cfg.moco_momentum
+        return ema_momentum(step, total_steps, cfg.teacher_momentum)  # planned, like the LR, for this --epochs
+
     def save(epoch: int, seconds: float) -> None:
         state = {
             "config": cfg.to_dict(), "epoch": epoch, "step": step, "history": history, "seconds": seconds,
             "model": model.state_dict(), "init_encoder": init_encoder, "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "criterion": crit.module.state_dict(),
             "criterion_buffers": {k: b.detach().cpu() for k, b in crit.module.named_buffers()},
-            "ema": ema.state_dict() if ema is not None else None,
+            "ema": teacher.state_dict() if teacher is not None else None,
             "data_gen": data_gen.get_state(), "aug_gen": aug_gen.get_state().cpu(), "torch_rng": torch.get_rng_state(),
             "log_offset": log.offset(),
         }
@@ -510,8 +562,7 @@ def train(cfg: Config) -> dict:
 
     t_run = time.perf_counter()
     last_loss = float("nan")
-    n_views_online = crit.n_views
-    m_views = n_views_online + (1 if crit.momentum_keys else 0)
+    head = _prototype_args(model, teacher)  # DINO: the student's and the teacher's prototypes, for the loss
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t_epoch = time.perf_counter()
@@ -525,23 +576,25 @@ def train(cfg: Config) -> dict:
             t0 = time.perf_counter()
             x = train_x[perm[i * batch:(i + 1) * batch]]
             with torch.no_grad():
-                views = aug.views(x, m_views, aug_gen)
-            keys = None
-            if crit.momentum_keys:
+                global_views = aug.views(x, plan.global_views, aug_gen)
+                student_views = [global_views[plan.student]]
+                if local_aug is not None:
+                    student_views.append(local_aug.views(x, plan.local_views, aug_gen))
+            teacher_zs = None
+            if teacher is not None:
                 with torch.no_grad():
-                    keys = torch.cat([_embed(ema, views[1:, sl], autocast)[0]
-                                      for sl in _chunk_slices(batch, cfg.chunks)])
-                views = views[:1]
+                    teacher_zs = torch.cat([_embed(teacher, global_views[plan.teacher, sl], autocast)
+                                            for sl in _chunk_slices(batch, cfg.chunks)], dim=1)
+
+            def loss_fn(zs: list) -> Tensor:
+                return crit(zs, teacher_zs, **head, epoch=epoch)
+
             opt.zero_grad(set_to_none=True)
-            loss = ssl_backward(model, views, lambda zs: crit(zs, keys), cfg.chunks, autocast)
+            loss = ssl_backward(model, student_views, loss_fn, cfg.chunks, autocast)
             opt.step()
             sched.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(p, 1.0 - cfg.moco_momentum)
-                    for be, b in zip(ema.buffers(), model.buffers()):
-                        be.copy_(b)
+            if teacher is not None:
+                ema_update(teacher, model, momentum_at(step))
             step += 1
             loss_v = loss.item()
             if not math.isfinite(loss_v):
@@ -611,6 +664,14 @@ def train(cfg: Config) -> dict:
     save_atomic(json.dumps(summary, indent=2) + "\n", out / SUMMARY)
     print(report(summary), flush=True)
     return summary
+
+
+def _prototype_args(model: nn.Module, teacher: Optional[nn.Module]) -> dict:
+    """The loss's prototypes of a prototype head (DINO): the student's (optimised) and the teacher's (EMA)."""
+    prototypes = getattr(model.projector, "prototypes", None)
+    if prototypes is None:
+        return {}
+    return {"prototypes": prototypes, "teacher_prototypes": teacher.projector.prototypes}
 
 
 def _chunk_slices(n: int, chunks: int) -> list[slice]:

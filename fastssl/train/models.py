@@ -1,7 +1,8 @@
 """Encoders and projector of the reference trainer: a small CNN for the default data, a CIFAR ResNet-18.
 
 `SSLModel(encoder, projector)` returns the projector output (what the loss sees); `model.encoder(x)`
-returns the representation (what the linear probe and k-NN see), as in SimCLR.
+returns the representation (what the linear probe and k-NN see), as in SimCLR. For DINO the projector
+is a `DINOHead`, whose last layer (K prototypes) is handed to the fused loss instead of being applied.
 
 Normalisation layers matter for `--chunks` (GradCache): GroupNorm and LayerNorm compute their statistics
 per sample, so running the encoder in chunks changes nothing and the chunked gradient equals the
@@ -18,9 +19,11 @@ stride-1 stem without max-pooling, then four stages of two BasicBlocks (64, 128,
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "ResNet18", "ProjectionMLP", "SSLModel", "build_model", "MODELS", "NORMS"]
+__all__ = ["SmallCNN", "ResNet18", "ProjectionMLP", "DINOHead", "SSLModel", "build_model", "MODELS", "NORMS"]
 
 MODELS = ("small-cnn", "resnet18")
 NORMS = ("gn", "bn", "ln", "none")
@@ -121,6 +124,33 @@ class ProjectionMLP(nn.Module):
         return self.net(x)
 
 
+class DINOHead(nn.Module):
+    """DINO's head (Caron et al. 2021) without the product by its last layer:
+    Linear(in, hidden) → norm → GELU → Linear(hidden, hidden) → norm → GELU → Linear(hidden, bottleneck) →
+    L2 normalisation, (B, in) -> (B, bottleneck) unit rows. `norm` as the trainer's other heads (BatchNorm
+    by default, DINO's `use_bn_in_head` for convolutional backbones).
+
+    The last layer is `prototypes` (K, bottleneck): the raw weight v of DINO's weight-normalised layer with
+    its gain fixed at 1 (norm_last_layer), so the logits are n(z)·v_kᵀ/‖v_k‖. The head does not compute
+    them: the trainer passes z and v to fastssl's fused DINO loss (normalize_prototypes=True), which never
+    stores the (B, K) logits.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, prototypes: int, norm: str = "bn"):
+        super().__init__()
+        if min(in_dim, hidden_dim, bottleneck_dim, prototypes) < 1:
+            raise ValueError(f"DINOHead needs positive sizes, got in_dim={in_dim}, hidden_dim={hidden_dim}, "
+                             f"bottleneck_dim={bottleneck_dim}, prototypes={prototypes}")
+        bias = norm == "none"  # a norm layer's shift replaces the bias
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=bias), _norm1d(norm, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim, bias=bias), _norm1d(norm, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck_dim))  # rows uniform in direction
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.mlp(x), dim=1)
+
+
 class SSLModel(nn.Module):
     """encoder + projector; forward returns the projection, `.encoder` the representation."""
 
@@ -134,8 +164,12 @@ class SSLModel(nn.Module):
 
 
 def build_model(name: str = "small-cnn", *, width: int | None = None, norm: str | None = None,
-                proj_hidden: int = 512, proj_dim: int = 128) -> SSLModel:
-    """The trainer's model: `name` in MODELS; width/norm default to 16/"bn" (small-cnn), 64/"bn" (resnet18)."""
+                proj_hidden: int = 512, proj_dim: int = 128, prototypes: int = 0) -> SSLModel:
+    """The trainer's model: `name` in MODELS; width/norm default to 16/"bn" (small-cnn), 64/"bn" (resnet18).
+
+    prototypes = K > 0: a DINOHead (hidden proj_hidden, bottleneck proj_dim, K prototypes) instead of the
+    ProjectionMLP.
+    """
     if name == "small-cnn":
         encoder: nn.Module = SmallCNN(width or 16, norm or "bn")
     elif name == "resnet18":
@@ -144,4 +178,6 @@ def build_model(name: str = "small-cnn", *, width: int | None = None, norm: str 
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     if proj_hidden < 1 or proj_dim < 1:
         raise ValueError(f"proj_hidden and proj_dim must be positive, got {proj_hidden}, {proj_dim}")
+    if prototypes:
+        return SSLModel(encoder, DINOHead(encoder.out_dim, proj_hidden, proj_dim, prototypes, norm or "bn"))
     return SSLModel(encoder, ProjectionMLP(encoder.out_dim, proj_hidden, proj_dim, norm or "bn"))

@@ -20,8 +20,8 @@ import time
 import torch
 
 from fastssl.train.augment import Augment
-from fastssl.train.engine import TrainError, _autocast_factory, Config, resolve_device, ssl_backward
-from fastssl.train.losses import LOSSES, build_criterion
+from fastssl.train.engine import TrainError, _autocast_factory, _embed, Config, resolve_device, ssl_backward
+from fastssl.train.losses import LOSSES, build_criterion, head_prototypes
 from fastssl.train.models import build_model
 
 __all__ = ["measure", "main"]
@@ -47,18 +47,20 @@ def measure(loss: str, backend: str, *, model: str = "resnet18", batch: int = 51
     g = torch.Generator(device=dev).manual_seed(seed)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g, device=dev)
     aug = Augment(size=32, blur_p=0.0)
-    m = crit.n_views + (1 if crit.momentum_keys else 0)
-    key_net = net if crit.momentum_keys else None  # keys from the same network: the loss is what is timed
+    plan = crit.views
+    if plan.local_views or head_prototypes(loss):
+        raise ValueError(f"the throughput tool times the losses of one projector output per view; {loss} needs "
+                         "a prototype head and multi-crop (time it with python -m fastssl.train --loss dino)")
+    key_net = net if plan.has_teacher else None  # keys from the same network: the loss is what is timed
 
     def step():
-        views = aug.views(images, m, g)
+        views = aug.views(images, plan.global_views, g)
         keys = None
         if key_net is not None:
             with torch.no_grad(), autocast():
-                keys = key_net(views[1]).float()
-            views = views[:1]
+                keys = _embed(key_net, views[plan.teacher], autocast)
         opt.zero_grad(set_to_none=True)
-        out = ssl_backward(net, views, lambda zs: crit(zs, keys), chunks, autocast)
+        out = ssl_backward(net, views[plan.student], lambda zs: crit(zs, keys), chunks, autocast)
         opt.step()
         return out
 

@@ -6,6 +6,8 @@ objective computed with a full graph chunk by chunk (tested), and the running st
 per chunk. Dropout masks are the same in both passes (the RNG state is restored per chunk).
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -116,7 +118,7 @@ def test_moco_keys_and_bad_chunks():
     model = build_model("small-cnn", width=4, norm="gn", proj_hidden=8, proj_dim=8)
     crit = build_criterion("moco", 8, memory_bank=16)
     views = torch.randn(1, 6, 3, 8, 8)
-    keys = torch.randn(6, 8)
+    keys = torch.randn(1, 6, 8)  # the teacher's embeddings of its one view (T, N, D)
     bank = crit.module.memory_bank.bank.clone()
     _, g1 = _run(model, views, lambda zs: crit(zs, keys), 1)
     assert not torch.equal(crit.module.memory_bank.bank, bank)  # the keys were enqueued
@@ -128,3 +130,28 @@ def test_moco_keys_and_bad_chunks():
         ssl_backward(model, views, lambda zs: crit(zs, keys), 7)
     with pytest.raises(ValueError, match="views must be"):
         ssl_backward(model, views[0], lambda zs: crit(zs, keys), 1)
+
+
+def test_chunked_gradients_equal_unchunked_multicrop_dino():
+    """DINO's step: two groups of views at two resolutions (global and local crops), the teacher's
+    embeddings and the head's prototypes; the prototypes get their gradient from the loss's backward."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn", width=4, norm="gn", proj_hidden=16, proj_dim=8, prototypes=12).double()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    crit = build_criterion("dino", 8, local_crops=2, options={"output_dim": 12})
+    crit.module.double()
+    groups = [torch.randn(2, 10, 3, 12, 12, dtype=torch.float64), torch.randn(2, 10, 3, 8, 8, dtype=torch.float64)]
+    with torch.no_grad():
+        t = teacher(groups[0].flatten(0, 1)).view(2, 10, -1)
+    centre = crit.module.center.clone()
+
+    def fn(zs):
+        assert [z.shape for z in zs] == [(10, 8)] * 4  # 2 global, then 2 local crops, in order
+        return crit(zs, t, prototypes=model.projector.prototypes, teacher_prototypes=teacher.projector.prototypes)
+
+    l1, g1 = _run(model, groups, fn, 1)
+    crit.module.center.copy_(centre)  # the same centre for the chunked run
+    lk, gk = _run(model, groups, fn, 3)
+    torch.testing.assert_close(lk, l1)
+    _assert_grads_equal(gk, g1)
+    assert "projector.prototypes" in g1

@@ -14,7 +14,7 @@ TINY = dict(limit=64, batch_size=32, width=4, proj_hidden=16, proj_dim=16, knn_k
 def test_siglip_criterion_holds_learnable_t_and_b():
     assert LOSSES["siglip"][0] == "SigLIPLoss"
     crit = build_criterion("siglip", 16, backend="torch", options={"init_bias": -5.0})
-    assert crit.n_views == 2
+    assert crit.views.global_views == 2 and crit.views.student_views == 2 and not crit.views.has_teacher
     params = dict(crit.module.named_parameters())
     assert set(params) == {"logit_scale", "logit_bias"}
     assert float(params["logit_bias"].detach()) == -5.0
