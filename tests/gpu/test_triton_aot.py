@@ -48,7 +48,8 @@ pytest.importorskip("triton")
 
 TIMEOUT_S = 600
 
-_FLAGS = {
+#: The pairwise-LSE flag sets of the jobs, by the name a record carries (tests/gpu/test_triton_hopper_aot.py's too).
+FLAGS = {
     "simclr": dict(HAS_BANK=False, EXCLUDE_SELF=True, INCLUDE_POS=True, Y_NEGATIVES=True),
     "all": dict(HAS_BANK=True, EXCLUDE_SELF=True, INCLUDE_POS=True, Y_NEGATIVES=True),
     "moco": dict(HAS_BANK=True, EXCLUDE_SELF=False, INCLUDE_POS=True, Y_NEGATIVES=False),
@@ -210,7 +211,7 @@ def _measure(j):
     d = j["D"]
     precision = j.get("precision", K.FP32_DOT_PRECISION)
     block_k, single_k, block_dout = _tiles(K, j["kind"], d, dtype)
-    flags = _FLAGS[j["flags"]]
+    flags = FLAGS[j["flags"]]
     consts = dict(
         flags, BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
         BLOCK_DOUT=block_dout, FP32_PRECISION=precision, NEEDS_DY=j.get("needs_dy", True), BLOCK_R=j["BLOCK_M"],

@@ -28,6 +28,7 @@ from __future__ import annotations
 import pytest
 
 from tests.gpu import _aot
+from tests.gpu.test_triton_aot import FLAGS
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.slow  # a compiler run: minutes on 2 cores
@@ -36,12 +37,6 @@ TIMEOUT_S = 1200
 #: The variants are Hopper's: every job compiles for sm_90.
 ARCH = 90
 
-FLAGS = {
-    "simclr": dict(HAS_BANK=False, EXCLUDE_SELF=True, INCLUDE_POS=True, Y_NEGATIVES=True),
-    "all": dict(HAS_BANK=True, EXCLUDE_SELF=True, INCLUDE_POS=True, Y_NEGATIVES=True),
-    "moco": dict(HAS_BANK=True, EXCLUDE_SELF=False, INCLUDE_POS=True, Y_NEGATIVES=False),
-    "clip": dict(HAS_BANK=False, EXCLUDE_SELF=False, INCLUDE_POS=True, Y_NEGATIVES=True),
-}
 RESIDENT_KINDS = ("fwd", "rows", "sym", "dy")
 
 
