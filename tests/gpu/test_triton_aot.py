@@ -99,7 +99,8 @@ def _jobs():
     for kind, d in (("fwd", 128), ("weights", 300)):
         jobs.append(job("fp32", kind, "fp32", d, "simclr", 90, cands(kind, "fp32", d, 90)[-1]))
     # The tensor-core alternative for fp32 (FP32_DOT_PRECISION = "tf32x3"): shared memory grows. It
-    # does not run, and FWD_FP32_CONFIGS were chosen for "ieee" dots: today's list, as pruned for fp32.
+    # does not run, and FWD_FP32_CONFIGS were chosen for "ieee" dots (with tf32x3, their 2-stage one
+    # outgrows smem_estimate): today's list, as pruned for fp32.
     tf32x3 = cands("fwd", "fp32", 128, 90, configs=K.CONFIGS["fwd"])[0]
     jobs.append(dict(job("fp32-tf32x3", "fwd", "fp32", 128, "simclr", 90, tf32x3), precision="tf32x3"))
     for kind in kinds:
