@@ -245,6 +245,14 @@ def assert_shared_memory(records: Iterable[Record], name: Namer) -> None:
     assert not under, "smem_estimate below the compiled kernel's shared memory:\n" + "\n".join(under)
 
 
+def assert_no_stack_frame(records: Iterable[Record], name: Namer) -> None:
+    """No stack frame in any record's cubin (:func:`cubin_resources`), nor local memory in its loops:
+    Triton kernels have no local arrays, so a stack frame means ptxas spilled registers."""
+    spilled = [f"{name(r)}: {r['stack']} B of stack ({r['loop_spills']} local loads/stores in loops), "
+               f"{r['registers']} registers" for r in records if r["stack"] or r["loop_spills"]]  # fmt: skip
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
+
+
 def assert_no_ptxas_spills(records: Iterable[Record], name: Namer) -> None:
     """No spill bytes in the `ptxas -v` report of any record (:func:`ptxas_spills`)."""
     spilling = [f"{name(r)}: {r['spill_stores']} B stored, {r['spill_loads']} B loaded"

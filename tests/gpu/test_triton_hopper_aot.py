@@ -1,6 +1,7 @@
 """The opt-in Hopper variants of the pairwise-LSE kernels (`HopperVariant`), compiled ahead of time
 for sm_90 without a GPU (docs/design.md, check 3), as tests/gpu/test_triton_aot.py does for today's
-kernels; this file runs its own compiles in one subprocess without TRITON_INTERPRET.
+kernels: this file, run as a script without TRITON_INTERPRET, prints the report the tests check (the
+shared machinery: tests/gpu/_aot.py).
 
 Matrix, bf16 with SimCLR's flags unless said, sm_90, through each kernel's Hopper entry:
   * "tma", "pipeline" and both, in the first config of today's list, for the forward and the fused
@@ -9,9 +10,9 @@ Matrix, bf16 with SimCLR's flags unless said, sm_90, through each kernel's Hoppe
     D = 128 and 256;
   * the forward's D loop (D = 512, bank and y negatives) through descriptors; MoCo (bank, fp16) and
     "rows" without dy;
-  * the fp32 forward in each FWD_FP32_CONFIGS entry at D = 70 (an odd D), 128 and 300 (the D loop),
-    and split at D = 70: the pointer path, as launched (TMA off, no LOOP_STAGES: `tma_eligible`
-    takes half precision only);
+  * the fp32 forward in each config `forward_configs` gives it (FWD_FP32_CONFIGS) at D = 70 (an odd
+    D), 128 and 300 (the D loop), and split at D = 70: the pointer path, as launched (TMA off, no
+    LOOP_STAGES: `tma_eligible` takes half precision only);
   * the forward of half-precision rows that Triton loads element by element (D = 70, 100, 200, 300:
     no divisibility hints) in each FWD_UNALIGNED config `forward_configs` picks for them, split too;
   * each kernel's Hopper entry with both switches off next to today's kernel (same flags, config).
@@ -24,35 +25,23 @@ Also: Triton 3.6's warp specialisation leaves sm_90 code unchanged, the reason i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
+
+from tests.gpu import _aot
+from tests.gpu.test_triton_aot import FLAGS
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.slow  # a compiler run: minutes on 2 cores
 
-REPO = Path(__file__).resolve().parents[2]
-#: Max dynamic shared memory per block on sm_90 (227 KiB).
-SMEM_LIMIT_SM90 = 232448
 TIMEOUT_S = 1200
+#: The variants are Hopper's: every job compiles for sm_90.
+ARCH = 90
 
-FLAGS = {
-    "simclr": dict(HAS_BANK=False, EXCLUDE_SELF=True, INCLUDE_POS=True, Y_NEGATIVES=True),
-    "all": dict(HAS_BANK=True, EXCLUDE_SELF=True, INCLUDE_POS=True, Y_NEGATIVES=True),
-    "moco": dict(HAS_BANK=True, EXCLUDE_SELF=False, INCLUDE_POS=True, Y_NEGATIVES=False),
-    "clip": dict(HAS_BANK=False, EXCLUDE_SELF=False, INCLUDE_POS=True, Y_NEGATIVES=True),
-}
-DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 RESIDENT_KINDS = ("fwd", "rows", "sym", "dy")
 
 
 # ------------------------------------------------------------------------------------------------
-# The subprocess side (no TRITON_INTERPRET): compile the matrix, print a JSON report.
+# The subprocess side (no TRITON_INTERPRET): the matrix, and how one job compiles.
 
 
 def _jobs():
@@ -60,16 +49,21 @@ def _jobs():
 
     from fastssl.kernels.triton import pairwise_lse as K
 
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    smem_limit = _aot.SMEM_LIMIT[ARCH]
 
     def job(group, kind, dt, d, flags, cfg, tma, pipeline, needs_dy=True, entry="hopper"):
-        return dict(group=group, kind=kind, dtype=dt, D=d, flags=flags, BLOCK_M=cfg.kwargs["BLOCK_M"],
+        return dict(group=group, kind=kind, dtype=dt, D=d, flags=flags, arch=ARCH, BLOCK_M=cfg.kwargs["BLOCK_M"],
                     BLOCK_N=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps, num_stages=cfg.num_stages, tma=tma,
                     pipeline=pipeline, needs_dy=needs_dy, entry=entry)  # fmt: skip
 
-    def cands(kind, dt, d, configs=None, needs_dy=True):
-        block_k, single_k, block_dout = K.tile_dims(d, torch_dtype[dt])
-        return K.candidate_configs(kind, DTYPES[dt], block_k, single_k, block_dout, SMEM_LIMIT_SM90, needs_dy, configs)
+    def cands(kind, dt, d, needs_dy=True):
+        block_k, single_k, block_dout = K.tile_dims(d, _aot.DTYPES[dt])
+        return K.candidate_configs(kind, _aot.DTYPES[dt].itemsize, block_k, single_k, block_dout, smem_limit,
+                                   needs_dy)  # fmt: skip
+
+    def own(dt, d):
+        """The forward's own configs that `forward_configs` gives contiguous (·, d) rows of `dt` on a GPU."""
+        return K.forward_configs(torch.empty(1, d, dtype=_aot.DTYPES[dt]))
 
     jobs = []
     for d in (128, 256):
@@ -79,27 +73,26 @@ def _jobs():
                 jobs.append(job("variants", kind, "bf16", d, "simclr", first, tma, pipeline))
             block_k, single_k, _ = K.tile_dims(d, torch.bfloat16)
             jobs += [job("wide", kind, "bf16", d, "simclr", c, True, True)
-                     for c in K.wide_candidates(kind, 2, block_k, single_k, SMEM_LIMIT_SM90)]  # fmt: skip
+                     for c in K.wide_candidates(kind, 2, block_k, single_k, smem_limit)]  # fmt: skip
     jobs.append(job("d-loop", "fwd", "bf16", 512, "all", cands("fwd", "bf16", 512)[0], True, True))
     jobs.append(job("flags", "fwd", "fp16", 128, "moco", cands("fwd", "fp16", 128)[0], True, True))
     jobs.append(job("flags", "rows", "fp16", 128, "moco", cands("rows", "fp16", 128, needs_dy=False)[0], True, True,
                     needs_dy=False))  # fmt: skip
-    # fp32 (pointer path, today's code through the Hopper entry): every FWD_FP32_CONFIGS entry at an
-    # odd resident D, a power of two and the D loop; an odd D split over grid axis 1.
+    # fp32 (pointer path, today's code through the Hopper entry): every config it runs (FWD_FP32_CONFIGS)
+    # at an odd resident D, a power of two and the D loop; an odd D split over grid axis 1.
     for d, flags in ((70, "clip"), (128, "simclr"), (300, "all")):
-        jobs += [job("fp32", "fwd", "fp32", d, flags, c, False, False) for c in K.FWD_FP32_CONFIGS]
-    jobs.append(dict(job("fp32", "fwd", "fp32", 70, "clip", K.FWD_FP32_CONFIGS[-1], False, False), split=True))
+        jobs += [job("fp32", "fwd", "fp32", d, flags, c, False, False) for c in own("fp32", d)]
+    jobs.append(dict(job("fp32", "fwd", "fp32", 70, "clip", own("fp32", 70)[-1], False, False), split=True))
     # Half-precision rows loaded element by element (D not a multiple of 16: no divisibility hints),
     # in the lists `forward_configs` gives them: D = 70 and 100 (BLOCK_K 128), 200 (256), 300 (the D loop).
-    for dt, d, configs in (("bf16", 70, K.FWD_UNALIGNED_CONFIGS), ("fp16", 100, K.FWD_UNALIGNED_CONFIGS),
-                           ("bf16", 200, K.FWD_UNALIGNED_WIDE_K_CONFIGS), ("bf16", 300, K.FWD_UNALIGNED_CONFIGS)):
-        jobs += [job("unaligned", "fwd", dt, d, "clip", c, False, False) for c in configs]
-    jobs += [dict(job("unaligned", "fwd", "bf16", d, "clip", c[0], False, False), split=True)
-             for d, c in ((70, K.FWD_UNALIGNED_CONFIGS), (200, K.FWD_UNALIGNED_WIDE_K_CONFIGS))]
+    for dt, d in (("bf16", 70), ("fp16", 100), ("bf16", 200), ("bf16", 300)):
+        jobs += [job("unaligned", "fwd", dt, d, "clip", c, False, False) for c in own(dt, d)]
+    jobs += [dict(job("unaligned", "fwd", "bf16", d, "clip", own("bf16", d)[0], False, False), split=True)
+             for d in (70, 200)]  # fmt: skip
     # The Hopper entry with both switches off against today's kernel: the same code (what ineligible
     # inputs and, on a GPU, the fp32 forward run).
     for kind, dt, d, flags, cfg in (("fwd", "bf16", 128, "all", cands("fwd", "bf16", 128)[0]),
-                                    ("fwd", "fp32", 70, "clip", K.FWD_FP32_CONFIGS[0]),
+                                    ("fwd", "fp32", 70, "clip", own("fp32", 70)[0]),
                                     ("rows", "bf16", 128, "all", cands("rows", "bf16", 128)[0]),
                                     ("sym", "bf16", 256, "simclr", cands("sym", "bf16", 256)[0]),
                                     ("dy", "fp16", 128, "clip", cands("dy", "fp16", 128)[0])):  # fmt: skip
@@ -108,59 +101,37 @@ def _jobs():
     return jobs
 
 
-def _compile(j):
-    """Compile one job; its record, with the error text instead of metrics on failure."""
-    import traceback
-
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _measure(j):
+    """Compile one job through its entry as the launcher would; its shared memory and the estimate
+    the autotuner prunes with, TMA copies and tensor cores in its PTX, a hash of that PTX, its stack."""
     from fastssl.kernels.triton import pairwise_lse as K
 
-    rec = dict(j)
-    try:
-        entries = {"default": K._DEFAULT_KERNELS, "hopper": K._HOPPER_KERNELS}[j["entry"]]
-        kernel = entries[j["kind"]]
-        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction, under an autotuner or not
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[j["dtype"]]
-        d = j["D"]
-        block_k, single_k, block_dout = K.tile_dims(d, dtype)
-        consts = dict(
-            FLAGS[j["flags"]], BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
-            FP32_PRECISION=K.FP32_DOT_PRECISION, NEEDS_DY=j["needs_dy"], SPLIT=j.get("split", False), TMA=j["tma"],
-            LOOP_STAGES=j["num_stages"] if j["pipeline"] else None,
-            stride_xd=1, stride_yd=1, stride_bd=1,  # contiguous rows: Triton specialises unit strides
-        )  # fmt: skip
-        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-        pointee = {name: j["dtype"] for name in ("X", "Y", "B", "DX", "DY")}  # the rest: fp32
-        sizes = ("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT")
-        sig, attrs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.isupper() and name not in sizes:
-                sig[name] = "*" + pointee.get(name, "fp32")
-                attrs[(i,)] = [["tt.divisibility", 16]]  # as the runtime sees torch allocations
-            else:
-                sig[name] = "i32"
-                if d % 16 == 0 and (name == "D" or name.startswith("stride_") and name.endswith("m")):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        t0 = time.time()
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": j["num_warps"], "num_stages": j["num_stages"]})  # fmt: skip
-        ptx = compiled.asm["ptx"]
-        rec.update(seconds=round(time.time() - t0, 2), shared=int(compiled.metadata.shared),
-                   estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k,
-                                            DTYPES[j["dtype"]], j["num_stages"], block_dout, tma=j["tma"]),
-                   tma_copies="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
-                   code=_code_hash(ptx, fn.__name__),
-                   **_resources(compiled))  # fmt: skip
-    except Exception:  # reported, not raised: one bad config must not hide the others
-        rec["error"] = traceback.format_exc(limit=-6)
-    return rec
+    entries = {"default": K._DEFAULT_KERNELS, "hopper": K._HOPPER_KERNELS}[j["entry"]]
+    kernel = entries[j["kind"]]
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction, under an autotuner or not
+    dtype = _aot.DTYPES[j["dtype"]]
+    block_k, single_k, block_dout = K.tile_dims(j["D"], dtype)
+    consts = dict(
+        FLAGS[j["flags"]], BLOCK_M=j["BLOCK_M"], BLOCK_N=j["BLOCK_N"], BLOCK_K=block_k, SINGLE_K=single_k,
+        FP32_PRECISION=K.FP32_DOT_PRECISION, NEEDS_DY=j["needs_dy"], SPLIT=j.get("split", False), TMA=j["tma"],
+        LOOP_STAGES=j["num_stages"] if j["pipeline"] else None,
+        stride_xd=1, stride_yd=1, stride_bd=1,  # contiguous rows: Triton specialises unit strides
+    )  # fmt: skip
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    pointers = _aot.upper_case_pointers(fn, consts, sizes=("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT"),
+                                        inputs=("X", "Y", "B", "DX", "DY"), dtype=j["dtype"])  # fmt: skip
+    sig, attrs = _aot.signature(fn, consts, pointers, hinted=_aot.row_stride_hints(fn, j["D"]))
+    compiled, measured = _aot.compile_kernel(fn, sig, consts, attrs, j["arch"],
+                                             {"num_warps": j["num_warps"], "num_stages": j["num_stages"]})
+    ptx = compiled.asm["ptx"]
+    return dict(
+        measured,
+        estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, dtype.itemsize,
+                                 j["num_stages"], block_dout, tma=j["tma"]),  # fmt: skip
+        tma_copies="cp.async.bulk.tensor" in ptx,
+        code=_code_hash(ptx, fn.__name__),
+        **_aot.cubin_resources(compiled),
+    )
 
 
 def _code_hash(ptx, name):
@@ -174,30 +145,11 @@ def _code_hash(ptx, name):
     return hashlib.sha256("\n".join(lines).replace(name, "KERNEL").encode()).hexdigest()
 
 
-def _resources(compiled):
-    """Registers and stack bytes per thread from `cuobjdump -res-usage` on the cubin (no GPU needed);
-    Triton kernels have no local arrays, so a stack frame is register spills."""
-    import re
-    import tempfile
-
-    from triton import knobs
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout  # fmt: skip
-    reg, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    return dict(registers=int(reg), stack=int(stack))
-
-
 def _warp_specialize_probe():
     """The forward's loop shape (a resident row block, descriptor loads, a dot and an online LSE per
     column tile) compiled for sm_90 with tl.range(warp_specialize=True) and without: their PTX."""
     import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     @triton.jit
     def loop(X, Y, OUT, M, N, D, stride_xm, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -215,36 +167,23 @@ def _warp_specialize_probe():
             m_i = m_new
         tl.store(OUT + row0 + tl.arange(0, BLOCK_M), m_i + tl.log2(l_i))
 
-    sig = dict(X="*bf16", Y="*bf16", OUT="*fp32", M="i32", N="i32", D="i32", stride_xm="i32", stride_ym="i32",
-               BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", WARP_SPECIALIZE="constexpr")
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 5, 6, 7)}
     ptx = {}
     for ws in (False, True):
         consts = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, WARP_SPECIALIZE=ws)
-        compiled = triton.compile(ASTSource(fn=loop, signature=sig, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+        sig, attrs = _aot.signature(loop, consts, {"X": "bf16", "Y": "bf16", "OUT": "fp32"},
+                                    hinted=("D", "stride_xm", "stride_ym"))  # fmt: skip
+        compiled, _ = _aot.compile_kernel(loop, sig, consts, attrs, ARCH, {"num_warps": 8, "num_stages": 3})
         ptx[ws] = compiled.asm["ptx"]
     return dict(same_ptx=ptx[False] == ptx[True], tma_copies="cp.async.bulk.tensor" in ptx[True])
 
 
-def _main():
-    sys.path.insert(0, str(REPO))
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("run without TRITON_INTERPRET: the interpreter's @triton.jit cannot be compiled")
+def _extras():
+    """The wide configs, for the coverage test, and the warp-specialisation probe."""
     from fastssl.kernels.triton import pairwise_lse as K
 
-    jobs = _jobs()
-    t0 = time.time()
-    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-        records = list(pool.map(_compile, jobs))
     wide = {kind: [[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in cs]
             for kind, cs in K.HOPPER_CONFIGS.items() if kind in RESIDENT_KINDS}  # fmt: skip
-    json.dump(dict(records=records, wide=wide, warp_specialize=_warp_specialize_probe(),
-                   seconds=round(time.time() - t0, 1)), sys.stdout)  # fmt: skip
+    return dict(wide=wide, warp_specialize=_warp_specialize_probe())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,16 +192,7 @@ def _main():
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    try:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=TIMEOUT_S)  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"AOT compilation did not finish in {TIMEOUT_S} s; stderr tail:\n{(e.stderr or '')[-3000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"AOT compile subprocess failed (rc={proc.returncode}); stderr tail:\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout)
+    return _aot.compile_report(__file__, TIMEOUT_S)
 
 
 def _name(r):
@@ -272,13 +202,8 @@ def _name(r):
             f"warps={r['num_warps']} stages={r['num_stages']}")  # fmt: skip
 
 
-def _ok(report):
-    return [r for r in report["records"] if "error" not in r]
-
-
 def test_every_variant_compiles(report):
-    failed = [f"{_name(r)}:\n{r['error']}" for r in report["records"] if "error" in r]
-    assert not failed, f"{len(failed)} of {len(report['records'])} compiles failed:\n\n" + "\n\n".join(failed)
+    _aot.assert_all_compiled(report, _name)
 
 
 def test_every_wide_config_is_compiled(report):
@@ -290,36 +215,33 @@ def test_every_wide_config_is_compiled(report):
 
 
 def test_tma_copies_and_tensor_cores(report):
-    tma = [r for r in _ok(report) if r["tma"]]
+    tma = [r for r in _aot.compiled(report) if r["tma"]]
     assert len(tma) >= 20, "the TMA records are missing"
     no_tma = [_name(r) for r in tma if not r["tma_copies"]]
     assert not no_tma, "TMA on, but no cp.async.bulk.tensor in the PTX:\n" + "\n".join(no_tma)
-    # A forward block of fewer than 64 rows is below wgmma's minimum: mma.sync is sm_90's tensor-core path there.
-    no_tensor_cores = [_name(r) for r in _ok(report) if r["dtype"] != "fp32"
-                       and not (r["wgmma"] or r["kind"] == "fwd" and r["BLOCK_M"] < 64 and r["mma"])]  # fmt: skip
-    assert not no_tensor_cores, "no wgmma (nor mma.sync for a block below 64 rows) in:\n" + "\n".join(no_tensor_cores)
-    pointers = [_name(r) for r in _ok(report) if not r["tma"] and r["tma_copies"]]
+    pointers = [_name(r) for r in _aot.compiled(report) if not r["tma"] and r["tma_copies"]]
     assert not pointers, "TMA off, yet TMA copies in:\n" + "\n".join(pointers)
+    # A forward block of fewer than 64 rows is below wgmma's minimum: mma.sync is sm_90's tensor-core path there.
+    half = [r for r in _aot.compiled(report) if r["dtype"] != "fp32"]
+    below = [r["kind"] == "fwd" and r["BLOCK_M"] < 64 for r in half]
+    _aot.assert_tensor_cores([r for r, b in zip(half, below) if not b], _name)
+    _aot.assert_tensor_cores([r for r, b in zip(half, below) if b], _name, below_wgmma_size=True)
 
 
 def test_no_register_spills(report):
-    spilled = [f"{_name(r)}: {r['stack']} B of stack, {r['registers']} registers" for r in _ok(report) if r["stack"]]
-    assert not spilled, "register spills:\n" + "\n".join(spilled)
+    _aot.assert_no_stack_frame(_aot.compiled(report), _name)
 
 
 def test_shared_memory(report):
-    over = [f"{_name(r)}: {r['shared']} B" for r in _ok(report) if r["shared"] > SMEM_LIMIT_SM90]
-    assert not over, f"shared memory over sm_90's {SMEM_LIMIT_SM90} B:\n" + "\n".join(over)
-    under = [f"{_name(r)}: uses {r['shared']} B, estimated {r['estimate']} B" for r in _ok(report)
-             if r["shared"] > r["estimate"]]  # fmt: skip
-    assert not under, "smem_estimate below the compiled kernel's shared memory:\n" + "\n".join(under)
+    # Within sm_90's 227 KiB, and within smem_estimate (every record has one): pruning relies on it.
+    _aot.assert_shared_memory(_aot.compiled(report), _name)
 
 
 def test_switches_off_compile_to_todays_kernels(report):
     """The Hopper entry without TMA and LOOP_STAGES gives today's kernel's very PTX: the pointer path
     of a variant is today's code, not a look-alike."""
     pairs = {}
-    for r in _ok(report):
+    for r in _aot.compiled(report):
         if r["group"] == "same-code":
             pairs.setdefault(_name(r), {})[r["entry"]] = r["code"]
     assert len(pairs) == 5 and all(len(p) == 2 for p in pairs.values()), "the same-code records are missing"
@@ -336,4 +258,4 @@ def test_warp_specialize_is_a_no_op_on_sm90(report):
 
 
 if __name__ == "__main__":
-    _main()
+    _aot.main(_jobs, _measure, _extras)
