@@ -115,6 +115,12 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// Synchronises the `threads` threads (a multiple of 32) that use named barrier `id` (1-15; 0 is
+// __syncthreads'), e.g. one consumer warpgroup, without stopping the other warpgroups.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Warp specialisation's register split (per warpgroup, all its threads): the producer gives
 // registers back, the consumers take them. N is a multiple of 8 in [24, 256].
 template <int N>
