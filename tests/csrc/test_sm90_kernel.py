@@ -1,15 +1,16 @@
-"""csrc/pairwise_lse_sm90.cu, the Hopper (sm_90a) pairwise-LSE forward and dx: the CPU proofs and the GPU checks.
+"""csrc/pairwise_lse_sm90.cu, the Hopper (sm_90a) pairwise-LSE forward, dx and dy: the CPU proofs and the GPU checks.
 
 CPU (nvcc, no GPU): the file compiles for sm_90a alone with no register spills or stack frame in
-any kernel (forward and dx, bf16 and fp16) and no wgmma serialisation; its SASS holds the
+any kernel (forward, dx and dy, bf16 and fp16) and no wgmma serialisation; its SASS holds the
 instructions it was written for, HGMMA (wgmma), UTMALDG (TMA tensor loads), SYNCS (mbarrier) and
 USETMAXREG (the register split); compiled for plain sm_90 it stops with its own #error; its object reaches the driver only through the runtime (no libcuda
 symbol); prebuild and the JIT loader build it for arch 90 only, as sm_90a, and leave the sm_80 build
 as it was; the forward takes it only on sm_90 with FASTSSL_CUDA_SM90=1.
 
 GPU (`cuda` marker, sm_90 only): the kernel is taken exactly for the inputs TMA can read, and its
-(lse, pos) and the gradients (dx by the sm_90a kernel for D <= 256) match the float64 oracle for every
-mode, ragged tiles, the bank and D up to 512. tests/csrc/test_sm90_layout.py emulates its data layouts and pipeline on the CPU.
+(lse, pos) and the gradients (dx and dy by the sm_90a kernels for D <= 256) match the float64 oracle
+for every mode, ragged tiles, the bank and D up to 512; fp16 dy keeps tiny column weights (the
+max|grad_lse| rescaling). tests/csrc/test_sm90_layout.py emulates its data layouts and pipeline on the CPU.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def sm90a_build(tmp_path_factory):
 def test_compiles_for_sm90a_without_spills(sm90a_build):
     report, _ = sm90a_build
     kernels = re.findall(r"Compiling entry function '([^']+)' for 'sm_90a'", report)
-    # kFwd (Li0E) and kRows (Li1E), each for bf16 and fp16
+    # kFwd (Li0E), kRows (Li1E) and kCols (Li2E), each for bf16 and fp16
     assert sorted(re.search(r"pairwise_lse_sm90_kernelI\w+?(Li\dE)", k).group(1) for k in kernels) == ["Li0E"] * 2 + [
-        "Li1E"] * 2, kernels  # fmt: skip
+        "Li1E"] * 2 + ["Li2E"] * 2, kernels  # fmt: skip
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(frames) == len(kernels) and frames, report
     assert all(f == ("0", "0", "0") for f in frames), f"stack frame or spills (frame, stores, loads): {frames}"
@@ -111,9 +112,10 @@ def test_object_reaches_the_driver_through_the_runtime(sm90a_build):
     assert not re.search(r"\bcu[A-Z]\w*", undefined), f"driver API symbols linked directly: {undefined}"
     assert "cudaGetDriverEntryPoint" in undefined
     defined = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout
-    for launcher in ("pairwise_lse_forward_sm90", "pairwise_lse_sm90_supported", "pairwise_lse_backward_rows_sm90",
-                     "pairwise_lse_rows_sm90_supported"):  # fmt: skip
-        assert f"T fastssl::{launcher}(" in defined, launcher
+    for symbol in ("pairwise_lse_forward_sm90", "pairwise_lse_sm90_supported", "pairwise_lse_backward_rows_sm90",
+                     "pairwise_lse_rows_sm90_supported", "pairwise_lse_backward_cols_sm90",
+                     "pairwise_lse_cols_sm90_supported"):  # fmt: skip
+        assert f"T fastssl::{symbol}(" in defined, symbol
 
 
 def test_prebuild_and_jit_build_it_for_arch_90_only(tmp_path, monkeypatch):
@@ -208,6 +210,7 @@ def test_sm90_forward_matches_oracle(sm90_extension, dtype, mode, m, d):
     x, y, bank, scale, flags = make_case(mode, m, d, dtype, device="cuda")
     assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank), "these inputs should take the sm_90a forward"
     assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, rows=True) == (d <= 256), "the dx kernel: D <= 256"
+    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, cols=True) == (d <= 256), "the dy kernel: D <= 256"
     got, want = run_both("cuda", x, y, bank, scale, flags)
     for name, a, b in zip(("lse", "pos", "dx", "dy", "dscale"), got, want):
         if b is not None:
@@ -233,6 +236,12 @@ def test_sm90_takes_only_what_tma_can_read(sm90_extension):
     assert not supported(wide, wide, None)  # D > 512
     assert not supported(x, y, None, rows=True)  # the dx kernel keeps x resident for D <= 256 only
     assert supported(x[:, :256], y[:, :256], None, rows=True)
+    assert not supported(x, y, None, cols=True)  # the dy kernel keeps y resident for D <= 256 only
+    assert supported(x[:, :256], y[:, :256], None, cols=True)
+    assert not supported(x[:, :256].T.contiguous().T, y[:, :256], None, cols=True)  # it streams x through TMA
+    bank = torch.randn(50, 256, device="cuda", dtype=torch.bfloat16).T.contiguous().T
+    assert supported(x[:, :256], y[:, :256], bank, cols=True)  # dy never reads the bank
+    assert not supported(x[:, :256], y[:, :256], bank, rows=True)
     # What it does not take runs the default kernel: the very same numbers.
     scale = torch.tensor(2.0, device="cuda")
     flags = PairwiseLSEFlags(pos_offset=7)
@@ -241,3 +250,28 @@ def test_sm90_takes_only_what_tma_can_read(sm90_extension):
     default = sm90_extension.pairwise_lse_forward(xs, y, None, scale, 7, False, True, True)
     for a, b in zip(with_sm90, default):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["clip", "bank+batch", "uniformity"])
+def test_sm90_dy_keeps_tiny_fp16_weights(sm90_extension, mode):
+    """grad_lse ~ 1e-3: the column weights grad_lse_i·P_ij (~1e-6) are fp16 subnormals unless the dy
+    kernel divides them by max|grad_lse| before rounding them for the tensor cores and multiplies the
+    accumulator back. dy (~1e-3) is compared relative to its size, as the sigmoid kernels' test does."""
+    from fastssl.kernels.cuda.pairwise_lse import pairwise_lse_backward, pairwise_lse_forward
+    from tests.backends.test_pairwise_lse import dense_oracle, make_case
+
+    m = 300
+    x, y, bank, scale, flags = make_case(mode, m, 128, torch.float16, device="cuda")
+    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, cols=True), "these inputs should take the dy kernel"
+    gen = torch.Generator().manual_seed(3)
+    g_lse = 1e-3 * torch.randn(m, generator=gen, dtype=torch.float64)
+    g_pos = torch.zeros(m, dtype=torch.float64)
+    lse, _ = pairwise_lse_forward(x, y, bank, scale, flags)
+    _, dy = pairwise_lse_backward(x, y, bank, scale, lse, g_lse.float().cuda(), g_pos.float().cuda(), flags)
+    yr = y.double().cpu().requires_grad_()
+    lse64, pos64 = dense_oracle(x.double().cpu(), yr, None if bank is None else bank.double().cpu(),
+                                scale.double().cpu(), flags)  # fmt: skip
+    ((lse64 * g_lse).sum() + (pos64 * g_pos).sum()).backward()
+    rel = float((dy.double().cpu() - yr.grad).norm() / yr.grad.norm())
+    assert rel < 5e-3, f"fp16 dy with tiny weights ({mode}): relative error {rel:.2e}"
