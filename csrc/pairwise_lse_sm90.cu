@@ -51,13 +51,19 @@ using detail::pack_floats;
 using detail::to_float;
 using detail::warp_rowdot;
 
-// The roles of pairwise_lse.cu: kFwd (lse, pos); kRows (dx) and kCols (dy), each one kDV-wide slice of
-// D per grid.y. (Its kSym is not here yet: csrc/README.md.)
-enum Kind : int { kFwd = 0, kRows = 1, kCols = 2 };
+// The roles of pairwise_lse.cu: kFwd (lse, pos); kRows (dx), kCols (dy) and kSym (dx and dy, x is y),
+// each one slice of D per grid.y.
+enum Kind : int { kFwd = 0, kRows = 1, kCols = 2, kSym = 3 };
 // What a role streams and weighs: a second ring of slices (every backward role), row weights with the
 // own rows' lse (dx), column weights with the streamed rows' lse (dy).
 __host__ __device__ constexpr bool has_slices(int kind) { return kind != kFwd; }
-__host__ __device__ constexpr bool col_weights(int kind) { return kind == kCols; }
+__host__ __device__ constexpr bool row_weights(int kind) { return kind == kRows || kind == kSym; }
+__host__ __device__ constexpr bool col_weights(int kind) { return kind == kCols || kind == kSym; }
+// kSym holds two accumulators beside the logits: with 64 x 128 ones and the whole 64 x 128 logit tile
+// ptxas spills (csrc/README.md has the numbers), so it accumulates a 64-wide slice of D and computes
+// the logit tile as two 64-column halves (wgmma n64).
+__host__ __device__ constexpr int slice_width(int kind) { return kind == kSym ? 64 : 128; }
+__host__ __device__ constexpr int logit_width(int kind) { return kind == kSym ? 64 : 128; }
 
 constexpr int kBM = 128;     // x rows per CTA (two consumer warpgroups of 64)
 constexpr int kBN = 128;     // columns per tile (wgmma n128)
@@ -161,12 +167,16 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
   const PairwiseLseProblem& p = args.p;
   const int chunks = args.chunks;
   const int tiles = args.stream_tiles + args.bank_tiles;
-  // kCols owns y rows and streams x.
+  // kCols owns y rows and streams x; kSym's y is x.
   const CUtensorMap* own_map = KIND == kCols ? &args.y_map : &args.x_map;
   const CUtensorMap* stream_map = KIND == kCols ? &args.x_map : &args.y_map;
   const int warpgroup = threadIdx.x / 128;
+  constexpr int DV = slice_width(KIND);
+  constexpr int kAcc = DV / 2;  // accumulator registers of a 64 x DV tile
+  constexpr int NS = logit_width(KIND);
+  constexpr int kPasses = kBN / NS;
   const int64_t block_row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int32_t dv0 = static_cast<int32_t>(blockIdx.y) * kDV;  // kRows: this CTA's slice of D
+  const int32_t dv0 = static_cast<int32_t>(blockIdx.y) * DV;  // backward: this CTA's slice of D
 
   if (threadIdx.x == 0) {
     sm90::mbarrier_init(x_full, 1);
@@ -205,10 +215,10 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
         sm90::tma_load_2d(ring + st.index * kChunkBytes, map, &full[st.index], kc * kBK, c0);
       }
       if constexpr (has_slices(KIND)) {
-        // The slice [dv0, dv0 + kDV) of the same streamed tile, as chunks (zeros past D). A chunk wholly
+        // The slice [dv0, dv0 + DV) of the same streamed tile, as chunks (zeros past D). A chunk wholly
         // past D is not loaded: it only feeds dx/dy columns that are never stored.
         const int64_t chunks_left = (p.x.cols - dv0 + kBK - 1) / kBK;  // dv0 < D: at least 1
-        const int slice_chunks = chunks_left < kDV / kBK ? static_cast<int>(chunks_left) : kDV / kBK;
+        const int slice_chunks = chunks_left < DV / kBK ? static_cast<int>(chunks_left) : DV / kBK;
         const Stage st = stage_of<kVStages>(tile);
         sm90::mbarrier_wait(&slice_empty[st.index], st.parity ^ 1u);
         sm90::mbarrier_arrive_expect_tx(&slice_full[st.index], slice_chunks * kChunkBytes);
@@ -239,35 +249,38 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
   for (int h = 0; h < 2; ++h) {
     row[h] = row0 + sm90::acc_row(tid, 2 * h);
     pcol[h] = KIND != kCols && row[h] < M ? mod_ny(row[h] + p.pos_offset, NY, args.inv_ny) : -1;
-    if constexpr (KIND == kRows) row_lse2[h] = row[h] < M ? lse2_of(args.g.lse[row[h]]) : 0.0f;
+    if constexpr (row_weights(KIND)) row_lse2[h] = row[h] < M ? lse2_of(args.g.lse[row[h]]) : 0.0f;
   }
-  float g_inv = 0.0f;  // kCols: 1 / max|grad_lse|
+  float g_inv = 0.0f;  // column weights: 1 / max|grad_lse|
   if constexpr (col_weights(KIND)) {
     const float g_max = *args.g.grad_lse_absmax;
     g_inv = g_max > 0.0f ? 1.0f / g_max : 0.0f;
   }
   float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F}, l_run[2] = {0.0f, 0.0f};  // kFwd
-  float acc[has_slices(KIND) ? 64 : 1];                                       // the slice of dx (kRows) or dy (kCols)
+  float acc[has_slices(KIND) ? kAcc : 1];  // the slice of dx (kRows, kSym) or dy (kCols)
+  float acc2[KIND == kSym ? kAcc : 1];     // kSym: the slice of dy
 #pragma unroll
-  for (int r = 0; r < (has_slices(KIND) ? 64 : 1); ++r) acc[r] = 0.0f;
+  for (int r = 0; r < (has_slices(KIND) ? kAcc : 1); ++r) acc[r] = 0.0f;
+#pragma unroll
+  for (int r = 0; r < (KIND == kSym ? kAcc : 1); ++r) acc2[r] = 0.0f;
 
   if (tiles > 0) sm90::mbarrier_wait(x_full, 0);
   const uint32_t x_addr = sm90::smem_u32(x_tile) + consumer * kConsumerRowBytes;
   const uint32_t ring_addr = sm90::smem_u32(ring);
-  float s[64];
+  float s[NS / 2];
 #pragma unroll
-  for (int r = 0; r < 64; ++r) s[r] = 0.0f;
+  for (int r = 0; r < NS / 2; ++r) s[r] = 0.0f;
 
   uint32_t it = 0;
   for (int tile = 0; tile < tiles; ++tile) {
     const bool is_bank = tile >= args.stream_tiles;
     const int64_t c0 = static_cast<int64_t>(is_bank ? tile - args.stream_tiles : tile) * kBN;
-    const int64_t n_cols = is_bank ? p.bank.rows : NY;
+    const int64_t n_cols = is_bank ? p.bank.rows : NY;  // kSym: NY = M
 
-    // kCols: thread tid stages the statistics of streamed row (an x row) c0 + tid in this warpgroup's
-    // buffer of the tile's parity; the named barrier after the logit GEMM publishes them. Two buffers
-    // make one barrier per tile enough: a thread writes tile t + 2's (= t's) buffer only after the
-    // barrier of tile t + 1, which every thread of the warpgroup reaches after its reads of tile t.
+    // Column weights: thread tid stages the statistics of streamed row (an x row) c0 + tid in this
+    // warpgroup's buffer of the tile's parity; the named barrier after the logit GEMM publishes them.
+    // Two buffers make one barrier per tile enough: a thread writes tile t + 2's (= t's) buffer only
+    // after the barrier of tile t + 1, which every thread of the warpgroup reaches after its reads of t.
     float* cs_lse2 = reinterpret_cast<float*>(col_stats + col_stats_offset(consumer, tile));
     float* cs_g = cs_lse2 + kBN;
     int32_t* cs_pos = reinterpret_cast<int32_t*>(cs_g + kBN);
@@ -279,106 +292,129 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
       cs_pos[tid] = in ? static_cast<int32_t>(mod_ny(c + p.pos_offset, NY, args.inv_ny)) : -1;
     }
 
-    // S = X_I · C_Jᵀ over the chunks; chunk kc's stage is released once the wgmma group of chunk
-    // kc + 1 is issued and kc's has retired (wait_group 1), so the tensor cores never idle on a release.
-    uint32_t prev_stage = 0;
-    for (int kc = 0; kc < chunks; ++kc, ++it) {
-      const Stage st = stage_of<kStages>(it);
-      sm90::mbarrier_wait(&full[st.index], st.parity);
-      sm90::wgmma_fence();
-      const uint32_t a = x_addr + kc * kChunkBytes;
-      const uint32_t b = ring_addr + st.index * kChunkBytes;
+    // kSym walks the tile in kPasses = 2 halves of NS = 64 columns (its registers: two accumulators
+    // beside the logits), each over all chunks: the chunks stay in the ring until the last pass has
+    // read them (chunks ≤ kStages, so the producer never waits on a stage this tile still holds).
+    const Stage slice_st = stage_of<kVStages>(tile);
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const bool last = pass == kPasses - 1;
+      // S = X_I · C_Jᵀ over the chunks; chunk kc's stage is released once the wgmma group of chunk
+      // kc + 1 is issued and kc's has retired (wait_group 1), so the tensor cores never idle on a release.
+      uint32_t prev_stage = 0;
+      for (int kc = 0; kc < chunks; ++kc) {
+        const Stage st = stage_of<kStages>(it + kc);
+        if (pass == 0) sm90::mbarrier_wait(&full[st.index], st.parity);
+        sm90::wgmma_fence();
+        const uint32_t a = x_addr + kc * kChunkBytes;
+        const uint32_t b = ring_addr + st.index * kChunkBytes + pass * NS * sm90::kSwizzleRowBytes;
 #pragma unroll
-      for (int ks = 0; ks < kBK / 16; ++ks)
-        sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
-                            sm90::sw128_desc(b + ks * sm90::kKStepBytes), kc > 0 || ks > 0);
-      sm90::wgmma_commit();
-      if (kc > 0) {
-        sm90::wgmma_wait<1>();
-        if (tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+        for (int ks = 0; ks < kBK / 16; ++ks)
+          sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
+                              sm90::sw128_desc(b + ks * sm90::kKStepBytes), kc > 0 || ks > 0);
+        sm90::wgmma_commit();
+        if (kc > 0) {
+          sm90::wgmma_wait<1>();
+          if (last && tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+        }
+        prev_stage = st.index;
       }
-      prev_stage = st.index;
-    }
-    sm90::wgmma_wait<0>();
-    if (tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
-    if constexpr (col_weights(KIND)) sm90::named_barrier_sync(1 + consumer, 128);
+      sm90::wgmma_wait<0>();
+      if (last && tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+      if (col_weights(KIND) && pass == 0) sm90::named_barrier_sync(1 + consumer, 128);
+      const int cbase = pass * NS;  // this pass's first column of the tile
 
-    // Which logits enter row h's LSE: the masks of pairwise_lse.cu, at each register's (row, column).
-    auto in_lse = [&](int h, int r) {
-      const int64_t col = c0 + sm90::acc_col(tid, r);
-      bool ok = row[h] < M && col < n_cols;
-      if (!is_bank) ok = ok && col != pcol[h] && !(p.exclude_self && col == row[h]);
-      return ok;
-    };
+      // Which logits enter row h's LSE: the masks of pairwise_lse.cu, at each register's (row, column).
+      auto in_lse = [&](int h, int r) {
+        const int64_t col = c0 + cbase + sm90::acc_col(tid, r);
+        bool ok = row[h] < M && col < n_cols;
+        if (!is_bank) ok = ok && col != pcol[h] && !(p.exclude_self && col == row[h]);
+        return ok;
+      };
 
-    if constexpr (KIND == kFwd) {
-      // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row).
+      if constexpr (KIND == kFwd) {
+        // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row).
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = -CUDART_INF_F;
+        for (int h = 0; h < 2; ++h) {
+          float mx = -CUDART_INF_F;
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
+          for (int j = 0; j < NS / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = 4 * j + 2 * h + e;
-            s[r] = in_lse(h, r) ? s[r] * qk : -CUDART_INF_F;
-            mx = fmaxf(mx, s[r]);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[h], mx);
-        const float m_use = m_new == -CUDART_INF_F ? 0.0f : m_new;
-        float sum = l_run[h] * exp2f(m_run[h] - m_use);
+            for (int e = 0; e < 2; ++e) {
+              const int r = 4 * j + 2 * h + e;
+              s[r] = in_lse(h, r) ? s[r] * qk : -CUDART_INF_F;
+              mx = fmaxf(mx, s[r]);
+            }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m_run[h], mx);
+          const float m_use = m_new == -CUDART_INF_F ? 0.0f : m_new;
+          float sum = l_run[h] * exp2f(m_run[h] - m_use);
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
+          for (int j = 0; j < NS / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) sum += exp2f(s[4 * j + 2 * h + e] - m_use);
-        l_run[h] = sum;
-        m_run[h] = m_new;
-      }
-    } else {
-      // kRows: row weights P_ij = exp(s_ij − lse_i) (grad_lse_i is a row scale in the epilogue); kCols:
-      // column weights. Then acc += W · V_J with W as wgmma's register A operand and the slice V_J of
-      // the streamed tile MN-major from shared memory.
-      const Stage st = stage_of<kVStages>(tile);
-      sm90::mbarrier_wait(&slice_full[st.index], st.parity);
-      // The weights straight into the A fragments, all written before the fence (an A register written
-      // between the fence and its wgmma makes ptxas serialise the sequence). Computed unconditionally,
-      // then selected: no divergent path near the wgmma.
-      auto weight = [&](int r) {
-        const int h = (r >> 1) & 1;
-        if constexpr (col_weights(KIND)) {
-          // Own row j = row[h], streamed row i: the logit is s_ij, G_ij/g_max = grad_lse_i/g_max·
-          // exp(s_ij − lse_i) unless j is i's positive or (self) i itself, as pairwise_lse.cu's kCols.
-          const int cl = sm90::acc_col(tid, r);
+            for (int e = 0; e < 2; ++e) sum += exp2f(s[4 * j + 2 * h + e] - m_use);
+          l_run[h] = sum;
+          m_run[h] = m_new;
+        }
+      } else {
+        // Row weights P_ij = exp(s_ij − lse_i) (kRows, kSym; grad_lse_i is a row scale in the epilogue)
+        // and/or column weights (kCols, kSym). Then acc += W · V_J with W as wgmma's register A operand
+        // and the slice V_J of the streamed tile MN-major from shared memory; kSym issues a second
+        // GEMM on the same slice into acc2.
+        if (pass == 0) sm90::mbarrier_wait(&slice_full[slice_st.index], slice_st.parity);
+        // The weights straight into the A fragments, all written before the fence (an A register
+        // written between the fence and its wgmma makes ptxas serialise the sequence). Computed
+        // unconditionally, then selected: no divergent path near the wgmma.
+        auto row_weight = [&](int r) {
+          const int h = (r >> 1) & 1;
+          const float w = exp2f(s[r] * qk - row_lse2[h]);
+          return in_lse(h, r) ? w : 0.0f;
+        };
+        // Own row o = row[h], streamed row c: the logit is s_co (x_c is the row of G, o its column), so
+        // G_co/g_max = grad_lse_c/g_max·exp(s_co − lse_c) unless o is c's positive or (self) c itself,
+        // as pairwise_lse.cu's kCols (kSym: its column statistics).
+        auto col_weight = [&](int r) {
+          const int h = (r >> 1) & 1;
+          const int cl = cbase + sm90::acc_col(tid, r);
           const int64_t col = c0 + cl;
           const float w = cs_g[cl] * exp2f(s[r] * qk - cs_lse2[cl]);
           const bool ok = row[h] < own_rows && col < M && row[h] != cs_pos[cl] && !(p.exclude_self && col == row[h]);
           return ok ? w : 0.0f;
-        } else {
-          const float w = exp2f(s[r] * qk - row_lse2[h]);
-          return in_lse(h, r) ? w : 0.0f;
+        };
+        uint32_t pa[NS / 16][4];
+        uint32_t pb[KIND == kSym ? NS / 16 : 1][4];  // kSym: the column weights
+#pragma unroll
+        for (int kk = 0; kk < NS / 16; ++kk)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int r0 = sm90::acc_reg_of_a(kk, q, 0), r1 = sm90::acc_reg_of_a(kk, q, 1);
+            if constexpr (KIND == kCols) {
+              pa[kk][q] = pack_floats<T>(col_weight(r0), col_weight(r1));
+            } else {
+              pa[kk][q] = pack_floats<T>(row_weight(r0), row_weight(r1));
+            }
+            if constexpr (KIND == kSym) pb[kk][q] = pack_floats<T>(col_weight(r0), col_weight(r1));
+          }
+        sm90::wgmma_fence();
+        // k = the pass's 16-row groups of the streamed tile (2 groups of 8 rows of 128 bytes each); the
+        // slice's chunks are its 64-wide blocks of N.
+        const uint32_t v = sm90::smem_u32(slices) + slice_st.index * kVStageBytes + cbase * sm90::kSwizzleRowBytes;
+#pragma unroll
+        for (int kk = 0; kk < NS / 16; ++kk)
+          sm90::Wgmma<T>::run_rs(acc, pa[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
+                                 1);
+        if constexpr (KIND == kSym) {
+#pragma unroll
+          for (int kk = 0; kk < NS / 16; ++kk)
+            sm90::Wgmma<T>::run_rs(acc2, pb[kk],
+                                   sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes), 1);
         }
-      };
-      uint32_t pa[kBN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          pa[kk][q] = pack_floats<T>(weight(sm90::acc_reg_of_a(kk, q, 0)), weight(sm90::acc_reg_of_a(kk, q, 1)));
-      sm90::wgmma_fence();
-      const uint32_t v = sm90::smem_u32(slices) + st.index * kVStageBytes;
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        // 16 streamed-tile rows (k) = 2 groups of 8 rows of 128 bytes; the slice's two chunks are its
-        // two 64-wide blocks of N.
-        sm90::Wgmma<T>::run_rs(acc, pa[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
-                               1);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        if (last && tid == 0) sm90::mbarrier_arrive(&slice_empty[slice_st.index]);
       }
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      if (tid == 0) sm90::mbarrier_arrive(&slice_empty[st.index]);
     }
+    it += chunks;
   }
 
   if constexpr (KIND == kFwd) {
@@ -412,7 +448,8 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
         args.pos_out[row[h]] = pos_raw[h] * scale;
       }
     }
-  } else if constexpr (KIND == kRows) {
+  }
+  if constexpr (row_weights(KIND)) {
     // Epilogue, as pairwise_lse.cu's kRows: dx_i = scale·(grad_lse_i·acc_i + coef_i·y_p(i)),
     // coef_i = grad_pos_i + grad_lse_i·P_i,p(i) (the positive is not in the tiles).
     float coef[2] = {0.0f, 0.0f}, gl[2] = {0.0f, 0.0f};
@@ -431,52 +468,61 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
     const T* y = static_cast<const T*>(p.y.ptr);
     T* dx = static_cast<T*>(args.g.dx);
 #pragma unroll
-    for (int r = 0; r < 64; ++r) {
+    for (int r = 0; r < kAcc; ++r) {
       const int h = (r >> 1) & 1;
       const int64_t col = dv0 + sm90::acc_col(tid, r);
       if (row[h] >= M || col >= D) continue;
       const float yp = to_float(y[pcol[h] * p.y.stride_r + col * p.y.stride_c]);
       dx[row[h] * D + col] = from_float<T>(scale * (gl[h] * acc[r] + coef[h] * yp));
     }
-  } else {
+  }
+  if constexpr (col_weights(KIND)) {
     // Epilogue, as pairwise_lse.cu's kCols: dy_j = scale·(g_max·acc_j + Σ_{i : p(i) = j} coef_i·x_i),
-    // i = ((j − pos_offset) mod Ny) + w·Ny < M, coef_i = grad_pos_i + grad_lse_i·P_i,j.
+    // i = ((j − pos_offset) mod Ny) + w·Ny < M, coef_i = grad_pos_i + grad_lse_i·P_i,j (kSym: acc2, and
+    // the own rows j are x rows, Ny = M).
     const float g_max = *args.g.grad_lse_absmax;
+    auto dy_epilogue = [&](float (&cacc)[kAcc]) {
 #pragma unroll
-    for (int r = 0; r < 64; ++r) acc[r] *= g_max;
-    const T* x = static_cast<const T*>(p.x.ptr);
-    for (int64_t wrap = 0; wrap < M; wrap += NY) {
-      float coef[2] = {0.0f, 0.0f};
-      int64_t prow[2] = {-1, -1};
-      for (int rr = 0; rr < 16; ++rr) {
-        const int64_t j = row0 + 16 * warp + rr;
-        if (j >= NY) break;  // warp-uniform
-        const int64_t i = mod_ny(j + NY - p.pos_offset, NY, args.inv_ny) + wrap;
-        if (i >= M) continue;  // warp-uniform
-        float c = args.g.grad_pos[i];
-        if (p.include_pos) {
-          const float pr = warp_rowdot<T>(p.x.ptr, p.x.stride_r, p.x.stride_c, i, p.y.ptr, p.y.stride_r, p.y.stride_c,
-                                          j, D, lane);
-          c += args.g.grad_lse[i] * exp2f(pr * qk - lse2_of(args.g.lse[i]));
+      for (int r = 0; r < kAcc; ++r) cacc[r] *= g_max;
+      const T* x = static_cast<const T*>(p.x.ptr);
+      for (int64_t wrap = 0; wrap < M; wrap += NY) {
+        float coef[2] = {0.0f, 0.0f};
+        int64_t prow[2] = {-1, -1};
+        for (int rr = 0; rr < 16; ++rr) {
+          const int64_t j = row0 + 16 * warp + rr;
+          if (j >= NY) break;  // warp-uniform
+          const int64_t i = mod_ny(j + NY - p.pos_offset, NY, args.inv_ny) + wrap;
+          if (i >= M) continue;  // warp-uniform
+          float c = args.g.grad_pos[i];
+          if (p.include_pos) {
+            const float pr = warp_rowdot<T>(p.x.ptr, p.x.stride_r, p.x.stride_c, i, p.y.ptr, p.y.stride_r, p.y.stride_c,
+                                            j, D, lane);
+            c += args.g.grad_lse[i] * exp2f(pr * qk - lse2_of(args.g.lse[i]));
+          }
+          if (rr == g) { coef[0] = c; prow[0] = i; }
+          if (rr == g + 8) { coef[1] = c; prow[1] = i; }
         }
-        if (rr == g) { coef[0] = c; prow[0] = i; }
-        if (rr == g + 8) { coef[1] = c; prow[1] = i; }
-      }
 #pragma unroll
-      for (int r = 0; r < 64; ++r) {
+        for (int r = 0; r < kAcc; ++r) {
+          const int h = (r >> 1) & 1;
+          const int64_t col = dv0 + sm90::acc_col(tid, r);
+          if (prow[h] < 0 || col >= D) continue;
+          cacc[r] += coef[h] * to_float(x[prow[h] * p.x.stride_r + col * p.x.stride_c]);
+        }
+      }
+      T* dy = static_cast<T*>(args.g.dy);
+#pragma unroll
+      for (int r = 0; r < kAcc; ++r) {
         const int h = (r >> 1) & 1;
         const int64_t col = dv0 + sm90::acc_col(tid, r);
-        if (prow[h] < 0 || col >= D) continue;
-        acc[r] += coef[h] * to_float(x[prow[h] * p.x.stride_r + col * p.x.stride_c]);
+        if (row[h] >= NY || col >= D) continue;
+        dy[row[h] * D + col] = from_float<T>(scale * cacc[r]);
       }
-    }
-    T* dy = static_cast<T*>(args.g.dy);
-#pragma unroll
-    for (int r = 0; r < 64; ++r) {
-      const int h = (r >> 1) & 1;
-      const int64_t col = dv0 + sm90::acc_col(tid, r);
-      if (row[h] >= NY || col >= D) continue;
-      dy[row[h] * D + col] = from_float<T>(scale * acc[r]);
+    };
+    if constexpr (KIND == kSym) {
+      dy_epilogue(acc2);
+    } else {
+      dy_epilogue(acc);
     }
   }
 }
@@ -537,9 +583,14 @@ cudaError_t launch(const Sm90Args& args, int64_t blocks, int64_t slices, cudaStr
 
 template <int KIND>
 bool supported(const PairwiseLseProblem& p, DType dtype) {
-  // dy never reads the bank.
+  // dy never reads the bank. kSym: y is x (the same pointer, shape and strides), all of it in the LSE,
+  // no bank, as pairwise_lse.cu's kSym; its passes hold a tile's chunks at once (≤ kStages).
+  const bool same = p.x.ptr == p.y.ptr && p.x.rows == p.y.rows && p.x.cols == p.y.cols &&
+                    p.x.stride_r == p.y.stride_r && p.x.stride_c == p.y.stride_c;
+  static_assert(KIND != kSym || SmemPlan<KIND>::kMaxChunks <= kStages, "kSym's passes hold every chunk of a tile");
   return dtype != DType::kFloat32 && p.x.cols >= 1 && p.x.cols <= SmemPlan<KIND>::kMaxD && tma_readable(p.x) &&
-         tma_readable(p.y) && (KIND == kCols || p.bank.rows == 0 || tma_readable(p.bank));
+         tma_readable(p.y) && (KIND == kCols || p.bank.rows == 0 || tma_readable(p.bank)) &&
+         (KIND != kSym || (same && p.bank.rows == 0 && p.y_negatives));
 }
 
 // The tensor maps and tile counts of a problem, then the launch over ceil(M / kBM) x slices CTAs.
@@ -547,12 +598,12 @@ template <int KIND>
 cudaError_t run(Sm90Args a, DType dtype, cudaStream_t stream) {
   const PairwiseLseProblem& p = a.p;
   if (!supported<KIND>(p, dtype)) return cudaErrorInvalidValue;
-  // kCols owns the y rows and streams x (no bank); the others own x and stream y, then the bank.
+  // kCols owns the y rows and streams x (no bank); the others own x and stream y (kSym: x), then the bank.
   const int64_t own_rows = KIND == kCols ? p.y.rows : p.x.rows;
   const int64_t streamed = KIND == kCols ? p.x.rows : p.y.rows;
-  const bool with_bank = KIND != kCols && p.bank.rows > 0;
+  const bool with_bank = !col_weights(KIND) && p.bank.rows > 0;
   const int64_t blocks = (own_rows + kBM - 1) / kBM;
-  const int64_t slices = KIND == kFwd ? 1 : (p.x.cols + kDV - 1) / kDV;
+  const int64_t slices = KIND == kFwd ? 1 : (p.x.cols + slice_width(KIND) - 1) / slice_width(KIND);
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   a.inv_ny = 1.0 / static_cast<double>(p.y.rows > 0 ? p.y.rows : 1);
@@ -574,6 +625,8 @@ bool pairwise_lse_sm90_supported(const PairwiseLseProblem& p, DType dtype) { ret
 bool pairwise_lse_rows_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kRows>(p, dtype); }
 
 bool pairwise_lse_cols_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kCols>(p, dtype); }
+
+bool pairwise_lse_sym_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kSym>(p, dtype); }
 
 cudaError_t pairwise_lse_forward_sm90(const PairwiseLseProblem& p, DType dtype, float* lse, float* pos,
                                       cudaStream_t stream) {
@@ -598,6 +651,14 @@ cudaError_t pairwise_lse_backward_cols_sm90(const PairwiseLseProblem& p, const P
   a.p = p;
   a.g = g;
   return run<kCols>(a, dtype, stream);
+}
+
+cudaError_t pairwise_lse_backward_sym_sm90(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                           cudaStream_t stream) {
+  Sm90Args a{};
+  a.p = p;
+  a.g = g;
+  return run<kSym>(a, dtype, stream);
 }
 
 }  // namespace fastssl
