@@ -13,10 +13,9 @@ shapes, reads strided inputs in place and launches on the current stream. When y
 in bf16/fp16 the backward is one symmetric launch that computes each logit tile once for both dx
 and dy (csrc/README.md). Nothing of size M x Ny is allocated; no host synchronisation.
 
-On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` runs the forward and the backward (dx and dy, each where TMA can
-read the inputs) on the Hopper kernels of csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; x = y then runs
-the two Hopper backward kernels, not a symmetric launch. It is off by default until a GPU run has
-verified them.
+On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` runs the forward and the backward (dx and dy, or the symmetric
+launch when y is x, each where TMA can read the inputs) on the Hopper kernels of
+csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; it is off by default until a GPU run has verified them.
 """
 
 from __future__ import annotations
