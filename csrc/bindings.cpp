@@ -155,10 +155,13 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_forward_sm90(const at::Tensor& x
   return {lse, pos};
 }
 
-// Whether pairwise_lse_forward_sm90 (`rows`: pairwise_lse_backward_sm90's dx) runs the Hopper kernel on
-// these inputs (else the sm_80 one).
+// Whether the Hopper kernel of `role` runs on these inputs (else the sm_80 one): "forward"
+// (pairwise_lse_forward_sm90), "rows" / "cols" (pairwise_lse_backward_sm90's dx / dy), "sym" (its
+// symmetric x = y launch, with all columns in the LSE).
 bool pairwise_lse_sm90_supported(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank,
-                                 bool rows) {
+                                 const std::string& role) {
+  TORCH_CHECK_VALUE(role == "forward" || role == "rows" || role == "cols" || role == "sym",
+                    "fastssl._C: role must be 'forward', 'rows', 'cols' or 'sym', got '", role, "'");
   CHECK_2D(x, "x");
   CHECK_2D(y, "y");
   fastssl::PairwiseLseProblem p;
@@ -169,16 +172,19 @@ bool pairwise_lse_sm90_supported(const at::Tensor& x, const at::Tensor& y, const
     p.bank = as_matrix(*bank);
   }
   const fastssl::DType dtype = dtype_of(x, "x");
-  return rows ? fastssl::pairwise_lse_rows_sm90_supported(p, dtype) : fastssl::pairwise_lse_sm90_supported(p, dtype);
+  if (role == "rows") return fastssl::pairwise_lse_rows_sm90_supported(p, dtype);
+  if (role == "cols") return fastssl::pairwise_lse_cols_sm90_supported(p, dtype);
+  if (role == "sym") return fastssl::pairwise_lse_sym_sm90_supported(p, dtype);
+  return fastssl::pairwise_lse_sm90_supported(p, dtype);
 }
 #endif  // FASTSSL_WITH_SM90
 
-// (dx, dy) in the input dtype. `same`: y is x, and the caller adds dx + dy. `hopper_rows`: dx by the
-// sm_90a kernel where it applies (pairwise_lse_backward_sm90 below).
+// (dx, dy) in the input dtype. `same`: y is x, and the caller adds dx + dy. `hopper`: dx and dy by the
+// sm_90a kernels where they apply (pairwise_lse_backward_sm90 below).
 std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
     const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
-    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same, bool hopper_rows) {
+    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same, bool hopper) {
   const Problem pr = make_problem(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
   const int64_t m = x.size(0);
   auto check_stat = [&](const at::Tensor& t, const char* name) {
@@ -209,17 +215,27 @@ std::tuple<at::Tensor, at::Tensor> backward(
   g.dx = dx.data_ptr();
   g.dy = dy.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool symmetric = same && y_negatives && pr.p.bank.rows == 0 && pr.dtype != fastssl::DType::kFloat32;
 #ifdef FASTSSL_WITH_SM90
-  if (hopper_rows && fastssl::pairwise_lse_rows_sm90_supported(pr.p, pr.dtype)) {
+  if (hopper && symmetric && fastssl::pairwise_lse_sym_sm90_supported(pr.p, pr.dtype)) {
     check_sm90_device(x);
-    CHECK_CUDA_OK(fastssl::pairwise_lse_backward_rows_sm90(pr.p, g, pr.dtype, stream));
-    CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kCols, pr.dtype, stream));
+    CHECK_CUDA_OK(fastssl::pairwise_lse_backward_sym_sm90(pr.p, g, pr.dtype, stream));
+    return {dx, dy};
+  }
+  // Otherwise each gradient on its sm_90a kernel where that applies, else on the sm_80 one.
+  const bool rows90 = hopper && fastssl::pairwise_lse_rows_sm90_supported(pr.p, pr.dtype);
+  const bool cols90 = hopper && fastssl::pairwise_lse_cols_sm90_supported(pr.p, pr.dtype);
+  if (rows90 || cols90) {
+    check_sm90_device(x);
+    CHECK_CUDA_OK(rows90 ? fastssl::pairwise_lse_backward_rows_sm90(pr.p, g, pr.dtype, stream)
+                         : fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kRows, pr.dtype, stream));
+    CHECK_CUDA_OK(cols90 ? fastssl::pairwise_lse_backward_cols_sm90(pr.p, g, pr.dtype, stream)
+                         : fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kCols, pr.dtype, stream));
     return {dx, dy};
   }
 #else
-  TORCH_CHECK(!hopper_rows, "fastssl._C: built without the sm_90a kernels");
+  TORCH_CHECK(!hopper, "fastssl._C: built without the sm_90a kernels");
 #endif
-  const bool symmetric = same && y_negatives && pr.p.bank.rows == 0 && pr.dtype != fastssl::DType::kFloat32;
   if (symmetric) {
     CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kSymmetric, pr.dtype, stream));
   } else {
@@ -238,8 +254,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
 }
 
 #ifdef FASTSSL_WITH_SM90
-// The backward with dx by the sm_90a kernel (D <= 256 and what TMA can read; else as
-// pairwise_lse_backward) and dy by the sm_80 column kernel: no symmetric x = y launch.
+// The backward on the sm_90a kernels (D <= 256 and what TMA can read; else as pairwise_lse_backward):
+// x = y in bf16/fp16 with all columns and no bank is one symmetric launch, else dx and dy each on its
+// own kernel.
 std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward_sm90(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
     const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
@@ -441,13 +458,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("y"), py::arg("bank"), py::arg("scale"), py::arg("pos_offset"), py::arg("exclude_self"),
         py::arg("include_pos"), py::arg("y_negatives"));
   m.def("pairwise_lse_backward_sm90", &pairwise_lse_backward_sm90,
-        "(dx, dy): dx by the sm_90a kernel where it applies, dy by the sm_80 one", py::arg("x"), py::arg("y"),
+        "(dx, dy) by the sm_90a kernels where they apply (else the sm_80 ones)", py::arg("x"), py::arg("y"),
         py::arg("bank"), py::arg("scale"), py::arg("lse"), py::arg("grad_lse"), py::arg("grad_pos"),
         py::arg("grad_lse_absmax"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
         py::arg("y_negatives"), py::arg("same"));
   m.def("pairwise_lse_sm90_supported", &pairwise_lse_sm90_supported,
-        "whether the sm_90a forward (rows=True: the dx kernel) takes these inputs", py::arg("x"), py::arg("y"),
-        py::arg("bank"), py::arg("rows") = false);
+        "whether the sm_90a kernel of `role` ('forward', 'rows': dx, 'cols': dy, 'sym': x = y) takes these inputs",
+        py::arg("x"), py::arg("y"), py::arg("bank"), py::arg("role") = "forward");
 #endif
   m.def("affine_columns", &affine_columns, "per-column (a - shift) * scale, rounded to a's dtype", py::arg("a"),
         py::arg("shift"), py::arg("scale"), py::arg("out_fp32"));

@@ -60,16 +60,24 @@ struct PairwiseLseGrads {
 cudaError_t pairwise_lse_backward(const PairwiseLseProblem& p, const PairwiseLseGrads& g, BackwardKind kind,
                                   DType dtype, cudaStream_t stream);
 
-// The forward and the backward's dx (kRows) on Hopper (pairwise_lse_sm90.cu, built for sm_90a only):
-// TMA, an mbarrier pipeline, wgmma. `supported`: bf16/fp16, operands TMA can read (row-contiguous,
-// 16-byte aligned base and row stride) and D <= 512 (forward) or D <= 256 (dx); the launchers return
-// cudaErrorInvalidValue for anything else. The dx launcher writes g.dx only.
+// The forward, the backward's dx (kRows), dy (kCols) and the symmetric x = y launch (kSym: dx and dy,
+// as BackwardKind::kSymmetric) on Hopper (pairwise_lse_sm90.cu, built for sm_90a only): TMA, an
+// mbarrier pipeline, wgmma. `supported`: bf16/fp16, operands TMA can read (row-contiguous, 16-byte
+// aligned base and row stride; dy ignores the bank) and D <= 512 (forward) or D <= 256 (backward); the
+// symmetric one also needs y to be x, no bank and y_negatives. The launchers return
+// cudaErrorInvalidValue for anything else. The dx launcher writes g.dx only, the dy launcher g.dy only.
 bool pairwise_lse_sm90_supported(const PairwiseLseProblem& p, DType dtype);
 bool pairwise_lse_rows_sm90_supported(const PairwiseLseProblem& p, DType dtype);
 cudaError_t pairwise_lse_forward_sm90(const PairwiseLseProblem& p, DType dtype, float* lse, float* pos,
                                       cudaStream_t stream);
 cudaError_t pairwise_lse_backward_rows_sm90(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
                                             cudaStream_t stream);
+bool pairwise_lse_cols_sm90_supported(const PairwiseLseProblem& p, DType dtype);
+cudaError_t pairwise_lse_backward_cols_sm90(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                            cudaStream_t stream);
+bool pairwise_lse_sym_sm90_supported(const PairwiseLseProblem& p, DType dtype);
+cudaError_t pairwise_lse_backward_sym_sm90(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                           cudaStream_t stream);
 
 // Frobenius family (docs/design.md family 2): the per-column affine transform folded into one pass,
 // out[r, k] = round_to_dtype((a[r, k] − shift[k])·scale[k]) (shift/scale may be null), written

@@ -1,12 +1,13 @@
-// Pairwise LogSumExp on Hopper (sm_90a): the forward and the backward's dx, with TMA, an mbarrier
-// pipeline and wgmma.
+// Pairwise LogSumExp on Hopper (sm_90a): the forward and the backward (dx and dy), with TMA, an
+// mbarrier pipeline and wgmma.
 //
-// Same contract as pairwise_lse.cu's kFwd and kRows roles and fastssl/kernels/torch/pairwise_lse.py
+// Same contract as pairwise_lse.cu's kFwd, kRows and kCols roles and fastssl/kernels/torch/pairwise_lse.py
 // (the oracle): lse_i over {s_i,p(i)} (include_pos) ∪ {s_ij : j ≠ p(i), j ≠ i if exclude_self}
 // (y_negatives) ∪ {scale·x_i·bank_k}, pos_i = s_i,p(i), with s_ij = scale·x_i·y_j and
-// p(i) = (i + pos_offset) mod Ny; dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k). bf16/fp16 inputs
-// whose rows TMA can read (row-contiguous, 16-byte aligned base and row stride) and D ≤ 512 (forward)
-// or 256 (dx); everything else runs pairwise_lse.cu.
+// p(i) = (i + pos_offset) mod Ny; with G_ij = grad_lse_i·exp(s_ij − lse_i) + grad_pos_i·[j = p(i)],
+// dx_i = scale·(Σ_j G_ij y_j + Σ_k G_ik bank_k) and dy_j = scale·Σ_i G_ij x_i (the bank gets none).
+// bf16/fp16 inputs whose rows TMA can read (row-contiguous, 16-byte aligned base and row stride) and
+// D ≤ 512 (forward) or 256 (dx, dy); everything else runs pairwise_lse.cu.
 //
 // Structure (FlashAttention-3's, Shah et al. 2024):
 //   * A CTA owns kBM = 128 rows of x and has three warpgroups. Warpgroup 0 is the producer: one
@@ -21,6 +22,11 @@
 //     kRows turns them into P = exp(s − lse) and issues dx_I += P·V_J with P as wgmma's register A
 //     operand and V_J, this CTA's 128-wide slice of D of the column tile (grid.y), MN-major from a
 //     second TMA ring.
+//   * kCols (dy) is kRows with the operands' parts swapped: a CTA owns 128 rows of y, streams tiles of
+//     x, computes Sᵀ = Y_J X_Iᵀ directly and turns it into the column weights
+//     W_ji = grad_lse_i/g_max·exp(s_ij − lse_i) (g_max = max|grad_lse|, a device scalar: fp16 keeps
+//     them out of the subnormals; the accumulator is multiplied back), whose per-column statistics
+//     each consumer warpgroup stages in shared memory per tile; dy_J += W·X_I as dx's second GEMM.
 //   * The positive logit is the fp32 row dot of pairwise_lse.cu (the masks drop column p(i)), so both
 //     kernels and the backward see the same number.
 #include <math_constants.h>
@@ -45,19 +51,30 @@ using detail::pack_floats;
 using detail::to_float;
 using detail::warp_rowdot;
 
-// The two roles: kFwd (lse, pos) and kRows (dx, one kDV-wide slice of D per grid.y), as in pairwise_lse.cu.
-enum Kind : int { kFwd = 0, kRows = 1 };
+// The roles of pairwise_lse.cu: kFwd (lse, pos); kRows (dx), kCols (dy) and kSym (dx and dy, x is y),
+// each one slice of D per grid.y.
+enum Kind : int { kFwd = 0, kRows = 1, kCols = 2, kSym = 3 };
+// What a role streams and weighs: a second ring of slices (every backward role), row weights with the
+// own rows' lse (dx), column weights with the streamed rows' lse (dy).
+__host__ __device__ constexpr bool has_slices(int kind) { return kind != kFwd; }
+__host__ __device__ constexpr bool row_weights(int kind) { return kind == kRows || kind == kSym; }
+__host__ __device__ constexpr bool col_weights(int kind) { return kind == kCols || kind == kSym; }
+// kSym holds two accumulators beside the logits: with 64 x 128 ones and the whole 64 x 128 logit tile
+// ptxas spills (csrc/README.md has the numbers), so it accumulates a 64-wide slice of D and computes
+// the logit tile as two 64-column halves (wgmma n64).
+__host__ __device__ constexpr int slice_width(int kind) { return kind == kSym ? 64 : 128; }
+__host__ __device__ constexpr int logit_width(int kind) { return kind == kSym ? 64 : 128; }
 
 constexpr int kBM = 128;     // x rows per CTA (two consumer warpgroups of 64)
 constexpr int kBN = 128;     // columns per tile (wgmma n128)
 constexpr int kBK = 64;      // elements per chunk: one 128-byte swizzled row
 constexpr int kStages = 4;   // column chunks in flight (the logit GEMM's B)
-constexpr int kDV = 128;     // kRows: the dx slice, two chunks of the column tile (the second GEMM's B)
-constexpr int kVStages = 2;  // kRows: column-tile slices in flight
+constexpr int kDV = 128;     // backward: the dx/dy slice, two chunks of the streamed tile (the second GEMM's B)
+constexpr int kVStages = 2;  // backward: streamed-tile slices in flight
 constexpr int kConsumers = 2;
 constexpr int kThreads = 128 * (1 + kConsumers);
 // The register file split (setmaxnreg): the producer's one thread needs few; the consumers hold a
-// 64 x 128 fp32 tile (kRows: two) per warpgroup.
+// 64 x 128 fp32 tile (kRows, kCols: two) per warpgroup.
 constexpr int kProducerRegisters = 40;
 constexpr int kConsumerRegisters = 232;
 static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= 64 * 1024, "register file");
@@ -65,19 +82,29 @@ constexpr uint32_t kChunkBytes = kBM * kBK * 2;  // x chunk and column chunk ali
 constexpr uint32_t kConsumerRowBytes = 64 * sm90::kSwizzleRowBytes;  // a consumer's 64 rows of a chunk
 constexpr uint32_t kVStageBytes = (kDV / kBK) * kChunkBytes;
 static_assert(kBM == kBN, "x chunks and column chunks share kChunkBytes and the TMA box");
+// Column weights: per consumer warpgroup, two buffers (tile parity) of kBN entries each of the
+// streamed rows' lse·log2(e), grad_lse/g_max and positive column (int32: TMA rows are < 2^31).
+constexpr uint32_t kColStatsBytes = kBN * (2 * sizeof(float) + sizeof(int32_t));
+// Where consumer warpgroup `consumer` stages tile `tile`'s column statistics, from the region's start
+// (tests/csrc/test_sm90_layout.py runs the protocol this serves).
+__host__ __device__ constexpr uint32_t col_stats_offset(int consumer, int tile) {
+  return (2 * consumer + (tile & 1)) * kColStatsBytes;
+}
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Shared memory of a role: the resident x tile (at most kMaxChunks chunks, so D ≤ kMaxD), the chunk
-// ring, (kRows) the slice ring, then the barriers. kFwd: 128 + 64 KiB; kRows: 64 + 64 + 64 KiB.
+// Shared memory of a role: the resident own tile (x; kCols: y; at most kMaxChunks chunks, so D ≤ kMaxD),
+// the chunk ring, (backward) the slice ring, (kCols) the column statistics, then the barriers.
+// kFwd: 128 + 64 KiB; kRows: 64 + 64 + 64 KiB; kCols: 64 + 64 + 64 + 3 KiB.
 template <int KIND>
 struct SmemPlan {
   static constexpr int kMaxChunks = KIND == kFwd ? 8 : 4;
   static constexpr int64_t kMaxD = int64_t{kMaxChunks} * kBK;
   static constexpr uint32_t kRingOffset = kMaxChunks * kChunkBytes;
   static constexpr uint32_t kSliceOffset = kRingOffset + kStages * kChunkBytes;
-  static constexpr uint32_t kBarrierOffset = kSliceOffset + (KIND == kRows ? kVStages * kVStageBytes : 0);
-  static constexpr int kBarriers = 1 + 2 * kStages + (KIND == kRows ? 2 * kVStages : 0);
+  static constexpr uint32_t kStatsOffset = kSliceOffset + (has_slices(KIND) ? kVStages * kVStageBytes : 0);
+  static constexpr uint32_t kBarrierOffset = kStatsOffset + (col_weights(KIND) ? 2 * kConsumers * kColStatsBytes : 0);
+  static constexpr int kBarriers = 1 + 2 * kStages + (has_slices(KIND) ? 2 * kVStages : 0);
   // With the slack that aligns the base to 1024 bytes.
   static constexpr size_t kBytes = sm90::kSwizzleAtomBytes + kBarrierOffset + kBarriers * sizeof(uint64_t);
 };
@@ -87,13 +114,13 @@ struct Sm90Args {
   CUtensorMap y_map;
   CUtensorMap bank_map;  // unused when the bank is empty
   PairwiseLseProblem p;  // raw operands for the positive row dot; flags; device scale
-  PairwiseLseGrads g;    // kRows
+  PairwiseLseGrads g;    // backward roles
   float* lse_out;        // kFwd
   float* pos_out;
-  double inv_ny;   // 1 / Ny, for mod_ny
-  int chunks;      // ceil(D / kBK)
-  int y_tiles;     // column tiles of y in the LSE (0 without y negatives)
-  int bank_tiles;  // column tiles of the bank
+  double inv_ny;     // 1 / Ny, for mod_ny
+  int chunks;        // ceil(D / kBK)
+  int stream_tiles;  // tiles of the streamed operand in the LSE: y (kCols: x); 0 without y negatives
+  int bank_tiles;    // column tiles of the bank (kFwd, kRows)
 };
 
 // Pipeline phases. The loads of a ring are numbered it = 0, 1, 2, ... in the one order producer and
@@ -127,21 +154,29 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
   // TMA's 128-byte swizzle and the descriptors (base offset 0) need 1024-byte aligned tiles.
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + sm90::kSwizzleAtomBytes - 1) & ~uintptr_t(sm90::kSwizzleAtomBytes - 1));
-  unsigned char* x_tile = smem;  // args.chunks x kChunkBytes
+  unsigned char* x_tile = smem;  // the own tile (kCols: y rows), args.chunks x kChunkBytes
   unsigned char* ring = smem + Plan::kRingOffset;
   unsigned char* slices = smem + Plan::kSliceOffset;
+  unsigned char* col_stats = smem + Plan::kStatsOffset;  // kCols
   uint64_t* x_full = reinterpret_cast<uint64_t*>(smem + Plan::kBarrierOffset);
   uint64_t* full = x_full + 1;
   uint64_t* empty = full + kStages;
-  uint64_t* slice_full = empty + kStages;  // kRows
+  uint64_t* slice_full = empty + kStages;  // backward roles
   uint64_t* slice_empty = slice_full + kVStages;
 
   const PairwiseLseProblem& p = args.p;
   const int chunks = args.chunks;
-  const int tiles = args.y_tiles + args.bank_tiles;
+  const int tiles = args.stream_tiles + args.bank_tiles;
+  // kCols owns y rows and streams x; kSym's y is x.
+  const CUtensorMap* own_map = KIND == kCols ? &args.y_map : &args.x_map;
+  const CUtensorMap* stream_map = KIND == kCols ? &args.x_map : &args.y_map;
   const int warpgroup = threadIdx.x / 128;
+  constexpr int DV = slice_width(KIND);
+  constexpr int kAcc = DV / 2;  // accumulator registers of a 64 x DV tile
+  constexpr int NS = logit_width(KIND);
+  constexpr int kPasses = kBN / NS;
   const int64_t block_row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int32_t dv0 = static_cast<int32_t>(blockIdx.y) * kDV;  // kRows: this CTA's slice of D
+  const int32_t dv0 = static_cast<int32_t>(blockIdx.y) * DV;  // backward: this CTA's slice of D
 
   if (threadIdx.x == 0) {
     sm90::mbarrier_init(x_full, 1);
@@ -149,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
       sm90::mbarrier_init(&full[s], 1);
       sm90::mbarrier_init(&empty[s], kConsumers);
     }
-    if constexpr (KIND == kRows) {
+    if constexpr (has_slices(KIND)) {
       for (int s = 0; s < kVStages; ++s) {
         sm90::mbarrier_init(&slice_full[s], 1);
         sm90::mbarrier_init(&slice_empty[s], kConsumers);
@@ -160,30 +195,30 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
   __syncthreads();  // the only CTA-wide barrier: the producer warpgroup leaves after its loop
 
   if (warpgroup == 0) {
-    // Producer: the resident x tile, then per column tile its chunks (and, kRows, its slice).
+    // Producer: the resident own tile, then per streamed tile its chunks (and, backward, its slice).
     sm90::setmaxnreg_dec<kProducerRegisters>();
     if (threadIdx.x != 0 || tiles == 0) return;
-    sm90::prefetch_tensor_map(&args.x_map);
-    sm90::prefetch_tensor_map(&args.y_map);
+    sm90::prefetch_tensor_map(own_map);
+    sm90::prefetch_tensor_map(stream_map);
     sm90::mbarrier_arrive_expect_tx(x_full, chunks * kChunkBytes);
     for (int kc = 0; kc < chunks; ++kc)
-      sm90::tma_load_2d(x_tile + kc * kChunkBytes, &args.x_map, x_full, kc * kBK, static_cast<int32_t>(block_row0));
+      sm90::tma_load_2d(x_tile + kc * kChunkBytes, own_map, x_full, kc * kBK, static_cast<int32_t>(block_row0));
     uint32_t it = 0;
     for (int tile = 0; tile < tiles; ++tile) {
-      const bool is_bank = tile >= args.y_tiles;
-      const CUtensorMap* map = is_bank ? &args.bank_map : &args.y_map;
-      const int32_t c0 = (is_bank ? tile - args.y_tiles : tile) * kBN;
+      const bool is_bank = tile >= args.stream_tiles;
+      const CUtensorMap* map = is_bank ? &args.bank_map : stream_map;
+      const int32_t c0 = (is_bank ? tile - args.stream_tiles : tile) * kBN;
       for (int kc = 0; kc < chunks; ++kc, ++it) {
         const Stage st = stage_of<kStages>(it);
         sm90::mbarrier_wait(&empty[st.index], st.parity ^ 1u);
         sm90::mbarrier_arrive_expect_tx(&full[st.index], kChunkBytes);
         sm90::tma_load_2d(ring + st.index * kChunkBytes, map, &full[st.index], kc * kBK, c0);
       }
-      if constexpr (KIND == kRows) {
-        // The slice [dv0, dv0 + kDV) of the same column tile, as chunks (zeros past D). A chunk wholly
-        // past D is not loaded: it only feeds dx columns that are never stored.
+      if constexpr (has_slices(KIND)) {
+        // The slice [dv0, dv0 + DV) of the same streamed tile, as chunks (zeros past D). A chunk wholly
+        // past D is not loaded: it only feeds dx/dy columns that are never stored.
         const int64_t chunks_left = (p.x.cols - dv0 + kBK - 1) / kBK;  // dv0 < D: at least 1
-        const int slice_chunks = chunks_left < kDV / kBK ? static_cast<int>(chunks_left) : kDV / kBK;
+        const int slice_chunks = chunks_left < DV / kBK ? static_cast<int>(chunks_left) : DV / kBK;
         const Stage st = stage_of<kVStages>(tile);
         sm90::mbarrier_wait(&slice_empty[st.index], st.parity ^ 1u);
         sm90::mbarrier_arrive_expect_tx(&slice_full[st.index], slice_chunks * kChunkBytes);
@@ -202,124 +237,184 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4;
   const int64_t M = p.x.rows, NY = p.y.rows, D = p.x.cols;
-  const int64_t row0 = block_row0 + 64 * consumer;  // this warpgroup's first row
+  const int64_t own_rows = KIND == kCols ? NY : M;
+  const int64_t row0 = block_row0 + 64 * consumer;  // this warpgroup's first (own) row
   const float scale = *p.scale;
   const float qk = scale * kLog2e;
 
-  // The two rows of this thread (fragment registers 0-1 and 2-3 of every 8-column block).
+  // The two own rows of this thread (fragment registers 0-1 and 2-3 of every 8-column block).
   int64_t row[2], pcol[2];
   float row_lse2[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row[h] = row0 + sm90::acc_row(tid, 2 * h);
-    pcol[h] = row[h] < M ? mod_ny(row[h] + p.pos_offset, NY, args.inv_ny) : -1;
-    if constexpr (KIND == kRows) row_lse2[h] = row[h] < M ? lse2_of(args.g.lse[row[h]]) : 0.0f;
+    pcol[h] = KIND != kCols && row[h] < M ? mod_ny(row[h] + p.pos_offset, NY, args.inv_ny) : -1;
+    if constexpr (row_weights(KIND)) row_lse2[h] = row[h] < M ? lse2_of(args.g.lse[row[h]]) : 0.0f;
+  }
+  float g_inv = 0.0f;  // column weights: 1 / max|grad_lse|
+  if constexpr (col_weights(KIND)) {
+    const float g_max = *args.g.grad_lse_absmax;
+    g_inv = g_max > 0.0f ? 1.0f / g_max : 0.0f;
   }
   float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F}, l_run[2] = {0.0f, 0.0f};  // kFwd
-  float acc[KIND == kRows ? 64 : 1];                                          // kRows: dx slice
+  float acc[has_slices(KIND) ? kAcc : 1];  // the slice of dx (kRows, kSym) or dy (kCols)
+  float acc2[KIND == kSym ? kAcc : 1];     // kSym: the slice of dy
 #pragma unroll
-  for (int r = 0; r < (KIND == kRows ? 64 : 1); ++r) acc[r] = 0.0f;
+  for (int r = 0; r < (has_slices(KIND) ? kAcc : 1); ++r) acc[r] = 0.0f;
+#pragma unroll
+  for (int r = 0; r < (KIND == kSym ? kAcc : 1); ++r) acc2[r] = 0.0f;
 
   if (tiles > 0) sm90::mbarrier_wait(x_full, 0);
   const uint32_t x_addr = sm90::smem_u32(x_tile) + consumer * kConsumerRowBytes;
   const uint32_t ring_addr = sm90::smem_u32(ring);
-  float s[64];
+  float s[NS / 2];
 #pragma unroll
-  for (int r = 0; r < 64; ++r) s[r] = 0.0f;
+  for (int r = 0; r < NS / 2; ++r) s[r] = 0.0f;
 
   uint32_t it = 0;
   for (int tile = 0; tile < tiles; ++tile) {
-    const bool is_bank = tile >= args.y_tiles;
-    const int64_t c0 = static_cast<int64_t>(is_bank ? tile - args.y_tiles : tile) * kBN;
-    const int64_t n_cols = is_bank ? p.bank.rows : NY;
+    const bool is_bank = tile >= args.stream_tiles;
+    const int64_t c0 = static_cast<int64_t>(is_bank ? tile - args.stream_tiles : tile) * kBN;
+    const int64_t n_cols = is_bank ? p.bank.rows : NY;  // kSym: NY = M
 
-    // S = X_I · C_Jᵀ over the chunks; chunk kc's stage is released once the wgmma group of chunk
-    // kc + 1 is issued and kc's has retired (wait_group 1), so the tensor cores never idle on a release.
-    uint32_t prev_stage = 0;
-    for (int kc = 0; kc < chunks; ++kc, ++it) {
-      const Stage st = stage_of<kStages>(it);
-      sm90::mbarrier_wait(&full[st.index], st.parity);
-      sm90::wgmma_fence();
-      const uint32_t a = x_addr + kc * kChunkBytes;
-      const uint32_t b = ring_addr + st.index * kChunkBytes;
-#pragma unroll
-      for (int ks = 0; ks < kBK / 16; ++ks)
-        sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
-                            sm90::sw128_desc(b + ks * sm90::kKStepBytes), kc > 0 || ks > 0);
-      sm90::wgmma_commit();
-      if (kc > 0) {
-        sm90::wgmma_wait<1>();
-        if (tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
-      }
-      prev_stage = st.index;
+    // Column weights: thread tid stages the statistics of streamed row (an x row) c0 + tid in this
+    // warpgroup's buffer of the tile's parity; the named barrier after the logit GEMM publishes them.
+    // Two buffers make one barrier per tile enough: a thread writes tile t + 2's (= t's) buffer only
+    // after the barrier of tile t + 1, which every thread of the warpgroup reaches after its reads of t.
+    float* cs_lse2 = reinterpret_cast<float*>(col_stats + col_stats_offset(consumer, tile));
+    float* cs_g = cs_lse2 + kBN;
+    int32_t* cs_pos = reinterpret_cast<int32_t*>(cs_g + kBN);
+    if constexpr (col_weights(KIND)) {
+      const int64_t c = c0 + tid;
+      const bool in = c < M;
+      cs_lse2[tid] = in ? lse2_of(args.g.lse[c]) : CUDART_INF_F;
+      cs_g[tid] = in ? args.g.grad_lse[c] * g_inv : 0.0f;
+      cs_pos[tid] = in ? static_cast<int32_t>(mod_ny(c + p.pos_offset, NY, args.inv_ny)) : -1;
     }
-    sm90::wgmma_wait<0>();
-    if (tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
 
-    // Which logits enter row h's LSE: the masks of pairwise_lse.cu, at each register's (row, column).
-    auto in_lse = [&](int h, int r) {
-      const int64_t col = c0 + sm90::acc_col(tid, r);
-      bool ok = row[h] < M && col < n_cols;
-      if (!is_bank) ok = ok && col != pcol[h] && !(p.exclude_self && col == row[h]);
-      return ok;
-    };
-
-    if constexpr (KIND == kFwd) {
-      // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row).
+    // kSym walks the tile in kPasses = 2 halves of NS = 64 columns (its registers: two accumulators
+    // beside the logits), each over all chunks: the chunks stay in the ring until the last pass has
+    // read them (chunks ≤ kStages, so the producer never waits on a stage this tile still holds).
+    const Stage slice_st = stage_of<kVStages>(tile);
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const bool last = pass == kPasses - 1;
+      // S = X_I · C_Jᵀ over the chunks; chunk kc's stage is released once the wgmma group of chunk
+      // kc + 1 is issued and kc's has retired (wait_group 1), so the tensor cores never idle on a release.
+      uint32_t prev_stage = 0;
+      for (int kc = 0; kc < chunks; ++kc) {
+        const Stage st = stage_of<kStages>(it + kc);
+        if (pass == 0) sm90::mbarrier_wait(&full[st.index], st.parity);
+        sm90::wgmma_fence();
+        const uint32_t a = x_addr + kc * kChunkBytes;
+        const uint32_t b = ring_addr + st.index * kChunkBytes + pass * NS * sm90::kSwizzleRowBytes;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = -CUDART_INF_F;
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = 4 * j + 2 * h + e;
-            s[r] = in_lse(h, r) ? s[r] * qk : -CUDART_INF_F;
-            mx = fmaxf(mx, s[r]);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[h], mx);
-        const float m_use = m_new == -CUDART_INF_F ? 0.0f : m_new;
-        float sum = l_run[h] * exp2f(m_run[h] - m_use);
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) sum += exp2f(s[4 * j + 2 * h + e] - m_use);
-        l_run[h] = sum;
-        m_run[h] = m_new;
+        for (int ks = 0; ks < kBK / 16; ++ks)
+          sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
+                              sm90::sw128_desc(b + ks * sm90::kKStepBytes), kc > 0 || ks > 0);
+        sm90::wgmma_commit();
+        if (kc > 0) {
+          sm90::wgmma_wait<1>();
+          if (last && tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+        }
+        prev_stage = st.index;
       }
-    } else {
-      // Row weights P_ij = exp(s_ij − lse_i) (grad_lse_i is a row scale in the epilogue), then
-      // acc += P · V_J with P as wgmma's register A operand and the slice V_J MN-major from shared memory.
-      const Stage st = stage_of<kVStages>(tile);
-      sm90::mbarrier_wait(&slice_full[st.index], st.parity);
-      // P straight into the A fragments, all written before the fence (an A register written between
-      // the fence and its wgmma makes ptxas serialise the sequence).
-      auto weight = [&](int r) {
-        const int h = (r >> 1) & 1;
-        const float w = exp2f(s[r] * qk - row_lse2[h]);  // unconditional: no divergent path near the wgmma
-        return in_lse(h, r) ? w : 0.0f;
-      };
-      uint32_t pa[kBN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          pa[kk][q] = pack_floats<T>(weight(sm90::acc_reg_of_a(kk, q, 0)), weight(sm90::acc_reg_of_a(kk, q, 1)));
-      sm90::wgmma_fence();
-      const uint32_t v = sm90::smem_u32(slices) + st.index * kVStageBytes;
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        // 16 column-tile rows (k) = 2 groups of 8 rows of 128 bytes; the slice's two chunks are its
-        // two 64-wide blocks of N.
-        sm90::Wgmma<T>::run_rs(acc, pa[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
-                               1);
-      }
-      sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
-      if (tid == 0) sm90::mbarrier_arrive(&slice_empty[st.index]);
+      if (last && tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+      if (col_weights(KIND) && pass == 0) sm90::named_barrier_sync(1 + consumer, 128);
+      const int cbase = pass * NS;  // this pass's first column of the tile
+
+      // Which logits enter row h's LSE: the masks of pairwise_lse.cu, at each register's (row, column).
+      auto in_lse = [&](int h, int r) {
+        const int64_t col = c0 + cbase + sm90::acc_col(tid, r);
+        bool ok = row[h] < M && col < n_cols;
+        if (!is_bank) ok = ok && col != pcol[h] && !(p.exclude_self && col == row[h]);
+        return ok;
+      };
+
+      if constexpr (KIND == kFwd) {
+        // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row).
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float mx = -CUDART_INF_F;
+#pragma unroll
+          for (int j = 0; j < NS / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int r = 4 * j + 2 * h + e;
+              s[r] = in_lse(h, r) ? s[r] * qk : -CUDART_INF_F;
+              mx = fmaxf(mx, s[r]);
+            }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m_run[h], mx);
+          const float m_use = m_new == -CUDART_INF_F ? 0.0f : m_new;
+          float sum = l_run[h] * exp2f(m_run[h] - m_use);
+#pragma unroll
+          for (int j = 0; j < NS / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) sum += exp2f(s[4 * j + 2 * h + e] - m_use);
+          l_run[h] = sum;
+          m_run[h] = m_new;
+        }
+      } else {
+        // Row weights P_ij = exp(s_ij − lse_i) (kRows, kSym; grad_lse_i is a row scale in the epilogue)
+        // and/or column weights (kCols, kSym). Then acc += W · V_J with W as wgmma's register A operand
+        // and the slice V_J of the streamed tile MN-major from shared memory; kSym issues a second
+        // GEMM on the same slice into acc2.
+        if (pass == 0) sm90::mbarrier_wait(&slice_full[slice_st.index], slice_st.parity);
+        // The weights straight into the A fragments, all written before the fence (an A register
+        // written between the fence and its wgmma makes ptxas serialise the sequence). Computed
+        // unconditionally, then selected: no divergent path near the wgmma.
+        auto row_weight = [&](int r) {
+          const int h = (r >> 1) & 1;
+          const float w = exp2f(s[r] * qk - row_lse2[h]);
+          return in_lse(h, r) ? w : 0.0f;
+        };
+        // Own row o = row[h], streamed row c: the logit is s_co (x_c is the row of G, o its column), so
+        // G_co/g_max = grad_lse_c/g_max·exp(s_co − lse_c) unless o is c's positive or (self) c itself,
+        // as pairwise_lse.cu's kCols (kSym: its column statistics).
+        auto col_weight = [&](int r) {
+          const int h = (r >> 1) & 1;
+          const int cl = cbase + sm90::acc_col(tid, r);
+          const int64_t col = c0 + cl;
+          const float w = cs_g[cl] * exp2f(s[r] * qk - cs_lse2[cl]);
+          const bool ok = row[h] < own_rows && col < M && row[h] != cs_pos[cl] && !(p.exclude_self && col == row[h]);
+          return ok ? w : 0.0f;
+        };
+        uint32_t pa[NS / 16][4];
+        uint32_t pb[KIND == kSym ? NS / 16 : 1][4];  // kSym: the column weights
+#pragma unroll
+        for (int kk = 0; kk < NS / 16; ++kk)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int r0 = sm90::acc_reg_of_a(kk, q, 0), r1 = sm90::acc_reg_of_a(kk, q, 1);
+            if constexpr (KIND == kCols) {
+              pa[kk][q] = pack_floats<T>(col_weight(r0), col_weight(r1));
+            } else {
+              pa[kk][q] = pack_floats<T>(row_weight(r0), row_weight(r1));
+            }
+            if constexpr (KIND == kSym) pb[kk][q] = pack_floats<T>(col_weight(r0), col_weight(r1));
+          }
+        sm90::wgmma_fence();
+        // k = the pass's 16-row groups of the streamed tile (2 groups of 8 rows of 128 bytes each); the
+        // slice's chunks are its 64-wide blocks of N.
+        const uint32_t v = sm90::smem_u32(slices) + slice_st.index * kVStageBytes + cbase * sm90::kSwizzleRowBytes;
+#pragma unroll
+        for (int kk = 0; kk < NS / 16; ++kk)
+          sm90::Wgmma<T>::run_rs(acc, pa[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
+                                 1);
+        if constexpr (KIND == kSym) {
+#pragma unroll
+          for (int kk = 0; kk < NS / 16; ++kk)
+            sm90::Wgmma<T>::run_rs(acc2, pb[kk],
+                                   sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes), 1);
+        }
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        if (last && tid == 0) sm90::mbarrier_arrive(&slice_empty[slice_st.index]);
+      }
     }
+    it += chunks;
   }
 
   if constexpr (KIND == kFwd) {
@@ -353,7 +448,8 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
         args.pos_out[row[h]] = pos_raw[h] * scale;
       }
     }
-  } else {
+  }
+  if constexpr (row_weights(KIND)) {
     // Epilogue, as pairwise_lse.cu's kRows: dx_i = scale·(grad_lse_i·acc_i + coef_i·y_p(i)),
     // coef_i = grad_pos_i + grad_lse_i·P_i,p(i) (the positive is not in the tiles).
     float coef[2] = {0.0f, 0.0f}, gl[2] = {0.0f, 0.0f};
@@ -372,12 +468,61 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
     const T* y = static_cast<const T*>(p.y.ptr);
     T* dx = static_cast<T*>(args.g.dx);
 #pragma unroll
-    for (int r = 0; r < 64; ++r) {
+    for (int r = 0; r < kAcc; ++r) {
       const int h = (r >> 1) & 1;
       const int64_t col = dv0 + sm90::acc_col(tid, r);
       if (row[h] >= M || col >= D) continue;
       const float yp = to_float(y[pcol[h] * p.y.stride_r + col * p.y.stride_c]);
       dx[row[h] * D + col] = from_float<T>(scale * (gl[h] * acc[r] + coef[h] * yp));
+    }
+  }
+  if constexpr (col_weights(KIND)) {
+    // Epilogue, as pairwise_lse.cu's kCols: dy_j = scale·(g_max·acc_j + Σ_{i : p(i) = j} coef_i·x_i),
+    // i = ((j − pos_offset) mod Ny) + w·Ny < M, coef_i = grad_pos_i + grad_lse_i·P_i,j (kSym: acc2, and
+    // the own rows j are x rows, Ny = M).
+    const float g_max = *args.g.grad_lse_absmax;
+    auto dy_epilogue = [&](float (&cacc)[kAcc]) {
+#pragma unroll
+      for (int r = 0; r < kAcc; ++r) cacc[r] *= g_max;
+      const T* x = static_cast<const T*>(p.x.ptr);
+      for (int64_t wrap = 0; wrap < M; wrap += NY) {
+        float coef[2] = {0.0f, 0.0f};
+        int64_t prow[2] = {-1, -1};
+        for (int rr = 0; rr < 16; ++rr) {
+          const int64_t j = row0 + 16 * warp + rr;
+          if (j >= NY) break;  // warp-uniform
+          const int64_t i = mod_ny(j + NY - p.pos_offset, NY, args.inv_ny) + wrap;
+          if (i >= M) continue;  // warp-uniform
+          float c = args.g.grad_pos[i];
+          if (p.include_pos) {
+            const float pr = warp_rowdot<T>(p.x.ptr, p.x.stride_r, p.x.stride_c, i, p.y.ptr, p.y.stride_r, p.y.stride_c,
+                                            j, D, lane);
+            c += args.g.grad_lse[i] * exp2f(pr * qk - lse2_of(args.g.lse[i]));
+          }
+          if (rr == g) { coef[0] = c; prow[0] = i; }
+          if (rr == g + 8) { coef[1] = c; prow[1] = i; }
+        }
+#pragma unroll
+        for (int r = 0; r < kAcc; ++r) {
+          const int h = (r >> 1) & 1;
+          const int64_t col = dv0 + sm90::acc_col(tid, r);
+          if (prow[h] < 0 || col >= D) continue;
+          cacc[r] += coef[h] * to_float(x[prow[h] * p.x.stride_r + col * p.x.stride_c]);
+        }
+      }
+      T* dy = static_cast<T*>(args.g.dy);
+#pragma unroll
+      for (int r = 0; r < kAcc; ++r) {
+        const int h = (r >> 1) & 1;
+        const int64_t col = dv0 + sm90::acc_col(tid, r);
+        if (row[h] >= NY || col >= D) continue;
+        dy[row[h] * D + col] = from_float<T>(scale * cacc[r]);
+      }
+    };
+    if constexpr (KIND == kSym) {
+      dy_epilogue(acc2);
+    } else {
+      dy_epilogue(acc);
     }
   }
 }
@@ -438,8 +583,14 @@ cudaError_t launch(const Sm90Args& args, int64_t blocks, int64_t slices, cudaStr
 
 template <int KIND>
 bool supported(const PairwiseLseProblem& p, DType dtype) {
+  // dy never reads the bank. kSym: y is x (the same pointer, shape and strides), all of it in the LSE,
+  // no bank, as pairwise_lse.cu's kSym; its passes hold a tile's chunks at once (≤ kStages).
+  const bool same = p.x.ptr == p.y.ptr && p.x.rows == p.y.rows && p.x.cols == p.y.cols &&
+                    p.x.stride_r == p.y.stride_r && p.x.stride_c == p.y.stride_c;
+  static_assert(KIND != kSym || SmemPlan<KIND>::kMaxChunks <= kStages, "kSym's passes hold every chunk of a tile");
   return dtype != DType::kFloat32 && p.x.cols >= 1 && p.x.cols <= SmemPlan<KIND>::kMaxD && tma_readable(p.x) &&
-         tma_readable(p.y) && (p.bank.rows == 0 || tma_readable(p.bank));
+         tma_readable(p.y) && (KIND == kCols || p.bank.rows == 0 || tma_readable(p.bank)) &&
+         (KIND != kSym || (same && p.bank.rows == 0 && p.y_negatives));
 }
 
 // The tensor maps and tile counts of a problem, then the launch over ceil(M / kBM) x slices CTAs.
@@ -447,17 +598,21 @@ template <int KIND>
 cudaError_t run(Sm90Args a, DType dtype, cudaStream_t stream) {
   const PairwiseLseProblem& p = a.p;
   if (!supported<KIND>(p, dtype)) return cudaErrorInvalidValue;
-  const int64_t blocks = (p.x.rows + kBM - 1) / kBM;
-  const int64_t slices = KIND == kFwd ? 1 : (p.x.cols + kDV - 1) / kDV;
+  // kCols owns the y rows and streams x (no bank); the others own x and stream y (kSym: x), then the bank.
+  const int64_t own_rows = KIND == kCols ? p.y.rows : p.x.rows;
+  const int64_t streamed = KIND == kCols ? p.x.rows : p.y.rows;
+  const bool with_bank = !col_weights(KIND) && p.bank.rows > 0;
+  const int64_t blocks = (own_rows + kBM - 1) / kBM;
+  const int64_t slices = KIND == kFwd ? 1 : (p.x.cols + slice_width(KIND) - 1) / slice_width(KIND);
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   a.inv_ny = 1.0 / static_cast<double>(p.y.rows > 0 ? p.y.rows : 1);
   a.chunks = static_cast<int>((p.x.cols + kBK - 1) / kBK);
-  a.y_tiles = p.y_negatives ? static_cast<int>((p.y.rows + kBN - 1) / kBN) : 0;
-  a.bank_tiles = static_cast<int>((p.bank.rows + kBN - 1) / kBN);
+  a.stream_tiles = p.y_negatives ? static_cast<int>((streamed + kBN - 1) / kBN) : 0;
+  a.bank_tiles = with_bank ? static_cast<int>((p.bank.rows + kBN - 1) / kBN) : 0;
   cudaError_t err = encode_map(&a.x_map, p.x, dtype);
   if (err == cudaSuccess) err = encode_map(&a.y_map, p.y, dtype);
-  if (err == cudaSuccess && p.bank.rows > 0) err = encode_map(&a.bank_map, p.bank, dtype);
+  if (err == cudaSuccess && with_bank) err = encode_map(&a.bank_map, p.bank, dtype);
   if (err != cudaSuccess) return err;
   return dtype == DType::kBFloat16 ? launch<__nv_bfloat16, KIND>(a, blocks, slices, stream)
                                    : launch<__half, KIND>(a, blocks, slices, stream);
@@ -468,6 +623,10 @@ cudaError_t run(Sm90Args a, DType dtype, cudaStream_t stream) {
 bool pairwise_lse_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kFwd>(p, dtype); }
 
 bool pairwise_lse_rows_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kRows>(p, dtype); }
+
+bool pairwise_lse_cols_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kCols>(p, dtype); }
+
+bool pairwise_lse_sym_sm90_supported(const PairwiseLseProblem& p, DType dtype) { return supported<kSym>(p, dtype); }
 
 cudaError_t pairwise_lse_forward_sm90(const PairwiseLseProblem& p, DType dtype, float* lse, float* pos,
                                       cudaStream_t stream) {
@@ -484,6 +643,22 @@ cudaError_t pairwise_lse_backward_rows_sm90(const PairwiseLseProblem& p, const P
   a.p = p;
   a.g = g;
   return run<kRows>(a, dtype, stream);
+}
+
+cudaError_t pairwise_lse_backward_cols_sm90(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                            cudaStream_t stream) {
+  Sm90Args a{};
+  a.p = p;
+  a.g = g;
+  return run<kCols>(a, dtype, stream);
+}
+
+cudaError_t pairwise_lse_backward_sym_sm90(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                           cudaStream_t stream) {
+  Sm90Args a{};
+  a.p = p;
+  a.g = g;
+  return run<kSym>(a, dtype, stream);
 }
 
 }  // namespace fastssl

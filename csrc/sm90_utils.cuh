@@ -115,6 +115,12 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// Synchronises the `threads` threads (a multiple of 32) that use named barrier `id` (1-15; 0 is
+// __syncthreads'), e.g. one consumer warpgroup, without stopping the other warpgroups.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Warp specialisation's register split (per warpgroup, all its threads): the producer gives
 // registers back, the consumers take them. N is a multiple of 8 in [24, 256].
 template <int N>
@@ -179,6 +185,36 @@ __device__ __forceinline__ void wgmma_wait() {
         "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])          \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
 
+// The same two with N = 64 (32 accumulator registers; the fragment maps above hold for reg < 32):
+// kSym's logit half-tiles and its two accumulators of a 64-wide slice.
+#define FASTSSL_WGMMA_M64N64K16(TYPE)                                                                      \
+  asm volatile(                                                                                           \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                        \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                      \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},"                                  \
+      " %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                     \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                               \
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+
+#define FASTSSL_WGMMA_M64N64K16_RS(TYPE)                                                                   \
+  asm volatile(                                                                                           \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                        \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                      \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},"                                  \
+      " {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                      \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                               \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+
 template <typename T>
 struct Wgmma;
 
@@ -191,6 +227,13 @@ struct Wgmma<__nv_bfloat16> {
                                                 int accumulate) {
     FASTSSL_WGMMA_M64N128K16_RS("bf16");
   }
+  static __device__ __forceinline__ void run(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    FASTSSL_WGMMA_M64N64K16("bf16");
+  }
+  static __device__ __forceinline__ void run_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                int accumulate) {
+    FASTSSL_WGMMA_M64N64K16_RS("bf16");
+  }
 };
 
 template <>
@@ -202,10 +245,19 @@ struct Wgmma<__half> {
                                                 int accumulate) {
     FASTSSL_WGMMA_M64N128K16_RS("f16");
   }
+  static __device__ __forceinline__ void run(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    FASTSSL_WGMMA_M64N64K16("f16");
+  }
+  static __device__ __forceinline__ void run_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                int accumulate) {
+    FASTSSL_WGMMA_M64N64K16_RS("f16");
+  }
 };
 
 #undef FASTSSL_WGMMA_M64N128K16
 #undef FASTSSL_WGMMA_M64N128K16_RS
+#undef FASTSSL_WGMMA_M64N64K16
+#undef FASTSSL_WGMMA_M64N64K16_RS
 
 }  // namespace sm90
 }  // namespace fastssl

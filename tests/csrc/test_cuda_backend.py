@@ -164,8 +164,8 @@ def cuda_backend():
 
 @pytest.fixture(params=["default", "sm90"])
 def forward_kernel(request, monkeypatch, cuda_backend):
-    """Each pairwise-LSE test runs both forwards: the default kernel, and (FASTSSL_CUDA_SM90=1) the
-    sm_90a kernel of csrc/pairwise_lse_sm90.cu, which exists only on sm_90 GPUs."""
+    """Each pairwise-LSE test runs both kernel sets: the default kernels, and (FASTSSL_CUDA_SM90=1) the
+    sm_90a forward, dx and dy of csrc/pairwise_lse_sm90.cu, which exist only on sm_90 GPUs."""
     if request.param == "sm90":
         major, minor = torch.cuda.get_device_capability()
         if (major, minor) != (9, 0):

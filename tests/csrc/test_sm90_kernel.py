@@ -1,15 +1,16 @@
-"""csrc/pairwise_lse_sm90.cu, the Hopper (sm_90a) pairwise-LSE forward and dx: the CPU proofs and the GPU checks.
+"""csrc/pairwise_lse_sm90.cu, the Hopper (sm_90a) pairwise-LSE forward and backward: the CPU proofs and the GPU checks.
 
 CPU (nvcc, no GPU): the file compiles for sm_90a alone with no register spills or stack frame in
-any kernel (forward and dx, bf16 and fp16) and no wgmma serialisation; its SASS holds the
+any kernel (forward, dx, dy and the symmetric x = y backward, bf16 and fp16) and no wgmma serialisation; its SASS holds the
 instructions it was written for, HGMMA (wgmma), UTMALDG (TMA tensor loads), SYNCS (mbarrier) and
 USETMAXREG (the register split); compiled for plain sm_90 it stops with its own #error; its object reaches the driver only through the runtime (no libcuda
 symbol); prebuild and the JIT loader build it for arch 90 only, as sm_90a, and leave the sm_80 build
 as it was; the forward takes it only on sm_90 with FASTSSL_CUDA_SM90=1.
 
 GPU (`cuda` marker, sm_90 only): the kernel is taken exactly for the inputs TMA can read, and its
-(lse, pos) and the gradients (dx by the sm_90a kernel for D <= 256) match the float64 oracle for every
-mode, ragged tiles, the bank and D up to 512. tests/csrc/test_sm90_layout.py emulates its data layouts and pipeline on the CPU.
+(lse, pos) and the gradients (dx and dy by the sm_90a kernels for D <= 256, one symmetric launch when
+y is x) match the float64 oracle for every mode, ragged tiles, the bank and D up to 512; fp16 dy keeps
+tiny column weights (the max|grad_lse| rescaling), in the dy and the symmetric kernel. tests/csrc/test_sm90_layout.py emulates its data layouts and pipeline on the CPU.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def sm90a_build(tmp_path_factory):
 def test_compiles_for_sm90a_without_spills(sm90a_build):
     report, _ = sm90a_build
     kernels = re.findall(r"Compiling entry function '([^']+)' for 'sm_90a'", report)
-    # kFwd (Li0E) and kRows (Li1E), each for bf16 and fp16
+    # kFwd (Li0E), kRows (Li1E), kCols (Li2E) and kSym (Li3E), each for bf16 and fp16
     assert sorted(re.search(r"pairwise_lse_sm90_kernelI\w+?(Li\dE)", k).group(1) for k in kernels) == ["Li0E"] * 2 + [
-        "Li1E"] * 2, kernels  # fmt: skip
+        "Li1E"] * 2 + ["Li2E"] * 2 + ["Li3E"] * 2, kernels  # fmt: skip
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(frames) == len(kernels) and frames, report
     assert all(f == ("0", "0", "0") for f in frames), f"stack frame or spills (frame, stores, loads): {frames}"
@@ -91,6 +92,35 @@ def test_sass_uses_wgmma_tma_and_mbarriers(sm90a_build):
 
 
 @pytest.mark.slow  # nvcc
+def test_sass_of_each_kernel(sm90a_build):
+    """Per kernel: wgmma, TMA loads and mbarrier waits of its own; dy (kCols, Li2E) and x = y (kSym,
+    Li3E) also wait on their warpgroup's named barrier (the column statistics: 128 threads); kSym's
+    wgmma is m64n64k16 only, from shared memory (the logit halves) and with A in registers (the slice,
+    transposed B), the other roles' m64n128k16 only."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump: neither on PATH nor shipped with Triton")
+    _, obj = sm90a_build
+    proc = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sections = re.split(r"\n\s*Function : ", proc.stdout)[1:]
+    kernels = {re.search(r"kernelI(\w+?)Li(\d)E", sec.split("\n", 1)[0]).groups(): sec for sec in sections}
+    assert len(kernels) == 8, sorted(kernels)
+    for (dtype, kind), code in kernels.items():
+        name = f"{dtype} kind {kind}"
+        assert re.search(r"\bUTMALDG\.2D\b", code) and "SYNCS.PHASECHK.TRANS64.TRYWAIT" in code, name
+        named = re.search(r"\bBAR\.SYNC(\.DEFER_BLOCKING)? R\d+, 0x80\b", code)
+        assert bool(named) == (kind in ("2", "3")), f"{name}: named barrier {named}"
+        n64 = re.findall(r"\bHGMMA\.64x64x16\.F32\S* R\d+, (gdesc|R\d+)", code)
+        n128 = re.findall(r"\bHGMMA\.64x128x16\.F32\S* R\d+, (gdesc|R\d+)", code)
+        if kind == "3":
+            assert not n128 and "gdesc" in n64 and any(a.startswith("R") for a in n64), f"{name}: {n64}"
+        else:
+            assert not n64 and n128, name
+            assert any(a.startswith("R") for a in n128) == (kind != "0"), f"{name}: register-A wgmma"
+
+
+@pytest.mark.slow  # nvcc
 def test_plain_sm90_is_refused(tmp_path):
     """Without the arch-specific target nvcc stops at the file's #error (not at an obscure ptxas error)."""
     if NVCC is None:
@@ -111,9 +141,11 @@ def test_object_reaches_the_driver_through_the_runtime(sm90a_build):
     assert not re.search(r"\bcu[A-Z]\w*", undefined), f"driver API symbols linked directly: {undefined}"
     assert "cudaGetDriverEntryPoint" in undefined
     defined = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout
-    for launcher in ("pairwise_lse_forward_sm90", "pairwise_lse_sm90_supported", "pairwise_lse_backward_rows_sm90",
-                     "pairwise_lse_rows_sm90_supported"):  # fmt: skip
-        assert f"T fastssl::{launcher}(" in defined, launcher
+    for symbol in ("pairwise_lse_forward_sm90", "pairwise_lse_sm90_supported", "pairwise_lse_backward_rows_sm90",
+                   "pairwise_lse_rows_sm90_supported", "pairwise_lse_backward_cols_sm90",
+                   "pairwise_lse_cols_sm90_supported", "pairwise_lse_backward_sym_sm90",
+                   "pairwise_lse_sym_sm90_supported"):  # fmt: skip
+        assert f"T fastssl::{symbol}(" in defined, symbol
 
 
 def test_prebuild_and_jit_build_it_for_arch_90_only(tmp_path, monkeypatch):
@@ -207,7 +239,10 @@ def test_sm90_forward_matches_oracle(sm90_extension, dtype, mode, m, d):
         pytest.skip("DCL over one row has no negatives")
     x, y, bank, scale, flags = make_case(mode, m, d, dtype, device="cuda")
     assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank), "these inputs should take the sm_90a forward"
-    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, rows=True) == (d <= 256), "the dx kernel: D <= 256"
+    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, role="rows") == (d <= 256), "the dx kernel: D <= 256"
+    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, role="cols") == (d <= 256), "the dy kernel: D <= 256"
+    symmetric = x is y and flags.y_negatives and bank is None
+    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, role="sym") == (symmetric and d <= 256)
     got, want = run_both("cuda", x, y, bank, scale, flags)
     for name, a, b in zip(("lse", "pos", "dx", "dy", "dscale"), got, want):
         if b is not None:
@@ -231,8 +266,19 @@ def test_sm90_takes_only_what_tma_can_read(sm90_extension):
     assert not supported(d300, d300, None)  # row stride 600 bytes
     wide = torch.randn(64, 520, device="cuda", dtype=torch.bfloat16)
     assert not supported(wide, wide, None)  # D > 512
-    assert not supported(x, y, None, rows=True)  # the dx kernel keeps x resident for D <= 256 only
-    assert supported(x[:, :256], y[:, :256], None, rows=True)
+    assert not supported(x, y, None, role="rows")  # the dx kernel keeps x resident for D <= 256 only
+    assert supported(x[:, :256], y[:, :256], None, role="rows")
+    assert not supported(x, y, None, role="cols")  # the dy kernel keeps y resident for D <= 256 only
+    assert supported(x[:, :256], y[:, :256], None, role="cols")
+    assert not supported(x[:, :256].T.contiguous().T, y[:, :256], None, role="cols")  # it streams x through TMA
+    bank = torch.randn(50, 256, device="cuda", dtype=torch.bfloat16).T.contiguous().T
+    assert supported(x[:, :256], y[:, :256], bank, role="cols")  # dy never reads the bank
+    assert not supported(x[:, :256], y[:, :256], bank, role="rows")
+    z = x[:, :256]
+    assert supported(z, z, None, role="sym") and not supported(z, z.clone(), None, role="sym")  # y must be x
+    assert not supported(z, z, bank, role="sym") and not supported(x, x, None, role="sym")  # no bank; D <= 256
+    with pytest.raises(ValueError, match="role"):
+        supported(z, z, None, role="dx")
     # What it does not take runs the default kernel: the very same numbers.
     scale = torch.tensor(2.0, device="cuda")
     flags = PairwiseLSEFlags(pos_offset=7)
@@ -241,3 +287,57 @@ def test_sm90_takes_only_what_tma_can_read(sm90_extension):
     default = sm90_extension.pairwise_lse_forward(xs, y, None, scale, 7, False, True, True)
     for a, b in zip(with_sm90, default):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["clip", "bank+batch", "uniformity", "simclr", "dcl"])
+def test_sm90_dy_keeps_tiny_fp16_weights(sm90_extension, mode):
+    """grad_lse ~ 1e-3: the column weights grad_lse_i·P_ij (~1e-6) are fp16 subnormals unless the dy
+    kernel (simclr, dcl: the symmetric one) divides them by max|grad_lse| before rounding them for the
+    tensor cores and multiplies the accumulator back. dy (~1e-3) is compared relative to its size, as
+    the sigmoid kernels' test does; with y = x the oracle's dy is the y side of a two-tensor run."""
+    from fastssl.kernels.cuda.pairwise_lse import pairwise_lse_backward, pairwise_lse_forward
+    from tests.backends.test_pairwise_lse import dense_oracle, make_case
+
+    m = 300
+    x, y, bank, scale, flags = make_case(mode, m, 128, torch.float16, device="cuda")
+    role = "sym" if x is y else "cols"
+    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, role=role), f"these inputs should take {role}"
+    gen = torch.Generator().manual_seed(3)
+    g_lse = 1e-3 * torch.randn(m, generator=gen, dtype=torch.float64)
+    g_pos = torch.zeros(m, dtype=torch.float64)
+    lse, _ = pairwise_lse_forward(x, y, bank, scale, flags)
+    _, dy = pairwise_lse_backward(x, y, bank, scale, lse, g_lse.float().cuda(), g_pos.float().cuda(), flags)
+    yr = y.double().cpu().requires_grad_()
+    lse64, pos64 = dense_oracle(x.double().cpu(), yr, None if bank is None else bank.double().cpu(),
+                                scale.double().cpu(), flags)  # fmt: skip
+    ((lse64 * g_lse).sum() + (pos64 * g_pos).sum()).backward()
+    rel = float((dy.double().cpu() - yr.grad).norm() / yr.grad.norm())
+    assert rel < 5e-3, f"fp16 dy with tiny weights ({mode}): relative error {rel:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["simclr", "dcl"])
+@pytest.mark.parametrize("m,d", [(1, 8), (127, 64), (300, 200), (513, 256)])
+def test_sm90_symmetric_matches_oracle_per_side(sm90_extension, dtype, mode, m, d):
+    """The symmetric launch's dx and dy separately (the op adds them): each against the float64 oracle's
+    x side and y side of the same loss over two tensors, ragged tiles and both 64-wide slices."""
+    from fastssl.kernels.cuda.pairwise_lse import pairwise_lse_backward, pairwise_lse_forward
+    from tests.backends.test_pairwise_lse import dense_oracle, make_case
+    from tests.utils import assert_close
+
+    if mode == "dcl" and m == 1:
+        pytest.skip("DCL over one row has no negatives")
+    x, _, _, scale, flags = make_case(mode, m, d, dtype, device="cuda")
+    assert sm90_extension.pairwise_lse_sm90_supported(x, x, None, role="sym")
+    gen = torch.Generator().manual_seed(5)
+    g_lse = torch.randn(m, generator=gen, dtype=torch.float64)
+    g_pos = torch.randn(m, generator=gen, dtype=torch.float64)
+    lse, _ = pairwise_lse_forward(x, x, None, scale, flags)
+    dx, dy = pairwise_lse_backward(x, x, None, scale, lse, g_lse.float().cuda(), g_pos.float().cuda(), flags)
+    xr, yr = x.double().cpu().requires_grad_(), x.double().cpu().requires_grad_()
+    lse64, pos64 = dense_oracle(xr, yr, None, scale.double().cpu(), flags)
+    ((lse64 * g_lse).sum() + (pos64 * g_pos).sum()).backward()
+    assert_close(dx, xr.grad, dtype, what=f"sm90 sym/{mode} dx at M={m}, D={d}", scale=10.0)
+    assert_close(dy, yr.grad, dtype, what=f"sm90 sym/{mode} dy at M={m}, D={d}", scale=10.0)

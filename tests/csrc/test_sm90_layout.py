@@ -27,7 +27,9 @@ function (`stage_of`); everything else below is written from the documents, inde
 What is mirrored from the kernel (keep in sync): the shared-memory map (x tile at the aligned base,
 the ring after kMaxChunks chunks), the operand addresses `x_addr + kc·kChunkBytes + ks·kKStepBytes`
 (x_addr = tile base + consumer·kConsumerRowBytes) and `ring + stage·kChunkBytes + ks·kKStepBytes`,
-and the producer/consumer loops with their waits and arrivals.
+the producer/consumer loops with their waits and arrivals, and (dy, x = y) the column weights' masks,
+the per-warpgroup staging of the column statistics (write, named barrier, read; `col_stats_offset`)
+and the symmetric kernel's two passes over 64-column halves of each tile (`logit_width`, `slice_width`).
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ using namespace fastssl;
 template <int KIND>
 void print_plan(const char* name) {
   using P = SmemPlan<KIND>;
-  std::printf("\"%s\": {\"max_chunks\": %d, \"ring\": %u, \"slices\": %u, \"barriers\": %u, \"n_barriers\": %d, "
-              "\"bytes\": %zu},\n", name, P::kMaxChunks, P::kRingOffset, P::kSliceOffset, P::kBarrierOffset,
-              P::kBarriers, P::kBytes);
+  std::printf("\"%s\": {\"max_chunks\": %d, \"ring\": %u, \"slices\": %u, \"stats\": %u, \"barriers\": %u, "
+              "\"n_barriers\": %d, \"bytes\": %zu},\n", name, P::kMaxChunks, P::kRingOffset, P::kSliceOffset,
+              P::kStatsOffset, P::kBarrierOffset, P::kBarriers, P::kBytes);
 }
 
 int main() {
@@ -70,6 +72,15 @@ int main() {
               sm90::kKStepBytes, sm90::kSwizzleAtomBytes);
   print_plan<kFwd>("fwd");
   print_plan<kRows>("rows");
+  print_plan<kCols>("cols");
+  print_plan<kSym>("sym");
+  std::printf("\"widths\": {\"fwd\": [%d, %d], \"rows\": [%d, %d], \"cols\": [%d, %d], \"sym\": [%d, %d]},\n",
+              slice_width(kFwd), logit_width(kFwd), slice_width(kRows), logit_width(kRows), slice_width(kCols),
+              logit_width(kCols), slice_width(kSym), logit_width(kSym));
+  std::printf("\"stats_bytes\": %u, \"stats_offset\": [", kColStatsBytes);
+  for (int c = 0; c < kConsumers; ++c)
+    for (int t = 0; t < 8; ++t) std::printf("%s%u", c + t ? ", " : "", col_stats_offset(c, t));
+  std::printf("],\n");
   std::printf("\"acc\": [");
   for (int t = 0; t < 128; ++t)
     for (int r = 0; r < 64; ++r)
@@ -114,6 +125,7 @@ def kernel(tmp_path_factory):
     info = json.loads(run.stdout)
     info["acc"] = np.array(info["acc"]).reshape(128, 64, 2)
     info["a_reg"] = np.array(info["a_reg"]).reshape(8, 4, 2)
+    info["stats_offset"] = np.array(info["stats_offset"]).reshape(info["consumers"], 8)
     return info
 
 
@@ -201,7 +213,7 @@ def test_descriptors_encode_the_isa_fields(kernel):
         assert d == {"start": addr, "lbo": 16, "sbo": kernel["atom_bytes"], "base_offset": 0, "swizzle": 1}, (addr, d)
 
 
-@pytest.mark.parametrize("kind", ["fwd", "rows"])
+@pytest.mark.parametrize("kind", ["fwd", "rows", "cols", "sym"])
 def test_shared_memory_plan_fits_and_is_atom_aligned(kernel, kind):
     atom, chunk, plan = kernel["atom_bytes"], kernel["chunk_bytes"], kernel[kind]
     assert atom == 8 * 128 and chunk == kernel["bm"] * kernel["bk"] * 2 == kernel["bn"] * kernel["bk"] * 2
@@ -209,10 +221,15 @@ def test_shared_memory_plan_fits_and_is_atom_aligned(kernel, kind):
     assert chunk % atom == 0 and kernel["consumer_row_bytes"] % atom == 0
     assert kernel["consumer_row_bytes"] * kernel["consumers"] == chunk
     assert plan["ring"] == plan["max_chunks"] * chunk and plan["slices"] == plan["ring"] + kernel["stages"] * chunk
-    slice_bytes = kernel["vstages"] * kernel["vstage_bytes"] if kind == "rows" else 0
-    assert plan["barriers"] == plan["slices"] + slice_bytes and plan["barriers"] % 8 == 0
+    # Every TMA destination (x tile, ring stages, slice stages) sits on a 1024-byte swizzle atom.
+    assert plan["ring"] % atom == 0 and plan["slices"] % atom == 0 and kernel["vstage_bytes"] % atom == 0
+    backward = kind != "fwd"
+    slice_bytes = kernel["vstages"] * kernel["vstage_bytes"] if backward else 0
+    stats_bytes = 2 * kernel["consumers"] * kernel["stats_bytes"] if kind in ("cols", "sym") else 0
+    assert plan["stats"] == plan["slices"] + slice_bytes and plan["stats"] % 16 == 0
+    assert plan["barriers"] == plan["stats"] + stats_bytes and plan["barriers"] % 8 == 0
     assert kernel["vstage_bytes"] == kernel["dv"] // kernel["bk"] * chunk
-    n_barriers = 1 + 2 * kernel["stages"] + (2 * kernel["vstages"] if kind == "rows" else 0)
+    n_barriers = 1 + 2 * kernel["stages"] + (2 * kernel["vstages"] if backward else 0)
     assert plan["n_barriers"] == n_barriers
     assert plan["bytes"] == atom + plan["barriers"] + 8 * n_barriers <= SMEM_LIMIT, plan
 
@@ -330,6 +347,186 @@ def test_emulated_dx_gemm_lands_where_the_epilogue_looks(kernel, rows_y, depth, 
             assert d[isa_acc(thread, reg)] == want[tuple(acc_map[thread, reg])], (thread, reg)
 
 
+def emulated_logits(kernel, own: np.ndarray, streamed: np.ndarray, plan: str, consumer: int,
+                    pass_: int = 0) -> np.ndarray:  # fmt: skip
+    """Thread registers (128 x n/2) of consumer `consumer`'s logit tile own[64c : 64c + 64] ·
+    streamed[n·pass : n·pass + n]ᵀ, n = the role's logit width: both TMA-stored (zero-filled past the
+    tensors, a whole 128-row tile of `streamed`) into `plan`'s own tile and chunk ring, read through
+    the kernel's descriptors and addresses (B: pass·n rows into the stage), multiplied as wgmma does,
+    handed out by the ISA's table."""
+    bm, bn, bk, chunk = kernel["bm"], kernel["bn"], kernel["bk"], kernel["chunk_bytes"]
+    width = kernel["widths"][plan][1]
+    chunks = -(-own.shape[1] // bk)
+    smem = np.full(SMEM_LIMIT // 2, np.nan)
+    ring = SMEM_BASE + kernel[plan]["ring"]
+    for kc in range(chunks):
+        tma_store(smem, SMEM_BASE + kc * chunk, zero_filled_box(own, 0, kc * bk, bm))
+    d = np.zeros((64, width))
+    x_addr = SMEM_BASE + consumer * kernel["consumer_row_bytes"]
+    for kc in range(chunks):
+        stage, _ = kernel["stage"][kc]
+        b_addr = ring + stage * chunk + pass_ * width * 128
+        tma_store(smem, ring + stage * chunk, zero_filled_box(streamed, 0, kc * bk, bn))
+        for ks in range(bk // 16):
+            a = wgmma_operand(smem, kernel["desc"][(x_addr + kc * chunk + ks * kernel["kstep_bytes"]) // 16], 64)
+            b = wgmma_operand(smem, kernel["desc"][(b_addr + ks * kernel["kstep_bytes"]) // 16], width)
+            assert not np.isnan(a).any() and not np.isnan(b).any(), "read outside what TMA wrote"
+            d += a @ b.T
+    return np.array([[d[isa_acc(t, r)] for r in range(width // 2)] for t in range(128)])
+
+
+def emulated_weighted_sum(kernel, regs: np.ndarray, streamed: np.ndarray, plan: str, slice_index: int,
+                          stage: int = 1, pass_: int = 0) -> np.ndarray:  # fmt: skip
+    """The backward's second GEMM: weights in the logit registers `regs` (128 x n/2, n the role's
+    logit width) packed into A by acc_reg_of_a, the role's slice (width dv) of the streamed tile
+    TMA-stored into `plan`'s slice ring and read MN-major from row pass·n on; returns the accumulator
+    registers (128 x dv/2) by the ISA's table."""
+    bn, bk, chunk = kernel["bn"], kernel["bk"], kernel["chunk_bytes"]
+    dv, width = kernel["widths"][plan]
+    smem = np.full(SMEM_LIMIT // 2, np.nan)
+    base = SMEM_BASE + kernel[plan]["slices"] + stage * kernel["vstage_bytes"]
+    for h in range(dv // bk):
+        tma_store(smem, base + h * chunk, zero_filled_box(streamed, 0, slice_index * dv + h * bk, bn))
+    d = np.zeros((64, dv))
+    v = base + pass_ * width * 128
+    for kk in range(width // 16):
+        a = np.full((64, 16), np.nan)
+        for thread in range(128):
+            for q in range(4):
+                for half in range(2):
+                    a[isa_a(thread, q, half)] = regs[thread, kernel["a_reg"][kk, q, half]]
+        b = wgmma_operand_mn(smem, kernel["mn_desc"][(v + kk * 16 * 128) // 16], dv)
+        assert not np.isnan(a).any() and not np.isnan(b).any()
+        d += a @ b
+    return np.array([[d[isa_acc(t, r)] for r in range(dv // 2)] for t in range(128)])
+
+
+def column_weights(kernel, logits, consumer, g, positive, m, ny, exclude_self, cbase=0):
+    """The dy kernel's weight of each register, as it computes it: own row j = 64·consumer + acc_row
+    (a y row; kSym: an x row), streamed column i = cbase + acc_col (an x row) with its staged
+    statistics; G_ij/g_max with exp(s − lse) replaced by the logit itself (the layout, not the
+    exponential, is under test)."""
+    w = np.zeros_like(logits)
+    for t in range(128):
+        for r in range(logits.shape[1]):
+            j = 64 * consumer + kernel["acc"][t, r, 0]
+            i = cbase + kernel["acc"][t, r, 1]
+            ok = j < ny and i < m and j != positive[i] and not (exclude_self and i == j)
+            w[t, r] = g[i] * logits[t, r] if ok else 0.0
+    return w
+
+
+@pytest.mark.parametrize("m,ny,depth,slice_index,offset,exclude_self", [
+    (128, 128, 128, 0, 0, False), (100, 77, 200, 1, 5, True), (128, 60, 256, 1, 59, True)])  # fmt: skip
+def test_emulated_dy_gemm_lands_where_the_epilogue_looks(kernel, m, ny, depth, slice_index, offset, exclude_self):
+    """The dy kernel end to end on one tile: the logits Yᵀ-side (own y rows) times the streamed x chunks,
+    the column weights with the masks of pairwise_lse.cu's kCols at each register's (acc_row, acc_col),
+    then W · X[:, slice] through the slice ring. Each register must hold, at the (own row, column of D)
+    where the dy epilogue stores it, the dense Σ_i W_ji x_i of the same masks."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(-4, 4, size=(m, depth)).astype(np.float64)
+    y = rng.integers(-4, 4, size=(ny, depth)).astype(np.float64)
+    g = rng.integers(-3, 4, size=128).astype(np.float64)
+    g[m:] = 0.0  # the staging writes 0 past M
+    positive = np.array([(i + offset) % ny if i < m else -1 for i in range(128)])
+    s = y @ x.T  # (own j, streamed i)
+    jj, ii = np.meshgrid(np.arange(ny), np.arange(m), indexing="ij")
+    mask = (jj != positive[ii]) & ~(exclude_self & (ii == jj))
+    dense = (np.where(mask, g[None, :m] * s, 0.0)) @ x[:, slice_index * kernel["dv"] : (slice_index + 1) * kernel["dv"]]
+    for consumer in range(kernel["consumers"]):
+        logits = emulated_logits(kernel, y, x, "cols", consumer)
+        weights = column_weights(kernel, logits, consumer, g, positive, m, ny, exclude_self)
+        acc = emulated_weighted_sum(kernel, weights, x, "cols", slice_index)
+        for t in range(128):
+            for r in range(64):
+                row = 64 * consumer + kernel["acc"][t, r, 0]  # the epilogue's row[h]
+                col = kernel["acc"][t, r, 1]  # and its column dv0 + acc_col, within the slice
+                if row < ny and col < dense.shape[1]:
+                    assert acc[t, r] == dense[row, col], (consumer, t, r, row, col)
+
+
+def test_dy_emulation_detects_a_transposed_tile(kernel):
+    """The check has teeth: weights indexed as if the accumulator held X·Yᵀ (the dx role's layout:
+    the own row as the column statistic) put other numbers where the dy epilogue looks."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-4, 4, size=(128, 64)).astype(np.float64)
+    y = rng.integers(-4, 4, size=(128, 64)).astype(np.float64)
+    g = rng.integers(1, 4, size=128).astype(np.float64)
+    positive = np.arange(128)
+    logits = emulated_logits(kernel, y, x, "cols", 0)
+    right = emulated_weighted_sum(kernel, column_weights(kernel, logits, 0, g, positive, 128, 128, False), x, "cols", 0)
+    swapped = kernel.copy()
+    swapped["acc"] = kernel["acc"][:, :, ::-1]  # (row, col) read as (col, row)
+    wrong = emulated_weighted_sum(kernel, column_weights(swapped, logits, 0, g, positive, 128, 128, False), x,
+                                  "cols", 0)  # fmt: skip
+    assert not np.array_equal(right, wrong)
+
+
+def row_weights(kernel, logits, consumer, positive, m, exclude_self, cbase=0):
+    """The dx side's weight of each register (kRows, kSym): own row i = 64·consumer + acc_row, column
+    j = cbase + acc_col; the LSE's masks (positive and self out), the logit standing in for P."""
+    w = np.zeros_like(logits)
+    for t in range(128):
+        for r in range(logits.shape[1]):
+            i = 64 * consumer + kernel["acc"][t, r, 0]
+            j = cbase + kernel["acc"][t, r, 1]
+            ok = i < m and j < m and j != positive[i] and not (exclude_self and i == j)
+            w[t, r] = logits[t, r] if ok else 0.0
+    return w
+
+
+@pytest.mark.parametrize("m,depth,slice_index,offset,exclude_self", [
+    (128, 64, 0, 64, True), (100, 200, 1, 50, True), (77, 256, 3, 1, False)])  # fmt: skip
+def test_emulated_symmetric_tile_lands_where_both_epilogues_look(kernel, m, depth, slice_index, offset, exclude_self):
+    """kSym on one tile (x is y), as the kernel walks it: per pass, the logit half X_I · X_J[64p : 64p + 64]ᵀ
+    (wgmma n64 from 64p rows into the stage), row weights into A → acc (dx), column weights into A →
+    acc2 (dy), both against the slice's rows 64p.. (MN-major). After both passes each register of acc
+    must hold the dense dx side Σ_j P_ij x_j and of acc2 the dy side Σ_j G_ji x_j (the column
+    statistics: (G_JI)ᵀ), at the (own row, column of D) where the two epilogues store."""
+    rng = np.random.default_rng(6)
+    x = rng.integers(-4, 4, size=(m, depth)).astype(np.float64)
+    g = rng.integers(-3, 4, size=128).astype(np.float64)
+    g[m:] = 0.0
+    positive = np.array([(i + offset) % m if i < m else -1 for i in range(128)])
+    dv, width = kernel["widths"]["sym"]
+    assert width * 2 == kernel["bn"] and dv * 2 == kernel["dv"], "two passes, half the slice"
+    s = x @ x.T
+    ii, jj = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+    keep = (jj != positive[ii]) & ~(exclude_self & (ii == jj))  # keep[i, j]: s_ij in lse_i
+    xs = x[:, slice_index * dv : (slice_index + 1) * dv]
+    dense_dx = np.where(keep, s, 0.0) @ xs
+    dense_dy = np.where(keep, g[:m, None] * s, 0.0).T @ xs  # Σ_j G_ji x_j, G_ji = g_j·s_ji (j's row)
+    for consumer in range(kernel["consumers"]):
+        acc = np.zeros((128, dv // 2))
+        acc2 = np.zeros((128, dv // 2))
+        for pass_ in range(kernel["bn"] // width):
+            logits = emulated_logits(kernel, x, x, "sym", consumer, pass_)
+            cbase = pass_ * width
+            p_w = row_weights(kernel, logits, consumer, positive, m, exclude_self, cbase)
+            h_w = column_weights(kernel, logits, consumer, g, positive, m, m, exclude_self, cbase)
+            acc += emulated_weighted_sum(kernel, p_w, x, "sym", slice_index, pass_=pass_)
+            acc2 += emulated_weighted_sum(kernel, h_w, x, "sym", slice_index, pass_=pass_)
+        for t in range(128):
+            for r in range(dv // 2):
+                row = 64 * consumer + kernel["acc"][t, r, 0]
+                col = kernel["acc"][t, r, 1]
+                if row < m and col < xs.shape[1]:
+                    assert acc[t, r] == dense_dx[row, col], ("dx", consumer, t, r, row, col)
+                    assert acc2[t, r] == dense_dy[row, col], ("dy", consumer, t, r, row, col)
+
+
+def test_symmetric_emulation_detects_a_missing_pass_offset(kernel):
+    """The check has teeth: the second pass reading the stage's first 64 rows again (no pass·64-row
+    offset in the B address) gives other logits."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(-4, 4, size=(128, 64)).astype(np.float64)
+    second = emulated_logits(kernel, x, x, "sym", 0, pass_=1)
+    first = emulated_logits(kernel, x, x, "sym", 0, pass_=0)
+    want = x[:64] @ x[64:128].T
+    assert all(second[t, r] == want[isa_acc(t, r)] for t in range(128) for r in range(32))
+    assert not np.array_equal(first, second)
+
+
 def test_emulation_detects_a_wrong_swizzle_or_step(kernel):
     """The check has teeth: a 64-byte k step (or no swizzle on the read side) reads other elements."""
     rng = np.random.default_rng(1)
@@ -378,11 +575,15 @@ class Barrier:
 
 
 def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int, seed: int,
-                     vstage=None, vstages: int = 0, producer_flip: int = 1, consumer_flip: int = 0) -> None:  # fmt: skip
+                     vstage=None, vstages: int = 0, producer_flip: int = 1, consumer_flip: int = 0,
+                     passes: int = 1, early_release: bool = False) -> None:  # fmt: skip
     """Run the kernel's producer and consumer loops under a random interleaving, with TMA copies that
     land at random later times; raise Deadlock if nothing can move, AssertionError on a data race
     (a stage refilled while a consumer still reads it, or a consumer reading another load's data).
-    With `vstage` (the dx kernel) each tile also sends its slice through the second ring."""
+    With `vstage` (the backward kernels) each tile also sends its slice through the second ring. With
+    `passes` = 2 (kSym) each consumer reads a tile's chunks once per pass, waits on them in the first,
+    waits on the slice after the first pass's logits, and releases both in the last pass (with
+    `early_release`, the mutation: the chunks in the first)."""
     rnd = random.Random(seed)
     x_full = Barrier(1)
     rings = {"chunk": (stage, stages), "slice": (vstage, vstages)}
@@ -426,17 +627,28 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
         yield lambda: x_full.try_wait(0)
         it = 0
         for tile in range(tiles):
-            prev = None
-            for kc in range(chunks):
-                s = yield from acquire("chunk", it, me)
-                if kc > 0:  # wait_group 1: the previous chunk's wgmma retired
+            held, slice_stage = [], None
+            for pass_ in range(passes):
+                release_now = pass_ == (0 if early_release else passes - 1)
+                prev = None
+                for kc in range(chunks):
+                    if pass_ == 0:
+                        held.append((yield from acquire("chunk", it + kc, me)))
+                    else:  # read again: the stage must still hold this tile's chunk
+                        s = held[kc]
+                        assert content["chunk"][s] == it + kc, f"consumer {me}'s pass {pass_} read a refilled stage"
+                        yield None
+                    if kc > 0 and release_now:  # wait_group 1: the previous chunk's wgmma retired
+                        release("chunk", held[kc - 1], it + kc - 1, me)
+                    prev = (held[kc], it + kc)
+                if release_now:
                     release("chunk", *prev, me)
-                prev = (s, it)
-                it += 1
-            release("chunk", *prev, me)
-            if vstage is not None:
-                s = yield from acquire("slice", tile, me)
-                release("slice", s, tile, me)
+                if vstage is not None:
+                    if pass_ == 0:
+                        slice_stage = yield from acquire("slice", tile, me)
+                    if pass_ == passes - 1:
+                        release("slice", slice_stage, tile, me)
+            it += chunks
 
     agents = {"producer": producer(), **{f"consumer{c}": consumer(c) for c in range(consumers)}}
     waiting = {name: None for name in agents}
@@ -458,14 +670,23 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
             del agents[pick], waiting[pick]
 
 
-@pytest.mark.parametrize("kind", ["fwd", "rows"])
+@pytest.mark.parametrize("kind", ["fwd", "rows", "cols", "sym"])
 @pytest.mark.parametrize("tiles,chunks", [(1, 1), (3, 1), (3, 3), (2, 8), (5, 4), (7, 5)])
 def test_pipeline_never_hangs_or_races(kernel, kind, tiles, chunks):
+    """dx and dy walk the same two rings (dy's streamed tiles are x's); kSym reads each tile's chunks
+    in two passes and holds them meanwhile, which the kernel allows only for chunks <= stages."""
     stage = kernel["stage"]
     assert tiles * chunks <= len(stage)
-    slices = {"vstage": kernel["vstage"], "vstages": kernel["vstages"]} if kind == "rows" else {}
+    passes = kernel["bn"] // kernel["widths"][kind][1]
+    if passes > 1 and chunks > kernel["stages"]:
+        assert kernel[kind]["max_chunks"] <= kernel["stages"]  # the kernel's static_assert
+        with pytest.raises(Deadlock):
+            emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], 0, kernel["vstage"],
+                             kernel["vstages"], passes=passes)  # fmt: skip
+        return
+    slices = {"vstage": kernel["vstage"], "vstages": kernel["vstages"]} if kind != "fwd" else {}
     for seed in range(30):
-        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, **slices)
+        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, passes=passes, **slices)
 
 
 def test_stage_function_is_round_robin_with_flipping_parity(kernel):
@@ -482,3 +703,72 @@ def test_pipeline_emulation_detects_wrong_parities(kernel):
     with pytest.raises(AssertionError, match="read chunk stage"):
         for seed in range(30):
             emulate_pipeline(stage, stages, 2, 3, consumers, seed=seed, consumer_flip=1)
+    # kSym releasing its chunks after the first pass lets the producer refill what the second reads.
+    with pytest.raises(AssertionError, match="refilled"):
+        for seed in range(30):
+            emulate_pipeline(stage, stages, 3, 4, consumers, seed, kernel["vstage"], kernel["vstages"], passes=2,
+                             early_release=True)  # fmt: skip
+
+
+# ---- the dy kernel's column statistics: staged per warpgroup, published by a named barrier ----------
+
+
+def emulate_column_stats(offset_of, tiles: int, threads: int, columns: int, seed: int) -> None:
+    """One consumer warpgroup's per-tile protocol, run with `threads` emulated threads under a random
+    interleaving: thread k writes column k's statistics of tile t at offset_of(t), the logit GEMM runs,
+    the named barrier (all threads) is passed, then each thread reads `columns` entries one at a time
+    (its weights). AssertionError when a read sees another tile's value (a buffer overwritten while
+    still read)."""
+    rnd = random.Random(seed)
+    memory: dict = {}
+    arrived = [0] * tiles  # the named barrier: one generation per tile
+
+    def thread(me):
+        for t in range(tiles):
+            memory[(offset_of(t), me)] = t
+            yield None  # the logit GEMM
+            arrived[t] += 1
+            yield lambda t=t: arrived[t] == threads
+            for k in rnd.sample(range(threads), columns):
+                seen = memory[(offset_of(t), k)]
+                assert seen == t, f"thread {me} read tile {seen}'s statistic of column {k} in tile {t}"
+                yield None
+
+    agents = {k: thread(k) for k in range(threads)}
+    waiting = {k: None for k in agents}
+    while agents:
+        runnable = [k for k in agents if waiting[k] is None or waiting[k]()]
+        if not runnable:
+            raise Deadlock("column statistics: every thread waits")
+        pick = rnd.choice(runnable)
+        try:
+            waiting[pick] = next(agents[pick])
+        except StopIteration:
+            del agents[pick], waiting[pick]
+
+
+def test_column_stats_buffers_are_disjoint_and_in_the_plan(kernel):
+    offsets, size = kernel["stats_offset"], kernel["stats_bytes"]
+    assert size == kernel["bn"] * 12  # lse·log2(e), grad_lse/g_max (fp32) and the positive (int32) per column
+    used = {(c, int(o)) for c in range(kernel["consumers"]) for o in offsets[c]}
+    spans = sorted(o for _, o in used)
+    assert len(spans) == 2 * kernel["consumers"], "two buffers per warpgroup"
+    assert all(b - a >= size for a, b in zip(spans, spans[1:])), "buffers overlap"
+    assert spans[-1] + size == kernel["cols"]["barriers"] - kernel["cols"]["stats"], "the region the plan reserves"
+    for c in range(kernel["consumers"]):
+        assert offsets[c][0] != offsets[c][1] and (offsets[c][::2] == offsets[c][0]).all()
+
+
+@pytest.mark.parametrize("tiles,threads,columns", [(1, 4, 4), (5, 4, 3), (9, 6, 6)])
+def test_column_stats_protocol_never_races(kernel, tiles, threads, columns):
+    offsets = kernel["stats_offset"][0]
+    for seed in range(40):
+        emulate_column_stats(lambda t: int(offsets[t % 8]), tiles, threads, columns, seed)
+
+
+def test_column_stats_emulation_detects_a_single_buffer(kernel):
+    """The check has teeth: one buffer for every tile lets a fast thread overwrite statistics that a
+    slow one still reads."""
+    with pytest.raises(AssertionError, match="read tile"):
+        for seed in range(40):
+            emulate_column_stats(lambda t: 0, 5, 4, 4, seed)

@@ -13,7 +13,8 @@ shapes, reads strided inputs in place and launches on the current stream. When y
 in bf16/fp16 the backward is one symmetric launch that computes each logit tile once for both dx
 and dy (csrc/README.md). Nothing of size M x Ny is allocated; no host synchronisation.
 
-On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` runs the forward and the backward's dx on the Hopper kernels of
+On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` runs the forward and the backward (dx and dy, or the symmetric
+launch when y is x, each where TMA can read the inputs) on the Hopper kernels of
 csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; it is off by default until a GPU run has verified them.
 """
 
@@ -52,7 +53,7 @@ SM90_ENV = "FASTSSL_CUDA_SM90"
 def launcher(ext: ModuleType, capability: tuple[int, int], name: str) -> Callable[..., tuple[Tensor, Tensor]]:
     """The extension's `name` ("pairwise_lse_forward" or "pairwise_lse_backward") for a device of compute
     `capability`: its sm_90a variant only on sm_90 with FASTSSL_CUDA_SM90=1 (which falls back to the
-    sm_80 kernels itself for inputs TMA cannot read)."""
+    sm_80 kernels itself, per gradient, for inputs TMA cannot read)."""
     if os.environ.get(SM90_ENV, "0") != "1" or capability != (9, 0):
         return getattr(ext, name)
     if not hasattr(ext, f"{name}_sm90"):
