@@ -17,6 +17,12 @@ What runs where:
     chunk, deterministic (fixed two-stage reduction, no atomics), accumulated on the device.
 The backward's dâ, db̂ (R, K) are fp32 until the final rounding to the input dtype, as in the torch
 backend. No host synchronisation.
+
+On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` (the switch of fastssl/kernels/cuda/pairwise_lse.py) runs the
+"inner" forward on csrc/frobenius_sm90.cu instead of the cuBLAS chunks: one fused kernel (TMA, wgmma)
+squares and sums each 128 x 128 tile of âᵀb̂ in registers, so the K x K product is never written.
+It takes bf16/fp16 â, b̂ whose rows TMA can read (K a multiple of 8); others keep the cuBLAS route,
+and so does the backward. Off by default until a GPU run has verified it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fastssl.kernels.cuda._ext import extension
+from fastssl.kernels.cuda.pairwise_lse import launcher
 
 _MM_OUT_DTYPE: Optional[bool] = None  # whether torch.mm(..., out_dtype=) works here; probed once
 
@@ -70,6 +77,16 @@ def _sum_product(u: Tensor, v: Tensor) -> Tensor:
     return extension().sum_product(u.contiguous(), v.contiguous())
 
 
+def _fused_inner(ah: Tensor, bh: Optional[Tensor]) -> Optional[Tensor]:
+    """‖âᵀb̂‖²_F by the sm_90a kernel when FASTSSL_CUDA_SM90=1 selects it and it takes â, b̂ (bh None:
+    b̂ is â); else None."""
+    ext = extension()
+    forward = launcher(ext, torch.cuda.get_device_capability(ah.device), "sq_frobenius_inner_forward")
+    if forward is None or not ext.sq_frobenius_inner_sm90_supported(ah, bh):
+        return None
+    return forward(ah, bh)
+
+
 def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tensor], a_scale: Optional[Tensor],
                          b_shift: Optional[Tensor], b_scale: Optional[Tensor], route: str) -> Tensor:
     """‖âᵀb̂‖²_F (b None: b̂ is â) as a 0-dim fp32 tensor. a, b (R, K); shifts/scales (K,) fp32 or None."""
@@ -79,6 +96,9 @@ def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tenso
     r, k = a.shape
     total = torch.zeros((), dtype=torch.float32, device=a.device)
     if route == "inner":  # rows k0:k1 of âᵀb̂
+        fused = _fused_inner(ah, None if b is None else bh)
+        if fused is not None:
+            return fused
         step = max(1, _budget(a) // max(1, k))
         for k0 in range(0, k, step):
             c = _mm32(ah[:, k0 : k0 + step].T, bh)
