@@ -150,5 +150,5 @@ def column_mean_var(z: Tensor, *, unbiased: bool) -> tuple[Tensor, Tensor]:
     """(mean, var) of each column of z (N, D), each (D,) fp32, in one pass of csrc `column_stats`
     (Welford per thread, Chan's merge; variance biased or unbiased). Not differentiable: a building
     block for callers that only need the statistics."""
-    _check(z, "inner")
+    _check(z)
     return extension().column_mean_var(z, 1 if unbiased else 0)
