@@ -668,3 +668,13 @@ def test_sm90_losses_match_the_spec(sm90_extension, dtype, route, name, n, d):
     from tests.backends.test_frobenius import check_loss
 
     check_loss(name, "cuda", route, n, d, dtype=dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("route", ["covariance", "gram"])
+@pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
+def test_sm90_losses_at_the_benchmark_size(sm90_extension, route, name):
+    """(N, D) = (2048, 8192) in bf16, the benchmark size, against the float64 spec (run on the GPU)."""
+    from tests.backends.test_frobenius import check_loss
+
+    check_loss(name, "cuda", route, 2048, 8192, dtype=torch.bfloat16, device="cuda", spec_device="cuda")
