@@ -307,6 +307,48 @@ at::Tensor sum_product(const at::Tensor& u, const at::Tensor& v) {
   return out;
 }
 
+#ifdef FASTSSL_WITH_SM90
+// The operands of the sm_90a ‖âᵀb̂‖²_F: a (N, Da) and b (N, Db) (None: b is a), one device and dtype.
+std::tuple<fastssl::Matrix, fastssl::Matrix, fastssl::DType> frobenius_operands(const at::Tensor& a,
+                                                                             const std::optional<at::Tensor>& b) {
+  CHECK_CUDA(a, "a");
+  CHECK_2D(a, "a");
+  const fastssl::DType dt = dtype_of(a, "a");
+  if (!b.has_value()) return {as_matrix(a), as_matrix(a), dt};
+  CHECK_2D(*b, "b");
+  CHECK_SAME_DEVICE(a, *b, "a", "b");
+  CHECK_DTYPE(*b, a.scalar_type(), "b");
+  TORCH_CHECK_VALUE(b->size(0) == a.size(0), "fastssl._C: a ", shape_of(a), " and b ", shape_of(*b),
+                    " must have the same number of rows");
+  return {as_matrix(a), as_matrix(*b), dt};
+}
+
+// Whether sq_frobenius_forward_sm90 takes these operands on this route (bf16/fp16, rows TMA can read).
+bool sq_frobenius_sm90_supported(const at::Tensor& a, const std::optional<at::Tensor>& b, bool outer) {
+  const auto [ma, mb, dt] = frobenius_operands(a, b);
+  return fastssl::sq_frobenius_sm90_supported(ma, mb, dt, outer);
+}
+
+// ‖aᵀb‖²_F (b None: ‖aᵀa‖²_F) as a 0-dim fp32 tensor, by frobenius_sm90.cu on the inner route (tiles of
+// aᵀb) or the outer one (tiles of aaᵀ and bbᵀ): the route's matrix is never stored.
+at::Tensor sq_frobenius_forward_sm90(const at::Tensor& a, const std::optional<at::Tensor>& b, bool outer) {
+  const auto [ma, mb, dt] = frobenius_operands(a, b);
+  TORCH_CHECK_VALUE(fastssl::sq_frobenius_sm90_supported(ma, mb, dt, outer), "fastssl._C: the sm_90a Frobenius ",
+                    "kernel takes bfloat16/float16 operands whose rows TMA can read (contiguous rows, 16-byte aligned ",
+                    "base and row stride; outer: equal widths), got a ", shape_of(a), " with strides ", a.strides(),
+                    " in ", c10::toString(a.scalar_type()));
+  const c10::cuda::CUDAGuard guard(a.device());
+  check_sm90_device(a);
+  const bool same = !b.has_value();
+  at::Tensor out = at::empty({}, a.options().dtype(at::kFloat));
+  at::Tensor partials =
+      at::empty({fastssl::sq_frobenius_sm90_partials(ma.rows, ma.cols, mb.cols, same, outer)}, out.options());
+  CHECK_CUDA_OK(fastssl::sq_frobenius_sm90(ma, mb, same, outer, dt, partials.data_ptr<float>(), out.data_ptr<float>(),
+                                           c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+#endif  // FASTSSL_WITH_SM90
+
 // Per-column (mean, var) of a (R, K), fp32, var with `correction` (0 biased, 1 unbiased).
 std::tuple<at::Tensor, at::Tensor> column_mean_var(const at::Tensor& a, int64_t correction) {
   CHECK_CUDA(a, "a");
@@ -469,6 +511,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_columns", &affine_columns, "per-column (a - shift) * scale, rounded to a's dtype", py::arg("a"),
         py::arg("shift"), py::arg("scale"), py::arg("out_fp32"));
   m.def("sum_product", &sum_product, "deterministic sum of u * v (fp32)", py::arg("u"), py::arg("v"));
+#ifdef FASTSSL_WITH_SM90
+  m.def("sq_frobenius_forward_sm90", &sq_frobenius_forward_sm90,
+        "||a^T b||_F^2 (b None: b is a) in fp32 by the sm_90a fused kernel of the inner or outer route", py::arg("a"),
+        py::arg("b"), py::arg("outer"));
+  m.def("sq_frobenius_sm90_supported", &sq_frobenius_sm90_supported,
+        "whether sq_frobenius_forward_sm90 takes these operands on this route", py::arg("a"), py::arg("b"),
+        py::arg("outer"));
+#endif
   m.def("worst_pair_forward", &worst_pair_forward, "ArCL's worst pair per sample: (sim fp32, j, k)", py::arg("views"));
   m.def("column_mean_var", &column_mean_var, "per-column mean and variance (fp32)", py::arg("a"),
         py::arg("correction"));

@@ -89,6 +89,20 @@ cudaError_t affine_columns(const Matrix& a, DType dtype, const float* shift, con
 // `out`; `partials` is scratch of sum_product_partials(n) floats.
 int64_t sum_product_partials(int64_t n);
 cudaError_t sum_product(const float* a, const float* b, int64_t n, float* partials, float* out, cudaStream_t stream);
+// The second stage alone: out = Σ of n fp32 partials in a fixed order (one block; deterministic).
+cudaError_t sum_partials(const float* partials, int64_t n, float* out, cudaStream_t stream);
+
+// ‖âᵀb̂‖²_F on Hopper (frobenius_sm90.cu, built for sm_90a only), either route fused with its
+// reduction: tiles of C = âᵀb̂ (inner; `outer` false) or of ââᵀ and b̂b̂ᵀ (outer) by TMA and wgmma, each
+// reduced in registers (Σ C² or Σ G_a·G_b), the partials (sq_frobenius_sm90_partials floats of
+// scratch) summed by sum_partials into the device scalar `out`. a (N, Da), b (N, Db) in the same 16-bit
+// dtype (outer: Da = Db); `same`: b is a. `supported`: bf16/fp16, equal rows, operands TMA can read
+// (row-contiguous, 16-byte aligned base and row stride); the launcher returns cudaErrorInvalidValue
+// for anything else.
+bool sq_frobenius_sm90_supported(const Matrix& a, const Matrix& b, DType dtype, bool outer);
+int64_t sq_frobenius_sm90_partials(int64_t rows, int64_t a_cols, int64_t b_cols, bool same, bool outer);
+cudaError_t sq_frobenius_sm90(const Matrix& a, const Matrix& b, bool same, bool outer, DType dtype, float* partials,
+                              float* out, cudaStream_t stream);
 
 // Per-column mean and variance of a (R, K) matrix (one pass: per-block Welford/Chan merge),
 // variance with `correction` (0 biased, 1 unbiased); `partials` is scratch of

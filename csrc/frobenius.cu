@@ -224,6 +224,12 @@ cudaError_t sum_product(const float* a, const float* b, int64_t n, float* partia
   return cudaGetLastError();
 }
 
+cudaError_t sum_partials(const float* partials, int64_t n, float* out, cudaStream_t stream) {
+  if (n < 1 || n > 0x7fffffffLL) return cudaErrorInvalidValue;
+  sum_partials_kernel<<<1, kReduceMaxBlocks, 0, stream>>>(partials, static_cast<int>(n), out);
+  return cudaGetLastError();
+}
+
 int64_t column_stats_partials(int64_t rows, int64_t cols) { return 3 * stat_chunks(rows) * cols; }
 
 cudaError_t column_stats(const Matrix& a, DType dtype, int correction, float* partials, float* mean, float* var,

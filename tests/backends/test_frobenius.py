@@ -188,8 +188,9 @@ def _value_and_grads(fn, z1, z2, grad_output):
     return value.detach(), a.grad, b.grad
 
 
-def check_loss(name, backend, route, n, d, dtype=torch.float32, kind="random", device="cpu"):
-    """`name` on `backend`/`route` with `dtype` inputs on `device` against the float64 spec on the CPU."""
+def check_loss(name, backend, route, n, d, dtype=torch.float32, kind="random", device="cpu", spec_device="cpu"):
+    """`name` on `backend`/`route` with `dtype` inputs on `device` against the float64 spec (on the CPU, or
+    on `spec_device` for sizes whose float64 matrix is slow there)."""
     fused, spec = LOSSES[name]
     gen = torch.Generator().manual_seed(n * 1000 + d)
     z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -201,7 +202,7 @@ def check_loss(name, backend, route, n, d, dtype=torch.float32, kind="random", d
         z1, z2 = 1e4 * z1, 1e4 * z2
     z1, z2 = z1.to(dtype), z2.to(dtype)
     value, g1, g2 = _value_and_grads(lambda a, b: fused(a, b, route, backend), z1.to(device), z2.to(device), -1.3)
-    want, w1, w2 = _value_and_grads(spec, z1.double(), z2.double(), -1.3)
+    want, w1, w2 = _value_and_grads(spec, z1.double().to(spec_device), z2.double().to(spec_device), -1.3)
     what = f"{name}/{backend}/{route} N={n} D={d} {kind}"
     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.isfinite(value) and torch.isfinite(g1).all() and torch.isfinite(g2).all(), what

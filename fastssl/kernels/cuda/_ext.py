@@ -7,8 +7,9 @@ torch were present, or with ``FASTSSL_BUILD_CUDA=1``); (2) a just-in-time build 
 When kernel objects for this GPU's arch were compiled ahead of time (``python -m
 fastssl.kernels.cuda.prebuild``, on any machine with nvcc; ``FASTSSL_CSRC_OBJECTS`` or
 ``build/csrc`` of the checkout), the JIT build compiles only bindings.cpp and links them.
-csrc/pairwise_lse_sm90.cu (wgmma, TMA) is compiled only for sm_90, as sm_90a: by prebuild.py, or by a
-just-in-time build for a single arch 90; bindings.cpp exposes its launcher only when it is linked.
+csrc/pairwise_lse_sm90.cu and csrc/frobenius_sm90.cu (wgmma, TMA) are compiled only for sm_90, as sm_90a:
+by prebuild.py, or by a just-in-time build for a single arch 90; bindings.cpp exposes their launchers
+only when they are linked.
 The JIT build needs a CUDA GPU, a CUDA build of torch, nvcc and the csrc/ sources (a source
 checkout or editable install); ``FASTSSL_CUDA_JIT=0`` turns it off. Whatever fails is remembered
 and reported by :func:`unavailable_reason`, so ``backend="cuda"`` can say why it cannot run.
@@ -33,8 +34,8 @@ SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu", "
 #: Sources built for one architecture only, as its arch-specific variant (wgmma and TMA need sm_90a):
 #: prebuild.py and the JIT loader build them, setup.py's one multi-arch flag set cannot. Linking one
 #: defines BINDINGS_DEFINES[source] in bindings.cpp, which then exposes its launchers.
-ARCH_SPECIFIC_SOURCES = {"pairwise_lse_sm90.cu": "90"}
-BINDINGS_DEFINES = {"pairwise_lse_sm90.cu": "-DFASTSSL_WITH_SM90"}
+ARCH_SPECIFIC_SOURCES = {"pairwise_lse_sm90.cu": "90", "frobenius_sm90.cu": "90"}
+BINDINGS_DEFINES = {"pairwise_lse_sm90.cu": "-DFASTSSL_WITH_SM90", "frobenius_sm90.cu": "-DFASTSSL_WITH_SM90"}
 #: The torch-free kernel sources, which nvcc can compile ahead of time (prebuild.py).
 KERNEL_SOURCES = (*(s for s in SOURCES if s.endswith(".cu")), *ARCH_SPECIFIC_SOURCES)
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
@@ -79,7 +80,8 @@ def _arch_flags(sources: tuple[str, ...]) -> list[str]:
 
 def bindings_defines(sources: list[str]) -> list[str]:
     """The -D flags bindings.cpp needs for the arch-specific kernel sources (or objects) linked with it."""
-    return [BINDINGS_DEFINES[Path(s).stem + ".cu"] for s in sources if Path(s).stem + ".cu" in BINDINGS_DEFINES]
+    found = (BINDINGS_DEFINES.get(Path(s).stem + ".cu") for s in sources)
+    return list(dict.fromkeys(d for d in found if d))  # each once, in order
 
 
 def prebuilt_objects(archs: list[str], root: Optional[Path] = None) -> Optional[list[Path]]:

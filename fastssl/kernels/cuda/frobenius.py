@@ -17,6 +17,12 @@ What runs where:
     chunk, deterministic (fixed two-stage reduction, no atomics), accumulated on the device.
 The backward's dâ, db̂ (R, K) are fp32 until the final rounding to the input dtype, as in the torch
 backend. No host synchronisation.
+
+On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` (the switch of fastssl/kernels/cuda/pairwise_lse.py) runs the
+forward of either route on csrc/frobenius_sm90.cu instead of the cuBLAS chunks: one fused kernel (TMA,
+wgmma) reduces each 128 x 128 tile of âᵀb̂ (Σ C²) or of the two Grams (Σ G_a·G_b) in registers, so the
+route's matrix is never written. It takes bf16/fp16 â, b̂ whose rows TMA can read (K a multiple of 8);
+others keep the cuBLAS chunks, and so does the backward. Off by default until a GPU run has verified it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fastssl.kernels.cuda._ext import extension
+from fastssl.kernels.cuda.pairwise_lse import launcher
 
 _MM_OUT_DTYPE: Optional[bool] = None  # whether torch.mm(..., out_dtype=) works here; probed once
 
@@ -70,12 +77,26 @@ def _sum_product(u: Tensor, v: Tensor) -> Tensor:
     return extension().sum_product(u.contiguous(), v.contiguous())
 
 
+def _fused(ah: Tensor, bh: Optional[Tensor], route: str) -> Optional[Tensor]:
+    """‖âᵀb̂‖²_F by the sm_90a kernel of `route` when FASTSSL_CUDA_SM90=1 selects it and it takes â, b̂
+    (bh None: b̂ is â); else None."""
+    ext = extension()
+    forward = launcher(ext, torch.cuda.get_device_capability(ah.device), "sq_frobenius_forward")
+    outer = route == "outer"
+    if forward is None or not ext.sq_frobenius_sm90_supported(ah, bh, outer):
+        return None
+    return forward(ah, bh, outer)
+
+
 def sq_frobenius_forward(a: Tensor, b: Optional[Tensor], a_shift: Optional[Tensor], a_scale: Optional[Tensor],
                          b_shift: Optional[Tensor], b_scale: Optional[Tensor], route: str) -> Tensor:
     """‖âᵀb̂‖²_F (b None: b̂ is â) as a 0-dim fp32 tensor. a, b (R, K); shifts/scales (K,) fp32 or None."""
     _check(a)
     ah = _hat(a, a_shift, a_scale, False)
     bh = ah if b is None else _hat(b, b_shift, b_scale, False)
+    fused = _fused(ah, None if b is None else bh, route)
+    if fused is not None:
+        return fused
     r, k = a.shape
     total = torch.zeros((), dtype=torch.float32, device=a.device)
     if route == "inner":  # rows k0:k1 of âᵀb̂
@@ -130,5 +151,5 @@ def column_mean_var(z: Tensor, *, unbiased: bool) -> tuple[Tensor, Tensor]:
     """(mean, var) of each column of z (N, D), each (D,) fp32, in one pass of csrc `column_stats`
     (Welford per thread, Chan's merge; variance biased or unbiased). Not differentiable: a building
     block for callers that only need the statistics."""
-    _check(z, "inner")
+    _check(z)
     return extension().column_mean_var(z, 1 if unbiased else 0)

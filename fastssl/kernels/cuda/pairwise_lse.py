@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -50,15 +50,16 @@ def _scale32(scale: Tensor, x: Tensor) -> Tensor:
 SM90_ENV = "FASTSSL_CUDA_SM90"
 
 
-def launcher(ext: ModuleType, capability: tuple[int, int], name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+def launcher(ext: ModuleType, capability: tuple[int, int], name: str) -> Optional[Callable[..., Any]]:
     """The extension's `name` ("pairwise_lse_forward" or "pairwise_lse_backward") for a device of compute
     `capability`: its sm_90a variant only on sm_90 with FASTSSL_CUDA_SM90=1 (which falls back to the
-    sm_80 kernels itself, per gradient, for inputs TMA cannot read)."""
+    sm_80 kernels itself, per gradient, for inputs TMA cannot read). None when that is not selected and the
+    extension has no `name` (an op whose default route is not in csrc, e.g. the Frobenius GEMMs in cuBLAS)."""
     if os.environ.get(SM90_ENV, "0") != "1" or capability != (9, 0):
-        return getattr(ext, name)
+        return getattr(ext, name, None)
     if not hasattr(ext, f"{name}_sm90"):
         raise RuntimeError(
-            f"{SM90_ENV}=1 but this fastssl._C was built without csrc/pairwise_lse_sm90.cu (it is compiled for a "
+            f"{SM90_ENV}=1 but this fastssl._C was built without the sm_90a kernels (csrc/*_sm90.cu: compiled for a "
             "single-arch 9.0 build: the just-in-time build on the GPU, or python -m fastssl.kernels.cuda.prebuild "
             f"--arch 90); unset {SM90_ENV} to use the default kernels"
         )

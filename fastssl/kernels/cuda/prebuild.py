@@ -6,8 +6,8 @@ objects (fastssl/kernels/cuda/_ext.py looks for them), which turns minutes of nv
 
     python -m fastssl.kernels.cuda.prebuild [--arch 90 --arch 80] [--out build/csrc] [--jobs 2]
 
-writes ``<out>/sm_<arch>/<name>.o`` (the Hopper kernels of pairwise_lse_sm90.cu only for arch 90, as
-sm_90a) and rebuilds only what is older than its source or any csrc header (incremental). ``FASTSSL_CSRC_OBJECTS`` points the extension loader at another ``<out>``.
+writes ``<out>/sm_<arch>/<name>.o`` (the Hopper kernels of pairwise_lse_sm90.cu and frobenius_sm90.cu
+only for arch 90, as sm_90a) and rebuilds only what is older than its source or any csrc header (incremental). ``FASTSSL_CSRC_OBJECTS`` points the extension loader at another ``<out>``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def prebuild(out: Path, archs: Sequence[str], jobs: int = 2, nvcc: Optional[str]
         folder.mkdir(parents=True, exist_ok=True)
         for name in sources:
             if ARCH_SPECIFIC_SOURCES.get(name, arch) != arch:
-                continue  # another arch's kernel (pairwise_lse_sm90.cu is built for 90 only)
+                continue  # another arch's kernel (the *_sm90.cu files are built for 90 only)
             source, output = CSRC / name, folder / (Path(name).stem + ".o")
             outputs.append(output)
             if stale(source, output):
