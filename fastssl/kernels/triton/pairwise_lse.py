@@ -160,7 +160,8 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
     stages more: see there). Exact for the resident forward kernel on sm_90, above the compiled
     figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout` is no longer read: no
     kernel slices the output's D since the blocked route took D > resident. `tma`: the TMA copies'
-    barriers, one 8-byte mbarrier per stage (benchmarks/RESULTS.md), plus one to spare.
+    barriers, one 8-byte mbarrier per stage (benchmarks/RESULTS.md), plus one to spare; "host_tma"'s
+    TMA stores add nothing, their staging tile reusing the loops' buffers (benchmarks/RESULTS.md).
     """
     if single_k:
         if kind == "fwd":
