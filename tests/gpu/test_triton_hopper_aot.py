@@ -22,10 +22,10 @@ Matrix, bf16 with SimCLR's flags unless said, sm_90, through each kernel's Hoppe
 Asserted: TMA copies (cp.async.bulk.tensor) wherever TMA is on; with "host_tma", UTMALDG in the
 SASS and a TMA store (cp.async.bulk.tensor from shared to global in the PTX, UTMASTG in the SASS)
 per output block the kernel writes (dx for "rows", dx and dy for "sym", dy for "dy"; none for the
-forward), and none without it; wgmma (mma.sync for a forward block
-below 64 rows), no stack frame (no register spills), shared memory within sm_90's 227 KiB and within
-`smem_estimate` (the pruning's figure), and the same PTX (debug information aside) for the Hopper
-entry with both switches off as for today's kernel.
+forward), and none without it; wgmma (mma.sync for a forward block below 64 rows), no stack frame
+(no register spills), shared memory within sm_90's 227 KiB and within `smem_estimate` (the pruning's
+figure), and the same PTX (debug information aside) for the Hopper entry with both switches off as
+for today's kernel.
 Also: Triton 3.6's warp specialisation leaves sm_90 code unchanged, the reason it is not a variant.
 """
 
