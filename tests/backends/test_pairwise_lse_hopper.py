@@ -203,6 +203,18 @@ def test_host_tma_needs_no_allocator(monkeypatch, variant):
     assert T.variant_kernel("fwd", (x, x, None))[1] == {"TMA": True} and installs == [1]
 
 
+def test_only_host_descriptors_take_a_pre_hook(variant):
+    """The block-shape pre_hook rides on the "host_tma" autotuners only: every other launch of a
+    Hopper entry (the other variants, and on a GPU `forward_configs`' lists) runs no hook."""
+    x = torch.randn(37, 64, dtype=torch.bfloat16)
+    for text, hooked in (("host_tma", True), ("tma,pipeline,wide", False)):
+        variant(text)
+        for kind in ("fwd", "rows", "sym", "dy"):
+            kernel, extra = T.variant_kernel(kind, (x, x, None), {"dx": torch.empty_like(x), "dy": torch.empty_like(x)})
+            assert all((c.pre_hook is not None) == hooked for c in kernel.configs), (text, kind)
+            assert extra.get("HOST_TMA", False) == hooked
+
+
 @pytest.mark.parametrize("kind,tensors,outputs", [
     ("fwd", ("x", "y", "bank"), {}), ("rows", ("x", "y", "bank"), {"dx"}), ("sym", ("x", "x", None), {"dx", "dy"}),
     ("dy", ("x", "y"), {"dy"})])  # fmt: skip

@@ -1280,20 +1280,22 @@ def host_descriptors(kind: str, tensors: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, shapes: tuple):
+def _tuned(kind: str, shapes: tuple, host: bool = False):
     """Kernel `kind` autotuned over configs given as (BLOCK_M, BLOCK_N, num_warps, num_stages,
     LOOP_STAGES) tuples, one autotuner (and one cache of its choices) per list: the Hopper entry, or
-    for "weights" (no variant) today's kernel, whose configs carry no LOOP_STAGES."""
+    for "weights" (no variant) today's kernel, whose configs carry no LOOP_STAGES. `host`: launches
+    with host descriptors ("host_tma"), whose block shapes each config's pre_hook sets; no other
+    launch pays for that hook."""
     hopper = kind in _HOPPER_KERNELS
     loop = lambda stages: {"LOOP_STAGES": stages} if hopper else {}  # noqa: E731
-    hook = functools.partial(_set_block_shapes, kind) if hopper else None  # "host_tma"'s descriptors
+    hook = functools.partial(_set_block_shapes, kind) if host else None
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **loop(ls)}, num_warps=w, num_stages=st, pre_hook=hook)
                for bm, bn, w, st, ls in shapes]  # fmt: skip
     interpret = triton.Config({**INTERPRET_CONFIG.kwargs, **loop(shapes[0][4])}, num_warps=4, num_stages=1,
                               pre_hook=hook)  # fmt: skip
     reset = ["DY_ACC"] if kind == "rows" else None
     fn = _HOPPER_KERNELS[kind] if hopper else _DEFAULT_KERNELS[kind].fn
-    return autotune(configs, interpret, key=_KEYS[kind] + (["TMA", "HOST_TMA"] if hopper else []),
+    return autotune(configs, interpret, key=_KEYS[kind] + (["TMA"] if hopper else []) + (["HOST_TMA"] if host else []),
                     prune=_prune(kind), reset_to_zero=reset)(fn)  # fmt: skip
 
 
@@ -1328,7 +1330,7 @@ def variant_kernel(kind: str, tensors: tuple, outputs: Optional[dict] = None) ->
         tma = tma_eligible(*tensors, *outputs.values())
         if tma:
             roles = dict(zip(("x", "y", "bank"), tensors), **outputs)
-            return _tuned(kind, shapes), {"TMA": True, "HOST_TMA": True, **host_descriptors(kind, roles)}
+            return _tuned(kind, shapes, host=True), {"TMA": True, "HOST_TMA": True, **host_descriptors(kind, roles)}
         return _tuned(kind, shapes), {"TMA": False}
     tma = variant.tma and tma_eligible(*tensors)
     if tma and not interpreting():
