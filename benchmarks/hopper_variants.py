@@ -15,8 +15,10 @@ on. Prints each row as it is measured, then the table; the JSON file is rewritte
 Exit status 1 if a row failed or disagrees.
 
 The rows: today's kernels; "tma", "pipeline" and both in the same configs (what each switch buys);
-both in each of the first two "wide" configs that survive pruning (HOPPER_CONFIGS); today's pointer
-path in the first wide config (what the tiles alone buy). NT-Xent's backward is the symmetric pass
+"host_tma" alone and with "pipeline" in those configs too (host-built descriptors and TMA stores
+against "tma"'s device-side ones); "tma" and "pipeline" in each of the first two "wide" configs
+that survive pruning (HOPPER_CONFIGS); today's pointer path in the first wide config (what the
+tiles alone buy). NT-Xent's backward is the symmetric pass
 ("sym") at resident D and the blocked route at D = 512, where only the forward has variants.
 """
 
@@ -71,7 +73,8 @@ def plan(d: int, dtype_itemsize: int = 2, smem_limit: int = 232448) -> list:
     # The blocked route's "weights" has no wide configs: today's, there.
     wide_bwd = shapes(K.wide_candidates(bwd, dtype_itemsize, bwd_k, single_k, smem_limit)) if single_k else []
     rows = [("today", "", today), ("tma", "tma", today), ("pipeline", "pipeline", today),
-            ("tma+pipeline", "tma,pipeline", today)]  # fmt: skip
+            ("tma+pipeline", "tma,pipeline", today), ("host_tma", "host_tma", today),
+            ("host_tma+pipeline", "host_tma,pipeline", today)]  # fmt: skip
     wide = [{"fwd": fwd, bwd: wide_bwd[min(i, len(wide_bwd) - 1)] if wide_bwd else today[bwd]}
             for i, fwd in enumerate(wide_fwd)]  # fmt: skip
     rows += [(f"tma+pipeline wide{i}", "tma,pipeline", configs) for i, configs in enumerate(wide)]

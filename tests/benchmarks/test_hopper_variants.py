@@ -31,25 +31,28 @@ def _run(tmp_path, *args):
 
 @pytest.mark.parametrize("d", [128, 256, 512])
 def test_plan(d):
-    """Today's kernels first, then each switch in today's configs, then the wide configs; the
-    backward kernel is NT-Xent's: the symmetric pass at resident D, the blocked route's weights past it."""
+    """Today's kernels first, then each switch in today's configs (the host-descriptor form too), then
+    the wide configs; the backward kernel is NT-Xent's: the symmetric pass at resident D, the blocked
+    route's weights past it."""
     from fastssl.kernels.triton import pairwise_lse as K
 
     rows = hopper_variants.plan(d)
     labels = [label for label, _, _ in rows]
-    assert labels[:4] == ["today", "tma", "pipeline", "tma+pipeline"] and labels[-1] == "pointers wide0"
+    switches = ["today", "tma", "pipeline", "tma+pipeline", "host_tma", "host_tma+pipeline"]
+    assert labels[:6] == switches and labels[-1] == "pointers wide0"
+    assert K.parse_hopper_variant(rows[4][1]) == K.HopperVariant(host_tma=True)
     assert any(label.startswith("tma+pipeline wide") for label in labels)
     bwd = "sym" if d <= 256 else "weights"
     for label, text, configs in rows:
         assert set(configs) == {"fwd", bwd}, label
         K.parse_hopper_variant(text)  # a valid setting
     today = rows[0][2]
-    assert all(configs == today for _, _, configs in rows[:4]), "the switches are timed in today's configs"
+    assert all(configs == today for _, _, configs in rows[:6]), "the switches are timed in today's configs"
     wide = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in K.HOPPER_CONFIGS["fwd"]]
-    assert rows[4][2]["fwd"] in wide and rows[-1][2] == rows[4][2]
+    assert rows[6][2]["fwd"] in wide and rows[-1][2] == rows[6][2]
     wide_bwd = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 for c in K.HOPPER_CONFIGS.get(bwd, [])]  # "weights" has none
-    assert rows[4][2][bwd] in wide_bwd + [today[bwd]], "the backward's wide config, else today's where none fits"
+    assert rows[6][2][bwd] in wide_bwd + [today[bwd]], "the backward's wide config, else today's where none fits"
 
 
 @pytest.mark.slow  # about a minute of interpreted kernels on 2 cores

@@ -179,11 +179,12 @@ def ptxas_spills(ptx: str) -> dict:
     return dict(spill_stores=sum(int(s) for s, _ in found), spill_loads=sum(int(lo) for _, lo in found))
 
 
-def cubin_resources(compiled) -> dict:
+def cubin_resources(compiled, opcodes: Iterable[str] = ()) -> dict:
     """Registers and spills of a compiled kernel, from `cuobjdump` on its cubin (no GPU needed):
     "registers" per thread, "stack" bytes (Triton kernels have no local arrays: a stack frame is
     spills) and "loop_spills", the local-memory loads and stores inside a loop (between a backward
-    branch and its target), where a spill costs once per iteration instead of once per program."""
+    branch and its target), where a spill costs once per iteration instead of once per program.
+    With `opcodes` (e.g. "UTMALDG"), also "sass": {opcode: how many instructions of the SASS have it}."""
     from triton import knobs
 
     tool = knobs.nvidia.cuobjdump.path
@@ -198,7 +199,11 @@ def cubin_resources(compiled) -> dict:
              if int(target, 16) < addr]  # fmt: skip
     local = [addr for addr, op in code if re.search(r"\b(STL|LDL)\b", op)]
     in_loops = sum(any(lo <= addr <= hi for lo, hi in loops) for addr in local)
-    return dict(registers=int(reg), stack=int(stack), loop_spills=in_loops)
+    out = dict(registers=int(reg), stack=int(stack), loop_spills=in_loops)
+    if opcodes:
+        out["sass"] = {name: sum(bool(re.match(rf"(@!?U?P\w+\s+)?{name}\b", op.strip())) for _, op in code)
+                       for name in opcodes}  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,16 +10,22 @@ Matrix, bf16 with SimCLR's flags unless said, sm_90, through each kernel's Hoppe
     D = 128 and 256;
   * the forward's D loop (D = 512, bank and y negatives) through descriptors; MoCo (bank, fp16) and
     "rows" without dy;
+  * "host_tma" (descriptors built on the host: `host_descriptors`), alone and with "pipeline", for
+    the four kernels at D = 128 and 256 in the first config of today's list, and in each kept wide
+    config at D = 128; the D loop, MoCo, "rows" without dy, and "sym" with a bank, as above;
   * the fp32 forward in each config `forward_configs` gives it (FWD_FP32_CONFIGS) at D = 70 (an odd
     D), 128 and 300 (the D loop), and split at D = 70: the pointer path, as launched (TMA off, no
     LOOP_STAGES: `tma_eligible` takes half precision only);
   * the forward of half-precision rows that Triton loads element by element (D = 70, 100, 200, 300:
     no divisibility hints) in each FWD_UNALIGNED config `forward_configs` picks for them, split too;
   * each kernel's Hopper entry with both switches off next to today's kernel (same flags, config).
-Asserted: TMA copies (cp.async.bulk.tensor) wherever TMA is on, wgmma (mma.sync for a forward block
-below 64 rows), no stack frame (no register spills), shared memory within sm_90's 227 KiB and within
-`smem_estimate` (the pruning's figure), and the same PTX (debug information aside) for the Hopper
-entry with both switches off as for today's kernel.
+Asserted: TMA copies (cp.async.bulk.tensor) wherever TMA is on; with "host_tma", UTMALDG in the
+SASS and a TMA store (cp.async.bulk.tensor from shared to global in the PTX, UTMASTG in the SASS)
+per output block the kernel writes (dx for "rows", dx and dy for "sym", dy for "dy"; none for the
+forward), and none without it; wgmma (mma.sync for a forward block below 64 rows), no stack frame
+(no register spills), shared memory within sm_90's 227 KiB and within `smem_estimate` (the pruning's
+figure), and the same PTX (debug information aside) for the Hopper entry with both switches off as
+for today's kernel.
 Also: Triton 3.6's warp specialisation leaves sm_90 code unchanged, the reason it is not a variant.
 """
 
@@ -51,10 +57,10 @@ def _jobs():
 
     smem_limit = _aot.SMEM_LIMIT[ARCH]
 
-    def job(group, kind, dt, d, flags, cfg, tma, pipeline, needs_dy=True, entry="hopper"):
+    def job(group, kind, dt, d, flags, cfg, tma, pipeline, needs_dy=True, entry="hopper", host=False):
         return dict(group=group, kind=kind, dtype=dt, D=d, flags=flags, arch=ARCH, BLOCK_M=cfg.kwargs["BLOCK_M"],
                     BLOCK_N=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps, num_stages=cfg.num_stages, tma=tma,
-                    pipeline=pipeline, needs_dy=needs_dy, entry=entry)  # fmt: skip
+                    pipeline=pipeline, needs_dy=needs_dy, entry=entry, host=host)  # fmt: skip
 
     def cands(kind, dt, d, needs_dy=True):
         block_k, single_k, block_dout = K.tile_dims(d, _aot.DTYPES[dt])
@@ -78,6 +84,20 @@ def _jobs():
     jobs.append(job("flags", "fwd", "fp16", 128, "moco", cands("fwd", "fp16", 128)[0], True, True))
     jobs.append(job("flags", "rows", "fp16", 128, "moco", cands("rows", "fp16", 128, needs_dy=False)[0], True, True,
                     needs_dy=False))  # fmt: skip
+    # "host_tma": descriptors from the host, TMA stores of the backward's outputs.
+    for d in (128, 256):
+        for kind in RESIDENT_KINDS:
+            jobs += [job("host", kind, "bf16", d, "simclr", cands(kind, "bf16", d)[0], True, pipeline, host=True)
+                     for pipeline in (False, True)]  # fmt: skip
+    block_k, single_k, _ = K.tile_dims(128, torch.bfloat16)
+    jobs += [job("host", kind, "bf16", 128, "simclr", c, True, True, host=True) for kind in RESIDENT_KINDS
+             for c in K.wide_candidates(kind, 2, block_k, single_k, smem_limit)]  # fmt: skip
+    jobs.append(job("host", "fwd", "bf16", 512, "all", cands("fwd", "bf16", 512)[0], True, True, host=True))
+    jobs.append(job("host", "fwd", "fp16", 128, "moco", cands("fwd", "fp16", 128)[0], True, False, host=True))
+    jobs.append(job("host", "rows", "fp16", 128, "moco", cands("rows", "fp16", 128, needs_dy=False)[0], True, False,
+                    needs_dy=False, host=True))  # fmt: skip
+    jobs.append(job("host", "rows", "bf16", 256, "all", cands("rows", "bf16", 256)[0], True, True, host=True))
+    jobs.append(job("host", "sym", "bf16", 128, "all", cands("sym", "bf16", 128)[0], True, True, host=True))
     # fp32 (pointer path, today's code through the Hopper entry): every config it runs (FWD_FP32_CONFIGS)
     # at an odd resident D, a power of two and the D loop; an odd D split over grid axis 1.
     for d, flags in ((70, "clip"), (128, "simclr"), (300, "all")):
@@ -104,6 +124,8 @@ def _jobs():
 def _measure(j):
     """Compile one job through its entry as the launcher would; its shared memory and the estimate
     the autotuner prunes with, TMA copies and tensor cores in its PTX, a hash of that PTX, its stack."""
+    import re
+
     from fastssl.kernels.triton import pairwise_lse as K
 
     entries = {"default": K._DEFAULT_KERNELS, "hopper": K._HOPPER_KERNELS}[j["entry"]]
@@ -118,9 +140,21 @@ def _measure(j):
         stride_xd=1, stride_yd=1, stride_bd=1,  # contiguous rows: Triton specialises unit strides
     )  # fmt: skip
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    descriptors = {}  # "host_tma": the tensordesc arguments a launch passes (`host_descriptors`), else None
+    if j["entry"] == "hopper":
+        consts["HOST_TMA"] = j["host"]
+        meta = dict(consts, BLOCK_K=block_k)
+        present = dict(x=not single_k if j["kind"] == "fwd" else True, y=True, bank=consts.get("HAS_BANK", False),
+                       dx=True, dy=True)  # fmt: skip
+        for name, (role, rows) in K.DESCRIPTORS[j["kind"]].items():
+            if j["host"] and present[role]:
+                descriptors[name] = f"tensordesc<{j['dtype']}[{meta[rows]}, {block_k}]>"
+            else:
+                consts[name] = None
     pointers = _aot.upper_case_pointers(fn, consts, sizes=("M", "NY", "NB", "D", "ROW_BIN", "N_SPLIT"),
                                         inputs=("X", "Y", "B", "DX", "DY"), dtype=j["dtype"])  # fmt: skip
-    sig, attrs = _aot.signature(fn, consts, pointers, hinted=_aot.row_stride_hints(fn, j["D"]))
+    pointers = {k: v for k, v in pointers.items() if k not in descriptors}
+    sig, attrs = _aot.signature(fn, consts, pointers, scalars=descriptors, hinted=_aot.row_stride_hints(fn, j["D"]))
     compiled, measured = _aot.compile_kernel(fn, sig, consts, attrs, j["arch"],
                                              {"num_warps": j["num_warps"], "num_stages": j["num_stages"]})
     ptx = compiled.asm["ptx"]
@@ -129,8 +163,9 @@ def _measure(j):
         estimate=K.smem_estimate(j["kind"], j["BLOCK_M"], j["BLOCK_N"], block_k, single_k, dtype.itemsize,
                                  j["num_stages"], block_dout, tma=j["tma"]),  # fmt: skip
         tma_copies="cp.async.bulk.tensor" in ptx,
+        tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
         code=_code_hash(ptx, fn.__name__),
-        **_aot.cubin_resources(compiled),
+        **_aot.cubin_resources(compiled, opcodes=("UTMALDG", "UTMASTG")),
     )
 
 
@@ -197,6 +232,7 @@ def report():
 
 def _name(r):
     switches = "+".join(s for s in ("tma", "pipeline") if r[s]) or "pointers"
+    switches = switches.replace("tma", "host_tma") if r.get("host") else switches
     kind = r["kind"] + ("" if r["needs_dy"] else " (dx only)") + (" split" if r.get("split") else "")
     return (f"{kind} [{switches}] {r['dtype']} D={r['D']} {r['flags']} BLOCK_M={r['BLOCK_M']} BLOCK_N={r['BLOCK_N']} "
             f"warps={r['num_warps']} stages={r['num_stages']}")  # fmt: skip
@@ -226,6 +262,26 @@ def test_tma_copies_and_tensor_cores(report):
     below = [r["kind"] == "fwd" and r["BLOCK_M"] < 64 for r in half]
     _aot.assert_tensor_cores([r for r, b in zip(half, below) if not b], _name)
     _aot.assert_tensor_cores([r for r, b in zip(half, below) if b], _name, below_wgmma_size=True)
+
+
+#: The output blocks each backward kernel writes, by TMA store under "host_tma" (the forward's lse and
+#: pos are (M,) vectors: pointer stores).
+TMA_STORES = {"fwd": 0, "rows": 1, "sym": 2, "dy": 1}
+
+
+def test_host_descriptors_load_and_store_by_tma(report):
+    """"host_tma": TMA loads (UTMALDG) and one TMA store per output block (UTMASTG in the SASS, the
+    shared-to-global cp.async.bulk.tensor in the PTX); the device-side "tma" stores by pointer."""
+    host = [r for r in _aot.compiled(report) if r["host"]]
+    assert len(host) >= 20, "the host_tma records are missing"
+    bad = [f"{_name(r)}: {r['sass']}, {r['tma_stores']} TMA stores in the PTX" for r in host
+           if not r["sass"]["UTMALDG"] or r["sass"]["UTMASTG"] != TMA_STORES[r["kind"]]
+           or r["tma_stores"] != TMA_STORES[r["kind"]]]  # fmt: skip
+    assert not bad, "host_tma without its TMA loads or with another count of TMA stores:\n" + "\n".join(bad)
+    others = [_name(r) for r in _aot.compiled(report) if not r["host"] and (r["sass"]["UTMASTG"] or r["tma_stores"])]
+    assert not others, "TMA stores without host_tma:\n" + "\n".join(others)
+    device = [r for r in _aot.compiled(report) if r["tma"] and not r["host"]]
+    assert device and all(r["sass"]["UTMALDG"] for r in device), "device-side descriptors lost their UTMALDG"
 
 
 def test_no_register_spills(report):

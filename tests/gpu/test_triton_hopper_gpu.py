@@ -44,14 +44,17 @@ def pinned(monkeypatch):
 @pytest.mark.skipif(not _has_tma(), reason="TMA needs an sm_90 or later GPU")
 @pytest.mark.parametrize("m,d", [(1000, 128), (300, 256), (300, 520)])
 @pytest.mark.parametrize("mode", ["simclr", "clip", "moco"])
-@pytest.mark.parametrize("variant", ["tma", "tma,pipeline"])
+@pytest.mark.parametrize("variant", ["tma", "tma,pipeline", "host_tma", "host_tma,pipeline"])
 def test_variant_against_the_oracle(monkeypatch, pinned, variant, mode, m, d):
     """bf16 NT-Xent-, CLIP- and MoCo-shaped calls: resident D (the fused backward), and D = 520 (the
-    forward's D loop through descriptors, the blocked backward)."""
+    forward's D loop through descriptors, the blocked backward). "host_tma": descriptors built on the
+    host, the fused backward's dx and dy written by TMA stores."""
     pinned(d, torch.bfloat16)
     monkeypatch.setattr(K, "HOPPER_VARIANT", K.parse_hopper_variant(variant))
     x, y, bank, scale, options = make_case(mode, m, d, torch.bfloat16, device="cuda")
-    assert K.variant_kernel("fwd", (x, y, bank))[1] == {"TMA": True}, "contiguous bf16 rows take the descriptors"
+    extra = K.variant_kernel("fwd", (x, y, bank))[1]
+    assert extra["TMA"], "contiguous bf16 rows take the descriptors"
+    assert extra.get("HOST_TMA", False) == ("host_tma" in variant), extra
     got, want = run_both("triton", x, y, bank, scale, options)
     for name, a, b in zip(OUTPUTS, got, want):
         if b is not None:
@@ -69,3 +72,26 @@ def test_forward_configs_where_todays_spilled(dtype, d):
     for name, a, b in zip(OUTPUTS, got, want):
         if b is not None:
             assert_close(a, b, dtype, what=f"clip {name} at D={d}, {dtype}", scale=1 if dtype == torch.float32 else 10)
+
+
+@pytest.mark.skipif(not _has_tma(), reason="TMA needs an sm_90 or later GPU")
+@pytest.mark.parametrize("mode", ["simclr", "clip"])
+def test_host_tma_without_an_allocator(monkeypatch, pinned, mode):
+    """"host_tma" runs with Triton's default (null) global-scratch allocator in place, which a
+    device-side descriptor could not: values and gradients against the oracle, ragged M and D."""
+    import triton
+    from triton.runtime import _allocation
+
+    pinned(200, torch.bfloat16)
+    monkeypatch.setattr(K, "HOPPER_VARIANT", K.parse_hopper_variant("host_tma"))
+    monkeypatch.setattr(K, "_ensure_tma_allocator", lambda: pytest.fail("host_tma installed an allocator"))
+    previous = _allocation._allocator.get()
+    triton.set_allocator(_allocation.NullAllocator())
+    try:
+        x, y, bank, scale, options = make_case(mode, 777, 200, torch.bfloat16, device="cuda")
+        got, want = run_both("triton", x, y, bank, scale, options)
+    finally:
+        triton.set_allocator(previous)
+    for name, a, b in zip(OUTPUTS, got, want):
+        if b is not None:
+            assert_close(a, b, torch.bfloat16, what=f"host_tma/{mode} {name} without an allocator", scale=10)

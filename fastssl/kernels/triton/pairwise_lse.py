@@ -36,10 +36,11 @@ tiles over grid axis 1 (Flash-Decoding's split-K, Dao et al. 2023): partial base
 only the tiles holding a dropped column (ragged edge, positive, self) are masked.
 
 Hopper variants. Each resident kernel is one jit body (`_fwd_program`, ...) with two entries: today's
-kernel, and a Hopper entry with two switches, TMA descriptors for the streamed tiles and per-loop
-pipelining, on only when FASTSSL_LSE_HOPPER asks (`HopperVariant`, `variant_kernel`). With both off it
-is today's code, which the forward also runs on a GPU in its own configs where today's spilled
-(fp32, odd D: `forward_configs`).
+kernel, and a Hopper entry with two switches, TMA descriptors for the streamed tiles (built in the
+kernel, or on the host with TMA stores of the backward's outputs too) and per-loop pipelining, on
+only when FASTSSL_LSE_HOPPER asks (`HopperVariant`, `variant_kernel`). With both off it is today's
+code, which the forward also runs on a GPU in its own configs where today's spilled (fp32, odd D:
+`forward_configs`).
 
 Launchers allocate outputs, take strides (non-contiguous inputs are read in place, x may be y; the
 backward first copies rows that are not 16-byte aligned, `aligned_rows`), read `scale` on the device
@@ -159,7 +160,8 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_k: int, single_k:
     stages more: see there). Exact for the resident forward kernel on sm_90, above the compiled
     figure elsewhere (tests/gpu/test_triton_aot.py checks). `block_dout` is no longer read: no
     kernel slices the output's D since the blocked route took D > resident. `tma`: the TMA copies'
-    barriers, one 8-byte mbarrier per stage (benchmarks/RESULTS.md), plus one to spare.
+    barriers, one 8-byte mbarrier per stage (benchmarks/RESULTS.md), plus one to spare; "host_tma"'s
+    TMA stores add nothing, their staging tile reusing the loops' buffers (benchmarks/RESULTS.md).
     """
     if single_k:
         if kind == "fwd":
@@ -306,17 +308,35 @@ def _y_tile_needs_mask(start_n, row0, p0, NY, EXCLUDE_SELF: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _row_tiles(P, N, D, stride_m, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+def _row_tiles(P, P_DESC, N, D, stride_m, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
+               HOST_TMA: tl.constexpr):
     """What `_tile` loads (BLOCK_R, BLOCK_K) tiles of the (N, D) rows of P through: with TMA a tensor
     descriptor (a TMA copy on sm_90; out-of-bounds rows and columns read as zero), else P itself. The
-    launcher passes TMA only for rows that `tma_eligible` accepts (unit stride along D, 16-byte
-    aligned base and row stride). Only streamed tiles take descriptors: a kernel's resident block,
-    loaded once, stays a pointer load, since a descriptor load of it lands in registers, where the
-    forward at D = 256 spilled (benchmarks/RESULTS.md, "Measurements behind design choices")."""
+    descriptor is P_DESC, built on the host with that block shape (`host_descriptors`), if HOST_TMA;
+    else it is built here, in every program. The launcher passes TMA only for rows that `tma_eligible`
+    accepts (unit stride along D, 16-byte aligned base and row stride). Only streamed tiles take
+    descriptors: a kernel's resident block, loaded once, stays a pointer load, since a descriptor load
+    of it lands in registers, where the forward at D = 256 spilled (benchmarks/RESULTS.md,
+    "Measurements behind design choices")."""
     tiles = P
     if TMA:
-        tiles = tl.make_tensor_descriptor(P, shape=[N, D], strides=[stride_m, 1], block_shape=[BLOCK_R, BLOCK_K])
+        if HOST_TMA:
+            tiles = P_DESC
+        else:
+            tiles = tl.make_tensor_descriptor(P, shape=[N, D], strides=[stride_m, 1],
+                                              block_shape=[BLOCK_R, BLOCK_K])  # fmt: skip
     return tiles
+
+
+@triton.jit
+def _store_rows(ptrs, mask, out_desc, start, value, TMA_STORE: tl.constexpr):
+    """Store the (BLOCK_R, BLOCK_K) block `value` of output rows start.. : with TMA_STORE through the
+    host-built descriptor `out_desc` (a TMA store from shared memory on sm_90, which drops the rows
+    and columns past the output's bounds), else to `ptrs` under `mask`."""
+    if TMA_STORE:
+        out_desc.store([start, 0], value)
+    else:
+        tl.store(ptrs, value, mask=mask)
 
 
 @triton.jit
@@ -351,7 +371,7 @@ def _fwd_program(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, HOST_TMA: tl.constexpr, X_DESC, Y_DESC, B_DESC,
 ):  # fmt: skip
     """lse_i and pos_i (fp32, natural log) for one block of BLOCK_M rows (grid axis 0) and, if SPLIT,
     one of N_SPLIT runs of its column tiles (grid axis 1, `_split_columns`).
@@ -368,7 +388,8 @@ def _fwd_program(
     m + log2(l) (−inf for a split without columns), at PART[split, row] ((N_SPLIT, M) fp32), and
     `_pairwise_lse_merge_kernel` combines them into lse. ROW_BIN is only an autotuning key.
     TMA: the streamed tiles through tensor descriptors (`_row_tiles`); LOOP_STAGES: the column
-    loops' tl.range num_stages (None: the compiler's default, which pipelines the dot operands).
+    loops' tl.range num_stages (None: the compiler's default, which pipelines the dot operands);
+    HOST_TMA: the descriptors are X_DESC (the D loop's x chunks), Y_DESC and B_DESC, built on the host.
     """
     pid = tl.program_id(0).to(tl.int64)
     row0 = pid * BLOCK_M
@@ -391,9 +412,9 @@ def _fwd_program(
         first = split == 0
 
     # The streamed tiles through descriptors; the resident row block (SINGLE_K) by pointers, once.
-    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA and not SINGLE_K)
-    y_tiles = _row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA)
-    b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK)
+    x_tiles = _row_tiles(X, X_DESC, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA and not SINGLE_K, HOST_TMA)
+    y_tiles = _row_tiles(Y, Y_DESC, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA, HOST_TMA)
+    b_tiles = _row_tiles(B, B_DESC, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK, HOST_TMA)
     if SINGLE_K:
         ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
         k_mask = ks < D
@@ -481,7 +502,8 @@ def _pairwise_lse_fwd_kernel(
     """Today's kernel: `_fwd_program` with pointer loads and the compiler's own loop pipelining."""
     _fwd_program(X, Y, B, SCALE, LSE, POS, PART, M, NY, NB, D, stride_xm, stride_xd, stride_ym, stride_yd,
         stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
-        SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
+        SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None, HOST_TMA=False,
+        X_DESC=None, Y_DESC=None, B_DESC=None)
 
 
 @triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "N_SPLIT"])
@@ -493,12 +515,15 @@ def _pairwise_lse_fwd_hopper_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, INCLUDE_POS: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     SPLIT: tl.constexpr, SINGLE_K: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, HOST_TMA: tl.constexpr = False,
+    X_DESC=None, Y_DESC=None, B_DESC=None,
 ):  # fmt: skip
-    """`_fwd_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
+    """`_fwd_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`.
+    The descriptors (HOST_TMA only) are `host_descriptors`'; None otherwise."""
     _fwd_program(X, Y, B, SCALE, LSE, POS, PART, M, NY, NB, D, stride_xm, stride_xd, stride_ym, stride_yd,
         stride_bm, stride_bd, pos_offset, ROW_BIN, N_SPLIT, HAS_BANK, EXCLUDE_SELF, INCLUDE_POS, Y_NEGATIVES,
-        SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
+        SPLIT, SINGLE_K, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES,
+        HOST_TMA=HOST_TMA, X_DESC=X_DESC, Y_DESC=Y_DESC, B_DESC=B_DESC)
 
 
 @triton.jit
@@ -587,7 +612,7 @@ def _rows_program(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, HOST_TMA: tl.constexpr, Y_DESC, B_DESC, DX_DESC,
 ):  # fmt: skip
     """dx for one block of BLOCK_M rows and, with NEEDS_DY, the block's share of dy through atomics.
 
@@ -600,7 +625,8 @@ def _rows_program(
     Stores dx_i = scale·(acc_i / f + w_i·y_p(i)); DY_ACC ends as dy·f/scale (the launcher rescales
     and rounds it). Without NEEDS_DY the weights are P·2^15 (see above) and DY_ACC is not touched.
     Indices are int32 in the masks (sizes < 2^31) and int64 in addresses.
-    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
+    TMA, LOOP_STAGES, HOST_TMA: as in `_fwd_program` (the Hopper entry's switches); HOST_TMA also
+    stores the dx block through DX_DESC (a TMA store).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -613,8 +639,8 @@ def _rows_program(
     f = tl.load(WSCALE)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)  # × a transposed view's stride M can pass 2^31
     k_mask = ks < D
-    y_tiles = _row_tiles(Y, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA)
-    b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK)
+    y_tiles = _row_tiles(Y, Y_DESC, NY, D, stride_ym, BLOCK_N, BLOCK_K, TMA, HOST_TMA)
+    b_tiles = _row_tiles(B, B_DESC, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA and HAS_BANK, HOST_TMA)
     x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
     if NEEDS_DY:
@@ -669,7 +695,8 @@ def _rows_program(
                       mask=m2, sem="relaxed")
     else:
         dx = scale * ((g_lse * DX_ONLY_UNSCALE)[:, None] * acc + w_pos[:, None] * y_pos.to(tl.float32))
-    tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(dx, DX.dtype.element_ty), mask=m2)
+    _store_rows(DX + rows64[:, None] * stride_dxm + ks[None, :], m2, DX_DESC, tl.program_id(0) * BLOCK_M,
+                round_to(dx, DX.dtype.element_ty), TMA and HOST_TMA)
 
 
 @autotune(BWD_ROWS_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("rows"), reset_to_zero=["DY_ACC"])
@@ -687,7 +714,7 @@ def _pairwise_lse_bwd_rows_kernel(
     _rows_program(X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC, M, NY, NB, D, stride_xm, stride_xd,
         stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
         EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=False,
-        LOOP_STAGES=None)
+        LOOP_STAGES=None, HOST_TMA=False, Y_DESC=None, B_DESC=None, DX_DESC=None)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -699,13 +726,14 @@ def _pairwise_lse_bwd_rows_hopper_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     NEEDS_DY: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, HOST_TMA: tl.constexpr = False,
+    Y_DESC=None, B_DESC=None, DX_DESC=None,
 ):  # fmt: skip
     """`_rows_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
     _rows_program(X, Y, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY_ACC, M, NY, NB, D, stride_xm, stride_xd,
         stride_ym, stride_yd, stride_bm, stride_bd, stride_dxm, stride_dam, pos_offset, ROW_BIN, HAS_BANK,
         EXCLUDE_SELF, Y_NEGATIVES, NEEDS_DY, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, TMA=TMA,
-        LOOP_STAGES=LOOP_STAGES)
+        LOOP_STAGES=LOOP_STAGES, HOST_TMA=HOST_TMA, Y_DESC=Y_DESC, B_DESC=B_DESC, DX_DESC=DX_DESC)
 
 
 @triton.jit
@@ -717,7 +745,7 @@ def _sym_program(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, HOST_TMA: tl.constexpr, X_DESC, B_DESC, DX_DESC, DY_DESC,
 ):  # fmt: skip
     """x is y (SimCLR, DCL, ArCL, VICReg-exp): the two roles' gradients of one block of BLOCK_M rows,
     without atomics.
@@ -733,7 +761,8 @@ def _sym_program(
     is i. The op sums dx and dy (ops/pairwise_lse.py), so each gets half: Σ x·dx is then
     Σ_ij G_ij x_i·x_j·scale, what d scale is read from. Bank columns (HAS_BANK; no loss has them with
     x is y) feed dx alone: they are added after dy is stored.
-    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
+    TMA, LOOP_STAGES, HOST_TMA: as in `_fwd_program` (the Hopper entry's switches); HOST_TMA also
+    stores the dx and dy blocks through DX_DESC and DY_DESC (TMA stores).
     """
     # M = Ny and 0 ≤ pos_offset < M: (i ± pos_offset) mod M is one conditional add or subtract.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -750,7 +779,7 @@ def _sym_program(
     k_mask = ks < D
     m2 = row_mask[:, None] & k_mask[None, :]
     x_blk = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
-    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_N, BLOCK_K, TMA)
+    x_tiles = _row_tiles(X, X_DESC, M, D, stride_xm, BLOCK_N, BLOCK_K, TMA, HOST_TMA)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for start_n in tl.range(0, M, BLOCK_N, num_stages=LOOP_STAGES):
@@ -786,10 +815,12 @@ def _sym_program(
     x_q = tl.load(X + qrow64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=m2, other=0.0)
     acc = acc * 0.5 + w_own[:, None] * x_pos.to(tl.float32) + w_q[:, None] * x_q.to(tl.float32)
     unscale = scale * (1.0 / f)
-    tl.store(DY + rows64[:, None] * stride_dym + ks[None, :], round_to(acc * unscale, DY.dtype.element_ty), mask=m2)
+    row0 = tl.program_id(0) * BLOCK_M
+    _store_rows(DY + rows64[:, None] * stride_dym + ks[None, :], m2, DY_DESC, row0,
+                round_to(acc * unscale, DY.dtype.element_ty), TMA and HOST_TMA)
 
     if HAS_BANK:
-        b_tiles = _row_tiles(B, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA)
+        b_tiles = _row_tiles(B, B_DESC, NB, D, stride_bm, BLOCK_N, BLOCK_K, TMA, HOST_TMA)
         for start_n in tl.range(0, NB, BLOCK_N, num_stages=LOOP_STAGES):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_mask = cols < NB
@@ -797,7 +828,8 @@ def _sym_program(
             s = mm(x_blk, tl.trans(b_t), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_PRECISION)
             p = tl.exp2(tl.where(col_mask[None, :], s * qk_scale - lse2[:, None], float("-inf")))
             acc = mm(round_to(p * w_row[:, None], b_t.dtype), b_t, acc, FP32_PRECISION)
-    tl.store(DX + rows64[:, None] * stride_dxm + ks[None, :], round_to(acc * unscale, DX.dtype.element_ty), mask=m2)
+    _store_rows(DX + rows64[:, None] * stride_dxm + ks[None, :], m2, DX_DESC, row0,
+                round_to(acc * unscale, DX.dtype.element_ty), TMA and HOST_TMA)
 
 
 @autotune(BWD_SYM_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("sym"))
@@ -814,7 +846,8 @@ def _pairwise_lse_bwd_sym_kernel(
     """Today's kernel: `_sym_program` with pointer loads and the compiler's own loop pipelining."""
     _sym_program(X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY, M, NB, D, stride_xm, stride_xd, stride_bm,
         stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
-            BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None)
+            BLOCK_N, BLOCK_K, TMA=False, LOOP_STAGES=None, HOST_TMA=False, X_DESC=None, B_DESC=None, DX_DESC=None,
+            DY_DESC=None)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -826,12 +859,14 @@ def _pairwise_lse_bwd_sym_hopper_kernel(
     HAS_BANK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, HOST_TMA: tl.constexpr = False,
+    X_DESC=None, B_DESC=None, DX_DESC=None, DY_DESC=None,
 ):  # fmt: skip
     """`_sym_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
     _sym_program(X, B, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DX, DY, M, NB, D, stride_xm, stride_xd, stride_bm,
         stride_bd, stride_dxm, stride_dym, pos_offset, ROW_BIN, HAS_BANK, EXCLUDE_SELF, FP32_PRECISION, BLOCK_M,
-            BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES)
+            BLOCK_N, BLOCK_K, TMA=TMA, LOOP_STAGES=LOOP_STAGES, HOST_TMA=HOST_TMA, X_DESC=X_DESC, B_DESC=B_DESC,
+            DX_DESC=DX_DESC, DY_DESC=DY_DESC)
 
 
 @triton.jit
@@ -843,7 +878,7 @@ def _dy_program(
     EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, HOST_TMA: tl.constexpr, X_DESC, DY_DESC,
 ):  # fmt: skip
     """dy alone (dx not asked for: a frozen row tower) for one block of BLOCK_N columns of y.
 
@@ -854,7 +889,8 @@ def _dy_program(
     accumulates (G·f)ᵀ @ x_tile in fp32, the weights G·f rounded to the input dtype. The positive
     rows of column j, i = (j − pos_offset) mod Ny + t·Ny < M (one pass per wrap of M over Ny,
     usually one), are then gathered and added elementwise. The bank needs no gradient and is not read.
-    TMA, LOOP_STAGES: as in `_fwd_program` (the Hopper entry's switches).
+    TMA, LOOP_STAGES, HOST_TMA: as in `_fwd_program` (the Hopper entry's switches); HOST_TMA also
+    stores the dy block through DY_DESC (a TMA store).
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < NY
@@ -865,7 +901,7 @@ def _dy_program(
     k_mask = ks < D
     y_blk = tl.load(Y + cols64[:, None] * stride_ym + ks[None, :] * stride_yd,
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-    x_tiles = _row_tiles(X, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA)
+    x_tiles = _row_tiles(X, X_DESC, M, D, stride_xm, BLOCK_M, BLOCK_K, TMA, HOST_TMA)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if Y_NEGATIVES:
@@ -897,8 +933,8 @@ def _dy_program(
         w_pos = tl.load(W_POS + prow64, mask=p_mask, other=0.0)
         acc += w_pos[:, None] * x_pos.to(tl.float32)
 
-    tl.store(DY + cols64[:, None] * stride_dym + ks[None, :], round_to(acc * scale, DY.dtype.element_ty),
-             mask=col_mask[:, None] & k_mask[None, :])
+    _store_rows(DY + cols64[:, None] * stride_dym + ks[None, :], col_mask[:, None] & k_mask[None, :], DY_DESC,
+                tl.program_id(0) * BLOCK_N, round_to(acc * scale, DY.dtype.element_ty), TMA and HOST_TMA)
 
 
 @autotune(BWD_DY_CONFIGS, INTERPRET_CONFIG, key=_BWD_KEY, prune=_prune("dy"))
@@ -915,7 +951,7 @@ def _pairwise_lse_bwd_dy_kernel(
     """Today's kernel: `_dy_program` with pointer loads and the compiler's own loop pipelining."""
     _dy_program(X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY, M, NY, D, stride_xm, stride_xd, stride_ym, stride_yd,
         stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-            TMA=False, LOOP_STAGES=None)
+            TMA=False, LOOP_STAGES=None, HOST_TMA=False, X_DESC=None, DY_DESC=None)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -927,12 +963,13 @@ def _pairwise_lse_bwd_dy_hopper_kernel(
     EXCLUDE_SELF: tl.constexpr, Y_NEGATIVES: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    TMA: tl.constexpr, LOOP_STAGES: tl.constexpr, HOST_TMA: tl.constexpr = False,
+    X_DESC=None, DY_DESC=None,
 ):  # fmt: skip
     """`_dy_program` with the Hopper variant's switches (`HopperVariant`); autotuned per variant by `_tuned`."""
     _dy_program(X, Y, SCALE, LSE, GRAD_LSE, W_POS, WSCALE, DY, M, NY, D, stride_xm, stride_xd, stride_ym, stride_yd,
         stride_dym, pos_offset, ROW_BIN, EXCLUDE_SELF, Y_NEGATIVES, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-            TMA=TMA, LOOP_STAGES=LOOP_STAGES)
+            TMA=TMA, LOOP_STAGES=LOOP_STAGES, HOST_TMA=HOST_TMA, X_DESC=X_DESC, DY_DESC=DY_DESC)
 
 
 @autotune(BWD_WEIGHTS_CONFIGS, INTERPRET_CONFIG, key=["ROW_BIN", "BLOCK_K", "Y_COLUMNS", "EXCLUDE_SELF"],
@@ -1110,6 +1147,18 @@ class HopperVariant(NamedTuple):
         every load of the loop (the symmetric pass's column lse and grad_lse too), not only the
         operands of its dots as the kernel-wide num_stages does.
     wide: the autotuner picks from HOPPER_CONFIGS (larger tiles) as well as CONFIGS.
+    host_tma: "tma" with its descriptors built on the host, once per launch (`host_descriptors`:
+        triton.tools.tensor_descriptor.TensorDescriptor arguments whose block shapes each config's
+        pre_hook sets, as Triton's fused-attention tutorial does), and the backward's output blocks
+        (dx, dy) written by TMA stores through descriptors too. Same eligibility rule, same pointer
+        fallback. A flag of its own rather than a change to "tma": the two trade different costs, and
+        neither is measured yet. Device-side descriptors cost every program a 128-byte descriptor
+        written to global memory and fenced before its first copy, and need a global scratch
+        allocator (`triton.set_allocator`, which a user may own); host ones cost each launch a
+        cuTensorMapEncodeTiled per descriptor on the CPU and 128 bytes of kernel parameters each.
+        With both flags set, "host_tma" decides.
+        The forward's lse and pos are (M,) fp32 vectors, 4 bytes a row against the row's O(Ny·D)
+        work: they keep their masked pointer stores.
 
     Triton 3.6's warp specialisation (tl.range(warp_specialize=True)) is not offered: on sm_90 it
     compiles to the very same PTX as without (it targets Blackwell; tests/gpu/test_triton_hopper_aot.py).
@@ -1118,6 +1167,7 @@ class HopperVariant(NamedTuple):
     tma: bool = False
     pipeline: bool = False
     wide: bool = False
+    host_tma: bool = False
 
 
 def parse_hopper_variant(text: str) -> HopperVariant:
@@ -1138,16 +1188,19 @@ PINNED_CONFIGS: dict = {}
 
 
 def tma_eligible(*tensors: Optional[Tensor]) -> bool:
-    """Whether every given (N, D) tensor (None: absent) can be read through a tensor descriptor: half
-    precision (fp32's CUDA-core dots spilled on descriptor tiles, benchmarks/RESULTS.md), unit stride
-    along D, the row stride and the base address multiples of 16 bytes (TMA's rules), on a GPU with
-    TMA (sm_90 or later) or under the interpreter. Anything else takes the pointer path."""
+    """Whether every given (N, D) tensor (None: absent) can be read (or written) through a tensor
+    descriptor: half precision (fp32's CUDA-core dots spilled on descriptor tiles,
+    benchmarks/RESULTS.md), at least one row and one column, unit stride along D, the row stride and
+    the base address multiples of 16 bytes (TMA's rules), on a GPU with TMA (sm_90 or later) or under
+    the interpreter. Anything else takes the pointer path. The one rule of both the device-side
+    ("tma") and the host-side ("host_tma") descriptors."""
     present = [t for t in tensors if t is not None]
     if not interpreting() and not all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
                                       for t in present):  # fmt: skip
         return False
-    return all(t.element_size() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-               and t.data_ptr() % 16 == 0 for t in present)  # fmt: skip
+    return all(t.element_size() == 2 and t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1
+               and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in present)  # fmt: skip
 
 
 def vector_rows(*tensors: Optional[Tensor]) -> bool:
@@ -1189,31 +1242,72 @@ _HOPPER_KERNELS = {"fwd": _pairwise_lse_fwd_hopper_kernel, "rows": _pairwise_lse
                    "sym": _pairwise_lse_bwd_sym_hopper_kernel, "dy": _pairwise_lse_bwd_dy_hopper_kernel}  # fmt: skip
 _KEYS = {"fwd": [*_KEY, "N_SPLIT"], "rows": _BWD_KEY, "sym": _BWD_KEY, "dy": _BWD_KEY,
          "weights": ["ROW_BIN", "BLOCK_K", "Y_COLUMNS", "EXCLUDE_SELF"]}  # fmt: skip
+#: The host-built descriptors of each Hopper entry ("host_tma"): argument -> (the tensor it describes,
+#: the meta-parameter that gives its block's rows); every block is BLOCK_K columns wide. "x", "y" and
+#: "bank" are the launch's inputs, "dx" and "dy" its outputs (stored through the descriptor).
+DESCRIPTORS = {
+    "fwd": {"X_DESC": ("x", "BLOCK_M"), "Y_DESC": ("y", "BLOCK_N"), "B_DESC": ("bank", "BLOCK_N")},
+    "rows": {"Y_DESC": ("y", "BLOCK_N"), "B_DESC": ("bank", "BLOCK_N"), "DX_DESC": ("dx", "BLOCK_M")},
+    "sym": {"X_DESC": ("x", "BLOCK_N"), "B_DESC": ("bank", "BLOCK_N"), "DX_DESC": ("dx", "BLOCK_M"),
+            "DY_DESC": ("dy", "BLOCK_M")},
+    "dy": {"X_DESC": ("x", "BLOCK_M"), "DY_DESC": ("dy", "BLOCK_N")},
+}
+
+
+def _set_block_shapes(kind: str, nargs: dict) -> None:
+    """A config's pre_hook: each host descriptor of `kind` among the launch's arguments `nargs` gets
+    the block shape of the config about to run (rows from DESCRIPTORS, BLOCK_K columns)."""
+    for name, (_, rows) in DESCRIPTORS[kind].items():
+        desc = nargs.get(name)
+        if desc is not None:
+            desc.block_shape = [nargs[rows], nargs["BLOCK_K"]]
+
+
+def host_descriptors(kind: str, tensors: dict) -> dict:
+    """{argument: TensorDescriptor} for the Hopper entry of `kind` (DESCRIPTORS), each over all of its
+    (N, D) tensor in `tensors` ({"x", "y", "bank", "dx", "dy"}; an absent or None one gets None).
+    The block shape is a placeholder until a config's pre_hook (`_set_block_shapes`) sets it. The
+    forward's x gets one only for the D loop: a resident x block is a pointer load."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = {}
+    for name, (role, _) in DESCRIPTORS[kind].items():
+        t = tensors.get(role)
+        if kind == "fwd" and role == "x" and t is not None and tile_dims(t.shape[1], t.dtype)[1]:
+            t = None
+        out[name] = None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1])
+    return out
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, shapes: tuple):
+def _tuned(kind: str, shapes: tuple, host: bool = False):
     """Kernel `kind` autotuned over configs given as (BLOCK_M, BLOCK_N, num_warps, num_stages,
     LOOP_STAGES) tuples, one autotuner (and one cache of its choices) per list: the Hopper entry, or
-    for "weights" (no variant) today's kernel, whose configs carry no LOOP_STAGES."""
+    for "weights" (no variant) today's kernel, whose configs carry no LOOP_STAGES. `host`: launches
+    with host descriptors ("host_tma"), whose block shapes each config's pre_hook sets; no other
+    launch pays for that hook."""
     hopper = kind in _HOPPER_KERNELS
     loop = lambda stages: {"LOOP_STAGES": stages} if hopper else {}  # noqa: E731
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **loop(ls)}, num_warps=w, num_stages=st)
+    hook = functools.partial(_set_block_shapes, kind) if host else None
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **loop(ls)}, num_warps=w, num_stages=st, pre_hook=hook)
                for bm, bn, w, st, ls in shapes]  # fmt: skip
-    interpret = triton.Config({**INTERPRET_CONFIG.kwargs, **loop(shapes[0][4])}, num_warps=4, num_stages=1)
+    interpret = triton.Config({**INTERPRET_CONFIG.kwargs, **loop(shapes[0][4])}, num_warps=4, num_stages=1,
+                              pre_hook=hook)  # fmt: skip
     reset = ["DY_ACC"] if kind == "rows" else None
     fn = _HOPPER_KERNELS[kind] if hopper else _DEFAULT_KERNELS[kind].fn
-    return autotune(configs, interpret, key=_KEYS[kind] + (["TMA"] if hopper else []), prune=_prune(kind),
-                    reset_to_zero=reset)(fn)  # fmt: skip
+    return autotune(configs, interpret, key=_KEYS[kind] + (["TMA"] if hopper else []) + (["HOST_TMA"] if host else []),
+                    prune=_prune(kind), reset_to_zero=reset)(fn)  # fmt: skip
 
 
-def variant_kernel(kind: str, tensors: tuple) -> tuple:
+def variant_kernel(kind: str, tensors: tuple, outputs: Optional[dict] = None) -> tuple:
     """(kernel, extra meta) that launches `kind` on `tensors` (x, y, bank or None) under HOPPER_VARIANT
     and PINNED_CONFIGS: today's autotuned kernel when neither is set, else the Hopper entry with
     TMA = variant.tma and `tma_eligible(*tensors)`, its configs carrying LOOP_STAGES. On a GPU a
     forward that `forward_configs` gives its own configs takes the Hopper entry over them (TMA off
     unless asked and eligible, LOOP_STAGES None: today's code otherwise). "weights" has no variant:
-    only a pinned config changes its launch."""
+    only a pinned config changes its launch. With variant.host_tma, TMA needs `outputs` ({"dx", "dy"}:
+    the tensors the kernel stores, which TMA writes) eligible too, and the extra meta adds
+    HOST_TMA = True and the descriptors (`host_descriptors`), else it is {"TMA": tma} alone."""
     variant = HOPPER_VARIANT if kind in _HOPPER_KERNELS else HopperVariant()  # "weights" has none
     pinned = PINNED_CONFIGS.get(kind)
     # Under the interpreter every autotuner runs INTERPRET_CONFIG: the forward keeps today's entry
@@ -1231,6 +1325,13 @@ def variant_kernel(kind: str, tensors: tuple) -> tuple:
                     c.num_stages if variant.pipeline else None) for c in configs)  # fmt: skip
     if kind not in _HOPPER_KERNELS:
         return _tuned(kind, shapes), {}
+    outputs = outputs or {}
+    if variant.host_tma:
+        tma = tma_eligible(*tensors, *outputs.values())
+        if tma:
+            roles = dict(zip(("x", "y", "bank"), tensors), **outputs)
+            return _tuned(kind, shapes, host=True), {"TMA": True, "HOST_TMA": True, **host_descriptors(kind, roles)}
+        return _tuned(kind, shapes), {"TMA": False}
     tma = variant.tma and tma_eligible(*tensors)
     if tma and not interpreting():
         _ensure_tma_allocator()
@@ -1448,7 +1549,7 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
     inputs = (x, y, b if has_bank else None)
     with device_ctx(x):
         if same and want_dx and want_dy and flags.y_negatives:
-            kernel, extra = variant_kernel("sym", inputs)
+            kernel, extra = variant_kernel("sym", inputs, {"dx": dx, "dy": dy})
             kernel[rows_grid](
                 x, b, scale, lse, grad_lse, w_pos, wscale, dx, dy,
                 m, n_b, d,
@@ -1459,7 +1560,7 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
         elif want_dx:
             # dy's fp32 accumulator; a one-element stand-in when dy is not asked for (never written).
             dy_acc = torch.zeros((n_y, d) if want_dy else (1,), dtype=torch.float32, device=x.device)
-            kernel, extra = variant_kernel("rows", inputs)
+            kernel, extra = variant_kernel("rows", inputs, {"dx": dx})
             kernel[rows_grid](
                 x, y, b, scale, lse, grad_lse, w_pos, wscale, dx, dy_acc,
                 m, n_y, n_b, d,
@@ -1471,7 +1572,7 @@ def _backward_fused(x, y, b, n_b, has_bank, same, scale, lse, grad_lse, w_pos, w
             if want_dy:
                 dy.copy_(dy_acc.mul_(scale.to(torch.float32) / wscale))
         else:
-            kernel, extra = variant_kernel("dy", (x, y))
+            kernel, extra = variant_kernel("dy", (x, y), {"dy": dy})
             kernel[lambda META: (triton.cdiv(n_y, META["BLOCK_N"]),)](
                 x, y, scale, lse, grad_lse, w_pos, wscale, dy,
                 m, n_y, d,
