@@ -31,11 +31,10 @@
 //     kernels and the backward see the same number.
 #include <math_constants.h>
 
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
-
 #include "fastssl_kernels.h"
 #include "mma_utils.cuh"
 #include "pairwise_tiles.cuh"  // mod_ny
+#include "sm90_host.cuh"  // tma_readable, encode_map_2d
 #include "sm90_utils.cuh"
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -529,47 +528,6 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
 
 // ---- host side ---------------------------------------------------------------------------------
 
-// What TMA can read: row-contiguous, 16-byte aligned base and row stride, int32 row coordinates.
-bool tma_readable(const Matrix& m) {
-  return m.ptr != nullptr && (m.stride_c == 1 || m.cols == 1) && reinterpret_cast<uintptr_t>(m.ptr) % 16 == 0 &&
-         (m.stride_r * 2) % 16 == 0 && m.stride_r >= m.cols && m.rows < (int64_t{1} << 31);
-}
-
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  // Through the runtime's driver entry point, so nothing links libcuda directly.
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-#if CUDART_VERSION >= 12050
-    const cudaError_t err =
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
-#else
-    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
-#endif
-    return err == cudaSuccess && found == cudaDriverEntryPointSuccess
-               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr)
-               : nullptr;
-  }();
-  return fn;
-}
-
-// A 2-D map over m (rows x cols, 2-byte elements) with kBK x 128 boxes and the 128-byte swizzle the
-// descriptors assume; out-of-range elements read as zeros.
-cudaError_t encode_map(CUtensorMap* map, const Matrix& m, DType dtype) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(m.cols), static_cast<cuuint64_t>(m.rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(m.stride_r) * 2};  // bytes, the outer dimension
-  const cuuint32_t box[2] = {kBK, kBM};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUtensorMapDataType type =
-      dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const CUresult r = encode(map, type, 2, const_cast<void*>(m.ptr), dims, strides, box, element_strides,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
 template <typename T, int KIND>
 cudaError_t launch(const Sm90Args& args, int64_t blocks, int64_t slices, cudaStream_t stream) {
   constexpr size_t kSmemBytes = SmemPlan<KIND>::kBytes;
@@ -588,8 +546,9 @@ bool supported(const PairwiseLseProblem& p, DType dtype) {
   const bool same = p.x.ptr == p.y.ptr && p.x.rows == p.y.rows && p.x.cols == p.y.cols &&
                     p.x.stride_r == p.y.stride_r && p.x.stride_c == p.y.stride_c;
   static_assert(KIND != kSym || SmemPlan<KIND>::kMaxChunks <= kStages, "kSym's passes hold every chunk of a tile");
-  return dtype != DType::kFloat32 && p.x.cols >= 1 && p.x.cols <= SmemPlan<KIND>::kMaxD && tma_readable(p.x) &&
-         tma_readable(p.y) && (KIND == kCols || p.bank.rows == 0 || tma_readable(p.bank)) &&
+  return dtype != DType::kFloat32 && p.x.cols >= 1 && p.x.cols <= SmemPlan<KIND>::kMaxD &&
+         sm90::tma_readable(p.x) && sm90::tma_readable(p.y) &&
+         (KIND == kCols || p.bank.rows == 0 || sm90::tma_readable(p.bank)) &&
          (KIND != kSym || (same && p.bank.rows == 0 && p.y_negatives));
 }
 
@@ -610,9 +569,9 @@ cudaError_t run(Sm90Args a, DType dtype, cudaStream_t stream) {
   a.chunks = static_cast<int>((p.x.cols + kBK - 1) / kBK);
   a.stream_tiles = p.y_negatives ? static_cast<int>((streamed + kBN - 1) / kBN) : 0;
   a.bank_tiles = with_bank ? static_cast<int>((p.bank.rows + kBN - 1) / kBN) : 0;
-  cudaError_t err = encode_map(&a.x_map, p.x, dtype);
-  if (err == cudaSuccess) err = encode_map(&a.y_map, p.y, dtype);
-  if (err == cudaSuccess && with_bank) err = encode_map(&a.bank_map, p.bank, dtype);
+  cudaError_t err = sm90::encode_map_2d(&a.x_map, p.x, dtype, kBK, kBM);
+  if (err == cudaSuccess) err = sm90::encode_map_2d(&a.y_map, p.y, dtype, kBK, kBM);
+  if (err == cudaSuccess && with_bank) err = sm90::encode_map_2d(&a.bank_map, p.bank, dtype, kBK, kBM);
   if (err != cudaSuccess) return err;
   return dtype == DType::kBFloat16 ? launch<__nv_bfloat16, KIND>(a, blocks, slices, stream)
                                    : launch<__half, KIND>(a, blocks, slices, stream);

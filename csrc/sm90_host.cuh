@@ -1,9 +1,7 @@
 // Host side of the Hopper kernels: which operands TMA can read, and their CUtensorMap (no torch headers).
 //
 // The driver's cuTensorMapEncodeTiled is reached through the runtime's driver entry point, so no
-// object links libcuda directly. Generic over the box, so each kernel file picks its own tile shape;
-// pairwise_lse_sm90.cu still carries its own copy of these (same code, a 64 x 128 box) until the two
-// are merged.
+// object links libcuda directly. Generic over the box, so each kernel file picks its own tile shape.
 #pragma once
 
 #include <cstdint>
