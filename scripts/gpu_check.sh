@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One short GPU check, within 9 minutes (a GPU session's command is capped at 10): build the CUDA
 # extension unless a prebuilt one loads, run the cuda-marked tests (each failing test's name printed
-# as it fails), time the opt-in Triton Hopper variants against today's kernels, run the headline
-# benchmarks, the DINO and SigLIP comparisons, and the report. Logs go to OUTDIR as each step runs.
+# as it fails), time the opt-in Triton Hopper variants against today's kernels and the cuda backend's
+# kernel sets against the Triton backend, run the headline benchmarks, the DINO and SigLIP
+# comparisons, and the report. Logs go to OUTDIR as each step runs.
 #
 #   scripts/gpu_check.sh [--dry-run] OUTDIR
 #
 # --dry-run prints the plan (each step, its time limit and command, and what was detected) and
 # runs nothing; its limits assume that every earlier step uses all of its own. OUTDIR receives
 # steps.tsv (step, exit code or why it did not run, seconds), one <step>.log per step that ran,
-# hopper_variants.json, benchmarks.json and benchmarks_new.json, report.md and new/report.md, and
+# hopper_variants.json, cuda_variants.json, benchmarks.json and benchmarks_new.json, report.md and new/report.md, and
 # RESULTS.md (a copy of benchmarks/RESULTS.md whose cuda section the report refreshed: copy it back
 # and commit it). The machine (nvidia-smi, versions) is printed first.
 #
@@ -46,7 +47,7 @@ now() { if [ "$DRY_RUN" = 1 ]; then echo "$CLOCK"; else date +%s; fi; }
 DEADLINE=$(( START + ${FASTSSL_CHECK_DEADLINE_S:-540} ))
 MIN_STEP_S=20
 REPORT_S=30  # kept back for the report after the benchmarks
-NEW_LOSSES_S=60  # kept back for the DINO and SigLIP comparisons after the headline benchmarks
+NEW_LOSSES_S=50  # kept back for the DINO and SigLIP comparisons after the headline benchmarks
 
 # What is here decides the plan, probed in one Python process: "<prebuilt> <xdist> <timeout> <arch>".
 read -r PREBUILT HAS_XDIST HAS_TIMEOUT GPU_ARCH <<< "$("$PY" - 2> /dev/null <<'PROBE'
@@ -171,7 +172,11 @@ step tests_cuda 150 --stream '(FAILED|ERROR)( |$)|^=+ .* =+$' "$PY" -m pytest te
 
 # 4. The opt-in Triton Hopper variants against today's kernels (NT-Xent, bf16, 6 shapes; each row
 #    checked against the first; rows past the budget are listed as skipped).
-step hopper_variants 90 "$PY" benchmarks/hopper_variants.py --json "$OUT/hopper_variants.json" --budget-s 70
+step hopper_variants 70 "$PY" benchmarks/hopper_variants.py --json "$OUT/hopper_variants.json" --budget-s 55
+
+# 4b. The cuda backend's kernel sets (today's, the opt-in sm_90a ones) against the Triton backend:
+#     NT-Xent, CLIP, Barlow Twins and VICReg, bf16, each row checked against the Triton one.
+step cuda_variants 60 "$PY" benchmarks/cuda_variants.py --json "$OUT/cuda_variants.json" --budget-s 45
 
 # 5. The headline benchmarks (bf16, each loss's headline size), stopping in time for what follows:
 #    cases that would start after FASTSSL_BENCH_BUDGET_S are skipped, and the JSON is still written.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STEPS = ["build", "tests_cuda", "hopper_variants", "benchmarks", "benchmarks_new", "report"]
+STEPS = ["build", "tests_cuda", "hopper_variants", "cuda_variants", "benchmarks", "benchmarks_new", "report"]
 _STEP_LINE = re.compile(r"^step (\w+) \(at most (\d+)s\): (.*)$")
 
 
@@ -63,7 +63,10 @@ def test_dry_run_plan_here(tmp_path: Path) -> None:
     budget = int(re.search(r"FASTSSL_BENCH_BUDGET_S=(\d+)", bench).group(1))
     assert 0 < budget < bench_limit  # the suite stops starting cases before its step's timeout
     _, hopper = steps["hopper_variants"]
-    assert hopper.endswith(f"benchmarks/hopper_variants.py --json {out}/hopper_variants.json --budget-s 70")
+    assert hopper.endswith(f"benchmarks/hopper_variants.py --json {out}/hopper_variants.json --budget-s 55")
+    cuda_limit, cuda_rows = steps["cuda_variants"]
+    assert cuda_rows.endswith(f"benchmarks/cuda_variants.py --json {out}/cuda_variants.json --budget-s 45")
+    assert 45 < cuda_limit  # the script stops starting rows before its step's timeout
     new_limit, new = steps["benchmarks_new"]
     assert "FASTSSL_BENCH_LOSSES=dino,siglip" in new and f"--benchmark-json {out}/benchmarks_new.json" in new
     assert "(dino and R12288-K65536-D256) or (siglip and 2N65536-D512)" in new
