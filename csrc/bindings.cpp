@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_forward_pipelined(const at::Tens
   return {lse, pos};
 }
 
-// Whether the pipelined kernels (forward and dx) take these inputs.
+// Whether the pipelined kernels (forward, dx and dy) take these inputs.
 bool pairwise_lse_pipelined_supported(const at::Tensor& x, const at::Tensor& y,
                                       const std::optional<at::Tensor>& bank) {
   CHECK_2D(x, "x");
@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> backward(
 #endif
   if (pipelined && fastssl::pairwise_lse_pipelined_supported(pr.p, pr.dtype)) {
     CHECK_CUDA_OK(fastssl::pairwise_lse_backward_rows_pipelined(pr.p, g, pr.dtype, stream));
-    CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kCols, pr.dtype, stream));
+    CHECK_CUDA_OK(fastssl::pairwise_lse_backward_cols_pipelined(pr.p, g, pr.dtype, stream));
     return {dx, dy};
   }
   if (symmetric) {
@@ -295,8 +295,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
                   y_negatives, same, false);
 }
 
-// The backward with dx by the pipelined sm_80+ kernel (what it takes; else as pairwise_lse_backward) and
-// dy by the column kernel: no symmetric x = y launch.
+// The backward with dx and dy by the pipelined sm_80+ row and column kernels (what they take; else as
+// pairwise_lse_backward): no symmetric x = y launch.
 std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward_pipelined(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
     const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
@@ -565,7 +565,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bank"), py::arg("scale"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
         py::arg("y_negatives"));
   m.def("pairwise_lse_backward_pipelined", &pairwise_lse_backward_pipelined,
-        "(dx, dy): dx by the pipelined sm_80+ kernel where it applies, dy by the column one", py::arg("x"),
+        "(dx, dy) by the pipelined sm_80+ row and column kernels where they apply", py::arg("x"),
         py::arg("y"), py::arg("bank"), py::arg("scale"), py::arg("lse"), py::arg("grad_lse"), py::arg("grad_pos"),
         py::arg("grad_lse_absmax"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
         py::arg("y_negatives"), py::arg("same"));

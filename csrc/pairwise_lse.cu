@@ -267,6 +267,7 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_kernel(const KernelArgs
     }
     if constexpr (kColStats) {
       // dy_j = scale·(g_max·acc_j + Σ_{i : p(i) = j} coef_i·x_i), i = ((j − pos_offset) mod Ny) + w·Ny < M.
+      // lse::cols_epilogue written out (as a call it changed the kCols kernels' SASS).
       auto col_epilogue = [&](float (&cacc)[DV / 8][4]) {
 #pragma unroll
       for (int nb = 0; nb < DV / 8; ++nb)

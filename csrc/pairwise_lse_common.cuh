@@ -1,8 +1,10 @@
-// The per-warp pieces of the pairwise-LSE row roles shared by pairwise_lse.cu (64-row CTAs) and
+// The per-warp pieces of the pairwise-LSE roles shared by pairwise_lse.cu (64-row CTAs) and
 // pairwise_lse_pipelined.cu (128-row CTAs, cp.async ring): the masks, the forward's online max/sum,
-// and the forward and dx epilogues. Both kernels give a warp 16 own rows and keep its logits in the
-// mma accumulator layout (pairwise_tiles.cuh): lane (g, t) holds rows row[0] = warp row g and
-// row[1] = g + 8, s[nb][e] at column c0 + nb·8 + 2t + (e & 1) of row row[e >> 1].
+// and the forward, dx and dy epilogues. pairwise_lse.cu calls lse2_of and rows_epilogue; it keeps the
+// others written out, because as calls they changed its kernels' SASS (the bf16/fp16 forward spilled).
+// Both kernels give a warp 16 own rows and keep its logits in the mma accumulator layout
+// (pairwise_tiles.cuh): lane (g, t) holds rows row[0] = warp row g and row[1] = g + 8, s[nb][e] at
+// column c0 + nb·8 + 2t + (e & 1) of row row[e >> 1].
 #pragma once
 
 #include <math_constants.h>
@@ -136,6 +138,57 @@ __device__ __forceinline__ void rows_epilogue(const PairwiseLseProblem& p, const
       const T* yp = static_cast<const T*>(ym.ptr) + pcol[h] * ym.stride_r + col * ym.stride_c;
       const float v = scale * (gl[h] * acc[nb][e] + coef[h] * to_float(*yp));
       static_cast<T*>(gr.dx)[row[h] * D + col] = from_float<T>(v);
+    }
+}
+
+// dy_j = scale·(g_max·acc_j + Σ_{i : p(i) = j} coef_i·x_i), i = ((j − pos_offset) mod Ny) + w·Ny < M, for
+// the warp's own y rows j = wrow0 .. wrow0 + 15 and the columns dv0 .. dv0 + DV of D (acc is scaled in place).
+template <typename T, int DV>
+__device__ __forceinline__ void cols_epilogue(const PairwiseLseProblem& p, const PairwiseLseGrads& gr, int64_t M,
+                                              int64_t NY, int64_t D, double inv_ny, int64_t wrow0,
+                                              const int64_t (&row)[2], int64_t own_rows, int64_t dv0, float g_max,
+                                              float (&cacc)[DV / 8][4], int g, int t, int lane, float qk,
+                                              float scale) {
+#pragma unroll
+  for (int nb = 0; nb < DV / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) cacc[nb][e] *= g_max;
+  for (int64_t wrap = 0; wrap < M; wrap += NY) {
+    float coef[2] = {0.0f, 0.0f};
+    int64_t prow[2] = {-1, -1};
+    for (int rr = 0; rr < 16; ++rr) {
+      const int64_t j = wrow0 + rr;
+      if (j >= NY) break;
+      const int64_t i = mod_ny(j + NY - p.pos_offset, NY, inv_ny) + wrap;
+      if (i >= M) continue;
+      float c = gr.grad_pos[i];
+      if (p.include_pos) {
+        const float pr = warp_rowdot<T>(p.x.ptr, p.x.stride_r, p.x.stride_c, i, p.y.ptr, p.y.stride_r, p.y.stride_c,
+                                        j, D, lane);
+        c += gr.grad_lse[i] * exp2f(pr * qk - lse2_of(gr.lse[i]));
+      }
+      if (rr == g) { coef[0] = c; prow[0] = i; }
+      if (rr == g + 8) { coef[1] = c; prow[1] = i; }
+    }
+#pragma unroll
+    for (int nb = 0; nb < DV / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1;
+        const int64_t col = dv0 + nb * 8 + 2 * t + (e & 1);
+        if (prow[h] < 0 || col >= D) continue;
+        cacc[nb][e] += coef[h] * to_float(static_cast<const T*>(p.x.ptr)[prow[h] * p.x.stride_r + col * p.x.stride_c]);
+      }
+  }
+  T* dy = static_cast<T*>(gr.dy);
+#pragma unroll
+  for (int nb = 0; nb < DV / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1;
+      const int64_t col = dv0 + nb * 8 + 2 * t + (e & 1);
+      if (row[h] >= own_rows || col >= D) continue;
+      dy[row[h] * D + col] = from_float<T>(scale * cacc[nb][e]);
     }
 }
 

@@ -1,5 +1,5 @@
-// Pairwise LSE for sm_80+ (A100-class), pipelined: the forward (kFwd) and the backward's row role
-// (kRows, dx) of pairwise_lse.cu, same contract (fastssl/kernels/torch/pairwise_lse.py is the oracle),
+// Pairwise LSE for sm_80+ (A100-class), pipelined: the forward (kFwd) and the backward's row and
+// column roles (kRows: dx, kCols: dy) of pairwise_lse.cu, same contract (fastssl/kernels/torch/pairwise_lse.py is the oracle),
 // written as FlashAttention-2 (Dao 2023) writes its loops:
 //
 //   * 128-row CTAs: 8 warps of 16 own rows each, so every streamed 64-row tile feeds 128 rows;
@@ -10,10 +10,11 @@
 //
 // Bf16/fp16 only, for operands whose rows are contiguous and 16-byte aligned (vec_ok) and D <= 256
 // (the own tile stays resident); everything else runs pairwise_lse.cu. The own tile (kBM x D, padded to
-// kBK) is copied once, in the first cp.async group. The streamed operand is cut into chunks of
-// kBN rows x kBK columns of D; a CTA walks them in one order, numbered it = 0, 1, ...: per column tile
-// (y if y_negatives, then the bank) n_k chunks for the logit GEMM, and for kRows n_v more (its kDV-wide
-// slice of D, grid axis y) for the accumulate GEMM. The masks, the online max/sum, the positive's fp32
+// kBK; rows of x, of y for kCols) is copied once, in the first cp.async group. The streamed operand is
+// cut into chunks of kBN rows x kBK columns of D; a CTA walks them in one order, numbered it = 0, 1, ...:
+// per tile (y if y_negatives, then the bank; kCols: x) n_k chunks for the logit GEMM, and for
+// kRows / kCols n_v more (its kDV-wide slice of D, grid axis y) for the accumulate GEMM. kCols's last
+// logit chunk of a tile also brings the tile's column statistics (lse and grad_lse of its x rows). The masks, the online max/sum, the positive's fp32
 // row dot and the epilogues are pairwise_lse_common.cuh's, shared with pairwise_lse.cu.
 // tests/csrc/test_pipelined_layout.py emulates the ldmatrix maps and the ring on the CPU.
 #include <math_constants.h>
@@ -52,7 +53,11 @@ constexpr int kPrefetch = kStages - 1;
 constexpr int kWaitDepth = kStages - 2;
 
 __host__ __device__ constexpr int own_ld(int d_pad) { return d_pad + kPad; }
-__host__ __device__ constexpr int smem_bytes(int d_pad) { return 2 * (kBM * own_ld(d_pad) + kStages * kChunkElems); }
+// Per stage, kCols's column statistics: lse and grad_lse of the chunk's kBN streamed rows (fp32).
+constexpr int kStatFloats = 2 * kBN;
+__host__ __device__ constexpr int smem_bytes(int d_pad, bool stats) {
+  return 2 * (kBM * own_ld(d_pad) + kStages * kChunkElems) + (stats ? 4 * kStages * kStatFloats : 0);
+}
 __host__ __device__ constexpr int ring_stage(int it) { return it % kStages; }
 
 // ldmatrix.x4: lane l supplies the address of row l % 8 of matrix l / 8 and receives, in register i,
@@ -88,6 +93,11 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
+// 4 bytes global -> shared (through L1), zero-filled when src_bytes is 0.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int N>
@@ -113,6 +123,17 @@ __device__ __forceinline__ void copy_async(T* dst, int ld, const Matrix& m, int6
       bytes = static_cast<int>(m.cols - gc < 8 ? m.cols - gc : 8) * 2;
     }
     cp_async16(smem_u32(dst + r * ld + c), from, bytes);
+  }
+}
+
+// lse and grad_lse of streamed rows c0 .. c0 + kBN (0 past M) into dst[0 : kBN] and dst[kBN : 2·kBN].
+__device__ __forceinline__ void copy_stats_async(float* dst, const PairwiseLseGrads& g, int64_t c0, int64_t M) {
+  static_assert(kThreads >= kStatFloats, "one thread per statistic");
+  const int i = threadIdx.x;
+  if (i < kStatFloats) {
+    const int64_t c = c0 + (i < kBN ? i : i - kBN);
+    const float* src = i < kBN ? g.lse : g.grad_lse;
+    cp_async4(smem_u32(dst + i), c < M ? src + c : src, c < M ? 4 : 0);
   }
 }
 
@@ -176,24 +197,39 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args 
   const int ldo = own_ld(args.d_pad);
   T* sO = reinterpret_cast<T*>(smem);
   T* ring = sO + kBM * ldo;
+  float* ring_stats = reinterpret_cast<float*>(ring + kStages * kChunkElems);  // kCols only
+  const Matrix& own = KIND == kCols ? p.y : p.x;
+  const int64_t own_rows = KIND == kCols ? NY : M;
 
   const float scale = *p.scale;
   const float qk = scale * kLog2e;
+  // pcol: the positive column p(i) of own row i; kCols: q with p(c) = own row j iff c ≡ q (mod Ny).
   int64_t row[2], pcol[2];
   float row_lse2[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row[h] = r0 + wr0 + g + 8 * h;
-    pcol[h] = row[h] < M ? mod_ny(row[h] + p.pos_offset, NY, args.inv_ny) : -1;
+    if constexpr (KIND == kCols) {
+      pcol[h] = row[h] < NY ? mod_ny(row[h] + NY - p.pos_offset, NY, args.inv_ny) : -1;
+    } else {
+      pcol[h] = row[h] < M ? mod_ny(row[h] + p.pos_offset, NY, args.inv_ny) : -1;
+    }
     if constexpr (KIND == kRows) row_lse2[h] = row[h] < M ? lse2_of(args.g.lse[row[h]]) : 0.0f;
   }
+  float g_max = 0.0f, g_inv = 0.0f;
+  if constexpr (KIND == kCols) {
+    g_max = *args.g.grad_lse_absmax;
+    g_inv = g_max > 0.0f ? 1.0f / g_max : 0.0f;
+  }
 
-  // The chunk sequence: tiles of y (y_negatives), then of the bank; per tile n_k + n_v chunks.
+  // The chunk sequence: tiles of y (y_negatives), then of the bank (kCols: of x, if y_negatives);
+  // per tile n_k + n_v chunks.
+  const Matrix& str = KIND == kCols ? p.x : p.y;
   const int n_k = args.d_pad / kBK;
-  const int n_v = KIND == kRows ? static_cast<int>((args.d_pad - dv0 < kDV ? args.d_pad - dv0 : kDV) / kBK) : 0;
+  const int n_v = KIND != kFwd ? static_cast<int>((args.d_pad - dv0 < kDV ? args.d_pad - dv0 : kDV) / kBK) : 0;
   const int per_tile = n_k + n_v;
-  const int y_tiles = p.y_negatives ? static_cast<int>((NY + kBN - 1) / kBN) : 0;
-  const int n_tiles = y_tiles + static_cast<int>((p.bank.rows + kBN - 1) / kBN);
+  const int y_tiles = p.y_negatives ? static_cast<int>((str.rows + kBN - 1) / kBN) : 0;
+  const int n_tiles = y_tiles + (KIND == kCols ? 0 : static_cast<int>((p.bank.rows + kBN - 1) / kBN));
   const int n_chunks = n_tiles * per_tile;
   auto issue = [&](int n) {
     if (n < n_chunks) {
@@ -201,53 +237,77 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args 
       const bool bank = tile >= y_tiles;
       const int64_t c0 = static_cast<int64_t>(bank ? tile - y_tiles : tile) * kBN;
       const int64_t col0 = q < n_k ? static_cast<int64_t>(q) * kBK : dv0 + static_cast<int64_t>(q - n_k) * kBK;
-      copy_async<T>(ring + ring_stage(n) * kChunkElems, kChunkLd, bank ? p.bank : p.y, c0, col0, kBN, kBK);
+      copy_async<T>(ring + ring_stage(n) * kChunkElems, kChunkLd, bank ? p.bank : str, c0, col0, kBN, kBK);
+      if (KIND == kCols && q == n_k - 1) copy_stats_async(ring_stats + ring_stage(n) * kStatFloats, args.g, c0, M);
     }
     cp_async_commit();  // empty past the end: every use commits one group, so the wait depth holds
   };
 
   // Prologue: the own tile joins chunk 0's group; kPrefetch groups in flight.
-  copy_async<T>(sO, ldo, p.x, r0, 0, kBM, args.d_pad);
+  copy_async<T>(sO, ldo, own, r0, 0, kBM, args.d_pad);
 #pragma unroll
   for (int n = 0; n < kPrefetch; ++n) issue(n);
   int it = 0;
   // Chunk `it` ready in shared memory for every thread, and its successor kPrefetch ahead in flight
   // into the stage that chunk it - 1 used (which every thread has finished reading: the barrier).
-  auto next_chunk = [&]() -> const T* {
+  auto next_chunk = [&]() -> int {
     cp_async_wait<kWaitDepth>();
     __syncthreads();
     issue(it + kPrefetch);
-    return ring + ring_stage(it++) * kChunkElems;
+    return ring_stage(it++);
   };
 
   float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F}, l_run[2] = {0.0f, 0.0f};
-  float acc[KIND == kRows ? kDV / 8 : 1][4];
+  float acc[KIND != kFwd ? kDV / 8 : 1][4];
 #pragma unroll
-  for (int i = 0; i < (KIND == kRows ? kDV / 8 : 1); ++i)
+  for (int i = 0; i < (KIND != kFwd ? kDV / 8 : 1); ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const bool is_bank = tile >= y_tiles;
     const int64_t c0 = static_cast<int64_t>(is_bank ? tile - y_tiles : tile) * kBN;
-    const int64_t cols = is_bank ? p.bank.rows : NY;
+    const int64_t cols = is_bank ? p.bank.rows : str.rows;
     float s[8][4];
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
-    for (int kc = 0; kc < n_k; ++kc) logits_chunk_ldsm<T>(s, sO + kc * kBK, ldo, next_chunk(), wr0, lane);
+    int stage = 0;
+    for (int kc = 0; kc < n_k; ++kc) {
+      stage = next_chunk();
+      logits_chunk_ldsm<T>(s, sO + kc * kBK, ldo, ring + stage * kChunkElems, wr0, lane);
+    }
 
     if constexpr (KIND == kFwd) {
       online_tile(s, p, M, row, pcol, c0, cols, is_bank, qk, t, m_run, l_run);
     } else {
-      // P_ij = exp(s_ij − lse_i) (grad_lse_i is the epilogue's row scale), packed once per tile as the
-      // A fragments of P·V: two n8 logit blocks are one k16 A fragment.
+      // The weights, packed once per tile as the A fragments of the accumulate GEMM (two n8 logit blocks
+      // are one k16 A fragment). kRows: P_ij = exp(s_ij − lse_i) (grad_lse_i is the epilogue's row scale).
+      // kCols: the logit (own y row r, streamed x row c) is s_cr, and G_cr/g_max = grad_lse_c/g_max·
+      // exp(s_cr − lse_c) unless r is c's positive (c ≡ pcol (mod Ny): the bit mask) or (self) c = r; the
+      // statistics came with this tile's last logit chunk, whose stage is read before the next barrier.
       uint32_t w[kBN / 16][4];
+      [[maybe_unused]] const float* st = ring_stats + stage * kStatFloats;
+      uint64_t positives[2] = {0, 0};
+      if constexpr (KIND == kCols) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (row[h] >= NY) continue;
+          for (int64_t c = c0 + mod_ny(pcol[h] - c0, NY, args.inv_ny); c < c0 + kBN; c += NY)
+            positives[h] |= 1ull << (c - c0);
+        }
+      }
       auto p_of = [&](int nb, int e) -> float {
         const int h = e >> 1;
-        const int64_t col = c0 + nb * 8 + 2 * t + (e & 1);
-        return row_keeps(p, M, row[h], pcol[h], col, cols, is_bank) ? exp2f(s[nb][e] * qk - row_lse2[h]) : 0.0f;
+        const int cl = nb * 8 + 2 * t + (e & 1);
+        const int64_t col = c0 + cl;
+        if constexpr (KIND == kRows) {
+          return row_keeps(p, M, row[h], pcol[h], col, cols, is_bank) ? exp2f(s[nb][e] * qk - row_lse2[h]) : 0.0f;
+        } else {
+          const bool ok = row[h] < NY && col < M && !((positives[h] >> cl) & 1) && !(p.exclude_self && col == row[h]);
+          return ok ? st[kBN + cl] * g_inv * exp2f(s[nb][e] * qk - lse2_of(st[cl])) : 0.0f;
+        }
       };
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
@@ -258,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args 
       }
 #pragma unroll
       for (int vc = 0; vc < kDV / kBK; ++vc)
-        if (vc < n_v) weighted_sum_ldsm<T, kDV / 8>(acc, vc * (kBK / 8), w, next_chunk(), lane);
+        if (vc < n_v) weighted_sum_ldsm<T, kDV / 8>(acc, vc * (kBK / 8), w, ring + next_chunk() * kChunkElems, lane);
     }
   }
   cp_async_wait<0>();
@@ -266,8 +326,11 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args 
   if constexpr (KIND == kFwd) {
     forward_epilogue<T>(p, M, NY, D, args.inv_ny, r0 + wr0, row, g, t, lane, qk, scale, m_run, l_run, args.lse_out,
                         args.pos_out);
-  } else {
+  } else if constexpr (KIND == kRows) {
     rows_epilogue<T, kDV>(p, args.g, p.y, M, NY, D, args.inv_ny, r0 + wr0, row, pcol, dv0, acc, g, t, lane, qk,
+                          scale);
+  } else {
+    cols_epilogue<T, kDV>(p, args.g, M, NY, D, args.inv_ny, r0 + wr0, row, own_rows, dv0, g_max, acc, g, t, lane, qk,
                           scale);
   }
 }
@@ -277,8 +340,8 @@ cudaError_t launch(Args a, cudaStream_t stream) {
   const int64_t D = a.p.x.cols;
   a.d_pad = static_cast<int>((D + kBK - 1) / kBK * kBK);
   a.inv_ny = 1.0 / static_cast<double>(a.p.y.rows > 0 ? a.p.y.rows : 1);
-  const int bytes = smem_bytes(a.d_pad);
-  const int64_t blocks = (a.p.x.rows + kBM - 1) / kBM;
+  const int bytes = smem_bytes(a.d_pad, KIND == kCols);
+  const int64_t blocks = ((KIND == kCols ? a.p.y.rows : a.p.x.rows) + kBM - 1) / kBM;
   const int64_t slices = KIND == kFwd ? 1 : (D + kDV - 1) / kDV;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -322,6 +385,15 @@ cudaError_t pairwise_lse_backward_rows_pipelined(const PairwiseLseProblem& p, co
   a.p = p;
   a.g = g;
   return pipe::dispatch<lse::kRows>(a, dtype, stream);
+}
+
+cudaError_t pairwise_lse_backward_cols_pipelined(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                                 cudaStream_t stream) {
+  if (!pairwise_lse_pipelined_supported(p, dtype)) return cudaErrorInvalidValue;
+  pipe::Args a{};
+  a.p = p;
+  a.g = g;
+  return pipe::dispatch<lse::kCols>(a, dtype, stream);
 }
 
 }  // namespace fastssl

@@ -21,7 +21,9 @@ What is mirrored from the kernel (keep in sync): the operand addresses of `logit
 (A: sA + (wr0 + a_row)·lda + a_col + k; B: sB + b_row·ld + b_col + nb·8·ld + k, registers 0, 1 for block
 nb and 2, 3 for nb + 1) and `weighted_sum_ldsm` (V: sV + a_row·ld + a_col + kk·16·ld + nb·8, .trans),
 the A packing of the weights, `copy_async`'s thread-to-piece map, and the prologue / `next_chunk`
-order of the ring (kPrefetch issues; per chunk: wait, barrier, issue chunk + kPrefetch, read).
+order of the ring (kPrefetch issues; per chunk: wait, barrier, issue chunk + kPrefetch, read). dy's
+column statistics join the commit group of their tile's last logit chunk, in that chunk's stage, and
+are read (the weights) before the next barrier: within that chunk's read window here.
 """
 
 from __future__ import annotations
@@ -52,12 +54,16 @@ using namespace fastssl::pipe;
 
 int main() {
   std::printf("{\"threads\": %d, \"bm\": %d, \"bn\": %d, \"bk\": %d, \"dv\": %d, \"max_d\": %d, \"pad\": %d, "
-              "\"chunk_ld\": %d, \"chunk_elems\": %d, \"stages\": %d, \"prefetch\": %d, \"wait_depth\": %d,\n",
-              kThreads, kBM, kBN, kBK, kDV, kMaxD, kPad, kChunkLd, kChunkElems, kStages, kPrefetch, kWaitDepth);
+              "\"chunk_ld\": %d, \"chunk_elems\": %d, \"stages\": %d, \"prefetch\": %d, \"wait_depth\": %d, "
+              "\"stat_floats\": %d,\n",
+              kThreads, kBM, kBN, kBK, kDV, kMaxD, kPad, kChunkLd, kChunkElems, kStages, kPrefetch, kWaitDepth,
+              kStatFloats);
   std::printf("\"own_ld\": {");
   for (int d = 64; d <= kMaxD; d += 64) std::printf("%s\"%d\": %d", d > 64 ? ", " : "", d, own_ld(d));
   std::printf("}, \"smem\": {");
-  for (int d = 64; d <= kMaxD; d += 64) std::printf("%s\"%d\": %d", d > 64 ? ", " : "", d, smem_bytes(d));
+  for (int d = 64; d <= kMaxD; d += 64) std::printf("%s\"%d\": %d", d > 64 ? ", " : "", d, smem_bytes(d, false));
+  std::printf("}, \"smem_stats\": {");
+  for (int d = 64; d <= kMaxD; d += 64) std::printf("%s\"%d\": %d", d > 64 ? ", " : "", d, smem_bytes(d, true));
   std::printf("},\n\"a\": [");
   for (int l = 0; l < 32; ++l) std::printf("%s[%d, %d]", l ? ", " : "", ldsm_a_row(l), ldsm_a_col(l));
   std::printf("], \"b\": [");
@@ -87,6 +93,7 @@ def kernel(tmp_path_factory):
     info = json.loads(run.stdout)
     info["own_ld"] = {int(k): v for k, v in info["own_ld"].items()}
     info["smem"] = {int(k): v for k, v in info["smem"].items()}
+    info["smem_stats"] = {int(k): v for k, v in info["smem_stats"].items()}
     return info
 
 
@@ -211,8 +218,11 @@ def test_shared_memory_layout_is_aligned_and_conflict_free(kernel):
     for d_pad, lda in kernel["own_ld"].items():
         ring_base = kernel["bm"] * lda * 2
         assert ring_base % 128 == 0, f"D={d_pad}: ring at byte {ring_base}"
-        assert kernel["smem"][d_pad] == ring_base + kernel["stages"] * kernel["chunk_elems"] * 2
-        assert kernel["smem"][d_pad] <= SM86_SMEM <= SM80_SMEM, f"D={d_pad}: {kernel['smem'][d_pad]} bytes"
+        stats_base = ring_base + kernel["stages"] * kernel["chunk_elems"] * 2  # dy's column statistics
+        assert kernel["smem"][d_pad] == stats_base and stats_base % 16 == 0
+        assert kernel["smem_stats"][d_pad] == stats_base + 4 * kernel["stages"] * kernel["stat_floats"]
+        assert kernel["stat_floats"] <= kernel["threads"]  # copy_stats_async: one thread per value
+        assert kernel["smem_stats"][d_pad] <= SM86_SMEM <= SM80_SMEM, f"D={d_pad}: {kernel['smem_stats'][d_pad]} bytes"
         maps = [(lda, kernel["a"], wr0 * lda + k) for wr0 in range(0, kernel["bm"], 16) for k in range(0, d_pad, 16)]
         maps += [(ld, kernel["b"], nb * 8 * ld + k) for nb in range(0, 8, 2) for k in range(0, kernel["bk"], 16)]
         maps += [(ld, kernel["a"], kk * 16 * ld + nb * 8) for kk in range(4) for nb in range(0, kernel["bk"] // 8, 2)]
@@ -328,3 +338,41 @@ def test_ring_emulation_detects_wrong_waits_and_prefetch(kernel):
         check_ring(kernel, 9, kernel["stages"], kernel["wait_depth"] + 1)
     with pytest.raises(AssertionError, match="lands in stage|overwritten|reads chunk"):
         check_ring(kernel, 9, kernel["prefetch"], kernel["wait_depth"], barrier=False)
+
+
+# ---- dy's positive columns --------------------------------------------------------------------------
+
+
+def mod_ny(a: int, n: int) -> int:
+    """pairwise_tiles.cuh's mod_ny: a double-precision quotient truncated toward zero, then corrected."""
+    r = a - int(float(a) * (1.0 / n)) * n
+    while r < 0:
+        r += n
+    while r >= n:
+        r -= n
+    return r
+
+
+def positives_mask(j: int, c0: int, ny: int, pos_offset: int, bn: int) -> int:
+    """The kCols kernel's mask of the tile's x rows c0 .. c0 + bn whose positive is own y row j:
+    pcol = mod_ny(j + Ny − pos_offset), then c from c0 + mod_ny(pcol − c0) in steps of Ny."""
+    pcol = mod_ny(j + ny - pos_offset, ny)
+    mask, c = 0, c0 + mod_ny(pcol - c0, ny)
+    while c < c0 + bn:
+        mask |= 1 << (c - c0)
+        c += ny
+    return mask
+
+
+@pytest.mark.parametrize("ny", [1, 3, 63, 64, 65, 1000])
+def test_dy_positive_mask_is_the_definition(kernel, ny):
+    """Bit c − c0 is set exactly when p(c) = (c + pos_offset) mod Ny is the own row j (any number of
+    wraps M / Ny, negative c0 − pcol, Ny below and above the tile width)."""
+    rng = random.Random(ny)
+    bn = kernel["bn"]
+    for _ in range(200):
+        pos_offset = rng.randrange(ny)
+        j = rng.randrange(ny)
+        c0 = bn * rng.randrange(0, 40)
+        want = sum(1 << (c - c0) for c in range(c0, c0 + bn) if (c + pos_offset) % ny == j)
+        assert positives_mask(j, c0, ny, pos_offset, bn) == want, (ny, pos_offset, j, c0)
