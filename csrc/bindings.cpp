@@ -274,8 +274,12 @@ std::tuple<at::Tensor, at::Tensor> backward(
   TORCH_CHECK(!hopper, "fastssl._C: built without the sm_90a kernels");
 #endif
   if (pipelined && fastssl::pairwise_lse_pipelined_supported(pr.p, pr.dtype)) {
-    CHECK_CUDA_OK(fastssl::pairwise_lse_backward_rows_pipelined(pr.p, g, pr.dtype, stream));
-    CHECK_CUDA_OK(fastssl::pairwise_lse_backward_cols_pipelined(pr.p, g, pr.dtype, stream));
+    if (same && y_negatives && pr.p.bank.rows == 0) {
+      CHECK_CUDA_OK(fastssl::pairwise_lse_backward_sym_pipelined(pr.p, g, pr.dtype, stream));
+    } else {
+      CHECK_CUDA_OK(fastssl::pairwise_lse_backward_rows_pipelined(pr.p, g, pr.dtype, stream));
+      CHECK_CUDA_OK(fastssl::pairwise_lse_backward_cols_pipelined(pr.p, g, pr.dtype, stream));
+    }
     return {dx, dy};
   }
   if (symmetric) {
@@ -295,8 +299,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
                   y_negatives, same, false);
 }
 
-// The backward with dx and dy by the pipelined sm_80+ row and column kernels (what they take; else as
-// pairwise_lse_backward): no symmetric x = y launch.
+// The backward with dx and dy by the pipelined sm_80+ kernels (what they take; else as
+// pairwise_lse_backward): the symmetric one when y is x, else the row and the column one.
 std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward_pipelined(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
     const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
@@ -565,7 +569,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bank"), py::arg("scale"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
         py::arg("y_negatives"));
   m.def("pairwise_lse_backward_pipelined", &pairwise_lse_backward_pipelined,
-        "(dx, dy) by the pipelined sm_80+ row and column kernels where they apply", py::arg("x"),
+        "(dx, dy) by the pipelined sm_80+ kernels where they apply", py::arg("x"),
         py::arg("y"), py::arg("bank"), py::arg("scale"), py::arg("lse"), py::arg("grad_lse"), py::arg("grad_pos"),
         py::arg("grad_lse_absmax"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
         py::arg("y_negatives"), py::arg("same"));

@@ -1,5 +1,5 @@
 // Pairwise LSE for sm_80+ (A100-class), pipelined: the forward (kFwd) and the backward's row and
-// column roles (kRows: dx, kCols: dy) of pairwise_lse.cu, same contract (fastssl/kernels/torch/pairwise_lse.py is the oracle),
+// column roles (kRows: dx, kCols: dy, kSym: both when y is x) of pairwise_lse.cu, same contract (fastssl/kernels/torch/pairwise_lse.py is the oracle),
 // written as FlashAttention-2 (Dao 2023) writes its loops:
 //
 //   * 128-row CTAs: 8 warps of 16 own rows each, so every streamed 64-row tile feeds 128 rows;
@@ -13,8 +13,10 @@
 // kBK; rows of x, of y for kCols) is copied once, in the first cp.async group. The streamed operand is
 // cut into chunks of kBN rows x kBK columns of D; a CTA walks them in one order, numbered it = 0, 1, ...:
 // per tile (y if y_negatives, then the bank; kCols: x) n_k chunks for the logit GEMM, and for
-// kRows / kCols n_v more (its kDV-wide slice of D, grid axis y) for the accumulate GEMM. kCols's last
-// logit chunk of a tile also brings the tile's column statistics (lse and grad_lse of its x rows). The masks, the online max/sum, the positive's fp32
+// the backward roles n_v more (their kDV-wide slice of D, grid axis y; kSym: 64-wide) for the accumulate
+// GEMM(s). The last logit chunk of a tile of kCols / kSym also brings the tile's column statistics (lse
+// and grad_lse of its x rows). kSym (x is y: SimCLR, DCL) computes each logit tile S_IJ = X_I·X_Jᵀ once
+// and uses it twice, as pairwise_lse.cu's kSym: row weights (lse_I) → dx_I, column weights (lse_J) → dy_I. The masks, the online max/sum, the positive's fp32
 // row dot and the epilogues are pairwise_lse_common.cuh's, shared with pairwise_lse.cu.
 // tests/csrc/test_pipelined_layout.py emulates the ldmatrix maps and the ring on the CPU.
 #include <math_constants.h>
@@ -38,7 +40,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kBM = 128;  // own rows per CTA, 16 per warp
 constexpr int kBN = 64;   // streamed rows per tile
 constexpr int kBK = 64;   // columns of D per chunk
-constexpr int kDV = 128;  // dx columns per CTA (grid axis y)
+constexpr int kDV = 128;  // dx / dy columns per CTA (grid axis y)
+constexpr int kSymDV = 64;  // kSym's, with its two accumulators
 constexpr int kMaxD = 256;
 // Rows padded by 16 bytes: a row stride of 16 (mod 128) bytes puts the 8 rows of every ldmatrix
 // 8 x 8 matrix in 8 distinct 16-byte bank groups (tests/csrc/test_pipelined_layout.py).
@@ -53,7 +56,7 @@ constexpr int kPrefetch = kStages - 1;
 constexpr int kWaitDepth = kStages - 2;
 
 __host__ __device__ constexpr int own_ld(int d_pad) { return d_pad + kPad; }
-// Per stage, kCols's column statistics: lse and grad_lse of the chunk's kBN streamed rows (fp32).
+// Per stage, kCols's and kSym's column statistics: lse and grad_lse of the chunk's kBN streamed rows (fp32).
 constexpr int kStatFloats = 2 * kBN;
 __host__ __device__ constexpr int smem_bytes(int d_pad, bool stats) {
   return 2 * (kBM * own_ld(d_pad) + kStages * kChunkElems) + (stats ? 4 * kStages * kStatFloats : 0);
@@ -185,51 +188,57 @@ struct Args {
   double inv_ny;
 };
 
+template <int KIND>
+struct Role {
+  static constexpr bool kColStats = KIND == kCols || KIND == kSym;
+  static constexpr int kWidth = KIND == kSym ? kSymDV : kDV;  // columns of D per CTA (backward)
+};
+
 template <typename T, int KIND>
 __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args args) {
+  constexpr bool kColStats = Role<KIND>::kColStats;
+  constexpr int DV = Role<KIND>::kWidth;
   extern __shared__ __align__(128) unsigned char smem[];
   const PairwiseLseProblem& p = args.p;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int wr0 = warp * 16;
   const int64_t M = p.x.rows, NY = p.y.rows, D = p.x.cols;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t dv0 = static_cast<int64_t>(blockIdx.y) * kDV;
+  const int64_t dv0 = static_cast<int64_t>(blockIdx.y) * DV;
   const int ldo = own_ld(args.d_pad);
   T* sO = reinterpret_cast<T*>(smem);
   T* ring = sO + kBM * ldo;
-  float* ring_stats = reinterpret_cast<float*>(ring + kStages * kChunkElems);  // kCols only
+  float* ring_stats = reinterpret_cast<float*>(ring + kStages * kChunkElems);  // kColStats only
   const Matrix& own = KIND == kCols ? p.y : p.x;
   const int64_t own_rows = KIND == kCols ? NY : M;
 
   const float scale = *p.scale;
   const float qk = scale * kLog2e;
-  // pcol: the positive column p(i) of own row i; kCols: q with p(c) = own row j iff c ≡ q (mod Ny).
-  int64_t row[2], pcol[2];
+  // pcol: the positive column p(i) of own row i (row roles); qcol (column roles): p(c) = own row j
+  // iff c ≡ qcol (mod Ny).
+  int64_t row[2], pcol[2] = {-1, -1}, qcol[2] = {-1, -1};
   float row_lse2[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row[h] = r0 + wr0 + g + 8 * h;
-    if constexpr (KIND == kCols) {
-      pcol[h] = row[h] < NY ? mod_ny(row[h] + NY - p.pos_offset, NY, args.inv_ny) : -1;
-    } else {
-      pcol[h] = row[h] < M ? mod_ny(row[h] + p.pos_offset, NY, args.inv_ny) : -1;
-    }
-    if constexpr (KIND == kRows) row_lse2[h] = row[h] < M ? lse2_of(args.g.lse[row[h]]) : 0.0f;
+    if constexpr (KIND != kCols) pcol[h] = row[h] < M ? mod_ny(row[h] + p.pos_offset, NY, args.inv_ny) : -1;
+    if constexpr (kColStats) qcol[h] = row[h] < NY ? mod_ny(row[h] + NY - p.pos_offset, NY, args.inv_ny) : -1;
+    if constexpr (KIND == kRows || KIND == kSym) row_lse2[h] = row[h] < M ? lse2_of(args.g.lse[row[h]]) : 0.0f;
   }
   float g_max = 0.0f, g_inv = 0.0f;
-  if constexpr (KIND == kCols) {
+  if constexpr (kColStats) {
     g_max = *args.g.grad_lse_absmax;
     g_inv = g_max > 0.0f ? 1.0f / g_max : 0.0f;
   }
 
-  // The chunk sequence: tiles of y (y_negatives), then of the bank (kCols: of x, if y_negatives);
+  // The chunk sequence: tiles of y (y_negatives), then of the bank (kCols, kSym: of x, if y_negatives);
   // per tile n_k + n_v chunks.
-  const Matrix& str = KIND == kCols ? p.x : p.y;
+  const Matrix& str = kColStats ? p.x : p.y;
   const int n_k = args.d_pad / kBK;
-  const int n_v = KIND != kFwd ? static_cast<int>((args.d_pad - dv0 < kDV ? args.d_pad - dv0 : kDV) / kBK) : 0;
+  const int n_v = KIND != kFwd ? static_cast<int>((args.d_pad - dv0 < DV ? args.d_pad - dv0 : DV) / kBK) : 0;
   const int per_tile = n_k + n_v;
   const int y_tiles = p.y_negatives ? static_cast<int>((str.rows + kBN - 1) / kBN) : 0;
-  const int n_tiles = y_tiles + (KIND == kCols ? 0 : static_cast<int>((p.bank.rows + kBN - 1) / kBN));
+  const int n_tiles = y_tiles + (kColStats ? 0 : static_cast<int>((p.bank.rows + kBN - 1) / kBN));
   const int n_chunks = n_tiles * per_tile;
   auto issue = [&](int n) {
     if (n < n_chunks) {
@@ -238,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args 
       const int64_t c0 = static_cast<int64_t>(bank ? tile - y_tiles : tile) * kBN;
       const int64_t col0 = q < n_k ? static_cast<int64_t>(q) * kBK : dv0 + static_cast<int64_t>(q - n_k) * kBK;
       copy_async<T>(ring + ring_stage(n) * kChunkElems, kChunkLd, bank ? p.bank : str, c0, col0, kBN, kBK);
-      if (KIND == kCols && q == n_k - 1) copy_stats_async(ring_stats + ring_stage(n) * kStatFloats, args.g, c0, M);
+      if (kColStats && q == n_k - 1) copy_stats_async(ring_stats + ring_stage(n) * kStatFloats, args.g, c0, M);
     }
     cp_async_commit();  // empty past the end: every use commits one group, so the wait depth holds
   };
@@ -258,11 +267,16 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args 
   };
 
   float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F}, l_run[2] = {0.0f, 0.0f};
-  float acc[KIND != kFwd ? kDV / 8 : 1][4];
+  float acc[KIND != kFwd ? DV / 8 : 1][4];
+  float acc2[KIND == kSym ? DV / 8 : 1][4];  // kSym's dy
 #pragma unroll
-  for (int i = 0; i < (KIND != kFwd ? kDV / 8 : 1); ++i)
+  for (int i = 0; i < (KIND != kFwd ? DV / 8 : 1); ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < (KIND == kSym ? DV / 8 : 1); ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc2[i][e] = 0.0f;
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const bool is_bank = tile >= y_tiles;
@@ -283,42 +297,58 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args 
       online_tile(s, p, M, row, pcol, c0, cols, is_bank, qk, t, m_run, l_run);
     } else {
       // The weights, packed once per tile as the A fragments of the accumulate GEMM (two n8 logit blocks
-      // are one k16 A fragment). kRows: P_ij = exp(s_ij − lse_i) (grad_lse_i is the epilogue's row scale).
-      // kCols: the logit (own y row r, streamed x row c) is s_cr, and G_cr/g_max = grad_lse_c/g_max·
-      // exp(s_cr − lse_c) unless r is c's positive (c ≡ pcol (mod Ny): the bit mask) or (self) c = r; the
-      // statistics came with this tile's last logit chunk, whose stage is read before the next barrier.
-      uint32_t w[kBN / 16][4];
+      // are one k16 A fragment). Row weights (kRows, kSym's dx): P_ij = exp(s_ij − lse_i) (grad_lse_i is
+      // the epilogue's row scale). Column weights (kCols, kSym's dy): the logit (own row r, streamed x
+      // row c) is s_cr, and G_cr/g_max = grad_lse_c/g_max·exp(s_cr − lse_c) unless r is c's positive
+      // (c ≡ qcol (mod Ny): the bit mask) or (self) c = r; the statistics came with this tile's last logit
+      // chunk, whose stage is read before the next barrier.
       [[maybe_unused]] const float* st = ring_stats + stage * kStatFloats;
       uint64_t positives[2] = {0, 0};
-      if constexpr (KIND == kCols) {
+      if constexpr (kColStats) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if (row[h] >= NY) continue;
-          for (int64_t c = c0 + mod_ny(pcol[h] - c0, NY, args.inv_ny); c < c0 + kBN; c += NY)
+          for (int64_t c = c0 + mod_ny(qcol[h] - c0, NY, args.inv_ny); c < c0 + kBN; c += NY)
             positives[h] |= 1ull << (c - c0);
         }
       }
-      auto p_of = [&](int nb, int e) -> float {
+      auto row_w = [&](int nb, int e) -> float {
+        const int h = e >> 1;
+        const int64_t col = c0 + nb * 8 + 2 * t + (e & 1);
+        return row_keeps(p, M, row[h], pcol[h], col, cols, is_bank) ? exp2f(s[nb][e] * qk - row_lse2[h]) : 0.0f;
+      };
+      auto col_w = [&](int nb, int e) -> float {
         const int h = e >> 1;
         const int cl = nb * 8 + 2 * t + (e & 1);
         const int64_t col = c0 + cl;
-        if constexpr (KIND == kRows) {
-          return row_keeps(p, M, row[h], pcol[h], col, cols, is_bank) ? exp2f(s[nb][e] * qk - row_lse2[h]) : 0.0f;
-        } else {
-          const bool ok = row[h] < NY && col < M && !((positives[h] >> cl) & 1) && !(p.exclude_self && col == row[h]);
-          return ok ? st[kBN + cl] * g_inv * exp2f(s[nb][e] * qk - lse2_of(st[cl])) : 0.0f;
+        const bool ok = row[h] < NY && col < M && !((positives[h] >> cl) & 1) && !(p.exclude_self && col == row[h]);
+        return ok ? st[kBN + cl] * g_inv * exp2f(s[nb][e] * qk - lse2_of(st[cl])) : 0.0f;
+      };
+      auto pack = [&](uint32_t (&w)[kBN / 16][4], auto&& w_of) {
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+          w[kk][0] = pack_floats<T>(w_of(2 * kk, 0), w_of(2 * kk, 1));
+          w[kk][1] = pack_floats<T>(w_of(2 * kk, 2), w_of(2 * kk, 3));
+          w[kk][2] = pack_floats<T>(w_of(2 * kk + 1, 0), w_of(2 * kk + 1, 1));
+          w[kk][3] = pack_floats<T>(w_of(2 * kk + 1, 2), w_of(2 * kk + 1, 3));
         }
       };
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        w[kk][0] = pack_floats<T>(p_of(2 * kk, 0), p_of(2 * kk, 1));
-        w[kk][1] = pack_floats<T>(p_of(2 * kk, 2), p_of(2 * kk, 3));
-        w[kk][2] = pack_floats<T>(p_of(2 * kk + 1, 0), p_of(2 * kk + 1, 1));
-        w[kk][3] = pack_floats<T>(p_of(2 * kk + 1, 2), p_of(2 * kk + 1, 3));
+      uint32_t w[kBN / 16][4];
+      [[maybe_unused]] uint32_t w2[KIND == kSym ? kBN / 16 : 1][4];
+      if constexpr (KIND == kCols) {
+        pack(w, col_w);
+      } else {
+        pack(w, row_w);
       }
+      if constexpr (KIND == kSym) pack(w2, col_w);
 #pragma unroll
-      for (int vc = 0; vc < kDV / kBK; ++vc)
-        if (vc < n_v) weighted_sum_ldsm<T, kDV / 8>(acc, vc * (kBK / 8), w, ring + next_chunk() * kChunkElems, lane);
+      for (int vc = 0; vc < DV / kBK; ++vc) {
+        if (vc < n_v) {
+          const T* v = ring + next_chunk() * kChunkElems;
+          weighted_sum_ldsm<T, DV / 8>(acc, vc * (kBK / 8), w, v, lane);
+          if constexpr (KIND == kSym) weighted_sum_ldsm<T, DV / 8>(acc2, vc * (kBK / 8), w2, v, lane);
+        }
+      }
     }
   }
   cp_async_wait<0>();
@@ -326,12 +356,15 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_pipe_kernel(const Args 
   if constexpr (KIND == kFwd) {
     forward_epilogue<T>(p, M, NY, D, args.inv_ny, r0 + wr0, row, g, t, lane, qk, scale, m_run, l_run, args.lse_out,
                         args.pos_out);
-  } else if constexpr (KIND == kRows) {
-    rows_epilogue<T, kDV>(p, args.g, p.y, M, NY, D, args.inv_ny, r0 + wr0, row, pcol, dv0, acc, g, t, lane, qk,
-                          scale);
+  } else if constexpr (KIND == kCols) {
+    cols_epilogue<T, DV>(p, args.g, M, NY, D, args.inv_ny, r0 + wr0, row, own_rows, dv0, g_max, acc, g, t, lane, qk,
+                         scale);
   } else {
-    cols_epilogue<T, kDV>(p, args.g, M, NY, D, args.inv_ny, r0 + wr0, row, own_rows, dv0, g_max, acc, g, t, lane, qk,
-                          scale);
+    rows_epilogue<T, DV>(p, args.g, p.y /* kSym: y is x */, M, NY, D, args.inv_ny, r0 + wr0, row, pcol, dv0, acc, g,
+                         t, lane, qk, scale);
+    if constexpr (KIND == kSym)
+      cols_epilogue<T, DV>(p, args.g, M, NY, D, args.inv_ny, r0 + wr0, row, own_rows, dv0, g_max, acc2, g, t, lane,
+                           qk, scale);
   }
 }
 
@@ -340,9 +373,10 @@ cudaError_t launch(Args a, cudaStream_t stream) {
   const int64_t D = a.p.x.cols;
   a.d_pad = static_cast<int>((D + kBK - 1) / kBK * kBK);
   a.inv_ny = 1.0 / static_cast<double>(a.p.y.rows > 0 ? a.p.y.rows : 1);
-  const int bytes = smem_bytes(a.d_pad, KIND == kCols);
+  constexpr int DV = Role<KIND>::kWidth;
+  const int bytes = smem_bytes(a.d_pad, Role<KIND>::kColStats);
   const int64_t blocks = ((KIND == kCols ? a.p.y.rows : a.p.x.rows) + kBM - 1) / kBM;
-  const int64_t slices = KIND == kFwd ? 1 : (D + kDV - 1) / kDV;
+  const int64_t slices = KIND == kFwd ? 1 : (D + DV - 1) / DV;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   auto kernel = pairwise_lse_pipe_kernel<T, KIND>;
@@ -394,6 +428,18 @@ cudaError_t pairwise_lse_backward_cols_pipelined(const PairwiseLseProblem& p, co
   a.p = p;
   a.g = g;
   return pipe::dispatch<lse::kCols>(a, dtype, stream);
+}
+
+cudaError_t pairwise_lse_backward_sym_pipelined(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                                cudaStream_t stream) {
+  // x is y (one pointer, same shape and strides), its columns are the negatives, and there is no bank.
+  const bool same = p.x.ptr == p.y.ptr && p.x.rows == p.y.rows && p.x.stride_r == p.y.stride_r &&
+                    p.x.stride_c == p.y.stride_c && p.y_negatives && p.bank.rows == 0;
+  if (!same || !pairwise_lse_pipelined_supported(p, dtype)) return cudaErrorInvalidValue;
+  pipe::Args a{};
+  a.p = p;
+  a.g = g;
+  return pipe::dispatch<lse::kSym>(a, dtype, stream);
 }
 
 }  // namespace fastssl

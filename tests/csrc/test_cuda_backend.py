@@ -40,8 +40,8 @@ NO_NVCC = "nvcc is not on PATH: the CUDA sources cannot be compiled here"
 #: Kernels ptxas must see per architecture: the pairwise-LSE template (3 dtypes x fwd/rows/cols,
 #: plus the symmetric backward for bf16 and fp16) and the Frobenius helpers.
 EXPECTED_PAIRWISE_KERNELS = 11
-#: The pipelined pairwise-LSE kernels (pairwise_lse_pipelined.cu): bf16 and fp16 x forward, dx and dy.
-EXPECTED_PIPELINED_KERNELS = 6
+#: The pipelined pairwise-LSE kernels (pairwise_lse_pipelined.cu): bf16 and fp16 x forward, dx, dy, symmetric.
+EXPECTED_PIPELINED_KERNELS = 8
 
 
 @pytest.fixture(scope="module", params=["80", "90"])

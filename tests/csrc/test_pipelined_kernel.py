@@ -1,15 +1,16 @@
-"""csrc/pairwise_lse_pipelined.cu, the pipelined sm_80+ pairwise-LSE forward, dx and dy: the CPU proofs and the GPU checks.
+"""csrc/pairwise_lse_pipelined.cu, the pipelined sm_80+ pairwise-LSE forward and backward: the CPU proofs and the GPU checks.
 
 CPU (nvcc, no GPU): the file compiles for sm_80 and sm_90 with no register spills and no stack frame in
-any of its kernels (forward, dx and dy, bf16 and fp16); its SASS holds what it was written for: LDGSTS
+any of its kernels (forward, dx, dy and the symmetric x = y backward, bf16 and fp16); its SASS holds what it was written for: LDGSTS
 (cp.async, 16 bytes, zero fill), LDSM.16.M88.4 and LDSM.16.MT88.4 (ldmatrix .x4 and .x4.trans), HMMA
 m16n8k16 for bf16 and fp16, no shared-memory store (every tile comes from cp.async) and no other
-shared-memory load (every fragment comes from ldmatrix; dy's kernel reads its column statistics); prebuild and the JIT loader build it for both archs; the launcher
+shared-memory load (every fragment comes from ldmatrix; the dy and symmetric kernels read their column
+statistics); prebuild and the JIT loader build it for both archs; the launcher
 takes it only with FASTSSL_CUDA_PIPELINE=1 on sm_80+ (FASTSSL_CUDA_SM90=1 wins on sm_90).
 tests/csrc/test_pipelined_layout.py emulates its ldmatrix maps, shared-memory layout and cp.async ring.
 
 GPU (`cuda` marker, sm_80+): the kernels are taken exactly for the inputs they can read, and (lse, pos)
-and the gradients (dx and dy by the pipelined kernels) match the float64 oracle for
+and the gradients (dx and dy by the pipelined kernels, one symmetric launch when y is x) match the float64 oracle for
 every mode, ragged tiles, the bank and D up to 256; tests/csrc/test_cuda_backend.py runs its whole
 pairwise-LSE parametrisation under the variable too.
 """
@@ -52,9 +53,9 @@ def build(request, tmp_path_factory):
 def test_compiles_without_spills_or_stack_frame(build):
     arch, report, _ = build
     kernels = re.findall(rf"Compiling entry function '([^']+)' for 'sm_{arch}'", report)
-    # kFwd (Li0E), kRows (Li1E) and kCols (Li2E), each for bf16 and fp16
+    # kFwd (Li0E), kRows (Li1E), kCols (Li2E) and kSym (Li3E), each for bf16 and fp16
     roles = sorted(re.search(r"pairwise_lse_pipe_kernelI\w+?(Li\dE)", k).group(1) for k in kernels)
-    assert roles == ["Li0E"] * 2 + ["Li1E"] * 2 + ["Li2E"] * 2, kernels
+    assert roles == ["Li0E"] * 2 + ["Li1E"] * 2 + ["Li2E"] * 2 + ["Li3E"] * 2, kernels
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(frames) == len(kernels), report
     assert all(f == ("0", "0", "0") for f in frames), f"sm_{arch}: stack frame or spills (frame, stores, loads): {frames}"
@@ -77,15 +78,15 @@ def test_sass_uses_cp_async_ldmatrix_and_tensor_cores(build):
     assert re.search(r"\bHMMA\.16816\.F32\.BF16\b", sass), f"sm_{arch}: no bf16 m16n8k16 HMMA"
     assert re.search(r"\bHMMA\.16816\.F32 ", sass), f"sm_{arch}: no fp16 m16n8k16 HMMA"
     # Any other shared-memory access would be a fragment or tile load that bypasses ldmatrix / cp.async
-    # (`@!PT LDS RZ, [RZ]` is ptxas's never-executed filler after LDGSTS); dy's kernel (Li2E) also reads
-    # its column statistics (lse, grad_lse of the streamed rows) with LDS.
+    # (`@!PT LDS RZ, [RZ]` is ptxas's never-executed filler after LDGSTS); the dy and symmetric kernels
+    # (Li2E, Li3E) also read their column statistics (lse, grad_lse of the streamed rows) with LDS.
     functions = re.split(r"\n\s*Function : ", sass)[1:]
-    assert len(functions) == 6, f"sm_{arch}: {len(functions)} functions in the SASS"
+    assert len(functions) == 8, f"sm_{arch}: {len(functions)} functions in the SASS"
     for body in functions:
         name = body.split()[0]
         shared = [ln.strip() for ln in body.splitlines() if re.search(r"\b(LDS|STS)(\.[\w.]+)?\s", ln)
                   and "@!PT LDS RZ, [RZ]" not in ln]  # fmt: skip
-        if "Li2E" in name:
+        if "Li2E" in name or "Li3E" in name:
             shared = [ln for ln in shared if "STS" in ln]
         assert not shared, f"sm_{arch} {name}: shared-memory accesses besides ldmatrix and cp.async: {shared[:5]}"
 

@@ -15,8 +15,9 @@ and dy (csrc/README.md). Nothing of size M x Ny is allocated; no host synchronis
 
 On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` runs the forward and the backward (dx and dy, or the symmetric
 launch when y is x, each where TMA can read the inputs) on the Hopper kernels of
-csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; on sm_80 and later, ``FASTSSL_CUDA_PIPELINE=1`` runs them on
-csrc/pairwise_lse_pipelined.cu (cp.async ring, ldmatrix, 128-row tiles; FASTSSL_CUDA_SM90 wins on sm_90).
+csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; on sm_80 and later, ``FASTSSL_CUDA_PIPELINE=1`` runs them
+(the symmetric launch too) on csrc/pairwise_lse_pipelined.cu (cp.async ring, ldmatrix, 128-row tiles;
+FASTSSL_CUDA_SM90 wins on sm_90).
 Both are off by default until a GPU run has verified them.
 """
 
