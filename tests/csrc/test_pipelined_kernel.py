@@ -111,6 +111,8 @@ def test_selection_is_opt_in_and_sm80_plus(monkeypatch, name):
     for cap in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0)]:
         assert launcher(ext, cap, name) == "pipelined", cap
     assert launcher(ext, (7, 5), name) == "default"  # cp.async and ldmatrix .x4 need sm_80
+    # An op without a pipelined variant (the Frobenius forward, cuBLAS by default) keeps its route.
+    assert launcher(types.SimpleNamespace(), (8, 0), "sq_frobenius_forward") is None
     monkeypatch.setenv(SM90_ENV, "1")  # both asked for: the Hopper kernels on sm_90, the pipelined elsewhere
     assert launcher(ext, (9, 0), name) == "sm90"
     assert launcher(ext, (8, 0), name) == "pipelined"
