@@ -25,7 +25,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "fastssl" / "__init__.py").read_text(), re.M).group(1)
 CSRC_SOURCES = ["csrc/bindings.cpp", "csrc/pairwise_lse.cu", "csrc/frobenius.cu", "csrc/worst_pair.cu",
-                "csrc/pairwise_sigmoid.cu", "csrc/pairwise_max.cu"]
+                "csrc/pairwise_sigmoid.cu", "csrc/pairwise_max.cu", "csrc/pairwise_lse_pipelined.cu"]
 
 
 def _gencode_flags(arch_list: str) -> list:

@@ -179,12 +179,49 @@ bool pairwise_lse_sm90_supported(const at::Tensor& x, const at::Tensor& y, const
 }
 #endif  // FASTSSL_WITH_SM90
 
+// The pipelined sm_80+ forward (pairwise_lse_pipelined.cu): the same (lse, pos) as pairwise_lse_forward;
+// inputs it cannot take (fp32, rows that are not contiguous and 16-byte aligned, D > 256) run that one.
+std::tuple<at::Tensor, at::Tensor> pairwise_lse_forward_pipelined(const at::Tensor& x, const at::Tensor& y,
+                                                                  const std::optional<at::Tensor>& bank,
+                                                                  const at::Tensor& scale, int64_t pos_offset,
+                                                                  bool exclude_self, bool include_pos,
+                                                                  bool y_negatives) {
+  const Problem pr = make_problem(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
+  if (!fastssl::pairwise_lse_pipelined_supported(pr.p, pr.dtype) || x.size(0) == 0) {
+    return pairwise_lse_forward(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto opts = x.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({x.size(0)}, opts);
+  at::Tensor pos = at::empty({x.size(0)}, opts);
+  CHECK_CUDA_OK(fastssl::pairwise_lse_forward_pipelined(pr.p, pr.dtype, lse.data_ptr<float>(), pos.data_ptr<float>(),
+                                                        c10::cuda::getCurrentCUDAStream().stream()));
+  return {lse, pos};
+}
+
+// Whether the pipelined kernels (forward, dx and dy) take these inputs.
+bool pairwise_lse_pipelined_supported(const at::Tensor& x, const at::Tensor& y,
+                                      const std::optional<at::Tensor>& bank) {
+  CHECK_2D(x, "x");
+  CHECK_2D(y, "y");
+  fastssl::PairwiseLseProblem p;
+  p.x = as_matrix(x);
+  p.y = as_matrix(y);
+  if (bank.has_value() && bank->numel() > 0) {
+    CHECK_2D(*bank, "bank");
+    p.bank = as_matrix(*bank);
+  }
+  return fastssl::pairwise_lse_pipelined_supported(p, dtype_of(x, "x"));
+}
+
 // (dx, dy) in the input dtype. `same`: y is x, and the caller adds dx + dy. `hopper`: dx and dy by the
-// sm_90a kernels where they apply (pairwise_lse_backward_sm90 below).
+// sm_90a kernels where they apply (pairwise_lse_backward_sm90 below); `pipelined`: by the pipelined
+// sm_80+ kernels (pairwise_lse_backward_pipelined).
 std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
     const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
-    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same, bool hopper) {
+    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same, bool hopper,
+    bool pipelined = false) {
   const Problem pr = make_problem(x, y, bank, scale, pos_offset, exclude_self, include_pos, y_negatives);
   const int64_t m = x.size(0);
   auto check_stat = [&](const at::Tensor& t, const char* name) {
@@ -236,6 +273,15 @@ std::tuple<at::Tensor, at::Tensor> backward(
 #else
   TORCH_CHECK(!hopper, "fastssl._C: built without the sm_90a kernels");
 #endif
+  if (pipelined && fastssl::pairwise_lse_pipelined_supported(pr.p, pr.dtype)) {
+    if (same && y_negatives && pr.p.bank.rows == 0) {
+      CHECK_CUDA_OK(fastssl::pairwise_lse_backward_sym_pipelined(pr.p, g, pr.dtype, stream));
+    } else {
+      CHECK_CUDA_OK(fastssl::pairwise_lse_backward_rows_pipelined(pr.p, g, pr.dtype, stream));
+      CHECK_CUDA_OK(fastssl::pairwise_lse_backward_cols_pipelined(pr.p, g, pr.dtype, stream));
+    }
+    return {dx, dy};
+  }
   if (symmetric) {
     CHECK_CUDA_OK(fastssl::pairwise_lse_backward(pr.p, g, fastssl::BackwardKind::kSymmetric, pr.dtype, stream));
   } else {
@@ -251,6 +297,16 @@ std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward(
     int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same) {
   return backward(x, y, bank, scale, lse, grad_lse, grad_pos, grad_lse_absmax, pos_offset, exclude_self, include_pos,
                   y_negatives, same, false);
+}
+
+// The backward with dx and dy by the pipelined sm_80+ kernels (what they take; else as
+// pairwise_lse_backward): the symmetric one when y is x, else the row and the column one.
+std::tuple<at::Tensor, at::Tensor> pairwise_lse_backward_pipelined(
+    const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bank, const at::Tensor& scale,
+    const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_lse_absmax,
+    int64_t pos_offset, bool exclude_self, bool include_pos, bool y_negatives, bool same) {
+  return backward(x, y, bank, scale, lse, grad_lse, grad_pos, grad_lse_absmax, pos_offset, exclude_self, include_pos,
+                  y_negatives, same, false, true);
 }
 
 #ifdef FASTSSL_WITH_SM90
@@ -508,6 +564,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the sm_90a kernel of `role` ('forward', 'rows': dx, 'cols': dy, 'sym': x = y) takes these inputs",
         py::arg("x"), py::arg("y"), py::arg("bank"), py::arg("role") = "forward");
 #endif
+  m.def("pairwise_lse_forward_pipelined", &pairwise_lse_forward_pipelined,
+        "per-row (lse, pos) in fp32 by the pipelined sm_80+ kernel where it applies", py::arg("x"), py::arg("y"),
+        py::arg("bank"), py::arg("scale"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
+        py::arg("y_negatives"));
+  m.def("pairwise_lse_backward_pipelined", &pairwise_lse_backward_pipelined,
+        "(dx, dy) by the pipelined sm_80+ kernels where they apply", py::arg("x"),
+        py::arg("y"), py::arg("bank"), py::arg("scale"), py::arg("lse"), py::arg("grad_lse"), py::arg("grad_pos"),
+        py::arg("grad_lse_absmax"), py::arg("pos_offset"), py::arg("exclude_self"), py::arg("include_pos"),
+        py::arg("y_negatives"), py::arg("same"));
+  m.def("pairwise_lse_pipelined_supported", &pairwise_lse_pipelined_supported,
+        "whether the pipelined sm_80+ kernels take these inputs", py::arg("x"), py::arg("y"), py::arg("bank"));
   m.def("affine_columns", &affine_columns, "per-column (a - shift) * scale, rounded to a's dtype", py::arg("a"),
         py::arg("shift"), py::arg("scale"), py::arg("out_fp32"));
   m.def("sum_product", &sum_product, "deterministic sum of u * v (fp32)", py::arg("u"), py::arg("v"));

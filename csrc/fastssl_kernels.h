@@ -79,6 +79,21 @@ bool pairwise_lse_sym_sm90_supported(const PairwiseLseProblem& p, DType dtype);
 cudaError_t pairwise_lse_backward_sym_sm90(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
                                            cudaStream_t stream);
 
+// The forward and the backward's dx (kRows), dy (kCols) and both at once when x is y (kSymmetric)
+// pipelined for sm_80+ (pairwise_lse_pipelined.cu: 128-row CTAs, a cp.async ring, ldmatrix). `supported`:
+// bf16/fp16, row-contiguous operands with 16-byte aligned base and row stride, D <= 256; the launchers
+// return cudaErrorInvalidValue for anything else (the symmetric one also unless y is x, y_negatives and
+// no bank). The dx launcher writes g.dx only, the dy launcher g.dy only.
+bool pairwise_lse_pipelined_supported(const PairwiseLseProblem& p, DType dtype);
+cudaError_t pairwise_lse_forward_pipelined(const PairwiseLseProblem& p, DType dtype, float* lse, float* pos,
+                                           cudaStream_t stream);
+cudaError_t pairwise_lse_backward_rows_pipelined(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                                 cudaStream_t stream);
+cudaError_t pairwise_lse_backward_cols_pipelined(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                                 cudaStream_t stream);
+cudaError_t pairwise_lse_backward_sym_pipelined(const PairwiseLseProblem& p, const PairwiseLseGrads& g, DType dtype,
+                                                cudaStream_t stream);
+
 // Frobenius family (docs/design.md family 2): the per-column affine transform folded into one pass,
 // out[r, k] = round_to_dtype((a[r, k] − shift[k])·scale[k]) (shift/scale may be null), written
 // contiguous (R, K) in `out_dtype` (the input dtype, or fp32).

@@ -27,6 +27,7 @@
 
 #include "fastssl_kernels.h"
 #include "mma_utils.cuh"
+#include "pairwise_lse_common.cuh"
 #include "pairwise_tiles.cuh"
 
 namespace fastssl {
@@ -35,10 +36,8 @@ namespace {
 using namespace detail;
 // kThreads, kBM, kBN, kBK, kLog2e, mod_ny, the tile GEMMs logits_chunk / weighted_sum and vec_ok.
 using namespace tiles;
-
-constexpr float kLn2 = 0.6931471805599453f;
-
-enum Kind : int { kFwd = 0, kRows = 1, kCols = 2, kSym = 3 };
+// Kind, lse2_of and the dx epilogue (rows_epilogue).
+using namespace lse;
 
 // Output slice width of the backward roles: 128 fp32 accumulators per row (64 registers a lane);
 // kSym keeps two accumulators (dx and dy) and uses 64 to stay within the register file.
@@ -59,11 +58,6 @@ struct KernelArgs {
   int vec_x, vec_y, vec_bank;
   double inv_ny;    // 1 / Ny, for mod_ny
 };
-
-__device__ __forceinline__ float lse2_of(float lse) {
-  // A row without any column has lse = -inf; exp(s − lse) must then be 0, not NaN.
-  return lse == -CUDART_INF_F ? CUDART_INF_F : lse * kLog2e;
-}
 
 template <typename T, int KIND>
 __global__ void __launch_bounds__(kThreads) pairwise_lse_kernel(const KernelArgs args) {
@@ -155,7 +149,9 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_kernel(const KernelArgs
       }
 
       if constexpr (KIND == kFwd) {
-        // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row).
+        // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row). This
+        // is lse::online_tile (and lse::row_keeps below is w_row's mask) written out: as calls they
+        // changed ptxas's register allocation here (the bf16/fp16 forward spilled).
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float tv[8][2];
@@ -233,6 +229,7 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_kernel(const KernelArgs
   const float* grad_lse = args.g.grad_lse;
   const float* grad_pos = args.g.grad_pos;
   if constexpr (KIND == kFwd) {
+    // lse::forward_epilogue written out, as online_tile above (as a call it changed this kernel's SASS).
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
@@ -265,35 +262,12 @@ __global__ void __launch_bounds__(kThreads) pairwise_lse_kernel(const KernelArgs
     return;
   } else {
     if constexpr (KIND == kRows || KIND == kSym) {
-      // dx_i = scale·(grad_lse_i·acc_i + coef_i·y_p(i)), coef_i = grad_pos_i + grad_lse_i·P_i,p(i).
-      const Matrix& ym = p.y;  // kSym: y is x
-      float coef[2] = {0.0f, 0.0f}, gl[2] = {0.0f, 0.0f};
-      for (int rr = 0; rr < 16; ++rr) {
-        const int64_t i = r0 + wr0 + rr;
-        if (i >= M) break;
-        float c = grad_pos[i];
-        if (p.include_pos) {
-          const float pr = warp_rowdot<T>(p.x.ptr, p.x.stride_r, p.x.stride_c, i, ym.ptr, ym.stride_r, ym.stride_c,
-                                          mod_ny(i + p.pos_offset, NY, args.inv_ny), D, lane);
-          c += grad_lse[i] * exp2f(pr * qk - lse2_of(args.g.lse[i]));
-        }
-        if (rr == g) { coef[0] = c; gl[0] = grad_lse[i]; }
-        if (rr == g + 8) { coef[1] = c; gl[1] = grad_lse[i]; }
-      }
-#pragma unroll
-      for (int nb = 0; nb < DV / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e >> 1;
-          const int64_t col = dv0 + nb * 8 + 2 * t + (e & 1);
-          if (row[h] >= M || col >= D) continue;
-          const T* yp = static_cast<const T*>(ym.ptr) + pcol[h] * ym.stride_r + col * ym.stride_c;
-          const float v = scale * (gl[h] * acc[nb][e] + coef[h] * to_float(*yp));
-          static_cast<T*>(args.g.dx)[row[h] * D + col] = from_float<T>(v);
-        }
+      rows_epilogue<T, DV>(p, args.g, p.y /* kSym: y is x */, M, NY, D, args.inv_ny, r0 + wr0, row, pcol, dv0, acc, g,
+                           t, lane, qk, scale);
     }
     if constexpr (kColStats) {
       // dy_j = scale·(g_max·acc_j + Σ_{i : p(i) = j} coef_i·x_i), i = ((j − pos_offset) mod Ny) + w·Ny < M.
+      // lse::cols_epilogue written out (as a call it changed the kCols kernels' SASS).
       auto col_epilogue = [&](float (&cacc)[DV / 8][4]) {
 #pragma unroll
       for (int nb = 0; nb < DV / 8; ++nb)

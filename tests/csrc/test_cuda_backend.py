@@ -27,7 +27,7 @@ import torch
 import fastssl
 from fastssl.backends import available_backends, cuda_extension_usable, resolve_backend
 from fastssl.kernels.cuda._ext import ARCH_SPECIFIC_SOURCES
-from fastssl.kernels.cuda.pairwise_lse import SM90_ENV
+from fastssl.kernels.cuda.pairwise_lse import PIPELINE_ENV, SM90_ENV
 from tests.utils import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,11 +40,13 @@ NO_NVCC = "nvcc is not on PATH: the CUDA sources cannot be compiled here"
 #: Kernels ptxas must see per architecture: the pairwise-LSE template (3 dtypes x fwd/rows/cols,
 #: plus the symmetric backward for bf16 and fp16) and the Frobenius helpers.
 EXPECTED_PAIRWISE_KERNELS = 11
+#: The pipelined pairwise-LSE kernels (pairwise_lse_pipelined.cu): bf16 and fp16 x forward, dx, dy, symmetric.
+EXPECTED_PIPELINED_KERNELS = 8
 
 
 @pytest.fixture(scope="module", params=["80", "90"])
 def ptxas_report(request, tmp_path_factory):
-    """(arch, [(kernel, spill_stores, spill_loads)]) from one nvcc call compiling every .cu for sm_<arch>."""
+    """(arch, [(kernel, spill_stores, spill_loads, stack_frame)]) from one nvcc call compiling every .cu for sm_<arch>."""
     if NVCC is None:
         pytest.skip(NO_NVCC)
     arch = request.param
@@ -59,21 +61,24 @@ def ptxas_report(request, tmp_path_factory):
         if m:
             current = m.group(1)
             continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and current is not None:
-            kernels.append((current, int(m.group(1)), int(m.group(2))))
+            kernels.append((current, int(m.group(2)), int(m.group(3)), int(m.group(1))))
             current = None
     return arch, kernels
 
 
 def test_cu_files_compile_without_spills(ptxas_report):
     arch, kernels = ptxas_report
-    names = [k for k, _, _ in kernels]
+    names = [k[0] for k in kernels]
     pairwise = [k for k in names if "pairwise_lse_kernel" in k]
     assert len(pairwise) == EXPECTED_PAIRWISE_KERNELS, f"sm_{arch}: pairwise-LSE kernels seen by ptxas: {pairwise}"
+    pipelined = [(k, frame) for k, _, _, frame in kernels if "pairwise_lse_pipe_kernel" in k]
+    assert len(pipelined) == EXPECTED_PIPELINED_KERNELS, f"sm_{arch}: pipelined kernels seen by ptxas: {pipelined}"
+    assert all(frame == 0 for _, frame in pipelined), f"sm_{arch}: stack frame in a pipelined kernel: {pipelined}"
     for helper in ("affine_columns", "sum_product_partial_kernel", "column_stats_partial_kernel", "worst_pair_kernel"):
         assert any(helper in k for k in names), f"sm_{arch}: no {helper} kernel in {names}"
-    spilling = [(k, st, ld) for k, st, ld in kernels if st or ld]
+    spilling = [(k, st, ld) for k, st, ld, _ in kernels if st or ld]
     assert not spilling, f"sm_{arch}: register spills (kernel, store bytes, load bytes): {spilling}"
 
 
@@ -162,11 +167,19 @@ def cuda_backend():
     return "cuda"
 
 
-@pytest.fixture(params=["default", "sm90"])
+@pytest.fixture(params=["default", "sm90", "pipelined"])
 def forward_kernel(request, monkeypatch, cuda_backend):
-    """Each pairwise-LSE test runs both kernel sets: the default kernels, and (FASTSSL_CUDA_SM90=1) the
-    sm_90a forward, dx and dy of csrc/pairwise_lse_sm90.cu, which exist only on sm_90 GPUs."""
-    if request.param == "sm90":
+    """Each pairwise-LSE test runs every kernel set: the default kernels, (FASTSSL_CUDA_SM90=1) the sm_90a
+    forward, dx and dy of csrc/pairwise_lse_sm90.cu, which exist only on sm_90 GPUs, and
+    (FASTSSL_CUDA_PIPELINE=1) the sm_80+ kernels of csrc/pairwise_lse_pipelined.cu."""
+    monkeypatch.delenv(PIPELINE_ENV, raising=False)
+    if request.param == "pipelined":
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            pytest.skip(f"the pipelined kernels need sm_80 or later; this GPU is sm_{major}{minor}")
+        monkeypatch.delenv(SM90_ENV, raising=False)
+        monkeypatch.setenv(PIPELINE_ENV, "1")
+    elif request.param == "sm90":
         major, minor = torch.cuda.get_device_capability()
         if (major, minor) != (9, 0):
             pytest.skip(f"the sm_90a forward runs only on sm_90 GPUs (H100/H200); this one is sm_{major}{minor}")
@@ -197,6 +210,8 @@ MODES = ["simclr", "clip", "dcl", "moco", "bank+batch", "uniformity"]
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("m,d", [(2, 1), (3, 7), (65, 33), (130, 257), (1000, 64), (513, 300), (257, 1100)])
 def test_pairwise_lse_cuda_fp32(cuda_backend, forward_kernel, mode, m, d):
+    if forward_kernel == "pipelined":
+        pytest.skip("fp32 runs the default kernels under FASTSSL_CUDA_PIPELINE=1 too (covered by 'default')")
     if mode == "dcl" and m == 2:
         pytest.skip("DCL over one pair has no negatives (the public API requires N >= 2 pairs)")
     _compare(cuda_backend, mode, m, d, torch.float32)
@@ -214,6 +229,8 @@ def test_pairwise_lse_cuda_half(cuda_backend, forward_kernel, dtype, mode, m, d)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 2.0])
 def test_pairwise_lse_cuda_strided(cuda_backend, forward_kernel, dtype, temperature):
+    if forward_kernel == "pipelined" and dtype == torch.float32:
+        pytest.skip("fp32 runs the default kernels under FASTSSL_CUDA_PIPELINE=1 too (covered by 'default')")
     _compare(cuda_backend, "clip", 300, 96, dtype, temperature=temperature, strided=True)
 
 
@@ -245,6 +262,9 @@ def test_symmetric_backward_matches_two_kernel_path(cuda_backend, forward_kernel
 @pytest.mark.parametrize("n,d", [(2, 1), (33, 257), (1000, 128)])
 def test_losses_cuda(cuda_backend, forward_kernel, dtype, loss, n, d):
     from tests.backends.test_losses import check_against_reference
+
+    if forward_kernel == "pipelined" and dtype == torch.float32:
+        pytest.skip("fp32 runs the default kernels under FASTSSL_CUDA_PIPELINE=1 too (covered by 'default')")
 
     check_against_reference(loss, cuda_backend, n, d, 0.5, dtype=dtype, device="cuda")
 

@@ -30,7 +30,7 @@ import torch
 
 #: The portable kernel sources (every arch), in the order setup.py compiles them.
 SOURCES = ("bindings.cpp", "pairwise_lse.cu", "frobenius.cu", "worst_pair.cu", "pairwise_sigmoid.cu",
-           "pairwise_max.cu")
+           "pairwise_max.cu", "pairwise_lse_pipelined.cu")
 #: Sources built for one architecture only, as its arch-specific variant (wgmma and TMA need sm_90a):
 #: prebuild.py and the JIT loader build them, setup.py's one multi-arch flag set cannot. Linking one
 #: defines BINDINGS_DEFINES[source] in bindings.cpp, which then exposes its launchers.

@@ -15,7 +15,10 @@ and dy (csrc/README.md). Nothing of size M x Ny is allocated; no host synchronis
 
 On sm_90 GPUs, ``FASTSSL_CUDA_SM90=1`` runs the forward and the backward (dx and dy, or the symmetric
 launch when y is x, each where TMA can read the inputs) on the Hopper kernels of
-csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; it is off by default until a GPU run has verified them.
+csrc/pairwise_lse_sm90.cu (TMA, wgmma) instead; on sm_80 and later, ``FASTSSL_CUDA_PIPELINE=1`` runs them
+(the symmetric launch too) on csrc/pairwise_lse_pipelined.cu (cp.async ring, ldmatrix, 128-row tiles;
+FASTSSL_CUDA_SM90 wins on sm_90).
+Both are off by default until a GPU run has verified them.
 """
 
 from __future__ import annotations
@@ -48,14 +51,20 @@ def _scale32(scale: Tensor, x: Tensor) -> Tensor:
 
 #: Set to 1 to run csrc/pairwise_lse_sm90.cu on sm_90 devices (csrc/README.md).
 SM90_ENV = "FASTSSL_CUDA_SM90"
+#: Set to 1 to run csrc/pairwise_lse_pipelined.cu on sm_80+ devices (csrc/README.md).
+PIPELINE_ENV = "FASTSSL_CUDA_PIPELINE"
 
 
 def launcher(ext: ModuleType, capability: tuple[int, int], name: str) -> Optional[Callable[..., Any]]:
     """The extension's `name` ("pairwise_lse_forward" or "pairwise_lse_backward") for a device of compute
     `capability`: its sm_90a variant only on sm_90 with FASTSSL_CUDA_SM90=1 (which falls back to the
-    sm_80 kernels itself, per gradient, for inputs TMA cannot read). None when that is not selected and the
-    extension has no `name` (an op whose default route is not in csrc, e.g. the Frobenius GEMMs in cuBLAS)."""
+    sm_80 kernels itself, per gradient, for inputs TMA cannot read), else its pipelined variant on sm_80+ with
+    FASTSSL_CUDA_PIPELINE=1 where the extension has one (which falls back to the default kernels itself for
+    inputs it cannot take). None when that is not selected and the extension has no `name` (an op whose
+    default route is not in csrc, e.g. the Frobenius GEMMs in cuBLAS)."""
     if os.environ.get(SM90_ENV, "0") != "1" or capability != (9, 0):
+        if os.environ.get(PIPELINE_ENV, "0") == "1" and capability >= (8, 0) and hasattr(ext, f"{name}_pipelined"):
+            return getattr(ext, f"{name}_pipelined")
         return getattr(ext, name, None)
     if not hasattr(ext, f"{name}_sm90"):
         raise RuntimeError(
