@@ -50,11 +50,13 @@ class Row(NamedTuple):
 
 #: The Triton backend first (the others are compared with it), then the cuda backend's kernel sets:
 #: today's default, the sm_90a kernels (TMA + wgmma: pairwise-LSE forward, dx, dy and the symmetric
-#: backward; the fused Frobenius forward), opt-in until a GPU run verifies them.
+#: backward; the fused Frobenius forward) and the pipelined sm_80 pairwise-LSE kernels (cp.async,
+#: ldmatrix, 128-row tiles; they run on sm_90 too), both opt-in until a GPU run verifies them.
 ROWS = [
     Row("triton", "triton", {}, ("pairwise", "frobenius")),
     Row("cuda", "cuda", {}, ("pairwise", "frobenius")),
     Row("cuda sm90", "cuda", {"FASTSSL_CUDA_SM90": "1"}, ("pairwise", "frobenius")),
+    Row("cuda pipelined", "cuda", {"FASTSSL_CUDA_PIPELINE": "1"}, ("pairwise",)),
 ]
 DTYPE = "bfloat16"
 

@@ -21,15 +21,16 @@ SCRIPT = ROOT / "benchmarks" / "cuda_variants.py"
 def test_plan_rows_select_what_the_adapters_read():
     """The Triton backend first; the cuda rows set exactly the variables the cuda adapters read;
     every case's family has the Triton row and at least one cuda row."""
-    from fastssl.kernels.cuda.pairwise_lse import SM90_ENV
+    from fastssl.kernels.cuda.pairwise_lse import PIPELINE_ENV, SM90_ENV
     from specs import SPECS
 
     first = cuda_variants.ROWS[0]
     assert (first.backend, first.env) == ("triton", {})
-    known_variables = {SM90_ENV}
+    known_variables = {SM90_ENV, PIPELINE_ENV}
     for row in cuda_variants.ROWS[1:]:
         assert row.backend == "cuda" and set(row.env) <= known_variables, row
     assert {SM90_ENV: "1"} in [row.env for row in cuda_variants.ROWS]
+    assert {PIPELINE_ENV: "1"} in [row.env for row in cuda_variants.ROWS]
     for loss, two_n, d in cuda_variants.CASES["gpu"] + cuda_variants.CASES["dry-run"]:
         rows = [r for r in cuda_variants.ROWS if SPECS[loss].family in r.families]
         assert rows[0] is first and len(rows) >= 2, loss
@@ -46,18 +47,17 @@ def test_environment_is_set_inside_and_restored_after(monkeypatch):
 
 def test_a_failing_row_is_recorded_and_a_disagreeing_one_flagged(tmp_path, monkeypatch):
     """In-process dry run with `_measure` replaced: the "cuda" row raises (recorded, the others run on),
-    the "cuda sm90" row returns other gradients (agrees False); the environment is the row's."""
+    the opt-in rows return other gradients (agrees False); each call sees its row's environment only."""
     import torch
 
     seen = []
 
     def fake_measure(case, reps):
-        sm90 = os.environ.get("FASTSSL_CUDA_SM90")
-        seen.append(sm90)
-        if len(seen) % 3 == 2:
-            raise RuntimeError("kernel launch failed")
-        grads = torch.ones(4) * (2.0 if sm90 == "1" else 1.0)
-        return 1e-3, 1.0, grads
+        env = {k: os.environ[k] for k in ("FASTSSL_CUDA_SM90", "FASTSSL_CUDA_PIPELINE") if k in os.environ}
+        seen.append(env)
+        if case.provider == "fastssl-torch" and len(seen) > 1 and seen[-1] == {} and seen[-2] == {}:
+            raise RuntimeError("kernel launch failed")  # the second row without variables: "cuda"
+        return 1e-3, 1.0, torch.ones(4) * (2.0 if env else 1.0)
 
     monkeypatch.setattr(cuda_variants, "_measure", fake_measure)
     cuda_variants._setup()
@@ -65,13 +65,19 @@ def test_a_failing_row_is_recorded_and_a_disagreeing_one_flagged(tmp_path, monke
     result = cuda_variants.run(True, 1, 1e9, out, None)
     records = result["records"]
     assert json.loads(out.read_text())["records"] == records
-    n_cases = len(cuda_variants.CASES["dry-run"])
-    assert seen == [None, None, "1"] * n_cases
-    assert [r["label"] for r in records] == ["triton", "cuda", "cuda sm90"] * n_cases
-    for first, failed, other in zip(records[::3], records[1::3], records[2::3]):
-        assert first["agrees"] and first["ms"] == pytest.approx(1.0)
-        assert "kernel launch failed" in failed["error"] and "ms" not in failed
-        assert other["agrees"] is False and other["grad_rel_diff"] == pytest.approx(1.0)
+    from specs import SPECS
+
+    expected = [(loss, row) for loss, _, _ in cuda_variants.CASES["dry-run"] for row in cuda_variants.ROWS
+                if SPECS[loss].family in row.families]  # fmt: skip
+    assert [(r["loss"], r["label"]) for r in records] == [(loss, row.label) for loss, row in expected]
+    assert seen == [row.env for _, row in expected]
+    for r in records:
+        if r["label"] == "triton":
+            assert r["agrees"] and r["ms"] == pytest.approx(1.0)
+        elif r["label"] == "cuda":
+            assert "kernel launch failed" in r["error"] and "ms" not in r
+        else:
+            assert r["agrees"] is False and r["grad_rel_diff"] == pytest.approx(1.0)
     assert "FAILED: RuntimeError: kernel launch failed" in cuda_variants.table(result)
 
 
@@ -88,7 +94,10 @@ def test_dry_run_walks_the_plan(tmp_path):
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = json.loads(out.read_text())["records"]
-    assert len(records) == len(cuda_variants.CASES["dry-run"]) * len(cuda_variants.ROWS)
+    from specs import SPECS
+
+    assert len(records) == sum(SPECS[loss].family in row.families for loss, _, _ in cuda_variants.CASES["dry-run"]
+                               for row in cuda_variants.ROWS)  # fmt: skip
     # every row ran the torch backend on the same inputs: the same loss and gradients to the bit
     assert all(r["agrees"] and r["loss_rel_diff"] == 0 and r["grad_rel_diff"] == 0 for r in records)
     assert "| loss | 2N | D | row | ms |" in proc.stdout and "| nt_xent | 32 | 16 | cuda sm90 |" in proc.stdout
