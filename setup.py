@@ -90,7 +90,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["fastssl", "fastssl.*"]),
-    package_data={"fastssl": ["py.typed", "train/assets/*.npz"]},
+    package_data={"fastssl": ["py.typed", "auto_gpu_table.json", "train/assets/*.npz"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

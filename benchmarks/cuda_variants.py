@@ -14,7 +14,9 @@ gradients are compared with the first row's (the agreement thresholds of hopper_
 time is the median of --reps synchronised calls after one warm-up call (which compiles or
 autotunes), and its rate counts the materialising algorithm's GEMMs (flops.model_flops, the
 suite's model FLOPs). Rows past --budget-s are listed as skipped, a row that fails records its
-error, and the JSON file is rewritten after every row. Exit status 1 if a row failed or disagrees.
+error, and the JSON file is rewritten after every row, with the GPU's name and compute capability,
+the torch, Triton and CUDA versions and the date (what benchmarks/auto_table.py turns into `auto`'s
+measured table). Exit status 1 if a row failed or disagrees.
 
 --dry-run walks the same plan at tiny sizes on the CPU with every row on the torch backend (no
 kernel of these runs there): it checks the plan, the environment handling, the comparison, the JSON
@@ -24,6 +26,8 @@ and the table, not the kernels.
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
 import sys
@@ -87,6 +91,13 @@ class _Environment:
                 os.environ[k] = v
 
 
+def _version(package: str):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _measure(case, reps: int) -> tuple:
     """(median seconds, loss, gradients flattened to fp32) of one fwd+bwd case."""
     import torch
@@ -117,7 +128,10 @@ def run(dry_run: bool, reps: int, budget_s: float, json_path: Path, only_rows=No
     device = "cuda" if cuda else "cpu"
     result = dict(
         device=torch.cuda.get_device_name() if cuda else "cpu (torch backend for every row, --dry-run)",
-        torch=torch.__version__, dtype=DTYPE, reps=reps, budget_s=budget_s,
+        capability=list(torch.cuda.get_device_capability()) if cuda else None,
+        torch=torch.__version__, triton=_version("triton"), cuda=torch.version.cuda,
+        date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        dtype=DTYPE, reps=reps, budget_s=budget_s,
         agreement=dict(loss_rtol=hopper_variants.LOSS_RTOL, grad_rtol=hopper_variants.GRAD_RTOL),
         seconds=0.0, records=[],
     )  # fmt: skip

@@ -10,9 +10,11 @@
 # --dry-run prints the plan (each step, its time limit and command, and what was detected) and
 # runs nothing; its limits assume that every earlier step uses all of its own. OUTDIR receives
 # steps.tsv (step, exit code or why it did not run, seconds), one <step>.log per step that ran,
-# hopper_variants.json, cuda_variants.json, benchmarks.json and benchmarks_new.json, report.md and new/report.md, and
+# hopper_variants.json, cuda_variants.json, benchmarks.json and benchmarks_new.json, report.md and new/report.md,
 # RESULTS.md (a copy of benchmarks/RESULTS.md whose cuda section the report refreshed: copy it back
-# and commit it). The machine (nvidia-smi, versions) is printed first.
+# and commit it), and auto_table.md (auto's table as measured here, proposed and printed at the end;
+# benchmarks/auto_table.py --write writes it into fastssl/auto_gpu_table.json). The machine
+# (nvidia-smi, versions) is printed first.
 #
 # The extension: a fastssl._C that imports is reused; otherwise the just-in-time loader builds it
 # (fastssl/kernels/cuda/_ext.py), linking the kernel objects of `python -m
@@ -193,13 +195,20 @@ step benchmarks_new "$NEW_LOSSES_S" env FASTSSL_BENCH_SIZES=small FASTSSL_BENCH_
   -k "((dino and R12288-K65536-D256) or (siglip and 2N65536-D512)) and fwd+bwd" \
   --benchmark-json "$OUT/benchmarks_new.json"
 
-# 7. The reports, the headline one into a copy of RESULTS.md (the machine's working tree does not come back).
+# 7. The reports, the headline one into a copy of RESULTS.md (the machine's working tree does not come back),
+#    and auto's proposed table from the cuda_variants run (auto_table.md; the step's status stays the reports').
 step report "$REPORT_S" bash -c "cp benchmarks/RESULTS.md '$OUT/RESULTS.md' && '$PY' benchmarks/report.py \
 '$OUT/benchmarks.json' --out '$OUT' --results-md '$OUT/RESULTS.md' --no-plots; \
-'$PY' benchmarks/report.py '$OUT/benchmarks_new.json' --out '$OUT/new' --no-results-md --no-plots"
+'$PY' benchmarks/report.py '$OUT/benchmarks_new.json' --out '$OUT/new' --no-results-md --no-plots; rc=\$?; \
+'$PY' benchmarks/auto_table.py '$OUT/cuda_variants.json' --out-md '$OUT/auto_table.md'; exit \$rc"
 
 [ "$DRY_RUN" = 1 ] && exit 0
 echo
+if [ -f "$OUT/auto_table.md" ]; then
+  echo "=== auto's table on this GPU, as proposed (benchmarks/auto_table.py $OUT/cuda_variants.json --write to commit it):"
+  cat "$OUT/auto_table.md"
+  echo
+fi
 echo "=== done in $(( $(date +%s) - START ))s; steps:"
 column -t -s $'\t' "$OUT/steps.tsv" 2> /dev/null || cat "$OUT/steps.tsv"
 if awk -F'\t' 'NR > 1 && $2 != "0" { bad = 1 } END { exit bad }' "$OUT/steps.tsv"; then

@@ -74,6 +74,9 @@ def test_dry_run_plan_here(tmp_path: Path) -> None:
     _, report = steps["report"]
     assert f"--results-md '{out}/RESULTS.md'" in report and f"--out '{out}'" in report
     assert f"'{out}/benchmarks_new.json' --out '{out}/new' --no-results-md" in report
+    # auto's proposed table after the reports, whose status the step keeps
+    assert report.endswith(f"rc=$?; '{sys.executable}' benchmarks/auto_table.py '{out}/cuda_variants.json' "
+                           f"--out-md '{out}/auto_table.md'; exit $rc")
     assert "extension: build" in text
 
 

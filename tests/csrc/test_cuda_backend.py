@@ -141,7 +141,7 @@ def test_cuda_backend_unavailable_is_a_clear_error():
 
 
 def test_auto_table_defaults_to_triton():
-    """With no GPU measurements in benchmarks/RESULTS.md the table is empty and auto keeps triton."""
+    """With no GPU measurement in fastssl/auto_gpu_table.json the table is empty and auto keeps triton."""
     from fastssl.backends import AUTO_GPU_TABLE, auto_gpu_backend
 
     assert set(AUTO_GPU_TABLE) == {"pairwise_lse", "sq_frobenius"}
