@@ -120,6 +120,51 @@ def test_sass_of_each_kernel(sm90a_build):
             assert any(a.startswith("R") for a in n128) == (kind != "0"), f"{name}: register-A wgmma"
 
 
+def overlapped_issues(code: str) -> int:
+    """How many HGMMA issues of a kernel's SASS are followed, in program order, by exp2 (MUFU.EX2) before
+    any full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): exp2s that run while a GEMM is in flight."""
+    events = re.findall(r"\b(HGMMA)\.|\b(MUFU\.EX2)\b|\bWARPGROUP\.DEPBAR\.LE gsb0, (0x0)\b", code)
+    count, pending = 0, False
+    for hgmma, ex2, wait_all in events:
+        if hgmma:
+            pending = True
+        elif wait_all:
+            pending = False
+        elif ex2 and pending:
+            count, pending = count + 1, False
+    return count
+
+
+def test_overlap_marker_reads_program_order():
+    overlapped = "HGMMA.64x128x16.F32.BF16 R24\nMUFU.EX2 R1, R2 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n"
+    serial = "HGMMA.64x128x16.F32.BF16 R24\nWARPGROUP.DEPBAR.LE gsb0, 0x1 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x0 ;\nMUFU.EX2 R1"
+    assert overlapped_issues(overlapped) == 1 and overlapped_issues(serial) == 0
+    assert overlapped_issues(overlapped * 2) == 2
+
+
+@pytest.mark.slow  # nvcc
+def test_forward_sass_overlaps_softmax_with_the_next_gemm(sm90a_build):
+    """FlashAttention-3's intra-warpgroup overlap in the forward (kFwd, Li0E): in both halves of its
+    loop (the two accumulators' roles) the next tile's HGMMAs are issued before the exp2s of the
+    softmax, with no full wait between; the wait of depth kStages − 1 = 3 lets D > 256 refill its ring.
+    The backward kernels keep their order (one group in flight during the issue, softmax after a full
+    wait). Built from the pre-overlap kernel, the forward has 0 such issues."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump: neither on PATH nor shipped with Triton")
+    _, obj = sm90a_build
+    proc = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sections = re.split(r"\n\s*Function : ", proc.stdout)[1:]
+    kernels = {re.search(r"kernelI(\w+?)Li(\d)E", sec.split("\n", 1)[0]).groups(): sec for sec in sections}
+    for (dtype, kind), code in kernels.items():
+        if kind == "0":
+            assert overlapped_issues(code) >= 2, f"{dtype} forward: softmax not overlapped with the next GEMM"
+            assert re.search(r"\bWARPGROUP\.DEPBAR\.LE gsb0, 0x3\b", code), f"{dtype} forward: no wait_group 3"
+        else:
+            assert overlapped_issues(code) == 0, f"{dtype} kind {kind}"
+
+
 @pytest.mark.slow  # nvcc
 def test_plain_sm90_is_refused(tmp_path):
     """Without the arch-specific target nvcc stops at the file's #error (not at an obscure ptxas error)."""
