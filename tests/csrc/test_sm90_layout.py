@@ -576,10 +576,17 @@ class Barrier:
 
 def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int, seed: int,
                      vstage=None, vstages: int = 0, producer_flip: int = 1, consumer_flip: int = 0,
-                     passes: int = 1, early_release: bool = False) -> None:  # fmt: skip
+                     passes: int = 1, early_release: bool = False, overlap: bool = False,
+                     release_before_wait: bool = False) -> None:  # fmt: skip
     """Run the kernel's producer and consumer loops under a random interleaving, with TMA copies that
     land at random later times; raise Deadlock if nothing can move, AssertionError on a data race
     (a stage refilled while a consumer still reads it, or a consumer reading another load's data).
+    With `overlap` (the forward) each consumer runs kFwd's loop instead: one wgmma group per chunk,
+    retired in order at random later times, wait_group N blocking until at most N of its groups are
+    in flight; tile t + 1's groups are issued before tile t's softmax, and a stage is released after
+    the wait that retires its group (with `release_before_wait`, the mutation: before). A stage
+    refilled while an unretired group reads it, or a group that retires over data that changed, is a
+    race.
     With `vstage` (the backward kernels) each tile also sends its slice through the second ring. With
     `passes` = 2 (kSym) each consumer reads a tile's chunks once per pass, waits on them in the first,
     waits on the slice after the first pass's logits, and releases both in the last pass (with
@@ -592,11 +599,14 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
     content = {r: [None] * n for r, (_, n) in rings.items()}  # which load a stage holds
     readers = {r: [set() for _ in range(n)] for r, (_, n) in rings.items()}  # consumers still reading it
     in_flight = []  # TMA copies issued, not landed: (barrier, ring, stage, load)
+    groups = {c: [] for c in range(consumers)}  # per consumer, its wgmma groups in flight: [(stage, load)]
 
     def produce(ring, it):
         s, parity = rings[ring][0][it]
         yield lambda: empty[ring][s].try_wait(parity ^ producer_flip)
         assert not readers[ring][s], f"{ring} stage {s} refilled (load {it}) while {readers[ring][s]} read it"
+        assert not any(ring == "chunk" and s == g for gs in groups.values() for g, _ in gs), (
+            f"chunk stage {s} refilled (load {it}) while a wgmma group in flight reads it")
         full[ring][s].arrive(expect_tx=1)
         in_flight.append((full[ring][s], ring, s, it))
 
@@ -650,14 +660,52 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
                         release("slice", slice_stage, tile, me)
             it += chunks
 
-    agents = {"producer": producer(), **{f"consumer{c}": consumer(c) for c in range(consumers)}}
+    def wait_group(me, n):
+        yield lambda: len(groups[me]) <= n
+
+    def overlapped_consumer(me):  # kFwd's loop: issue, retire, online_lse
+        yield lambda: x_full.try_wait(0)
+
+        def issue(tile):
+            it0 = tile * chunks
+            for kc in range(chunks):
+                if kc >= stages:  # chunk kc needs chunk kc − stages's stage
+                    yield from wait_group(me, stages - 1)
+                    release("chunk", stage[it0 + kc - stages][0], it0 + kc - stages, me)
+                s = yield from acquire("chunk", it0 + kc, me)
+                groups[me].append((s, it0 + kc))  # wgmma ... commit_group
+
+        def retire(tile):
+            it0 = tile * chunks
+            held = [(stage[it0 + kc][0], it0 + kc) for kc in range(max(chunks - stages, 0), chunks)]
+            if release_before_wait:
+                for s, it in held:
+                    release("chunk", s, it, me)
+            yield from wait_group(me, 0)
+            if not release_before_wait:
+                for s, it in held:
+                    release("chunk", s, it, me)
+
+        yield from issue(0)
+        yield from retire(0)
+        for tile in range(tiles - 1):
+            yield from issue(tile + 1)
+            yield None  # tile's softmax, while tile + 1's groups run
+            yield from retire(tile + 1)
+
+    make = overlapped_consumer if overlap else consumer
+    agents = {"producer": producer(), **{f"consumer{c}": make(c) for c in range(consumers)}}
     waiting = {name: None for name in agents}
-    while agents or in_flight:
+    while agents or in_flight or any(groups.values()):
         runnable = [n for n in agents if waiting[n] is None or waiting[n]()]
-        choices = runnable + (["tma"] if in_flight else [])
+        choices = runnable + (["tma"] if in_flight else []) + [f"wgmma{c}" for c, gs in groups.items() if gs]
         if not choices:
             raise Deadlock(f"stuck: {sorted(agents)} wait, no copy in flight")
         pick = rnd.choice(choices)
+        if pick.startswith("wgmma"):  # the oldest group of that consumer retires
+            s, it = groups[int(pick[5:])].pop(0)
+            assert content["chunk"][s] == it, f"a wgmma group read stage {s} while load {content['chunk'][s]} landed"
+            continue
         if pick == "tma":
             bar, ring, s, it = in_flight.pop(rnd.randrange(len(in_flight)))
             if ring is not None:
@@ -684,9 +732,31 @@ def test_pipeline_never_hangs_or_races(kernel, kind, tiles, chunks):
             emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], 0, kernel["vstage"],
                              kernel["vstages"], passes=passes)  # fmt: skip
         return
-    slices = {"vstage": kernel["vstage"], "vstages": kernel["vstages"]} if kind != "fwd" else {}
+    # The forward runs its own loop (the overlapped one); the backward roles walk both rings.
+    slices = {"vstage": kernel["vstage"], "vstages": kernel["vstages"]} if kind != "fwd" else {"overlap": True}
     for seed in range(30):
         emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, passes=passes, **slices)
+
+
+@pytest.mark.parametrize("tiles,chunks", [(1, 1), (2, 1), (3, 2), (3, 4), (4, 5), (3, 8), (2, 8)])
+def test_overlapped_forward_pipeline_never_hangs_or_races(kernel, tiles, chunks):
+    """kFwd's loop (tile t + 1's GEMM issued before tile t's softmax; D up to 512 = 8 chunks, twice the
+    ring): 1, 2 and 3 tiles (prologue and epilogue), under random interleavings and group retirements."""
+    stage = kernel["stage"]
+    assert tiles * chunks <= len(stage) and kernel["fwd"]["max_chunks"] >= chunks
+    for seed in range(40):
+        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, overlap=True)
+
+
+@pytest.mark.parametrize("tiles,chunks", [(6, 1), (3, 4), (2, 6)])
+def test_overlapped_pipeline_emulation_detects_an_early_release(kernel, tiles, chunks):
+    """Releasing a tile's stages before the wait that retires its groups lets the producer refill a
+    stage a wgmma still reads (given more loads than stages, so that a stage is refilled at all)."""
+    assert tiles * chunks > kernel["stages"]
+    with pytest.raises(AssertionError, match="wgmma group"):
+        for seed in range(40):
+            emulate_pipeline(kernel["stage"], kernel["stages"], tiles, chunks, kernel["consumers"], seed,
+                             overlap=True, release_before_wait=True)  # fmt: skip
 
 
 def test_stage_function_is_round_robin_with_flipping_parity(kernel):
