@@ -70,6 +70,7 @@ def test_compiles_for_sm90a_without_spills(sm90a_build):
     assert len(frames) == len(kernels) and frames, report
     assert all(f == ("0", "0", "0") for f in frames), f"stack frame or spills (frame, stores, loads): {frames}"
     assert "serialized" not in report, f"ptxas serialises the wgmma:\n{report}"
+    assert "injected" not in report, f"ptxas injects a wgmma wait (C7517):\n{report}"
 
 
 @pytest.mark.slow  # nvcc
@@ -387,3 +388,36 @@ def test_sm90_symmetric_matches_oracle_per_side(sm90_extension, dtype, mode, m, 
     ((lse64 * g_lse).sum() + (pos64 * g_pos).sum()).backward()
     assert_close(dx, xr.grad, dtype, what=f"sm90 sym/{mode} dx at M={m}, D={d}", scale=10.0)
     assert_close(dy, yr.grad, dtype, what=f"sm90 sym/{mode} dy at M={m}, D={d}", scale=10.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ny", [100, 200, 300])
+@pytest.mark.parametrize("d", [64, 200, 320, 512])
+@pytest.mark.parametrize("bank_rows", [0, 70])
+def test_sm90_forward_overlap_prologue_and_epilogue(sm90_extension, dtype, ny, d, bank_rows):
+    """The forward's overlapped loop over 1, 2 and 3 column tiles of y (and one more of the bank): its
+    prologue (tile 0 alone), both halves of its unrolled loop and both exits, with 1 to 8 chunks (D > 256
+    waits inside the issue for the ring); M = 130 leaves the second CTA 2 rows and its second consumer
+    none. Against the float64 oracle, exclude_self and the positive at every column tile."""
+    from fastssl.kernels import PairwiseLSEFlags
+    from fastssl.kernels.cuda.pairwise_lse import pairwise_lse_forward
+    from tests.backends.test_pairwise_lse import dense_oracle
+    from tests.utils import assert_close
+
+    gen = torch.Generator().manual_seed(ny + d + bank_rows)
+
+    def unit(n):
+        return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to("cuda", dtype)
+
+    x, y = unit(130), unit(ny)
+    bank = unit(bank_rows) if bank_rows else None
+    scale = torch.tensor(1.0 / 0.3, device="cuda")
+    flags = PairwiseLSEFlags(pos_offset=97 % ny, exclude_self=True, include_pos=True, y_negatives=True)
+    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank), "these inputs should take the sm_90a forward"
+    lse, pos = pairwise_lse_forward(x, y, bank, scale, flags)
+    want_lse, want_pos = dense_oracle(x.double().cpu(), y.double().cpu(), None if bank is None else bank.double().cpu(),
+                                      scale.double().cpu(), flags)  # fmt: skip
+    what = f"sm90 forward, Ny={ny}, D={d}, bank={bank_rows}"
+    assert_close(lse, want_lse, dtype, what=f"{what}: lse", scale=10.0)
+    assert_close(pos, want_pos, dtype, what=f"{what}: pos", scale=10.0)
