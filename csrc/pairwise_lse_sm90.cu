@@ -17,11 +17,12 @@
 //     128 x 64 chunks; each chunk has a "full" barrier (TMA landed) and an "empty" one (both consumer
 //     warpgroups finished reading it).
 //   * Per column tile each consumer issues 4 wgmma m64n128k16 per chunk (operands straight from shared
-//     memory through descriptors), keeps one wgmma group in flight while releasing the previous chunk,
-//     then works on the accumulator registers: kFwd applies the masks and the online max/sum (base 2);
-//     kRows turns them into P = exp(s − lse) and issues dx_I += P·V_J with P as wgmma's register A
-//     operand and V_J, this CTA's 128-wide slice of D of the column tile (grid.y), MN-major from a
-//     second TMA ring.
+//     memory through descriptors) and works on the accumulator registers. kFwd applies the masks and
+//     the online max/sum (base 2) to tile t while tile t + 1's GEMM runs (two logit tiles, FA3's
+//     intra-warpgroup overlap). kRows turns them into P = exp(s − lse) and issues dx_I += P·V_J with
+//     P as wgmma's register A operand and V_J, this CTA's 128-wide slice of D of the column tile
+//     (grid.y), MN-major from a second TMA ring; it issues tile t + 1's logits and P·V_t together and
+//     computes tile t + 1's weights while P·V_t runs.
 //   * kCols (dy) is kRows with the operands' parts swapped: a CTA owns 128 rows of y, streams tiles of
 //     x, computes Sᵀ = Y_J X_Iᵀ directly and turns it into the column weights
 //     W_ji = grad_lse_i/g_max·exp(s_ij − lse_i) (g_max = max|grad_lse|, a device scalar: fp16 keeps
@@ -266,154 +267,327 @@ __global__ void __launch_bounds__(kThreads, 1) pairwise_lse_sm90_kernel(const __
   if (tiles > 0) sm90::mbarrier_wait(x_full, 0);
   const uint32_t x_addr = sm90::smem_u32(x_tile) + consumer * kConsumerRowBytes;
   const uint32_t ring_addr = sm90::smem_u32(ring);
-  float s[NS / 2];
+  // Tile t's logits into `acc` (64 x 128: the forward, dx and dy), one wgmma group per chunk, without
+  // waiting. Chunk kc ≥ kStages needs the stage of chunk kc − kStages, whose group has retired once at
+  // most kStages − 1 groups are in flight (only tile t's are, when it is called); chunks ≤ kStages
+  // (D ≤ 256, every backward) never waits here.
+  auto issue = [&](float (&acc)[kBN / 2], int tile) {
+    const uint32_t it0 = static_cast<uint32_t>(tile) * chunks;
+    auto chunk = [&](int kc) {
+      const Stage st = stage_of<kStages>(it0 + kc);
+      sm90::mbarrier_wait(&full[st.index], st.parity);
+      sm90::wgmma_fence();
+      const uint32_t a = x_addr + kc * kChunkBytes;
+      const uint32_t b = ring_addr + st.index * kChunkBytes;
+      if (kc == 0) sm90::Wgmma<T>::first(acc, sm90::sw128_desc(a), sm90::sw128_desc(b));
 #pragma unroll
-  for (int r = 0; r < NS / 2; ++r) s[r] = 0.0f;
-
-  uint32_t it = 0;
-  for (int tile = 0; tile < tiles; ++tile) {
-    const bool is_bank = tile >= args.stream_tiles;
-    const int64_t c0 = static_cast<int64_t>(is_bank ? tile - args.stream_tiles : tile) * kBN;
-    const int64_t n_cols = is_bank ? p.bank.rows : NY;  // kSym: NY = M
+      for (int ks = kc == 0 ? 1 : 0; ks < kBK / 16; ++ks)
+        sm90::Wgmma<T>::run(acc, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
+                            sm90::sw128_desc(b + ks * sm90::kKStepBytes), 1);
+      sm90::wgmma_commit();
+    };
+    // Chunk 0 outside the loop: on every path a wgmma defines `acc` before it is in flight (a merge
+    // with the path of no chunk makes ptxas serialise the wgmma, C7515).
+    chunk(0);
+    for (int kc = 1; kc < chunks; ++kc) {
+      if (kc >= kStages) {
+        sm90::wgmma_wait<kStages - 1>();
+        if (tid == 0) sm90::mbarrier_arrive(&empty[stage_of<kStages>(it0 + kc - kStages).index]);
+      }
+      chunk(kc);
+    }
+  };
+  if constexpr (KIND == kFwd) {
+    // FlashAttention-3's intra-warpgroup overlap (Shah et al. 2024, section 3.2): two logit tiles in
+    // registers, so tile t + 1's GEMM runs on the tensor cores while the masks and the online max/sum
+    // (the exp2s) of tile t run beside it. One wgmma group per chunk; a stage is released only after
+    // wait_group has retired the group that reads it.
+    float sa[kBN / 2], sb[kBN / 2];  // first written by a tile's first wgmma (Wgmma::first)
+    // Waits for tile t's groups (the only ones in flight) and releases the stages it still holds.
+    auto retire = [&](int tile) {
+      sm90::computed_here(m_run);  // tile t − 1's softmax before the wait, in the GEMM's shadow
+      sm90::computed_here(l_run);
+      sm90::wgmma_wait<0>();
+      if (tid == 0) {
+        const uint32_t it0 = static_cast<uint32_t>(tile) * chunks;
+        for (int kc = chunks > kStages ? chunks - kStages : 0; kc < chunks; ++kc)
+          sm90::mbarrier_arrive(&empty[stage_of<kStages>(it0 + kc).index]);
+      }
+    };
+    // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row).
+    auto online_lse = [&](float (&s)[kBN / 2], int tile) {
+      const bool is_bank = tile >= args.stream_tiles;
+      const int64_t c0 = static_cast<int64_t>(is_bank ? tile - args.stream_tiles : tile) * kBN;
+      const int64_t n_cols = is_bank ? p.bank.rows : NY;
+      // Which logits enter row h's LSE: the masks of pairwise_lse.cu, at each register's (row, column),
+      // as int32 tile-local columns (registers: the 64-bit compares would not fit beside two tiles).
+      int limit[2], pos_col[2], self_col[2];  // columns < limit; not pos_col, not self_col (−1: none)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t left = n_cols - c0, pl = pcol[h] - c0, sl = row[h] - c0;
+        limit[h] = row[h] < M ? static_cast<int>(left < kBN ? left : kBN) : 0;
+        pos_col[h] = !is_bank && pl >= 0 && pl < kBN ? static_cast<int>(pl) : -1;
+        self_col[h] = !is_bank && p.exclude_self && sl >= 0 && sl < kBN ? static_cast<int>(sl) : -1;
+      }
+      auto in_lse = [&](int h, int r) {
+        const int col = sm90::acc_col(tid, r);
+        return (col < limit[h]) & (col != pos_col[h]) & (col != self_col[h]);
+      };
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = -CUDART_INF_F;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 4 * j + 2 * h + e;
+            s[r] = in_lse(h, r) ? s[r] * qk : -CUDART_INF_F;
+            mx = fmaxf(mx, s[r]);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[h], mx);
+        const float m_use = m_new == -CUDART_INF_F ? 0.0f : m_new;
+        float sum = l_run[h] * exp2f(m_run[h] - m_use);
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) sum += exp2f(s[4 * j + 2 * h + e] - m_use);
+        l_run[h] = sum;
+        m_run[h] = m_new;
+      }
+    };
+    // Tile t's logits are in `sa` or `sb` once its groups retire; then tile t + 1's GEMM goes into the
+    // other one and tile t's softmax runs while it does. The loop is unrolled by two so the accumulators
+    // swap roles under compile-time register names, and every path that leaves a GEMM in flight defines
+    // its accumulator by wgmma alone (a copy or a merge of an in-flight accumulator makes ptxas
+    // serialise the wgmma, C7515).
+    // The "last tile" test comes before each wait: a branch between a softmax and the next wait keeps
+    // ptxas from scheduling the wait into the softmax (it did, in one basic block).
+    int tile = 0;
+    if (tiles > 0) {
+      issue(sa, 0);
+      retire(0);
+      while (tile + 1 < tiles) {
+        issue(sb, tile + 1);
+        online_lse(sa, tile);
+        ++tile;
+        if (tile + 1 == tiles) {
+          retire(tile);
+#pragma unroll
+          for (int r = 0; r < kBN / 2; ++r) sa[r] = sb[r];  // nothing in flight
+          break;
+        }
+        retire(tile);
+        issue(sa, tile + 1);
+        online_lse(sb, tile);
+        ++tile;
+        if (tile + 1 == tiles) {
+          retire(tile);
+          break;
+        }
+        retire(tile);
+      }
+      online_lse(sa, tile);
+    }
+  } else {
+    float s[NS / 2];
+#pragma unroll
+    for (int r = 0; r < NS / 2; ++r) s[r] = 0.0f;
 
     // Column weights: thread tid stages the statistics of streamed row (an x row) c0 + tid in this
     // warpgroup's buffer of the tile's parity; the named barrier after the logit GEMM publishes them.
     // Two buffers make one barrier per tile enough: a thread writes tile t + 2's (= t's) buffer only
-    // after the barrier of tile t + 1, which every thread of the warpgroup reaches after its reads of t.
-    float* cs_lse2 = reinterpret_cast<float*>(col_stats + col_stats_offset(consumer, tile));
-    float* cs_g = cs_lse2 + kBN;
-    int32_t* cs_pos = reinterpret_cast<int32_t*>(cs_g + kBN);
-    if constexpr (col_weights(KIND)) {
-      const int64_t c = c0 + tid;
-      const bool in = c < M;
-      cs_lse2[tid] = in ? lse2_of(args.g.lse[c]) : CUDART_INF_F;
-      cs_g[tid] = in ? args.g.grad_lse[c] * g_inv : 0.0f;
-      cs_pos[tid] = in ? static_cast<int32_t>(mod_ny(c + p.pos_offset, NY, args.inv_ny)) : -1;
-    }
-
-    // kSym walks the tile in kPasses = 2 halves of NS = 64 columns (its registers: two accumulators
-    // beside the logits), each over all chunks: the chunks stay in the ring until the last pass has
-    // read them (chunks ≤ kStages, so the producer never waits on a stage this tile still holds).
-    const Stage slice_st = stage_of<kVStages>(tile);
-    for (int pass = 0; pass < kPasses; ++pass) {
-      const bool last = pass == kPasses - 1;
-      // S = X_I · C_Jᵀ over the chunks; chunk kc's stage is released once the wgmma group of chunk
-      // kc + 1 is issued and kc's has retired (wait_group 1), so the tensor cores never idle on a release.
-      uint32_t prev_stage = 0;
-      for (int kc = 0; kc < chunks; ++kc) {
-        const Stage st = stage_of<kStages>(it + kc);
-        if (pass == 0) sm90::mbarrier_wait(&full[st.index], st.parity);
-        sm90::wgmma_fence();
-        const uint32_t a = x_addr + kc * kChunkBytes;
-        const uint32_t b = ring_addr + st.index * kChunkBytes + pass * NS * sm90::kSwizzleRowBytes;
-#pragma unroll
-        for (int ks = 0; ks < kBK / 16; ++ks)
-          sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
-                              sm90::sw128_desc(b + ks * sm90::kKStepBytes), kc > 0 || ks > 0);
-        sm90::wgmma_commit();
-        if (kc > 0) {
-          sm90::wgmma_wait<1>();
-          if (last && tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
-        }
-        prev_stage = st.index;
+    // after the barrier of tile t + 1, which every thread of the warpgroup reaches after its reads of t
+    // (dx and dy write tile t + 1's after their reads of t, which follow the barrier of t).
+    auto stats_of = [&](int tile) { return reinterpret_cast<float*>(col_stats + col_stats_offset(consumer, tile)); };
+    auto stage_col_stats = [&](int tile) {
+      if constexpr (col_weights(KIND)) {
+        const int64_t c = static_cast<int64_t>(tile) * kBN + tid;  // no bank with column weights
+        const bool in = c < M;
+        float* lse2 = stats_of(tile);
+        lse2[tid] = in ? lse2_of(args.g.lse[c]) : CUDART_INF_F;
+        lse2[kBN + tid] = in ? args.g.grad_lse[c] * g_inv : 0.0f;
+        reinterpret_cast<int32_t*>(lse2 + 2 * kBN)[tid] =
+            in ? static_cast<int32_t>(mod_ny(c + p.pos_offset, NY, args.inv_ny)) : -1;
       }
-      sm90::wgmma_wait<0>();
-      if (last && tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
-      if (col_weights(KIND) && pass == 0) sm90::named_barrier_sync(1 + consumer, 128);
-      const int cbase = pass * NS;  // this pass's first column of the tile
+    };
+    // A column tile: its first column, its operand's rows, and (column weights) its statistics.
+    struct Cols {
+      int64_t c0, n_cols;
+      bool is_bank;
+      const float* lse2;
+      const float* g;
+      const int32_t* pos;
+    };
+    auto cols_of = [&](int tile) {
+      Cols t;
+      t.is_bank = tile >= args.stream_tiles;
+      t.c0 = static_cast<int64_t>(t.is_bank ? tile - args.stream_tiles : tile) * kBN;
+      t.n_cols = t.is_bank ? p.bank.rows : NY;  // kSym: NY = M
+      t.lse2 = stats_of(tile);
+      t.g = t.lse2 + kBN;
+      t.pos = reinterpret_cast<const int32_t*>(t.g + kBN);
+      return t;
+    };
+    // Which logits enter row h's LSE: the masks of pairwise_lse.cu, at each register's (row, column);
+    // cbase: the tile column of the register's block (kSym's second pass: 64).
+    auto in_lse = [&](const Cols& t, int cbase, int h, int r) {
+      const int64_t col = t.c0 + cbase + sm90::acc_col(tid, r);
+      bool ok = row[h] < M && col < t.n_cols;
+      if (!t.is_bank) ok = ok && col != pcol[h] && !(p.exclude_self && col == row[h]);
+      return ok;
+    };
+    // Row weights P_ij = exp(s_ij − lse_i) (kRows, kSym; grad_lse_i is a row scale in the epilogue),
+    // of the logit sr in register r. Computed unconditionally, then selected: no divergent path near
+    // the wgmma.
+    auto row_weight = [&](const Cols& t, int cbase, float sr, int r) {
+      const int h = (r >> 1) & 1;
+      const float w = exp2f(sr * qk - row_lse2[h]);
+      return in_lse(t, cbase, h, r) ? w : 0.0f;
+    };
+    // Column weights (kCols, kSym). Own row o = row[h], streamed row c: the logit is s_co (x_c is the
+    // row of G, o its column), so G_co/g_max = grad_lse_c/g_max·exp(s_co − lse_c) unless o is c's
+    // positive or (self) c itself, as pairwise_lse.cu's kCols (kSym: its column statistics).
+    auto col_weight = [&](const Cols& t, int cbase, float sr, int r) {
+      const int h = (r >> 1) & 1;
+      const int cl = cbase + sm90::acc_col(tid, r);
+      const int64_t col = t.c0 + cl;
+      const float w = t.g[cl] * exp2f(sr * qk - t.lse2[cl]);
+      const bool ok = row[h] < own_rows && col < M && row[h] != t.pos[cl] && !(p.exclude_self && col == row[h]);
+      return ok ? w : 0.0f;
+    };
 
-      // Which logits enter row h's LSE: the masks of pairwise_lse.cu, at each register's (row, column).
-      auto in_lse = [&](int h, int r) {
-        const int64_t col = c0 + cbase + sm90::acc_col(tid, r);
-        bool ok = row[h] < M && col < n_cols;
-        if (!is_bank) ok = ok && col != pcol[h] && !(p.exclude_self && col == row[h]);
-        return ok;
+    if constexpr (KIND == kRows || KIND == kCols) {
+      // dx and dy overlap as FlashAttention-3's forward does (Shah et al. 2024, section 3.2): the
+      // logits of tile t + 1 are issued, then P·V_t (dx_I += P·V_J, or dy_J += W·X_I, with the weights
+      // as wgmma's register A operand and the slice V_J of the streamed tile MN-major from shared
+      // memory), and the weights of tile t + 1 are computed (in place, fp32) while P·V_t runs. P·V_t's
+      // A registers and slice stage are reused only after the wait that retires it; a tile's chunks
+      // (≤ kStages) are released after the wait that retires its logits.
+      static_assert(SmemPlan<KIND>::kMaxChunks <= kStages, "a tile's chunks fit the ring");
+      auto release_chunks = [&](int tile) {
+        if (tid == 0)
+          for (int kc = 0; kc < chunks; ++kc)
+            sm90::mbarrier_arrive(&empty[stage_of<kStages>(static_cast<uint32_t>(tile) * chunks + kc).index]);
       };
-
-      if constexpr (KIND == kFwd) {
-        // Masked logits in log2 units, then the online max/sum of each row (4 lanes share a row).
+      auto weigh = [&](int tile) {
+        const Cols t = cols_of(tile);
+        if constexpr (col_weights(KIND)) sm90::named_barrier_sync(1 + consumer, 128);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float mx = -CUDART_INF_F;
-#pragma unroll
-          for (int j = 0; j < NS / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int r = 4 * j + 2 * h + e;
-              s[r] = in_lse(h, r) ? s[r] * qk : -CUDART_INF_F;
-              mx = fmaxf(mx, s[r]);
-            }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m_run[h], mx);
-          const float m_use = m_new == -CUDART_INF_F ? 0.0f : m_new;
-          float sum = l_run[h] * exp2f(m_run[h] - m_use);
-#pragma unroll
-          for (int j = 0; j < NS / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) sum += exp2f(s[4 * j + 2 * h + e] - m_use);
-          l_run[h] = sum;
-          m_run[h] = m_new;
-        }
-      } else {
-        // Row weights P_ij = exp(s_ij − lse_i) (kRows, kSym; grad_lse_i is a row scale in the epilogue)
-        // and/or column weights (kCols, kSym). Then acc += W · V_J with W as wgmma's register A operand
-        // and the slice V_J of the streamed tile MN-major from shared memory; kSym issues a second
-        // GEMM on the same slice into acc2.
-        if (pass == 0) sm90::mbarrier_wait(&slice_full[slice_st.index], slice_st.parity);
-        // The weights straight into the A fragments, all written before the fence (an A register
-        // written between the fence and its wgmma makes ptxas serialise the sequence). Computed
-        // unconditionally, then selected: no divergent path near the wgmma.
-        auto row_weight = [&](int r) {
-          const int h = (r >> 1) & 1;
-          const float w = exp2f(s[r] * qk - row_lse2[h]);
-          return in_lse(h, r) ? w : 0.0f;
-        };
-        // Own row o = row[h], streamed row c: the logit is s_co (x_c is the row of G, o its column), so
-        // G_co/g_max = grad_lse_c/g_max·exp(s_co − lse_c) unless o is c's positive or (self) c itself,
-        // as pairwise_lse.cu's kCols (kSym: its column statistics).
-        auto col_weight = [&](int r) {
-          const int h = (r >> 1) & 1;
-          const int cl = cbase + sm90::acc_col(tid, r);
-          const int64_t col = c0 + cl;
-          const float w = cs_g[cl] * exp2f(s[r] * qk - cs_lse2[cl]);
-          const bool ok = row[h] < own_rows && col < M && row[h] != cs_pos[cl] && !(p.exclude_self && col == row[h]);
-          return ok ? w : 0.0f;
-        };
-        uint32_t pa[NS / 16][4];
-        uint32_t pb[KIND == kSym ? NS / 16 : 1][4];  // kSym: the column weights
-#pragma unroll
-        for (int kk = 0; kk < NS / 16; ++kk)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int r0 = sm90::acc_reg_of_a(kk, q, 0), r1 = sm90::acc_reg_of_a(kk, q, 1);
-            if constexpr (KIND == kCols) {
-              pa[kk][q] = pack_floats<T>(col_weight(r0), col_weight(r1));
-            } else {
-              pa[kk][q] = pack_floats<T>(row_weight(r0), row_weight(r1));
-            }
-            if constexpr (KIND == kSym) pb[kk][q] = pack_floats<T>(col_weight(r0), col_weight(r1));
-          }
+        for (int r = 0; r < NS / 2; ++r) s[r] = KIND == kCols ? col_weight(t, 0, s[r], r) : row_weight(t, 0, s[r], r);
+      };
+      uint32_t pa[NS / 16][4];
+      auto issue_pv = [&](int tile) {
+        const Stage vs = stage_of<kVStages>(tile);
+        sm90::mbarrier_wait(&slice_full[vs.index], vs.parity);
         sm90::wgmma_fence();
-        // k = the pass's 16-row groups of the streamed tile (2 groups of 8 rows of 128 bytes each); the
-        // slice's chunks are its 64-wide blocks of N.
-        const uint32_t v = sm90::smem_u32(slices) + slice_st.index * kVStageBytes + cbase * sm90::kSwizzleRowBytes;
+        const uint32_t v = sm90::smem_u32(slices) + vs.index * kVStageBytes;
 #pragma unroll
         for (int kk = 0; kk < NS / 16; ++kk)
           sm90::Wgmma<T>::run_rs(acc, pa[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
                                  1);
-        if constexpr (KIND == kSym) {
+        sm90::wgmma_commit();
+      };
+      if (tiles > 0) {
+        stage_col_stats(0);
+        issue(s, 0);
+        sm90::wgmma_wait<0>();
+        release_chunks(0);
+        weigh(0);
+        for (int tile = 0;; ++tile) {
+          // Tile t's weights are in s; P·V_{t−1} may run. The wait heads the loop body: a branch (the
+          // back edge) between the weights and the wait keeps ptxas from scheduling it into them.
+          sm90::wgmma_wait<0>();
+          if (tile > 0 && tid == 0) sm90::mbarrier_arrive(&slice_empty[stage_of<kVStages>(tile - 1).index]);
+          // The weights, rounded, into the A fragments (all written before the fences that follow).
 #pragma unroll
           for (int kk = 0; kk < NS / 16; ++kk)
-            sm90::Wgmma<T>::run_rs(acc2, pb[kk],
-                                   sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes), 1);
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+              pa[kk][q] = pack_floats<T>(s[sm90::acc_reg_of_a(kk, q, 0)], s[sm90::acc_reg_of_a(kk, q, 1)]);
+          if (tile + 1 == tiles) break;
+          stage_col_stats(tile + 1);
+          issue(s, tile + 1);
+          issue_pv(tile);
+          sm90::wgmma_wait<1>();  // tile t + 1's logits retire; P·V_t runs on
+          release_chunks(tile + 1);
+          weigh(tile + 1);
         }
-        sm90::wgmma_commit();
+        issue_pv(tiles - 1);
         sm90::wgmma_wait<0>();
-        if (last && tid == 0) sm90::mbarrier_arrive(&slice_empty[slice_st.index]);
+        if (tid == 0) sm90::mbarrier_arrive(&slice_empty[stage_of<kVStages>(tiles - 1).index]);
+      }
+    } else {
+      // kSym: the serial order (the overlap above is not written for its two passes per tile).
+      uint32_t it = 0;
+      for (int tile = 0; tile < tiles; ++tile) {
+        const Cols tc = cols_of(tile);
+        stage_col_stats(tile);
+
+        // kSym walks the tile in kPasses = 2 halves of NS = 64 columns (its registers: two accumulators
+        // beside the logits), each over all chunks: the chunks stay in the ring until the last pass has
+        // read them (chunks ≤ kStages, so the producer never waits on a stage this tile still holds).
+        const Stage slice_st = stage_of<kVStages>(tile);
+        for (int pass = 0; pass < kPasses; ++pass) {
+          const bool last = pass == kPasses - 1;
+          // S = X_I · C_Jᵀ over the chunks; chunk kc's stage is released once the wgmma group of chunk
+          // kc + 1 is issued and kc's has retired (wait_group 1), so the tensor cores never idle on a release.
+          uint32_t prev_stage = 0;
+          for (int kc = 0; kc < chunks; ++kc) {
+            const Stage st = stage_of<kStages>(it + kc);
+            if (pass == 0) sm90::mbarrier_wait(&full[st.index], st.parity);
+            sm90::wgmma_fence();
+            const uint32_t a = x_addr + kc * kChunkBytes;
+            const uint32_t b = ring_addr + st.index * kChunkBytes + pass * NS * sm90::kSwizzleRowBytes;
+#pragma unroll
+            for (int ks = 0; ks < kBK / 16; ++ks)
+              sm90::Wgmma<T>::run(s, sm90::sw128_desc(a + ks * sm90::kKStepBytes),
+                                  sm90::sw128_desc(b + ks * sm90::kKStepBytes), kc > 0 || ks > 0);
+            sm90::wgmma_commit();
+            if (kc > 0) {
+              sm90::wgmma_wait<1>();
+              if (last && tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+            }
+            prev_stage = st.index;
+          }
+          sm90::wgmma_wait<0>();
+          if (last && tid == 0) sm90::mbarrier_arrive(&empty[prev_stage]);
+          if (col_weights(KIND) && pass == 0) sm90::named_barrier_sync(1 + consumer, 128);
+          const int cbase = pass * NS;  // this pass's first column of the tile
+
+          // Row weights (dx) and column weights (dy), then acc += W_r · V_J and acc2 += W_c · V_J: two
+          // GEMMs on the same slice.
+          if (pass == 0) sm90::mbarrier_wait(&slice_full[slice_st.index], slice_st.parity);
+          uint32_t pa[NS / 16][4];
+          uint32_t pb[NS / 16][4];  // the column weights
+#pragma unroll
+          for (int kk = 0; kk < NS / 16; ++kk)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const int r0 = sm90::acc_reg_of_a(kk, q, 0), r1 = sm90::acc_reg_of_a(kk, q, 1);
+              pa[kk][q] = pack_floats<T>(row_weight(tc, cbase, s[r0], r0), row_weight(tc, cbase, s[r1], r1));
+              pb[kk][q] = pack_floats<T>(col_weight(tc, cbase, s[r0], r0), col_weight(tc, cbase, s[r1], r1));
+            }
+          sm90::wgmma_fence();
+          // k = the pass's 16-row groups of the streamed tile (2 groups of 8 rows of 128 bytes each); the
+          // slice's chunks are its 64-wide blocks of N.
+          const uint32_t v = sm90::smem_u32(slices) + slice_st.index * kVStageBytes + cbase * sm90::kSwizzleRowBytes;
+#pragma unroll
+          for (int kk = 0; kk < NS / 16; ++kk)
+            sm90::Wgmma<T>::run_rs(acc, pa[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
+                                   1);
+#pragma unroll
+          for (int kk = 0; kk < NS / 16; ++kk)
+            sm90::Wgmma<T>::run_rs(acc2, pb[kk], sm90::sw128_mn_desc(v + kk * 16 * sm90::kSwizzleRowBytes, kChunkBytes),
+                                   1);
+          sm90::wgmma_commit();
+          sm90::wgmma_wait<0>();
+          if (last && tid == 0) sm90::mbarrier_arrive(&slice_empty[slice_st.index]);
+        }
+        it += chunks;
       }
     }
-    it += chunks;
   }
 
   if constexpr (KIND == kFwd) {

@@ -140,6 +140,14 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// Makes `v` computed before the next asm statement (e.g. a wgmma wait): the compiler may otherwise
+// move register-only work (a softmax whose results end in v) past the wait, out of the shadow of the
+// running wgmma.
+template <int K>
+__device__ __forceinline__ void computed_here(float (&v)[K]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i) asm volatile("" : "+f"(v[i]));
+}
 
 // d (64 x 128, fp32, fragment above) (+)= A (64 x 16, descriptor) · B (128 x 16, descriptor)ᵀ; both
 // K-major. `accumulate` = 0 overwrites d. Issued by all 128 threads of a warpgroup.
@@ -162,6 +170,27 @@ __device__ __forceinline__ void wgmma_wait() {
         "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),         \
         "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])          \
       : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+
+// d = A · B (64 x 128, both K-major descriptors), d written only ("=f"): the first k16 step of a
+// tile, so the compiler keeps no earlier value of d alive (nor copies one) while the GEMM runs.
+#define FASTSSL_WGMMA_M64N128K16_FIRST(TYPE)                                                               \
+  asm volatile(                                                                                           \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                     \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                   \
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                   \
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"                                  \
+      " %64, %65, 0, 1, 1, 0, 0;\n"                                                                        \
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]),    \
+        "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]),           \
+        "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]),         \
+        "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]),         \
+        "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]),         \
+        "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]),         \
+        "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]),         \
+        "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]),         \
+        "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])          \
+      : "l"(desc_a), "l"(desc_b))
 
 // d (64 x 128) (+)= A (64 x 16, registers a[0..3], layout of acc_reg_of_a) · B (16 x 128, MN-major
 // descriptor, transpose flag set).
@@ -223,6 +252,9 @@ struct Wgmma<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     FASTSSL_WGMMA_M64N128K16("bf16");
   }
+  static __device__ __forceinline__ void first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+    FASTSSL_WGMMA_M64N128K16_FIRST("bf16");
+  }
   static __device__ __forceinline__ void run_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
                                                 int accumulate) {
     FASTSSL_WGMMA_M64N128K16_RS("bf16");
@@ -241,6 +273,9 @@ struct Wgmma<__half> {
   static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     FASTSSL_WGMMA_M64N128K16("f16");
   }
+  static __device__ __forceinline__ void first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+    FASTSSL_WGMMA_M64N128K16_FIRST("f16");
+  }
   static __device__ __forceinline__ void run_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
                                                 int accumulate) {
     FASTSSL_WGMMA_M64N128K16_RS("f16");
@@ -255,6 +290,7 @@ struct Wgmma<__half> {
 };
 
 #undef FASTSSL_WGMMA_M64N128K16
+#undef FASTSSL_WGMMA_M64N128K16_FIRST
 #undef FASTSSL_WGMMA_M64N128K16_RS
 #undef FASTSSL_WGMMA_M64N64K16
 #undef FASTSSL_WGMMA_M64N64K16_RS

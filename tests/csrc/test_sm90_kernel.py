@@ -70,6 +70,7 @@ def test_compiles_for_sm90a_without_spills(sm90a_build):
     assert len(frames) == len(kernels) and frames, report
     assert all(f == ("0", "0", "0") for f in frames), f"stack frame or spills (frame, stores, loads): {frames}"
     assert "serialized" not in report, f"ptxas serialises the wgmma:\n{report}"
+    assert "injected" not in report, f"ptxas injects a wgmma wait (C7517):\n{report}"
 
 
 @pytest.mark.slow  # nvcc
@@ -118,6 +119,55 @@ def test_sass_of_each_kernel(sm90a_build):
         else:
             assert not n64 and n128, name
             assert any(a.startswith("R") for a in n128) == (kind != "0"), f"{name}: register-A wgmma"
+
+
+def overlapped_issues(code: str) -> int:
+    """How many HGMMA issues of a kernel's SASS are followed, in program order, by exp2 (MUFU.EX2) before
+    any full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): exp2s that run while a GEMM is in flight."""
+    events = re.findall(r"\b(HGMMA)\.|\b(MUFU\.EX2)\b|\bWARPGROUP\.DEPBAR\.LE gsb0, (0x0)\b", code)
+    count, pending = 0, False
+    for hgmma, ex2, wait_all in events:
+        if hgmma:
+            pending = True
+        elif wait_all:
+            pending = False
+        elif ex2 and pending:
+            count, pending = count + 1, False
+    return count
+
+
+def test_overlap_marker_reads_program_order():
+    overlapped = "HGMMA.64x128x16.F32.BF16 R24\nMUFU.EX2 R1, R2 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n"
+    serial = "HGMMA.64x128x16.F32.BF16 R24\nWARPGROUP.DEPBAR.LE gsb0, 0x1 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x0 ;\nMUFU.EX2 R1"
+    assert overlapped_issues(overlapped) == 1 and overlapped_issues(serial) == 0
+    assert overlapped_issues(overlapped * 2) == 2
+
+
+@pytest.mark.slow  # nvcc
+def test_sass_overlaps_softmax_with_a_running_gemm(sm90a_build):
+    """FlashAttention-3's intra-warpgroup overlap. The forward (kFwd, Li0E): in both halves of its
+    loop (the two accumulators' roles) the next tile's HGMMAs are issued before the exp2s of the
+    softmax, with no full wait between; the wait of depth kStages − 1 = 3 lets D > 256 refill its ring.
+    dx and dy (Li1E, Li2E): P·V_t's HGMMAs (A in registers) are followed by the exp2s of tile t + 1's
+    weights before the full wait, after a wait of depth 1 (tile t + 1's logits retired). kSym (Li3E)
+    keeps the serial order: 0. Built from the pre-overlap kernel every kernel has 0 such issues."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump: neither on PATH nor shipped with Triton")
+    _, obj = sm90a_build
+    proc = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sections = re.split(r"\n\s*Function : ", proc.stdout)[1:]
+    kernels = {re.search(r"kernelI(\w+?)Li(\d)E", sec.split("\n", 1)[0]).groups(): sec for sec in sections}
+    for (dtype, kind), code in kernels.items():
+        if kind == "0":
+            assert overlapped_issues(code) >= 2, f"{dtype} forward: softmax not overlapped with the next GEMM"
+            assert re.search(r"\bWARPGROUP\.DEPBAR\.LE gsb0, 0x3\b", code), f"{dtype} forward: no wait_group 3"
+        elif kind in ("1", "2"):
+            assert overlapped_issues(code) >= 1, f"{dtype} kind {kind}: weights not overlapped with P·V"
+            assert re.search(r"\bWARPGROUP\.DEPBAR\.LE gsb0, 0x1\b", code), f"{dtype} kind {kind}: no wait_group 1"
+        else:
+            assert overlapped_issues(code) == 0, f"{dtype} kind {kind}"
 
 
 @pytest.mark.slow  # nvcc
@@ -342,3 +392,73 @@ def test_sm90_symmetric_matches_oracle_per_side(sm90_extension, dtype, mode, m, 
     ((lse64 * g_lse).sum() + (pos64 * g_pos).sum()).backward()
     assert_close(dx, xr.grad, dtype, what=f"sm90 sym/{mode} dx at M={m}, D={d}", scale=10.0)
     assert_close(dy, yr.grad, dtype, what=f"sm90 sym/{mode} dy at M={m}, D={d}", scale=10.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ny", [100, 200, 300])
+@pytest.mark.parametrize("d", [64, 200, 320, 512])
+@pytest.mark.parametrize("bank_rows", [0, 70])
+def test_sm90_forward_overlap_prologue_and_epilogue(sm90_extension, dtype, ny, d, bank_rows):
+    """The forward's overlapped loop over 1, 2 and 3 column tiles of y (and one more of the bank): its
+    prologue (tile 0 alone), both halves of its unrolled loop and both exits, with 1 to 8 chunks (D > 256
+    waits inside the issue for the ring); M = 130 leaves the second CTA 2 rows and its second consumer
+    none. Against the float64 oracle, exclude_self and the positive at every column tile."""
+    from fastssl.kernels import PairwiseLSEFlags
+    from fastssl.kernels.cuda.pairwise_lse import pairwise_lse_forward
+    from tests.backends.test_pairwise_lse import dense_oracle
+    from tests.utils import assert_close
+
+    gen = torch.Generator().manual_seed(ny + d + bank_rows)
+
+    def unit(n):
+        return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to("cuda", dtype)
+
+    x, y = unit(130), unit(ny)
+    bank = unit(bank_rows) if bank_rows else None
+    scale = torch.tensor(1.0 / 0.3, device="cuda")
+    flags = PairwiseLSEFlags(pos_offset=97 % ny, exclude_self=True, include_pos=True, y_negatives=True)
+    assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank), "these inputs should take the sm_90a forward"
+    lse, pos = pairwise_lse_forward(x, y, bank, scale, flags)
+    want_lse, want_pos = dense_oracle(x.double().cpu(), y.double().cpu(), None if bank is None else bank.double().cpu(),
+                                      scale.double().cpu(), flags)  # fmt: skip
+    what = f"sm90 forward, Ny={ny}, D={d}, bank={bank_rows}"
+    assert_close(lse, want_lse, dtype, what=f"{what}: lse", scale=10.0)
+    assert_close(pos, want_pos, dtype, what=f"{what}: pos", scale=10.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,ny", [(130, 100), (130, 200), (130, 300), (100, 130), (300, 130)])
+@pytest.mark.parametrize("d", [64, 136, 256])
+@pytest.mark.parametrize("bank_rows", [0, 70])
+def test_sm90_backward_overlap_prologue_and_epilogue(sm90_extension, dtype, m, ny, d, bank_rows):
+    """dx's and dy's overlapped loop (tile t + 1's logits and P·V_t in flight together) over 1, 2 and 3
+    streamed tiles each (dx streams y and the bank, dy streams x), 1 to 4 chunks, against the float64
+    oracle's gradients under a random cotangent."""
+    from fastssl.kernels import PairwiseLSEFlags
+    from fastssl.kernels.cuda.pairwise_lse import pairwise_lse_backward, pairwise_lse_forward
+    from tests.backends.test_pairwise_lse import dense_oracle
+    from tests.utils import assert_close
+
+    gen = torch.Generator().manual_seed(m + ny + d + bank_rows)
+
+    def unit(n):
+        return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to("cuda", dtype)
+
+    x, y = unit(m), unit(ny)
+    bank = unit(bank_rows) if bank_rows else None
+    scale = torch.tensor(1.0 / 0.3, device="cuda")
+    flags = PairwiseLSEFlags(pos_offset=97 % ny, exclude_self=True, include_pos=True, y_negatives=True)
+    for role in ("rows", "cols"):
+        assert sm90_extension.pairwise_lse_sm90_supported(x, y, bank, role=role), f"these inputs should take {role}"
+    g_lse = torch.randn(m, generator=gen, dtype=torch.float64)
+    g_pos = torch.randn(m, generator=gen, dtype=torch.float64)
+    lse, _ = pairwise_lse_forward(x, y, bank, scale, flags)
+    dx, dy = pairwise_lse_backward(x, y, bank, scale, lse, g_lse.float().cuda(), g_pos.float().cuda(), flags)
+    xr, yr = x.double().cpu().requires_grad_(), y.double().cpu().requires_grad_()
+    lse64, pos64 = dense_oracle(xr, yr, None if bank is None else bank.double().cpu(), scale.double().cpu(), flags)
+    ((lse64 * g_lse).sum() + (pos64 * g_pos).sum()).backward()
+    what = f"sm90 backward, M={m}, Ny={ny}, D={d}, bank={bank_rows}"
+    assert_close(dx, xr.grad, dtype, what=f"{what}: dx", scale=10.0)
+    assert_close(dy, yr.grad, dtype, what=f"{what}: dy", scale=10.0)

@@ -576,10 +576,19 @@ class Barrier:
 
 def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int, seed: int,
                      vstage=None, vstages: int = 0, producer_flip: int = 1, consumer_flip: int = 0,
-                     passes: int = 1, early_release: bool = False) -> None:  # fmt: skip
+                     passes: int = 1, early_release: bool = False, overlap: bool = False,
+                     release_before_wait: bool = False) -> None:  # fmt: skip
     """Run the kernel's producer and consumer loops under a random interleaving, with TMA copies that
     land at random later times; raise Deadlock if nothing can move, AssertionError on a data race
     (a stage refilled while a consumer still reads it, or a consumer reading another load's data).
+    With `overlap` each consumer runs the kernel's overlapped loop instead, with wgmma groups that
+    retire in order at random later times and wait_group N blocking until at most N of its groups are
+    in flight. The forward (no `vstage`): one group per chunk, tile t + 1's issued before tile t's
+    softmax. dx and dy (`vstage`): tile t + 1's logit groups, then P·V_t's group (reading slice t),
+    wait_group 1, tile t + 1's weights while P·V_t runs, wait_group 0. A stage is released after the
+    wait that retires the group reading it (with `release_before_wait`, the mutation: before). A stage
+    refilled while an unretired group reads it, or a group that retires over data that changed, is a
+    race.
     With `vstage` (the backward kernels) each tile also sends its slice through the second ring. With
     `passes` = 2 (kSym) each consumer reads a tile's chunks once per pass, waits on them in the first,
     waits on the slice after the first pass's logits, and releases both in the last pass (with
@@ -592,11 +601,14 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
     content = {r: [None] * n for r, (_, n) in rings.items()}  # which load a stage holds
     readers = {r: [set() for _ in range(n)] for r, (_, n) in rings.items()}  # consumers still reading it
     in_flight = []  # TMA copies issued, not landed: (barrier, ring, stage, load)
+    groups = {c: [] for c in range(consumers)}  # per consumer, its wgmma groups in flight: (ring, stage, load)
 
     def produce(ring, it):
         s, parity = rings[ring][0][it]
         yield lambda: empty[ring][s].try_wait(parity ^ producer_flip)
         assert not readers[ring][s], f"{ring} stage {s} refilled (load {it}) while {readers[ring][s]} read it"
+        assert not any((ring, s) == g[:2] for gs in groups.values() for g in gs), (
+            f"{ring} stage {s} refilled (load {it}) while a wgmma group in flight reads it")
         full[ring][s].arrive(expect_tx=1)
         in_flight.append((full[ring][s], ring, s, it))
 
@@ -620,6 +632,7 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
 
     def release(ring, s, it, me):  # after the wgmma reading it retired
         assert content[ring][s] == it
+        assert (ring, s, it) not in groups[me], f"consumer {me} released {ring} stage {s} under its wgmma group"
         readers[ring][s].discard(me)
         empty[ring][s].arrive()
 
@@ -650,14 +663,97 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
                         release("slice", slice_stage, tile, me)
             it += chunks
 
-    agents = {"producer": producer(), **{f"consumer{c}": consumer(c) for c in range(consumers)}}
+    def wait_group(me, n):
+        yield lambda: len(groups[me]) <= n
+
+    def overlapped_consumer(me):  # kFwd's loop: issue, retire, online_lse
+        yield lambda: x_full.try_wait(0)
+
+        def issue(tile):
+            it0 = tile * chunks
+            for kc in range(chunks):
+                if kc >= stages:  # chunk kc needs chunk kc − stages's stage
+                    yield from wait_group(me, stages - 1)
+                    release("chunk", stage[it0 + kc - stages][0], it0 + kc - stages, me)
+                s = yield from acquire("chunk", it0 + kc, me)
+                groups[me].append(("chunk", s, it0 + kc))  # wgmma ... commit_group
+
+        def retire(tile):
+            it0 = tile * chunks
+            held = [(stage[it0 + kc][0], it0 + kc) for kc in range(max(chunks - stages, 0), chunks)]
+            if release_before_wait:
+                for s, it in held:
+                    release("chunk", s, it, me)
+            yield from wait_group(me, 0)
+            if not release_before_wait:
+                for s, it in held:
+                    release("chunk", s, it, me)
+
+        yield from issue(0)
+        yield from retire(0)
+        for tile in range(tiles - 1):
+            yield from issue(tile + 1)
+            yield None  # tile's softmax, while tile + 1's groups run
+            yield from retire(tile + 1)
+
+    def overlapped_backward(me):  # dx's and dy's loop: logits t + 1, P·V_t, weights t + 1 under P·V_t
+        yield lambda: x_full.try_wait(0)
+        assert chunks <= stages, "the kernel's static_assert"
+
+        def issue_logits(tile):
+            for kc in range(chunks):
+                s = yield from acquire("chunk", tile * chunks + kc, me)
+                groups[me].append(("chunk", s, tile * chunks + kc))
+
+        def release_chunks(tile):
+            for kc in range(chunks):
+                release("chunk", stage[tile * chunks + kc][0], tile * chunks + kc, me)
+
+        def issue_pv(tile):
+            s = yield from acquire("slice", tile, me)
+            groups[me].append(("slice", s, tile))
+
+        def release_slice(tile, wait):
+            if release_before_wait:
+                release("slice", vstage[tile][0], tile, me)
+            yield from wait
+            if not release_before_wait:
+                release("slice", vstage[tile][0], tile, me)
+
+        yield from issue_logits(0)
+        yield from wait_group(me, 0)
+        release_chunks(0)
+        yield None  # tile 0's weights
+        tile = 0
+        while True:
+            if tile > 0:
+                yield from release_slice(tile - 1, wait_group(me, 0))
+            else:
+                yield from wait_group(me, 0)
+            if tile + 1 == tiles:
+                break
+            yield from issue_logits(tile + 1)
+            yield from issue_pv(tile)
+            yield from wait_group(me, 1)
+            release_chunks(tile + 1)
+            yield None  # tile t + 1's weights, while P·V_t runs
+            tile += 1
+        yield from issue_pv(tiles - 1)
+        yield from release_slice(tiles - 1, wait_group(me, 0))
+
+    make = (overlapped_backward if vstage is not None else overlapped_consumer) if overlap else consumer
+    agents = {"producer": producer(), **{f"consumer{c}": make(c) for c in range(consumers)}}
     waiting = {name: None for name in agents}
-    while agents or in_flight:
+    while agents or in_flight or any(groups.values()):
         runnable = [n for n in agents if waiting[n] is None or waiting[n]()]
-        choices = runnable + (["tma"] if in_flight else [])
+        choices = runnable + (["tma"] if in_flight else []) + [f"wgmma{c}" for c, gs in groups.items() if gs]
         if not choices:
             raise Deadlock(f"stuck: {sorted(agents)} wait, no copy in flight")
         pick = rnd.choice(choices)
+        if pick.startswith("wgmma"):  # the oldest group of that consumer retires
+            ring, s, it = groups[int(pick[5:])].pop(0)
+            assert content[ring][s] == it, f"a wgmma group read {ring} stage {s} while load {content[ring][s]} landed"
+            continue
         if pick == "tma":
             bar, ring, s, it = in_flight.pop(rnd.randrange(len(in_flight)))
             if ring is not None:
@@ -673,20 +769,64 @@ def emulate_pipeline(stage, stages: int, tiles: int, chunks: int, consumers: int
 @pytest.mark.parametrize("kind", ["fwd", "rows", "cols", "sym"])
 @pytest.mark.parametrize("tiles,chunks", [(1, 1), (3, 1), (3, 3), (2, 8), (5, 4), (7, 5)])
 def test_pipeline_never_hangs_or_races(kernel, kind, tiles, chunks):
-    """dx and dy walk the same two rings (dy's streamed tiles are x's); kSym reads each tile's chunks
-    in two passes and holds them meanwhile, which the kernel allows only for chunks <= stages."""
+    """dx and dy walk the same two rings (dy's streamed tiles are x's) in their overlapped loop, the
+    forward its own; kSym reads each tile's chunks in two passes and holds them meanwhile. kSym, dx and
+    dy need a tile's chunks to fit the ring (chunks <= stages, the kernel's static_assert): kSym
+    deadlocks without it, dx and dy refuse it."""
     stage = kernel["stage"]
     assert tiles * chunks <= len(stage)
     passes = kernel["bn"] // kernel["widths"][kind][1]
-    if passes > 1 and chunks > kernel["stages"]:
-        assert kernel[kind]["max_chunks"] <= kernel["stages"]  # the kernel's static_assert
-        with pytest.raises(Deadlock):
-            emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], 0, kernel["vstage"],
-                             kernel["vstages"], passes=passes)  # fmt: skip
-        return
     slices = {"vstage": kernel["vstage"], "vstages": kernel["vstages"]} if kind != "fwd" else {}
+    if kind != "fwd" and chunks > kernel["stages"]:
+        assert kernel[kind]["max_chunks"] <= kernel["stages"]  # the kernel's static_assert
+        with pytest.raises(Deadlock if passes > 1 else AssertionError):
+            emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], 0, passes=passes,
+                             overlap=passes == 1, **slices)  # fmt: skip
+        return
     for seed in range(30):
-        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, passes=passes, **slices)
+        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, passes=passes,
+                         overlap=passes == 1, **slices)  # fmt: skip
+
+
+@pytest.mark.parametrize("tiles,chunks", [(1, 1), (2, 1), (3, 2), (3, 4), (4, 5), (3, 8), (2, 8)])
+def test_overlapped_forward_pipeline_never_hangs_or_races(kernel, tiles, chunks):
+    """kFwd's loop (tile t + 1's GEMM issued before tile t's softmax; D up to 512 = 8 chunks, twice the
+    ring): 1, 2 and 3 tiles (prologue and epilogue), under random interleavings and group retirements."""
+    stage = kernel["stage"]
+    assert tiles * chunks <= len(stage) and kernel["fwd"]["max_chunks"] >= chunks
+    for seed in range(40):
+        emulate_pipeline(stage, kernel["stages"], tiles, chunks, kernel["consumers"], seed, overlap=True)
+
+
+@pytest.mark.parametrize("tiles,chunks", [(6, 1), (3, 4), (2, 6)])
+def test_overlapped_pipeline_emulation_detects_an_early_release(kernel, tiles, chunks):
+    """Releasing a tile's stages before the wait that retires its groups lets the producer refill a
+    stage a wgmma still reads (given more loads than stages, so that a stage is refilled at all)."""
+    assert tiles * chunks > kernel["stages"]
+    with pytest.raises(AssertionError, match="wgmma group"):
+        for seed in range(40):
+            emulate_pipeline(kernel["stage"], kernel["stages"], tiles, chunks, kernel["consumers"], seed,
+                             overlap=True, release_before_wait=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("tiles,chunks", [(1, 1), (2, 2), (3, 4), (5, 1), (6, 3)])
+def test_overlapped_backward_pipeline_never_hangs_or_races(kernel, tiles, chunks):
+    """dx's and dy's loop (tile t + 1's logits and P·V_t in flight together, the weights of t + 1 under
+    P·V_t): 1, 2, 3 and more tiles, under random interleavings and group retirements."""
+    assert kernel["rows"]["max_chunks"] == kernel["cols"]["max_chunks"] == kernel["stages"] >= chunks
+    for seed in range(40):
+        emulate_pipeline(kernel["stage"], kernel["stages"], tiles, chunks, kernel["consumers"], seed, kernel["vstage"],
+                         kernel["vstages"], overlap=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("tiles,chunks", [(4, 1), (3, 4)])
+def test_overlapped_backward_emulation_detects_an_early_release(kernel, tiles, chunks):
+    """Releasing P·V_t's slice before the wait that retires the group reading it lets the producer
+    refill a stage a wgmma still reads."""
+    with pytest.raises(AssertionError, match="wgmma group"):
+        for seed in range(40):
+            emulate_pipeline(kernel["stage"], kernel["stages"], tiles, chunks, kernel["consumers"], seed,
+                             kernel["vstage"], kernel["vstages"], overlap=True, release_before_wait=True)  # fmt: skip
 
 
 def test_stage_function_is_round_robin_with_flipping_parity(kernel):
