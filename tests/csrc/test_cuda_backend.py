@@ -28,14 +28,13 @@ import fastssl
 from fastssl.backends import available_backends, cuda_extension_usable, resolve_backend
 from fastssl.kernels.cuda._ext import ARCH_SPECIFIC_SOURCES
 from fastssl.kernels.cuda.pairwise_lse import PIPELINE_ENV, SM90_ENV
+from tests.csrc import _nvcc
 from tests.utils import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 #: The portable kernel sources (every arch); the arch-specific ones (sm_90a) are tests/csrc/test_sm90_kernel.py's.
 CU_FILES = sorted(p for p in CSRC.glob("*.cu") if p.name not in ARCH_SPECIFIC_SOURCES)
-NVCC = shutil.which("nvcc")
-NO_NVCC = "nvcc is not on PATH: the CUDA sources cannot be compiled here"
 
 #: Kernels ptxas must see per architecture: the pairwise-LSE template (3 dtypes x fwd/rows/cols,
 #: plus the symmetric backward for bf16 and fp16) and the Frobenius helpers.
@@ -47,25 +46,10 @@ EXPECTED_PIPELINED_KERNELS = 8
 @pytest.fixture(scope="module", params=["80", "90"])
 def ptxas_report(request, tmp_path_factory):
     """(arch, [(kernel, spill_stores, spill_loads, stack_frame)]) from one nvcc call compiling every .cu for sm_<arch>."""
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
     arch = request.param
     out = tmp_path_factory.mktemp(f"sm{arch}")
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-           f"-I{CSRC}", *map(str, CU_FILES)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"nvcc failed for sm_{arch}:\n{proc.stderr[-4000:]}"
-    kernels, current = [], None
-    for line in proc.stderr.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)' for 'sm_(\d+)'", line)
-        if m:
-            current = m.group(1)
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and current is not None:
-            kernels.append((current, int(m.group(2)), int(m.group(3)), int(m.group(1))))
-            current = None
-    return arch, kernels
+    report = _nvcc.compile_objects(CU_FILES, f"-gencode=arch=compute_{arch},code=sm_{arch}", out)
+    return arch, _nvcc.ptxas_kernels(report)
 
 
 def test_cu_files_compile_without_spills(ptxas_report):
@@ -84,9 +68,7 @@ def test_cu_files_compile_without_spills(ptxas_report):
 
 def test_cu_uses_tensor_cores():
     """The pairwise-LSE kernels issue mma.sync for bf16, fp16 and tf32 (PTX of the sm_90 build)."""
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
-    proc = subprocess.run([NVCC, "-std=c++17", "-O1", "--ptx", "-arch=sm_90", f"-I{CSRC}",
+    proc = subprocess.run([_nvcc.require_nvcc(), "-std=c++17", "-O1", "--ptx", "-arch=sm_90", f"-I{CSRC}",
                            str(CSRC / "pairwise_lse.cu"), "-o", "-"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     for shape in ("m16n8k16.row.col.f32.bf16.bf16.f32", "m16n8k16.row.col.f32.f16.f16.f32",
@@ -109,9 +91,9 @@ def test_bindings_compile_against_installed_torch_headers(tmp_path, defines):
     from torch.utils.cpp_extension import include_paths
 
     gxx = shutil.which("g++")
-    if gxx is None or NVCC is None:
+    if gxx is None or _nvcc.NVCC is None:
         pytest.skip("g++ and nvcc (for cuda_runtime.h) are needed for the bindings syntax check")
-    homes = [os.environ.get("CUDA_HOME", ""), str(Path(NVCC).resolve().parents[1]), "/usr/local/cuda"]
+    homes = [os.environ.get("CUDA_HOME", ""), str(Path(_nvcc.NVCC).resolve().parents[1]), "/usr/local/cuda"]
     found = [Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").is_file()]
     if not found:
         pytest.skip(f"cuda_runtime.h not found under any of {homes}")

@@ -22,7 +22,6 @@ by the support check (the adapter then keeps the cuBLAS chunks).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 
@@ -32,7 +31,8 @@ import torch
 
 from fastssl.kernels.cuda import _ext
 from fastssl.kernels.cuda.pairwise_lse import SM90_ENV
-from tests.csrc.test_sm90_kernel import NO_NVCC, NVCC, SM90A, _cuobjdump
+from tests.csrc import _nvcc
+from tests.csrc.test_sm90_kernel import SM90A
 from tests.csrc.test_sm90_layout import (SMEM_BASE, SMEM_LIMIT, Deadlock, decode_desc, emulate_pipeline, isa_acc,
                                          tma_store, wgmma_operand, wgmma_operand_mn, zero_filled_box)  # fmt: skip
 
@@ -187,20 +187,11 @@ def _unpack_mask(hexes: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     """The kernel's constants, descriptors, tile walks, box counts and stage function (a host program)."""
-    if NVCC is None:
-        pytest.skip("nvcc is not on PATH: the kernel's host-side layout functions cannot be compiled here")
     folder = tmp_path_factory.mktemp("frobenius_sm90_layout")
     walks = ", ".join(f"{{{a}, {b}, {int(sym)}}}" for a, b, sym in WALKS)
     bounds = ", ".join(f"{{{r}, {c}, {int(sym)}}}" for r, c, sym in MATRICES)
     program = _HOST_PROGRAM.replace("%SMEM_BASE%", f"{SMEM_BASE}u").replace("%WALKS%", walks)
-    (folder / "probe.cu").write_text(program.replace("%BOUNDS%", bounds))
-    cmd = [NVCC, "-std=c++17", "-gencode=arch=compute_90a,code=compute_90a", f"-I{CSRC}", str(folder / "probe.cu"),
-           "-o", str(folder / "probe")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = subprocess.run([str(folder / "probe")], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr[-2000:]
-    info = json.loads(run.stdout)
+    info = _nvcc.host_probe(folder, program.replace("%BOUNDS%", bounds), "90a")
     info["acc"] = np.array(info["acc"]).reshape(128, 64, 2)
     c, k = info["consumers"], info["bk"] // 16
     for kind in info["kinds"].values():
@@ -215,13 +206,8 @@ def kernel(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sm90a_build(tmp_path_factory):
     """(ptxas -v report, object path) of one nvcc call compiling frobenius_sm90.cu for sm_90a."""
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
     out = tmp_path_factory.mktemp("frobenius_sm90a") / "frobenius_sm90.o"
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", SM90A, "-Xptxas", "-v", f"-I{CSRC}", str(SOURCE), "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"nvcc failed for sm_90a:\n{proc.stderr[-4000:]}"
-    return proc.stderr, out
+    return _nvcc.compile_objects([SOURCE], SM90A, out.parent, out), out
 
 
 # ---- the compiled kernel --------------------------------------------------------------------------
@@ -244,13 +230,8 @@ def test_compiles_for_sm90a_without_spills(sm90a_build):
 def test_sass_uses_wgmma_tma_and_mbarriers(sm90a_build):
     """Per kernel: the inner route's wgmma read both operands MN-major (tnspA.tnspB), the outer
     route's both K-major (no transpose); bf16 and fp16; TMA loads, mbarriers and setmaxnreg."""
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither on PATH nor shipped with Triton")
     _, obj = sm90a_build
-    proc = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    functions = re.split(r"\n\s*Function : ", proc.stdout)[1:]
+    functions = re.split(r"\n\s*Function : ", _nvcc.sass(obj))[1:]
     kernels = {re.search(r"kernelI(\w+?)Li(\d)E", f).groups(): f for f in functions if "sq_frobenius_sm90_kernel" in f}
     assert len(kernels) == 6, sorted(kernels)
     for (dtype, kind), sass in kernels.items():
@@ -268,13 +249,8 @@ def test_sass_uses_wgmma_tma_and_mbarriers(sm90a_build):
 
 @pytest.mark.slow  # nvcc
 def test_plain_sm90_is_refused(tmp_path):
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
-    cmd = [NVCC, "-std=c++17", "-c", "-gencode=arch=compute_90,code=sm_90", f"-I{CSRC}", str(SOURCE), "-o",
-           str(tmp_path / "x.o")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "frobenius_sm90.cu uses wgmma and TMA" in proc.stderr, proc.stderr[-2000:]
+    message = _nvcc.compile_error(SOURCE, "-gencode=arch=compute_90,code=sm_90", tmp_path / "x.o")
+    assert "frobenius_sm90.cu uses wgmma and TMA" in message, message[-2000:]
 
 
 @pytest.mark.slow  # nvcc

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import importlib
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastssl.kernels.cuda import _ext
+from tests.csrc import _nvcc
 
 ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "csrc"
+CSRC = _nvcc.CSRC
 NEW_SOURCES = ("pairwise_sigmoid.cu", "pairwise_max.cu")
-NVCC = shutil.which("nvcc")
-NO_NVCC = "nvcc is not on PATH: the CUDA sources cannot be compiled here"
 
 #: Kernels per file that ptxas must see: the sigmoid template's forward, rows and columns roles for
 #: fp32, fp16 and bf16; the max kernel for the three dtypes.
@@ -36,41 +33,14 @@ EXPECTED_KERNELS = {"pairwise_sigmoid_kernel": 9, "pairwise_max_kernel": 3}
 HMMA = {"bf16": "HMMA.16816.F32.BF16", "fp16": "HMMA.16816.F32 ", "tf32": "HMMA.1688.F32.TF32"}
 
 
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        from triton import knobs  # Triton ships one (tests/gpu reads its cubins with it)
-
-        path = knobs.nvidia.cuobjdump.path
-    except (ImportError, AttributeError):
-        return None
-    return path if path and Path(path).is_file() else None
-
-
 @pytest.fixture(scope="module", params=["80", "90"])
 def build(request, tmp_path_factory):
     """(arch, ptxas kernel report [(name, spill stores, spill loads)], {source: object path}) from one
     nvcc call compiling both new files for sm_<arch>."""
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
     arch = request.param
     out = tmp_path_factory.mktemp(f"sm{arch}")
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-           f"-I{CSRC}", *(str(CSRC / s) for s in NEW_SOURCES)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"nvcc failed for sm_{arch}:\n{proc.stderr[-4000:]}"
-    kernels, current = [], None
-    for line in proc.stderr.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)' for 'sm_(\d+)'", line)
-        if m:
-            current = m.group(1)
-            continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and current is not None:
-            kernels.append((current, int(m.group(1)), int(m.group(2))))
-            current = None
+    report = _nvcc.compile_objects([CSRC / s for s in NEW_SOURCES], f"-gencode=arch=compute_{arch},code=sm_{arch}", out)
+    kernels = [(name, stores, loads) for name, stores, loads, _ in _nvcc.ptxas_kernels(report)]
     return arch, kernels, {s: out / (Path(s).stem + ".o") for s in NEW_SOURCES}
 
 
@@ -88,14 +58,10 @@ def test_new_kernels_compile_without_spills(build):
 @pytest.mark.slow
 @pytest.mark.parametrize("source", NEW_SOURCES)
 def test_new_kernels_use_tensor_cores(build, source):
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("cuobjdump is neither on PATH nor shipped with an installed Triton")
     arch, _, objects = build
-    proc = subprocess.run([tool, "-sass", str(objects[source])], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    sass = _nvcc.sass(objects[source])
     for dtype, mnemonic in HMMA.items():
-        assert mnemonic in proc.stdout, f"sm_{arch} {source}: no {mnemonic.strip()} ({dtype} tensor cores) in the SASS"
+        assert mnemonic in sass, f"sm_{arch} {source}: no {mnemonic.strip()} ({dtype} tensor cores) in the SASS"
 
 
 @pytest.mark.parametrize("name", ["logits_chunk", "weighted_sum", "mod_ny", "vec_ok"])

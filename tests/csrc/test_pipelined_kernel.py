@@ -18,8 +18,6 @@ pairwise-LSE parametrisation under the variable too.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import types
 
 import pytest
@@ -27,26 +25,18 @@ import torch
 
 from fastssl.kernels.cuda import _ext
 from fastssl.kernels.cuda.pairwise_lse import PIPELINE_ENV, SM90_ENV, launcher
-from tests.csrc.test_sm90_kernel import _cuobjdump
+from tests.csrc import _nvcc
 
 CSRC = _ext.CSRC
 SOURCE = CSRC / "pairwise_lse_pipelined.cu"
-NVCC = shutil.which("nvcc")
-NO_NVCC = "nvcc is not on PATH: the CUDA sources cannot be compiled here"
 
 
 @pytest.fixture(scope="module", params=["80", "90"])
 def build(request, tmp_path_factory):
     """(arch, ptxas -v report, object path) of one nvcc call compiling the file for sm_<arch>."""
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
     arch = request.param
     out = tmp_path_factory.mktemp(f"pipelined{arch}") / "pairwise_lse_pipelined.o"
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", _ext.gencode_flag(arch), "-Xptxas", "-v", f"-I{CSRC}", str(SOURCE), "-o",
-           str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"nvcc failed for sm_{arch}:\n{proc.stderr[-4000:]}"
-    return arch, proc.stderr, out
+    return arch, _nvcc.compile_objects([SOURCE], _ext.gencode_flag(arch), out.parent, out), out
 
 
 @pytest.mark.slow  # nvcc
@@ -63,13 +53,8 @@ def test_compiles_without_spills_or_stack_frame(build):
 
 @pytest.mark.slow  # nvcc
 def test_sass_uses_cp_async_ldmatrix_and_tensor_cores(build):
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither on PATH nor shipped with Triton")
     arch, _, obj = build
-    proc = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    sass = proc.stdout
+    sass = _nvcc.sass(obj)
     assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\.ZFILL\b", sass), f"sm_{arch}: no 16-byte cp.async.cg (LDGSTS)"
     assert re.search(r"\bLDGDEPBAR\b", sass) and re.search(r"\bDEPBAR\.LE SB0, 0x1\b", sass), (
         f"sm_{arch}: no cp.async commit_group / wait_group 1 (LDGDEPBAR, DEPBAR.LE)")

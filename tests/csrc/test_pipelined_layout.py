@@ -28,21 +28,16 @@ are read (the weights) before the next barrier: within that chunk's read window 
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.csrc import _nvcc
 from tests.csrc.test_mma_layout import LANES, _gt, _zeros, mma, ptx_a_k16, ptx_b_k16, tile_of
 
 pytestmark = pytest.mark.slow  # the host probe is an nvcc run (seconds), as the other compiler tests
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-NVCC = shutil.which("nvcc")
 SM86_SMEM = 99 * 1024  # the most dynamic shared memory one block may opt into on sm_86/sm_89
 SM80_SMEM = 163 * 1024  # on sm_80
 
@@ -79,18 +74,7 @@ int main() {
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     """The kernel's constants, ldmatrix maps and ring stage function, printed by a host program."""
-    if NVCC is None:
-        pytest.skip("nvcc is not on PATH: the kernel's host-side layout functions cannot be compiled here")
-    folder = tmp_path_factory.mktemp("pipelined_layout")
-    (folder / "probe.cu").write_text(_HOST_PROGRAM)
-    # PTX only for the device side (no ptxas): the host program never launches the kernel.
-    cmd = [NVCC, "-std=c++17", "-gencode=arch=compute_80,code=compute_80", f"-I{CSRC}", str(folder / "probe.cu"),
-           "-o", str(folder / "probe")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = subprocess.run([str(folder / "probe")], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr[-2000:]
-    info = json.loads(run.stdout)
+    info = _nvcc.host_probe(tmp_path_factory.mktemp("pipelined_layout"), _HOST_PROGRAM, "80")
     info["own_ld"] = {int(k): v for k, v in info["own_ld"].items()}
     info["smem"] = {int(k): v for k, v in info["smem"].items()}
     info["smem_stats"] = {int(k): v for k, v in info["smem_stats"].items()}

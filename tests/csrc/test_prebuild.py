@@ -5,7 +5,6 @@ extension loader takes them only when they are complete and newer than every sou
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -13,15 +12,14 @@ from pathlib import Path
 import pytest
 
 from fastssl.kernels.cuda import _ext, prebuild
-
-NVCC = shutil.which("nvcc")
+from tests.csrc import _nvcc
 
 
 def test_kernel_sources_are_every_cu_file():
     assert sorted(_ext.KERNEL_SOURCES) == sorted(p.name for p in _ext.CSRC.glob("*.cu"))
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compiled here")
+@pytest.mark.skipif(_nvcc.NVCC is None, reason=_nvcc.NO_NVCC)
 def test_prebuild_is_incremental_and_defines_the_launcher(tmp_path):
     objects = prebuild.prebuild(tmp_path, ["90"], sources=("worst_pair.cu",))
     assert objects == [tmp_path / "sm_90" / "worst_pair.o"]

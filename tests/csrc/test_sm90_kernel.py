@@ -16,7 +16,6 @@ tiny column weights (the max|grad_lse| rescaling), in the dy and the symmetric k
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 import types
@@ -27,36 +26,18 @@ import torch
 
 from fastssl.kernels.cuda import _ext, prebuild
 from fastssl.kernels.cuda.pairwise_lse import SM90_ENV, launcher
+from tests.csrc import _nvcc
 
 CSRC = _ext.CSRC
 SOURCE = CSRC / "pairwise_lse_sm90.cu"
-NVCC = shutil.which("nvcc")
-NO_NVCC = "nvcc is not on PATH: the CUDA sources cannot be compiled here"
 SM90A = "-gencode=arch=compute_90a,code=sm_90a"
-
-
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:  # Triton ships one
-        from triton import knobs
-
-        return knobs.nvidia.cuobjdump.path
-    except Exception:  # noqa: BLE001 -- any failure means "no cuobjdump here"
-        return None
 
 
 @pytest.fixture(scope="module")
 def sm90a_build(tmp_path_factory):
     """(ptxas -v report, object path) of one nvcc call compiling pairwise_lse_sm90.cu for sm_90a."""
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
     out = tmp_path_factory.mktemp("sm90a") / "pairwise_lse_sm90.o"
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", SM90A, "-Xptxas", "-v", f"-I{CSRC}", str(SOURCE), "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"nvcc failed for sm_90a:\n{proc.stderr[-4000:]}"
-    return proc.stderr, out
+    return _nvcc.compile_objects([SOURCE], SM90A, out.parent, out), out
 
 
 @pytest.mark.slow  # nvcc
@@ -75,13 +56,8 @@ def test_compiles_for_sm90a_without_spills(sm90a_build):
 
 @pytest.mark.slow  # nvcc
 def test_sass_uses_wgmma_tma_and_mbarriers(sm90a_build):
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither on PATH nor shipped with Triton")
     _, obj = sm90a_build
-    proc = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    sass = proc.stdout
+    sass = _nvcc.sass(obj)
     assert len(re.findall(r"\bHGMMA\.64x128x16\.F32\.BF16\b", sass)) >= 4, "no bf16 wgmma m64n128k16 in the SASS"
     assert len(re.findall(r"\bHGMMA\.64x128x16\.F32\b(?!\.)", sass)) >= 4, "no fp16 wgmma m64n128k16 in the SASS"
     assert re.search(r"\bUTMALDG\.2D\b", sass), "no TMA tensor load (UTMALDG) in the SASS"
@@ -98,13 +74,8 @@ def test_sass_of_each_kernel(sm90a_build):
     Li3E) also wait on their warpgroup's named barrier (the column statistics: 128 threads); kSym's
     wgmma is m64n64k16 only, from shared memory (the logit halves) and with A in registers (the slice,
     transposed B), the other roles' m64n128k16 only."""
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither on PATH nor shipped with Triton")
     _, obj = sm90a_build
-    proc = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    sections = re.split(r"\n\s*Function : ", proc.stdout)[1:]
+    sections = re.split(r"\n\s*Function : ", _nvcc.sass(obj))[1:]
     kernels = {re.search(r"kernelI(\w+?)Li(\d)E", sec.split("\n", 1)[0]).groups(): sec for sec in sections}
     assert len(kernels) == 8, sorted(kernels)
     for (dtype, kind), code in kernels.items():
@@ -151,13 +122,8 @@ def test_sass_overlaps_softmax_with_a_running_gemm(sm90a_build):
     dx and dy (Li1E, Li2E): P·V_t's HGMMAs (A in registers) are followed by the exp2s of tile t + 1's
     weights before the full wait, after a wait of depth 1 (tile t + 1's logits retired). kSym (Li3E)
     keeps the serial order: 0. Built from the pre-overlap kernel every kernel has 0 such issues."""
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump: neither on PATH nor shipped with Triton")
     _, obj = sm90a_build
-    proc = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    sections = re.split(r"\n\s*Function : ", proc.stdout)[1:]
+    sections = re.split(r"\n\s*Function : ", _nvcc.sass(obj))[1:]
     kernels = {re.search(r"kernelI(\w+?)Li(\d)E", sec.split("\n", 1)[0]).groups(): sec for sec in sections}
     for (dtype, kind), code in kernels.items():
         if kind == "0":
@@ -173,13 +139,8 @@ def test_sass_overlaps_softmax_with_a_running_gemm(sm90a_build):
 @pytest.mark.slow  # nvcc
 def test_plain_sm90_is_refused(tmp_path):
     """Without the arch-specific target nvcc stops at the file's #error (not at an obscure ptxas error)."""
-    if NVCC is None:
-        pytest.skip(NO_NVCC)
-    cmd = [NVCC, "-std=c++17", "-c", "-gencode=arch=compute_90,code=sm_90", f"-I{CSRC}", str(SOURCE), "-o",
-           str(tmp_path / "x.o")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "compile it with -gencode=arch=compute_90a,code=sm_90a only" in proc.stderr, proc.stderr[-2000:]
+    message = _nvcc.compile_error(SOURCE, "-gencode=arch=compute_90,code=sm_90", tmp_path / "x.o")
+    assert "compile it with -gencode=arch=compute_90a,code=sm_90a only" in message, message[-2000:]
 
 
 @pytest.mark.slow  # nvcc
@@ -232,7 +193,7 @@ PREBUILD_BUDGET_S = 300
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
+@pytest.mark.skipif(_nvcc.NVCC is None, reason=_nvcc.NO_NVCC)
 def test_full_prebuild_of_both_archs_stays_within_budget(tmp_path):
     start = time.monotonic()
     objects = prebuild.prebuild(tmp_path, ["80", "90"], jobs=2)

@@ -34,19 +34,15 @@ and the symmetric kernel's two passes over 64-column halves of each tile (`logit
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.csrc import _nvcc
+
 pytestmark = pytest.mark.slow  # the host probe is an nvcc run (seconds), as the other compiler tests
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-NVCC = shutil.which("nvcc")
 SMEM_LIMIT = 227 * 1024  # sm_90 dynamic shared memory per block
 SMEM_BASE = 4096  # an aligned dynamic shared-memory base for the emulation
 
@@ -111,18 +107,7 @@ int main() {
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     """The kernel's constants, fragment map, stage function and descriptors, printed by a host program."""
-    if NVCC is None:
-        pytest.skip("nvcc is not on PATH: the kernel's host-side layout functions cannot be compiled here")
-    folder = tmp_path_factory.mktemp("sm90_layout")
-    (folder / "probe.cu").write_text(_HOST_PROGRAM)
-    # PTX only for the device side (no ptxas): the host program never launches the kernel.
-    cmd = [NVCC, "-std=c++17", "-gencode=arch=compute_90a,code=compute_90a", f"-I{CSRC}", str(folder / "probe.cu"),
-           "-o", str(folder / "probe")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = subprocess.run([str(folder / "probe")], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr[-2000:]
-    info = json.loads(run.stdout)
+    info = _nvcc.host_probe(tmp_path_factory.mktemp("sm90_layout"), _HOST_PROGRAM, "90a")
     info["acc"] = np.array(info["acc"]).reshape(128, 64, 2)
     info["a_reg"] = np.array(info["a_reg"]).reshape(8, 4, 2)
     info["stats_offset"] = np.array(info["stats_offset"]).reshape(info["consumers"], 8)
