@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1) sq_frobenius_sm90_kernel(const __
       for (int ks = 0; ks < kBK / 16; ++ks) {
         const int acc = kc > 0 || ks > 0;
         if constexpr (KIND == kInner) {
-          sm90::WgmmaTT<T>::run(d, a_desc<KIND>(stage, consumer, ks, 0), b_desc<KIND>(stage, ks, 0), acc);
+          sm90::Wgmma<T>::run_tt(d, a_desc<KIND>(stage, consumer, ks, 0), b_desc<KIND>(stage, ks, 0), acc);
         } else {
           sm90::Wgmma<T>::run(d, a_desc<KIND>(stage, consumer, ks, 0), b_desc<KIND>(stage, ks, 0), acc);
           if constexpr (KIND == kOuter)

@@ -149,99 +149,76 @@ __device__ __forceinline__ void computed_here(float (&v)[K]) {
   for (int i = 0; i < K; ++i) asm volatile("" : "+f"(v[i]));
 }
 
-// d (64 x 128, fp32, fragment above) (+)= A (64 x 16, descriptor) · B (128 x 16, descriptor)ᵀ; both
-// K-major. `accumulate` = 0 overwrites d. Issued by all 128 threads of a warpgroup.
-#define FASTSSL_WGMMA_M64N128K16(TYPE)                                                                     \
+// The accumulator operands of a wgmma, in one place: its 32 (n64) or 64 (n128) fp32 registers d[i]
+// as the instruction's register list (operands %0.. in order) and as asm outputs under constraint C
+// ("+f" accumulates into d, "=f" only writes it).
+#define FASTSSL_WGMMA_LIST32                                                                              \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                               \
+  "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
+#define FASTSSL_WGMMA_LIST64                                                                              \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                               \
+  "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                      \
+  "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                      \
+  "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+#define FASTSSL_WGMMA_D32(C)                                                                              \
+  C(d[0]), C(d[1]), C(d[2]), C(d[3]), C(d[4]), C(d[5]), C(d[6]), C(d[7]), C(d[8]), C(d[9]),               \
+  C(d[10]), C(d[11]), C(d[12]), C(d[13]), C(d[14]), C(d[15]), C(d[16]), C(d[17]), C(d[18]),               \
+  C(d[19]), C(d[20]), C(d[21]), C(d[22]), C(d[23]), C(d[24]), C(d[25]), C(d[26]), C(d[27]),               \
+  C(d[28]), C(d[29]), C(d[30]), C(d[31])
+#define FASTSSL_WGMMA_D64(C)                                                                              \
+  FASTSSL_WGMMA_D32(C),                                                                                   \
+  C(d[32]), C(d[33]), C(d[34]), C(d[35]), C(d[36]), C(d[37]), C(d[38]), C(d[39]), C(d[40]),               \
+  C(d[41]), C(d[42]), C(d[43]), C(d[44]), C(d[45]), C(d[46]), C(d[47]), C(d[48]), C(d[49]),               \
+  C(d[50]), C(d[51]), C(d[52]), C(d[53]), C(d[54]), C(d[55]), C(d[56]), C(d[57]), C(d[58]),               \
+  C(d[59]), C(d[60]), C(d[61]), C(d[62]), C(d[63])
+
+// d (64 x 128, fp32, fragment above) (+)= A (64 x 16) · B (128 x 16)ᵀ, both from shared memory
+// through descriptors; TRANS "0, 0": both K-major; "1, 1": both MN-major (transpose flags,
+// sw128_mn_desc descriptors: Aᵀ·B of two row-major (K, ·) matrices, frobenius_sm90.cu).
+// `accumulate` = 0 overwrites d. Issued by all 128 threads of a warpgroup.
+#define FASTSSL_WGMMA_M64N128K16(TYPE, TRANS)                                                             \
   asm volatile(                                                                                           \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                        \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                     \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                   \
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                   \
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"                                  \
-      " %64, %65, p, 1, 1, 0, 0;\n}\n"                                                                     \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
-        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
-        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
-        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),         \
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),         \
-        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),         \
-        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),         \
-        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])          \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " FASTSSL_WGMMA_LIST64               \
+      ", %64, %65, p, 1, 1, " TRANS ";\n}\n"                                                              \
+      : FASTSSL_WGMMA_D64("+f")                                                                           \
       : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
 // d = A · B (64 x 128, both K-major descriptors), d written only ("=f"): the first k16 step of a
 // tile, so the compiler keeps no earlier value of d alive (nor copies one) while the GEMM runs.
-#define FASTSSL_WGMMA_M64N128K16_FIRST(TYPE)                                                               \
+#define FASTSSL_WGMMA_M64N128K16_FIRST(TYPE)                                                              \
   asm volatile(                                                                                           \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                     \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                   \
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                   \
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"                                  \
-      " %64, %65, 0, 1, 1, 0, 0;\n"                                                                        \
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]),    \
-        "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]),           \
-        "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]),         \
-        "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]),         \
-        "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]),         \
-        "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]),         \
-        "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]),         \
-        "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]),         \
-        "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])          \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " FASTSSL_WGMMA_LIST64               \
+      ", %64, %65, 0, 1, 1, 0, 0;\n"                                                                      \
+      : FASTSSL_WGMMA_D64("=f")                                                                           \
       : "l"(desc_a), "l"(desc_b))
 
 // d (64 x 128) (+)= A (64 x 16, registers a[0..3], layout of acc_reg_of_a) · B (16 x 128, MN-major
 // descriptor, transpose flag set).
-#define FASTSSL_WGMMA_M64N128K16_RS(TYPE)                                                                  \
+#define FASTSSL_WGMMA_M64N128K16_RS(TYPE)                                                                 \
   asm volatile(                                                                                           \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                        \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                     \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                   \
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                   \
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"                                  \
-      " {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                      \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
-        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
-        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
-        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),         \
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),         \
-        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),         \
-        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),         \
-        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])          \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " FASTSSL_WGMMA_LIST64               \
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                     \
+      : FASTSSL_WGMMA_D64("+f")                                                                           \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
 
 // The same two with N = 64 (32 accumulator registers; the fragment maps above hold for reg < 32):
 // kSym's logit half-tiles and its two accumulators of a 64-wide slice.
-#define FASTSSL_WGMMA_M64N64K16(TYPE)                                                                      \
+#define FASTSSL_WGMMA_M64N64K16(TYPE)                                                                     \
   asm volatile(                                                                                           \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                        \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                      \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},"                                  \
-      " %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                     \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
-        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
-        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
-        "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                               \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FASTSSL_WGMMA_LIST32                \
+      ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                   \
+      : FASTSSL_WGMMA_D32("+f")                                                                           \
       : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 
-#define FASTSSL_WGMMA_M64N64K16_RS(TYPE)                                                                   \
+#define FASTSSL_WGMMA_M64N64K16_RS(TYPE)                                                                  \
   asm volatile(                                                                                           \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                        \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                      \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},"                                  \
-      " {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                      \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
-        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
-        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
-        "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                               \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FASTSSL_WGMMA_LIST32                \
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                     \
+      : FASTSSL_WGMMA_D32("+f")                                                                           \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
 
 template <typename T>
@@ -250,7 +227,11 @@ struct Wgmma;
 template <>
 struct Wgmma<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    FASTSSL_WGMMA_M64N128K16("bf16");
+    FASTSSL_WGMMA_M64N128K16("bf16", "0, 0");
+  }
+  // Both operands MN-major (transpose flags set).
+  static __device__ __forceinline__ void run_tt(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    FASTSSL_WGMMA_M64N128K16("bf16", "1, 1");
   }
   static __device__ __forceinline__ void first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
     FASTSSL_WGMMA_M64N128K16_FIRST("bf16");
@@ -271,7 +252,11 @@ struct Wgmma<__nv_bfloat16> {
 template <>
 struct Wgmma<__half> {
   static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    FASTSSL_WGMMA_M64N128K16("f16");
+    FASTSSL_WGMMA_M64N128K16("f16", "0, 0");
+  }
+  // Both operands MN-major (transpose flags set).
+  static __device__ __forceinline__ void run_tt(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    FASTSSL_WGMMA_M64N128K16("f16", "1, 1");
   }
   static __device__ __forceinline__ void first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
     FASTSSL_WGMMA_M64N128K16_FIRST("f16");
@@ -294,52 +279,10 @@ struct Wgmma<__half> {
 #undef FASTSSL_WGMMA_M64N128K16_RS
 #undef FASTSSL_WGMMA_M64N64K16
 #undef FASTSSL_WGMMA_M64N64K16_RS
-
-}  // namespace sm90
-}  // namespace fastssl
-
-// ---- both operands MN-major (used by frobenius_sm90.cu) -------------------------------------------
-namespace fastssl {
-namespace sm90 {
-
-// d (64 x 128) (+)= A (64 x 16) · B (16 x 128) with both operands in shared memory MN-major (transpose
-// flags set, sw128_mn_desc descriptors): A read from a K x M tile whose M is contiguous, B from a K x N
-// one, e.g. Aᵀ·B of two row-major (K, ·) matrices.
-#define FASTSSL_WGMMA_M64N128K16_TT(TYPE)                                                                  \
-  asm volatile(                                                                                           \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                        \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                     \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                            \
-      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                                   \
-      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                                   \
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"                                  \
-      " %64, %65, p, 1, 1, 1, 1;\n}\n"                                                                     \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),    \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
-        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
-        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
-        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),         \
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),         \
-        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),         \
-        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),         \
-        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])          \
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate))
-
-template <typename T>
-struct WgmmaTT;
-template <>
-struct WgmmaTT<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    FASTSSL_WGMMA_M64N128K16_TT("bf16");
-  }
-};
-template <>
-struct WgmmaTT<__half> {
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    FASTSSL_WGMMA_M64N128K16_TT("f16");
-  }
-};
-#undef FASTSSL_WGMMA_M64N128K16_TT
+#undef FASTSSL_WGMMA_LIST32
+#undef FASTSSL_WGMMA_LIST64
+#undef FASTSSL_WGMMA_D32
+#undef FASTSSL_WGMMA_D64
 
 }  // namespace sm90
 }  // namespace fastssl
