@@ -157,11 +157,7 @@ def run(dry_run: bool, reps: int, budget_s: float, json_path: Path, only_rows=No
                     rec.update(ms=seconds * 1e3, value=value, tflops=flops.model_flops(case) / seconds / 1e12)
                     if reference is None:
                         reference = (value, grads)
-                    ref_value, ref_grads = reference
-                    rec["loss_rel_diff"] = abs(value - ref_value) / max(abs(ref_value), 1e-30)
-                    rec["grad_rel_diff"] = float((grads - ref_grads).abs().max() / ref_grads.abs().max().clamp_min(1e-30))
-                    rec["agrees"] = (rec["loss_rel_diff"] <= hopper_variants.LOSS_RTOL
-                                     and rec["grad_rel_diff"] <= hopper_variants.GRAD_RTOL)  # fmt: skip
+                    rec.update(hopper_variants.agreement(value, grads, *reference))
             result["records"].append(rec)
             result["seconds"] = round(time.perf_counter() - t_start, 1)
             json_path.write_text(json.dumps(result, indent=1))

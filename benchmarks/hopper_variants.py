@@ -43,6 +43,14 @@ LOSS_RTOL = 1e-4
 GRAD_RTOL = 1e-2
 
 
+def agreement(loss: float, grads, ref_loss: float, ref_grads) -> dict:
+    """loss_rel_diff, grad_rel_diff (max |Δgrad| / max |grad| of the reference) and whether both are
+    within LOSS_RTOL and GRAD_RTOL: one row against the first row on the same inputs."""
+    loss_rel = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
+    grad_rel = float((grads - ref_grads).abs().max() / ref_grads.abs().max().clamp_min(1e-30))
+    return dict(loss_rel_diff=loss_rel, grad_rel_diff=grad_rel, agrees=loss_rel <= LOSS_RTOL and grad_rel <= GRAD_RTOL)
+
+
 def _setup(dry_run: bool) -> None:
     """--dry-run: the interpreter, set before triton is imported."""
     if dry_run:
@@ -177,11 +185,7 @@ def run(dry_run: bool, reps: int, budget_s: float, json_path: Path, only_rows=No
                     else:
                         ms = statistics.median(times)
                         rec.update(ms=ms, ms_all=times, loss=loss, tflops=6 * two_n**2 * d / (ms * 1e-3) / 1e12)
-                        ref_loss, ref_grads = reference.setdefault(two_n, (loss, grads))
-                        rec["loss_rel_diff"] = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
-                        worst = (grads - ref_grads).abs().max() / ref_grads.abs().max().clamp_min(1e-30)
-                        rec["grad_rel_diff"] = float(worst)
-                        rec["agrees"] = rec["loss_rel_diff"] <= LOSS_RTOL and rec["grad_rel_diff"] <= GRAD_RTOL
+                        rec.update(agreement(loss, grads, *reference.setdefault(two_n, (loss, grads))))
                 result["records"].append(rec)
                 result["seconds"] = round(time.perf_counter() - t_start, 1)
                 json_path.write_text(json.dumps(result, indent=1))
