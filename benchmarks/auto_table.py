@@ -42,7 +42,7 @@ TABLE_FILE = Path(__file__).resolve().parents[1] / "fastssl" / "auto_gpu_table.j
 
 
 class ShapeClass(NamedTuple):
-    """A rule's shape class, in the fields of the table file (fastssl.backends.parse_auto_gpu_table)."""
+    """A rule's shape class, in the fields of the table file (fastssl.auto_gpu_table.parse_auto_gpu_table)."""
 
     name: str
     rows: tuple
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     if args.min_speedup <= 1:
         parser.error(f"--min-speedup must be > 1 (cuda is chosen only when faster), got {args.min_speedup}")
     _setup()
-    from fastssl.backends import load_auto_gpu_table, parse_auto_gpu_table
+    from fastssl.auto_gpu_table import load_auto_gpu_table, parse_auto_gpu_table
 
     try:
         result = json.loads(Path(args.json).read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastssl import auto_gpu_table as table_format
 from fastssl import backends
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +52,7 @@ def gpu(monkeypatch):
         extension = True
 
         def use(self, table):
-            parsed = backends.parse_auto_gpu_table(table, "test table")
+            parsed = table_format.parse_auto_gpu_table(table, "test table")
             monkeypatch.setattr(backends, "auto_gpu_table", lambda: parsed)
 
     fake = Fake()
@@ -67,11 +68,11 @@ def _x(rows, d, dtype=torch.bfloat16):
 def test_the_shipped_table_is_valid_and_selects_triton_everywhere(gpu):
     """No GPU measurement is committed: both ops have no rules, so auto keeps triton at every dtype and
     shape, on any GPU, even with a loadable extension."""
-    table = backends.load_auto_gpu_table()
+    table = table_format.load_auto_gpu_table()
     assert table == {"pairwise_lse": [], "sq_frobenius": []}
     assert backends.AUTO_GPU_TABLE == table == backends.auto_gpu_table()
     for gpu.capability in [(8, 0), (9, 0), (10, 0)]:
-        for op in (*backends.AUTO_GPU_OPS, "pairwise_sigmoid"):
+        for op in (*table_format.AUTO_GPU_OPS, "pairwise_sigmoid"):
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 for shape in [(8, 4), (16384, 256), (2048, 8192)]:
                     assert backends.auto_gpu_backend(op, _x(*shape, dtype)) == "triton"
@@ -169,10 +170,10 @@ MALFORMED = [
 @pytest.mark.parametrize("path, value, message", MALFORMED, ids=[f"{p}={v!r}" for p, v, _ in MALFORMED])
 def test_a_malformed_table_raises_naming_the_field(path, value, message):
     table = _table()
-    backends.parse_auto_gpu_table(table, "t.json")  # valid before the change
+    table_format.parse_auto_gpu_table(table, "t.json")  # valid before the change
     _change(table, path, value)
     with pytest.raises(ValueError, match=r"^t\.json: " + message):
-        backends.parse_auto_gpu_table(table, "t.json")
+        table_format.parse_auto_gpu_table(table, "t.json")
 
 
 def test_a_cuda_rule_needs_a_measured_speedup():
@@ -181,27 +182,27 @@ def test_a_cuda_rule_needs_a_measured_speedup():
     rule = table["ops"]["pairwise_lse"][0]["rules"][0]
     rule.update(speedup=0.8, cases=[_case(16384, 256, 16.0, 20.0)])
     with pytest.raises(ValueError, match=PR + r"\.speedup: a cuda rule needs a measured speed-up over triton > 1"):
-        backends.parse_auto_gpu_table(table, "t.json")
+        table_format.parse_auto_gpu_table(table, "t.json")
     rule["backend"] = "triton"  # the same evidence behind a triton rule is fine
-    assert backends.parse_auto_gpu_table(table, "t.json")["pairwise_lse"][0].backend == "triton"
+    assert table_format.parse_auto_gpu_table(table, "t.json")["pairwise_lse"][0].backend == "triton"
 
 
 def test_two_measurements_for_one_capability_are_ambiguous():
     table = _table()
     table["ops"]["pairwise_lse"].append(copy.deepcopy(table["ops"]["pairwise_lse"][0]))
     with pytest.raises(ValueError, match=r"ops\.pairwise_lse\[1\]\.capability: a second measurement"):
-        backends.parse_auto_gpu_table(table, "t.json")
+        table_format.parse_auto_gpu_table(table, "t.json")
     table["ops"]["pairwise_lse"][1]["capability"] = [8, 0]
-    assert len(backends.parse_auto_gpu_table(table, "t.json")["pairwise_lse"]) == 2
+    assert len(table_format.parse_auto_gpu_table(table, "t.json")["pairwise_lse"]) == 2
 
 
 def test_an_unreadable_file_names_the_path(tmp_path):
     path = tmp_path / "auto_gpu_table.json"
     path.write_text('{"format": 1, "ops": {')
     with pytest.raises(ValueError, match=r"auto_gpu_table\.json: cannot read the measured table"):
-        backends.load_auto_gpu_table(path)
+        table_format.load_auto_gpu_table(path)
     path.write_text(json.dumps(_table()))
-    assert [r.backend for r in backends.load_auto_gpu_table(path)["pairwise_lse"]] == ["cuda"]
+    assert [r.backend for r in table_format.load_auto_gpu_table(path)["pairwise_lse"]] == ["cuda"]
 
 
 def test_a_non_editable_build_ships_the_table(tmp_path):
@@ -211,7 +212,7 @@ def test_a_non_editable_build_ships_the_table(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shipped = tmp_path / "lib" / "fastssl" / "auto_gpu_table.json"
-    assert shipped.read_text() == backends.AUTO_GPU_TABLE_FILE.read_text()
+    assert shipped.read_text() == table_format.AUTO_GPU_TABLE_FILE.read_text()
 
 
 def test_auto_on_a_malformed_table_file_raises_instead_of_choosing(gpu, monkeypatch, tmp_path):

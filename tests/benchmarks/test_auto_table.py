@@ -17,7 +17,7 @@ import torch
 
 import auto_table  # noqa: E402  (tests/benchmarks/conftest.py puts benchmarks/ on sys.path)
 import cuda_variants
-from fastssl import backends
+from fastssl import auto_gpu_table as table_format
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "auto_table.py"
@@ -71,13 +71,13 @@ def _tool(capsys, *args, check=True) -> _Ran:
 
 def _empty_table(tmp_path) -> Path:
     path = tmp_path / "auto_gpu_table.json"
-    path.write_text(backends.AUTO_GPU_TABLE_FILE.read_text())
+    path.write_text(table_format.AUTO_GPU_TABLE_FILE.read_text())
     return path
 
 
 def _selects(table_path: Path, capability=tuple(H200)) -> dict:
     """(loss, 2N, D) of every GPU case -> the backend the written table gives auto on that GPU."""
-    table = backends.load_auto_gpu_table(table_path)
+    table = table_format.load_auto_gpu_table(table_path)
     out = {}
     for loss, two_n, d in CASES:
         rules = table[auto_table.OPS[loss]]
