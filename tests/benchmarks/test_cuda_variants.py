@@ -21,7 +21,7 @@ SCRIPT = ROOT / "benchmarks" / "cuda_variants.py"
 def test_plan_rows_select_what_the_adapters_read():
     """The Triton backend first; the cuda rows set exactly the variables the cuda adapters read;
     every case's family has the Triton row and at least one cuda row."""
-    from fastssl.kernels.cuda.pairwise_lse import PIPELINE_ENV, SM90_ENV
+    from fastssl.kernels.cuda._ext import PIPELINE_ENV, SM90_ENV
     from specs import SPECS
 
     first = cuda_variants.ROWS[0]

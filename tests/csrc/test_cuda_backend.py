@@ -26,8 +26,7 @@ import torch
 
 import fastssl
 from fastssl.backends import available_backends, cuda_extension_usable, resolve_backend
-from fastssl.kernels.cuda._ext import ARCH_SPECIFIC_SOURCES
-from fastssl.kernels.cuda.pairwise_lse import PIPELINE_ENV, SM90_ENV
+from fastssl.kernels.cuda._ext import ARCH_SPECIFIC_SOURCES, PIPELINE_ENV, SM90_ENV
 from tests.csrc import _nvcc
 from tests.utils import assert_close
 

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from fastssl.kernels.cuda import _ext
-from fastssl.kernels.cuda.pairwise_lse import SM90_ENV
+from fastssl.kernels.cuda._ext import SM90_ENV
 from tests.csrc import _nvcc
 from tests.csrc.test_sm90_kernel import SM90A
 from tests.csrc.test_sm90_layout import (SMEM_BASE, SMEM_LIMIT, Deadlock, decode_desc, emulate_pipeline, isa_acc,
@@ -281,7 +281,7 @@ def test_adapter_selects_it_only_when_asked(monkeypatch):
     FASTSSL_CUDA_SM90=1 on sm_90; asked for on an extension without it is an error."""
     import types
 
-    from fastssl.kernels.cuda.pairwise_lse import launcher
+    from fastssl.kernels.cuda._ext import launcher
 
     name = "sq_frobenius_forward"
     ext = types.SimpleNamespace(**{f"{name}_sm90": "sm90"})

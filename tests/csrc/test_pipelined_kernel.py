@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from fastssl.kernels.cuda import _ext
-from fastssl.kernels.cuda.pairwise_lse import PIPELINE_ENV, SM90_ENV, launcher
+from fastssl.kernels.cuda._ext import PIPELINE_ENV, SM90_ENV, launcher
 from tests.csrc import _nvcc
 
 CSRC = _ext.CSRC

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from fastssl.kernels.cuda import _ext, prebuild
-from fastssl.kernels.cuda.pairwise_lse import SM90_ENV, launcher
+from fastssl.kernels.cuda._ext import SM90_ENV, launcher
 from tests.csrc import _nvcc
 
 CSRC = _ext.CSRC

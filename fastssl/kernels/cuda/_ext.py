@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -180,3 +180,30 @@ def extension() -> ModuleType:
     if mod is None:
         raise RuntimeError(f"the fastssl CUDA extension is unavailable: {_reason}")
     return mod
+
+
+#: Set to 1 to run the sm_90a kernels (csrc/*_sm90.cu) on sm_90 devices (csrc/README.md).
+SM90_ENV = "FASTSSL_CUDA_SM90"
+#: Set to 1 to run csrc/pairwise_lse_pipelined.cu on sm_80+ devices (csrc/README.md).
+PIPELINE_ENV = "FASTSSL_CUDA_PIPELINE"
+
+
+def launcher(ext: ModuleType, capability: tuple[int, int], name: str) -> Optional[Callable[..., Any]]:
+    """The launcher the extension's op `name` (e.g. "pairwise_lse_forward") runs on a device of compute
+    `capability`, read from the opt-in variables on every call: `name`_sm90 on sm_90 with
+    FASTSSL_CUDA_SM90=1 (it falls back to the sm_80 kernels itself, per gradient, for inputs TMA
+    cannot read); else `name`_pipelined on sm_80+ with FASTSSL_CUDA_PIPELINE=1 where the extension
+    has one (it falls back to the default kernels itself for inputs it cannot take); else `name`.
+    None when none of these exists (an op whose default route is not in csrc, e.g. the Frobenius GEMMs
+    in cuBLAS)."""
+    if os.environ.get(SM90_ENV, "0") == "1" and capability == (9, 0):
+        if not hasattr(ext, f"{name}_sm90"):
+            raise RuntimeError(
+                f"{SM90_ENV}=1 but this fastssl._C was built without the sm_90a kernels (csrc/*_sm90.cu: compiled "
+                "for a single-arch 9.0 build: the just-in-time build on the GPU, or python -m "
+                f"fastssl.kernels.cuda.prebuild --arch 90); unset {SM90_ENV} to use the default kernels"
+            )
+        return getattr(ext, f"{name}_sm90")
+    if os.environ.get(PIPELINE_ENV, "0") == "1" and capability >= (8, 0) and hasattr(ext, f"{name}_pipelined"):
+        return getattr(ext, f"{name}_pipelined")
+    return getattr(ext, name, None)

@@ -32,8 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastssl.kernels.cuda._ext import extension
-from fastssl.kernels.cuda.pairwise_lse import launcher
+from fastssl.kernels.cuda._ext import extension, launcher
 
 _MM_OUT_DTYPE: Optional[bool] = None  # whether torch.mm(..., out_dtype=) works here; probed once
 

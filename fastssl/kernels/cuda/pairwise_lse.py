@@ -23,15 +23,13 @@ Both are off by default until a GPU run has verified them.
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastssl.kernels import PairwiseLSEFlags
-from fastssl.kernels.cuda._ext import extension
+from fastssl.kernels.cuda._ext import extension, launcher
 
 
 def _check(x: Tensor) -> None:
@@ -47,32 +45,6 @@ def _check(x: Tensor) -> None:
 def _scale32(scale: Tensor, x: Tensor) -> Tensor:
     # Inductor may hand over fp64 scalars: the kernels read one fp32 on the device.
     return scale.detach().to(device=x.device, dtype=torch.float32).reshape(())
-
-
-#: Set to 1 to run csrc/pairwise_lse_sm90.cu on sm_90 devices (csrc/README.md).
-SM90_ENV = "FASTSSL_CUDA_SM90"
-#: Set to 1 to run csrc/pairwise_lse_pipelined.cu on sm_80+ devices (csrc/README.md).
-PIPELINE_ENV = "FASTSSL_CUDA_PIPELINE"
-
-
-def launcher(ext: ModuleType, capability: tuple[int, int], name: str) -> Optional[Callable[..., Any]]:
-    """The extension's `name` ("pairwise_lse_forward" or "pairwise_lse_backward") for a device of compute
-    `capability`: its sm_90a variant only on sm_90 with FASTSSL_CUDA_SM90=1 (which falls back to the
-    sm_80 kernels itself, per gradient, for inputs TMA cannot read), else its pipelined variant on sm_80+ with
-    FASTSSL_CUDA_PIPELINE=1 where the extension has one (which falls back to the default kernels itself for
-    inputs it cannot take). None when that is not selected and the extension has no `name` (an op whose
-    default route is not in csrc, e.g. the Frobenius GEMMs in cuBLAS)."""
-    if os.environ.get(SM90_ENV, "0") != "1" or capability != (9, 0):
-        if os.environ.get(PIPELINE_ENV, "0") == "1" and capability >= (8, 0) and hasattr(ext, f"{name}_pipelined"):
-            return getattr(ext, f"{name}_pipelined")
-        return getattr(ext, name, None)
-    if not hasattr(ext, f"{name}_sm90"):
-        raise RuntimeError(
-            f"{SM90_ENV}=1 but this fastssl._C was built without the sm_90a kernels (csrc/*_sm90.cu: compiled for a "
-            "single-arch 9.0 build: the just-in-time build on the GPU, or python -m fastssl.kernels.cuda.prebuild "
-            f"--arch 90); unset {SM90_ENV} to use the default kernels"
-        )
-    return getattr(ext, f"{name}_sm90")
 
 
 def pairwise_lse_forward(
